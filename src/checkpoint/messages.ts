@@ -1,0 +1,145 @@
+/**
+ * Messages of the checkpoint / peer channel (D ↔ S). The byte layout of each payload is in
+ * codec.ts; this file only holds the shapes.
+ *
+ * Checkpoint k is the transaction
+ *   BEGIN(k) · PAGES(k)* · DISK(k)* · DEVSTATE(k) · COMMIT(k, totals, digest)
+ * and is answered by ACK(k) once S has durably applied it (or NACK(k)).
+ *
+ * COMMIT.digest (wire fact): SHA-256 over, for every PAGES, DISK and DEVSTATE message of the
+ * transaction in the order they were sent,
+ *   type u8 ‖ payloadLength u32 BE ‖ payload
+ * where payload is exactly the frame payload defined in codec.ts (epoch included). Type and
+ * length prefixes make the concatenation unambiguous. BEGIN and COMMIT are not covered:
+ * their epoch is checked directly. See `CheckpointDigest` in codec.ts.
+ */
+
+export const PAGE_SIZE = 4096;
+export const PAGE_SHIFT = 12;
+
+/** Epochs are integers in [0, 2^53); they travel as u64. */
+export const MAX_EPOCH = Number.MAX_SAFE_INTEGER;
+
+export type Role = 'source' | 'destination';
+
+export interface HelloMessage {
+  type: 'hello';
+  role: Role;
+  /** 32 random bytes, fresh per connection. */
+  nonce: Buffer;
+}
+
+export interface AuthMessage {
+  type: 'auth';
+  /** authMac(sessionKey, senderRole, nonces): proves the sender holds the PSK. */
+  mac: Buffer;
+}
+
+export interface ControlMessage {
+  type: 'control';
+  /** A JSON object (setup and driver messages). */
+  body: Record<string, unknown>;
+}
+
+export interface HashesMessage {
+  type: 'hashes';
+  startPfn: number;
+  /** 8 bytes per page, pages startPfn, startPfn+1, … */
+  hashes: Buffer;
+}
+
+export interface BeginMessage {
+  type: 'begin';
+  epoch: number;
+}
+
+export interface PagesMessage {
+  type: 'pages';
+  epoch: number;
+  /** Page frame numbers, in the order their data appears. */
+  pfns: Uint32Array;
+  /** One byte per entry of pfns: 1 = zero page (carries no data), 0 = data follows. */
+  zero: Uint8Array;
+  /** PAGE_SIZE bytes for every non-zero entry, in pfns order. */
+  data: Buffer;
+}
+
+export interface DiskMessage {
+  type: 'disk';
+  epoch: number;
+  /** Byte offset in the guest disk image. */
+  offset: number;
+  data: Buffer;
+}
+
+export interface DevstateMessage {
+  type: 'devstate';
+  epoch: number;
+  data: Buffer;
+}
+
+export interface CommitMessage {
+  type: 'commit';
+  epoch: number;
+  /** Number of page entries (zero pages included) over all PAGES messages. */
+  pages: number;
+  /** Sum of DISK data lengths. */
+  diskBytes: number;
+  /** DEVSTATE data length. */
+  devstateBytes: number;
+  /** See the digest definition at the top of this file. */
+  digest: Buffer;
+}
+
+export interface AckMessage {
+  type: 'ack';
+  epoch: number;
+}
+
+export interface NackMessage {
+  type: 'nack';
+  epoch: number;
+  code: string;
+  message: string;
+}
+
+export interface HeartbeatMessage {
+  type: 'heartbeat';
+  epoch: number;
+  /** Sender's clock in ms (float64 on the wire); for RTT and lease bookkeeping only. */
+  sentAt: number;
+}
+
+export interface AbortMessage {
+  type: 'abort';
+  code: string;
+  reason: string;
+}
+
+export type Message =
+  | HelloMessage
+  | AuthMessage
+  | ControlMessage
+  | HashesMessage
+  | BeginMessage
+  | PagesMessage
+  | DiskMessage
+  | DevstateMessage
+  | CommitMessage
+  | AckMessage
+  | NackMessage
+  | HeartbeatMessage
+  | AbortMessage;
+
+export type MessageType = Message['type'];
+
+/** Messages that make up a checkpoint transaction. */
+export type CheckpointMessage =
+  | BeginMessage
+  | PagesMessage
+  | DiskMessage
+  | DevstateMessage
+  | CommitMessage;
+
+/** Messages whose payload is covered by COMMIT.digest. */
+export type DigestedMessage = PagesMessage | DiskMessage | DevstateMessage;
