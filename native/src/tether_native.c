@@ -1,0 +1,794 @@
+/*
+ * tether_native: page hashing and dirty-page scanning over a guest RAM file.
+ *
+ * Everything here is synchronous and runs while the VM is paused. Guest RAM is
+ * read with pread() only, never mapped: on the destination, pages that
+ * post-copy has not placed yet are holes in the RAM file, and a fault on a hole
+ * through a shared mapping would allocate a page behind QEMU's back. pread() of
+ * a hole returns zeros without allocating, and SEEK_DATA/SEEK_HOLE lets us skip
+ * holes entirely.
+ *
+ * Errors are thrown as JS Errors with a `code` property:
+ *   ERR_MEM_NATIVE_ARGS  bad argument (type, size, fd, pfn out of range)
+ *   ERR_MEM_IO           a system call failed (`errno`, `syscall` properties)
+ *
+ * Note: SEEK_DATA/SEEK_HOLE move the fd's file position; callers must not rely
+ * on it (all reads here are positional).
+ */
+#define NAPI_VERSION 8
+#include <node_api.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "xxh64.h"
+
+#define PAGE_SHIFT 12
+#define PAGE_SIZE ((size_t)1 << PAGE_SHIFT)
+/* Per-thread read buffer. Small enough to stay in L2 so that the hash reads
+ * what pread just wrote from cache instead of DRAM (see tools/bench/scan.ts). */
+#ifndef TETHER_CHUNK_KIB
+#define TETHER_CHUNK_KIB 256
+#endif
+#define CHUNK_BYTES ((size_t)TETHER_CHUNK_KIB * 1024)
+#define CHUNK_PAGES (CHUNK_BYTES / PAGE_SIZE)
+#define MAX_THREADS 64
+#define DEFAULT_THREADS 2
+/* Don't start a thread for less than this many pages of work. */
+#define MIN_PAGES_PER_THREAD 1024
+/* readPages: upper bound for one coalesced pread. */
+#define MAX_RUN_BYTES ((size_t)64 * 1024 * 1024)
+
+static uint64_t g_zero_hash;
+
+/* ---------- small helpers ---------- */
+
+static inline uint64_t load_le64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  v = __builtin_bswap64(v);
+#endif
+  return v;
+}
+
+static inline void store_le64(uint8_t *p, uint64_t v) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  v = __builtin_bswap64(v);
+#endif
+  memcpy(p, &v, 8);
+}
+
+static inline uint64_t page_hash(const uint8_t *p) { return tether_xxh64(p, PAGE_SIZE, 0); }
+
+/* pread until len bytes or EOF; returns bytes read, or -1 with errno set. */
+static ssize_t pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread(fd, buf + done, len - done, off + (off_t)done);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if (r == 0) break;
+    done += (size_t)r;
+  }
+  return (ssize_t)done;
+}
+
+static int page_is_zero(const uint8_t *p) {
+  /* Check a short prefix first: most non-zero pages fail here. */
+  uint64_t acc = 0, w;
+  for (size_t i = 0; i < 64; i += 8) {
+    memcpy(&w, p + i, 8);
+    acc |= w;
+  }
+  if (acc) return 0;
+  for (size_t blk = 64; blk < PAGE_SIZE; blk += 512) {
+    for (size_t i = 0; i < 512 && blk + i < PAGE_SIZE; i += 8) {
+      memcpy(&w, p + blk + i, 8);
+      acc |= w;
+    }
+    if (acc) return 0;
+  }
+  return 1;
+}
+
+/* ---------- error helpers ---------- */
+
+static void throw_coded(napi_env env, const char *code, int err, const char *syscall, const char *msg) {
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (pending) return;
+  napi_value jcode, jmsg, error;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &jcode) != napi_ok ||
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &jmsg) != napi_ok ||
+      napi_create_error(env, jcode, jmsg, &error) != napi_ok) {
+    napi_throw_error(env, code, msg);
+    return;
+  }
+  if (err != 0) {
+    napi_value jerrno;
+    if (napi_create_int32(env, err, &jerrno) == napi_ok) napi_set_named_property(env, error, "errno", jerrno);
+  }
+  if (syscall != NULL) {
+    napi_value jsys;
+    if (napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &jsys) == napi_ok)
+      napi_set_named_property(env, error, "syscall", jsys);
+  }
+  napi_throw(env, error);
+}
+
+static void throw_args(napi_env env, const char *fmt, ...) {
+  char msg[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  throw_coded(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, msg);
+}
+
+static void throw_io(napi_env env, int err, const char *syscall, const char *what) {
+  char msg[256];
+  if (err != 0)
+    snprintf(msg, sizeof msg, "%s: %s failed: %s (errno %d)", what, syscall, strerror(err), err);
+  else
+    snprintf(msg, sizeof msg, "%s: %s: unexpected end of file", what, syscall);
+  throw_coded(env, "ERR_MEM_IO", err, syscall, msg);
+}
+
+/* ---------- argument parsing ---------- */
+
+static int arg_integer(napi_env env, napi_value v, const char *name, double lo, double hi, double *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_number) {
+    throw_args(env, "%s must be a number", name);
+    return 0;
+  }
+  double d;
+  napi_get_value_double(env, v, &d);
+  if (!(d >= lo && d <= hi) || d != (double)(int64_t)d) {
+    throw_args(env, "%s must be an integer in [%.0f, %.0f], got %g", name, lo, hi, d);
+    return 0;
+  }
+  *out = d;
+  return 1;
+}
+
+static int arg_fd(napi_env env, napi_value v, int *fd) {
+  double d;
+  if (!arg_integer(env, v, "fd", 0, INT_MAX, &d)) return 0;
+  *fd = (int)d;
+  return 1;
+}
+
+static int arg_pages(napi_env env, napi_value v, uint32_t *pages) {
+  double d;
+  if (!arg_integer(env, v, "pages", 0, UINT32_MAX, &d)) return 0;
+  *pages = (uint32_t)d;
+  return 1;
+}
+
+static int is_missing(napi_env env, napi_value v) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok) return 1;
+  return t == napi_undefined || t == napi_null;
+}
+
+static int arg_threads(napi_env env, napi_value v, int *threads) {
+  if (is_missing(env, v)) {
+    *threads = DEFAULT_THREADS;
+    return 1;
+  }
+  double d;
+  if (!arg_integer(env, v, "threads", 1, MAX_THREADS, &d)) return 0;
+  *threads = (int)d;
+  return 1;
+}
+
+static int arg_typed(napi_env env, napi_value v, const char *name, napi_typedarray_type want, const char *want_name,
+                     void **data, size_t *length) {
+  bool is_ta = false;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) {
+    throw_args(env, "%s must be a %s", name, want_name);
+    return 0;
+  }
+  napi_typedarray_type type;
+  napi_value ab;
+  size_t off;
+  if (napi_get_typedarray_info(env, v, &type, length, data, &ab, &off) != napi_ok || type != want) {
+    throw_args(env, "%s must be a %s", name, want_name);
+    return 0;
+  }
+  if (*length > 0 && *data == NULL) {
+    throw_args(env, "%s is detached", name);
+    return 0;
+  }
+  return 1;
+}
+
+static int arg_bytes(napi_env env, napi_value v, const char *name, uint8_t **data, size_t *len) {
+  return arg_typed(env, v, name, napi_uint8_array, "Buffer or Uint8Array", (void **)data, len);
+}
+
+static int arg_u32s(napi_env env, napi_value v, const char *name, uint32_t **data, size_t *len) {
+  return arg_typed(env, v, name, napi_uint32_array, "Uint32Array", (void **)data, len);
+}
+
+/* Checks that fd is an open regular file of at least min_bytes. */
+static int check_file(napi_env env, int fd, uint64_t min_bytes) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    char msg[128];
+    snprintf(msg, sizeof msg, "fd %d is not usable: %s", fd, strerror(e));
+    throw_coded(env, "ERR_MEM_NATIVE_ARGS", e, "fstat", msg);
+    return 0;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    throw_args(env, "fd %d is not a regular file", fd);
+    return 0;
+  }
+  if ((uint64_t)st.st_size < min_bytes) {
+    throw_args(env, "file is %lld bytes, smaller than the %llu bytes requested", (long long)st.st_size,
+               (unsigned long long)min_bytes);
+    return 0;
+  }
+  return 1;
+}
+
+/* ---------- the page workers ---------- */
+
+enum mode { MODE_HASH, MODE_SCAN };
+
+typedef struct {
+  int fd;
+  enum mode mode;
+  uint8_t *table; /* 8 bytes per pfn: output (hash) or reference, updated (scan) */
+  /* Either a sorted, duplicate-free candidate list [cand, cand+ncand) ... */
+  const uint32_t *cand;
+  size_t ncand;
+  /* ... or a pfn range [lo, hi) when cand == NULL. */
+  uint32_t lo, hi;
+  uint8_t *buf;
+  uint32_t *dirty;
+  size_t ndirty, capdirty;
+  int err; /* errno of the first failure; -1 for unexpected EOF */
+  const char *syscall;
+  pthread_t tid;
+  int started;
+} work_t;
+
+static int fail(work_t *w, int err, const char *syscall) {
+  if (!w->err) {
+    w->err = err ? err : -1;
+    w->syscall = syscall;
+  }
+  return -1;
+}
+
+static int push_dirty(work_t *w, uint32_t pfn) {
+  if (w->ndirty == w->capdirty) {
+    size_t cap = w->capdirty ? w->capdirty * 2 : 1024;
+    uint32_t *p = realloc(w->dirty, cap * sizeof *p);
+    if (!p) return fail(w, ENOMEM, "malloc");
+    w->dirty = p;
+    w->capdirty = cap;
+  }
+  w->dirty[w->ndirty++] = pfn;
+  return 0;
+}
+
+/* Reads n (<= CHUNK_PAGES) pages starting at pfn into w->buf and hashes/compares them. */
+static int do_pages(work_t *w, uint32_t pfn, size_t n) {
+  size_t len = n * PAGE_SIZE;
+  ssize_t r = pread_full(w->fd, w->buf, len, (off_t)pfn << PAGE_SHIFT);
+  if (r < 0) return fail(w, errno, "pread");
+  if ((size_t)r < len) return fail(w, 0, "pread"); /* file shrank under us */
+  for (size_t i = 0; i < n; i++) {
+    uint64_t h = page_hash(w->buf + i * PAGE_SIZE);
+    uint8_t *slot = w->table + ((size_t)(pfn + i) << 3);
+    if (w->mode == MODE_HASH) {
+      store_le64(slot, h);
+    } else if (load_le64(slot) != h) {
+      store_le64(slot, h);
+      if (push_dirty(w, pfn + (uint32_t)i) < 0) return -1;
+    }
+  }
+  return 0;
+}
+
+static int do_run(work_t *w, uint32_t a, uint32_t b) {
+  while (a < b) {
+    size_t n = b - a;
+    if (n > CHUNK_PAGES) n = CHUNK_PAGES;
+    if (do_pages(w, a, n) < 0) return -1;
+    a += (uint32_t)n;
+  }
+  return 0;
+}
+
+/*
+ * First data pfn at or after pfn (returns `limit` when none before limit), and
+ * the end of that data extent. SEEK_DATA/SEEK_HOLE are exact at page granularity
+ * on tmpfs; filesystems without support report the whole file as data.
+ */
+static int next_data(work_t *w, uint32_t pfn, uint32_t limit, uint32_t *dstart, uint32_t *dend) {
+  off_t off = lseek(w->fd, (off_t)pfn << PAGE_SHIFT, SEEK_DATA);
+  if (off < 0) {
+    if (errno == ENXIO) { /* only holes up to EOF */
+      *dstart = *dend = limit;
+      return 0;
+    }
+    if (errno == EINVAL) { /* no SEEK_DATA support: treat as data */
+      *dstart = pfn;
+      *dend = limit;
+      return 0;
+    }
+    return fail(w, errno, "lseek");
+  }
+  uint64_t s = (uint64_t)off >> PAGE_SHIFT;
+  if (s >= limit) {
+    *dstart = *dend = limit;
+    return 0;
+  }
+  off_t hole = lseek(w->fd, (off_t)s << PAGE_SHIFT, SEEK_HOLE);
+  if (hole < 0) {
+    if (errno == ENXIO) { /* truncated in between: nothing more */
+      *dstart = *dend = limit;
+      return 0;
+    }
+    return fail(w, errno, "lseek");
+  }
+  uint64_t e = ((uint64_t)hole + PAGE_SIZE - 1) >> PAGE_SHIFT;
+  if (e > limit) e = limit;
+  if (e <= s) e = s + 1; /* defensive: always make progress */
+  *dstart = (uint32_t)s;
+  *dend = (uint32_t)e;
+  return 0;
+}
+
+static void work_range(work_t *w) {
+  uint32_t pfn = w->lo;
+  while (pfn < w->hi) {
+    uint32_t ds, de;
+    if (next_data(w, pfn, w->hi, &ds, &de) < 0) return;
+    if (w->mode == MODE_HASH)
+      for (uint32_t p = pfn; p < ds; p++) store_le64(w->table + ((size_t)p << 3), g_zero_hash);
+    if (ds >= w->hi) return;
+    if (do_run(w, ds, de) < 0) return;
+    pfn = de;
+  }
+}
+
+static void work_list(work_t *w) {
+  const uint32_t *c = w->cand;
+  size_t i = 0, n = w->ncand;
+  while (i < n) {
+    uint32_t ds, de;
+    if (next_data(w, c[i], UINT32_MAX, &ds, &de) < 0) return;
+    if (ds > c[i]) { /* c[i] is in a hole: skip every candidate before the data */
+      while (i < n && c[i] < ds) i++;
+      continue;
+    }
+    /* c[i] is allocated; take the candidates inside [ds, de) in contiguous runs. */
+    while (i < n && c[i] < de) {
+      size_t j = i;
+      while (j + 1 < n && c[j + 1] == c[j] + 1 && c[j + 1] < de && (j + 1 - i) < CHUNK_PAGES) j++;
+      if (do_pages(w, c[i], j - i + 1) < 0) return;
+      i = j + 1;
+    }
+  }
+}
+
+static void *work_main(void *arg) {
+  work_t *w = (work_t *)arg;
+  if (w->cand)
+    work_list(w);
+  else
+    work_range(w);
+  return NULL;
+}
+
+/*
+ * Splits the work over up to `threads` threads (the calling thread takes the
+ * first share) and waits for all. Returns 0, or -1 with an exception thrown.
+ */
+static int run_work(napi_env env, work_t *ws, int nt, const char *what) {
+  for (int t = 0; t < nt; t++) {
+    if (posix_memalign((void **)&ws[t].buf, 4096, CHUNK_BYTES) != 0) {
+      ws[t].buf = NULL;
+      fail(&ws[t], ENOMEM, "malloc");
+      nt = t;
+      goto out;
+    }
+  }
+  for (int t = 1; t < nt; t++) {
+    int e = pthread_create(&ws[t].tid, NULL, work_main, &ws[t]);
+    if (e != 0) {
+      fail(&ws[t], e, "pthread_create");
+      continue;
+    }
+    ws[t].started = 1;
+  }
+  if (nt > 0) work_main(&ws[0]);
+  for (int t = 1; t < nt; t++)
+    if (ws[t].started) pthread_join(ws[t].tid, NULL);
+out:
+  for (int t = 0; t < MAX_THREADS; t++) {
+    if (ws[t].err) {
+      throw_io(env, ws[t].err < 0 ? 0 : ws[t].err, ws[t].syscall, what);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static void free_work(work_t *ws) {
+  for (int t = 0; t < MAX_THREADS; t++) {
+    free(ws[t].buf);
+    free(ws[t].dirty);
+  }
+}
+
+static int pick_threads(int want, uint64_t units) {
+  uint64_t most = units / MIN_PAGES_PER_THREAD;
+  if (most < 1) most = 1;
+  return (uint64_t)want < most ? want : (int)most;
+}
+
+static void split_range(work_t *ws, int nt, uint32_t pages) {
+  for (int t = 0; t < nt; t++) {
+    ws[t].lo = (uint32_t)((uint64_t)pages * t / nt);
+    ws[t].hi = (uint32_t)((uint64_t)pages * (t + 1) / nt);
+  }
+}
+
+/* ---------- exported functions ---------- */
+
+/* hashFile(fd, pages, out: Buffer(8*pages), threads?) */
+static napi_value js_hash_file(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3) {
+    throw_args(env, "hashFile(fd, pages, out, threads?) needs at least 3 arguments");
+    return NULL;
+  }
+  int fd, threads = DEFAULT_THREADS;
+  uint32_t pages;
+  uint8_t *out;
+  size_t outlen;
+  if (!arg_fd(env, argv[0], &fd) || !arg_pages(env, argv[1], &pages) || !arg_bytes(env, argv[2], "out", &out, &outlen))
+    return NULL;
+  if (argc > 3 && !arg_threads(env, argv[3], &threads)) return NULL;
+  if (outlen != (size_t)pages * 8) {
+    throw_args(env, "out must be exactly 8*pages = %llu bytes, got %zu", (unsigned long long)pages * 8, outlen);
+    return NULL;
+  }
+  if (!check_file(env, fd, (uint64_t)pages << PAGE_SHIFT)) return NULL;
+
+  static work_t ws_zero[MAX_THREADS];
+  work_t ws[MAX_THREADS];
+  memcpy(ws, ws_zero, sizeof ws);
+  int nt = pick_threads(threads, pages);
+  for (int t = 0; t < nt; t++) {
+    ws[t].fd = fd;
+    ws[t].mode = MODE_HASH;
+    ws[t].table = out;
+  }
+  split_range(ws, nt, pages);
+  run_work(env, ws, nt, "hashFile");
+  free_work(ws);
+  return NULL;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* scanDirty(fd, pages, table: Buffer(8*pages), candidates: Uint32Array|null, threads?) → Uint32Array */
+static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3) {
+    throw_args(env, "scanDirty(fd, pages, table, candidates?, threads?) needs at least 3 arguments");
+    return NULL;
+  }
+  int fd, threads = DEFAULT_THREADS;
+  uint32_t pages;
+  uint8_t *table;
+  size_t tablelen;
+  uint32_t *cand_in = NULL;
+  size_t ncand = 0;
+  int have_cand = 0;
+  if (!arg_fd(env, argv[0], &fd) || !arg_pages(env, argv[1], &pages) ||
+      !arg_bytes(env, argv[2], "table", &table, &tablelen))
+    return NULL;
+  if (argc > 3 && !is_missing(env, argv[3])) {
+    if (!arg_u32s(env, argv[3], "candidates", &cand_in, &ncand)) return NULL;
+    have_cand = 1;
+  }
+  if (argc > 4 && !arg_threads(env, argv[4], &threads)) return NULL;
+  if (tablelen != (size_t)pages * 8) {
+    throw_args(env, "table must be exactly 8*pages = %llu bytes, got %zu", (unsigned long long)pages * 8, tablelen);
+    return NULL;
+  }
+  for (size_t i = 0; i < ncand; i++) {
+    if (cand_in[i] >= pages) {
+      throw_args(env, "candidates[%zu] = %u is not below pages = %u", i, cand_in[i], pages);
+      return NULL;
+    }
+  }
+  if (!check_file(env, fd, (uint64_t)pages << PAGE_SHIFT)) return NULL;
+
+  /* Sorted, duplicate-free private copy of the candidates. */
+  uint32_t *cand = NULL;
+  if (have_cand && ncand > 0) {
+    cand = malloc(ncand * sizeof *cand);
+    if (!cand) {
+      throw_io(env, ENOMEM, "malloc", "scanDirty");
+      return NULL;
+    }
+    memcpy(cand, cand_in, ncand * sizeof *cand);
+    int sorted = 1;
+    for (size_t i = 1; i < ncand && sorted; i++) sorted = cand[i - 1] < cand[i];
+    if (!sorted) {
+      qsort(cand, ncand, sizeof *cand, cmp_u32);
+      size_t k = 1;
+      for (size_t i = 1; i < ncand; i++)
+        if (cand[i] != cand[k - 1]) cand[k++] = cand[i];
+      ncand = k;
+    }
+  }
+
+  static work_t ws_zero[MAX_THREADS];
+  work_t ws[MAX_THREADS];
+  memcpy(ws, ws_zero, sizeof ws);
+  int nt = 0;
+  if (!have_cand) {
+    nt = pick_threads(threads, pages);
+    split_range(ws, nt, pages);
+  } else if (ncand > 0) {
+    nt = pick_threads(threads, ncand);
+    for (int t = 0; t < nt; t++) {
+      size_t a = ncand * (size_t)t / (size_t)nt, b = ncand * (size_t)(t + 1) / (size_t)nt;
+      ws[t].cand = cand + a;
+      ws[t].ncand = b - a;
+    }
+  }
+  for (int t = 0; t < nt; t++) {
+    ws[t].fd = fd;
+    ws[t].mode = MODE_SCAN;
+    ws[t].table = table;
+  }
+  napi_value result = NULL;
+  if (run_work(env, ws, nt, "scanDirty") == 0) {
+    size_t total = 0;
+    for (int t = 0; t < nt; t++) total += ws[t].ndirty;
+    napi_value ab;
+    void *data = NULL;
+    if (napi_create_arraybuffer(env, total * 4, &data, &ab) == napi_ok) {
+      size_t pos = 0;
+      for (int t = 0; t < nt; t++) {
+        if (ws[t].ndirty) memcpy((uint32_t *)data + pos, ws[t].dirty, ws[t].ndirty * 4);
+        pos += ws[t].ndirty;
+      }
+      napi_create_typedarray(env, napi_uint32_array, total, ab, 0, &result);
+    }
+  }
+  free_work(ws);
+  free(cand);
+  return result;
+}
+
+/* hashBuffer(buf) → Buffer(8 * buf.length / 4096) */
+static napi_value js_hash_buffer(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint8_t *buf;
+  size_t len;
+  if (argc < 1) {
+    throw_args(env, "hashBuffer(buf) needs 1 argument");
+    return NULL;
+  }
+  if (!arg_bytes(env, argv[0], "buf", &buf, &len)) return NULL;
+  if (len % PAGE_SIZE) {
+    throw_args(env, "buf length %zu is not a multiple of 4096", len);
+    return NULL;
+  }
+  size_t n = len / PAGE_SIZE;
+  void *out;
+  napi_value result;
+  if (napi_create_buffer(env, n * 8, &out, &result) != napi_ok) return NULL;
+  for (size_t i = 0; i < n; i++) store_le64((uint8_t *)out + i * 8, page_hash(buf + i * PAGE_SIZE));
+  return result;
+}
+
+/* xxh64(buf) → bigint: XXH64 (seed 0) of the whole buffer; for tests and tools. */
+static napi_value js_xxh64(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint8_t *buf;
+  size_t len;
+  if (argc < 1) {
+    throw_args(env, "xxh64(buf) needs 1 argument");
+    return NULL;
+  }
+  if (!arg_bytes(env, argv[0], "buf", &buf, &len)) return NULL;
+  napi_value result;
+  napi_create_bigint_uint64(env, tether_xxh64(buf, len, 0), &result);
+  return result;
+}
+
+/* readPages(fd, pfns: Uint32Array, out: Buffer(>= 4096 * pfns.length)) */
+static napi_value js_read_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3) {
+    throw_args(env, "readPages(fd, pfns, out) needs 3 arguments");
+    return NULL;
+  }
+  int fd;
+  uint32_t *pfns;
+  size_t n;
+  uint8_t *out;
+  size_t outlen;
+  if (!arg_fd(env, argv[0], &fd) || !arg_u32s(env, argv[1], "pfns", &pfns, &n) ||
+      !arg_bytes(env, argv[2], "out", &out, &outlen))
+    return NULL;
+  if (outlen / PAGE_SIZE < n) {
+    throw_args(env, "out is %zu bytes, needs 4096 * %zu", outlen, n);
+    return NULL;
+  }
+  uint32_t maxpfn = 0;
+  for (size_t i = 0; i < n; i++)
+    if (pfns[i] > maxpfn) maxpfn = pfns[i];
+  if (!check_file(env, fd, n ? ((uint64_t)maxpfn + 1) << PAGE_SHIFT : 0)) return NULL;
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i;
+    while (j + 1 < n && pfns[j + 1] == pfns[j] + 1 && (j + 2 - i) * PAGE_SIZE <= MAX_RUN_BYTES) j++;
+    size_t len = (j - i + 1) * PAGE_SIZE;
+    ssize_t r = pread_full(fd, out + i * PAGE_SIZE, len, (off_t)pfns[i] << PAGE_SHIFT);
+    if (r < 0) {
+      throw_io(env, errno, "pread", "readPages");
+      return NULL;
+    }
+    if ((size_t)r < len) {
+      throw_io(env, 0, "pread", "readPages");
+      return NULL;
+    }
+    i = j + 1;
+  }
+  return NULL;
+}
+
+/* zeroMask(buf, out: Uint8Array(>= pages)) → number of zero pages; out[i] = 1 if page i is all zero. */
+static napi_value js_zero_mask(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2) {
+    throw_args(env, "zeroMask(buf, out) needs 2 arguments");
+    return NULL;
+  }
+  uint8_t *buf, *out;
+  size_t len, outlen;
+  if (!arg_bytes(env, argv[0], "buf", &buf, &len) || !arg_bytes(env, argv[1], "out", &out, &outlen)) return NULL;
+  if (len % PAGE_SIZE) {
+    throw_args(env, "buf length %zu is not a multiple of 4096", len);
+    return NULL;
+  }
+  size_t n = len / PAGE_SIZE;
+  if (outlen < n) {
+    throw_args(env, "out has %zu entries, needs %zu", outlen, n);
+    return NULL;
+  }
+  uint32_t zeros = 0;
+  for (size_t i = 0; i < n; i++) {
+    out[i] = (uint8_t)page_is_zero(buf + i * PAGE_SIZE);
+    zeros += out[i];
+  }
+  napi_value result;
+  napi_create_uint32(env, zeros, &result);
+  return result;
+}
+
+/*
+ * softDirtyProbe() → { supported, clearRefsErrno, before, after }
+ * Functional test of soft-dirty tracking on the calling process: touch a fresh
+ * anonymous page, write "4" to /proc/self/clear_refs, read its pagemap entry
+ * (`before`, must not be soft-dirty), write to it again, read it (`after`,
+ * must be soft-dirty). A kernel without CONFIG_MEM_SOFT_DIRTY may accept the
+ * clear_refs write and simply never set bit 55, so the write alone proves nothing.
+ */
+static int read_pagemap_self(uintptr_t addr, uint64_t *entry) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  uint8_t b[8];
+  ssize_t r = pread_full(fd, b, 8, (off_t)(addr / (uintptr_t)sysconf(_SC_PAGESIZE)) * 8);
+  int e = r < 0 ? errno : 0;
+  close(fd);
+  if (r >= 0 && r < 8) return EIO;
+  if (e) return e;
+  *entry = load_le64(b);
+  return 0;
+}
+
+static napi_value js_soft_dirty_probe(napi_env env, napi_callback_info info) {
+  long ps = sysconf(_SC_PAGESIZE);
+  volatile uint8_t *p = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    throw_io(env, errno, "mmap", "softDirtyProbe");
+    return NULL;
+  }
+  p[0] = 1;
+  int clear_err = 0, pm_err = 0;
+  uint64_t before = 0, after = 0;
+  int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    clear_err = errno;
+  } else {
+    if (write(fd, "4", 1) != 1) clear_err = errno ? errno : EIO;
+    close(fd);
+  }
+  if (!clear_err) {
+    pm_err = read_pagemap_self((uintptr_t)p, &before);
+    p[0] = 2;
+    if (!pm_err) pm_err = read_pagemap_self((uintptr_t)p, &after);
+  }
+  munmap((void *)p, (size_t)ps);
+  const uint64_t SD = (uint64_t)1 << 55;
+  bool supported = !clear_err && !pm_err && !(before & SD) && (after & SD);
+  napi_value obj, v;
+  napi_create_object(env, &obj);
+  napi_get_boolean(env, supported, &v);
+  napi_set_named_property(env, obj, "supported", v);
+  napi_create_int32(env, clear_err, &v);
+  napi_set_named_property(env, obj, "clearRefsErrno", v);
+  napi_create_int32(env, pm_err, &v);
+  napi_set_named_property(env, obj, "pagemapErrno", v);
+  napi_create_bigint_uint64(env, before, &v);
+  napi_set_named_property(env, obj, "before", v);
+  napi_create_bigint_uint64(env, after, &v);
+  napi_set_named_property(env, obj, "after", v);
+  return obj;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  static uint8_t zero_page[4096];
+  g_zero_hash = page_hash(zero_page);
+  napi_property_descriptor props[] = {
+      {"hashFile", NULL, js_hash_file, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"scanDirty", NULL, js_scan_dirty, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"hashBuffer", NULL, js_hash_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readPages", NULL, js_read_pages, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"zeroMask", NULL, js_zero_mask, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"xxh64", NULL, js_xxh64, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"softDirtyProbe", NULL, js_soft_dirty_probe, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  napi_value zh;
+  napi_create_bigint_uint64(env, g_zero_hash, &zh);
+  napi_set_named_property(env, exports, "zeroPageHash", zh);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

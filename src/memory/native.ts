@@ -1,0 +1,169 @@
+/**
+ * Typed access to the `tether_native` addon (native/, plain C over N-API).
+ *
+ * The addon is loaded lazily on first use so that importing this module never
+ * fails; a missing build surfaces as ERR_MEM_NATIVE_MISSING. Errors the addon
+ * throws (ERR_MEM_NATIVE_ARGS, ERR_MEM_IO with errno/syscall) are re-thrown as
+ * TetherError with the same code.
+ *
+ * All calls are synchronous and meant to run while the VM is paused. Guest RAM
+ * is only ever read with pread (never mapped): see DESIGN.md "Dirty-page tracking".
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { TetherError } from '../errors.ts';
+
+export const PAGE_SIZE = 4096;
+
+export interface NativeBinding {
+  hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): void;
+  scanDirty(
+    fd: number,
+    pages: number,
+    table: Uint8Array,
+    candidates: Uint32Array | null,
+    threads?: number,
+  ): Uint32Array;
+  hashBuffer(buf: Uint8Array): Buffer;
+  readPages(fd: number, pfns: Uint32Array, out: Uint8Array): void;
+  zeroMask(buf: Uint8Array, out: Uint8Array): number;
+  xxh64(buf: Uint8Array): bigint;
+  softDirtyProbe(): SoftDirtyProbe;
+  readonly zeroPageHash: bigint;
+}
+
+/** Result of the native soft-dirty self-test (see softDirtyProbe). */
+export interface SoftDirtyProbe {
+  supported: boolean;
+  /** errno of writing "4" to /proc/self/clear_refs (0 = accepted). */
+  clearRefsErrno: number;
+  /** errno of reading /proc/self/pagemap (0 = ok). */
+  pagemapErrno: number;
+  /** pagemap entry of a fresh page right after clear_refs (bit 55 must be clear). */
+  before: bigint;
+  /** ... and after writing to it (bit 55 must be set). */
+  after: bigint;
+}
+
+export const NATIVE_PATH = fileURLToPath(
+  new URL('../../native/build/Release/tether_native.node', import.meta.url),
+);
+
+let binding: NativeBinding | undefined;
+
+/** Loads the addon (once). Throws ERR_MEM_NATIVE_MISSING when it is not built. */
+export function loadNative(): NativeBinding {
+  if (binding) return binding;
+  const require = createRequire(import.meta.url);
+  try {
+    binding = require(NATIVE_PATH) as NativeBinding;
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw new TetherError(
+      'ERR_MEM_NATIVE_MISSING',
+      `native addon ${NATIVE_PATH} could not be loaded (${err.code ?? 'error'}: ${err.message}); ` +
+        'run `npm run build:native`',
+      { path: NATIVE_PATH, cause: err.code },
+    );
+  }
+  return binding;
+}
+
+/** Whether the addon can be loaded (does not throw). */
+export function nativeAvailable(): boolean {
+  try {
+    loadNative();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function call<T>(fn: (b: NativeBinding) => T): T {
+  const b = loadNative();
+  try {
+    return fn(b);
+  } catch (e) {
+    if (e instanceof Error && typeof (e as { code?: unknown }).code === 'string') {
+      const ne = e as Error & { code: string; errno?: number; syscall?: string };
+      if (ne.code.startsWith('ERR_MEM_')) {
+        const details: Record<string, unknown> = {};
+        if (ne.errno !== undefined) details['errno'] = ne.errno;
+        if (ne.syscall !== undefined) details['syscall'] = ne.syscall;
+        throw new TetherError(ne.code, ne.message, details);
+      }
+    }
+    throw e;
+  }
+}
+
+/**
+ * Hashes every 4 KiB page of the first `pages` pages of the file into `out`
+ * (8 bytes per page, little-endian XXH64 with seed 0). Holes are not read and
+ * hash like a zero page. `out.length` must be exactly 8*pages.
+ */
+export function hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): void {
+  call((b) => b.hashFile(fd, pages, out, threads));
+}
+
+/**
+ * For every allocated (non-hole) page of the file — restricted to `candidates`
+ * when given — compares the page's hash with `table[pfn]`; differing pages are
+ * returned (ascending) and their table entries updated. Holes are never read.
+ */
+export function scanDirty(
+  fd: number,
+  pages: number,
+  table: Uint8Array,
+  candidates: Uint32Array | null = null,
+  threads?: number,
+): Uint32Array {
+  return call((b) => b.scanDirty(fd, pages, table, candidates, threads));
+}
+
+/** The 8-byte hash of each 4 KiB page of `buf` (length a multiple of 4096). */
+export function hashBuffer(buf: Uint8Array): Buffer {
+  return call((b) => b.hashBuffer(buf));
+}
+
+/** Reads page `pfns[i]` into `out[4096*i ..]`, coalescing contiguous pfns into one pread. */
+export function readPages(fd: number, pfns: Uint32Array, out: Uint8Array): void {
+  call((b) => b.readPages(fd, pfns, out));
+}
+
+/** Sets `out[i]` to 1 when page i of `buf` is all zero, else 0; returns the number of zero pages. */
+export function zeroMask(buf: Uint8Array, out: Uint8Array): number {
+  return call((b) => b.zeroMask(buf, out));
+}
+
+/** XXH64 (seed 0) of the whole buffer. */
+export function xxh64(buf: Uint8Array): bigint {
+  return call((b) => b.xxh64(buf));
+}
+
+/**
+ * Functional soft-dirty self-test on this process: clear_refs=4, write a page,
+ * check pagemap bit 55. A kernel without CONFIG_MEM_SOFT_DIRTY may accept the
+ * clear_refs write without error and never set the bit (this machine does).
+ */
+export function softDirtyProbe(): SoftDirtyProbe {
+  return call((b) => b.softDirtyProbe());
+}
+
+/** The hash every hole / all-zero page has. */
+export function zeroPageHash(): bigint {
+  return loadNative().zeroPageHash;
+}
+
+/** The wrapped functions as one object (`native.readPages(...)`). */
+export const native = {
+  hashFile,
+  scanDirty,
+  hashBuffer,
+  readPages,
+  zeroMask,
+  xxh64,
+  softDirtyProbe,
+  zeroPageHash,
+  PAGE_SIZE,
+} as const;

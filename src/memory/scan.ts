@@ -1,0 +1,96 @@
+/**
+ * `scan` dirty tracking: every collect hashes every allocated page of the RAM
+ * file and compares it with the table (S's view of each page). Works on any
+ * kernel; cost grows with allocated RAM, not with dirty pages.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { TetherError } from '../errors.ts';
+import { scanDirty } from './native.ts';
+import { openRam, ramPages } from './ram.ts';
+import type { DirtyTracker, TrackerOptions } from './tracker.ts';
+
+export function checkTable(table: Buffer, pages: number): void {
+  if (!Buffer.isBuffer(table) || table.length !== pages * 8) {
+    throw new TetherError(
+      'ERR_MEM_TABLE_SIZE',
+      `hash table must be a Buffer of 8 bytes per page (${pages * 8}), got ${Buffer.isBuffer(table) ? table.length : typeof table}`,
+      { pages },
+    );
+  }
+}
+
+export class TrackerState {
+  table: Buffer | undefined;
+  closed = false;
+  constructor(readonly kind: string) {}
+
+  setTable(table: Buffer, pages: number): void {
+    this.ensureOpen();
+    if (this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker already started`);
+    checkTable(table, pages);
+    this.table = table;
+  }
+
+  started(): Buffer {
+    this.ensureOpen();
+    if (!this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker: collect() before start()`);
+    return this.table;
+  }
+
+  ensureOpen(): void {
+    if (this.closed) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker is closed`);
+  }
+}
+
+export class ScanTracker implements DirtyTracker {
+  readonly kind = 'scan' as const;
+  readonly reason: string;
+  private readonly state = new TrackerState('scan');
+
+  private constructor(
+    private readonly fh: FileHandle,
+    readonly pages: number,
+    private readonly threads: number | undefined,
+    reason: string,
+  ) {
+    this.reason = reason;
+  }
+
+  static async open(opts: TrackerOptions, reason = 'requested'): Promise<ScanTracker> {
+    const pages = ramPages(opts.ramBytes);
+    const fh = await openRam(opts.ramPath);
+    try {
+      const st = await fh.stat();
+      if (st.size < opts.ramBytes) {
+        throw new TetherError(
+          'ERR_MEM_RAM_FILE',
+          `RAM file ${opts.ramPath} is ${st.size} bytes, expected at least ${opts.ramBytes}`,
+          { path: opts.ramPath, size: st.size, ramBytes: opts.ramBytes },
+        );
+      }
+    } catch (e) {
+      await fh.close();
+      throw e;
+    }
+    return new ScanTracker(fh, pages, opts.threads, reason);
+  }
+
+  /**
+   * Takes ownership of `table` (8 bytes per page, S's hashes): it is updated in
+   * place by every collect and so always describes S's copy after the last checkpoint.
+   */
+  async start(table: Buffer): Promise<void> {
+    this.state.setTable(table, this.pages);
+  }
+
+  async collect(): Promise<Uint32Array> {
+    const table = this.state.started();
+    return scanDirty(this.fh.fd, this.pages, table, null, this.threads);
+  }
+
+  async close(): Promise<void> {
+    if (this.state.closed) return;
+    this.state.closed = true;
+    await this.fh.close();
+  }
+}

@@ -1,0 +1,171 @@
+/**
+ * `soft-dirty` dirty tracking: the kernel marks every PTE the guest writes
+ * (pagemap bit 55); we read the bits over QEMU's mapping of the RAM file,
+ * clear them (clear_refs = 4), and confirm the candidates against the hash
+ * table with scanDirty (pages post-copy placed are soft-dirty too but equal S's copy).
+ *
+ * collect() must run with the VM paused: a write between reading pagemap and
+ * clearing the bits would otherwise be lost.
+ *
+ * The first collect after start() scans the whole file instead: writes made
+ * before the tracker existed carry no soft-dirty guarantee. The bits are cleared
+ * before that scan, so nothing falls between the two.
+ */
+import { open, readFile, realpath, writeFile } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { TetherError } from '../errors.ts';
+import { scanDirty } from './native.ts';
+import { collectCandidates, findRamSegments, type RamSegment } from './pagemap.ts';
+import { openRam, ramPages } from './ram.ts';
+import { TrackerState } from './scan.ts';
+import type { DirtyTracker, TrackerOptions } from './tracker.ts';
+
+/** Pagemap bytes read per pread (1 Mi pages). */
+const PAGEMAP_CHUNK = 8 * 1024 * 1024;
+
+export class SoftDirtyTracker implements DirtyTracker {
+  readonly kind = 'soft-dirty' as const;
+  readonly reason: string;
+  private readonly state = new TrackerState('soft-dirty');
+  private first = true;
+  private readonly procDir: string;
+  private chunk: Buffer | undefined;
+
+  /** Counters for status/metrics. */
+  readonly stats = { collects: 0, lastCandidates: 0, lastDirty: 0 };
+
+  private constructor(
+    private readonly opts: TrackerOptions,
+    private readonly ram: FileHandle,
+    private readonly pagemap: FileHandle,
+    private readonly inode: number,
+    /** The RAM file's canonical path, as the kernel prints it in maps. */
+    private readonly mapPath: string,
+    readonly pages: number,
+    reason: string,
+  ) {
+    this.procDir = `${opts.procRoot ?? '/proc'}/${opts.qemuPid}`;
+    this.reason = reason;
+  }
+
+  static async open(opts: TrackerOptions, reason = 'requested'): Promise<SoftDirtyTracker> {
+    const pages = ramPages(opts.ramBytes);
+    if (!Number.isInteger(opts.qemuPid) || opts.qemuPid <= 0) {
+      throw new TetherError('ERR_MEM_SOFTDIRTY_PID', `invalid QEMU pid ${opts.qemuPid}`);
+    }
+    const procDir = `${opts.procRoot ?? '/proc'}/${opts.qemuPid}`;
+    const ram = await openRam(opts.ramPath);
+    let pagemap: FileHandle | undefined;
+    try {
+      const st = await ram.stat();
+      if (st.size < opts.ramBytes) {
+        throw new TetherError(
+          'ERR_MEM_RAM_FILE',
+          `RAM file ${opts.ramPath} is ${st.size} bytes, expected at least ${opts.ramBytes}`,
+          { path: opts.ramPath, size: st.size, ramBytes: opts.ramBytes },
+        );
+      }
+      try {
+        pagemap = await open(`${procDir}/pagemap`, 'r');
+      } catch (e) {
+        const err = e as NodeJS.ErrnoException;
+        throw new TetherError('ERR_MEM_SOFTDIRTY_PID', `cannot open ${procDir}/pagemap: ${err.message}`, {
+          errno: err.errno,
+        });
+      }
+      const mapPath = await realpath(opts.ramPath);
+      const t = new SoftDirtyTracker(opts, ram, pagemap, st.ino, mapPath, pages, reason);
+      await t.segments(); // fail now, not at the first checkpoint, if QEMU doesn't map the file
+      return t;
+    } catch (e) {
+      await pagemap?.close();
+      await ram.close();
+      throw e;
+    }
+  }
+
+  /** Takes ownership of `table`; see ScanTracker.start. */
+  async start(table: Buffer): Promise<void> {
+    this.state.setTable(table, this.pages);
+    this.first = true;
+  }
+
+  async collect(): Promise<Uint32Array> {
+    const table = this.state.started();
+    this.stats.collects++;
+    if (this.first) {
+      await this.clearRefs();
+      const dirty = scanDirty(this.ram.fd, this.pages, table, null, this.opts.threads);
+      this.first = false;
+      this.stats.lastCandidates = this.pages;
+      this.stats.lastDirty = dirty.length;
+      return dirty;
+    }
+    const candidates = await this.readCandidates();
+    await this.clearRefs();
+    const dirty = scanDirty(this.ram.fd, this.pages, table, candidates, this.opts.threads);
+    this.stats.lastCandidates = candidates.length;
+    this.stats.lastDirty = dirty.length;
+    return dirty;
+  }
+
+  async close(): Promise<void> {
+    if (this.state.closed) return;
+    this.state.closed = true;
+    await this.pagemap.close();
+    await this.ram.close();
+  }
+
+  /** Current mapping of the RAM file in QEMU (re-read each time: cheap, and robust to VMA changes). */
+  private async segments(): Promise<RamSegment[]> {
+    let maps: string;
+    try {
+      maps = await readFile(`${this.procDir}/maps`, 'utf8');
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new TetherError('ERR_MEM_SOFTDIRTY_PID', `cannot read ${this.procDir}/maps: ${err.message}`, {
+        errno: err.errno,
+      });
+    }
+    return findRamSegments(maps, this.mapPath, this.pages, this.inode);
+  }
+
+  private async readCandidates(): Promise<Uint32Array> {
+    const segs = await this.segments();
+    let total = 0;
+    for (const s of segs) total += s.pages;
+    const out = new Uint32Array(total);
+    let pos = 0;
+    const chunk = (this.chunk ??= Buffer.allocUnsafe(PAGEMAP_CHUNK));
+    for (const s of segs) {
+      let done = 0;
+      while (done < s.pages) {
+        const n = Math.min(s.pages - done, PAGEMAP_CHUNK / 8);
+        const want = n * 8;
+        const position = Number((s.vpage + BigInt(done)) * 8n);
+        let got = 0;
+        while (got < want) {
+          const { bytesRead } = await this.pagemap.read(chunk, got, want - got, position + got);
+          if (bytesRead === 0) {
+            throw new TetherError('ERR_MEM_IO', `short read of ${this.procDir}/pagemap at ${position + got}`);
+          }
+          got += bytesRead;
+        }
+        pos = collectCandidates(chunk.subarray(0, want), s.filePage + done, out, pos);
+        done += n;
+      }
+    }
+    return out.subarray(0, pos);
+  }
+
+  private async clearRefs(): Promise<void> {
+    try {
+      await writeFile(`${this.procDir}/clear_refs`, '4');
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new TetherError('ERR_MEM_SOFTDIRTY_CLEAR', `cannot clear soft-dirty bits of ${this.procDir}: ${err.message}`, {
+        errno: err.errno,
+      });
+    }
+  }
+}

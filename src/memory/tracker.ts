@@ -1,0 +1,96 @@
+/**
+ * Dirty-page tracking on D (DESIGN.md "Dirty-page tracking"): which pages the
+ * guest wrote since the previous checkpoint, compared against S's copy through
+ * an 8-byte-per-page hash table that S sends before the first checkpoint.
+ *
+ * Both trackers only pread the RAM file (never mmap it: holes must stay holes
+ * while post-copy runs) and never report a hole.
+ */
+import { TetherError } from '../errors.ts';
+import { softDirtyProbe, type SoftDirtyProbe } from './native.ts';
+import { ScanTracker } from './scan.ts';
+import { SoftDirtyTracker } from './soft-dirty.ts';
+
+export type TrackerKind = 'scan' | 'soft-dirty';
+
+export interface DirtyTracker {
+  readonly kind: TrackerKind;
+  /** Why this kind runs (e.g. "auto: soft-dirty not supported by the kernel"). */
+  readonly reason?: string;
+  /**
+   * Called once with S's hash table before the first checkpoint. The tracker
+   * takes ownership of the table and updates it in place on every collect.
+   */
+  start(table: Buffer): Promise<void>;
+  /** While the VM is paused: dirty pfns since the previous collect (ascending), with the table updated. */
+  collect(): Promise<Uint32Array>;
+  close(): Promise<void>;
+}
+
+export interface TrackerOptions {
+  /** Guest RAM file (tmpfs), as given to QEMU's memory-backend-file mem-path. */
+  ramPath: string;
+  /** Guest RAM size in bytes (multiple of 4096). */
+  ramBytes: number;
+  /** QEMU's pid (soft-dirty reads its /proc entries). */
+  qemuPid: number;
+  /** Threads for hashing (default 2). */
+  threads?: number;
+  /** For tests: where proc is mounted (default /proc). */
+  procRoot?: string;
+}
+
+/**
+ * Whether soft-dirty tracking works on this kernel, probed on the sidecar's
+ * own process. Writing "4" to clear_refs is not enough of a test: a kernel
+ * built without CONFIG_MEM_SOFT_DIRTY (like this machine's) accepts it and
+ * never sets bit 55, so the probe also writes a page and checks the bit.
+ */
+export async function softDirtySupported(): Promise<boolean> {
+  return (await softDirtyStatus()).supported;
+}
+
+export async function softDirtyStatus(): Promise<SoftDirtyProbe> {
+  return softDirtyProbe();
+}
+
+export async function createTracker(
+  kind: 'auto' | TrackerKind,
+  opts: TrackerOptions,
+): Promise<DirtyTracker> {
+  switch (kind) {
+    case 'scan':
+      return ScanTracker.open(opts, 'configured: scan');
+    case 'soft-dirty': {
+      const probe = await softDirtyStatus();
+      if (!probe.supported) {
+        throw new TetherError('ERR_MEM_SOFTDIRTY_UNSUPPORTED', `soft-dirty tracking does not work on this kernel`, {
+          clearRefsErrno: probe.clearRefsErrno,
+          pagemapErrno: probe.pagemapErrno,
+        });
+      }
+      return SoftDirtyTracker.open(opts, 'configured: soft-dirty');
+    }
+    case 'auto': {
+      const probe = await softDirtyStatus();
+      if (!probe.supported) {
+        const why =
+          probe.clearRefsErrno !== 0
+            ? `clear_refs rejected (errno ${probe.clearRefsErrno})`
+            : probe.pagemapErrno !== 0
+              ? `pagemap unreadable (errno ${probe.pagemapErrno})`
+              : 'kernel never sets the soft-dirty bit (CONFIG_MEM_SOFT_DIRTY off)';
+        return ScanTracker.open(opts, `auto: soft-dirty unavailable: ${why}`);
+      }
+      try {
+        return await SoftDirtyTracker.open(opts, 'auto: soft-dirty supported');
+      } catch (e) {
+        const msg = e instanceof Error ? e.message : String(e);
+        if (e instanceof TetherError && (e.code === 'ERR_MEM_RAM_FILE' || e.code === 'ERR_MEM_RAM_SIZE')) throw e;
+        return ScanTracker.open(opts, `auto: soft-dirty failed to start (${msg})`);
+      }
+    }
+    default:
+      throw new TetherError('ERR_MEM_TRACKER_KIND', `unknown dirty tracker kind ${String(kind)}`);
+  }
+}
