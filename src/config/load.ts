@@ -1,0 +1,360 @@
+/**
+ * YAML → validated HostConfig / VmConfig.
+ *
+ * Strict: unknown keys are errors (a typo must not silently fall back to a default).
+ * Every error is ERR_CONFIG_INVALID with `details.field` = dotted path ("checkpoint.intervalMs")
+ * and a message "<field>: <what is wrong>". Relative paths are resolved against `baseDir`
+ * (the YAML file's directory when loading a file).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import YAML from 'yaml';
+import { TetherError } from '../errors.ts';
+import type { DirtyTrackerKind, HostConfig, VmConfig } from './types.ts';
+
+export interface ParseOptions {
+  /** Directory relative paths are resolved against. */
+  baseDir: string;
+}
+
+/** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
+const MAX_UNIX_PATH = 107;
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
+const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
+const ACCELS = ['tcg', 'kvm'] as const;
+const MIN_KEY_BYTES = 32;
+
+// ---------------------------------------------------------------- file entry points
+
+export function loadHostConfig(file: string): HostConfig {
+  return withFile(file, (obj, baseDir) => parseHostConfig(obj, { baseDir }));
+}
+
+export function loadVmConfig(file: string): VmConfig {
+  return withFile(file, (obj, baseDir) => parseVmConfig(obj, { baseDir }));
+}
+
+function withFile<T>(file: string, parse: (obj: unknown, baseDir: string) => T): T {
+  const abs = path.resolve(file);
+  let text: string;
+  try {
+    text = fs.readFileSync(abs, 'utf8');
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw new TetherError('ERR_CONFIG_READ', `cannot read config ${abs}: ${err.message}`, { file: abs, errno: err.code });
+  }
+  const doc = YAML.parseDocument(text, { prettyErrors: true, uniqueKeys: true });
+  const yamlError = doc.errors[0];
+  if (yamlError !== undefined) {
+    const pos = yamlError.linePos?.[0];
+    throw new TetherError('ERR_CONFIG_YAML', `${abs}: ${yamlError.message}`, {
+      file: abs,
+      ...(pos ? { line: pos.line, col: pos.col } : {}),
+    });
+  }
+  try {
+    return parse(doc.toJS(), path.dirname(abs));
+  } catch (e) {
+    if (e instanceof TetherError && e.code.startsWith('ERR_CONFIG_')) {
+      throw new TetherError(e.code, `${abs}: ${e.message}`, { ...e.details, file: abs });
+    }
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------- host
+
+export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
+  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'peer', 'migration', 'metrics', 'logLevel']);
+  const name = root.name('name');
+  const stateDir = root.path('stateDir', opts.baseDir);
+  const ramDir = root.optPath('ramDir', opts.baseDir) ?? path.join('/dev/shm/tether', name);
+  const controlSocket = root.optSocketPath('controlSocket', opts.baseDir) ?? path.join(stateDir, 'control.sock');
+  if (Buffer.byteLength(controlSocket) > MAX_UNIX_PATH) {
+    invalid('controlSocket', `default ${controlSocket} is longer than ${MAX_UNIX_PATH} bytes; set controlSocket`);
+  }
+
+  const peerObj = root.obj('peer', ['listen', 'key', 'keyFile']);
+  const listen = peerObj.hostPort('listen');
+  const key = readPeerKey(peerObj, opts.baseDir);
+
+  const migObj = root.optObj('migration', ['listenHost', 'portRange']);
+  let listenHost = migObj?.optString('listenHost');
+  if (listenHost === undefined) {
+    if (isWildcard(listen.host)) {
+      invalid('migration.listenHost', `required when peer.listen is a wildcard address (${listen.host})`);
+    }
+    listenHost = listen.host;
+  }
+  const portRange = migObj?.optPortRange('portRange') ?? [49152, 49215];
+
+  const metrics = root.optHostPort('metrics');
+  const logLevel = root.optEnum('logLevel', LOG_LEVELS) ?? 'info';
+
+  return {
+    name,
+    stateDir,
+    ramDir,
+    controlSocket,
+    peer: { listen, key },
+    migration: { listenHost, portRange },
+    ...(metrics ? { metrics } : {}),
+    logLevel,
+  };
+}
+
+function isWildcard(host: string): boolean {
+  return host === '0.0.0.0' || host === '::' || host === '*';
+}
+
+/**
+ * Exactly one of peer.key (base64 text) or peer.keyFile. A key file holds either base64 text
+ * (anything that is entirely base64 alphabet and decodes to >= 32 bytes is taken as such) or
+ * >= 32 raw bytes.
+ */
+function readPeerKey(peer: Obj, baseDir: string): Buffer {
+  const inline = peer.optString('key');
+  const file = peer.optPath('keyFile', baseDir);
+  if ((inline === undefined) === (file === undefined)) {
+    invalid('peer', 'exactly one of peer.key or peer.keyFile must be set');
+  }
+  if (inline !== undefined) {
+    const key = decodeBase64(inline);
+    if (key === undefined) invalid('peer.key', 'must be base64');
+    if (key.length < MIN_KEY_BYTES) invalid('peer.key', `must decode to at least ${MIN_KEY_BYTES} bytes (got ${key.length})`);
+    return key;
+  }
+  let raw: Buffer;
+  try {
+    raw = fs.readFileSync(file!);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw new TetherError('ERR_CONFIG_READ', `peer.keyFile: cannot read ${file}: ${err.message}`, {
+      field: 'peer.keyFile',
+      file,
+      errno: err.code,
+    });
+  }
+  const decoded = decodeBase64(raw.toString('latin1'));
+  if (decoded !== undefined && decoded.length >= MIN_KEY_BYTES) return decoded;
+  if (raw.length < MIN_KEY_BYTES) {
+    invalid('peer.keyFile', `${file} holds ${raw.length} bytes; need at least ${MIN_KEY_BYTES} raw bytes or base64 of them`);
+  }
+  return raw;
+}
+
+function decodeBase64(text: string): Buffer | undefined {
+  const s = text.replace(/\s+/g, '');
+  if (s.length === 0 || s.length % 4 !== 0 || !/^[A-Za-z0-9+/]+={0,2}$/.test(s)) return undefined;
+  return Buffer.from(s, 'base64');
+}
+
+// ---------------------------------------------------------------- vm
+
+export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
+  const root = new Obj(obj, '', ['name', 'qemu', 'memoryMiB', 'cpus', 'kernel', 'initrd', 'append', 'checkpoint', 'migration']);
+  const name = root.name('name');
+
+  const q = root.optObj('qemu', ['binary', 'accel', 'machine', 'cpu', 'extraArgs']);
+  const binaryRaw = q?.optString('binary') ?? 'qemu-system-x86_64';
+  // A bare name is looked up in PATH; anything with a slash is a path relative to the file.
+  const binary = binaryRaw.includes('/') ? path.resolve(opts.baseDir, binaryRaw) : binaryRaw;
+  const accel = q?.optEnum('accel', ACCELS) ?? 'tcg';
+  const machine = q?.optString('machine') ?? 'pc';
+  const cpu = q?.optString('cpu') ?? (accel === 'kvm' ? 'host' : 'max');
+  const extraArgs = q?.optStringArray('extraArgs') ?? [];
+
+  const memoryMiB = root.int('memoryMiB', 16, 1024 * 1024);
+  const cpus = root.optInt('cpus', 1, 255) ?? 1;
+  const kernel = root.path('kernel', opts.baseDir);
+  const initrd = root.optPath('initrd', opts.baseDir);
+  const append = root.optString('append', { allowEmpty: true }) ?? '';
+
+  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker']);
+  const intervalMs = cp?.optInt('intervalMs', 5, 10_000) ?? 50;
+  const failoverTimeoutMs = cp?.optInt('failoverTimeoutMs', 100, 600_000) ?? 3000;
+  const fenceTimeoutMs = cp?.optInt('fenceTimeoutMs', 50, 600_000) ?? 1500;
+  const dirtyTracker = cp?.optEnum('dirtyTracker', DIRTY_TRACKERS) ?? 'auto';
+  // D must fence itself before S gives up on it, or both could run the guest.
+  if (fenceTimeoutMs >= failoverTimeoutMs) {
+    invalid('checkpoint.fenceTimeoutMs', `must be less than checkpoint.failoverTimeoutMs (${fenceTimeoutMs} >= ${failoverTimeoutMs})`);
+  }
+  // A fence shorter than one checkpoint interval would fire between healthy checkpoints.
+  if (fenceTimeoutMs <= intervalMs) {
+    invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
+  }
+
+  const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth']);
+  const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
+  const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
+
+  return {
+    name,
+    qemu: { binary, accel, machine, cpu, extraArgs },
+    memoryMiB,
+    cpus,
+    kernel,
+    ...(initrd !== undefined ? { initrd } : {}),
+    append,
+    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker },
+    migration: { precopyMs, maxBandwidth },
+  };
+}
+
+// ---------------------------------------------------------------- field reader
+
+function invalid(field: string, message: string): never {
+  throw new TetherError('ERR_CONFIG_INVALID', `${field === '' ? '(root)' : field}: ${message}`, { field });
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'string') return `string ${JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v)}`;
+  if (typeof v === 'object') return 'a mapping';
+  return `${typeof v} ${String(v)}`;
+}
+
+/** One YAML mapping with a known key set; typed getters that name the field on error. */
+class Obj {
+  private readonly o: Record<string, unknown>;
+  constructor(
+    value: unknown,
+    private readonly prefix: string,
+    allowed: readonly string[],
+  ) {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+      invalid(prefix, `must be a mapping, got ${describe(value)}`);
+    }
+    this.o = value as Record<string, unknown>;
+    for (const k of Object.keys(this.o)) {
+      if (!allowed.includes(k)) invalid(this.f(k), `unknown key (allowed: ${allowed.join(', ')})`);
+    }
+  }
+
+  private f(key: string): string {
+    return this.prefix === '' ? key : `${this.prefix}.${key}`;
+  }
+
+  private get(key: string): unknown {
+    const v = this.o[key];
+    return v === null ? undefined : v; // "key:" with no value means "use the default"
+  }
+
+  obj(key: string, allowed: readonly string[]): Obj {
+    const v = this.get(key);
+    if (v === undefined) invalid(this.f(key), 'is required');
+    return new Obj(v, this.f(key), allowed);
+  }
+
+  optObj(key: string, allowed: readonly string[]): Obj | undefined {
+    const v = this.get(key);
+    return v === undefined ? undefined : new Obj(v, this.f(key), allowed);
+  }
+
+  optString(key: string, opts: { allowEmpty?: boolean } = {}): string | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string') invalid(this.f(key), `must be a string, got ${describe(v)}`);
+    if (!opts.allowEmpty && v.trim() === '') invalid(this.f(key), 'must not be empty');
+    if (v.includes('\0')) invalid(this.f(key), 'must not contain NUL');
+    return v;
+  }
+
+  string(key: string): string {
+    const v = this.optString(key);
+    if (v === undefined) invalid(this.f(key), 'is required');
+    return v;
+  }
+
+  name(key: string): string {
+    const v = this.string(key);
+    if (!NAME_RE.test(v)) invalid(this.f(key), 'must be 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit');
+    return v;
+  }
+
+  optPath(key: string, baseDir: string): string | undefined {
+    const v = this.optString(key);
+    return v === undefined ? undefined : path.resolve(baseDir, v);
+  }
+
+  path(key: string, baseDir: string): string {
+    return path.resolve(baseDir, this.string(key));
+  }
+
+  optSocketPath(key: string, baseDir: string): string | undefined {
+    const p = this.optPath(key, baseDir);
+    if (p !== undefined && Buffer.byteLength(p) > MAX_UNIX_PATH) {
+      invalid(this.f(key), `resolved path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit)`);
+    }
+    return p;
+  }
+
+  optInt(key: string, min: number, max: number): number | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+      invalid(this.f(key), `must be an integer between ${min} and ${max}, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  int(key: string, min: number, max: number): number {
+    const v = this.optInt(key, min, max);
+    if (v === undefined) invalid(this.f(key), `is required (an integer between ${min} and ${max})`);
+    return v;
+  }
+
+  optEnum<T extends string>(key: string, values: readonly T[]): T | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string' || !(values as readonly string[]).includes(v)) {
+      invalid(this.f(key), `must be one of ${values.join(', ')}, got ${describe(v)}`);
+    }
+    return v as T;
+  }
+
+  optStringArray(key: string): string[] | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (!Array.isArray(v)) invalid(this.f(key), `must be a list of strings, got ${describe(v)}`);
+    return v.map((item, i) => {
+      if (typeof item !== 'string') invalid(`${this.f(key)}[${i}]`, `must be a string, got ${describe(item)}`);
+      return item;
+    });
+  }
+
+  optPortRange(key: string): [number, number] | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (!Array.isArray(v) || v.length !== 2) invalid(this.f(key), `must be a list [first, last], got ${describe(v)}`);
+    const [lo, hi] = v.map((p, i) => {
+      if (typeof p !== 'number' || !Number.isInteger(p) || p < 1 || p > 65535) {
+        invalid(`${this.f(key)}[${i}]`, `must be a port between 1 and 65535, got ${describe(p)}`);
+      }
+      return p;
+    }) as [number, number];
+    if (lo > hi) invalid(this.f(key), `first port ${lo} is greater than last port ${hi}`);
+    return [lo, hi];
+  }
+
+  hostPort(key: string): { host: string; port: number } {
+    const v = this.optHostPort(key);
+    if (v === undefined) invalid(this.f(key), 'is required ("host:port")');
+    return v;
+  }
+
+  /** "host:port", "[v6addr]:port". */
+  optHostPort(key: string): { host: string; port: number } | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string') invalid(this.f(key), `must be a "host:port" string, got ${describe(v)}`);
+    const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:[\]]+)):(\d{1,5})$/.exec(v);
+    if (!m) invalid(this.f(key), `must be "host:port" or "[ipv6]:port", got ${describe(v)}`);
+    const host = (m[1] ?? m[2])!;
+    const port = Number(m[3]);
+    if (port < 1 || port > 65535) invalid(this.f(key), `port must be between 1 and 65535, got ${port}`);
+    return { host, port };
+  }
+}

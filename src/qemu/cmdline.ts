@@ -1,0 +1,78 @@
+/**
+ * QEMU command line for a tether VM. Pure.
+ *
+ * S and D must build the same device model, so everything comes from VmConfig; only the
+ * per-host paths and the incoming mode differ. Guest RAM is a shared file
+ * (memory-backend-file, share=on): it survives QEMU restarts, and the sidecar reads and
+ * writes guest memory through it.
+ */
+import type { VmConfig } from '../config/types.ts';
+
+export interface QemuPaths {
+  /** Guest RAM file (on tmpfs). Must already be sized or QEMU creates/extends it. */
+  ramFile: string;
+  qmpSocket: string;
+  /** Serial console output, appended to. */
+  serialLog: string;
+}
+
+export type QemuIncoming =
+  /** Wait for `migrate-incoming` over QMP (destination of a live migration). */
+  | { kind: 'defer' }
+  /**
+   * Load device state only from `file` (written by `xen-save-devices-state`), keep RAM as it
+   * is in the RAM file, then run. This is the rollback restore on S.
+   */
+  | { kind: 'exec-file'; file: string };
+
+/**
+ * QEMU's option parser (QemuOpts) splits on ',' and takes ',,' as a literal comma. Values
+ * given to "key=value,..." options must be escaped; plain options (-kernel, -append,
+ * -incoming, -name's implicit guest=) differ, see below.
+ */
+export function qemuOptValue(v: string): string {
+  return v.replaceAll(',', ',,');
+}
+
+/** POSIX sh single-quoting: '...' with each ' written as '\'' */
+export function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuIncoming): string[] {
+  const mem = `${vm.memoryMiB}M`;
+  const args: string[] = [
+    // -name is QemuOpts with an implied "guest=" key; config validation keeps commas out,
+    // escape anyway.
+    '-name', qemuOptValue(vm.name),
+    '-accel', vm.qemu.accel,
+    '-machine', `${vm.qemu.machine},memory-backend=ram0`,
+    '-object', `memory-backend-file,id=ram0,size=${mem},mem-path=${qemuOptValue(paths.ramFile)},share=on`,
+    '-m', mem,
+    '-smp', String(vm.cpus),
+    '-cpu', vm.qemu.cpu,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+  ];
+  // -kernel/-initrd/-append are stored verbatim (no QemuOpts parsing): no escaping.
+  // A VM without kernel boots from firmware only (used by tests that need no guest).
+  if (vm.kernel !== '') {
+    args.push('-kernel', vm.kernel);
+    if (vm.initrd !== undefined && vm.initrd !== '') args.push('-initrd', vm.initrd);
+    if (vm.append !== '') args.push('-append', vm.append);
+  }
+  args.push(
+    '-chardev', `socket,id=qmp0,path=${qemuOptValue(paths.qmpSocket)},server=on,wait=off`,
+    '-mon', 'chardev=qmp0,mode=control',
+    '-chardev', `file,id=ser0,path=${qemuOptValue(paths.serialLog)},append=on`,
+    '-serial', 'chardev:ser0',
+  );
+  if (incoming?.kind === 'defer') {
+    args.push('-incoming', 'defer');
+  } else if (incoming?.kind === 'exec-file') {
+    // "exec:<cmd>" runs <cmd> through /bin/sh -c. The file is device state only, so the
+    // stream carries no configuration section: tell QEMU not to expect one.
+    args.push('-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
+  }
+  args.push(...vm.qemu.extraArgs);
+  return args;
+}

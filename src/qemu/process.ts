@@ -1,0 +1,285 @@
+/**
+ * One QEMU process: spawn, QMP connection, stop/kill, exit bookkeeping.
+ *
+ * Lifecycle: starting → running → stopping → exited (kill() may jump from any state to
+ * exited). The RAM file is NOT ours: it belongs to the caller and outlives every QEMU that
+ * maps it — restoring S after a failed migration is "fresh QEMU + same RAM file".
+ * The QMP socket IS ours: removed on exit (QEMU removes it itself only on a clean exit).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { VmConfig } from '../config/types.ts';
+import { TetherError, isTetherError } from '../errors.ts';
+import { QmpClient } from '../qmp/client.ts';
+import { buildQemuArgs, type QemuIncoming } from './cmdline.ts';
+
+export interface QemuStartOptions {
+  vm: VmConfig;
+  ramFile: string;
+  qmpSocket: string;
+  serialLog: string;
+  incoming?: QemuIncoming;
+  /** Reserved: running QEMU inside a network namespace is not supported yet. */
+  netns?: undefined;
+  /** QEMU's stdout+stderr are appended here. Default: qemu-<vm>.log next to serialLog. */
+  logFile?: string;
+  /** Budget from spawn until QMP is negotiated. Default 15000. */
+  startTimeoutMs?: number;
+  /**
+   * SIGKILL QEMU when this Node process dies in any way, including signals and SIGKILL
+   * (via `setpriv --pdeathsig`, util-linux). For tests and harnesses; off by default
+   * because a production sidecar restart must not take the guest down.
+   */
+  dieWithParent?: boolean;
+}
+
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export type QemuState = 'starting' | 'running' | 'stopping' | 'exited';
+
+/** Bytes of QEMU output kept in memory for error messages. */
+const TAIL_BYTES = 8 * 1024;
+
+/** Children still alive; SIGKILLed if this Node process exits, so no QEMU is orphaned. */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+function track(child: ChildProcess): void {
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.once('exit', () => {
+      for (const c of live) c.kill('SIGKILL');
+    });
+  }
+  live.add(child);
+}
+
+export class QemuProcess {
+  readonly pid: number;
+  readonly args: readonly string[];
+  readonly logFile: string;
+  /** Resolves once QEMU has exited and its QMP socket has been removed. Never rejects. */
+  readonly exited: Promise<QemuExit>;
+  private qmpClient: QmpClient | undefined;
+  private stateValue: QemuState = 'starting';
+  private exitValue: QemuExit | undefined;
+  private tail: Buffer = Buffer.alloc(0);
+  private readonly child: ChildProcess;
+  private readonly qmpSocket: string;
+  /** Identity of the socket file we connected to, so we never unlink a successor's socket. */
+  private socketIdentity: { dev: number; ino: number } | undefined;
+  private readonly outputDone: Promise<void>;
+  /** Resolves when the log file has everything (output drained, exit recorded, flushed). */
+  private readonly logFlushed: Promise<void>;
+
+  static async start(opts: QemuStartOptions): Promise<QemuProcess> {
+    const { vm, ramFile, qmpSocket, serialLog } = opts;
+    const logFile = opts.logFile ?? path.join(path.dirname(serialLog), `qemu-${vm.name}.log`);
+    const timeoutMs = opts.startTimeoutMs ?? 15_000;
+    const args = buildQemuArgs(vm, { ramFile, qmpSocket, serialLog }, opts.incoming);
+
+    for (const p of [ramFile, qmpSocket, serialLog, logFile]) fs.mkdirSync(path.dirname(p), { recursive: true });
+    // A stale socket from a killed predecessor would accept nothing; make sure we only
+    // ever connect to the socket of the QEMU we spawn.
+    fs.rmSync(qmpSocket, { force: true });
+
+    const argv = opts.dieWithParent
+      ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', vm.qemu.binary, ...args] // setpriv execs: same pid
+      : [vm.qemu.binary, ...args];
+    const qp = new QemuProcess(argv, args, qmpSocket, logFile);
+    const t0 = Date.now();
+    const ac = new AbortController();
+    void qp.exited.then(() => ac.abort());
+    try {
+      qp.qmpClient = await QmpClient.connect(qmpSocket, {
+        retryUntilMs: timeoutMs,
+        timeoutMs: Math.max(1000, timeoutMs - (Date.now() - t0)),
+        signal: ac.signal,
+      });
+    } catch (e) {
+      // QEMU dying mid-handshake surfaces as a QMP error a moment before the exit event.
+      await Promise.race([qp.exited, sleep(500)]);
+      const died = qp.hasExited;
+      if (!died) qp.child.kill('SIGKILL');
+      const exit = await qp.exited;
+      await Promise.race([qp.logFlushed, sleep(500)]);
+      const reason = died ? 'exited' : (e as TetherError).code;
+      throw new TetherError(
+        'ERR_QEMU_START',
+        `QEMU ${vm.name} failed to start (${died ? describeExit(exit) : (e as Error).message})` +
+          (qp.stderrTail() ? `: ${qp.stderrTail().trim()}` : ''),
+        { vm: vm.name, reason, exit, stderr: qp.stderrTail(), logFile, args },
+      );
+    }
+    try {
+      const st = fs.statSync(qmpSocket);
+      qp.socketIdentity = { dev: st.dev, ino: st.ino };
+    } catch {
+      /* raced with exit; cleanup then has nothing to do */
+    }
+    qp.transition('running');
+    return qp;
+  }
+
+  private constructor(argv: string[], args: string[], qmpSocket: string, logFile: string) {
+    const [binary, ...spawnArgs] = argv as [string, ...string[]];
+    this.args = args;
+    this.qmpSocket = qmpSocket;
+    this.logFile = logFile;
+    const log = fs.createWriteStream(logFile, { flags: 'a' });
+    log.on('error', () => {}); // a broken log must not take the VM down
+    log.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
+
+    this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child.on('error', (err) => {
+      this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
+    });
+    const onOutput = (chunk: Buffer): void => {
+      log.write(chunk);
+      this.appendTail(chunk);
+    };
+    this.child.stdout!.on('data', onOutput);
+    this.child.stderr!.on('data', onOutput);
+    this.outputDone = new Promise((resolve) => this.child.once('close', () => resolve()));
+    this.logFlushed = new Promise((resolve) => log.once('close', () => resolve()));
+    this.pid = this.child.pid ?? -1;
+    if (this.child.pid !== undefined) track(this.child);
+
+    this.exited = new Promise<QemuExit>((resolve) => {
+      const finish = async (exit: QemuExit): Promise<void> => {
+        if (this.exitValue !== undefined) return;
+        this.exitValue = exit;
+        live.delete(this.child);
+        this.stateValue = 'exited';
+        this.removeSocket();
+        await this.qmpClient?.close();
+        resolve(exit);
+        await Promise.race([this.outputDone, sleep(1000)]); // a child (exec:cat) may hold stderr
+        log.end(`=== ${new Date().toISOString()} tether: pid ${this.pid} ${describeExit(exit)}\n`);
+      };
+      this.child.once('exit', (code, signal) => void finish({ code, signal }));
+      this.child.once('error', () => {
+        // spawn failed (no pid): 'exit' will never come
+        if (this.child.pid === undefined) void finish({ code: null, signal: null });
+      });
+    });
+  }
+
+  /** The QMP connection; valid once start() resolved, closed once QEMU exited. */
+  get qmp(): QmpClient {
+    return this.qmpClient!;
+  }
+
+  get state(): QemuState {
+    return this.stateValue;
+  }
+
+  /** True once QEMU has exited (and its socket was cleaned up). */
+  get hasExited(): boolean {
+    return this.exitValue !== undefined;
+  }
+
+  /** Exit status once exited, else undefined. */
+  get exitStatus(): QemuExit | undefined {
+    return this.exitValue;
+  }
+
+  /** Last few KiB of QEMU's stdout/stderr. */
+  stderrTail(): string {
+    return this.tail.toString('utf8');
+  }
+
+  /**
+   * Polls query-status until QEMU reports `status` (e.g. "running" once an incoming
+   * device-state load finished). Polling, not events: the RESUME may precede our connect.
+   */
+  async waitForStatus(status: string, timeoutMs = 10_000, pollMs = 20): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    let last = '';
+    for (;;) {
+      if (this.exitValue !== undefined) {
+        const tail = this.stderrTail().trim();
+        throw new TetherError('ERR_QEMU_EXITED', `QEMU ${describeExit(this.exitValue)} while waiting for status ${status}${tail ? `: ${tail}` : ''}`, {
+          want: status,
+          exit: this.exitValue,
+          stderr: this.stderrTail(),
+        });
+      }
+      try {
+        const r = await this.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: Math.max(100, deadline - Date.now()) });
+        last = r.status;
+        if (last === status) return;
+      } catch (e) {
+        // QEMU's QMP socket closes a moment before the 'exit' event: give the exit a chance
+        // to land so the caller learns "QEMU died", not "QMP closed".
+        if (isTetherError(e, 'ERR_QMP_CLOSED')) await Promise.race([this.exited, sleep(1000)]);
+        if (this.exitValue === undefined) throw e;
+        continue; // reported as ERR_QEMU_EXITED above
+      }
+      if (Date.now() >= deadline) {
+        throw new TetherError('ERR_QEMU_STATUS_TIMEOUT', `QEMU status is ${last}, not ${status}, after ${timeoutMs} ms`, {
+          want: status,
+          last,
+          timeoutMs,
+        });
+      }
+      await sleep(pollMs);
+    }
+  }
+
+  /** Graceful: QMP quit, SIGKILL after `graceMs`. Resolves with the exit status. */
+  async stop(opts: { graceMs?: number } = {}): Promise<QemuExit> {
+    if (this.exitValue !== undefined) return this.exitValue;
+    const graceMs = opts.graceMs ?? 5000;
+    if (this.stateValue === 'running') this.transition('stopping');
+    // quit's reply may or may not arrive before the socket closes; either way is fine.
+    await this.qmpClient?.execute('quit', undefined, { timeoutMs: graceMs }).catch(() => {});
+    const timer = sleep(graceMs, 'timeout' as const);
+    if ((await Promise.race([this.exited, timer])) === 'timeout') this.child.kill('SIGKILL');
+    return this.exited;
+  }
+
+  /** SIGKILL now (the wedged source during rollback). Resolves with the exit status. */
+  kill(): Promise<QemuExit> {
+    if (this.exitValue === undefined) this.child.kill('SIGKILL');
+    return this.exited;
+  }
+
+  private transition(to: QemuState): void {
+    const allowed: Record<QemuState, QemuState[]> = {
+      starting: ['running', 'exited'],
+      running: ['stopping', 'exited'],
+      stopping: ['exited'],
+      exited: [],
+    };
+    if (this.stateValue === 'exited') return; // exit races every other transition and wins
+    if (!allowed[this.stateValue].includes(to)) throw new Error(`QemuProcess: illegal transition ${this.stateValue} → ${to}`);
+    this.stateValue = to;
+  }
+
+  private appendTail(chunk: Buffer): void {
+    const joined = Buffer.concat([this.tail, chunk]);
+    this.tail = joined.length > TAIL_BYTES ? joined.subarray(joined.length - TAIL_BYTES) : joined;
+  }
+
+  private removeSocket(): void {
+    try {
+      const st = fs.lstatSync(this.qmpSocket);
+      // Only our own socket: a successor QEMU may already have created one at this path.
+      if (this.socketIdentity === undefined || (st.dev === this.socketIdentity.dev && st.ino === this.socketIdentity.ino)) {
+        if (this.socketIdentity !== undefined || st.isSocket()) fs.rmSync(this.qmpSocket, { force: true });
+      }
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+function describeExit(e: QemuExit): string {
+  if (e.signal === null && e.code === null) return 'could not be spawned';
+  return e.signal !== null ? `killed by ${e.signal}` : `exited with code ${String(e.code)}`;
+}
