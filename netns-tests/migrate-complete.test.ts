@@ -1,0 +1,20 @@
+import t from 'tap';
+import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { assertNotRunningOn, bootCluster } from './scenarios.ts';
+
+t.test('migration completes and the guest keeps running on the destination', async (t) => {
+  const c = await bootCluster(t, { vm: { maxBandwidth: 0 } });
+  const mig = await c.migrate();
+  t.equal(mig.code, 0, `migrate exits 0: ${mig.stderr.slice(-2000)}`);
+  t.equal(mig.result?.outcome, 'completed');
+  t.ok((mig.result?.checkpoints ?? 0) >= 1, `checkpoints taken: ${mig.result?.checkpoints}`);
+  const s = await c.status(c.dst);
+  t.equal(s.state, 'running', 'VM runs on the destination');
+  t.ok(qemuAlive(s.pid));
+  await assertNotRunningOn(t, c, c.src);
+  const from = fileSize(c.serialLog(c.dst));
+  const rep = await waitPasses(c.serialLog(c.dst), from, 2, 'on the destination');
+  t.same(rep.corrupt, [], 'no CORRUPT on the destination');
+  t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT on the source');
+  t.same(memcheck(c.serialLog(c.dst)).corrupt, [], 'no CORRUPT anywhere on the destination');
+});

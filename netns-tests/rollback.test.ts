@@ -1,0 +1,49 @@
+import t from 'tap';
+import { sh } from './harness.ts';
+import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
+
+t.test('kill -9 of the destination QEMU mid post-copy: the VM resumes on the source', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3);
+  const d = await c.status(c.dst);
+  t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
+  process.kill(d.pid, 'SIGKILL');
+  await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
+});
+
+t.test('migration link cut mid post-copy: the VM resumes on the source', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3);
+  c.linkDown();
+  const mig = await migrating;
+  t.equal(mig.result?.reason, 'lease-expired', 'detected by the lease');
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
+});
+
+t.test('nftables drop between the hosts mid post-copy: the VM resumes on the source', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3);
+  c.nftDrop();
+  await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
+});
+
+t.test('tether abort mid post-copy, then migrating again completes', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3);
+  const a = await c.tether(c.src, ['abort', c.vmName]);
+  t.equal(a.code, 0, `abort accepted: ${a.stderr}`);
+  const mig = await migrating;
+  t.equal(mig.result?.reason, 'operator-abort');
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
+
+  const again = await c.migrate();
+  t.equal(again.code, 0, `second migration completes: ${again.stderr.slice(-2000)}`);
+  t.equal(again.result?.outcome, 'completed');
+  const s = await c.status(c.dst);
+  t.equal(s.state, 'running', 'VM runs on the destination after the second migration');
+  sh('true', []);
+});

@@ -1,0 +1,64 @@
+/**
+ * Shared steps of the migration scenarios: boot the memcheck guest on the
+ * source, migrate, interrupt, and check the guest's own verdict on its memory.
+ */
+import type { Test } from 'tap';
+import { Cluster, fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
+import type { ClusterOptions, Host } from './harness.ts';
+
+export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
+  const c = new Cluster(opts);
+  t.teardown(() => c.cleanup());
+  await c.up();
+  const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
+  t.equal(r.code, 0, `vm start: ${r.stderr}`);
+  // memcheck has filled its buffer and verified it once: the invariant is live
+  await waitPasses(c.serialLog(c.src), 0, 2, 'on the source before migrating');
+  return c;
+}
+
+/** Wait until the source has applied (and acked) checkpoint `epoch`. */
+export async function waitApplied(c: Cluster, epoch: number): Promise<void> {
+  await waitFor(async () => {
+    const s = await c.status(c.src);
+    return (s.migration?.appliedEpoch ?? -1) >= epoch || s.state !== 'migrating-out';
+  }, `checkpoint ${epoch} applied on the source`);
+}
+
+/**
+ * After a rollback: the VM runs on the source again and memcheck keeps
+ * verifying every page, with no corruption on either host.
+ */
+export async function assertSurvivedOnSource(
+  t: Test,
+  c: Cluster,
+  mig: { code: number | null; result: Record<string, any> | null; stderr: string },
+  expectEpoch?: (epoch: number) => boolean,
+): Promise<void> {
+  t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
+  t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
+  const epoch = mig.result?.rollback?.epoch;
+  t.type(epoch, 'number', 'resumed from a checkpoint');
+  if (expectEpoch) t.ok(expectEpoch(epoch), `resumed from checkpoint ${epoch}`);
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running', 'VM is running on the source');
+  t.ok(qemuAlive(s.pid), 'source QEMU process is alive');
+  // Two more completed passes after the rollback: the second one verified every page
+  // of state that came back from the destination's checkpoints.
+  const from = fileSize(c.serialLog(c.src));
+  const after = await waitPasses(c.serialLog(c.src), from, 2, 'on the source after rollback');
+  t.same(after.corrupt, [], 'no CORRUPT after rollback');
+  t.ok(after.passes.length >= 2, `memcheck advanced: passes ${after.passes.join(',')}`);
+  t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
+  t.same(memcheck(c.serialLog(c.dst)).corrupt, [], 'no CORRUPT in the destination serial log');
+  await assertNotRunningOn(t, c, c.dst);
+}
+
+export async function assertNotRunningOn(t: Test, c: Cluster, h: Host): Promise<void> {
+  await waitFor(async () => {
+    const s = await c.status(h);
+    return s.state !== 'running' && s.state !== 'migrating-in';
+  }, `VM stopped on ${h.name}`, 60_000);
+  const s = await c.status(h);
+  t.notOk(qemuAlive(s.pid), `no QEMU for the VM on ${h.name} (state ${s.state})`);
+}

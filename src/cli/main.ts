@@ -1,0 +1,132 @@
+import { parseArgs } from 'node:util';
+import { loadHostConfig } from '../config/load.ts';
+import { callDaemon } from '../control/client.ts';
+import { Daemon } from '../daemon/daemon.ts';
+import { TetherError } from '../errors.ts';
+import { EXIT } from '../migrate/result.ts';
+import type { MigrationResult } from '../migrate/result.ts';
+import { createLogger } from '../util/log.ts';
+
+const USAGE = `usage:
+  tether daemon --config <host.yaml>
+  tether vm start <vm.yaml>           start a VM on the local daemon
+  tether vm stop <vm>
+  tether migrate <vm> --to <host:port> [--json]
+                                      exit 0 completed, 3 rolled back (running on the source),
+                                      4 the VM is not running anywhere
+  tether status [<vm>] [--json]
+  tether abort <vm>
+options for every client command:
+  --config <host.yaml>  find the daemon's control socket in this host config
+  --socket <path>       or give the socket directly (default: $TETHER_SOCKET or /run/tether/tether.sock)`;
+
+export async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        config: { type: 'string', short: 'c' },
+        socket: { type: 'string' },
+        to: { type: 'string' },
+        json: { type: 'boolean', default: false },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    });
+  } catch (e) {
+    process.stderr.write(`tether: ${(e as Error).message}\n${USAGE}\n`);
+    return EXIT.usage;
+  }
+  const { values: opts, positionals: pos } = parsed;
+  if (opts.help || pos.length === 0) {
+    process.stdout.write(USAGE + '\n');
+    return opts.help ? 0 : EXIT.usage;
+  }
+  try {
+    const [cmd, a1, a2] = pos;
+    if (cmd === 'daemon') return await runDaemon(opts.config);
+    const socket = await socketPath(opts.config, opts.socket);
+    switch (cmd) {
+      case 'vm':
+        if (a1 === 'start' && a2) return print(await callDaemon(socket, 'vm.start', { config: a2 }), opts.json);
+        if (a1 === 'stop' && a2) return print(await callDaemon(socket, 'vm.stop', { vm: a2 }), opts.json);
+        break;
+      case 'status':
+        return print(await callDaemon(socket, 'status', a1 ? { vm: a1 } : {}), opts.json);
+      case 'abort':
+        if (a1) return print(await callDaemon(socket, 'abort', { vm: a1 }), opts.json);
+        break;
+      case 'migrate':
+        if (a1 && opts.to) return await migrate(socket, a1, opts.to, opts.json);
+        break;
+    }
+    process.stderr.write(`tether: bad command\n${USAGE}\n`);
+    return EXIT.usage;
+  } catch (e) {
+    const err = e as TetherError;
+    process.stderr.write(`tether: ${err.code ?? 'ERR_INTERNAL'}: ${err.message}\n`);
+    return err.code === 'ERR_USAGE' ? EXIT.usage : 1;
+  }
+}
+
+async function socketPath(config: string | undefined, socket: string | undefined): Promise<string> {
+  if (socket) return socket;
+  if (config) return (await loadHostConfig(config)).controlSocket;
+  return process.env.TETHER_SOCKET ?? '/run/tether/tether.sock';
+}
+
+function print(v: unknown, json: boolean): number {
+  process.stdout.write(json ? JSON.stringify(v) + '\n' : JSON.stringify(v, null, 2) + '\n');
+  return 0;
+}
+
+async function runDaemon(config: string | undefined): Promise<number> {
+  if (!config) throw new TetherError('ERR_USAGE', 'tether daemon needs --config <host.yaml>');
+  const host = await loadHostConfig(config);
+  const log = createLogger({ host: host.name }, host.logLevel);
+  const d = new Daemon(host, log);
+  await d.start();
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      log.info('shutting down', { signal: sig });
+      d.shutdown().finally(resolve);
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  return 0;
+}
+
+const MiB = 1024 * 1024;
+
+async function migrate(socket: string, vm: string, to: string, json: boolean): Promise<number> {
+  const out = (s: string) => process.stderr.write(s + '\n');
+  const result = (await callDaemon(socket, 'migrate', { vm, to }, (p) => {
+    const t = `[${String((Number(p.t) / 1000).toFixed(1)).padStart(6)}s]`;
+    const ram = p.ram as { transferred: number; remaining: number; total: number } | undefined;
+    const parts = [t, String(p.phase).padEnd(12)];
+    if (ram) parts.push(`ram sent ${(ram.transferred / MiB).toFixed(0)} MiB, remaining ${(ram.remaining / MiB).toFixed(0)} MiB`);
+    if (p.appliedEpoch !== undefined && p.appliedEpoch !== null) parts.push(`checkpoint ${p.appliedEpoch} applied`);
+    if (typeof p.lastPauseMs === 'number') parts.push(`pause ${p.lastPauseMs.toFixed(1)} ms`);
+    if (p.reason) parts.push(`reason ${p.reason}`);
+    if (!json) out(parts.join('  '));
+  })) as MigrationResult;
+
+  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+  else {
+    const r = result;
+    if (r.outcome === 'completed') out(`completed: ${vm} runs on ${to} (${(r.totalMs / 1000).toFixed(1)} s, ${r.checkpoints} checkpoints)`);
+    else if (r.outcome === 'rolled-back')
+      out(
+        `rolled back (${r.reason}): ${vm} runs on this host again from checkpoint ${r.rollback?.epoch ?? 'none (before switchover)'}; ` +
+          `detected in ${r.rollback?.detectMs} ms, restored in ${r.rollback?.restoreMs} ms`,
+      );
+    else out(`FAILED (${r.reason}): ${vm} is not running anywhere: ${r.error?.message ?? ''}`);
+  }
+  return r_exit(result);
+}
+
+function r_exit(r: MigrationResult): number {
+  return r.outcome === 'completed' ? EXIT.completed : r.outcome === 'rolled-back' ? EXIT.rolledBack : EXIT.failed;
+}

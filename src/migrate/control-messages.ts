@@ -1,0 +1,46 @@
+import type { VmConfig } from '../config/types.ts';
+import { TetherError } from '../errors.ts';
+
+/**
+ * CONTROL bodies on the peer channel (JSON). `kind` discriminates.
+ *   S -> D  prepare        {vm}                    start an incoming QEMU for this VM
+ *   D -> S  ready          {uri}                   where S's QEMU sends the migration stream
+ *   S -> D  hashes-done    {pages}                 all HASHES sent (checkpoint 0 baseline)
+ *   D -> S  epoch-stats    {epoch, pauseMs, ...}   figures of checkpoint `epoch`, after its COMMIT
+ *   D -> S  done           {finalEpoch}            post-copy completed and the final checkpoint is acked
+ */
+export type PeerControl =
+  | { kind: 'prepare'; vm: VmConfig }
+  | { kind: 'ready'; uri: string }
+  | { kind: 'hashes-done'; pages: number }
+  | { kind: 'epoch-stats'; epoch: number; pauseMs: number; pages: number; bytes: number; collectMs: number; saveMs: number; tracker: string }
+  | { kind: 'done'; finalEpoch: number };
+
+export function asPeerControl(body: Record<string, unknown>): PeerControl {
+  const kind = body.kind;
+  const num = (k: string) => {
+    if (typeof body[k] !== 'number' || !Number.isFinite(body[k])) {
+      throw new TetherError('ERR_PEER_CONTROL', `control ${String(kind)}: field ${k} must be a number`);
+    }
+  };
+  switch (kind) {
+    case 'prepare':
+      if (typeof body.vm !== 'object' || body.vm === null) throw new TetherError('ERR_PEER_CONTROL', 'prepare: vm missing');
+      break;
+    case 'ready':
+      if (typeof body.uri !== 'string') throw new TetherError('ERR_PEER_CONTROL', 'ready: uri missing');
+      break;
+    case 'hashes-done':
+      num('pages');
+      break;
+    case 'epoch-stats':
+      for (const k of ['epoch', 'pauseMs', 'pages', 'bytes', 'collectMs', 'saveMs']) num(k);
+      break;
+    case 'done':
+      num('finalEpoch');
+      break;
+    default:
+      throw new TetherError('ERR_PEER_CONTROL', `unknown control kind ${String(kind)}`);
+  }
+  return body as unknown as PeerControl;
+}

@@ -1,0 +1,364 @@
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { CheckpointDigest } from '../checkpoint/codec.ts';
+import type { Message, PagesMessage } from '../checkpoint/messages.ts';
+import { PAGE_SIZE } from '../checkpoint/messages.ts';
+import type { HostConfig, VmConfig } from '../config/types.ts';
+import { TetherError } from '../errors.ts';
+import { native } from '../memory/native.ts';
+import { createTracker } from '../memory/tracker.ts';
+import type { DirtyTracker } from '../memory/tracker.ts';
+import type { PeerChannel } from '../peer/channel.ts';
+import type { Logger } from '../util/log.ts';
+import { errorFields } from '../util/log.ts';
+import { StateMachine } from '../util/state.ts';
+import { deferred, nowMs, sleep } from '../util/time.ts';
+import { VmInstance } from '../vm/instance.ts';
+import { asPeerControl } from './control-messages.ts';
+import type { Faults } from './faults.ts';
+import { noOutputs } from './outputs.ts';
+import type { EpochOutputs } from './outputs.ts';
+
+export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completed' | 'fenced';
+
+const TRANSITIONS: Record<DestPhase, readonly DestPhase[]> = {
+  preparing: ['incoming', 'fenced'],
+  incoming: ['running', 'fenced'],
+  running: ['completed', 'fenced'],
+  completed: [],
+  fenced: [],
+};
+
+/** Page entries per PAGES message: 1024 pages = 4 MiB of data at most. */
+const PAGES_PER_MESSAGE = 1024;
+
+export interface DestinationOptions {
+  host: HostConfig;
+  channel: PeerChannel;
+  vmConfig: VmConfig;
+  log: Logger;
+  faults: Faults;
+  outputs?: EpochOutputs;
+  /** Called once the VM instance exists on this host (for status), and when it ends. */
+  onInstance?: (vm: VmInstance) => void;
+}
+
+/**
+ * The destination side: runs the incoming QEMU and, from the moment the VM
+ * runs here, the epoch loop — barrier (stop, collect dirty pages, save device
+ * state, seal outputs, cont), send checkpoint k, release epoch k on ACK(k).
+ * With no ACK for fenceTimeoutMs it fences itself: stops the VM and drops
+ * every held output.
+ */
+export class DestinationMigration {
+  readonly phase: StateMachine<DestPhase>;
+  readonly vm: VmInstance;
+  readonly #opts: DestinationOptions;
+  readonly #ch: PeerChannel;
+  readonly #outputs: EpochOutputs;
+  readonly #log: Logger;
+  #table: Buffer;
+  #hashesDone = deferred<void>();
+  #qemuCompleted = false;
+  #inflight: { epoch: number; acked: ReturnType<typeof deferred<void>> } | undefined;
+  #lastAck = nowMs();
+  #fenceTimer: NodeJS.Timeout | undefined;
+  #tracker: DirtyTracker | undefined;
+  #stopped = false;
+  readonly done = deferred<DestPhase>();
+
+  constructor(opts: DestinationOptions) {
+    this.#opts = opts;
+    this.#ch = opts.channel;
+    this.#outputs = opts.outputs ?? noOutputs;
+    this.vm = new VmInstance(opts.host, opts.vmConfig, opts.log);
+    this.#log = this.vm.log.child({ role: 'destination' });
+    this.phase = new StateMachine<DestPhase>('incoming migration', 'preparing', TRANSITIONS, this.#log);
+    this.#table = Buffer.alloc((this.vm.ramBytes / PAGE_SIZE) * 8);
+  }
+
+  /** Handle a message from the source (the daemon routes the channel here). */
+  onMessage(m: Message): void {
+    switch (m.type) {
+      case 'hashes': {
+        const end = m.startPfn * 8 + m.hashes.length;
+        if (end > this.#table.length) {
+          void this.fence('bad-hashes', new TetherError('ERR_PEER_PROTOCOL', 'HASHES beyond the end of guest RAM'));
+          return;
+        }
+        m.hashes.copy(this.#table, m.startPfn * 8);
+        return;
+      }
+      case 'control': {
+        const c = asPeerControl(m.body);
+        if (c.kind === 'hashes-done') this.#hashesDone.resolve();
+        return;
+      }
+      case 'ack':
+        if (this.#inflight && m.epoch === this.#inflight.epoch) {
+          this.#lastAck = nowMs();
+          this.#outputs.release(m.epoch);
+          this.#inflight.acked.resolve();
+        } else {
+          this.#log.warn('unexpected ACK', { epoch: m.epoch, inflight: this.#inflight?.epoch });
+        }
+        return;
+      case 'nack':
+        void this.fence('nack', new TetherError(m.code, m.message));
+        return;
+      case 'abort':
+        void this.fence('source-abort', new TetherError(m.code, m.reason));
+        return;
+      case 'heartbeat':
+        return;
+      default:
+        this.#log.warn('unexpected message from source', { type: m.type });
+    }
+  }
+
+  /** Channel to the source is gone: no ACK can come any more. */
+  onChannelClosed(err: Error | undefined): void {
+    if (!this.phase.is('completed', 'fenced')) void this.fence('peer-channel-closed', err);
+  }
+
+  async run(): Promise<void> {
+    try {
+      await this.#run();
+    } catch (e) {
+      if (!this.#stopped) {
+        this.#log.error('incoming migration failed', { error: errorFields(e) });
+        await this.#ch.send({ type: 'abort', code: (e as TetherError).code ?? 'ERR_DESTINATION', reason: (e as Error).message }).catch(() => {});
+        await this.fence('destination-error', e);
+      }
+    }
+  }
+
+  async #run(): Promise<void> {
+    const vm = this.vm;
+    await vm.startIncoming();
+    this.#opts.onInstance?.(vm);
+    const qemu = vm.qemu!;
+    qemu.exited.then(() => {
+      if (!this.#stopped && !this.phase.is('completed')) {
+        this.#log.error('destination QEMU exited during migration');
+        this.#ch.send({ type: 'abort', code: 'ERR_DEST_QEMU_EXITED', reason: 'destination QEMU exited' }).catch(() => {});
+        void this.fence('destination-qemu-exited');
+      }
+    });
+    qemu.qmp.on('event', (name, data) => {
+      if (name === 'MIGRATION' && (data as { status?: string })?.status === 'completed') this.#qemuCompleted = true;
+    });
+    await qemu.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+    const uri = await this.#listen();
+    this.phase.to('incoming', { uri });
+    await this.#ch.send({ type: 'control', body: { kind: 'ready', uri } });
+
+    // Switchover: from the first instant the VM runs here, outputs are held (epoch 1).
+    await this.#waitRunning();
+    if (this.#stopped) return;
+    this.phase.to('running');
+    this.#lastAck = nowMs();
+    this.#fenceTimer = setInterval(() => this.#checkFence(), 50);
+
+    await this.#hashesDone.promise;
+    if (this.#stopped) return;
+    this.#tracker = await createTracker(vm.config.checkpoint.dirtyTracker, {
+      ramPath: vm.ramFile,
+      ramBytes: vm.ramBytes,
+      qemuPid: qemu.pid,
+    });
+    await this.#tracker.start(this.#table);
+    this.#log.info('dirty tracker started', { tracker: this.#tracker.kind });
+    if (this.#opts.faults.delayFirstCheckpointMs) await sleep(this.#opts.faults.delayFirstCheckpointMs);
+    await this.#epochLoop();
+  }
+
+  async #listen(): Promise<string> {
+    const { listenHost, portRange } = this.#opts.host.migration;
+    const qmp = this.vm.qemu!.qmp;
+    let lastErr: unknown;
+    for (let port = portRange[0]; port <= portRange[1]; port++) {
+      const uri = `tcp:${listenHost}:${port}`;
+      try {
+        await qmp.execute('migrate-incoming', { uri });
+        return uri;
+      } catch (e) {
+        lastErr = e;
+      }
+    }
+    throw new TetherError('ERR_NO_MIGRATION_PORT', `no free port for the incoming migration in ${portRange.join('-')}`, {
+      cause: errorFields(lastErr),
+    });
+  }
+
+  async #waitRunning(): Promise<void> {
+    const qmp = this.vm.qemu!.qmp;
+    while (!this.#stopped) {
+      const s = (await qmp.execute('query-status')) as { status: string };
+      if (s.status === 'running') return;
+      await sleep(10);
+    }
+  }
+
+  async #epochLoop(): Promise<void> {
+    const vm = this.vm;
+    const qmp = vm.qemu!.qmp;
+    const fd = await fs.open(vm.ramFile, 'r');
+    const devPath = path.join(vm.dir, 'devstate.out');
+    const interval = vm.config.checkpoint.intervalMs;
+    try {
+      for (let epoch = 1; !this.#stopped; epoch++) {
+        if (this.#inflight) await this.#inflight.acked.promise;
+        if (this.#stopped) return;
+        // The migration stream is complete once QEMU says so; the checkpoint
+        // taken after that is the last one. (The incoming side emits MIGRATION
+        // events only with the 'events' capability, so ask.)
+        if (!this.#qemuCompleted) {
+          const st = (await qmp.execute('query-migrate')) as { status?: string };
+          if (st.status === 'completed') this.#qemuCompleted = true;
+        }
+        const final = this.#qemuCompleted;
+
+        const t0 = nowMs();
+        await qmp.execute('stop');
+        const tStopped = nowMs();
+        const dirty = await this.#tracker!.collect();
+        const data = Buffer.allocUnsafe(dirty.length * PAGE_SIZE);
+        native.readPages(fd.fd, dirty, data);
+        const zero = new Uint8Array(dirty.length);
+        native.zeroMask(data, zero);
+        const t1 = nowMs();
+        await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
+        const devstate = await fs.readFile(devPath);
+        const disk = await this.#outputs.seal(epoch);
+        const t2 = nowMs();
+        await qmp.execute('cont');
+        const pauseMs = nowMs() - t0;
+
+        const acked = deferred<void>();
+        acked.promise.catch(() => {});
+        this.#inflight = { epoch, acked };
+        const bytes = await this.#sendCheckpoint(epoch, dirty, zero, data, devstate, disk);
+        this.#log.debug('checkpoint sent', {
+          epoch,
+          pages: dirty.length,
+          bytes,
+          pauseMs: +pauseMs.toFixed(2),
+          stopMs: +(tStopped - t0).toFixed(2),
+          collectMs: +(t1 - t0).toFixed(2),
+          saveMs: +(t2 - t1).toFixed(2),
+          sendMs: +(nowMs() - t0 - pauseMs).toFixed(2),
+        });
+        await this.#ch.send({
+          type: 'control',
+          body: { kind: 'epoch-stats', epoch, pauseMs, pages: dirty.length, bytes, collectMs: t1 - t0, saveMs: t2 - t1, tracker: this.#tracker!.kind },
+        });
+        if (final) {
+          await acked.promise;
+          if (this.#stopped) return;
+          this.#outputs.passThrough();
+          await this.#ch.send({ type: 'control', body: { kind: 'done', finalEpoch: epoch } });
+          this.#finishCompleted(epoch);
+          return;
+        }
+        await sleep(interval);
+      }
+    } finally {
+      await fd.close();
+    }
+  }
+
+  async #sendCheckpoint(
+    epoch: number,
+    pfns: Uint32Array,
+    zero: Uint8Array,
+    data: Buffer,
+    devstate: Buffer,
+    disk: { offset: number; data: Buffer }[],
+  ): Promise<number> {
+    const ch = this.#ch;
+    const digest = new CheckpointDigest();
+    const faults = this.#opts.faults;
+    let bytes = 0;
+    await ch.send({ type: 'begin', epoch });
+    // data holds every page; zero pages are left out of the wire form
+    for (let i = 0; i < pfns.length; i += PAGES_PER_MESSAGE) {
+      const n = Math.min(PAGES_PER_MESSAGE, pfns.length - i);
+      const z = zero.subarray(i, i + n);
+      const parts: Buffer[] = [];
+      for (let j = 0; j < n; j++) if (!z[j]) parts.push(data.subarray((i + j) * PAGE_SIZE, (i + j + 1) * PAGE_SIZE));
+      const msg: PagesMessage = { type: 'pages', epoch, pfns: pfns.subarray(i, i + n), zero: z, data: Buffer.concat(parts) };
+      digest.update(msg);
+      bytes += msg.data.length + n * 4;
+      if (faults.corruptEpoch === epoch) {
+        this.#log.warn('fault injection: corrupting checkpoint', { epoch });
+        await ch.sendInjected(msg, 'corrupt');
+        return bytes;
+      }
+      if (faults.truncateEpoch === epoch) {
+        this.#log.warn('fault injection: truncating checkpoint', { epoch });
+        await ch.sendInjected(msg, 'truncate');
+        return bytes;
+      }
+      await ch.send(msg);
+    }
+    for (const d of disk) {
+      const msg = { type: 'disk' as const, epoch, offset: d.offset, data: d.data };
+      digest.update(msg);
+      bytes += d.data.length;
+      await ch.send(msg);
+    }
+    const dev = { type: 'devstate' as const, epoch, data: devstate };
+    digest.update(dev);
+    bytes += devstate.length;
+    await ch.send(dev);
+    await ch.send({
+      type: 'commit',
+      epoch,
+      pages: pfns.length,
+      diskBytes: disk.reduce((s, d) => s + d.data.length, 0),
+      devstateBytes: devstate.length,
+      digest: digest.digest(),
+    });
+    return bytes;
+  }
+
+  #checkFence(): void {
+    if (this.#stopped) return;
+    const silent = nowMs() - this.#lastAck;
+    if (silent > this.vm.config.checkpoint.fenceTimeoutMs) {
+      void this.fence('no-ack', new TetherError('ERR_FENCED', `no ACK from the source for ${Math.round(silent)} ms`));
+    }
+  }
+
+  #finishCompleted(epoch: number): void {
+    this.#stopped = true;
+    clearInterval(this.#fenceTimer);
+    void this.#tracker?.close();
+    this.phase.to('completed', { finalEpoch: epoch });
+    this.vm.place = 'running';
+    this.#ch.close();
+    this.done.resolve('completed');
+  }
+
+  /** Stop the VM here for good and drop every held output; the source owns the VM. */
+  async fence(reason: string, err?: unknown): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    clearInterval(this.#fenceTimer);
+    this.#log.warn('fencing: stopping the VM here, dropping held outputs', { reason, ...(err ? { error: errorFields(err) } : {}) });
+    this.#outputs.discard();
+    this.#inflight?.acked.reject(new TetherError('ERR_FENCED', reason));
+    const q = this.vm.qemu;
+    if (q && !q.hasExited) {
+      await Promise.race([q.qmp.execute('stop').catch(() => {}), sleep(500)]);
+      await q.kill().catch(() => {});
+    }
+    await this.#tracker?.close().catch(() => {});
+    await this.vm.removeRam().catch(() => {});
+    this.vm.place = 'fenced';
+    if (this.phase.can('fenced')) this.phase.to('fenced', { reason });
+    this.#ch.close();
+    this.done.resolve('fenced');
+  }
+}

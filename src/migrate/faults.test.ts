@@ -1,0 +1,8 @@
+import t from 'tap';
+import { parseFaults } from './faults.ts';
+
+t.same(parseFaults(undefined), {});
+t.same(parseFaults('corrupt-epoch=5, delay-first-checkpoint-ms=100'), { corruptEpoch: 5, delayFirstCheckpointMs: 100 });
+t.throws(() => parseFaults('corupt-epoch=5'), { code: 'ERR_FAULTS_INVALID' });
+t.throws(() => parseFaults('corrupt-epoch=-1'), { code: 'ERR_FAULTS_INVALID' });
+t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });

@@ -1,0 +1,36 @@
+import { TetherError } from '../errors.ts';
+
+/**
+ * Fault injection for the netns harness and demos, from the daemon's
+ * environment: TETHER_FAULTS="corrupt-epoch=5,delay-first-checkpoint-ms=60000".
+ * Unknown names are refused so that a typo cannot silently test nothing.
+ *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
+ *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's PAGES frame
+ *   truncate-epoch=K             the destination sends half of checkpoint K, then drops the channel
+ */
+export interface Faults {
+  delayFirstCheckpointMs?: number;
+  corruptEpoch?: number;
+  truncateEpoch?: number;
+}
+
+const NAMES: Record<string, keyof Faults> = {
+  'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
+  'corrupt-epoch': 'corruptEpoch',
+  'truncate-epoch': 'truncateEpoch',
+};
+
+export function parseFaults(spec: string | undefined): Faults {
+  const out: Faults = {};
+  if (!spec) return out;
+  for (const part of spec.split(',').map((s) => s.trim()).filter(Boolean)) {
+    const [name, value] = part.split('=');
+    const key = NAMES[name ?? ''];
+    const n = Number(value);
+    if (!key || !Number.isInteger(n) || n < 0) {
+      throw new TetherError('ERR_FAULTS_INVALID', `TETHER_FAULTS: cannot parse '${part}' (known: ${Object.keys(NAMES).join(', ')})`);
+    }
+    out[key] = n;
+  }
+  return out;
+}

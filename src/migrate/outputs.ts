@@ -1,0 +1,28 @@
+/**
+ * The hook by which output commit (packet gate, block-write journal) joins the
+ * destination's epoch barrier. The epoch loop calls, in this order:
+ *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1;
+ *                returns the disk extents written in epoch k (sent inside checkpoint k)
+ *   release(k)   on ACK(k): everything of epochs <= k may leave the host
+ *   passThrough() after the final checkpoint of a completed migration
+ *   discard()    when the destination fences itself: held outputs never leave
+ */
+export interface DiskExtent {
+  offset: number;
+  data: Buffer;
+}
+
+export interface EpochOutputs {
+  seal(epoch: number): Promise<DiskExtent[]>;
+  release(epoch: number): void;
+  passThrough(): void;
+  discard(): void;
+}
+
+/** A VM with no gated devices (the memcheck guest): nothing to hold. */
+export const noOutputs: EpochOutputs = {
+  seal: async () => [],
+  release: () => {},
+  passThrough: () => {},
+  discard: () => {},
+};

@@ -1,0 +1,42 @@
+import { percentile } from '../util/time.ts';
+
+export type Outcome = 'completed' | 'rolled-back' | 'failed';
+
+export interface RollbackFigures {
+  reason: string;
+  /** Checkpoint the VM resumed from (0 = the source's own state at switchover; null = before switchover). */
+  epoch: number | null;
+  /** From the last message heard from the destination to the rollback decision. */
+  detectMs: number;
+  /** From the decision to the VM running again on the source (kill + start + load + announce). */
+  restoreMs: number;
+  killMs: number;
+  startMs: number;
+  announceMs: number;
+}
+
+export interface MigrationResult {
+  vm: string;
+  outcome: Outcome;
+  reason?: string;
+  error?: { code: string; message: string };
+  totalMs: number;
+  /** From the start to the moment the VM ran on the destination. */
+  switchoverMs: number | null;
+  checkpoints: number;
+  appliedEpoch: number | null;
+  tracker: string | null;
+  pauseMs: { p50: number; p99: number; max: number } | null;
+  checkpointBytes: { avg: number; p50: number; max: number; total: number } | null;
+  rollback?: RollbackFigures;
+}
+
+export function summarize(values: number[]): { p50: number; p99: number; max: number } | null {
+  if (values.length === 0) return null;
+  return { p50: round(percentile(values, 50)), p99: round(percentile(values, 99)), max: round(Math.max(...values)) };
+}
+
+export const round = (v: number, digits = 2): number => Math.round(v * 10 ** digits) / 10 ** digits;
+
+/** Exit codes of `tether migrate`: the contract scripts rely on. */
+export const EXIT = { completed: 0, usage: 2, rolledBack: 3, failed: 4 } as const;

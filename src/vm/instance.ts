@@ -1,0 +1,113 @@
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { HostConfig, VmConfig } from '../config/types.ts';
+import { TetherError } from '../errors.ts';
+import { QemuProcess } from '../qemu/process.ts';
+import type { Logger } from '../util/log.ts';
+
+export type VmPlace =
+  | 'stopped'
+  | 'running'
+  | 'migrating-out'
+  | 'migrating-in'
+  | 'rolling-back'
+  | 'fenced'
+  | 'gone';
+
+/**
+ * One VM on this host: its files and its current QEMU process. The RAM file
+ * outlives QEMU processes on purpose: rollback restarts QEMU over the same file.
+ */
+export class VmInstance {
+  readonly name: string;
+  readonly config: VmConfig;
+  readonly dir: string;
+  readonly ramFile: string;
+  /** Checkpoint stage, device states and the applied record: next to the RAM file, in
+   * the same durability domain (a restore needs both, and nothing else). */
+  readonly checkpointDir: string;
+  readonly qmpSocket: string;
+  readonly serialLog: string;
+  readonly qemuLog: string;
+  readonly log: Logger;
+  place: VmPlace = 'stopped';
+  qemu: QemuProcess | undefined;
+  /** Free-form facts shown by `tether status` (last migration outcome and figures). */
+  lastMigration: Record<string, unknown> | undefined;
+
+  constructor(host: HostConfig, config: VmConfig, log: Logger) {
+    this.name = config.name;
+    this.config = config;
+    this.dir = path.join(host.stateDir, config.name);
+    this.ramFile = path.join(host.ramDir, `${config.name}.ram`);
+    this.checkpointDir = path.join(host.ramDir, `${config.name}.ckpt`);
+    // unix socket paths are limited to 107 bytes: keep the QMP socket short-named
+    this.qmpSocket = path.join(this.dir, 'qmp.sock');
+    this.serialLog = path.join(this.dir, 'serial.log');
+    this.qemuLog = path.join(this.dir, 'qemu.log');
+    this.log = log.child({ vm: config.name });
+  }
+
+  get ramBytes(): number {
+    return this.config.memoryMiB * 1024 * 1024;
+  }
+
+  async prepareDirs(): Promise<void> {
+    await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(path.dirname(this.ramFile), { recursive: true, mode: 0o700 });
+  }
+
+  /** Fresh boot: a new RAM file, a new QEMU. */
+  async boot(): Promise<void> {
+    await this.prepareDirs();
+    await fs.rm(this.ramFile, { force: true });
+    await this.#start(undefined);
+    this.place = 'running';
+  }
+
+  /** Destination side: QEMU waiting for `migrate-incoming`. */
+  async startIncoming(): Promise<void> {
+    await this.prepareDirs();
+    await fs.rm(this.ramFile, { force: true });
+    await this.#start({ kind: 'defer' });
+    this.place = 'migrating-in';
+  }
+
+  /** Source rollback: a fresh QEMU over the same RAM file, loading device state only. */
+  async restoreFrom(devstatePath: string): Promise<void> {
+    await this.#start({ kind: 'exec-file', file: devstatePath });
+  }
+
+  async #start(incoming: { kind: 'defer' } | { kind: 'exec-file'; file: string } | undefined): Promise<void> {
+    if (this.qemu && !this.qemu.hasExited) {
+      throw new TetherError('ERR_VM_ALREADY_RUNNING', `VM ${this.name} already has a running QEMU (pid ${this.qemu.pid})`);
+    }
+    this.qemu = await QemuProcess.start({
+      vm: this.config,
+      ramFile: this.ramFile,
+      qmpSocket: this.qmpSocket,
+      serialLog: this.serialLog,
+      logFile: this.qemuLog,
+      ...(incoming ? { incoming } : {}),
+    });
+    this.log.info('qemu started', { pid: this.qemu.pid, incoming: incoming?.kind ?? 'none' });
+  }
+
+  async killQemu(): Promise<void> {
+    const q = this.qemu;
+    if (!q) return;
+    await q.kill();
+  }
+
+  async stopQemu(): Promise<void> {
+    const q = this.qemu;
+    if (!q) return;
+    await q.stop();
+  }
+
+  /** Drop the RAM file (after the VM moved away or was fenced). */
+  async removeRam(): Promise<void> {
+    await fs.rm(this.ramFile, { force: true });
+    await fs.rm(this.checkpointDir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (`npm test`): type check, unit tests, then the
+# network-namespace integration tests with real QEMU. Ends with one
+# "N passed, N failed" line over all test points.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+[ -e .cache/guest/current/initrd.img ] || tools/guest/build.sh >/dev/null || exit 1
+[ -e native/build/Release/tether_native.node ] || npm run --silent build:native || exit 1
+
+echo "== tsc --noEmit"
+npx tsc --noEmit || { echo "0 passed, 1 failed"; exit 1; }
+
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+status=0
+echo "== unit tests (src/)"
+npx tap --reporter=tap src 2>&1 | tee -a "$out" || status=1
+if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
+  echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
+  npx tap --reporter=tap --jobs=1 netns-tests 2>&1 | tee -a "$out" || status=1
+fi
+# Count leaf test points (indented "ok"/"not ok" lines inside subtests are the asserts).
+pass=$(grep -Ec '^\s*ok [0-9]+' "$out")
+fail=$(grep -Ec '^\s*not ok [0-9]+' "$out")
+echo "$pass passed, $fail failed"
+[ "$status" = 0 ] && [ "$fail" = 0 ]
