@@ -5,8 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-[ -e .cache/guest/current/initrd.img ] || tools/guest/build.sh >/dev/null || exit 1
-[ -e native/build/Release/tether_native.node ] || npm run --silent build:native || exit 1
+tools/bootstrap.sh || { echo "0 passed, 1 failed"; exit 1; }
 
 echo "== tsc --noEmit"
 npx tsc --noEmit || { echo "0 passed, 1 failed"; exit 1; }

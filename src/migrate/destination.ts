@@ -90,8 +90,11 @@ export class DestinationMigration {
         return;
       }
       case 'control': {
-        const c = asPeerControl(m.body);
-        if (c.kind === 'hashes-done') this.#hashesDone.resolve();
+        try {
+          if (asPeerControl(m.body).kind === 'hashes-done') this.#hashesDone.resolve();
+        } catch (e) {
+          void this.fence('bad-control-message', e);
+        }
         return;
       }
       case 'ack':
@@ -290,16 +293,6 @@ export class DestinationMigration {
       const msg: PagesMessage = { type: 'pages', epoch, pfns: pfns.subarray(i, i + n), zero: z, data: Buffer.concat(parts) };
       digest.update(msg);
       bytes += msg.data.length + n * 4;
-      if (faults.corruptEpoch === epoch) {
-        this.#log.warn('fault injection: corrupting checkpoint', { epoch });
-        await ch.sendInjected(msg, 'corrupt');
-        return bytes;
-      }
-      if (faults.truncateEpoch === epoch) {
-        this.#log.warn('fault injection: truncating checkpoint', { epoch });
-        await ch.sendInjected(msg, 'truncate');
-        return bytes;
-      }
       await ch.send(msg);
     }
     for (const d of disk) {
@@ -311,6 +304,13 @@ export class DestinationMigration {
     const dev = { type: 'devstate' as const, epoch, data: devstate };
     digest.update(dev);
     bytes += devstate.length;
+    // Fault injection hits DEVSTATE: every checkpoint has one, even with no dirty page.
+    const inject = faults.corruptEpoch === epoch ? 'corrupt' : faults.truncateEpoch === epoch ? 'truncate' : undefined;
+    if (inject) {
+      this.#log.warn(`fault injection: ${inject} checkpoint`, { epoch });
+      await ch.sendInjected(dev, inject);
+      return bytes;
+    }
     await ch.send(dev);
     await ch.send({
       type: 'commit',
@@ -349,6 +349,7 @@ export class DestinationMigration {
     this.#log.warn('fencing: stopping the VM here, dropping held outputs', { reason, ...(err ? { error: errorFields(err) } : {}) });
     this.#outputs.discard();
     this.#inflight?.acked.reject(new TetherError('ERR_FENCED', reason));
+    this.#hashesDone.resolve(); // unblock a run() still waiting for the baseline
     const q = this.vm.qemu;
     if (q && !q.hasExited) {
       await Promise.race([q.qmp.execute('stop').catch(() => {}), sleep(500)]);

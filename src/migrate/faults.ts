@@ -5,8 +5,8 @@ import { TetherError } from '../errors.ts';
  * environment: TETHER_FAULTS="corrupt-epoch=5,delay-first-checkpoint-ms=60000".
  * Unknown names are refused so that a typo cannot silently test nothing.
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
- *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's PAGES frame
- *   truncate-epoch=K             the destination sends half of checkpoint K, then drops the channel
+ *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
+ *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;

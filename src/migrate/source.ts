@@ -71,6 +71,8 @@ export class SourceMigration {
   #timers: NodeJS.Timeout[] = [];
   #controlWaiters = new Map<string, (c: PeerControl) => void>();
   #switchoverAt: number | null = null;
+  /** Set just before migrate-continue: from then on the source QEMU may have handed the VM over. */
+  #continued = false;
   #appliedEpoch: number | null = null;
   #pauses: number[] = [];
   #ckptBytes: number[] = [];
@@ -158,6 +160,7 @@ export class SourceMigration {
     await this.#store.init0(dev0);
     this.#appliedEpoch = 0;
     if (this.#decided) return;
+    this.#continued = true;
     await qmp.execute('migrate-continue', { state: 'pre-switchover' });
     this.#switchoverAt = nowMs();
     this.#lastHeard = nowMs();
@@ -299,7 +302,6 @@ export class SourceMigration {
     this.#stopTimers();
     const vm = this.#vm;
     vm.log.warn('rolling back', { reason, ...(err ? { error: errorFields(err) } : {}) });
-    const before = this.phase.state;
     this.phase.to('rolling-back', { reason });
     vm.place = 'rolling-back';
     this.#progress({ phase: 'rolling-back', reason });
@@ -313,7 +315,7 @@ export class SourceMigration {
 
     const figures: RollbackFigures = { reason, epoch: null, detectMs: round(detect), restoreMs: 0, killMs: 0, startMs: 0, announceMs: 0 };
     try {
-      if (before === 'connecting' || before === 'precopy') {
+      if (!this.#continued) {
         // Before switchover the source QEMU still owns the VM: cancel and carry on.
         await this.#cancelPrecopy();
       } else {

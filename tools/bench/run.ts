@@ -1,0 +1,21 @@
+/**
+ * Benchmark entry point: `npm run bench <name> [-- options]`
+ *
+ *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
+ *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
+ *
+ * Each benchmark reads its own options from process.argv.
+ */
+const BENCHES: Record<string, string> = {
+  scan: './scan.ts',
+  migrate: './migrate.ts',
+};
+
+const name = process.argv[2];
+if (name === undefined || !(name in BENCHES)) {
+  process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}> [-- options]\n`);
+  process.exit(2);
+}
+// The benchmark sees its own options only.
+process.argv.splice(2, 1);
+await import(BENCHES[name]!);
