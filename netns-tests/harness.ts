@@ -66,7 +66,7 @@ export class Cluster {
 
   constructor(readonly opts: ClusterOptions = {}) {
     const n = (process.pid % 200) + ++counter;
-    this.id = `tt${process.pid % 100000}x${counter}`;
+    this.id = `tt${process.pid}x${counter}`;
     this.dir = fs.mkdtempSync(`/tmp/tether-${this.id}-`);
     const mk = (role: Host['role'], suffix: string, addr: string): Host => ({
       role,
@@ -90,6 +90,7 @@ export class Cluster {
   }
 
   async up(): Promise<void> {
+    sweepStale();
     live.add(this);
     const { src, dst, id } = this;
     sh('ip', ['netns', 'add', src.ns]);
@@ -134,8 +135,8 @@ export class Cluster {
         `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}"`,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,
-        `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 3000}`,
-        `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 1500}`,
+        `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 8000}`,
+        `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
         `migration:`,
         `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
         '',
@@ -252,6 +253,38 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
 process.once('exit', () => {
   for (const c of live) c.cleanupSync();
 });
+
+/**
+ * Remove what an earlier run left behind when it was killed too hard to clean
+ * up (SIGKILL): namespaces, QEMU processes and RAM files named after a test
+ * process that no longer exists.
+ */
+export function sweepStale(): void {
+  const owners = new Set<string>();
+  for (const line of sh('ip', ['netns', 'list'], { allowFail: true }).split('\n')) {
+    const m = /^(tt(\d+)x\d+)[sd]\b/.exec(line);
+    if (m && !pidAlive(Number(m[2]))) owners.add(m[1]!);
+  }
+  for (const f of fs.readdirSync('/dev/shm')) {
+    const m = /^tether-(tt(\d+)x\d+)$/.exec(f);
+    if (m && !pidAlive(Number(m[2]))) owners.add(m[1]!);
+  }
+  for (const id of owners) {
+    sh('pkill', ['-9', '-f', `tether-${id}-.*/[sd]\\.yaml`], { allowFail: true }); // daemons
+    sh('pkill', ['-9', '-f', `qemu-system.*tether-${id}[-/]`], { allowFail: true });
+    for (const suffix of ['s', 'd']) sh('ip', ['netns', 'del', `${id}${suffix}`], { allowFail: true });
+    fs.rmSync(`/dev/shm/tether-${id}`, { recursive: true, force: true });
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 function waitExit(p: ChildProcess, ms: number): Promise<void> {
   return new Promise((resolve) => {

@@ -1,11 +1,11 @@
 import t from 'tap';
-import { sh } from './harness.ts';
+import { fileSize, waitPasses } from './harness.ts';
 import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 t.test('kill -9 of the destination QEMU mid post-copy: the VM resumes on the source', async (t) => {
   const c = await bootCluster(t);
   const migrating = c.migrate();
-  await waitApplied(c, 3);
+  await waitApplied(c, 3, migrating);
   const d = await c.status(c.dst);
   t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
   process.kill(d.pid, 'SIGKILL');
@@ -15,7 +15,7 @@ t.test('kill -9 of the destination QEMU mid post-copy: the VM resumes on the sou
 t.test('migration link cut mid post-copy: the VM resumes on the source', async (t) => {
   const c = await bootCluster(t);
   const migrating = c.migrate();
-  await waitApplied(c, 3);
+  await waitApplied(c, 3, migrating);
   c.linkDown();
   const mig = await migrating;
   t.equal(mig.result?.reason, 'lease-expired', 'detected by the lease');
@@ -25,7 +25,7 @@ t.test('migration link cut mid post-copy: the VM resumes on the source', async (
 t.test('nftables drop between the hosts mid post-copy: the VM resumes on the source', async (t) => {
   const c = await bootCluster(t);
   const migrating = c.migrate();
-  await waitApplied(c, 3);
+  await waitApplied(c, 3, migrating);
   c.nftDrop();
   await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
 });
@@ -33,7 +33,7 @@ t.test('nftables drop between the hosts mid post-copy: the VM resumes on the sou
 t.test('tether abort mid post-copy, then migrating again completes', async (t) => {
   const c = await bootCluster(t);
   const migrating = c.migrate();
-  await waitApplied(c, 3);
+  await waitApplied(c, 3, migrating);
   const a = await c.tether(c.src, ['abort', c.vmName]);
   t.equal(a.code, 0, `abort accepted: ${a.stderr}`);
   const mig = await migrating;
@@ -45,5 +45,6 @@ t.test('tether abort mid post-copy, then migrating again completes', async (t) =
   t.equal(again.result?.outcome, 'completed');
   const s = await c.status(c.dst);
   t.equal(s.state, 'running', 'VM runs on the destination after the second migration');
-  sh('true', []);
+  const rep = await waitPasses(c.serialLog(c.dst), fileSize(c.serialLog(c.dst)), 2, 'on the destination after the second migration');
+  t.same(rep.corrupt, [], 'no CORRUPT on the destination after the second migration');
 });

@@ -17,11 +17,17 @@ export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<C
   return c;
 }
 
-/** Wait until the source has applied (and acked) checkpoint `epoch`. */
-export async function waitApplied(c: Cluster, epoch: number): Promise<void> {
+/**
+ * Wait until the source has applied (and acked) checkpoint `epoch` of the
+ * migration `migrating`; fails if that migration ends first.
+ */
+export async function waitApplied(c: Cluster, epoch: number, migrating: Promise<unknown>): Promise<void> {
+  let ended = false;
+  void migrating.finally(() => (ended = true));
   await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before checkpoint ${epoch} was applied: ${JSON.stringify(await migrating)}`);
     const s = await c.status(c.src);
-    return (s.migration?.appliedEpoch ?? -1) >= epoch || s.state !== 'migrating-out';
+    return (s.migration?.appliedEpoch ?? -1) >= epoch;
   }, `checkpoint ${epoch} applied on the source`);
 }
 

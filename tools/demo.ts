@@ -6,7 +6,8 @@
  * the last acknowledged checkpoint and memcheck keeps passing. Then the same
  * VM migrates again and completes.
  */
-import { Cluster, fileSize, memcheck, waitFor, waitPasses } from '../netns-tests/harness.ts';
+import { Cluster, fileSize, memcheck, waitPasses } from '../netns-tests/harness.ts';
+import { waitApplied } from '../netns-tests/scenarios.ts';
 
 const say = (s: string) => process.stdout.write(`\n\x1b[1m== ${s}\x1b[0m\n`);
 const line = (s: string) => process.stdout.write(`   ${s}\n`);
@@ -27,7 +28,7 @@ async function main(): Promise<number> {
 
     say('migrating with post-copy; the destination streams checkpoints back to the source');
     const migrating = c.migrate();
-    await waitFor(async () => ((await c.status(c.src)).migration?.appliedEpoch ?? -1) >= 5, 'checkpoint 5');
+    await waitApplied(c, 5, migrating);
     const d = await c.status(c.dst);
     const s = await c.status(c.src);
     line(`VM runs on the destination (QEMU pid ${d.pid}, state ${d.state}); checkpoint ${s.migration?.appliedEpoch} acknowledged`);

@@ -60,7 +60,10 @@ export class Daemon {
     this.#control?.close();
     this.#peer?.close();
     for (const d of this.#incoming.values()) await d.fence('daemon-shutdown').catch(() => {});
-    for (const vm of this.vms.values()) await vm.stopQemu().catch(() => {});
+    for (const vm of this.vms.values()) {
+      vm.place = 'stopped';
+      await vm.stopQemu().catch(() => {});
+    }
     await fs.rm(this.host.controlSocket, { force: true });
   }
 
@@ -122,9 +125,9 @@ export class Daemon {
       case 'vm.stop': {
         const vm = this.#vm(vmName());
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is migrating; abort first`);
+        vm.place = 'stopped';
         await vm.stopQemu();
         await vm.removeRam();
-        vm.place = 'stopped';
         return this.#status(vm);
       }
       case 'status': {
@@ -225,6 +228,7 @@ export class Daemon {
           host: this.host,
           channel: ch,
           vmConfig: cfg,
+          sendConfiguration: c.sendConfiguration,
           log: this.log,
           faults: this.#faults,
           onInstance: (vm) => this.vms.set(vm.name, vm),

@@ -3,14 +3,15 @@ import { TetherError } from '../errors.ts';
 
 /**
  * CONTROL bodies on the peer channel (JSON). `kind` discriminates.
- *   S -> D  prepare        {vm}                    start an incoming QEMU for this VM
+ *   S -> D  prepare        {vm, sendConfiguration} start an incoming QEMU for this VM (expecting
+ *                                                  the stream's configuration section or not)
  *   D -> S  ready          {uri}                   where S's QEMU sends the migration stream
  *   S -> D  hashes-done    {pages}                 all HASHES sent (checkpoint 0 baseline)
  *   D -> S  epoch-stats    {epoch, pauseMs, ...}   figures of checkpoint `epoch`, after its COMMIT
  *   D -> S  done           {finalEpoch}            post-copy completed and the final checkpoint is acked
  */
 export type PeerControl =
-  | { kind: 'prepare'; vm: VmConfig }
+  | { kind: 'prepare'; vm: VmConfig; sendConfiguration: boolean }
   | { kind: 'ready'; uri: string }
   | { kind: 'hashes-done'; pages: number }
   | { kind: 'epoch-stats'; epoch: number; pauseMs: number; pages: number; bytes: number; collectMs: number; saveMs: number; tracker: string }
@@ -26,6 +27,7 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
   switch (kind) {
     case 'prepare':
       if (typeof body.vm !== 'object' || body.vm === null) throw new TetherError('ERR_PEER_CONTROL', 'prepare: vm missing');
+      if (typeof body.sendConfiguration !== 'boolean') throw new TetherError('ERR_PEER_CONTROL', 'prepare: sendConfiguration missing');
       break;
     case 'ready':
       if (typeof body.uri !== 'string') throw new TetherError('ERR_PEER_CONTROL', 'ready: uri missing');

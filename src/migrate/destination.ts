@@ -36,6 +36,8 @@ export interface DestinationOptions {
   host: HostConfig;
   channel: PeerChannel;
   vmConfig: VmConfig;
+  /** False when the source QEMU's stream carries no configuration section. */
+  sendConfiguration: boolean;
   log: Logger;
   faults: Faults;
   outputs?: EpochOutputs;
@@ -138,7 +140,7 @@ export class DestinationMigration {
 
   async #run(): Promise<void> {
     const vm = this.vm;
-    await vm.startIncoming();
+    await vm.startIncoming(this.#opts.sendConfiguration);
     this.#opts.onInstance?.(vm);
     const qemu = vm.qemu!;
     qemu.exited.then(() => {

@@ -126,7 +126,7 @@ export class SourceMigration {
     ch.start();
     if (ch.closed) throw new TetherError('ERR_PEER_CLOSED', 'peer closed the channel right after the handshake');
 
-    await ch.send({ type: 'control', body: { kind: 'prepare', vm: vm.config } });
+    await ch.send({ type: 'control', body: { kind: 'prepare', vm: vm.config, sendConfiguration: vm.sendConfiguration } });
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     vm.log.info('destination ready', { uri: ready.uri });

@@ -32,6 +32,14 @@ export class VmInstance {
   readonly log: Logger;
   place: VmPlace = 'stopped';
   qemu: QemuProcess | undefined;
+  /**
+   * Whether this VM's QEMU sends the migration stream's configuration section.
+   * A QEMU restored from a device-state file runs with
+   * `migration.send-configuration=off` (the file has no such section), and that
+   * property cannot be changed at run time: its outgoing streams then lack the
+   * section, so the next destination must not expect one either.
+   */
+  sendConfiguration = true;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
 
@@ -66,9 +74,10 @@ export class VmInstance {
   }
 
   /** Destination side: QEMU waiting for `migrate-incoming`. */
-  async startIncoming(): Promise<void> {
+  async startIncoming(sendConfiguration = true): Promise<void> {
     await this.prepareDirs();
     await fs.rm(this.ramFile, { force: true });
+    this.sendConfiguration = sendConfiguration;
     await this.#start({ kind: 'defer' });
     this.place = 'migrating-in';
   }
@@ -76,14 +85,19 @@ export class VmInstance {
   /** Source rollback: a fresh QEMU over the same RAM file, loading device state only. */
   async restoreFrom(devstatePath: string): Promise<void> {
     await this.#start({ kind: 'exec-file', file: devstatePath });
+    this.sendConfiguration = false;
   }
 
   async #start(incoming: { kind: 'defer' } | { kind: 'exec-file'; file: string } | undefined): Promise<void> {
     if (this.qemu && !this.qemu.hasExited) {
       throw new TetherError('ERR_VM_ALREADY_RUNNING', `VM ${this.name} already has a running QEMU (pid ${this.qemu.pid})`);
     }
+    const vm =
+      incoming?.kind === 'defer' && !this.sendConfiguration
+        ? { ...this.config, qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] } }
+        : this.config;
     this.qemu = await QemuProcess.start({
-      vm: this.config,
+      vm,
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
@@ -91,6 +105,15 @@ export class VmInstance {
       ...(incoming ? { incoming } : {}),
     });
     this.log.info('qemu started', { pid: this.qemu.pid, incoming: incoming?.kind ?? 'none' });
+    const q = this.qemu;
+    // Supervision: a QEMU that dies on its own while the VM is simply running here
+    // leaves the VM stopped (migrations watch their own QEMU and decide themselves).
+    void q.exited.then((st) => {
+      if (this.qemu === q && this.place === 'running') {
+        this.place = 'stopped';
+        this.log.error('qemu exited unexpectedly', { pid: q.pid, code: st.code, signal: st.signal, stderr: q.stderrTail() });
+      }
+    });
   }
 
   async killQemu(): Promise<void> {

@@ -1,0 +1,757 @@
+/**
+ * Migration benchmark: `npm run bench migrate [-- options]`
+ *
+ * One run, three parts, each in its own two-namespace Cluster (netns-tests/harness.ts:
+ * real QEMU TCG, memcheck guest, a tether daemon per namespace):
+ *
+ *  1. tether migration that completes: per-checkpoint VM pause p50/p99, bytes per
+ *     checkpoint, number of checkpoints, total and switchover time (from
+ *     `tether migrate --json`), plus the destination's per-checkpoint log records.
+ *  2. vanilla QEMU post-copy of the same VM config, QEMU started directly (no tether) in
+ *     the two namespaces: caps postcopy-ram, migrate-incoming, migrate,
+ *     migrate-start-postcopy at once; timed from `migrate` to the source's query-migrate
+ *     status `completed`.
+ *  3. rollback: tether migrations interrupted mid post-copy (once >= N checkpoints are
+ *     applied) by `tether abort`, by kill -9 of the destination QEMU and by taking the link
+ *     down (lease expiry), each on a freshly booted VM; result.rollback figures.
+ *
+ * Every serial log is checked for memcheck CORRUPT lines. Prints a table and writes
+ * bench-results/migrate.json (+ logs under bench-results/migrate-logs/).
+ *
+ * Options (defaults):
+ *   --memcheck-mb 256        memcheck buffer in the 512 MiB guest
+ *   --memcheck-rate 0        memcheck MB/s (0 = unthrottled: the whole buffer every pass)
+ *   --interval-ms 50         checkpoint interval
+ *   --bandwidth-mib 16       QEMU max-bandwidth (pre- and post-copy), MiB/s, for the
+ *                            completing runs, the same for tether and vanilla (0 = QEMU default)
+ *   --rollback-bandwidth-mib 16   the same for the interrupted runs
+ *   --interrupt-epoch 3      interrupt once this checkpoint is applied on the source
+ *   --passes 2               memcheck passes to wait for before each migration / after it
+ *   --only tether,vanilla,rollback   run a subset
+ */
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Cluster, fileSize, memcheck, qemuAlive, ROOT, waitFor, waitPasses, type Host } from '../../netns-tests/harness.ts';
+import { loadVmConfig } from '../../src/config/load.ts';
+import type { VmConfig } from '../../src/config/types.ts';
+import { callDaemon } from '../../src/control/client.ts';
+import type { MigrationResult } from '../../src/migrate/result.ts';
+import { buildQemuArgs, type QemuIncoming } from '../../src/qemu/cmdline.ts';
+import { QmpClient } from '../../src/qmp/client.ts';
+
+// ------------------------------------------------------------------ options
+
+function num(name: string, def: number): number {
+  const i = process.argv.indexOf(`--${name}`);
+  if (i < 0) return def;
+  const v = Number(process.argv[i + 1]);
+  if (!Number.isFinite(v) || v < 0) throw new Error(`--${name} needs a number >= 0`);
+  return v;
+}
+function str(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i < 0 ? def : (process.argv[i + 1] ?? def);
+}
+
+const MiB = 1024 * 1024;
+const opt = {
+  memcheckMB: num('memcheck-mb', 256),
+  memcheckRate: num('memcheck-rate', 0),
+  intervalMs: num('interval-ms', 50),
+  bandwidthMiB: num('bandwidth-mib', 16),
+  rollbackBandwidthMiB: num('rollback-bandwidth-mib', 16),
+  interruptEpoch: num('interrupt-epoch', 3),
+  passes: num('passes', 2),
+  only: new Set(str('only', 'tether,vanilla,rollback').split(',')),
+};
+const OUT_DIR = path.join(ROOT, 'bench-results');
+const LOG_DIR = path.join(OUT_DIR, 'migrate-logs');
+const VANILLA_PORT = 49_200;
+/** Deadlines only keep a broken run from hanging; they are not performance limits. */
+const MIGRATE_DEADLINE_MS = 900_000;
+
+const now = (): number => performance.now();
+const r2 = (v: number): number => Math.round(v * 100) / 100;
+
+function clusterOpts(bandwidthMiB: number) {
+  return {
+    vm: {
+      memcheckMiB: opt.memcheckMB,
+      memcheckMBps: opt.memcheckRate,
+      intervalMs: opt.intervalMs,
+      maxBandwidth: Math.round(bandwidthMiB * MiB),
+    },
+  };
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
+function log(s: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 23)}] ${s}\n`);
+}
+
+// ------------------------------------------------------------------ log helpers
+
+type Rec = Record<string, any>;
+
+/** JSON records of a daemon log from byte `from` on. */
+function records(file: string, from = 0): Rec[] {
+  let text = '';
+  try {
+    text = fs.readFileSync(file).subarray(from).toString('utf8');
+  } catch {
+    return [];
+  }
+  const out: Rec[] = [];
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    try {
+      out.push(JSON.parse(line) as Rec);
+    } catch {
+      /* a partial last line */
+    }
+  }
+  return out;
+}
+
+interface LogDigest {
+  /** Per-checkpoint records the destination logged ("checkpoint sent"). */
+  checkpoints: { epoch: number; pages: number; bytes: number; pauseMs: number; collectMs: number; saveMs: number; sendMs: number }[];
+  /** State-machine transitions on both hosts, ms since `t0` (wall clock). */
+  phases: { host: string; atMs: number; msg: string }[];
+  /** warn/error messages on both hosts, counted. */
+  warnings: Record<string, number>;
+  fences: { host: string; reason: string }[];
+}
+
+function digestLogs(c: Cluster, offsets: { src: number; dst: number }, t0Wall: number): LogDigest {
+  const d: LogDigest = { checkpoints: [], phases: [], warnings: {}, fences: [] };
+  for (const [h, from] of [[c.src, offsets.src], [c.dst, offsets.dst]] as const) {
+    for (const r of records(h.daemonLog, from)) {
+      const at = Date.parse(String(r.t)) - t0Wall;
+      if (r.msg === 'checkpoint sent') {
+        d.checkpoints.push({
+          epoch: r.epoch,
+          pages: r.pages,
+          bytes: r.bytes,
+          pauseMs: r.pauseMs,
+          collectMs: r.collectMs,
+          saveMs: r.saveMs,
+          sendMs: r.sendMs,
+        });
+      }
+      if (typeof r.msg === 'string' && / -> /.test(r.msg)) d.phases.push({ host: h.name, atMs: at, msg: r.msg });
+      if (r.level === 'warn' || r.level === 'error') {
+        const k = `${h.name} ${r.level}: ${r.msg}`;
+        d.warnings[k] = (d.warnings[k] ?? 0) + 1;
+      }
+      if (typeof r.msg === 'string' && r.msg.startsWith('fencing')) d.fences.push({ host: h.name, reason: String(r.reason) });
+    }
+  }
+  return d;
+}
+
+function keepLogs(c: Cluster, label: string, extra: string[] = []): void {
+  const dir = path.join(LOG_DIR, label);
+  if (label !== 'vanilla') fs.rmSync(dir, { recursive: true, force: true }); // vanilla/ holds the QEMU files
+  fs.mkdirSync(dir, { recursive: true });
+  const files: [string, string][] = [
+    [c.src.daemonLog, 'daemon-s.log'],
+    [c.dst.daemonLog, 'daemon-d.log'],
+    [c.serialLog(c.src), 'serial-s.log'],
+    [c.serialLog(c.dst), 'serial-d.log'],
+    ...extra.map((f): [string, string] => [f, path.relative(c.dir, f).replaceAll('/', '_')]),
+  ];
+  for (const [from, name] of files) {
+    try {
+      fs.copyFileSync(from, path.join(dir, name));
+    } catch {
+      /* not created in this scenario */
+    }
+  }
+}
+
+interface CorruptCheck {
+  log: string;
+  passes: number;
+  corrupt: number;
+  firstCorrupt?: string;
+}
+function corruptCheck(label: string, file: string): CorruptCheck {
+  const m = memcheck(file);
+  return { log: label, passes: m.passes.length, corrupt: m.corrupt.length, ...(m.corrupt[0] ? { firstCorrupt: m.corrupt[0] } : {}) };
+}
+
+async function status(c: Cluster, h: Host): Promise<Rec> {
+  try {
+    return (await callDaemon(h.socket, 'status', { vm: c.vmName })) as Rec;
+  } catch (e) {
+    return { state: 'absent', error: (e as Error).message };
+  }
+}
+
+async function bootVm(c: Cluster): Promise<number> {
+  const t0 = now();
+  await c.up();
+  const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
+  if (r.code !== 0) throw new Error(`tether vm start failed: ${r.stderr}`);
+  const rep = await waitPasses(c.serialLog(c.src), 0, opt.passes, 'on the source after boot');
+  if (rep.corrupt.length) throw new Error(`memcheck CORRUPT before migrating: ${rep.corrupt[0]}`);
+  return r2(now() - t0);
+}
+
+async function waitNotRunningOn(c: Cluster, h: Host): Promise<void> {
+  await waitFor(
+    async () => {
+      const s = await status(c, h);
+      return s.state !== 'running' && s.state !== 'migrating-in';
+    },
+    `VM stopped on ${h.name}`,
+    60_000,
+  );
+}
+
+// ------------------------------------------------------------------ 1. tether, completing
+
+interface TetherComplete {
+  bandwidthMiB: number;
+  bootMs: number;
+  exitCode: number | null;
+  /** Wall time of the `tether migrate --json` CLI (includes Node start of the CLI). */
+  cliWallMs: number;
+  result: MigrationResult | null;
+  digest: LogDigest;
+  /** memcheck passes completed on the destination after the migration. */
+  passesAfter: number[];
+  memcheck: CorruptCheck[];
+  error?: string;
+}
+
+async function benchTetherComplete(): Promise<TetherComplete> {
+  const c = new Cluster(clusterOpts(opt.bandwidthMiB));
+  const out: TetherComplete = {
+    bandwidthMiB: opt.bandwidthMiB,
+    bootMs: 0,
+    exitCode: null,
+    cliWallMs: 0,
+    result: null,
+    digest: { checkpoints: [], phases: [], warnings: {}, fences: [] },
+    passesAfter: [],
+    memcheck: [],
+  };
+  try {
+    log('tether (completing): booting the VM');
+    out.bootMs = await bootVm(c);
+    const offsets = { src: fileSize(c.src.daemonLog), dst: fileSize(c.dst.daemonLog) };
+    const from = fileSize(c.serialLog(c.src));
+    await waitPasses(c.serialLog(c.src), from, opt.passes, 'before the tether migration');
+    log('tether (completing): migrating');
+    const t0Wall = Date.now();
+    const t0 = now();
+    const mig = await withTimeout(c.migrate(), MIGRATE_DEADLINE_MS, 'tether migrate');
+    out.cliWallMs = r2(now() - t0);
+    out.exitCode = mig.code;
+    out.result = mig.result as MigrationResult | null;
+    if (mig.code !== 0) out.error = `tether migrate exit ${mig.code}: ${mig.stderr.slice(-1500)}`;
+    log(`tether (completing): ${out.result?.outcome ?? 'no result'} in ${out.result?.totalMs ?? '?'} ms`);
+    if (mig.code === 0) {
+      const dstFrom = fileSize(c.serialLog(c.dst));
+      const rep = await waitPasses(c.serialLog(c.dst), dstFrom, opt.passes, 'on the destination after the tether migration');
+      out.passesAfter = rep.passes;
+    }
+    await sleep(300); // let the daemons flush their last log lines
+    out.digest = digestLogs(c, offsets, t0Wall);
+  } catch (e) {
+    out.error = (e as Error).stack ?? String(e);
+    log(`tether (completing) failed: ${(e as Error).message}`);
+  } finally {
+    out.memcheck = [corruptCheck('tether source serial', c.serialLog(c.src)), corruptCheck('tether destination serial', c.serialLog(c.dst))];
+    keepLogs(c, 'tether-complete');
+    await c.cleanup();
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ 2. vanilla QEMU post-copy
+
+interface VQemu {
+  label: string;
+  child: ChildProcess;
+  pid: number;
+  qmp: QmpClient;
+  serialLog: string;
+  logFile: string;
+  qmpSocket: string;
+  exited: Promise<void>;
+}
+
+/**
+ * QemuProcess has no network-namespace support (QemuStartOptions.netns is a placeholder),
+ * so spawn `ip netns exec <ns> setpriv --pdeathsig SIGKILL -- qemu …` (both exec: the pid
+ * is QEMU's) with the same command line tether builds, and talk QMP on its socket.
+ * Paths live under the cluster's dirs, so Cluster.cleanup() also kills/removes them.
+ */
+async function startVanillaQemu(c: Cluster, h: Host, vm: VmConfig, label: string, incoming?: QemuIncoming): Promise<VQemu> {
+  // Serial log, QEMU log and QMP socket under bench-results/ (kept as the run's logs), not
+  // under the cluster's /tmp dir: in the first run that dir vanished mid-run (removed from
+  // outside). The RAM file stays under /dev/shm/tether-<id>/ so Cluster.cleanup() finds it.
+  const dir = path.join(LOG_DIR, 'vanilla', label);
+  fs.rmSync(dir, { recursive: true, force: true });
+  const ramDir = `/dev/shm/tether-${c.id}/vanilla`;
+  fs.mkdirSync(dir, { recursive: true });
+  fs.mkdirSync(ramDir, { recursive: true });
+  const paths = { ramFile: path.join(ramDir, `${label}.ram`), qmpSocket: path.join(dir, 'qmp.sock'), serialLog: path.join(dir, 'serial.log') };
+  fs.rmSync(paths.ramFile, { force: true });
+  fs.rmSync(paths.qmpSocket, { force: true });
+  const logFile = path.join(dir, 'qemu.log');
+  const fd = fs.openSync(logFile, 'a');
+  const argv = ['netns', 'exec', h.ns, 'setpriv', '--pdeathsig', 'SIGKILL', '--', vm.qemu.binary, ...buildQemuArgs(vm, paths, incoming)];
+  const child = spawn('ip', argv, { stdio: ['ignore', fd, fd] });
+  fs.closeSync(fd);
+  const exited = new Promise<void>((resolve) => {
+    child.once('exit', () => resolve());
+    child.once('error', () => resolve());
+  });
+  const ac = new AbortController();
+  void exited.then(() => ac.abort());
+  let qmp: QmpClient;
+  try {
+    qmp = await QmpClient.connect(paths.qmpSocket, { retryUntilMs: 30_000, timeoutMs: 30_000, signal: ac.signal });
+  } catch (e) {
+    child.kill('SIGKILL');
+    let tail = '';
+    try {
+      tail = fs.readFileSync(logFile, 'utf8').slice(-1500);
+    } catch {
+      /* none */
+    }
+    throw new Error(`vanilla QEMU ${label} did not start: ${(e as Error).message} ${tail}`);
+  }
+  return { label, child, pid: child.pid ?? -1, qmp, serialLog: paths.serialLog, logFile, qmpSocket: paths.qmpSocket, exited };
+}
+
+async function killVanilla(q: VQemu | undefined): Promise<void> {
+  if (!q) return;
+  await q.qmp.close().catch(() => {});
+  if (q.child.exitCode === null && q.child.signalCode === null) q.child.kill('SIGKILL');
+  await Promise.race([q.exited, sleep(5000)]);
+  fs.rmSync(q.qmpSocket, { force: true });
+}
+
+interface VanillaResult {
+  bandwidthMiB: number;
+  bootMs: number;
+  /** Destination QEMU spawn → QMP up, caps set, migrate-incoming listening. */
+  destinationSetupMs: number;
+  /** `migrate` sent → source query-migrate `completed` (polled every 10 ms). */
+  totalMs: number;
+  /** destinationSetupMs + totalMs: closer to what tether's totalMs includes. */
+  totalInclDestinationSetupMs: number;
+  /** `migrate` sent → first source query-migrate `postcopy-active`. */
+  switchoverMs: number | null;
+  /** `migrate` sent → destination query-status `running`. */
+  destinationRunningMs: number | null;
+  /** `migrate` sent → destination query-migrate `completed`. */
+  destinationCompletedMs: number | null;
+  /** QEMU's own final query-migrate on the source. */
+  qemuStats: Rec | null;
+  passesAfter: number[];
+  memcheck: CorruptCheck[];
+  error?: string;
+}
+
+async function benchVanilla(): Promise<VanillaResult> {
+  const c = new Cluster(clusterOpts(opt.bandwidthMiB));
+  const out: VanillaResult = {
+    bandwidthMiB: opt.bandwidthMiB,
+    bootMs: 0,
+    destinationSetupMs: 0,
+    totalMs: 0,
+    totalInclDestinationSetupMs: 0,
+    switchoverMs: null,
+    destinationRunningMs: null,
+    destinationCompletedMs: null,
+    qemuStats: null,
+    passesAfter: [],
+    memcheck: [],
+  };
+  let src: VQemu | undefined;
+  let dst: VQemu | undefined;
+  try {
+    await c.up(); // the daemons stay idle: only the namespaces and the VM YAML are used
+    const vm = loadVmConfig(c.vmConfig);
+    const bw = vm.migration.maxBandwidth;
+    log('vanilla: booting the VM (QEMU directly, source namespace)');
+    const tb = now();
+    src = await startVanillaQemu(c, c.src, vm, 'src');
+    const rep0 = await waitPasses(src.serialLog, 0, opt.passes, 'on the vanilla source after boot');
+    if (rep0.corrupt.length) throw new Error(`memcheck CORRUPT before migrating: ${rep0.corrupt[0]}`);
+    out.bootMs = r2(now() - tb);
+    const from = fileSize(src.serialLog);
+    await waitPasses(src.serialLog, from, opt.passes, 'before the vanilla migration');
+
+    log('vanilla: destination QEMU -incoming defer');
+    const td = now();
+    dst = await startVanillaQemu(c, c.dst, vm, 'dst', { kind: 'defer' });
+    const caps = { capabilities: [{ capability: 'postcopy-ram', state: true }] };
+    await dst.qmp.execute('migrate-set-capabilities', caps);
+    const uri = `tcp:${c.dst.addr}:${VANILLA_PORT}`;
+    await dst.qmp.execute('migrate-incoming', { uri });
+    out.destinationSetupMs = r2(now() - td);
+    await src.qmp.execute('migrate-set-capabilities', caps);
+    if (bw > 0) await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
+
+    log('vanilla: migrate + migrate-start-postcopy');
+    const t0 = now();
+    await src.qmp.execute('migrate', { uri });
+    await src.qmp.execute('migrate-start-postcopy');
+    const deadline = Date.now() + MIGRATE_DEADLINE_MS;
+    const d = dst;
+    // Destination watcher: running (post-copy switchover seen from D) and completed.
+    let stopWatch = false;
+    const watch = (async () => {
+      while (!stopWatch && (out.destinationRunningMs === null || out.destinationCompletedMs === null)) {
+        try {
+          if (out.destinationRunningMs === null) {
+            const s = (await d.qmp.execute('query-status')) as { status: string };
+            if (s.status === 'running') out.destinationRunningMs = r2(now() - t0);
+          }
+          if (out.destinationCompletedMs === null) {
+            const m = (await d.qmp.execute('query-migrate')) as { status?: string };
+            if (m.status === 'completed') out.destinationCompletedMs = r2(now() - t0);
+          }
+        } catch {
+          return;
+        }
+        await sleep(10);
+      }
+    })();
+    for (;;) {
+      const m = (await src.qmp.execute('query-migrate')) as Rec;
+      if (m.status === 'postcopy-active' && out.switchoverMs === null) out.switchoverMs = r2(now() - t0);
+      if (m.status === 'completed') {
+        out.totalMs = r2(now() - t0);
+        out.qemuStats = m;
+        break;
+      }
+      if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`vanilla migration ${m.status}: ${m['error-desc'] ?? ''}`);
+      if (Date.now() > deadline) throw new Error('vanilla migration did not complete');
+      await sleep(10);
+    }
+    out.totalInclDestinationSetupMs = r2(out.destinationSetupMs + out.totalMs);
+    log(`vanilla: completed in ${out.totalMs} ms`);
+    await waitFor(() => out.destinationCompletedMs !== null, 'vanilla destination completed', 30_000).catch(() => {});
+    stopWatch = true;
+    await watch;
+    const dstFrom = fileSize(dst.serialLog);
+    const rep = await waitPasses(dst.serialLog, dstFrom, opt.passes, 'on the vanilla destination after the migration');
+    out.passesAfter = rep.passes;
+  } catch (e) {
+    out.error = (e as Error).stack ?? String(e);
+    log(`vanilla failed: ${(e as Error).message}`);
+  } finally {
+    if (src) out.memcheck.push(corruptCheck('vanilla source serial', src.serialLog));
+    if (dst) out.memcheck.push(corruptCheck('vanilla destination serial', dst.serialLog));
+    keepLogs(c, 'vanilla');
+    await killVanilla(dst);
+    await killVanilla(src);
+    await c.cleanup();
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ 3. rollback
+
+type InterruptKind = 'abort' | 'kill-destination-qemu' | 'link-down';
+
+interface RollbackRun {
+  kind: InterruptKind;
+  bandwidthMiB: number;
+  /** Checkpoint applied on the source when we interrupted. */
+  appliedAtInterrupt: number | null;
+  /** From `tether migrate` spawned to the interrupt. */
+  interruptAtMs: number;
+  /** From the interrupt to `tether migrate` returning. */
+  interruptToResultMs: number;
+  exitCode: number | null;
+  outcome: string | null;
+  reason: string | null;
+  resumedEpoch: number | null;
+  rollback: MigrationResult['rollback'] | null;
+  result: MigrationResult | null;
+  sourceRunningAfter: boolean;
+  passesAfter: number[];
+  corruptAfter: number;
+  fences: { host: string; reason: string }[];
+  warnings: Record<string, number>;
+  error?: string;
+}
+
+async function interruptOnce(c: Cluster, kind: InterruptKind): Promise<RollbackRun> {
+  const run: RollbackRun = {
+    kind,
+    bandwidthMiB: opt.rollbackBandwidthMiB,
+    appliedAtInterrupt: null,
+    interruptAtMs: 0,
+    interruptToResultMs: 0,
+    exitCode: null,
+    outcome: null,
+    reason: null,
+    resumedEpoch: null,
+    rollback: null,
+    result: null,
+    sourceRunningAfter: false,
+    passesAfter: [],
+    corruptAfter: 0,
+    fences: [],
+    warnings: {},
+  };
+  const srcLog = c.serialLog(c.src);
+  await waitNotRunningOn(c, c.dst);
+  await waitPasses(srcLog, fileSize(srcLog), opt.passes, `before the migration interrupted by ${kind}`);
+  const offsets = { src: fileSize(c.src.daemonLog), dst: fileSize(c.dst.daemonLog) };
+  log(`rollback/${kind}: migrating`);
+  const t0Wall = Date.now();
+  const t0 = now();
+  const migrating = withTimeout(c.migrate(), MIGRATE_DEADLINE_MS, `tether migrate (${kind})`);
+  let settled = false;
+  void migrating.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  await waitFor(async () => {
+    if (settled) return true;
+    const s = await status(c, c.src);
+    run.appliedAtInterrupt = s.migration?.appliedEpoch ?? null;
+    return (run.appliedAtInterrupt ?? -1) >= opt.interruptEpoch || (s.state !== 'migrating-out' && s.state !== 'running');
+  }, `checkpoint ${opt.interruptEpoch} applied on the source`);
+  if (settled || (run.appliedAtInterrupt ?? -1) < opt.interruptEpoch) {
+    const m = await migrating;
+    throw new Error(`migration ended before the interrupt point: exit ${m.code} ${JSON.stringify(m.result)} ${m.stderr.slice(-800)}`);
+  }
+  const tInt = now();
+  run.interruptAtMs = r2(tInt - t0);
+  log(`rollback/${kind}: interrupting at checkpoint ${run.appliedAtInterrupt}`);
+  if (kind === 'abort') {
+    const a = await c.tether(c.src, ['abort', c.vmName]);
+    if (a.code !== 0) throw new Error(`tether abort failed: ${a.stderr}`);
+  } else if (kind === 'kill-destination-qemu') {
+    const d = await status(c, c.dst);
+    if (typeof d.pid !== 'number') throw new Error(`no destination QEMU pid: ${JSON.stringify(d)}`);
+    process.kill(d.pid, 'SIGKILL');
+  } else {
+    c.linkDown();
+  }
+  const mig = await migrating;
+  run.interruptToResultMs = r2(now() - tInt);
+  run.exitCode = mig.code;
+  run.result = mig.result as MigrationResult | null;
+  run.outcome = run.result?.outcome ?? null;
+  run.reason = run.result?.reason ?? null;
+  run.rollback = run.result?.rollback ?? null;
+  run.resumedEpoch = run.result?.rollback?.epoch ?? null;
+  log(`rollback/${kind}: ${run.outcome} (${run.reason}), restore ${run.rollback?.restoreMs ?? '?'} ms`);
+  const s = await status(c, c.src);
+  run.sourceRunningAfter = s.state === 'running' && qemuAlive(s.pid);
+  const from = fileSize(srcLog);
+  const rep = await waitPasses(srcLog, from, opt.passes, `on the source after the rollback (${kind})`);
+  run.passesAfter = rep.passes;
+  run.corruptAfter = rep.corrupt.length;
+  await sleep(300);
+  const dg = digestLogs(c, offsets, t0Wall);
+  run.fences = dg.fences;
+  run.warnings = dg.warnings;
+  return run;
+}
+
+interface RollbackBench {
+  /** VM checkpoint settings the interrupted runs used (lease / fence timeouts). */
+  checkpointConfig: Rec | null;
+  runs: (RollbackRun & { bootMs?: number })[];
+  memcheck: CorruptCheck[];
+}
+
+/**
+ * One fresh cluster (fresh boot) per interrupt kind: a VM restored by a rollback runs with
+ * `-global migration.send-configuration=off`, and a later migration out of it fails on the
+ * destination ("Configuration section missing"), so the runs cannot share one VM.
+ */
+async function benchRollback(): Promise<RollbackBench> {
+  const out: RollbackBench = { checkpointConfig: null, runs: [], memcheck: [] };
+  for (const kind of ['abort', 'kill-destination-qemu', 'link-down'] as const) {
+    const c = new Cluster(clusterOpts(opt.rollbackBandwidthMiB));
+    try {
+      log(`rollback/${kind}: booting the VM`);
+      const bootMs = await bootVm(c);
+      out.checkpointConfig ??= { ...loadVmConfig(c.vmConfig).checkpoint };
+      out.runs.push({ ...(await interruptOnce(c, kind)), bootMs });
+    } catch (e) {
+      log(`rollback/${kind} failed: ${(e as Error).message}`);
+      out.runs.push({ kind, error: (e as Error).stack ?? String(e) } as RollbackRun);
+    } finally {
+      out.memcheck.push(
+        corruptCheck(`rollback/${kind} source serial`, c.serialLog(c.src)),
+        corruptCheck(`rollback/${kind} destination serial`, c.serialLog(c.dst)),
+      );
+      keepLogs(c, `rollback-${kind}`);
+      await c.cleanup();
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ report
+
+function fmtMs(v: number | null | undefined): string {
+  return v === null || v === undefined || Number.isNaN(v) ? '-' : v >= 10_000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`;
+}
+function fmtBytes(v: number | null | undefined): string {
+  if (v === null || v === undefined) return '-';
+  if (v >= MiB) return `${(v / MiB).toFixed(1)} MiB`;
+  if (v >= 1024) return `${(v / 1024).toFixed(1)} KiB`;
+  return `${v} B`;
+}
+function row(label: string, ...cols: string[]): string {
+  return `  ${label.padEnd(44)} ${cols.map((c) => c.padStart(14)).join(' ')}`;
+}
+
+function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollback?: RollbackBench; memcheck: CorruptCheck[] }): string {
+  const L: string[] = [];
+  const bwNote = (mib: number) => (mib > 0 ? `max-bandwidth ${mib} MiB/s` : 'QEMU default bandwidth');
+  L.push(
+    `guest 512 MiB, memcheck ${opt.memcheckMB} MB ${opt.memcheckRate > 0 ? `at ${opt.memcheckRate} MB/s` : 'unthrottled'}, checkpoint interval ${opt.intervalMs} ms, QEMU TCG`,
+  );
+  const t = res.tether;
+  const v = res.vanilla;
+  if (t || v) {
+    L.push('', `Completing migration (${bwNote(opt.bandwidthMiB)} for both)`);
+    L.push(row('', 'tether', 'vanilla QEMU'));
+    const tr = t?.result ?? null;
+    L.push(row('total (tether: request→done; vanilla: migrate→completed)', fmtMs(tr?.totalMs), fmtMs(v?.totalMs)));
+    L.push(row('vanilla incl. destination QEMU start + setup', '', fmtMs(v?.totalInclDestinationSetupMs)));
+    L.push(row('switchover (from start)', fmtMs(tr?.switchoverMs), fmtMs(v?.switchoverMs)));
+    L.push(row('destination running (vanilla, from migrate)', '', fmtMs(v?.destinationRunningMs)));
+    L.push(row('outcome', tr?.outcome ?? (t?.error ? 'error' : '-'), v ? (v.error ? 'error' : 'completed') : '-'));
+    L.push(row('checkpoints', tr ? String(tr.checkpoints) : '-', 'n/a'));
+    L.push(row('dirty tracker', tr?.tracker ?? '-', 'n/a'));
+    L.push(row('VM pause per checkpoint p50', fmtMs(tr?.pauseMs?.p50), 'n/a'));
+    L.push(row('VM pause per checkpoint p99', fmtMs(tr?.pauseMs?.p99), 'n/a'));
+    L.push(row('VM pause per checkpoint max', fmtMs(tr?.pauseMs?.max), 'n/a'));
+    L.push(row('bytes per checkpoint p50', fmtBytes(tr?.checkpointBytes?.p50), 'n/a'));
+    L.push(row('bytes per checkpoint avg', fmtBytes(tr?.checkpointBytes?.avg), 'n/a'));
+    L.push(row('bytes per checkpoint max', fmtBytes(tr?.checkpointBytes?.max), 'n/a'));
+    L.push(row('checkpoint bytes total (D→S)', fmtBytes(tr?.checkpointBytes?.total), 'n/a'));
+    const qs = v?.qemuStats as Rec | null | undefined;
+    L.push(row('QEMU stream bytes (vanilla ram.transferred)', '', fmtBytes(qs?.ram?.transferred)));
+    L.push(row('QEMU downtime / postcopy-requests (vanilla)', '', qs ? `${qs.downtime ?? '-'} ms / ${qs.ram?.['postcopy-requests'] ?? '-'}` : '-'));
+    L.push(row('memcheck passes on D after migration', t ? String(t.passesAfter.length) : '-', v ? String(v.passesAfter.length) : '-'));
+    if (t?.digest.checkpoints.length) {
+      const pages = t.digest.checkpoints.map((c) => c.pages);
+      L.push(
+        `  tether checkpoint sizes over time (pages): first ${pages.slice(0, 5).join(', ')} … last ${pages.slice(-5).join(', ')}; max ${Math.max(...pages)}`,
+      );
+    }
+    if (t?.error) L.push(`  tether error: ${t.error.split('\n')[0]}`);
+    if (v?.error) L.push(`  vanilla error: ${v.error.split('\n')[0]}`);
+  }
+  const rb = res.rollback;
+  if (rb) {
+    L.push('', `Rollback mid post-copy (${bwNote(opt.rollbackBandwidthMiB)}; interrupt once checkpoint ≥ ${opt.interruptEpoch} applied)`);
+    L.push(`  ${'interrupt'.padEnd(24)} ${['outcome', 'reason', 'ckpt@int', 'resumed', 'detect', 'restore', 'kill', 'start', 'announce', 'int→result'].map((s) => s.padStart(12)).join(' ')}`);
+    for (const r of rb.runs) {
+      if (r.error) {
+        L.push(`  ${r.kind.padEnd(24)} error: ${r.error.split('\n')[0]}`);
+        continue;
+      }
+      const f = r.rollback;
+      L.push(
+        `  ${r.kind.padEnd(24)} ${[
+          r.outcome ?? '-',
+          (r.reason ?? '-').slice(0, 12),
+          String(r.appliedAtInterrupt ?? '-'),
+          String(r.resumedEpoch ?? '-'),
+          fmtMs(f?.detectMs),
+          fmtMs(f?.restoreMs),
+          fmtMs(f?.killMs),
+          fmtMs(f?.startMs),
+          fmtMs(f?.announceMs),
+          fmtMs(r.interruptToResultMs),
+        ]
+          .map((s) => s.padStart(12))
+          .join(' ')}`,
+      );
+    }
+    if (rb.checkpointConfig) L.push(`  VM checkpoint config: ${JSON.stringify(rb.checkpointConfig)}`);
+    L.push('  detect: last message from D → rollback decision; restore: decision → VM running on S (kill + start + announce); int→result includes the `tether abort` CLI start');
+  }
+  L.push('', 'memcheck verdict (serial logs)');
+  for (const m of res.memcheck) L.push(`  ${m.log.padEnd(44)} passes ${String(m.passes).padStart(4)}  CORRUPT lines ${m.corrupt}`);
+  const total = res.memcheck.reduce((s, m) => s + m.corrupt, 0);
+  L.push(`  ${total === 0 ? 'no CORRUPT in any serial log' : `CORRUPT lines in total: ${total}`}`);
+  return L.join('\n');
+}
+
+// ------------------------------------------------------------------ main
+
+async function main(): Promise<void> {
+  if (process.getuid?.() !== 0) throw new Error('needs root (network namespaces)');
+  const t0 = now();
+  const started = new Date().toISOString();
+  let qemuVersion = '';
+  try {
+    qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0] ?? '';
+  } catch {
+    /* reported empty */
+  }
+  log(`options ${JSON.stringify({ ...opt, only: [...opt.only] })}`);
+  fs.mkdirSync(OUT_DIR, { recursive: true });
+  fs.rmSync(LOG_DIR, { recursive: true, force: true });
+  const res: { tether?: TetherComplete; vanilla?: VanillaResult; rollback?: RollbackBench; memcheck: CorruptCheck[] } = { memcheck: [] };
+  if (opt.only.has('tether')) res.tether = await benchTetherComplete();
+  if (opt.only.has('vanilla')) res.vanilla = await benchVanilla();
+  if (opt.only.has('rollback')) res.rollback = await benchRollback();
+  res.memcheck = [...(res.tether?.memcheck ?? []), ...(res.vanilla?.memcheck ?? []), ...(res.rollback?.memcheck ?? [])];
+
+  const text = report(res);
+  console.log(text);
+  const file = path.join(OUT_DIR, 'migrate.json');
+  fs.writeFileSync(
+    file,
+    JSON.stringify(
+      {
+        bench: 'migrate',
+        date: started,
+        durationMs: r2(now() - t0),
+        host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qemu: qemuVersion, loadavg: os.loadavg() },
+        options: { ...opt, only: [...opt.only], guestMiB: 512, accel: 'tcg' },
+        notes: [
+          'tether totalMs runs from the migrate request in the source daemon: peer connect, destination QEMU start, caps, QEMU migrate, ' +
+            'pause-before-switchover + checkpoint-0 device save, post-copy with checkpoints, final checkpoint + ack, stop of the source QEMU.',
+          'vanilla totalMs runs from QMP migrate to the source query-migrate status completed (10 ms polling); the destination QEMU was ' +
+            'started and listening beforehand (destinationSetupMs, also reported summed).',
+          'the same QEMU max-bandwidth/max-postcopy-bandwidth is set for tether and vanilla in the completing runs.',
+          'the machine has 2 cores and may run other work at the same time: timings are indicative.',
+        ],
+        summary: text.split('\n'),
+        memcheck: { corruptTotal: res.memcheck.reduce((s, m) => s + m.corrupt, 0), logs: res.memcheck },
+        tether: res.tether ?? null,
+        vanilla: res.vanilla ?? null,
+        rollback: res.rollback ?? null,
+      },
+      null,
+      2,
+    ) + '\n',
+  );
+  console.log(`wrote ${file} (logs in ${LOG_DIR})`);
+}
+
+await main();
