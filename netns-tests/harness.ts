@@ -146,6 +146,21 @@ export class Cluster {
     await Promise.all([src, dst].map((h) => waitForSocket(h)));
   }
 
+  /** SIGKILL one host's sidecar only (its QEMU processes keep running). */
+  async killDaemon(h: Host): Promise<void> {
+    const d = h.daemon;
+    if (!d?.pid || d.exitCode !== null) return;
+    const gone = waitExit(d, 10_000);
+    process.kill(d.pid, 'SIGKILL');
+    await gone;
+  }
+
+  /** Start a host's sidecar again (after killDaemon) and wait for its control socket. */
+  async restartDaemon(h: Host): Promise<void> {
+    this.#startDaemon(h);
+    await waitForSocket(h);
+  }
+
   #startDaemon(h: Host): void {
     const log = fs.openSync(h.daemonLog, 'a');
     const faults = h.role === 'source' ? this.opts.faults?.source : this.opts.faults?.destination;

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -5,11 +6,12 @@ import { loadVmConfig, parseVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
-import { TetherError } from '../errors.ts';
+import { CheckpointStore } from '../checkpoint/store.ts';
+import { isTetherError, TetherError } from '../errors.ts';
 import { DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { SourceMigration } from '../migrate/source.ts';
+import { SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import type { Logger } from '../util/log.ts';
@@ -43,6 +45,7 @@ export class Daemon {
     await fs.mkdir(this.host.ramDir, { recursive: true, mode: 0o700 });
     await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true });
     await fs.rm(this.host.controlSocket, { force: true });
+    await this.#recover();
     this.#control = net.createServer((s) => this.#serveControl(s));
     await listen(this.#control, { path: this.host.controlSocket });
     await fs.chmod(this.host.controlSocket, 0o600);
@@ -53,6 +56,91 @@ export class Daemon {
       peer: `${this.host.peer.listen.host}:${this.host.peer.listen.port}`,
       faults: Object.keys(this.#faults).length ? this.#faults : undefined,
     });
+  }
+
+  /**
+   * After a sidecar restart: find this host's VMs again. A running QEMU is
+   * adopted (the guest does not notice). A migration that was in progress is
+   * resolved the only safe way: as a source past switchover, re-apply a
+   * persisted stage and resume from the last applied checkpoint (the old QEMU
+   * is wedged in post-copy); as a source before switchover, cancel and keep the
+   * VM; as a destination, fence (the source rolls back on its own).
+   */
+  async #recover(): Promise<void> {
+    let names: string[];
+    try {
+      names = await fs.readdir(this.host.stateDir);
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      const dir = path.join(this.host.stateDir, name);
+      const saved = await VmInstance.readPersisted(dir);
+      if (!saved) continue;
+      const log = this.log.child({ vm: name, recovery: true });
+      try {
+        const cfg = parseVmConfig(saved.vm.config as unknown as Record<string, unknown>, { baseDir: '/' });
+        const vm = new VmInstance(this.host, cfg, this.log);
+        vm.sendConfiguration = saved.vm.sendConfiguration;
+        this.vms.set(vm.name, vm);
+        const pid = saved.vm.pid !== null && qemuOwnsRam(saved.vm.pid, vm.ramFile) ? saved.vm.pid : null;
+        const role = saved.marker?.role;
+        if (role === 'destination') {
+          if (pid) await killPid(pid);
+          await vm.removeRam();
+          vm.place = 'fenced';
+          log.warn('incoming migration interrupted by a sidecar restart: fenced');
+        } else if (role === 'source') {
+          await this.#recoverSource(vm, pid, log);
+        } else if (pid) {
+          await vm.adopt(pid);
+          vm.place = 'running';
+        } else {
+          vm.place = 'stopped';
+          log.warn('VM was not running when the sidecar restarted');
+        }
+        await vm.setMigrationMarker(null);
+      } catch (e) {
+        log.error('recovery failed', { error: errorFields(e) });
+      }
+    }
+  }
+
+  async #recoverSource(vm: VmInstance, pid: number | null, log: Logger): Promise<void> {
+    const store = new CheckpointStore({ dir: vm.checkpointDir, ramPath: vm.ramFile, ramBytes: vm.ramBytes });
+    let last: { epoch: number; devstatePath: string } | null = null;
+    try {
+      const rep = await store.recover();
+      last = store.lastApplied();
+      log.info('checkpoint store recovered', { report: rep as unknown as Record<string, unknown>, epoch: last.epoch });
+    } catch (e) {
+      if (!isTetherError(e, 'ERR_CKPT_NOT_INITIALIZED')) throw e;
+    }
+    if (last === null) {
+      // Before switchover: the old QEMU still owns the VM.
+      if (!pid) throw new TetherError('ERR_RECOVERY', 'no checkpoint and no QEMU: the VM is lost');
+      await vm.adopt(pid);
+      const q = vm.qemu!.qmp;
+      await q.execute('migrate_cancel').catch(() => {});
+      for (let i = 0; i < 250; i++) {
+        const m = (await q.execute('query-migrate')) as { status?: string };
+        if (!['active', 'setup', 'cancelling', 'pre-switchover', 'device'].includes(m.status ?? '')) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const st = (await q.execute('query-status')) as { status: string };
+      if (st.status !== 'running') await q.execute('cont');
+      vm.place = 'running';
+      vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: null } };
+      log.warn('migration interrupted before switchover by a sidecar restart: cancelled, VM kept');
+      return;
+    }
+    if (pid) await killPid(pid);
+    await vm.restoreFrom(last.devstatePath);
+    await waitRunning(vm);
+    await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
+    vm.place = 'running';
+    vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
+    log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
   }
 
   /** Stop serving and stop every QEMU this daemon runs. */
@@ -250,6 +338,33 @@ export class Daemon {
     });
     ch.start();
   }
+}
+
+/** True when `pid` is a live QEMU that maps this RAM file (not a recycled pid). */
+function qemuOwnsRam(pid: number, ramFile: string): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'latin1').includes(ramFile);
+  } catch {
+    return false;
+  }
+}
+
+/** SIGKILL a process we did not spawn and wait until it is gone. */
+async function killPid(pid: number): Promise<void> {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return;
+  }
+  for (let i = 0; i < 500; i++) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new TetherError('ERR_RECOVERY', `QEMU pid ${pid} did not die`);
 }
 
 function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {

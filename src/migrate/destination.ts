@@ -62,9 +62,11 @@ export class DestinationMigration {
   #table: Buffer;
   #hashesDone = deferred<void>();
   #qemuCompleted = false;
-  #inflight: { epoch: number; acked: ReturnType<typeof deferred<void>> } | undefined;
-  #lastAck = nowMs();
+  #inflight: { epoch: number; acked: ReturnType<typeof deferred<void>>; sentAt?: number; done: boolean } | undefined;
+  /** Last message of any kind from the source (ACKs and its heartbeats). */
+  #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
+  #heartbeatTimer: NodeJS.Timeout | undefined;
   #tracker: DirtyTracker | undefined;
   #stopped = false;
   readonly done = deferred<DestPhase>();
@@ -81,6 +83,7 @@ export class DestinationMigration {
 
   /** Handle a message from the source (the daemon routes the channel here). */
   onMessage(m: Message): void {
+    this.#lastHeard = nowMs();
     switch (m.type) {
       case 'hashes': {
         const end = m.startPfn * 8 + m.hashes.length;
@@ -101,8 +104,8 @@ export class DestinationMigration {
       }
       case 'ack':
         if (this.#inflight && m.epoch === this.#inflight.epoch) {
-          this.#lastAck = nowMs();
           this.#outputs.release(m.epoch);
+          this.#inflight.done = true;
           this.#inflight.acked.resolve();
         } else {
           this.#log.warn('unexpected ACK', { epoch: m.epoch, inflight: this.#inflight?.epoch });
@@ -141,6 +144,7 @@ export class DestinationMigration {
   async #run(): Promise<void> {
     const vm = this.vm;
     await vm.startIncoming(this.#opts.sendConfiguration);
+    await vm.setMigrationMarker({ role: 'destination', peer: this.#ch.remote, startedAt: new Date().toISOString() });
     this.#opts.onInstance?.(vm);
     const qemu = vm.qemu!;
     qemu.exited.then(() => {
@@ -162,8 +166,15 @@ export class DestinationMigration {
     await this.#waitRunning();
     if (this.#stopped) return;
     this.phase.to('running');
-    this.#lastAck = nowMs();
+    this.#lastHeard = nowMs();
     this.#fenceTimer = setInterval(() => this.#checkFence(), 50);
+    // Heartbeats keep the source's lease alive between checkpoints (and while the
+    // first one waits for the baseline hashes).
+    this.#heartbeatTimer = setInterval(() => {
+      if (!this.#stopped && !this.#ch.closed) {
+        this.#ch.send({ type: 'heartbeat', epoch: this.#inflight?.epoch ?? 0, sentAt: Date.now() }).catch(() => {});
+      }
+    }, 200);
 
     await this.#hashesDone.promise;
     if (this.#stopped) return;
@@ -242,8 +253,9 @@ export class DestinationMigration {
 
         const acked = deferred<void>();
         acked.promise.catch(() => {});
-        this.#inflight = { epoch, acked };
+        this.#inflight = { epoch, acked, done: false };
         const bytes = await this.#sendCheckpoint(epoch, dirty, zero, data, devstate, disk);
+        this.#inflight.sentAt = nowMs();
         this.#log.debug('checkpoint sent', {
           epoch,
           pages: dirty.length,
@@ -325,20 +337,37 @@ export class DestinationMigration {
     return bytes;
   }
 
+  /**
+   * Fence when the source has gone silent (its heartbeats come every 200 ms, so
+   * silence means a dead source or a cut link), or when it stays alive but
+   * leaves a fully sent checkpoint unacknowledged past the failover timeout.
+   * The clock never counts this side's own pause or send time, so one large
+   * checkpoint does not trip it. fenceTimeoutMs < failoverTimeoutMs: this side
+   * stops before the source resumes after a silence.
+   */
   #checkFence(): void {
     if (this.#stopped) return;
-    const silent = nowMs() - this.#lastAck;
-    if (silent > this.vm.config.checkpoint.fenceTimeoutMs) {
-      void this.fence('no-ack', new TetherError('ERR_FENCED', `no ACK from the source for ${Math.round(silent)} ms`));
+    const now = nowMs();
+    const cfg = this.vm.config.checkpoint;
+    const silent = now - this.#lastHeard;
+    if (silent > cfg.fenceTimeoutMs) {
+      void this.fence('no-ack', new TetherError('ERR_FENCED', `nothing heard from the source for ${Math.round(silent)} ms`));
+      return;
+    }
+    const sentAt = this.#inflight?.done === false ? this.#inflight.sentAt : undefined;
+    if (sentAt !== undefined && now - sentAt > cfg.failoverTimeoutMs) {
+      void this.fence('no-ack', new TetherError('ERR_FENCED', `checkpoint ${this.#inflight!.epoch} unacknowledged for ${Math.round(now - sentAt)} ms`));
     }
   }
 
   #finishCompleted(epoch: number): void {
     this.#stopped = true;
     clearInterval(this.#fenceTimer);
+    clearInterval(this.#heartbeatTimer);
     void this.#tracker?.close();
     this.phase.to('completed', { finalEpoch: epoch });
     this.vm.place = 'running';
+    void this.vm.setMigrationMarker(null).catch(() => {});
     this.#ch.close();
     this.done.resolve('completed');
   }
@@ -348,6 +377,7 @@ export class DestinationMigration {
     if (this.#stopped) return;
     this.#stopped = true;
     clearInterval(this.#fenceTimer);
+    clearInterval(this.#heartbeatTimer);
     this.#log.warn('fencing: stopping the VM here, dropping held outputs', { reason, ...(err ? { error: errorFields(err) } : {}) });
     this.#outputs.discard();
     this.#inflight?.acked.reject(new TetherError('ERR_FENCED', reason));
@@ -360,6 +390,7 @@ export class DestinationMigration {
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';
+    await this.vm.setMigrationMarker(null).catch(() => {});
     if (this.phase.can('fenced')) this.phase.to('fenced', { reason });
     this.#ch.close();
     this.done.resolve('fenced');

@@ -114,6 +114,7 @@ export class SourceMigration {
         void this.rollback('source-qemu-exited', new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited'));
       }
     });
+    await vm.setMigrationMarker({ role: 'source', peer: `${this.#opts.to.host}:${this.#opts.to.port}`, startedAt: new Date().toISOString() });
     await fs.rm(vm.checkpointDir, { recursive: true, force: true });
     await fs.mkdir(vm.checkpointDir, { recursive: true, mode: 0o700 });
 
@@ -285,6 +286,7 @@ export class SourceMigration {
     // The VM lives on the destination now; the source's copy is dropped.
     await this.#vm.stopQemu().catch(() => {});
     await this.#vm.removeRam().catch(() => {});
+    await this.#vm.forget().catch(() => {});
     this.#vm.place = 'gone';
     this.#finish({ outcome: 'completed' });
   }
@@ -360,6 +362,7 @@ export class SourceMigration {
   }
 
   #finish(p: { outcome: MigrationResult['outcome']; reason?: string; err?: unknown; rollback?: RollbackFigures }): void {
+    void this.#vm.setMigrationMarker(null).catch(() => {});
     const err = p.err as { code?: string; message?: string } | undefined;
     this.#result.resolve({
       vm: this.#vm.name,

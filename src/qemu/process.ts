@@ -7,6 +7,7 @@
  * The QMP socket IS ours: removed on exit (QEMU removes it itself only on a clean exit).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -45,7 +46,7 @@ export type QemuState = 'starting' | 'running' | 'stopping' | 'exited';
 /** Bytes of QEMU output kept in memory for error messages. */
 const TAIL_BYTES = 8 * 1024;
 
-/** Children still alive; SIGKILLed if this Node process exits, so no QEMU is orphaned. */
+/** Children started with dieWithParent: SIGKILLed if this Node process exits, so none is orphaned. */
 const live = new Set<ChildProcess>();
 let exitHookInstalled = false;
 function track(child: ChildProcess): void {
@@ -90,7 +91,7 @@ export class QemuProcess {
     const argv = opts.dieWithParent
       ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', vm.qemu.binary, ...args] // setpriv execs: same pid
       : [vm.qemu.binary, ...args];
-    const qp = new QemuProcess(argv, args, qmpSocket, logFile);
+    const qp = new QemuProcess(argv, args, qmpSocket, logFile, opts.dieWithParent ?? false);
     const t0 = Date.now();
     const ac = new AbortController();
     void qp.exited.then(() => ac.abort());
@@ -125,19 +126,45 @@ export class QemuProcess {
     return qp;
   }
 
-  private constructor(argv: string[], args: string[], qmpSocket: string, logFile: string) {
-    const [binary, ...spawnArgs] = argv as [string, ...string[]];
+  /**
+   * Take charge of a QEMU that an earlier sidecar started (the sidecar was
+   * restarted; the guest must not notice). Its output keeps going to wherever
+   * it went; exit is noticed by polling the pid.
+   */
+  static async adopt(opts: { pid: number; qmpSocket: string; logFile: string }): Promise<QemuProcess> {
+    const qp = new QemuProcess({ adoptPid: opts.pid }, [], opts.qmpSocket, opts.logFile);
+    try {
+      qp.qmpClient = await QmpClient.connect(opts.qmpSocket, { timeoutMs: 5000 });
+    } catch (e) {
+      throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${opts.pid}: ${(e as Error).message}`, { pid: opts.pid });
+    }
+    qp.transition('running');
+    return qp;
+  }
+
+  private constructor(
+    argv: string[] | { adoptPid: number },
+    args: string[],
+    qmpSocket: string,
+    logFile: string,
+    killWithParent = false,
+  ) {
     this.args = args;
     this.qmpSocket = qmpSocket;
     this.logFile = logFile;
     const log = fs.createWriteStream(logFile, { flags: 'a' });
     log.on('error', () => {}); // a broken log must not take the VM down
-    log.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
-
-    this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.child.on('error', (err) => {
-      this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
-    });
+    if (Array.isArray(argv)) {
+      const [binary, ...spawnArgs] = argv as [string, ...string[]];
+      log.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
+      this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
+      this.child.on('error', (err) => {
+        this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
+      });
+    } else {
+      log.write(`=== ${new Date().toISOString()} tether: adopted running pid ${argv.adoptPid}\n`);
+      this.child = new AdoptedChild(argv.adoptPid) as unknown as ChildProcess;
+    }
     const onOutput = (chunk: Buffer): void => {
       log.write(chunk);
       this.appendTail(chunk);
@@ -147,7 +174,7 @@ export class QemuProcess {
     this.outputDone = new Promise((resolve) => this.child.once('close', () => resolve()));
     this.logFlushed = new Promise((resolve) => log.once('close', () => resolve()));
     this.pid = this.child.pid ?? -1;
-    if (this.child.pid !== undefined) track(this.child);
+    if (this.child.pid !== undefined && killWithParent) track(this.child);
 
     this.exited = new Promise<QemuExit>((resolve) => {
       const finish = async (exit: QemuExit): Promise<void> => {
@@ -275,6 +302,35 @@ export class QemuProcess {
       }
     } catch {
       /* already gone */
+    }
+  }
+}
+
+/** The part of ChildProcess that QemuProcess uses, for a QEMU we did not spawn. */
+class AdoptedChild extends EventEmitter {
+  readonly pid: number;
+  readonly stdout = new EventEmitter();
+  readonly stderr = new EventEmitter();
+  readonly #timer: NodeJS.Timeout;
+  constructor(pid: number) {
+    super();
+    this.pid = pid;
+    this.#timer = setInterval(() => {
+      try {
+        process.kill(pid, 0);
+      } catch {
+        clearInterval(this.#timer);
+        this.emit('exit', null, null);
+        this.emit('close');
+      }
+    }, 100);
+  }
+  kill(signal: NodeJS.Signals): boolean {
+    try {
+      process.kill(this.pid, signal);
+      return true;
+    } catch {
+      return false;
     }
   }
 }

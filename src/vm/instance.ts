@@ -5,6 +5,30 @@ import { TetherError } from '../errors.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
 
+export interface PersistedVm {
+  config: VmConfig;
+  sendConfiguration: boolean;
+  pid: number | null;
+}
+
+export interface MigrationMarker {
+  role: 'source' | 'destination';
+  peer: string;
+  startedAt: string;
+}
+
+async function writeFileAtomic(file: string, data: string): Promise<void> {
+  const tmp = `${file}.tmp`;
+  const fh = await fs.open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.rename(tmp, file);
+}
+
 export type VmPlace =
   | 'stopped'
   | 'running'
@@ -84,8 +108,8 @@ export class VmInstance {
 
   /** Source rollback: a fresh QEMU over the same RAM file, loading device state only. */
   async restoreFrom(devstatePath: string): Promise<void> {
-    await this.#start({ kind: 'exec-file', file: devstatePath });
     this.sendConfiguration = false;
+    await this.#start({ kind: 'exec-file', file: devstatePath });
   }
 
   async #start(incoming: { kind: 'defer' } | { kind: 'exec-file'; file: string } | undefined): Promise<void> {
@@ -105,7 +129,18 @@ export class VmInstance {
       ...(incoming ? { incoming } : {}),
     });
     this.log.info('qemu started', { pid: this.qemu.pid, incoming: incoming?.kind ?? 'none' });
-    const q = this.qemu;
+    await this.#persist();
+    this.#watch(this.qemu);
+  }
+
+  /** Take over the QEMU an earlier sidecar left running for this VM. */
+  async adopt(pid: number): Promise<void> {
+    this.qemu = await QemuProcess.adopt({ pid, qmpSocket: this.qmpSocket, logFile: this.qemuLog });
+    this.log.info('qemu adopted', { pid });
+    this.#watch(this.qemu);
+  }
+
+  #watch(q: QemuProcess): void {
     // Supervision: a QEMU that dies on its own while the VM is simply running here
     // leaves the VM stopped (migrations watch their own QEMU and decide themselves).
     void q.exited.then((st) => {
@@ -114,6 +149,40 @@ export class VmInstance {
         this.log.error('qemu exited unexpectedly', { pid: q.pid, code: st.code, signal: st.signal, stderr: q.stderrTail() });
       }
     });
+  }
+
+  /** What a restarted sidecar needs to find this VM again. */
+  async #persist(): Promise<void> {
+    const rec: PersistedVm = { config: this.config, sendConfiguration: this.sendConfiguration, pid: this.qemu?.pid ?? null };
+    await writeFileAtomic(path.join(this.dir, 'vm.json'), JSON.stringify(rec));
+  }
+
+  /** The VM left this host for good: a restarted sidecar must not list it. */
+  async forget(): Promise<void> {
+    await fs.rm(path.join(this.dir, 'vm.json'), { force: true });
+  }
+
+  /** Marks a migration in progress: a sidecar restarted before it ends must resolve it. */
+  async setMigrationMarker(m: MigrationMarker | null): Promise<void> {
+    const file = path.join(this.dir, 'migration.json');
+    if (m === null) await fs.rm(file, { force: true });
+    else await writeFileAtomic(file, JSON.stringify(m));
+  }
+
+  static async readPersisted(dir: string): Promise<{ vm: PersistedVm; marker: MigrationMarker | null } | null> {
+    let vm: PersistedVm;
+    try {
+      vm = JSON.parse(await fs.readFile(path.join(dir, 'vm.json'), 'utf8')) as PersistedVm;
+    } catch {
+      return null;
+    }
+    let marker: MigrationMarker | null = null;
+    try {
+      marker = JSON.parse(await fs.readFile(path.join(dir, 'migration.json'), 'utf8')) as MigrationMarker;
+    } catch {
+      /* no migration in progress */
+    }
+    return { vm, marker };
   }
 
   async killQemu(): Promise<void> {

@@ -581,9 +581,10 @@ interface RollbackBench {
 }
 
 /**
- * One fresh cluster (fresh boot) per interrupt kind: a VM restored by a rollback runs with
- * `-global migration.send-configuration=off`, and a later migration out of it fails on the
- * destination ("Configuration section missing"), so the runs cannot share one VM.
+ * One fresh cluster (fresh boot) per interrupt kind, so the runs are independent. (Before
+ * 42eaad5 they could not share a VM anyway: a VM restored by a rollback ran with
+ * `-global migration.send-configuration=off` and its next migration failed on the
+ * destination with "Configuration section missing".)
  */
 async function benchRollback(): Promise<RollbackBench> {
   const out: RollbackBench = { checkpointConfig: null, runs: [], memcheck: [] };

@@ -1,0 +1,41 @@
+import t from 'tap';
+import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
+
+t.test('a restarted sidecar adopts its running VM without disturbing it', async (t) => {
+  const c = await bootCluster(t);
+  const before = await c.status(c.src);
+  await c.killDaemon(c.src);
+  t.ok(qemuAlive(before.pid), 'QEMU survives the sidecar being killed');
+  await c.restartDaemon(c.src);
+  const after = await c.status(c.src);
+  t.equal(after.state, 'running', 'VM is running after the restart');
+  t.equal(after.pid, before.pid, 'the same QEMU process was adopted');
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the sidecar restart');
+  t.same(rep.corrupt, [], 'no CORRUPT');
+  // and it can still be migrated
+  const mig = await c.migrate();
+  t.equal(mig.code, 0, `adopted VM migrates: ${mig.stderr.slice(-1500)}`);
+});
+
+t.test('the source sidecar killed mid post-copy: on restart the VM resumes from the last applied checkpoint', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const src = await c.status(c.src);
+  await c.killDaemon(c.src);
+  const mig = await migrating;
+  t.not(mig.code, 0, 'the migrate command lost its daemon');
+  // the destination loses its channel and fences itself
+  await assertNotRunningOn(t, c, c.dst);
+  await c.restartDaemon(c.src);
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running', 'VM runs on the source again');
+  t.not(s.pid, src.pid, 'a fresh QEMU replaced the wedged one');
+  t.notOk(qemuAlive(src.pid), 'the wedged source QEMU is gone');
+  t.equal(s.lastMigration?.reason, 'sidecar-restart');
+  t.ok((s.lastMigration?.rollback?.epoch ?? -1) >= 3, `resumed from checkpoint ${s.lastMigration?.rollback?.epoch}`);
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after recovery');
+  t.same(rep.corrupt, [], 'no CORRUPT after recovery');
+  t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
+});
