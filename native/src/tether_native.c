@@ -54,21 +54,6 @@ static uint64_t g_zero_hash;
 
 /* ---------- small helpers ---------- */
 
-static inline uint64_t load_le64(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap64(v);
-#endif
-  return v;
-}
-
-static inline void store_le64(uint8_t *p, uint64_t v) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap64(v);
-#endif
-  memcpy(p, &v, 8);
-}
 
 static inline uint64_t page_hash(const uint8_t *p) { return tether_xxh64(p, PAGE_SIZE, 0); }
 
@@ -300,9 +285,9 @@ static int do_pages(work_t *w, uint32_t pfn, size_t n) {
     uint64_t h = page_hash(w->buf + i * PAGE_SIZE);
     uint8_t *slot = w->table + ((size_t)(pfn + i) << 3);
     if (w->mode == MODE_HASH) {
-      store_le64(slot, h);
-    } else if (load_le64(slot) != h) {
-      store_le64(slot, h);
+      tether_store_le64(slot, h);
+    } else if (tether_load_le64(slot) != h) {
+      tether_store_le64(slot, h);
       if (push_dirty(w, pfn + (uint32_t)i) < 0) return -1;
     }
   }
@@ -365,7 +350,7 @@ static void work_range(work_t *w) {
     uint32_t ds, de;
     if (next_data(w, pfn, w->hi, &ds, &de) < 0) return;
     if (w->mode == MODE_HASH)
-      for (uint32_t p = pfn; p < ds; p++) store_le64(w->table + ((size_t)p << 3), g_zero_hash);
+      for (uint32_t p = pfn; p < ds; p++) tether_store_le64(w->table + ((size_t)p << 3), g_zero_hash);
     if (ds >= w->hi) return;
     if (do_run(w, ds, de) < 0) return;
     pfn = de;
@@ -596,17 +581,22 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
 }
 
 /* hashBuffer(buf) → Buffer(8 * buf.length / 4096) */
-static napi_value js_hash_buffer(napi_env env, napi_callback_info info) {
+/* The single-Buffer argument of hashBuffer/xxh64; 0 (with a JS error thrown) if absent. */
+static int one_buffer_arg(napi_env env, napi_callback_info info, const char *fname, uint8_t **buf, size_t *len) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1) {
+    throw_args(env, "%s(buf) needs 1 argument", fname);
+    return 0;
+  }
+  return arg_bytes(env, argv[0], "buf", buf, len);
+}
+
+static napi_value js_hash_buffer(napi_env env, napi_callback_info info) {
   uint8_t *buf;
   size_t len;
-  if (argc < 1) {
-    throw_args(env, "hashBuffer(buf) needs 1 argument");
-    return NULL;
-  }
-  if (!arg_bytes(env, argv[0], "buf", &buf, &len)) return NULL;
+  if (!one_buffer_arg(env, info, "hashBuffer", &buf, &len)) return NULL;
   if (len % PAGE_SIZE) {
     throw_args(env, "buf length %zu is not a multiple of 4096", len);
     return NULL;
@@ -615,22 +605,15 @@ static napi_value js_hash_buffer(napi_env env, napi_callback_info info) {
   void *out;
   napi_value result;
   if (napi_create_buffer(env, n * 8, &out, &result) != napi_ok) return NULL;
-  for (size_t i = 0; i < n; i++) store_le64((uint8_t *)out + i * 8, page_hash(buf + i * PAGE_SIZE));
+  for (size_t i = 0; i < n; i++) tether_store_le64((uint8_t *)out + i * 8, page_hash(buf + i * PAGE_SIZE));
   return result;
 }
 
 /* xxh64(buf) → bigint: XXH64 (seed 0) of the whole buffer; for tests and tools. */
 static napi_value js_xxh64(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   uint8_t *buf;
   size_t len;
-  if (argc < 1) {
-    throw_args(env, "xxh64(buf) needs 1 argument");
-    return NULL;
-  }
-  if (!arg_bytes(env, argv[0], "buf", &buf, &len)) return NULL;
+  if (!one_buffer_arg(env, info, "xxh64", &buf, &len)) return NULL;
   napi_value result;
   napi_create_bigint_uint64(env, tether_xxh64(buf, len, 0), &result);
   return result;
@@ -728,7 +711,7 @@ static int read_pagemap_self(uintptr_t addr, uint64_t *entry) {
   close(fd);
   if (r >= 0 && r < 8) return EIO;
   if (e) return e;
-  *entry = load_le64(b);
+  *entry = tether_load_le64(b);
   return 0;
 }
 

@@ -15,14 +15,6 @@
 
 static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-static inline uint64_t read64(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap64(v);
-#endif
-  return v;
-}
 
 static inline uint32_t read32(const uint8_t *p) {
   uint32_t v;
@@ -56,10 +48,10 @@ uint64_t tether_xxh64(const void *input, size_t len, uint64_t seed) {
     uint64_t v3 = seed;
     uint64_t v4 = seed - P1;
     do {
-      v1 = round64(v1, read64(p));
-      v2 = round64(v2, read64(p + 8));
-      v3 = round64(v3, read64(p + 16));
-      v4 = round64(v4, read64(p + 24));
+      v1 = round64(v1, tether_load_le64(p));
+      v2 = round64(v2, tether_load_le64(p + 8));
+      v3 = round64(v3, tether_load_le64(p + 16));
+      v4 = round64(v4, tether_load_le64(p + 24));
       p += 32;
     } while (p <= limit);
     h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
@@ -74,7 +66,7 @@ uint64_t tether_xxh64(const void *input, size_t len, uint64_t seed) {
   h += (uint64_t)len;
 
   while (p + 8 <= end) {
-    h ^= round64(0, read64(p));
+    h ^= round64(0, tether_load_le64(p));
     h = rotl64(h, 27) * P1 + P4;
     p += 8;
   }

@@ -46,9 +46,14 @@ export async function hashRamFile(path: string, bytes: number, opts: HashOptions
 }
 
 /** Opens a RAM file read-only; ERR_MEM_RAM_FILE when it cannot be opened. */
-export async function openRam(path: string) {
+/**
+ * Opens a guest RAM file read-only and checks that it covers `minBytes`
+ * (a shorter file means the wrong file or a VM of another size).
+ */
+export async function openRam(path: string, minBytes = 0) {
+  let fh;
   try {
-    return await open(path, 'r');
+    fh = await open(path, 'r');
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     throw new TetherError('ERR_MEM_RAM_FILE', `cannot open RAM file ${path}: ${err.message}`, {
@@ -57,4 +62,14 @@ export async function openRam(path: string) {
       syscall: err.syscall,
     });
   }
+  const st = await fh.stat();
+  if (st.size < minBytes) {
+    await fh.close();
+    throw new TetherError('ERR_MEM_RAM_FILE', `RAM file ${path} is ${st.size} bytes, expected at least ${minBytes}`, {
+      path,
+      size: st.size,
+      ramBytes: minBytes,
+    });
+  }
+  return fh;
 }

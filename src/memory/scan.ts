@@ -58,20 +58,7 @@ export class ScanTracker implements DirtyTracker {
 
   static async open(opts: TrackerOptions, reason = 'requested'): Promise<ScanTracker> {
     const pages = ramPages(opts.ramBytes);
-    const fh = await openRam(opts.ramPath);
-    try {
-      const st = await fh.stat();
-      if (st.size < opts.ramBytes) {
-        throw new TetherError(
-          'ERR_MEM_RAM_FILE',
-          `RAM file ${opts.ramPath} is ${st.size} bytes, expected at least ${opts.ramBytes}`,
-          { path: opts.ramPath, size: st.size, ramBytes: opts.ramBytes },
-        );
-      }
-    } catch (e) {
-      await fh.close();
-      throw e;
-    }
+    const fh = await openRam(opts.ramPath, opts.ramBytes);
     return new ScanTracker(fh, pages, opts.threads, reason);
   }
 

@@ -54,17 +54,9 @@ export class SoftDirtyTracker implements DirtyTracker {
       throw new TetherError('ERR_MEM_SOFTDIRTY_PID', `invalid QEMU pid ${opts.qemuPid}`);
     }
     const procDir = `${opts.procRoot ?? '/proc'}/${opts.qemuPid}`;
-    const ram = await openRam(opts.ramPath);
+    const ram = await openRam(opts.ramPath, opts.ramBytes);
     let pagemap: FileHandle | undefined;
     try {
-      const st = await ram.stat();
-      if (st.size < opts.ramBytes) {
-        throw new TetherError(
-          'ERR_MEM_RAM_FILE',
-          `RAM file ${opts.ramPath} is ${st.size} bytes, expected at least ${opts.ramBytes}`,
-          { path: opts.ramPath, size: st.size, ramBytes: opts.ramBytes },
-        );
-      }
       try {
         pagemap = await open(`${procDir}/pagemap`, 'r');
       } catch (e) {
@@ -74,7 +66,7 @@ export class SoftDirtyTracker implements DirtyTracker {
         });
       }
       const mapPath = await realpath(opts.ramPath);
-      const t = new SoftDirtyTracker(opts, ram, pagemap, st.ino, mapPath, pages, reason);
+      const t = new SoftDirtyTracker(opts, ram, pagemap, (await ram.stat()).ino, mapPath, pages, reason);
       await t.segments(); // fail now, not at the first checkpoint, if QEMU doesn't map the file
       return t;
     } catch (e) {

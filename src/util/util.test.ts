@@ -1,0 +1,39 @@
+import t from 'tap';
+import { parseHostPort } from '../daemon/daemon.ts';
+import { asPeerControl } from '../migrate/control-messages.ts';
+import { StateMachine } from './state.ts';
+import { percentile } from './time.ts';
+
+t.test('state machine: checked transitions, listeners see old and new', async (t) => {
+  const seen: string[] = [];
+  const sm = new StateMachine<'a' | 'b' | 'c'>('thing', 'a', { a: ['b'], b: ['c', 'a'], c: [] });
+  sm.onChange((from, to) => seen.push(`${from}>${to}`));
+  sm.to('b');
+  t.throws(() => sm.to('b'), { code: 'ERR_STATE_TRANSITION' });
+  sm.to('c');
+  t.throws(() => sm.to('a'), { code: 'ERR_STATE_TRANSITION' });
+  t.equal(sm.state, 'c');
+  t.same(seen, ['a>b', 'b>c']);
+});
+
+t.test('percentile: nearest rank', async (t) => {
+  t.ok(Number.isNaN(percentile([], 50)), 'empty sample');
+  t.equal(percentile([5], 99), 5);
+  t.equal(percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 50), 5);
+  t.equal(percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 99), 10);
+  t.equal(percentile([10, 1, 5], 0), 1);
+});
+
+t.test('host:port parsing', async (t) => {
+  t.same(parseHostPort('10.0.0.2:7700'), { host: '10.0.0.2', port: 7700 });
+  t.same(parseHostPort('[::1]:7700'), { host: '::1', port: 7700 });
+  for (const bad of ['10.0.0.2', ':7700', 'h:0', 'h:65536', 'h:x']) t.throws(() => parseHostPort(bad), { code: 'ERR_USAGE' }, bad);
+});
+
+t.test('peer control messages are validated', async (t) => {
+  t.same(asPeerControl({ kind: 'done', finalEpoch: 3 }), { kind: 'done', finalEpoch: 3 });
+  t.throws(() => asPeerControl({ kind: 'done' }), { code: 'ERR_PEER_CONTROL' });
+  t.throws(() => asPeerControl({ kind: 'prepare', vm: {} }), { code: 'ERR_PEER_CONTROL' }, 'sendConfiguration required');
+  t.throws(() => asPeerControl({ kind: 'nope' }), { code: 'ERR_PEER_CONTROL' });
+  t.throws(() => asPeerControl({ kind: 'epoch-stats', epoch: 1, pauseMs: 'x' }), { code: 'ERR_PEER_CONTROL' });
+});
