@@ -32,6 +32,8 @@ export interface Host {
 export interface ClusterOptions {
   /** TETHER_FAULTS for each daemon. */
   faults?: { source?: string; destination?: string };
+  /** Give the destination a different peer key than the source (an impostor). */
+  mismatchedKeys?: boolean;
   /** Overrides merged into the VM YAML. */
   vm?: { memcheckMiB?: number; memcheckMBps?: number; maxBandwidth?: number; intervalMs?: number; failoverTimeoutMs?: number; fenceTimeoutMs?: number };
 }
@@ -103,9 +105,9 @@ export class Cluster {
       sh('ip', ['-n', h.ns, 'link', 'set', ifc, 'up']);
       sh('ip', ['-n', h.ns, 'link', 'set', 'lo', 'up']);
     }
-    const keyFile = path.join(this.dir, 'peer.key');
-    fs.writeFileSync(keyFile, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
     for (const h of [src, dst]) {
+      const keyFile = path.join(this.dir, this.opts.mismatchedKeys ? `peer-${h.role}.key` : 'peer.key');
+      if (!fs.existsSync(keyFile)) fs.writeFileSync(keyFile, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
       fs.writeFileSync(
         h.config,
         [

@@ -52,8 +52,14 @@ export async function main(argv: string[]): Promise<number> {
         if (a1 === 'start' && a2) return print(await callDaemon(socket, 'vm.start', { config: a2 }), opts.json);
         if (a1 === 'stop' && a2) return print(await callDaemon(socket, 'vm.stop', { vm: a2 }), opts.json);
         break;
-      case 'status':
-        return print(await callDaemon(socket, 'status', a1 ? { vm: a1 } : {}), opts.json);
+      case 'status': {
+        const st = await callDaemon(socket, 'status', a1 ? { vm: a1 } : {});
+        if (opts.json) return print(st, true);
+        const rows = a1 ? [st as VmStatus] : (st as { vms: VmStatus[] }).vms;
+        if (rows.length === 0) process.stdout.write('no VMs on this host\n');
+        for (const r of rows) process.stdout.write(formatStatus(r) + '\n');
+        return 0;
+      }
       case 'abort':
         if (a1) return print(await callDaemon(socket, 'abort', { vm: a1 }), opts.json);
         break;
@@ -74,6 +80,34 @@ async function socketPath(config: string | undefined, socket: string | undefined
   if (socket) return socket;
   if (config) return (await loadHostConfig(config)).controlSocket;
   return process.env.TETHER_SOCKET ?? '/run/tether/tether.sock';
+}
+
+interface VmStatus {
+  vm: string;
+  host: string;
+  state: string;
+  pid: number | null;
+  memoryMiB: number;
+  serialLog: string;
+  migration: { role: string; phase: string; appliedEpoch?: number | null } | null;
+  lastMigration: { outcome?: string; reason?: string; rollback?: { epoch: number | null } } | null;
+}
+
+function formatStatus(r: VmStatus): string {
+  const parts = [`${r.vm}`, r.state, `on ${r.host}`, r.pid ? `qemu pid ${r.pid}` : 'no qemu', `${r.memoryMiB} MiB`];
+  if (r.migration) {
+    const applied = r.migration.appliedEpoch ?? null;
+    parts.push(`migrating (${r.migration.role}, ${r.migration.phase}${applied !== null ? `, checkpoint ${applied} applied` : ''})`);
+  }
+  if (r.lastMigration?.outcome) {
+    const rb = r.lastMigration.rollback;
+    parts.push(
+      `last migration: ${r.lastMigration.outcome}${r.lastMigration.reason ? ` (${r.lastMigration.reason})` : ''}` +
+        (rb ? `, resumed from checkpoint ${rb.epoch ?? 'none'}` : ''),
+    );
+  }
+  parts.push(`serial ${r.serialLog}`);
+  return parts.join('  ');
 }
 
 function print(v: unknown, json: boolean): number {
