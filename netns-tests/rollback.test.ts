@@ -12,6 +12,18 @@ t.test('kill -9 of the destination QEMU mid post-copy: the VM resumes on the sou
   await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
 });
 
+t.test('kill -9 of the source QEMU mid post-copy: a fresh source QEMU resumes the VM', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const s = await c.status(c.src);
+  process.kill(s.pid, 'SIGKILL');
+  const mig = await migrating;
+  t.equal(mig.result?.reason, 'source-qemu-exited');
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
+  t.not((await c.status(c.src)).pid, s.pid, 'a new source QEMU');
+});
+
 t.test('migration link cut mid post-copy: the VM resumes on the source', async (t) => {
   const c = await bootCluster(t);
   const migrating = c.migrate();

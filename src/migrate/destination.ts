@@ -67,6 +67,8 @@ export class DestinationMigration {
   #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
   #heartbeatTimer: NodeJS.Timeout | undefined;
+  /** When the current barrier (stop … cont) began; null between barriers. */
+  #barrierSince: number | null = null;
   #tracker: DirtyTracker | undefined;
   #stopped = false;
   readonly done = deferred<DestPhase>();
@@ -171,7 +173,10 @@ export class DestinationMigration {
     // Heartbeats keep the source's lease alive between checkpoints (and while the
     // first one waits for the baseline hashes).
     this.#heartbeatTimer = setInterval(() => {
-      if (!this.#stopped && !this.#ch.closed) {
+      // A barrier that does not finish (a vCPU stuck on a page the source can no
+      // longer send) silences the heartbeat, so the source's lease runs out.
+      const stuck = this.#barrierSince !== null && nowMs() - this.#barrierSince > vm.config.checkpoint.fenceTimeoutMs / 2;
+      if (!this.#stopped && !this.#ch.closed && !stuck) {
         this.#ch.send({ type: 'heartbeat', epoch: this.#inflight?.epoch ?? 0, sentAt: Date.now() }).catch(() => {});
       }
     }, 200);
@@ -236,6 +241,7 @@ export class DestinationMigration {
         const final = this.#qemuCompleted;
 
         const t0 = nowMs();
+        this.#barrierSince = t0;
         await qmp.execute('stop');
         const tStopped = nowMs();
         const dirty = await this.#tracker!.collect();
@@ -249,6 +255,7 @@ export class DestinationMigration {
         const disk = await this.#outputs.seal(epoch);
         const t2 = nowMs();
         await qmp.execute('cont');
+        this.#barrierSince = null;
         const pauseMs = nowMs() - t0;
 
         const acked = deferred<void>();

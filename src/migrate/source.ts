@@ -109,8 +109,10 @@ export class SourceMigration {
     const vm = this.#vm;
     const qemu = vm.qemu;
     if (!qemu || qemu.hasExited) throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} has no running QEMU`);
+    // Before switchover the VM dies with it; in post-copy the destination can no
+    // longer fetch the pages it lacks. Either way: resume from the last checkpoint.
     qemu.exited.then(() => {
-      if (this.phase.is('connecting', 'precopy', 'switchover')) {
+      if (!this.#decided && !this.phase.is('completed')) {
         void this.rollback('source-qemu-exited', new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited'));
       }
     });
