@@ -121,6 +121,7 @@ export class Cluster {
           `migration:`,
           `  listenHost: ${h.addr}`,
           `  portRange: [49152, 49160]`,
+          `metrics: "${h.addr}:9700"`,
           `logLevel: debug`,
           '',
         ].join('\n'),
@@ -184,6 +185,12 @@ export class Cluster {
       p.stderr.on('data', (d) => (stderr += d));
       p.on('close', (code) => resolve({ code, stdout, stderr }));
     });
+  }
+
+  /** Scrape a host's Prometheus endpoint from inside its namespace. */
+  metrics(h: Host): string {
+    const js = `fetch('http://${h.addr}:9700/metrics').then((r) => r.text()).then((t) => process.stdout.write(t))`;
+    return sh('ip', ['netns', 'exec', h.ns, process.execPath, '-e', js]);
   }
 
   async status(h: Host): Promise<Record<string, any>> {

@@ -17,4 +17,13 @@ t.test('migration completes and the guest keeps running on the destination', asy
   t.same(rep.corrupt, [], 'no CORRUPT on the destination');
   t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT on the source');
   t.same(memcheck(c.serialLog(c.dst)).corrupt, [], 'no CORRUPT anywhere on the destination');
+
+  // what the operator's Prometheus sees
+  const sm = c.metrics(c.src);
+  t.match(sm, /^tether_migrations_total\{outcome="completed",role="source"\} 1$/m, 'source counts the completed migration');
+  const applied = Number(/^tether_checkpoints_applied_total (\d+)$/m.exec(sm)?.[1]);
+  t.equal(applied, mig.result?.checkpoints, 'checkpoints applied match the migration result');
+  t.match(sm, /^tether_checkpoint_pause_seconds_count [1-9]\d*$/m, 'checkpoint pauses observed');
+  t.match(c.metrics(c.dst), /^tether_migrations_total\{outcome="completed",role="destination"\} 1$/m);
+  t.match(c.metrics(c.dst), /^tether_vms\{state="running"\} 1$/m, 'destination runs one VM');
 });

@@ -10,6 +10,7 @@ t.test('kill -9 of the destination QEMU mid post-copy: the VM resumes on the sou
   t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
   process.kill(d.pid, 'SIGKILL');
   await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
+  t.match(c.metrics(c.src), /^tether_rollbacks_total\{reason="destination-abort"\} 1$/m, 'the rollback is counted');
 });
 
 t.test('kill -9 of the source QEMU mid post-copy: a fresh source QEMU resumes the VM', async (t) => {

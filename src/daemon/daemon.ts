@@ -13,7 +13,9 @@ import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
+import { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
+import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { VmInstance } from '../vm/instance.ts';
@@ -33,6 +35,12 @@ export class Daemon {
   readonly #incoming = new Map<string, DestinationMigration>();
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
+  #http: http.Server | undefined;
+  readonly metrics = new TetherMetrics((set) => {
+    const counts = new Map<string, number>();
+    for (const vm of this.vms.values()) counts.set(vm.place, (counts.get(vm.place) ?? 0) + 1);
+    for (const [state, n] of counts) set({ state }, n);
+  });
 
   constructor(host: HostConfig, log: Logger, faults: Faults = parseFaults(process.env.TETHER_FAULTS)) {
     this.host = host;
@@ -51,6 +59,15 @@ export class Daemon {
     await fs.chmod(this.host.controlSocket, 0o600);
     this.#peer = net.createServer((s) => void this.#servePeer(s));
     await listen(this.#peer, { host: this.host.peer.listen.host, port: this.host.peer.listen.port });
+    if (this.host.metrics) {
+      const srv = http.createServer((req, res) => {
+        if (req.method === 'GET' && req.url === '/metrics') {
+          res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(this.metrics.registry.render());
+        } else res.writeHead(404).end();
+      });
+      await listen(srv as unknown as net.Server, { host: this.host.metrics.host, port: this.host.metrics.port });
+      this.#http = srv;
+    }
     this.log.info('daemon ready', {
       control: this.host.controlSocket,
       peer: `${this.host.peer.listen.host}:${this.host.peer.listen.port}`,
@@ -140,6 +157,7 @@ export class Daemon {
     await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
     vm.place = 'running';
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
+    this.metrics.rollbacks.inc({ reason: 'sidecar-restart' });
     log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
   }
 
@@ -147,6 +165,7 @@ export class Daemon {
   async shutdown(): Promise<void> {
     this.#control?.close();
     this.#peer?.close();
+    this.#http?.close();
     for (const d of this.#incoming.values()) await d.fence('daemon-shutdown').catch(() => {});
     for (const vm of this.vms.values()) {
       vm.place = 'stopped';
@@ -228,7 +247,7 @@ export class Daemon {
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is already migrating`);
-        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress });
+        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
         try {
@@ -326,6 +345,7 @@ export class Daemon {
         void d.run();
         void d.done.promise.then((phase) => {
           this.#incoming.delete(cfg.name);
+          this.metrics.migrations.inc({ role: 'destination', outcome: phase });
           this.log.info('incoming migration ended', { vm: cfg.name, phase });
         });
       } catch (e) {

@@ -8,6 +8,7 @@ import { CheckpointStore } from '../checkpoint/store.ts';
 import type { HostConfig } from '../config/types.ts';
 import { TetherError } from '../errors.ts';
 import { hashRamFile } from '../memory/ram.ts';
+import type { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
@@ -46,6 +47,7 @@ const PROGRESS_MS = 500;
 
 export interface SourceOptions {
   host: HostConfig;
+  metrics?: TetherMetrics;
   vm: VmInstance;
   to: { host: string; port: number };
   onProgress?: (p: Record<string, unknown>) => void;
@@ -207,6 +209,7 @@ export class SourceMigration {
         }
         if (c.kind === 'epoch-stats') {
           this.#pauses.push(c.pauseMs);
+          this.#opts.metrics?.pause.observe(c.pauseMs / 1000);
           this.#lastPauseMs = c.pauseMs;
           this.#tracker = c.tracker;
         } else if (c.kind === 'done') {
@@ -263,7 +266,10 @@ export class SourceMigration {
       return;
     }
     this.#appliedEpoch = ckpt.epoch;
-    this.#ckptBytes.push(ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + d.data.length, 0));
+    const bytes = ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + d.data.length, 0);
+    this.#ckptBytes.push(bytes);
+    this.#opts.metrics?.checkpointsApplied.inc();
+    this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
     if (this.#decided) return;
     await this.#channel?.send({ type: 'ack', epoch: ckpt.epoch }).catch(() => {});
@@ -365,6 +371,12 @@ export class SourceMigration {
 
   #finish(p: { outcome: MigrationResult['outcome']; reason?: string; err?: unknown; rollback?: RollbackFigures }): void {
     void this.#vm.setMigrationMarker(null).catch(() => {});
+    const m = this.#opts.metrics;
+    m?.migrations.inc({ role: 'source', outcome: p.outcome });
+    if (p.rollback) {
+      m?.rollbacks.inc({ reason: p.reason ?? 'unknown' });
+      if (p.outcome === 'rolled-back') m?.restore.observe(p.rollback.restoreMs / 1000);
+    }
     const err = p.err as { code?: string; message?: string } | undefined;
     this.#result.resolve({
       vm: this.#vm.name,

@@ -1,0 +1,118 @@
+/**
+ * A small Prometheus registry (text exposition format 0.0.4): counters and
+ * gauges with labels, and summaries over a sliding window of observations.
+ * Pure: the daemon serves `render()` over HTTP.
+ */
+type Labels = Record<string, string>;
+
+const key = (labels: Labels): string =>
+  Object.keys(labels)
+    .sort()
+    .map((k) => `${k}="${escapeLabel(labels[k]!)}"`)
+    .join(',');
+
+const escapeLabel = (v: string): string => v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
+
+const fmt = (v: number): string => (Number.isFinite(v) ? String(v) : Number.isNaN(v) ? 'NaN' : v > 0 ? '+Inf' : '-Inf');
+
+interface Family {
+  name: string;
+  help: string;
+  type: 'counter' | 'gauge' | 'summary';
+  render(): string[];
+}
+
+export class Counter implements Family {
+  readonly type = 'counter';
+  readonly #values = new Map<string, number>();
+  constructor(
+    readonly name: string,
+    readonly help: string,
+  ) {}
+  inc(labels: Labels = {}, by = 1): void {
+    const k = key(labels);
+    this.#values.set(k, (this.#values.get(k) ?? 0) + by);
+  }
+  render(): string[] {
+    return [...this.#values].map(([k, v]) => `${this.name}${k ? `{${k}}` : ''} ${fmt(v)}`);
+  }
+}
+
+export class Gauge implements Family {
+  readonly type = 'gauge';
+  readonly #values = new Map<string, number>();
+  /** Gauges computed at scrape time replace their values from this callback. */
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly collect?: (set: (labels: Labels, v: number) => void) => void,
+  ) {}
+  set(labels: Labels, v: number): void {
+    this.#values.set(key(labels), v);
+  }
+  render(): string[] {
+    if (this.collect) {
+      this.#values.clear();
+      this.collect((l, v) => this.set(l, v));
+    }
+    return [...this.#values].map(([k, v]) => `${this.name}${k ? `{${k}}` : ''} ${fmt(v)}`);
+  }
+}
+
+export class Summary implements Family {
+  readonly type = 'summary';
+  #window: number[] = [];
+  #sum = 0;
+  #count = 0;
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly quantiles: number[] = [0.5, 0.9, 0.99],
+    readonly windowSize = 1024,
+  ) {}
+  observe(v: number): void {
+    this.#sum += v;
+    this.#count++;
+    this.#window.push(v);
+    if (this.#window.length > this.windowSize) this.#window.shift();
+  }
+  render(): string[] {
+    const sorted = [...this.#window].sort((a, b) => a - b);
+    const q = (p: number) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))]! : NaN);
+    return [
+      ...this.quantiles.map((p) => `${this.name}{quantile="${p}"} ${fmt(q(p))}`),
+      `${this.name}_sum ${fmt(this.#sum)}`,
+      `${this.name}_count ${this.#count}`,
+    ];
+  }
+}
+
+export class Registry {
+  readonly #families: Family[] = [];
+  add<F extends Family>(f: F): F {
+    this.#families.push(f);
+    return f;
+  }
+  render(): string {
+    const out: string[] = [];
+    for (const f of this.#families) {
+      out.push(`# HELP ${f.name} ${f.help.replace(/\\/g, '\\\\').replace(/\n/g, '\\n')}`, `# TYPE ${f.name} ${f.type}`, ...f.render());
+    }
+    return out.join('\n') + '\n';
+  }
+}
+
+/** tether's metrics, one set per daemon. */
+export class TetherMetrics {
+  readonly registry = new Registry();
+  readonly migrations = this.registry.add(new Counter('tether_migrations_total', 'Migrations that ended, by role and outcome.'));
+  readonly rollbacks = this.registry.add(new Counter('tether_rollbacks_total', 'Rollbacks on the source, by reason.'));
+  readonly checkpointsApplied = this.registry.add(new Counter('tether_checkpoints_applied_total', 'Checkpoints applied and acknowledged by this host as a source.'));
+  readonly checkpointBytes = this.registry.add(new Counter('tether_checkpoint_bytes_total', 'Bytes of checkpoints applied by this host as a source.'));
+  readonly pause = this.registry.add(new Summary('tether_checkpoint_pause_seconds', 'VM pause per checkpoint on the destination (stop to cont).'));
+  readonly restore = this.registry.add(new Summary('tether_rollback_restore_seconds', 'Rollback decision to VM running on the source.'));
+  readonly vms: Gauge;
+  constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
+    this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
+  }
+}
