@@ -3,7 +3,10 @@ import { assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 import { fileSize, waitFor, waitPasses } from './harness.ts';
 
 t.test('failure before the first checkpoint resumes from checkpoint 0', async (t) => {
-  const c = await bootCluster(t, { faults: { destination: 'delay-first-checkpoint-ms=600000' }, vm: { fenceTimeoutMs: 60000, failoverTimeoutMs: 120000 } });
+  const c = await bootCluster(t, {
+    faults: { destination: 'delay-first-checkpoint-ms=600000' },
+    vm: { fenceTimeoutMs: 60000, failoverTimeoutMs: 120000 },
+  });
   const migrating = c.migrate();
   // the VM runs on the destination (post-copy), but no checkpoint was taken yet
   await waitFor(async () => (await c.status(c.src)).migration?.phase === 'postcopy', 'switchover');
@@ -13,7 +16,7 @@ t.test('failure before the first checkpoint resumes from checkpoint 0', async (t
 });
 
 for (const mode of ['corrupt', 'truncate'] as const) {
-  t.test(`a ${mode === "corrupt" ? "corrupted" : "truncated"} checkpoint is rejected and the previous one restores`, async (t) => {
+  t.test(`a ${mode === 'corrupt' ? 'corrupted' : 'truncated'} checkpoint is rejected and the previous one restores`, async (t) => {
     const c = await bootCluster(t, { faults: { destination: `${mode}-epoch=4` } });
     const mig = await c.migrate();
     if (mode === 'corrupt') {

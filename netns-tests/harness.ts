@@ -35,7 +35,14 @@ export interface ClusterOptions {
   /** Give the destination a different peer key than the source (an impostor). */
   mismatchedKeys?: boolean;
   /** Overrides merged into the VM YAML. */
-  vm?: { memcheckMiB?: number; memcheckMBps?: number; maxBandwidth?: number; intervalMs?: number; failoverTimeoutMs?: number; fenceTimeoutMs?: number };
+  vm?: {
+    memcheckMiB?: number;
+    memcheckMBps?: number;
+    maxBandwidth?: number;
+    intervalMs?: number;
+    failoverTimeoutMs?: number;
+    fenceTimeoutMs?: number;
+  };
 }
 
 export interface RunResult {
@@ -100,7 +107,10 @@ export class Cluster {
     sh('ip', ['link', 'add', `${id}a`, 'type', 'veth', 'peer', 'name', `${id}b`]);
     sh('ip', ['link', 'set', `${id}a`, 'netns', src.ns]);
     sh('ip', ['link', 'set', `${id}b`, 'netns', dst.ns]);
-    for (const [h, ifc] of [[src, `${id}a`], [dst, `${id}b`]] as const) {
+    for (const [h, ifc] of [
+      [src, `${id}a`],
+      [dst, `${id}b`],
+    ] as const) {
       sh('ip', ['-n', h.ns, 'addr', 'add', `${h.addr}/24`, 'dev', ifc]);
       sh('ip', ['-n', h.ns, 'link', 'set', ifc, 'up']);
       sh('ip', ['-n', h.ns, 'link', 'set', 'lo', 'up']);

@@ -62,10 +62,14 @@ export async function assertSurvivedOnSource(
 }
 
 export async function assertNotRunningOn(t: Test, c: Cluster, h: Host): Promise<void> {
-  await waitFor(async () => {
-    const s = await c.status(h);
-    return s.state !== 'running' && s.state !== 'migrating-in';
-  }, `VM stopped on ${h.name}`, 60_000);
+  await waitFor(
+    async () => {
+      const s = await c.status(h);
+      return s.state !== 'running' && s.state !== 'migrating-in';
+    },
+    `VM stopped on ${h.name}`,
+    60_000,
+  );
   const s = await c.status(h);
   t.notOk(qemuAlive(s.pid), `no QEMU for the VM on ${h.name} (state ${s.state})`);
 }

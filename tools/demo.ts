@@ -38,7 +38,9 @@ async function main(): Promise<number> {
     const mig = await migrating;
     const r = mig.result;
     line(`tether migrate exited ${mig.code}: outcome ${r?.outcome}, reason ${r?.reason}`);
-    line(`resumed from checkpoint ${r?.rollback?.epoch}: detected in ${r?.rollback?.detectMs} ms, restored in ${r?.rollback?.restoreMs} ms`);
+    line(
+      `resumed from checkpoint ${r?.rollback?.epoch}: detected in ${r?.rollback?.detectMs} ms, restored in ${r?.rollback?.restoreMs} ms`,
+    );
     const from = fileSize(c.serialLog(c.src));
     const after = await waitPasses(c.serialLog(c.src), from, 2, 'after the rollback');
     line(`memcheck on the source after rollback: passes ${after.passes.join(' ')}, corrupt pages: ${after.corrupt.length}`);
@@ -48,7 +50,9 @@ async function main(): Promise<number> {
     say('migrating the same VM again, this time to completion');
     const again = await c.migrate();
     const a = again.result;
-    line(`tether migrate exited ${again.code}: outcome ${a?.outcome} in ${a?.totalMs} ms, ${a?.checkpoints} checkpoints, pause p50 ${a?.pauseMs?.p50} ms`);
+    line(
+      `tether migrate exited ${again.code}: outcome ${a?.outcome} in ${a?.totalMs} ms, ${a?.checkpoints} checkpoints, pause p50 ${a?.pauseMs?.p50} ms`,
+    );
     const from2 = fileSize(c.serialLog(c.dst));
     const onDst = await waitPasses(c.serialLog(c.dst), from2, 1, 'on the destination');
     line(`memcheck on the destination: passes ${onDst.passes.join(' ')}, corrupt pages: ${onDst.corrupt.length}`);

@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 tools/bootstrap.sh || { echo "0 passed, 1 failed"; exit 1; }
 
-echo "== tsc --noEmit"
+echo "== tsc --noEmit, prettier --check"
 npx tsc --noEmit || { echo "0 passed, 1 failed"; exit 1; }
+npm run --silent lint || { echo "0 passed, 1 failed"; exit 1; }
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

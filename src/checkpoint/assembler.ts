@@ -196,11 +196,7 @@ export class CheckpointAssembler {
         return null;
       case 'commit': {
         if (tx.devstate === null) throw ckptError('ERR_CKPT_INCOMPLETE', `COMMIT ${tx.epoch} without DEVSTATE`);
-        if (
-          msg.pages !== tx.pages ||
-          msg.diskBytes !== tx.diskBytes ||
-          msg.devstateBytes !== tx.devstate.length
-        ) {
+        if (msg.pages !== tx.pages || msg.diskBytes !== tx.diskBytes || msg.devstateBytes !== tx.devstate.length) {
           throw ckptError('ERR_CKPT_TOTALS', `COMMIT ${tx.epoch} totals do not match what was received`, {
             commit: { pages: msg.pages, diskBytes: msg.diskBytes, devstateBytes: msg.devstateBytes },
             received: { pages: tx.pages, diskBytes: tx.diskBytes, devstateBytes: tx.devstate.length },
@@ -236,11 +232,7 @@ export class CheckpointAssembler {
   }
 }
 
-function concatTyped<T extends Uint32Array | Uint8Array>(
-  Ctor: new (n: number) => T,
-  chunks: readonly T[],
-  total: number,
-): T {
+function concatTyped<T extends Uint32Array | Uint8Array>(Ctor: new (n: number) => T, chunks: readonly T[], total: number): T {
   const out = new Ctor(total);
   let off = 0;
   for (const c of chunks) {

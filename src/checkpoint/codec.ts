@@ -47,14 +47,7 @@
 import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
-import {
-  MAX_EPOCH,
-  PAGE_SIZE,
-  type DigestedMessage,
-  type Message,
-  type MessageType,
-  type Role,
-} from './messages.ts';
+import { MAX_EPOCH, PAGE_SIZE, type DigestedMessage, type Message, type MessageType, type Role } from './messages.ts';
 
 export const FRAME_MAGIC = Buffer.from('TTHR', 'latin1');
 export const FRAME_VERSION = 1;
@@ -82,9 +75,7 @@ export const MESSAGE_TYPE_CODES = {
   abort: 0x3f,
 } as const satisfies Record<MessageType, number>;
 
-const TYPE_BY_CODE = new Map<number, MessageType>(
-  Object.entries(MESSAGE_TYPE_CODES).map(([name, code]) => [code, name as MessageType]),
-);
+const TYPE_BY_CODE = new Map<number, MessageType>(Object.entries(MESSAGE_TYPE_CODES).map(([name, code]) => [code, name as MessageType]));
 
 const ROLE_BYTE: Record<Role, number> = { source: 0, destination: 1 };
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
@@ -358,7 +349,10 @@ function malformed(message: string, details?: Record<string, unknown>): TetherEr
 
 class Reader {
   private off = 0;
-  constructor(private readonly buf: Buffer, private readonly what: string) {}
+  constructor(
+    private readonly buf: Buffer,
+    private readonly what: string,
+  ) {}
 
   private need(n: number): void {
     if (this.buf.length - this.off < n) {
@@ -605,8 +599,7 @@ export class Decoder {
     try {
       return this.drain(chunk);
     } catch (e) {
-      this.poison =
-        e instanceof TetherError ? e : new TetherError('ERR_PROTO_MALFORMED', 'decoder failure', { cause: String(e) });
+      this.poison = e instanceof TetherError ? e : new TetherError('ERR_PROTO_MALFORMED', 'decoder failure', { cause: String(e) });
       this.chunks = [];
       this.buffered = 0;
       this.pending = null;
@@ -775,11 +768,7 @@ export function sessionKey(psk: Buffer, nonceSource: Buffer, nonceDestination: B
   if (nonceSource.equals(nonceDestination)) {
     throw new TetherError('ERR_PROTO_HANDSHAKE', 'peer echoed our nonce');
   }
-  return createHmac('sha256', psk)
-    .update('tether/v1 session')
-    .update(nonceSource)
-    .update(nonceDestination)
-    .digest();
+  return createHmac('sha256', psk).update('tether/v1 session').update(nonceSource).update(nonceDestination).digest();
 }
 
 /** The AUTH mac a peer of `role` sends. */
@@ -795,13 +784,7 @@ export function authMac(key: Buffer, role: Role, nonceSource: Buffer, nonceDesti
 }
 
 /** True iff `mac` is the AUTH mac of a peer of `peerRole` (constant-time compare). */
-export function verifyAuth(
-  key: Buffer,
-  peerRole: Role,
-  nonceSource: Buffer,
-  nonceDestination: Buffer,
-  mac: Buffer,
-): boolean {
+export function verifyAuth(key: Buffer, peerRole: Role, nonceSource: Buffer, nonceDestination: Buffer, mac: Buffer): boolean {
   const expected = authMac(key, peerRole, nonceSource, nonceDestination);
   return Buffer.isBuffer(mac) && mac.length === expected.length && timingSafeEqual(expected, mac);
 }
@@ -809,7 +792,10 @@ export function verifyAuth(
 /** Per-direction frame keys for a peer of role `self`. */
 export function directionKeys(key: Buffer, self: Role): DirectionKeys {
   const from = (role: Role): Buffer =>
-    createHmac('sha256', key).update('tether/v1 frames').update(Buffer.from([ROLE_BYTE[role]])).digest();
+    createHmac('sha256', key)
+      .update('tether/v1 frames')
+      .update(Buffer.from([ROLE_BYTE[role]]))
+      .digest();
   const peer: Role = self === 'source' ? 'destination' : 'source';
   return { send: from(self), receive: from(peer) };
 }

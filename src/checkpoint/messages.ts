@@ -134,12 +134,7 @@ export type Message =
 export type MessageType = Message['type'];
 
 /** Messages that make up a checkpoint transaction. */
-export type CheckpointMessage =
-  | BeginMessage
-  | PagesMessage
-  | DiskMessage
-  | DevstateMessage
-  | CommitMessage;
+export type CheckpointMessage = BeginMessage | PagesMessage | DiskMessage | DevstateMessage | CommitMessage;
 
 /** Messages whose payload is covered by COMMIT.digest. */
 export type DigestedMessage = PagesMessage | DiskMessage | DevstateMessage;

@@ -24,9 +24,35 @@ function ckpt(epoch: number, pages: [pfn: number, fill: number | 'zero'][], disk
   };
 }
 
-const C1 = ckpt(1, [[5, 0xaa], [3, 0xbb], [4, 'zero'], [15, 0xcc], [0, 0xdd]], [[100, 'hello']]);
-const C2 = ckpt(2, [[4, 0x44], [6, 'zero'], [3, 0x33]], [[100, 'HE'], [4096, 'world']]);
-const C3 = ckpt(3, [[7, 0x77], [0, 'zero'], [8, 0x88], [9, 0x99]]);
+const C1 = ckpt(
+  1,
+  [
+    [5, 0xaa],
+    [3, 0xbb],
+    [4, 'zero'],
+    [15, 0xcc],
+    [0, 0xdd],
+  ],
+  [[100, 'hello']],
+);
+const C2 = ckpt(
+  2,
+  [
+    [4, 0x44],
+    [6, 'zero'],
+    [3, 0x33],
+  ],
+  [
+    [100, 'HE'],
+    [4096, 'world'],
+  ],
+);
+const C3 = ckpt(3, [
+  [7, 0x77],
+  [0, 'zero'],
+  [8, 0x88],
+  [9, 0x99],
+]);
 
 /** Expected RAM image: starts as 0x01 everywhere, checkpoints applied in order. */
 function expectedRam(...cs: Checkpoint[]): Buffer {
@@ -68,9 +94,16 @@ async function setup(t: Test, disk?: DiskSink) {
   const snapshot = async () => {
     const files: Record<string, string> = {};
     for (const name of (await readdir(dir)).sort()) {
-      files[name] = createHash('sha256').update(await readFile(path.join(dir, name))).digest('hex');
+      files[name] = createHash('sha256')
+        .update(await readFile(path.join(dir, name)))
+        .digest('hex');
     }
-    return { ram: createHash('sha256').update(await readFile(ramPath)).digest('hex'), files };
+    return {
+      ram: createHash('sha256')
+        .update(await readFile(ramPath))
+        .digest('hex'),
+      files,
+    };
   };
   return { dir, ramPath, make, snapshot };
 }
@@ -105,7 +138,15 @@ t.test('init0 and two checkpoints', async (t) => {
   t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin'], 'no stage, no old device state');
   const record = JSON.parse(await readFile(path.join(dir, 'applied.json'), 'utf8'));
   t.match(record, { epoch: 2, devstate: 'devstate-2.bin', devstateBytes: C2.devstate.length, crc32: Number });
-  t.same(disk.writes, [[100, 'hello'], [100, 'HE'], [4096, 'world']], 'disk extents in order');
+  t.same(
+    disk.writes,
+    [
+      [100, 'hello'],
+      [100, 'HE'],
+      [4096, 'world'],
+    ],
+    'disk extents in order',
+  );
   t.equal(disk.flushes, 2);
 
   // A fresh store (restart) sees the same state.
@@ -122,7 +163,17 @@ t.test('apply refuses anything but applied+1 and invalid checkpoints, changing n
   t.equal(await code(store.apply(C1)), 'ERR_CKPT_EPOCH', 'same epoch again');
   t.equal(await code(store.apply(C3)), 'ERR_CKPT_EPOCH', 'skips an epoch');
   t.equal(await code(store.apply(ckpt(2, [[PAGES, 1]]))), 'ERR_CKPT_PFN_RANGE');
-  t.equal(await code(store.apply(ckpt(2, [[2, 1], [2, 2]]))), 'ERR_CKPT_DUPLICATE_PAGE');
+  t.equal(
+    await code(
+      store.apply(
+        ckpt(2, [
+          [2, 1],
+          [2, 2],
+        ]),
+      ),
+    ),
+    'ERR_CKPT_DUPLICATE_PAGE',
+  );
   t.equal(await code(store.apply({ ...C2, data: C2.data.subarray(1) })), 'ERR_CKPT_INVALID');
   t.same(await snapshot(), before);
   t.equal(store.lastApplied().epoch, 1);
@@ -180,7 +231,10 @@ t.test('crash after the stage was persisted: recover re-applies it', async (t) =
   t.ok((await readFile(ramPath)).equals(expectedRam(C1, C2)));
   t.ok((await readFile(path.join(dir, 'devstate-2.bin'))).equals(C2.devstate));
   t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin']);
-  t.same(disk.writes.slice(-2), [[100, 'HE'], [4096, 'world']]);
+  t.same(disk.writes.slice(-2), [
+    [100, 'HE'],
+    [4096, 'world'],
+  ]);
 
   // Recover is idempotent, and the store goes on.
   t.same((await make().recover()).stage, { action: 'none' });
@@ -288,10 +342,28 @@ function flip(b: Buffer, i: number): Buffer {
 
 t.test('stage codec: round-trip, every corrupted byte detected, garbage only TetherError', async (t) => {
   const plain = (c: Checkpoint) =>
-    JSON.stringify([c.epoch, [...c.pfns], [...c.zeroMask], c.data.toString('hex'), c.disk.map((d) => [d.offset, d.data.toString('hex')]), c.devstate.toString('hex')]);
+    JSON.stringify([
+      c.epoch,
+      [...c.pfns],
+      [...c.zeroMask],
+      c.data.toString('hex'),
+      c.disk.map((d) => [d.offset, d.data.toString('hex')]),
+      c.devstate.toString('hex'),
+    ]);
   for (const c of [C1, C2, C3, ckpt(9, [])]) t.equal(plain(decodeStage(Buffer.concat(encodeStage(c)))), plain(c));
 
-  const small = Buffer.concat(encodeStage(ckpt(1, [[2, 'zero'], [3, 'zero']], [[7, 'ab']])));
+  const small = Buffer.concat(
+    encodeStage(
+      ckpt(
+        1,
+        [
+          [2, 'zero'],
+          [3, 'zero'],
+        ],
+        [[7, 'ab']],
+      ),
+    ),
+  );
   const codes = new Set<string>();
   for (let i = 0; i < small.length; i++) {
     try {

@@ -122,10 +122,19 @@ t.test('host: peer.keyFile raw bytes and base64 text, relative to baseDir', asyn
   t.ok(parseHostConfig(mk('b64.key'), { baseDir: dir }).peer.key.equals(KEY32));
 
   fs.writeFileSync(path.join(dir, 'short.key'), Buffer.alloc(31, 1));
-  t.match(err(() => parseHostConfig(mk('short.key'), { baseDir: dir })), { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' });
+  t.match(
+    err(() => parseHostConfig(mk('short.key'), { baseDir: dir })),
+    { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
+  );
   fs.writeFileSync(path.join(dir, 'shortb64.key'), Buffer.alloc(20, 1).toString('base64'));
-  t.match(err(() => parseHostConfig(mk('shortb64.key'), { baseDir: dir })), { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' });
-  t.match(err(() => parseHostConfig(mk('missing.key'), { baseDir: dir })), { code: 'ERR_CONFIG_READ', field: 'peer.keyFile' });
+  t.match(
+    err(() => parseHostConfig(mk('shortb64.key'), { baseDir: dir })),
+    { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
+  );
+  t.match(
+    err(() => parseHostConfig(mk('missing.key'), { baseDir: dir })),
+    { code: 'ERR_CONFIG_READ', field: 'peer.keyFile' },
+  );
 });
 
 t.test('host: bad fields', async (t) => {
@@ -179,16 +188,22 @@ t.test('host: bad fields', async (t) => {
   const e = err(() => parseHostConfig(withField(minimalHost(), 'peer.listen', '0.0.0.0:7700'), base));
   t.match(e, { code: 'ERR_CONFIG_INVALID', field: 'migration.listenHost' });
   t.equal(
-    parseHostConfig(withField(withField(minimalHost(), 'peer.listen', '0.0.0.0:7700'), 'migration.listenHost', '10.1.1.1'), base)
-      .migration.listenHost,
+    parseHostConfig(withField(withField(minimalHost(), 'peer.listen', '0.0.0.0:7700'), 'migration.listenHost', '10.1.1.1'), base).migration
+      .listenHost,
     '10.1.1.1',
   );
 });
 
 t.test('root must be a mapping', async (t) => {
   for (const v of [null, undefined, 'x', 1, []]) {
-    t.match(err(() => parseHostConfig(v, base)), { code: 'ERR_CONFIG_INVALID', field: '' });
-    t.match(err(() => parseVmConfig(v, base)), { code: 'ERR_CONFIG_INVALID', field: '' });
+    t.match(
+      err(() => parseHostConfig(v, base)),
+      { code: 'ERR_CONFIG_INVALID', field: '' },
+    );
+    t.match(
+      err(() => parseVmConfig(v, base)),
+      { code: 'ERR_CONFIG_INVALID', field: '' },
+    );
   }
 });
 
@@ -262,8 +277,15 @@ t.test('vm: bad fields', async (t) => {
 
 t.test('files: unreadable, YAML syntax, duplicate keys, invalid field with file in details', async (t) => {
   const dir = tmpdir(t);
-  t.match(err(() => loadVmConfig(path.join(dir, 'nope.yaml'))), { code: 'ERR_CONFIG_READ' });
-  t.match(err(() => loadHostConfig(dir)), { code: 'ERR_CONFIG_READ' }, 'a directory');
+  t.match(
+    err(() => loadVmConfig(path.join(dir, 'nope.yaml'))),
+    { code: 'ERR_CONFIG_READ' },
+  );
+  t.match(
+    err(() => loadHostConfig(dir)),
+    { code: 'ERR_CONFIG_READ' },
+    'a directory',
+  );
 
   const bad = path.join(dir, 'bad.yaml');
   fs.writeFileSync(bad, 'name: vm1\nqemu: [unclosed\n');
@@ -273,7 +295,11 @@ t.test('files: unreadable, YAML syntax, duplicate keys, invalid field with file 
   t.type(e.details?.['line'], 'number');
 
   fs.writeFileSync(bad, 'name: vm1\nname: vm2\n');
-  t.match(err(() => loadVmConfig(bad)), { code: 'ERR_CONFIG_YAML' }, 'duplicate key');
+  t.match(
+    err(() => loadVmConfig(bad)),
+    { code: 'ERR_CONFIG_YAML' },
+    'duplicate key',
+  );
 
   fs.writeFileSync(bad, 'name: vm1\nmemoryMiB: 512\nkernel: k\ncheckpoint:\n  intervalMs: 1\n');
   const e2 = err(() => loadVmConfig(bad));
@@ -281,7 +307,11 @@ t.test('files: unreadable, YAML syntax, duplicate keys, invalid field with file 
   t.equal(e2.details?.['file'], bad);
 
   fs.writeFileSync(bad, '');
-  t.match(err(() => loadVmConfig(bad)), { code: 'ERR_CONFIG_INVALID', field: '' }, 'empty file');
+  t.match(
+    err(() => loadVmConfig(bad)),
+    { code: 'ERR_CONFIG_INVALID', field: '' },
+    'empty file',
+  );
 });
 
 t.test('files: relative paths resolve against the YAML file directory, not cwd', async (t) => {

@@ -38,11 +38,7 @@ export async function callDaemon(
       }
     });
     sock.on('error', (e: NodeJS.ErrnoException) =>
-      finish(() =>
-        reject(
-          new TetherError('ERR_CONTROL_CONNECT', `cannot reach tether daemon at ${socketPath}: ${e.code ?? e.message}`),
-        ),
-      ),
+      finish(() => reject(new TetherError('ERR_CONTROL_CONNECT', `cannot reach tether daemon at ${socketPath}: ${e.code ?? e.message}`))),
     );
     sock.on('close', () => finish(() => reject(new TetherError('ERR_CONTROL_CLOSED', 'daemon closed the connection'))));
   });

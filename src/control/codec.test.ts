@@ -6,7 +6,14 @@ t.test('decodes lines split at every byte', async (t) => {
   for (let i = 0; i <= text.length; i++) {
     const d = new LineDecoder();
     const got = [...d.push(text.slice(0, i)), ...d.push(text.slice(i))];
-    t.same(got, [{ id: 1, method: 'status', params: { vm: 'a' } }, { id: 2, result: true }], `split at ${i}`);
+    t.same(
+      got,
+      [
+        { id: 1, method: 'status', params: { vm: 'a' } },
+        { id: 2, result: true },
+      ],
+      `split at ${i}`,
+    );
   }
 });
 

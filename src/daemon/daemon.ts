@@ -203,7 +203,10 @@ export class Daemon {
           (e: unknown) => {
             const err = e as TetherError;
             if (!(e instanceof TetherError)) this.log.error('control request failed', { method: req.method, error: errorFields(e) });
-            if (!sock.destroyed) sock.write(encodeLine({ id: req.id, error: { code: err.code ?? 'ERR_INTERNAL', message: err.message, details: err.details } }));
+            if (!sock.destroyed)
+              sock.write(
+                encodeLine({ id: req.id, error: { code: err.code ?? 'ERR_INTERNAL', message: err.message, details: err.details } }),
+              );
           },
         );
       }

@@ -2,16 +2,7 @@ import t from 'tap';
 import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isTetherError } from '../errors.ts';
-import {
-  hashBuffer,
-  hashFile,
-  readPages,
-  scanDirty,
-  softDirtyProbe,
-  xxh64,
-  zeroMask,
-  zeroPageHash,
-} from './native.ts';
+import { hashBuffer, hashFile, readPages, scanDirty, softDirtyProbe, xxh64, zeroMask, zeroPageHash } from './native.ts';
 import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './test-util.ts';
 
 const dir = scratchDir();
@@ -20,7 +11,6 @@ t.teardown(() => removeDir(dir));
 function hashAt(table: Buffer, pfn: number): bigint {
   return table.readBigUInt64LE(pfn * 8);
 }
-
 
 t.test('xxh64 matches the reference XXH64 (values from xxh64sum)', async (t) => {
   t.equal(xxh64(Buffer.alloc(0)), 0xef46db3751d8e999n);

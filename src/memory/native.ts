@@ -17,13 +17,7 @@ export const PAGE_SIZE = 4096;
 
 export interface NativeBinding {
   hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): void;
-  scanDirty(
-    fd: number,
-    pages: number,
-    table: Uint8Array,
-    candidates: Uint32Array | null,
-    threads?: number,
-  ): Uint32Array;
+  scanDirty(fd: number, pages: number, table: Uint8Array, candidates: Uint32Array | null, threads?: number): Uint32Array;
   hashBuffer(buf: Uint8Array): Buffer;
   readPages(fd: number, pfns: Uint32Array, out: Uint8Array): void;
   zeroMask(buf: Uint8Array, out: Uint8Array): number;
@@ -45,9 +39,7 @@ export interface SoftDirtyProbe {
   after: bigint;
 }
 
-export const NATIVE_PATH = fileURLToPath(
-  new URL('../../native/build/Release/tether_native.node', import.meta.url),
-);
+export const NATIVE_PATH = fileURLToPath(new URL('../../native/build/Release/tether_native.node', import.meta.url));
 
 let binding: NativeBinding | undefined;
 
@@ -61,8 +53,7 @@ export function loadNative(): NativeBinding {
     const err = e as NodeJS.ErrnoException;
     throw new TetherError(
       'ERR_MEM_NATIVE_MISSING',
-      `native addon ${NATIVE_PATH} could not be loaded (${err.code ?? 'error'}: ${err.message}); ` +
-        'run `npm run build:native`',
+      `native addon ${NATIVE_PATH} could not be loaded (${err.code ?? 'error'}: ${err.message}); ` + 'run `npm run build:native`',
       { path: NATIVE_PATH, cause: err.code },
     );
   }

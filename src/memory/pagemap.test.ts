@@ -97,7 +97,11 @@ t.test('findRamSegments', async (t) => {
   t.same(findRamSegments(MAPS, '/dev/shm/tether vm/ram', pages, 4242), segs, 'inode matches');
   t.throws(() => findRamSegments(MAPS, '/dev/shm/tether vm/ram', pages, 1), { code: 'ERR_MEM_SOFTDIRTY_MAPPING' }, 'inode mismatch');
   t.throws(() => findRamSegments(MAPS, '/dev/shm/nope', pages), { code: 'ERR_MEM_SOFTDIRTY_MAPPING' });
-  t.throws(() => findRamSegments(MAPS, '/dev/shm/tether vm/ram', pages + 1), { code: 'ERR_MEM_SOFTDIRTY_MAPPING' }, 'file larger than the mapping');
+  t.throws(
+    () => findRamSegments(MAPS, '/dev/shm/tether vm/ram', pages + 1),
+    { code: 'ERR_MEM_SOFTDIRTY_MAPPING' },
+    'file larger than the mapping',
+  );
   t.same(findRamSegments(MAPS, '/dev/shm/tether vm/ram', 16), [{ filePage: 0, pages: 16, vpage: 0x7f1200000n }], 'clipped');
 
   // QEMU's mapping split into VMAs (madvise/mprotect), listed out of order, with a private mapping of the same file
@@ -111,7 +115,10 @@ t.test('findRamSegments', async (t) => {
     { filePage: 16, pages: 16, vpage: 0x7f0000010n },
     { filePage: 32, pages: 16, vpage: 0x7f0000020n },
   ]);
-  const gap = split.split('\n').filter((l) => !l.includes(' 00010000 ')).join('\n');
+  const gap = split
+    .split('\n')
+    .filter((l) => !l.includes(' 00010000 '))
+    .join('\n');
   try {
     findRamSegments(gap, '/dev/shm/r', 48);
     t.fail('gap not detected');

@@ -132,12 +132,7 @@ export interface RamSegment {
  * `ramPages` file pages, sorted by file page. Throws ERR_MEM_SOFTDIRTY_MAPPING
  * when some file page is not mapped (a write there could not be observed).
  */
-export function findRamSegments(
-  maps: MapsLine[] | string,
-  ramPath: string,
-  ramPages: number,
-  inode?: number,
-): RamSegment[] {
+export function findRamSegments(maps: MapsLine[] | string, ramPath: string, ramPages: number, inode?: number): RamSegment[] {
   const lines = typeof maps === 'string' ? parseMaps(maps) : maps;
   const page = BigInt(PAGE_SIZE);
   const segs: RamSegment[] = [];

@@ -25,10 +25,9 @@ const scenario = pagesArb.chain((pages) =>
       maxLength: 200,
     }),
     // some contiguous runs to exercise chunking
-    runs: fc.array(
-      fc.tuple(fc.integer({ min: 0, max: pages - 1 }), fc.integer({ min: 1, max: 200 }), fc.integer({ min: 1, max: 4 })),
-      { maxLength: 3 },
-    ),
+    runs: fc.array(fc.tuple(fc.integer({ min: 0, max: pages - 1 }), fc.integer({ min: 1, max: 200 }), fc.integer({ min: 1, max: 4 })), {
+      maxLength: 3,
+    }),
     threads: fc.integer({ min: 1, max: 3 }),
     candidates: fc.option(fc.array(fc.integer({ min: 0, max: pages - 1 }), { maxLength: 300 }), { nil: null }),
   }),
@@ -73,7 +72,11 @@ t.test('scanDirty returns exactly the pages whose content changed', async (t) =>
         const fresh = Buffer.alloc(s.pages * 8);
         hashFile(f.fd, s.pages, fresh, 1);
         for (let p = 0; p < s.pages; p++) {
-          if (model[p]! >= 0 && (!inScope || inScope.has(p)) && !fresh.subarray(p * 8, p * 8 + 8).equals(table.subarray(p * 8, p * 8 + 8))) {
+          if (
+            model[p]! >= 0 &&
+            (!inScope || inScope.has(p)) &&
+            !fresh.subarray(p * 8, p * 8 + 8).equals(table.subarray(p * 8, p * 8 + 8))
+          ) {
             throw new Error(`table[${p}] stale`);
           }
         }

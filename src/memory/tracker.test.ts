@@ -13,7 +13,6 @@ import { page, PAGE, rejectsCode, removeDir, scratchDir, sparseFile } from './te
 const dir = scratchDir();
 t.teardown(() => removeDir(dir));
 
-
 t.test('ramPages', async (t) => {
   t.equal(ramPages(512 * 1024 * 1024), 131072);
   for (const bad of [0, -4096, 4095, 4096.5, NaN, 2 ** 60]) t.throws(() => ramPages(bad), { code: 'ERR_MEM_RAM_SIZE' }, String(bad));

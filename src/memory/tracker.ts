@@ -54,10 +54,7 @@ export async function softDirtyStatus(): Promise<SoftDirtyProbe> {
   return softDirtyProbe();
 }
 
-export async function createTracker(
-  kind: 'auto' | TrackerKind,
-  opts: TrackerOptions,
-): Promise<DirtyTracker> {
+export async function createTracker(kind: 'auto' | TrackerKind, opts: TrackerOptions): Promise<DirtyTracker> {
   switch (kind) {
     case 'scan':
       return ScanTracker.open(opts, 'configured: scan');

@@ -107,9 +107,15 @@ export class TetherMetrics {
   readonly registry = new Registry();
   readonly migrations = this.registry.add(new Counter('tether_migrations_total', 'Migrations that ended, by role and outcome.'));
   readonly rollbacks = this.registry.add(new Counter('tether_rollbacks_total', 'Rollbacks on the source, by reason.'));
-  readonly checkpointsApplied = this.registry.add(new Counter('tether_checkpoints_applied_total', 'Checkpoints applied and acknowledged by this host as a source.'));
-  readonly checkpointBytes = this.registry.add(new Counter('tether_checkpoint_bytes_total', 'Bytes of checkpoints applied by this host as a source.'));
-  readonly pause = this.registry.add(new Summary('tether_checkpoint_pause_seconds', 'VM pause per checkpoint on the destination (stop to cont).'));
+  readonly checkpointsApplied = this.registry.add(
+    new Counter('tether_checkpoints_applied_total', 'Checkpoints applied and acknowledged by this host as a source.'),
+  );
+  readonly checkpointBytes = this.registry.add(
+    new Counter('tether_checkpoint_bytes_total', 'Bytes of checkpoints applied by this host as a source.'),
+  );
+  readonly pause = this.registry.add(
+    new Summary('tether_checkpoint_pause_seconds', 'VM pause per checkpoint on the destination (stop to cont).'),
+  );
   readonly restore = this.registry.add(new Summary('tether_rollback_restore_seconds', 'Rollback decision to VM running on the source.'));
   readonly vms: Gauge;
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {

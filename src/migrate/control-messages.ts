@@ -14,7 +14,16 @@ export type PeerControl =
   | { kind: 'prepare'; vm: VmConfig; sendConfiguration: boolean }
   | { kind: 'ready'; uri: string }
   | { kind: 'hashes-done'; pages: number }
-  | { kind: 'epoch-stats'; epoch: number; pauseMs: number; pages: number; bytes: number; collectMs: number; saveMs: number; tracker: string }
+  | {
+      kind: 'epoch-stats';
+      epoch: number;
+      pauseMs: number;
+      pages: number;
+      bytes: number;
+      collectMs: number;
+      saveMs: number;
+      tracker: string;
+    }
   | { kind: 'done'; finalEpoch: number };
 
 export function asPeerControl(body: Record<string, unknown>): PeerControl {

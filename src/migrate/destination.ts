@@ -137,7 +137,9 @@ export class DestinationMigration {
     } catch (e) {
       if (!this.#stopped) {
         this.#log.error('incoming migration failed', { error: errorFields(e) });
-        await this.#ch.send({ type: 'abort', code: (e as TetherError).code ?? 'ERR_DESTINATION', reason: (e as Error).message }).catch(() => {});
+        await this.#ch
+          .send({ type: 'abort', code: (e as TetherError).code ?? 'ERR_DESTINATION', reason: (e as Error).message })
+          .catch(() => {});
         await this.fence('destination-error', e);
       }
     }
@@ -275,7 +277,16 @@ export class DestinationMigration {
         });
         await this.#ch.send({
           type: 'control',
-          body: { kind: 'epoch-stats', epoch, pauseMs, pages: dirty.length, bytes, collectMs: t1 - t0, saveMs: t2 - t1, tracker: this.#tracker!.kind },
+          body: {
+            kind: 'epoch-stats',
+            epoch,
+            pauseMs,
+            pages: dirty.length,
+            bytes,
+            collectMs: t1 - t0,
+            saveMs: t2 - t1,
+            tracker: this.#tracker!.kind,
+          },
         });
         if (final) {
           await acked.promise;
@@ -363,7 +374,10 @@ export class DestinationMigration {
     }
     const sentAt = this.#inflight?.done === false ? this.#inflight.sentAt : undefined;
     if (sentAt !== undefined && now - sentAt > cfg.failoverTimeoutMs) {
-      void this.fence('no-ack', new TetherError('ERR_FENCED', `checkpoint ${this.#inflight!.epoch} unacknowledged for ${Math.round(now - sentAt)} ms`));
+      void this.fence(
+        'no-ack',
+        new TetherError('ERR_FENCED', `checkpoint ${this.#inflight!.epoch} unacknowledged for ${Math.round(now - sentAt)} ms`),
+      );
     }
   }
 

@@ -23,7 +23,10 @@ const NAMES: Record<string, keyof Faults> = {
 export function parseFaults(spec: string | undefined): Faults {
   const out: Faults = {};
   if (!spec) return out;
-  for (const part of spec.split(',').map((s) => s.trim()).filter(Boolean)) {
+  for (const part of spec
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     const [name, value] = part.split('=');
     const key = NAMES[name ?? ''];
     const n = Number(value);

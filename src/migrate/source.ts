@@ -19,15 +19,7 @@ import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
-export type SourcePhase =
-  | 'connecting'
-  | 'precopy'
-  | 'switchover'
-  | 'postcopy'
-  | 'completed'
-  | 'rolling-back'
-  | 'rolled-back'
-  | 'failed';
+export type SourcePhase = 'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
 
 const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   connecting: ['precopy', 'rolling-back'],
@@ -118,7 +110,11 @@ export class SourceMigration {
         void this.rollback('source-qemu-exited', new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited'));
       }
     });
-    await vm.setMigrationMarker({ role: 'source', peer: `${this.#opts.to.host}:${this.#opts.to.port}`, startedAt: new Date().toISOString() });
+    await vm.setMigrationMarker({
+      role: 'source',
+      peer: `${this.#opts.to.host}:${this.#opts.to.port}`,
+      startedAt: new Date().toISOString(),
+    });
     await fs.rm(vm.checkpointDir, { recursive: true, force: true });
     await fs.mkdir(vm.checkpointDir, { recursive: true, mode: 0o700 });
 
@@ -246,7 +242,9 @@ export class SourceMigration {
       ckpt = this.#assembler.accept(m as never);
     } catch (e) {
       const err = e as TetherError;
-      this.#channel?.send({ type: 'nack', epoch: 'epoch' in m ? m.epoch : -1, code: err.code ?? 'ERR_CKPT', message: err.message }).catch(() => {});
+      this.#channel
+        ?.send({ type: 'nack', epoch: 'epoch' in m ? m.epoch : -1, code: err.code ?? 'ERR_CKPT', message: err.message })
+        .catch(() => {});
       void this.rollback('bad-checkpoint', e);
       return;
     }
@@ -279,7 +277,10 @@ export class SourceMigration {
     if (this.#decided) return;
     const silent = nowMs() - this.#lastHeard;
     if (silent > this.#vm.config.checkpoint.failoverTimeoutMs) {
-      void this.rollback('lease-expired', new TetherError('ERR_LEASE_EXPIRED', `nothing heard from the destination for ${Math.round(silent)} ms`));
+      void this.rollback(
+        'lease-expired',
+        new TetherError('ERR_LEASE_EXPIRED', `nothing heard from the destination for ${Math.round(silent)} ms`),
+      );
     }
   }
 

@@ -41,7 +41,10 @@ t.test('both sides authenticate and messages flow both ways in order', async (t)
   await src.send({ type: 'devstate', epoch: 7, data: Buffer.alloc(100_000, 0xab) });
   await src.send({ type: 'heartbeat', epoch: 7, sentAt: 1.5 });
   const got = await atDst;
-  t.same(got.map((m) => m.type), ['begin', 'devstate', 'heartbeat']);
+  t.same(
+    got.map((m) => m.type),
+    ['begin', 'devstate', 'heartbeat'],
+  );
   t.ok((got[1] as { data: Buffer }).data.equals(Buffer.alloc(100_000, 0xab)), 'payload intact');
   const atSrc = collect(src, 1);
   await dst.send({ type: 'ack', epoch: 7 });

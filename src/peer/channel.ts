@@ -175,9 +175,7 @@ function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<
       reject(e);
     };
     const nonces = () =>
-      role === 'source'
-        ? { source: hello.nonce, destination: peerNonce! }
-        : { source: peerNonce!, destination: hello.nonce };
+      role === 'source' ? { source: hello.nonce, destination: peerNonce! } : { source: peerNonce!, destination: hello.nonce };
     const onData = (chunk: Buffer) => {
       let msgs: Message[];
       try {

@@ -44,14 +44,25 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
   const args: string[] = [
     // -name is QemuOpts with an implied "guest=" key; config validation keeps commas out,
     // escape anyway.
-    '-name', qemuOptValue(vm.name),
-    '-accel', vm.qemu.accel,
-    '-machine', `${vm.qemu.machine},memory-backend=ram0`,
-    '-object', `memory-backend-file,id=ram0,size=${mem},mem-path=${qemuOptValue(paths.ramFile)},share=on`,
-    '-m', mem,
-    '-smp', String(vm.cpus),
-    '-cpu', vm.qemu.cpu,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    '-name',
+    qemuOptValue(vm.name),
+    '-accel',
+    vm.qemu.accel,
+    '-machine',
+    `${vm.qemu.machine},memory-backend=ram0`,
+    '-object',
+    `memory-backend-file,id=ram0,size=${mem},mem-path=${qemuOptValue(paths.ramFile)},share=on`,
+    '-m',
+    mem,
+    '-smp',
+    String(vm.cpus),
+    '-cpu',
+    vm.qemu.cpu,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
   ];
   // -kernel/-initrd/-append are stored verbatim (no QemuOpts parsing): no escaping.
   // A VM without kernel boots from firmware only (used by tests that need no guest).
@@ -61,10 +72,14 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
     if (vm.append !== '') args.push('-append', vm.append);
   }
   args.push(
-    '-chardev', `socket,id=qmp0,path=${qemuOptValue(paths.qmpSocket)},server=on,wait=off`,
-    '-mon', 'chardev=qmp0,mode=control',
-    '-chardev', `file,id=ser0,path=${qemuOptValue(paths.serialLog)},append=on`,
-    '-serial', 'chardev:ser0',
+    '-chardev',
+    `socket,id=qmp0,path=${qemuOptValue(paths.qmpSocket)},server=on,wait=off`,
+    '-mon',
+    'chardev=qmp0,mode=control',
+    '-chardev',
+    `file,id=ser0,path=${qemuOptValue(paths.serialLog)},append=on`,
+    '-serial',
+    'chardev:ser0',
   );
   if (incoming?.kind === 'defer') {
     args.push('-incoming', 'defer');

@@ -142,13 +142,7 @@ export class QemuProcess {
     return qp;
   }
 
-  private constructor(
-    argv: string[] | { adoptPid: number },
-    args: string[],
-    qmpSocket: string,
-    logFile: string,
-    killWithParent = false,
-  ) {
+  private constructor(argv: string[] | { adoptPid: number }, args: string[], qmpSocket: string, logFile: string, killWithParent = false) {
     this.args = args;
     this.qmpSocket = qmpSocket;
     this.logFile = logFile;
@@ -230,14 +224,20 @@ export class QemuProcess {
     for (;;) {
       if (this.exitValue !== undefined) {
         const tail = this.stderrTail().trim();
-        throw new TetherError('ERR_QEMU_EXITED', `QEMU ${describeExit(this.exitValue)} while waiting for status ${status}${tail ? `: ${tail}` : ''}`, {
-          want: status,
-          exit: this.exitValue,
-          stderr: this.stderrTail(),
-        });
+        throw new TetherError(
+          'ERR_QEMU_EXITED',
+          `QEMU ${describeExit(this.exitValue)} while waiting for status ${status}${tail ? `: ${tail}` : ''}`,
+          {
+            want: status,
+            exit: this.exitValue,
+            stderr: this.stderrTail(),
+          },
+        );
       }
       try {
-        const r = await this.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: Math.max(100, deadline - Date.now()) });
+        const r = await this.qmp.execute<{ status: string }>('query-status', undefined, {
+          timeoutMs: Math.max(100, deadline - Date.now()),
+        });
         last = r.status;
         if (last === status) return;
       } catch (e) {

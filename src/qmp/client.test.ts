@@ -105,7 +105,9 @@ async function open(t: Test, p: string, opts = {}): Promise<QmpClient> {
 }
 
 t.test('greeting and capability negotiation', async (t) => {
-  const srv = await fakeQmp(t, (cmd) => (cmd.execute === 'query-status' ? [{ return: { status: 'running', running: true }, id: cmd.id }] : []));
+  const srv = await fakeQmp(t, (cmd) =>
+    cmd.execute === 'query-status' ? [{ return: { status: 'running', running: true }, id: cmd.id }] : [],
+  );
   const c = await open(t, srv.path);
   t.equal(c.greeting.version.qemu.major, 7);
   t.same(c.greeting.capabilities, ['oob']);
@@ -142,7 +144,11 @@ t.test('QEMU errors become ERR_QMP_COMMAND with class and desc', async (t) => {
   ]);
   const c = await open(t, srv.path);
   const e = await rejectsCode(t, c.execute('nope'), 'ERR_QMP_COMMAND');
-  t.match((e as { details: unknown }).details, { command: 'nope', errorClass: 'CommandNotFound', desc: 'The command nope has not been found' });
+  t.match((e as { details: unknown }).details, {
+    command: 'nope',
+    errorClass: 'CommandNotFound',
+    desc: 'The command nope has not been found',
+  });
   // the connection is still usable
   await rejectsCode(t, c.execute('nope2'), 'ERR_QMP_COMMAND');
 });
@@ -182,9 +188,13 @@ t.test('waitForEvent times out with ERR_QMP_TIMEOUT', async (t) => {
 t.test('a throwing predicate rejects that waiter only', async (t) => {
   const srv = await fakeQmp(t, (cmd) => [event('X'), { return: {}, id: cmd.id }]);
   const c = await open(t, srv.path);
-  const bad = c.waitForEvent('X', () => {
-    throw new Error('boom');
-  }, 1000);
+  const bad = c.waitForEvent(
+    'X',
+    () => {
+      throw new Error('boom');
+    },
+    1000,
+  );
   const good = c.waitForEvent('X', undefined, 1000);
   await c.execute('go');
   await t.rejects(bad, { message: 'boom' });

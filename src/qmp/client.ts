@@ -10,14 +10,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TetherError } from '../errors.ts';
-import {
-  QmpDecoder,
-  encodeCommand,
-  type QmpEvent,
-  type QmpGreeting,
-  type QmpMessage,
-  type QmpTimestamp,
-} from './codec.ts';
+import { QmpDecoder, encodeCommand, type QmpEvent, type QmpGreeting, type QmpMessage, type QmpTimestamp } from './codec.ts';
 
 export interface QmpConnectOptions {
   /** Budget for greeting + capability negotiation once the socket is connected. Default 5000. */
@@ -294,10 +287,12 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       clearTimeout(p.timer);
-      p.reject(closedError(this.path, `QMP connection closed while ${p.command} was pending`, {
-        command: p.command,
-        ...(reason ? { cause: reason.code } : {}),
-      }));
+      p.reject(
+        closedError(this.path, `QMP connection closed while ${p.command} was pending`, {
+          command: p.command,
+          ...(reason ? { cause: reason.code } : {}),
+        }),
+      );
     }
     for (const w of this.waiters) {
       clearTimeout(w.timer);

@@ -88,9 +88,9 @@ t.test('malformed lines', async (t) => {
   const cases: Record<string, string> = {
     'bad JSON': '{"return": \n',
     'truncated object': '{"event": "STOP"\n',
-    'array': '[1,2]\n',
-    'string': '"hello"\n',
-    'null': 'null\n',
+    array: '[1,2]\n',
+    string: '"hello"\n',
+    null: 'null\n',
     'unknown shape': '{"foo": 1}\n',
     'error without desc': '{"error": {"class": "GenericError"}}\n',
     'error not object': '{"error": "boom"}\n',
@@ -102,30 +102,49 @@ t.test('malformed lines', async (t) => {
     'greeting without capabilities': '{"QMP": {"version": {}}}\n',
   };
   for (const [name, line] of Object.entries(cases)) {
-    t.equal(codeOf(() => new QmpDecoder().push(line)), 'ERR_QMP_MALFORMED', name);
+    t.equal(
+      codeOf(() => new QmpDecoder().push(line)),
+      'ERR_QMP_MALFORMED',
+      name,
+    );
   }
 });
 
 t.test('an error is sticky: the decoder does not resync', async (t) => {
   const d = new QmpDecoder();
-  t.equal(codeOf(() => d.push('garbage\n')), 'ERR_QMP_MALFORMED');
-  t.equal(codeOf(() => d.push(RETURN_EMPTY)), 'ERR_QMP_MALFORMED');
+  t.equal(
+    codeOf(() => d.push('garbage\n')),
+    'ERR_QMP_MALFORMED',
+  );
+  t.equal(
+    codeOf(() => d.push(RETURN_EMPTY)),
+    'ERR_QMP_MALFORMED',
+  );
 });
 
 t.test('oversized line is rejected before it is buffered', async (t) => {
   const d = new QmpDecoder({ maxLineBytes: 64 });
   t.same(d.push('{"return": "' + 'a'.repeat(40)), []);
-  t.equal(codeOf(() => d.push('b'.repeat(40))), 'ERR_QMP_LINE_TOO_LONG');
+  t.equal(
+    codeOf(() => d.push('b'.repeat(40))),
+    'ERR_QMP_LINE_TOO_LONG',
+  );
   t.ok(d.bufferedBytes === 0, 'nothing retained after the failure');
 
   // complete oversized line in one chunk
   const d2 = new QmpDecoder({ maxLineBytes: 64 });
-  t.equal(codeOf(() => d2.push(`{"return": "${'x'.repeat(100)}"}\n`)), 'ERR_QMP_LINE_TOO_LONG');
+  t.equal(
+    codeOf(() => d2.push(`{"return": "${'x'.repeat(100)}"}\n`)),
+    'ERR_QMP_LINE_TOO_LONG',
+  );
 
   // oversized completion of a buffered prefix
   const d3 = new QmpDecoder({ maxLineBytes: 64 });
   d3.push('{"return": "');
-  t.equal(codeOf(() => d3.push(`${'x'.repeat(100)}"}\n`)), 'ERR_QMP_LINE_TOO_LONG');
+  t.equal(
+    codeOf(() => d3.push(`${'x'.repeat(100)}"}\n`)),
+    'ERR_QMP_LINE_TOO_LONG',
+  );
 });
 
 t.test('a line of exactly maxLineBytes (plus CRLF) is accepted', async (t) => {
@@ -137,7 +156,10 @@ t.test('a line of exactly maxLineBytes (plus CRLF) is accepted', async (t) => {
   t.same(d.push(line), []);
   t.same(d.push('\r'), []);
   t.same(d.push('\n'), [{ type: 'return', id: undefined, value: 'a'.repeat(49) }]);
-  t.equal(codeOf(() => new QmpDecoder({ maxLineBytes: 64 }).push(line + ' \r\n')), 'ERR_QMP_LINE_TOO_LONG');
+  t.equal(
+    codeOf(() => new QmpDecoder({ maxLineBytes: 64 }).push(line + ' \r\n')),
+    'ERR_QMP_LINE_TOO_LONG',
+  );
 });
 
 t.test('encodeCommand emits one line that round-trips', async (t) => {

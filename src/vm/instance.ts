@@ -29,14 +29,7 @@ async function writeFileAtomic(file: string, data: string): Promise<void> {
   await fs.rename(tmp, file);
 }
 
-export type VmPlace =
-  | 'stopped'
-  | 'running'
-  | 'migrating-out'
-  | 'migrating-in'
-  | 'rolling-back'
-  | 'fenced'
-  | 'gone';
+export type VmPlace = 'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone';
 
 /**
  * One VM on this host: its files and its current QEMU process. The RAM file
@@ -118,7 +111,10 @@ export class VmInstance {
     }
     const vm =
       incoming?.kind === 'defer' && !this.sendConfiguration
-        ? { ...this.config, qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] } }
+        ? {
+            ...this.config,
+            qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] },
+          }
         : this.config;
     this.qemu = await QemuProcess.start({
       vm,

@@ -135,7 +135,10 @@ interface LogDigest {
 
 function digestLogs(c: Cluster, offsets: { src: number; dst: number }, t0Wall: number): LogDigest {
   const d: LogDigest = { checkpoints: [], phases: [], warnings: {}, fences: [] };
-  for (const [h, from] of [[c.src, offsets.src], [c.dst, offsets.dst]] as const) {
+  for (const [h, from] of [
+    [c.src, offsets.src],
+    [c.dst, offsets.dst],
+  ] as const) {
     for (const r of records(h.daemonLog, from)) {
       const at = Date.parse(String(r.t)) - t0Wall;
       if (r.msg === 'checkpoint sent') {
@@ -274,7 +277,10 @@ async function benchTetherComplete(): Promise<TetherComplete> {
     out.error = (e as Error).stack ?? String(e);
     log(`tether (completing) failed: ${(e as Error).message}`);
   } finally {
-    out.memcheck = [corruptCheck('tether source serial', c.serialLog(c.src)), corruptCheck('tether destination serial', c.serialLog(c.dst))];
+    out.memcheck = [
+      corruptCheck('tether source serial', c.serialLog(c.src)),
+      corruptCheck('tether destination serial', c.serialLog(c.dst)),
+    ];
     keepLogs(c, 'tether-complete');
     await c.cleanup();
   }
@@ -309,7 +315,11 @@ async function startVanillaQemu(c: Cluster, h: Host, vm: VmConfig, label: string
   const ramDir = `/dev/shm/tether-${c.id}/vanilla`;
   fs.mkdirSync(dir, { recursive: true });
   fs.mkdirSync(ramDir, { recursive: true });
-  const paths = { ramFile: path.join(ramDir, `${label}.ram`), qmpSocket: path.join(dir, 'qmp.sock'), serialLog: path.join(dir, 'serial.log') };
+  const paths = {
+    ramFile: path.join(ramDir, `${label}.ram`),
+    qmpSocket: path.join(dir, 'qmp.sock'),
+    serialLog: path.join(dir, 'serial.log'),
+  };
   fs.rmSync(paths.ramFile, { force: true });
   fs.rmSync(paths.qmpSocket, { force: true });
   const logFile = path.join(dir, 'qemu.log');
@@ -653,7 +663,13 @@ function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollbac
     L.push(row('checkpoint bytes total (D→S)', fmtBytes(tr?.checkpointBytes?.total), 'n/a'));
     const qs = v?.qemuStats as Rec | null | undefined;
     L.push(row('QEMU stream bytes (vanilla ram.transferred)', '', fmtBytes(qs?.ram?.transferred)));
-    L.push(row('QEMU downtime / postcopy-requests (vanilla)', '', qs ? `${qs.downtime ?? '-'} ms / ${qs.ram?.['postcopy-requests'] ?? '-'}` : '-'));
+    L.push(
+      row(
+        'QEMU downtime / postcopy-requests (vanilla)',
+        '',
+        qs ? `${qs.downtime ?? '-'} ms / ${qs.ram?.['postcopy-requests'] ?? '-'}` : '-',
+      ),
+    );
     L.push(row('memcheck passes on D after migration', t ? String(t.passesAfter.length) : '-', v ? String(v.passesAfter.length) : '-'));
     if (t?.digest.checkpoints.length) {
       const pages = t.digest.checkpoints.map((c) => c.pages);
@@ -667,7 +683,9 @@ function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollbac
   const rb = res.rollback;
   if (rb) {
     L.push('', `Rollback mid post-copy (${bwNote(opt.rollbackBandwidthMiB)}; interrupt once checkpoint ≥ ${opt.interruptEpoch} applied)`);
-    L.push(`  ${'interrupt'.padEnd(24)} ${['outcome', 'reason', 'ckpt@int', 'resumed', 'detect', 'restore', 'kill', 'start', 'announce', 'int→result'].map((s) => s.padStart(12)).join(' ')}`);
+    L.push(
+      `  ${'interrupt'.padEnd(24)} ${['outcome', 'reason', 'ckpt@int', 'resumed', 'detect', 'restore', 'kill', 'start', 'announce', 'int→result'].map((s) => s.padStart(12)).join(' ')}`,
+    );
     for (const r of rb.runs) {
       if (r.error) {
         L.push(`  ${r.kind.padEnd(24)} error: ${r.error.split('\n')[0]}`);
@@ -692,7 +710,9 @@ function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollbac
       );
     }
     if (rb.checkpointConfig) L.push(`  VM checkpoint config: ${JSON.stringify(rb.checkpointConfig)}`);
-    L.push('  detect: last message from D → rollback decision; restore: decision → VM running on S (kill + start + announce); int→result includes the `tether abort` CLI start');
+    L.push(
+      '  detect: last message from D → rollback decision; restore: decision → VM running on S (kill + start + announce); int→result includes the `tether abort` CLI start',
+    );
   }
   L.push('', 'memcheck verdict (serial logs)');
   for (const m of res.memcheck) L.push(`  ${m.log.padEnd(44)} passes ${String(m.passes).padStart(4)}  CORRUPT lines ${m.corrupt}`);
@@ -732,7 +752,14 @@ async function main(): Promise<void> {
         bench: 'migrate',
         date: started,
         durationMs: r2(now() - t0),
-        host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, qemu: qemuVersion, loadavg: os.loadavg() },
+        host: {
+          cpus: os.cpus().length,
+          cpuModel: os.cpus()[0]?.model,
+          kernel: os.release(),
+          node: process.version,
+          qemu: qemuVersion,
+          loadavg: os.loadavg(),
+        },
         options: { ...opt, only: [...opt.only], guestMiB: 512, accel: 'tcg' },
         notes: [
           'tether totalMs runs from the migrate request in the source daemon: peer connect, destination QEMU start, caps, QEMU migrate, ' +

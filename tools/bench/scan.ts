@@ -107,7 +107,9 @@ function main(): void {
       }
     };
 
-    console.log(`RAM file ${ramMiB} MiB (${pages} pages) on /dev/shm, dirty set ${dirtyMiB} MiB (${dirtyPages} scattered pages), median of ${runs}`);
+    console.log(
+      `RAM file ${ramMiB} MiB (${pages} pages) on /dev/shm, dirty set ${dirtyMiB} MiB (${dirtyPages} scattered pages), median of ${runs}`,
+    );
     console.log(`host: ${cpus().length} × ${cpus()[0]?.model ?? '?'}, kernel ${release()}, node ${process.version}`);
     console.log(`${'measurement'.padEnd(34)} threads  median ms   min ms   max ms    GB/s`);
 
