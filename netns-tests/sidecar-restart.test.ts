@@ -1,3 +1,5 @@
+import fs from 'node:fs';
+import path from 'node:path';
 import t from 'tap';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
@@ -38,4 +40,29 @@ t.test('the source sidecar killed mid post-copy: on restart the VM resumes from 
   const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after recovery');
   t.same(rep.corrupt, [], 'no CORRUPT after recovery');
   t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
+});
+
+t.test('a sidecar that dies just after a rollback finished adopts the restored VM instead of restoring again', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const wedged = (await c.status(c.src)).pid;
+  t.equal((await c.tether(c.src, ['abort', c.vmName])).code, 0);
+  const mig = await migrating;
+  t.equal(mig.result?.outcome, 'rolled-back');
+  const restored = await c.status(c.src);
+  // The state a crash leaves when it lands between "restored VM running" and
+  // "migration marker removed": the marker still names the QEMU that was migrating.
+  const marker = path.join(c.src.stateDir, c.vmName, 'migration.json');
+  fs.writeFileSync(marker, JSON.stringify({ role: 'source', qemuPid: wedged, peer: c.dst.addr, startedAt: new Date().toISOString() }));
+  await c.killDaemon(c.src);
+  const passes = memcheck(c.serialLog(c.src)).passes;
+  await c.restartDaemon(c.src);
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running');
+  t.equal(s.pid, restored.pid, 'the running, restored QEMU was adopted, not replaced');
+  t.notOk(fs.existsSync(marker), 'marker resolved');
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after the restart');
+  t.same(rep.corrupt, [], 'no CORRUPT');
+  t.ok(rep.passes[0]! > passes[passes.length - 1]!, `memcheck went on from pass ${passes[passes.length - 1]} (no second rollback in time)`);
 });

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -14,6 +14,7 @@ import type { Faults } from '../migrate/faults.ts';
 import { SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
+import { qemuOptValue } from '../qemu/cmdline.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import http from 'node:http';
 import type { Logger } from '../util/log.ts';
@@ -100,17 +101,30 @@ export class Daemon {
         const vm = new VmInstance(this.host, cfg, this.log);
         vm.sendConfiguration = saved.vm.sendConfiguration;
         this.vms.set(vm.name, vm);
-        const pid = saved.vm.pid !== null && qemuOwnsRam(saved.vm.pid, vm.ramFile) ? saved.vm.pid : null;
-        const role = saved.marker?.role;
-        if (role === 'destination') {
-          if (pid) await killPid(pid);
+        // Every QEMU on this VM's RAM file (the one vm.json names first), so that
+        // none is missed even if the sidecar died between spawning one and recording it.
+        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
+        const marker = saved.marker;
+        if (marker?.role === 'destination') {
+          for (const p of all) await killPid(p);
           await vm.removeRam();
           vm.place = 'fenced';
           log.warn('incoming migration interrupted by a sidecar restart: fenced');
-        } else if (role === 'source') {
-          await this.#recoverSource(vm, pid, log);
-        } else if (pid) {
-          await vm.adopt(pid);
+        } else if (marker?.role === 'source') {
+          // A QEMU other than the one that was migrating was started by a rollback
+          // that finished: it runs the VM now, so it is adopted, never restored over.
+          const newer = all.filter((p) => p !== marker.qemuPid);
+          if (newer.length > 0) {
+            for (const p of all) if (p !== newer[0]) await killPid(p);
+            await vm.adopt(newer[0]!);
+            vm.place = 'running';
+            log.warn('sidecar restarted after a rollback had finished: adopted the restored QEMU', { pid: newer[0] });
+          } else {
+            await this.#recoverSource(vm, all[0] ?? null, log);
+          }
+        } else if (all.length > 0) {
+          for (const p of all.slice(1)) await killPid(p);
+          await vm.adopt(all[0]!);
           vm.place = 'running';
         } else {
           vm.place = 'stopped';
@@ -363,13 +377,19 @@ export class Daemon {
   }
 }
 
-/** True when `pid` is a live QEMU that maps this RAM file (not a recycled pid). */
-function qemuOwnsRam(pid: number, ramFile: string): boolean {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'latin1').includes(ramFile);
-  } catch {
-    return false;
+/** Live QEMU processes whose command line names this RAM file. */
+function qemuPidsFor(ramFile: string): number[] {
+  const out: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const argv = readFileSync(`/proc/${d}/cmdline`, 'latin1').split('\0');
+      if (/qemu-system/.test(argv[0] ?? '') && argv.some((a) => a.includes(`mem-path=${qemuOptValue(ramFile)},`))) out.push(Number(d));
+    } catch {
+      /* gone meanwhile */
+    }
   }
+  return out;
 }
 
 /** SIGKILL a process we did not spawn and wait until it is gone. */

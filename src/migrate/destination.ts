@@ -148,7 +148,12 @@ export class DestinationMigration {
   async #run(): Promise<void> {
     const vm = this.vm;
     await vm.startIncoming(this.#opts.sendConfiguration);
-    await vm.setMigrationMarker({ role: 'destination', peer: this.#ch.remote, startedAt: new Date().toISOString() });
+    await vm.setMigrationMarker({
+      role: 'destination',
+      qemuPid: vm.qemu?.pid ?? null,
+      peer: this.#ch.remote,
+      startedAt: new Date().toISOString(),
+    });
     this.#opts.onInstance?.(vm);
     const qemu = vm.qemu!;
     qemu.exited.then(() => {

@@ -110,12 +110,15 @@ export class SourceMigration {
         void this.rollback('source-qemu-exited', new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited'));
       }
     });
+    // Old checkpoints go before the marker appears: a sidecar restarted in between must
+    // never find a marker next to a previous migration's applied record.
+    await fs.rm(vm.checkpointDir, { recursive: true, force: true });
     await vm.setMigrationMarker({
       role: 'source',
+      qemuPid: qemu.pid,
       peer: `${this.#opts.to.host}:${this.#opts.to.port}`,
       startedAt: new Date().toISOString(),
     });
-    await fs.rm(vm.checkpointDir, { recursive: true, force: true });
     await fs.mkdir(vm.checkpointDir, { recursive: true, mode: 0o700 });
 
     const ch = await PeerChannel.connect(this.#opts.to.host, this.#opts.to.port, { psk: this.#opts.host.peer.key });

@@ -13,6 +13,8 @@ export interface PersistedVm {
 
 export interface MigrationMarker {
   role: 'source' | 'destination';
+  /** The QEMU that was migrating: after a restart, any other QEMU on the RAM file is a newer one. */
+  qemuPid: number | null;
   peer: string;
   startedAt: string;
 }
