@@ -163,9 +163,6 @@ export class DestinationMigration {
         void this.fence('destination-qemu-exited');
       }
     });
-    qemu.qmp.on('event', (name, data) => {
-      if (name === 'MIGRATION' && (data as { status?: string })?.status === 'completed') this.#qemuCompleted = true;
-    });
     await qemu.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
     const uri = await this.#listen();
     this.phase.to('incoming', { uri });
