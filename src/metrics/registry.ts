@@ -15,6 +15,10 @@ const escapeLabel = (v: string): string => v.replace(/\\/g, '\\\\').replace(/\n/
 
 const fmt = (v: number): string => (Number.isFinite(v) ? String(v) : Number.isNaN(v) ? 'NaN' : v > 0 ? '+Inf' : '-Inf');
 
+/** One sample line per label set: `name{labels} value`. */
+const samples = (name: string, values: Map<string, number>): string[] =>
+  [...values].map(([k, v]) => `${name}${k ? `{${k}}` : ''} ${fmt(v)}`);
+
 interface Family {
   name: string;
   help: string;
@@ -34,7 +38,7 @@ export class Counter implements Family {
     this.#values.set(k, (this.#values.get(k) ?? 0) + by);
   }
   render(): string[] {
-    return [...this.#values].map(([k, v]) => `${this.name}${k ? `{${k}}` : ''} ${fmt(v)}`);
+    return samples(this.name, this.#values);
   }
 }
 
@@ -55,7 +59,7 @@ export class Gauge implements Family {
       this.#values.clear();
       this.collect((l, v) => this.set(l, v));
     }
-    return [...this.#values].map(([k, v]) => `${this.name}${k ? `{${k}}` : ''} ${fmt(v)}`);
+    return samples(this.name, this.#values);
   }
 }
 
