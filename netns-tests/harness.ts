@@ -406,11 +406,5 @@ export async function waitPasses(serialLog: string, from: number, count: number,
 }
 
 export function qemuAlive(pid: number | null | undefined): boolean {
-  if (!pid) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
+  return !!pid && pidAlive(pid);
 }
