@@ -26,3 +26,22 @@ export const noOutputs: EpochOutputs = {
   passThrough: () => {},
   discard: () => {},
 };
+
+/**
+ * Several devices behind one barrier (every NIC's gate and the disk journal):
+ * each call reaches every part, in order; the sealed disk extents are concatenated.
+ */
+export function composeOutputs(parts: readonly EpochOutputs[]): EpochOutputs {
+  if (parts.length === 0) return noOutputs;
+  if (parts.length === 1) return parts[0]!;
+  return {
+    async seal(epoch) {
+      const all: DiskExtent[] = [];
+      for (const p of parts) all.push(...(await p.seal(epoch)));
+      return all;
+    },
+    release: (epoch) => parts.forEach((p) => p.release(epoch)),
+    passThrough: () => parts.forEach((p) => p.passThrough()),
+    discard: () => parts.forEach((p) => p.discard()),
+  };
+}
