@@ -1,11 +1,134 @@
 /**
- * Every error tether raises carries a stable `code`. Tests assert on the code,
- * never on the message text; operators grep logs for it.
+ * The one catalogue of tether's error codes. Every error tether raises is a
+ * TetherError whose `code` is a key of ERRORS; tests assert on the code, never
+ * on the message text, and operators grep logs for it. A code reached over a
+ * wire (a peer's NACK or ABORT, the daemon's answer to the CLI) is checked
+ * against this catalogue by `remoteError`, never trusted as is.
  */
+export const ERRORS = {
+  // --- configuration (src/config)
+  ERR_CONFIG_INVALID: 'a configuration field has a wrong value; details.field names it',
+  ERR_CONFIG_READ: 'a configuration file cannot be read',
+  ERR_CONFIG_YAML: 'a configuration file is not valid YAML',
+  ERR_FAULTS_INVALID: 'TETHER_FAULTS names an unknown fault or a bad value',
+
+  // --- CLI and control socket (src/cli, src/control)
+  ERR_USAGE: 'a command or control request lacks a parameter or has a wrong one',
+  ERR_CONTROL_CONNECT: 'the CLI cannot reach the daemon on its control socket',
+  ERR_CONTROL_CLOSED: 'the daemon closed the control socket before answering',
+  ERR_CONTROL_LINE_TOO_LONG: 'a control-socket line exceeds the decoder limit',
+  ERR_CONTROL_MALFORMED: 'a control-socket line is not a valid request or answer',
+  ERR_LISTEN: 'the daemon cannot listen on a configured address or socket',
+  ERR_INTERNAL: 'an error without a catalogued code reached the control socket',
+  ERR_UNKNOWN: 'a peer or daemon reported a code this build does not know (details.remoteCode)',
+
+  // --- VMs on this host (src/daemon, src/vm)
+  ERR_NO_SUCH_VM: 'no VM of that name on this host',
+  ERR_VM_EXISTS: 'a VM of that name already exists on this host',
+  ERR_VM_ALREADY_RUNNING: 'the VM already runs',
+  ERR_VM_NOT_RUNNING: 'the VM has no running QEMU',
+  ERR_VM_BUSY: 'the VM is migrating; the request must wait or abort first',
+  ERR_RECOVERY: 'a restarted sidecar cannot bring a VM back to a known state',
+
+  // --- QMP and QEMU processes (src/qmp, src/qemu)
+  ERR_QMP_CONNECT: 'the QMP socket cannot be reached',
+  ERR_QMP_CLOSED: 'QEMU closed the QMP socket',
+  ERR_QMP_TIMEOUT: 'a QMP command got no answer in time',
+  ERR_QMP_COMMAND: 'QEMU answered a QMP command with an error',
+  ERR_QMP_LINE_TOO_LONG: 'a QMP line exceeds the decoder limit',
+  ERR_QMP_MALFORMED: 'a QMP line is not valid JSON of the expected shape',
+  ERR_QEMU_START: 'QEMU failed to start',
+  ERR_QEMU_EXITED: 'QEMU exited while tether waited on it',
+  ERR_QEMU_ADOPT: 'a running QEMU cannot be adopted after a sidecar restart',
+  ERR_QEMU_STATUS_TIMEOUT: 'QEMU did not reach the expected run state in time',
+  ERR_QEMU_MIGRATION_FAILED: "QEMU's own migration stream failed",
+
+  // --- peer channel and checkpoint wire protocol (src/peer, src/checkpoint/codec.ts)
+  ERR_PEER_CONNECT: 'the peer daemon cannot be reached',
+  ERR_PEER_HANDSHAKE: 'the peer handshake did not complete',
+  ERR_PEER_AUTH: 'the peer failed pre-shared-key authentication',
+  ERR_PEER_CLOSED: 'the peer closed the channel',
+  ERR_PEER_TIMEOUT: 'the peer did not answer in time',
+  ERR_PEER_PROTOCOL: 'the peer sent a message that is wrong at this point',
+  ERR_PEER_CONTROL: 'a peer control message is malformed',
+  ERR_PROTO_BAD_MAGIC: 'a frame does not start with the protocol magic',
+  ERR_PROTO_UNSUPPORTED_VERSION: 'a frame has a protocol version this build does not speak',
+  ERR_PROTO_UNKNOWN_TYPE: 'a frame has an unknown message type',
+  ERR_PROTO_FRAME_TOO_LARGE: 'a frame header announces more than the decoder limit',
+  ERR_PROTO_BAD_CRC: "a frame's CRC32 does not match",
+  ERR_PROTO_BAD_MAC: "a frame's HMAC does not match (tampered, replayed or reordered)",
+  ERR_PROTO_BAD_AUTH: 'the handshake proof is wrong',
+  ERR_PROTO_UNAUTHENTICATED: 'a frame arrived without authentication where one is required',
+  ERR_PROTO_HANDSHAKE: 'a handshake message is out of order or malformed',
+  ERR_PROTO_MALFORMED: 'a frame body does not decode as its message type',
+  ERR_PROTO_INVALID_MESSAGE: 'an outgoing message is invalid and was not sent',
+  ERR_PROTO_INVALID_OPTION: 'a protocol encoder or decoder option is invalid',
+  ERR_PROTO_POISONED: 'the decoder saw a bad frame earlier and accepts nothing more',
+  ERR_PROTO_WEAK_KEY: 'the pre-shared key is shorter than 32 bytes',
+
+  // --- checkpoint transactions and the source-side store (src/checkpoint)
+  ERR_CKPT: 'a checkpoint was refused (generic NACK cause)',
+  ERR_CKPT_EPOCH: 'a checkpoint arrived out of epoch order',
+  ERR_CKPT_SEQUENCE: 'checkpoint messages arrived out of order inside a transaction',
+  ERR_CKPT_PFN_RANGE: 'a checkpoint page lies beyond guest RAM',
+  ERR_CKPT_DUPLICATE_PAGE: 'a checkpoint carries the same page twice',
+  ERR_CKPT_TOTALS: "a checkpoint's COMMIT totals differ from what arrived",
+  ERR_CKPT_DIGEST: "a checkpoint's COMMIT digest differs from what arrived",
+  ERR_CKPT_INCOMPLETE: 'a checkpoint transaction ended before COMMIT',
+  ERR_CKPT_TOO_LARGE: 'a checkpoint exceeds the configured size limit',
+  ERR_CKPT_INVALID: 'a checkpoint handed to the store is inconsistent',
+  ERR_CKPT_INVALID_OPTION: 'a checkpoint store or assembler option is invalid',
+  ERR_CKPT_NOT_INITIALIZED: 'the checkpoint store holds no applied checkpoint',
+  ERR_CKPT_APPLIED_CORRUPT: 'the applied-epoch record is damaged',
+  ERR_CKPT_DEVSTATE_CORRUPT: 'a persisted device-state file is damaged',
+  ERR_CKPT_RAM_FILE: 'the RAM file the store applies to is missing or of the wrong size',
+  ERR_CKPT_IO: 'the store failed to read or write its files',
+  ERR_CKPT_STORE_BROKEN: 'an earlier apply failed; the store accepts nothing more',
+  ERR_STAGE_BAD_MAGIC: 'a stage file does not start with its magic',
+  ERR_STAGE_UNSUPPORTED_VERSION: 'a stage file has an unknown version',
+  ERR_STAGE_BAD_CRC: "a stage file's checksum does not match",
+  ERR_STAGE_TRUNCATED: 'a stage file is shorter than its header says',
+  ERR_STAGE_MALFORMED: "a stage file's sections are inconsistent",
+
+  // --- dirty-page tracking (src/memory, native/)
+  ERR_MEM_NATIVE_MISSING: 'the native addon is not built',
+  ERR_MEM_NATIVE_ARGS: 'a native call got a bad argument (type, size, fd, page out of range)',
+  ERR_MEM_IO: 'reading the RAM file or pagemap failed',
+  ERR_MEM_RAM_FILE: 'the RAM file cannot be opened',
+  ERR_MEM_RAM_SIZE: 'the RAM file size differs from the configured guest RAM',
+  ERR_MEM_TABLE_SIZE: "the page-hash table does not match guest RAM's page count",
+  ERR_MEM_PAGEMAP: '/proc/<pid>/pagemap cannot be read',
+  ERR_MEM_SOFTDIRTY_UNSUPPORTED: 'the kernel does not track soft-dirty bits',
+  ERR_MEM_SOFTDIRTY_CLEAR: 'clearing soft-dirty bits failed',
+  ERR_MEM_SOFTDIRTY_MAPPING: "the RAM file's mapping is not found in QEMU's address space",
+  ERR_MEM_SOFTDIRTY_PID: 'the QEMU process to track is gone',
+  ERR_MEM_TRACKER_KIND: 'an unknown dirty tracker was requested',
+  ERR_MEM_TRACKER_STATE: 'a dirty tracker was used out of order',
+
+  // --- migration driver (src/migrate)
+  ERR_NO_MIGRATION: 'the VM is not migrating on this host',
+  ERR_NO_MIGRATION_PORT: 'no free port for an incoming QEMU migration stream',
+  ERR_MIGRATION_ENDED: 'the migration ended while a step waited on it',
+  ERR_LEASE_EXPIRED: 'nothing heard from the destination within the failover timeout',
+  ERR_FENCED: 'the destination fenced itself: its VM stopped, held outputs dropped',
+  ERR_ROLLBACK: 'the source decided to roll back (sent to the destination)',
+  ERR_DESTINATION: 'the destination failed without a more precise code',
+  ERR_DEST_QEMU_EXITED: "the destination's QEMU exited during the migration",
+  ERR_SOURCE_QEMU_EXITED: "the source's QEMU exited during the migration",
+  ERR_RESTORE_FAILED: 'the rollback could not bring the VM back on the source',
+  ERR_STATE_TRANSITION: 'a lifecycle state machine was asked for a transition it does not allow',
+} as const satisfies Record<`ERR_${string}`, string>;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERRORS, code);
+}
+
 export class TetherError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly details: Record<string, unknown> | undefined;
-  constructor(code: string, message: string, details?: Record<string, unknown>) {
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>) {
     super(message);
     this.name = 'TetherError';
     this.code = code;
@@ -13,6 +136,20 @@ export class TetherError extends Error {
   }
 }
 
-export function isTetherError(e: unknown, code?: string): e is TetherError {
+export function isTetherError(e: unknown, code?: ErrorCode): e is TetherError {
   return e instanceof TetherError && (code === undefined || e.code === code);
+}
+
+/** The code of any thrown value, for logs and replies: uncatalogued errors become `fallback`. */
+export function errorCode(e: unknown, fallback: ErrorCode = 'ERR_INTERNAL'): ErrorCode {
+  return e instanceof TetherError ? e.code : fallback;
+}
+
+/**
+ * An error a remote party reported (a peer's NACK/ABORT, the daemon's answer to
+ * the CLI). A code outside the catalogue is kept in details, never as `code`.
+ */
+export function remoteError(code: string, message: string, details?: Record<string, unknown>): TetherError {
+  if (isErrorCode(code)) return new TetherError(code, message, details);
+  return new TetherError('ERR_UNKNOWN', message, { ...details, remoteCode: code });
 }

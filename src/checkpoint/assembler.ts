@@ -8,6 +8,7 @@
  * assembler to idle; nothing of a failed transaction is ever returned.
  */
 import { TetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 import { CheckpointDigest, DIGEST_SIZE } from './codec.ts';
 import { PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
 
@@ -54,7 +55,7 @@ interface Transaction {
   devstate: Buffer | null;
 }
 
-function ckptError(code: string, message: string, details?: Record<string, unknown>): TetherError {
+function ckptError(code: ErrorCode, message: string, details?: Record<string, unknown>): TetherError {
   return new TetherError(code, message, details);
 }
 

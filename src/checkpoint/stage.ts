@@ -21,6 +21,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 import type { Checkpoint, DiskExtent } from './assembler.ts';
 import { PAGE_SIZE } from './messages.ts';
 
@@ -41,7 +42,7 @@ function readU64(buf: Buffer, off: number): number {
   return hi * TWO_32 + buf.readUInt32BE(off + 4);
 }
 
-function stageError(code: string, message: string, details?: Record<string, unknown>): TetherError {
+function stageError(code: ErrorCode, message: string, details?: Record<string, unknown>): TetherError {
   return new TetherError(code, message, details);
 }
 

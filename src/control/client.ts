@@ -1,5 +1,5 @@
 import net from 'node:net';
-import { TetherError } from '../errors.ts';
+import { remoteError, TetherError } from '../errors.ts';
 import { encodeLine, LineDecoder } from './codec.ts';
 
 /** One request over the daemon's control socket; progress lines go to onProgress. */
@@ -33,7 +33,7 @@ export async function callDaemon(
         else if ('result' in m) finish(() => resolve(m.result));
         else if (m.error) {
           const err = m.error as { code: string; message: string; details?: Record<string, unknown> };
-          finish(() => reject(new TetherError(err.code, err.message, err.details)));
+          finish(() => reject(remoteError(err.code, err.message, err.details)));
         }
       }
     });

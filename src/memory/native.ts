@@ -11,7 +11,7 @@
  */
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import { TetherError } from '../errors.ts';
+import { isErrorCode, TetherError } from '../errors.ts';
 
 export const PAGE_SIZE = 4096;
 
@@ -77,7 +77,7 @@ function call<T>(fn: (b: NativeBinding) => T): T {
   } catch (e) {
     if (e instanceof Error && typeof (e as { code?: unknown }).code === 'string') {
       const ne = e as Error & { code: string; errno?: number; syscall?: string };
-      if (ne.code.startsWith('ERR_MEM_')) {
+      if (ne.code.startsWith('ERR_MEM_') && isErrorCode(ne.code)) {
         const details: Record<string, unknown> = {};
         if (ne.errno !== undefined) details['errno'] = ne.errno;
         if (ne.syscall !== undefined) details['syscall'] = ne.syscall;

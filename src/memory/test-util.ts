@@ -3,6 +3,7 @@ import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, rmSync, writeS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isTetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 
 export const PAGE = 4096;
 
@@ -74,7 +75,7 @@ function describe(e: unknown): string {
   return `got ${(e as { code?: string }).code}: ${(e as Error).message}`;
 }
 
-export function throwsCode(t: Asserts, fn: () => unknown, code: string, msg: string): void {
+export function throwsCode(t: Asserts, fn: () => unknown, code: ErrorCode, msg: string): void {
   try {
     fn();
     t.fail(`${msg}: did not throw`);
@@ -83,7 +84,7 @@ export function throwsCode(t: Asserts, fn: () => unknown, code: string, msg: str
   }
 }
 
-export async function rejectsCode(t: Asserts, p: Promise<unknown>, code: string, msg: string): Promise<void> {
+export async function rejectsCode(t: Asserts, p: Promise<unknown>, code: ErrorCode, msg: string): Promise<void> {
   try {
     await p;
     t.fail(`${msg}: resolved`);

@@ -4,7 +4,7 @@ import { CheckpointDigest } from '../checkpoint/codec.ts';
 import type { Message, PagesMessage } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
-import { TetherError } from '../errors.ts';
+import { remoteError, TetherError } from '../errors.ts';
 import { native } from '../memory/native.ts';
 import { createTracker } from '../memory/tracker.ts';
 import type { DirtyTracker } from '../memory/tracker.ts';
@@ -114,10 +114,10 @@ export class DestinationMigration {
         }
         return;
       case 'nack':
-        void this.fence('nack', new TetherError(m.code, m.message));
+        void this.fence('nack', remoteError(m.code, m.message));
         return;
       case 'abort':
-        void this.fence('source-abort', new TetherError(m.code, m.reason));
+        void this.fence('source-abort', remoteError(m.code, m.reason));
         return;
       case 'heartbeat':
         return;

@@ -6,7 +6,7 @@ import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import { CheckpointStore } from '../checkpoint/store.ts';
 import type { HostConfig } from '../config/types.ts';
-import { TetherError } from '../errors.ts';
+import { remoteError, TetherError } from '../errors.ts';
 import { hashRamFile } from '../memory/ram.ts';
 import type { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
@@ -222,7 +222,7 @@ export class SourceMigration {
         return;
       }
       case 'abort':
-        void this.rollback('destination-abort', new TetherError(m.code, m.reason), 0);
+        void this.rollback('destination-abort', remoteError(m.code, m.reason), 0);
         return;
       default:
         this.#vm.log.warn('unexpected message from destination', { type: m.type });

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from './client.ts';
 import { isTetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 
 const GREETING = {
   QMP: { version: { qemu: { micro: 22, minor: 2, major: 7 }, package: 'fake' }, capabilities: ['oob'] },
@@ -87,7 +88,7 @@ async function fakeQmp(
   return { path: sockPath, commands, conns };
 }
 
-async function rejectsCode(t: Test, p: Promise<unknown>, code: string, msg?: string): Promise<unknown> {
+async function rejectsCode(t: Test, p: Promise<unknown>, code: ErrorCode, msg?: string): Promise<unknown> {
   try {
     await p;
   } catch (e) {
