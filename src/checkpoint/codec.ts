@@ -19,12 +19,7 @@
  * frame fails the MAC. Each direction has its own key (directionKeys), so a frame reflected
  * back to its sender fails the MAC too.
  *
- * Handshake: both peers send HELLO(role, nonce); each derives
- *   sessionKey = HMAC-SHA256(psk, "tether/v1 session" ‖ nonceSource ‖ nonceDestination)
- * and sends AUTH(mac = HMAC-SHA256(sessionKey, "tether/v1 auth" ‖ roleByte ‖ nonceS ‖ nonceD));
- * frames after that are MACed with
- *   directionKey(role) = HMAC-SHA256(sessionKey, "tether/v1 frames" ‖ roleByte of the sender).
- * Without the PSK a peer can send HELLO but no AUTH that verifies and no frame whose MAC does.
+ * Handshake (HELLO/AUTH, key derivation): src/peer/handshake.ts.
  *
  * Payloads (u64 values are < 2^53; ranges are checked):
  *   HELLO     0x01  role u8 (0 source, 1 destination) ‖ nonce(32)
@@ -44,7 +39,7 @@
  *   ABORT     0x3f  codeLength u16 ‖ code UTF-8 ‖ reason UTF-8
  * Every payload is canonical: decode(encode(m)) equals m and there is one encoding per message.
  */
-import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
 import { MAX_EPOCH, PAGE_SIZE, type DigestedMessage, type Message, type MessageType, type Role } from './messages.ts';
@@ -77,7 +72,7 @@ export const MESSAGE_TYPE_CODES = {
 
 const TYPE_BY_CODE = new Map<number, MessageType>(Object.entries(MESSAGE_TYPE_CODES).map(([name, code]) => [code, name as MessageType]));
 
-const ROLE_BYTE: Record<Role, number> = { source: 0, destination: 1 };
+export const ROLE_BYTE: Record<Role, number> = { source: 0, destination: 1 };
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const TWO_32 = 2 ** 32;
 
@@ -730,124 +725,5 @@ export class CheckpointDigest {
 
   digest(): Buffer {
     return this.hash.digest();
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Handshake
-
-interface Nonces {
-  source: Buffer;
-  destination: Buffer;
-}
-
-export interface DirectionKeys {
-  /** MACs frames this side sends (Encoder key). */
-  send: Buffer;
-  /** Verifies frames this side receives (Decoder key). */
-  receive: Buffer;
-}
-
-export function makeHello(role: Role): { type: 'hello'; role: Role; nonce: Buffer } {
-  return { type: 'hello', role, nonce: randomBytes(NONCE_SIZE) };
-}
-
-function checkNonce(name: string, n: Buffer): void {
-  if (!Buffer.isBuffer(n) || n.length !== NONCE_SIZE) {
-    throw new TetherError('ERR_PROTO_HANDSHAKE', `${name} must be ${NONCE_SIZE} bytes`);
-  }
-}
-
-/** HMAC-based KDF binding the PSK to both connection nonces. */
-export function sessionKey(psk: Buffer, nonceSource: Buffer, nonceDestination: Buffer): Buffer {
-  if (!Buffer.isBuffer(psk) || psk.length < MIN_PSK_SIZE) {
-    throw new TetherError('ERR_PROTO_WEAK_KEY', `pre-shared key must be at least ${MIN_PSK_SIZE} bytes`);
-  }
-  checkNonce('nonceSource', nonceSource);
-  checkNonce('nonceDestination', nonceDestination);
-  if (nonceSource.equals(nonceDestination)) {
-    throw new TetherError('ERR_PROTO_HANDSHAKE', 'peer echoed our nonce');
-  }
-  return createHmac('sha256', psk).update('tether/v1 session').update(nonceSource).update(nonceDestination).digest();
-}
-
-/** The AUTH mac a peer of `role` sends. */
-export function authMac(key: Buffer, role: Role, nonceSource: Buffer, nonceDestination: Buffer): Buffer {
-  checkNonce('nonceSource', nonceSource);
-  checkNonce('nonceDestination', nonceDestination);
-  return createHmac('sha256', key)
-    .update('tether/v1 auth')
-    .update(Buffer.from([ROLE_BYTE[role]]))
-    .update(nonceSource)
-    .update(nonceDestination)
-    .digest();
-}
-
-/** True iff `mac` is the AUTH mac of a peer of `peerRole` (constant-time compare). */
-export function verifyAuth(key: Buffer, peerRole: Role, nonceSource: Buffer, nonceDestination: Buffer, mac: Buffer): boolean {
-  const expected = authMac(key, peerRole, nonceSource, nonceDestination);
-  return Buffer.isBuffer(mac) && mac.length === expected.length && timingSafeEqual(expected, mac);
-}
-
-/** Per-direction frame keys for a peer of role `self`. */
-export function directionKeys(key: Buffer, self: Role): DirectionKeys {
-  const from = (role: Role): Buffer =>
-    createHmac('sha256', key)
-      .update('tether/v1 frames')
-      .update(Buffer.from([ROLE_BYTE[role]]))
-      .digest();
-  const peer: Role = self === 'source' ? 'destination' : 'source';
-  return { send: from(self), receive: from(peer) };
-}
-
-/**
- * One side of the handshake as a checked state machine:
- *   new → hello sent → (onHello) auth sent → (onAuth) authenticated.
- * Usage: send `hello`; on the peer's HELLO send `onHello(msg)`; on the peer's AUTH call
- * `onAuth(msg)` and install the returned keys in Encoder (send) and Decoder (receive).
- */
-export class Handshake {
-  readonly hello: { type: 'hello'; role: Role; nonce: Buffer };
-  private state: 'await-hello' | 'await-auth' | 'done' | 'failed' = 'await-hello';
-  private key: Buffer | undefined;
-  private nonces: Nonces | undefined;
-
-  constructor(private readonly opts: { psk: Buffer; role: Role; nonce?: Buffer }) {
-    if (!Buffer.isBuffer(opts.psk) || opts.psk.length < MIN_PSK_SIZE) {
-      throw new TetherError('ERR_PROTO_WEAK_KEY', `pre-shared key must be at least ${MIN_PSK_SIZE} bytes`);
-    }
-    const nonce = opts.nonce ?? randomBytes(NONCE_SIZE);
-    checkNonce('nonce', nonce);
-    this.hello = { type: 'hello', role: opts.role, nonce };
-  }
-
-  /** Handles the peer's HELLO; returns the AUTH to send. */
-  onHello(peer: { type: 'hello'; role: Role; nonce: Buffer }): { type: 'auth'; mac: Buffer } {
-    if (this.state !== 'await-hello') throw new TetherError('ERR_PROTO_HANDSHAKE', 'unexpected HELLO');
-    this.state = 'failed';
-    if (peer.role === this.opts.role) {
-      throw new TetherError('ERR_PROTO_HANDSHAKE', `peer claims our own role ${peer.role}`);
-    }
-    const nonces: Nonces =
-      this.opts.role === 'source'
-        ? { source: this.hello.nonce, destination: peer.nonce }
-        : { source: peer.nonce, destination: this.hello.nonce };
-    this.key = sessionKey(this.opts.psk, nonces.source, nonces.destination);
-    this.nonces = nonces;
-    this.state = 'await-auth';
-    return { type: 'auth', mac: authMac(this.key, this.opts.role, nonces.source, nonces.destination) };
-  }
-
-  /** Verifies the peer's AUTH (ERR_PROTO_BAD_AUTH) and returns the frame keys. */
-  onAuth(msg: { type: 'auth'; mac: Buffer }): DirectionKeys {
-    if (this.state !== 'await-auth') throw new TetherError('ERR_PROTO_HANDSHAKE', 'unexpected AUTH');
-    const peerRole: Role = this.opts.role === 'source' ? 'destination' : 'source';
-    const n = this.nonces!;
-    if (!verifyAuth(this.key!, peerRole, n.source, n.destination, msg.mac)) {
-      this.state = 'failed';
-      throw new TetherError('ERR_PROTO_BAD_AUTH', 'peer failed authentication', { peerRole });
-    }
-    this.state = 'done';
-    return directionKeys(this.key!, this.opts.role);
   }
 }

@@ -1,7 +1,8 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { CheckpointDigest } from '../checkpoint/codec.ts';
-import type { Message, PagesMessage } from '../checkpoint/messages.ts';
+import { checkpointMessages } from '../checkpoint/assembler.ts';
+import type { Checkpoint } from '../checkpoint/assembler.ts';
+import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
@@ -17,7 +18,7 @@ import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { Faults } from './faults.ts';
 import { noOutputs } from './outputs.ts';
-import type { EpochOutputs } from './outputs.ts';
+import type { DiskExtent, EpochOutputs } from './outputs.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completed' | 'fenced';
 
@@ -311,49 +312,30 @@ export class DestinationMigration {
     zero: Uint8Array,
     data: Buffer,
     devstate: Buffer,
-    disk: { offset: number; data: Buffer }[],
+    disk: DiskExtent[],
   ): Promise<number> {
-    const ch = this.#ch;
-    const digest = new CheckpointDigest();
+    // data holds every page; the wire form leaves zero pages out: compact in place
+    let kept = 0;
+    for (let i = 0; i < pfns.length; i++) {
+      if (zero[i]) continue;
+      if (kept !== i) data.copy(data, kept * PAGE_SIZE, i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+      kept++;
+    }
+    const ckpt: Checkpoint = { epoch, pfns, zeroMask: zero, data: data.subarray(0, kept * PAGE_SIZE), disk, devstate };
     const faults = this.#opts.faults;
-    let bytes = 0;
-    await ch.send({ type: 'begin', epoch });
-    // data holds every page; zero pages are left out of the wire form
-    for (let i = 0; i < pfns.length; i += PAGES_PER_MESSAGE) {
-      const n = Math.min(PAGES_PER_MESSAGE, pfns.length - i);
-      const z = zero.subarray(i, i + n);
-      const parts: Buffer[] = [];
-      for (let j = 0; j < n; j++) if (!z[j]) parts.push(data.subarray((i + j) * PAGE_SIZE, (i + j + 1) * PAGE_SIZE));
-      const msg: PagesMessage = { type: 'pages', epoch, pfns: pfns.subarray(i, i + n), zero: z, data: Buffer.concat(parts) };
-      digest.update(msg);
-      bytes += msg.data.length + n * 4;
-      await ch.send(msg);
-    }
-    for (const d of disk) {
-      const msg = { type: 'disk' as const, epoch, offset: d.offset, data: d.data };
-      digest.update(msg);
-      bytes += d.data.length;
-      await ch.send(msg);
-    }
-    const dev = { type: 'devstate' as const, epoch, data: devstate };
-    digest.update(dev);
-    bytes += devstate.length;
     // Fault injection hits DEVSTATE: every checkpoint has one, even with no dirty page.
     const inject = faults.corruptEpoch === epoch ? 'corrupt' : faults.truncateEpoch === epoch ? 'truncate' : undefined;
-    if (inject) {
-      this.#log.warn(`fault injection: ${inject} checkpoint`, { epoch });
-      await ch.sendInjected(dev, inject);
-      return bytes;
+    let bytes = 0;
+    for (const msg of checkpointMessages(ckpt, { maxPagesPerMessage: PAGES_PER_MESSAGE })) {
+      if (msg.type === 'pages') bytes += msg.data.length + msg.pfns.length * 4;
+      else if (msg.type === 'disk' || msg.type === 'devstate') bytes += msg.data.length;
+      if (msg.type === 'devstate' && inject) {
+        this.#log.warn(`fault injection: ${inject} checkpoint`, { epoch });
+        await this.#ch.sendInjected(msg, inject);
+        return bytes;
+      }
+      await this.#ch.send(msg);
     }
-    await ch.send(dev);
-    await ch.send({
-      type: 'commit',
-      epoch,
-      pages: pfns.length,
-      diskBytes: disk.reduce((s, d) => s + d.data.length, 0),
-      devstateBytes: devstate.length,
-      digest: digest.digest(),
-    });
     return bytes;
   }
 

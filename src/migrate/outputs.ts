@@ -7,10 +7,9 @@
  *   passThrough() after the final checkpoint of a completed migration
  *   discard()    when the destination fences itself: held outputs never leave
  */
-export interface DiskExtent {
-  offset: number;
-  data: Buffer;
-}
+import type { DiskExtent } from '../checkpoint/assembler.ts';
+
+export type { DiskExtent };
 
 export interface EpochOutputs {
   seal(epoch: number): Promise<DiskExtent[]>;

@@ -1,8 +1,10 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { authMac, Decoder, directionKeys, encode, makeHello, sessionKey, verifyAuth } from '../checkpoint/codec.ts';
+import { Decoder, encode, Encoder } from '../checkpoint/codec.ts';
 import type { Message, Role } from '../checkpoint/messages.ts';
 import { TetherError } from '../errors.ts';
+import { Handshake } from './handshake.ts';
+import type { DirectionKeys } from './handshake.ts';
 
 export interface ChannelOptions {
   psk: Buffer;
@@ -22,18 +24,17 @@ const DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024;
  */
 export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Error | undefined] }> {
   readonly #sock: net.Socket;
-  readonly #key: Buffer;
+  readonly #encoder: Encoder;
   readonly #decoder: Decoder;
-  #sendSeq = 0n;
   #closed = false;
   bytesSent = 0;
   bytesReceived = 0;
 
   /** Use PeerChannel.connect or PeerChannel.accept: they run the handshake first. */
-  constructor(sock: net.Socket, key: Buffer, decoder: Decoder, leftover: Message[]) {
+  constructor(sock: net.Socket, encoder: Encoder, decoder: Decoder, leftover: Message[]) {
     super();
     this.#sock = sock;
-    this.#key = key;
+    this.#encoder = encoder;
     this.#decoder = decoder;
     sock.setNoDelay(true);
     sock.on('data', (chunk: Buffer) => {
@@ -101,7 +102,7 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
 
   async send(msg: Message): Promise<void> {
     if (this.#closed) throw new TetherError('ERR_PEER_CLOSED', 'peer channel is closed');
-    const bufs = encode(msg, { key: this.#key, seq: this.#sendSeq++ });
+    const bufs = this.#encoder.encode(msg);
     let ok = true;
     for (const b of bufs) {
       this.bytesSent += b.length;
@@ -116,7 +117,7 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
    * connection, as a broken link or a buggy peer would.
    */
   async sendInjected(msg: Message, mode: 'corrupt' | 'truncate'): Promise<void> {
-    const frame = Buffer.concat(encode(msg, { key: this.#key, seq: this.#sendSeq++ }));
+    const frame = Buffer.concat(this.#encoder.encode(msg));
     if (mode === 'corrupt') {
       frame[frame.length >> 1]! ^= 0x40;
       this.#sock.write(frame);
@@ -154,16 +155,23 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
 }
 
 /**
- * HELLO both ways (fresh nonces), then AUTH both ways: each side proves it
- * holds the PSK by a MAC over both nonces under the session key. Until both
- * AUTH frames check out, nothing but HELLO/AUTH is accepted.
+ * Runs a Handshake over the socket: HELLO both ways (fresh nonces), then AUTH
+ * both ways; each side proves it holds the PSK by a MAC over both nonces under
+ * the session key. Until both AUTH frames check out, nothing but HELLO/AUTH is
+ * accepted.
  */
 function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<PeerChannel> {
   return new Promise((resolve, reject) => {
     const decoder = new Decoder({ maxPayload: opts.maxPayload ?? DEFAULT_MAX_PAYLOAD });
-    const hello = makeHello(role);
-    let peerNonce: Buffer | undefined;
-    let key: Buffer | undefined;
+    let hs: Handshake;
+    try {
+      hs = new Handshake({ psk: opts.psk, role });
+    } catch (e) {
+      sock.destroy();
+      reject(e);
+      return;
+    }
+    let helloSeen = false;
     const timer = setTimeout(
       () => fail(new TetherError('ERR_PEER_HANDSHAKE', `peer handshake not done within ${opts.handshakeTimeoutMs ?? 5000} ms`)),
       opts.handshakeTimeoutMs ?? 5000,
@@ -174,8 +182,6 @@ function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<
       sock.destroy();
       reject(e);
     };
-    const nonces = () =>
-      role === 'source' ? { source: hello.nonce, destination: peerNonce! } : { source: peerNonce!, destination: hello.nonce };
     const onData = (chunk: Buffer) => {
       let msgs: Message[];
       try {
@@ -186,41 +192,41 @@ function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<
       }
       while (msgs.length > 0) {
         const m = msgs.shift()!;
-        if (!peerNonce) {
+        if (!helloSeen) {
           if (m.type !== 'hello' || m.role === role) {
-            fail(new TetherError('ERR_PEER_HANDSHAKE', `expected HELLO from the ${role === 'source' ? 'destination' : 'source'}`));
+            fail(new TetherError('ERR_PEER_HANDSHAKE', `expected HELLO from the ${hs.peerRole}`));
             return;
           }
-          peerNonce = m.nonce;
-          const n = nonces();
-          key = sessionKey(opts.psk, n.source, n.destination);
+          helloSeen = true;
+          const { auth, receiveKey } = hs.onHello(m);
           // From here on every frame but AUTH must carry a valid MAC under the peer's
           // direction key (one key per direction: a reflected frame never verifies).
-          decoder.setKey(directionKeys(key, role).receive);
-          if (role === 'destination') for (const b of encode(hello)) sock.write(b);
-          for (const b of encode({ type: 'auth', mac: authMac(key, role, n.source, n.destination) })) sock.write(b);
+          decoder.setKey(receiveKey);
+          if (role === 'destination') for (const b of encode(hs.hello)) sock.write(b);
+          for (const b of encode(auth)) sock.write(b);
           continue;
         }
         if (m.type !== 'auth') {
           fail(new TetherError('ERR_PEER_HANDSHAKE', 'expected AUTH'));
           return;
         }
-        const n = nonces();
-        const peerRole: Role = role === 'source' ? 'destination' : 'source';
-        if (!verifyAuth(key!, peerRole, n.source, n.destination, m.mac)) {
+        let keys: DirectionKeys;
+        try {
+          keys = hs.onAuth(m);
+        } catch {
           fail(new TetherError('ERR_PEER_AUTH', 'peer failed authentication (wrong key?)'));
           return;
         }
         clearTimeout(timer);
         sock.removeListener('data', onData);
         // frames that followed AUTH in the same chunk were already MAC-checked
-        resolve(new PeerChannel(sock, directionKeys(key!, role).send, decoder, msgs));
+        resolve(new PeerChannel(sock, new Encoder({ key: keys.send }), decoder, msgs));
         return;
       }
     };
     sock.on('data', onData);
     sock.once('error', (e) => fail(new TetherError('ERR_PEER_HANDSHAKE', `peer socket error during handshake: ${e.message}`)));
     sock.once('close', () => fail(new TetherError('ERR_PEER_HANDSHAKE', 'peer closed during handshake')));
-    if (role === 'source') for (const b of encode(hello)) sock.write(b);
+    if (role === 'source') for (const b of encode(hs.hello)) sock.write(b);
   });
 }
