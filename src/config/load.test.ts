@@ -84,6 +84,7 @@ t.test('host defaults', async (t) => {
     stateDir: '/etc/tether/state',
     ramDir: '/dev/shm/tether/a',
     controlSocket: '/etc/tether/state/control.sock',
+    vmConfigDir: '/etc/tether/vms',
     peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32 },
     migration: { listenHost: '10.0.0.1', portRange: [49152, 49215] },
     logLevel: 'info',
@@ -97,6 +98,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
       ...minimalHost(),
       ramDir: 'ram',
       controlSocket: '/run/t.sock',
+      vmConfigDir: 'vms',
       peer: { listen: '[fd00::1]:7700', key: KEY_B64 },
       migration: { listenHost: 'fd00::1', portRange: [50000, 50000] },
       metrics: 'localhost:9100',
@@ -106,6 +108,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
   );
   t.equal(h.ramDir, '/etc/tether/ram');
   t.equal(h.controlSocket, '/run/t.sock');
+  t.equal(h.vmConfigDir, '/etc/tether/vms', 'relative to the file');
   t.same(h.peer.listen, { host: 'fd00::1', port: 7700 });
   t.same(h.migration.portRange, [50000, 50000]);
   t.same(h.metrics, { host: 'localhost', port: 9100 });

@@ -20,6 +20,11 @@ export interface ParseOptions {
 /** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
 const MAX_UNIX_PATH = 107;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+/** Whether `s` is a valid VM/host name (also safe as a single path component). */
+export function isValidName(s: unknown): s is string {
+  return typeof s === 'string' && NAME_RE.test(s);
+}
 const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
@@ -66,7 +71,7 @@ function withFile<T>(file: string, parse: (obj: unknown, baseDir: string) => T):
 // ---------------------------------------------------------------- host
 
 export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
-  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'peer', 'migration', 'metrics', 'logLevel']);
+  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'vmConfigDir', 'peer', 'migration', 'metrics', 'logLevel']);
   const name = root.name('name');
   const stateDir = root.path('stateDir', opts.baseDir);
   const ramDir = root.optPath('ramDir', opts.baseDir) ?? path.join('/dev/shm/tether', name);
@@ -74,6 +79,8 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
   if (Buffer.byteLength(controlSocket) > MAX_UNIX_PATH) {
     invalid('controlSocket', `default ${controlSocket} is longer than ${MAX_UNIX_PATH} bytes; set controlSocket`);
   }
+
+  const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
 
   const peerObj = root.obj('peer', ['listen', 'key', 'keyFile']);
   const listen = peerObj.hostPort('listen');
@@ -97,6 +104,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     stateDir,
     ramDir,
     controlSocket,
+    vmConfigDir,
     peer: { listen, key },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),

@@ -11,6 +11,11 @@ export interface HostConfig {
   ramDir: string;
   /** Unix socket the CLI talks to. */
   controlSocket: string;
+  /**
+   * Where this host finds `<vm>.yaml` for an incoming migration: the destination builds
+   * QEMU's command line from its own file, never from what the peer sends. Default /etc/tether/vms
+   */
+  vmConfigDir: string;
   peer: {
     /** host:port the checkpoint/peer channel listens on. */
     listen: { host: string; port: number };

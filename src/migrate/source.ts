@@ -13,16 +13,18 @@ import { PeerChannel } from '../peer/channel.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
+import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
-export type SourcePhase = 'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
+export type SourcePhase =
+  'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed' | 'refused';
 
 const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
-  connecting: ['precopy', 'rolling-back'],
+  connecting: ['precopy', 'rolling-back', 'refused'],
   precopy: ['switchover', 'rolling-back'],
   switchover: ['postcopy', 'rolling-back'],
   postcopy: ['completed', 'rolling-back'],
@@ -30,6 +32,7 @@ const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   completed: [],
   'rolled-back': [],
   failed: [],
+  refused: [],
 };
 
 /** Pages per HASHES message: 64 Ki pages = 512 KiB of hashes. */
@@ -68,6 +71,8 @@ export class SourceMigration {
   /** Set just before migrate-continue: from then on the source QEMU may have handed the VM over. */
   #continued = false;
   #appliedEpoch: number | null = null;
+  /** The destination answered `prepare` with `ready`: from here on, its ABORT means roll back. */
+  #ready = false;
   #pauses: number[] = [];
   #ckptBytes: number[] = [];
   #tracker: string | null = null;
@@ -88,10 +93,37 @@ export class SourceMigration {
     return this.#appliedEpoch;
   }
 
-  /** Runs the migration to its outcome. Never rejects: failures become a rollback or a 'failed' result. */
+  /**
+   * Runs the migration to its outcome: failures become a rollback or a 'failed' result.
+   * Rejects only when the destination refused `prepare` (unknown VM, other device model,
+   * busy): nothing started on either host, the VM runs here as before.
+   */
   run(): Promise<MigrationResult> {
     this.#setup().catch((e) => this.rollback('setup-failed', e));
     return this.#result.promise;
+  }
+
+  /**
+   * Sidecar shutdown (SIGTERM/SIGINT): take no decision, as if the sidecar had died.
+   * No ACK is sent any more (the channel closes, so D fences itself), nothing is rolled
+   * back or stopped, and the migration marker stays: the restarted sidecar resolves the
+   * migration from what is on disk (recovery), exactly as after SIGKILL. A checkpoint
+   * being applied is finished first (not acked); a rollback or completion already under
+   * way is let run to its end. run() then rejects with ERR_DAEMON_SHUTDOWN.
+   */
+  async detach(): Promise<void> {
+    if (this.#decided) {
+      await Promise.race([this.#result.promise.catch(() => {}), sleep(30_000)]);
+      return;
+    }
+    this.#decided = true;
+    this.#stopTimers();
+    this.#vm.log.warn('sidecar shutting down mid-migration: left for recovery at the next start', { phase: this.phase.state });
+    await this.#applyChain;
+    this.#channel?.close();
+    this.#result.reject(
+      new TetherError('ERR_DAEMON_SHUTDOWN', `the sidecar stopped during the migration of ${this.#vm.name}; its next start resolves it`),
+    );
   }
 
   /** Operator abort (or any caller-side reason): roll back now. */
@@ -130,7 +162,17 @@ export class SourceMigration {
     ch.start();
     if (ch.closed) throw new TetherError('ERR_PEER_CLOSED', 'peer closed the channel right after the handshake');
 
-    await ch.send({ type: 'control', body: { kind: 'prepare', vm: vm.config, sendConfiguration: vm.sendConfiguration } });
+    // D runs QEMU from its own config of this VM: only the name and the device-model digest travel.
+    await ch.send({
+      type: 'control',
+      body: {
+        kind: 'prepare',
+        vm: vm.name,
+        deviceModel: deviceModelDigest(vm.config),
+        sendConfiguration: vm.sendConfiguration,
+        failoverTimeoutMs: vm.config.checkpoint.failoverTimeoutMs,
+      },
+    });
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     vm.log.info('destination ready', { uri: ready.uri });
@@ -213,6 +255,8 @@ export class SourceMigration {
           this.#tracker = c.tracker;
         } else if (c.kind === 'done') {
           void this.#complete(c.finalEpoch);
+        } else if (c.kind === 'ready') {
+          this.#ready = true;
         }
         const w = this.#controlWaiters.get(c.kind);
         if (w) {
@@ -222,7 +266,8 @@ export class SourceMigration {
         return;
       }
       case 'abort':
-        void this.rollback('destination-abort', new TetherError(m.code, m.reason), 0);
+        if (!this.#ready) void this.#refused(new TetherError(m.code, m.reason));
+        else void this.rollback('destination-abort', new TetherError(m.code, m.reason), 0);
         return;
       default:
         this.#vm.log.warn('unexpected message from destination', { type: m.type });
@@ -301,6 +346,25 @@ export class SourceMigration {
     await this.#vm.forget().catch(() => {});
     this.#vm.place = 'gone';
     this.#finish({ outcome: 'completed' });
+  }
+
+  /**
+   * The destination refused `prepare`: QEMU was never asked to migrate, so the VM
+   * simply goes on running here; the refusal (a typed error) is the result.
+   */
+  async #refused(err: TetherError): Promise<void> {
+    if (this.#decided) return;
+    this.#decided = true;
+    this.#stopTimers();
+    this.#vm.log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    this.phase.to('refused', { code: err.code });
+    this.#channel?.close();
+    for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
+    this.#controlWaiters.clear();
+    this.#vm.place = 'running';
+    await this.#vm.setMigrationMarker(null).catch(() => {});
+    this.#opts.metrics?.migrations.inc({ role: 'source', outcome: 'refused' });
+    this.#result.reject(err);
   }
 
   /**

@@ -189,6 +189,11 @@ export class VmInstance {
     await q.kill();
   }
 
+  /** Sidecar shutdown: let go of QEMU without stopping it (the next sidecar adopts it). */
+  async detachQemu(): Promise<void> {
+    await this.qemu?.detach();
+  }
+
   async stopQemu(): Promise<void> {
     const q = this.qemu;
     if (!q) return;
