@@ -22,6 +22,7 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { VmInstance } from '../vm/instance.ts';
+import type { MigrationMarker } from '../vm/instance.ts';
 
 type Progress = (p: Record<string, unknown>) => void;
 
@@ -40,6 +41,8 @@ export class Daemon {
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
   readonly #clients = new Set<net.Socket>();
+  /** VM names whose vm.json was damaged at start: never booted over until resolved by hand. */
+  readonly #damaged = new Set<string>();
   readonly metrics = new TetherMetrics((set) => {
     const counts = new Map<string, number>();
     for (const vm of this.vms.values()) counts.set(vm.place, (counts.get(vm.place) ?? 0) + 1);
@@ -96,18 +99,37 @@ export class Daemon {
     }
     for (const name of names) {
       const dir = path.join(this.host.stateDir, name);
-      const saved = await VmInstance.readPersisted(dir);
-      if (!saved) continue;
       const log = this.log.child({ vm: name, recovery: true });
+      let saved: Awaited<ReturnType<typeof VmInstance.readPersisted>>;
       try {
-        const cfg = parseVmConfig(saved.vm.config as unknown as Record<string, unknown>, { baseDir: '/' });
+        saved = await VmInstance.readPersisted(dir);
+      } catch (e) {
+        // Without its record the VM cannot be found again; it must not be booted over either.
+        this.#damaged.add(name);
+        log.error('VM record damaged: not recovered, nothing touched; inspect and remove it to use the name again', {
+          dir,
+          error: errorFields(e),
+        });
+        continue;
+      }
+      if (!saved) continue;
+      try {
+        const cfg = parseVmConfig(saved.config as unknown as Record<string, unknown>, { baseDir: '/' });
         const vm = new VmInstance(this.host, cfg, this.log);
-        vm.sendConfiguration = saved.vm.sendConfiguration;
+        vm.sendConfiguration = saved.sendConfiguration;
         this.vms.set(vm.name, vm);
+        let marker: MigrationMarker | null;
+        try {
+          marker = await VmInstance.readMarker(dir);
+        } catch (e) {
+          vm.place = 'unrecovered';
+          log.error('migration marker damaged: VM left as it is (unrecovered); resolve it by hand', { error: errorFields(e) });
+          continue;
+        }
         // Every QEMU on this VM's RAM file (the one vm.json names first), so that
         // none is missed even if the sidecar died between spawning one and recording it.
-        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
-        const marker = saved.marker;
+        const pid = saved.pid;
+        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
         if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
@@ -250,6 +272,13 @@ export class Daemon {
       case 'vm.start': {
         if (typeof p.config !== 'string') throw new TetherError('ERR_USAGE', 'parameter config (path to a VM YAML file) is required');
         const cfg = await loadVmConfig(p.config);
+        if (this.#damaged.has(cfg.name)) {
+          throw new TetherError(
+            'ERR_STATE_FILE_CORRUPT',
+            `VM ${cfg.name}'s record in ${path.join(this.host.stateDir, cfg.name)} is damaged; its QEMU may still run. ` +
+              'Check, remove the directory, then start it',
+          );
+        }
         const existing = this.vms.get(cfg.name);
         if (existing && existing.place !== 'stopped' && existing.place !== 'gone' && existing.place !== 'fenced') {
           throw new TetherError('ERR_VM_EXISTS', `VM ${cfg.name} is already ${existing.place} on this host`);
@@ -262,6 +291,9 @@ export class Daemon {
       case 'vm.stop': {
         const vm = this.#vm(vmName());
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is migrating; abort first`);
+        // Unrecovered: whatever QEMU runs on its RAM file is not supervised; stop means stop it.
+        if (vm.place === 'unrecovered') for (const pid of qemuPidsFor(vm.ramFile)) await killPid(pid);
+        if (vm.place === 'unrecovered') await vm.setMigrationMarker(null);
         vm.place = 'stopped';
         await vm.stopQemu();
         await vm.removeRam();
