@@ -12,6 +12,7 @@ import type { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
+import { StreamingSummary } from '../util/summary.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
@@ -73,8 +74,9 @@ export class SourceMigration {
   #appliedEpoch: number | null = null;
   /** The destination answered `prepare` with `ready`: from here on, its ABORT means roll back. */
   #ready = false;
-  #pauses: number[] = [];
-  #ckptBytes: number[] = [];
+  /** Streaming: a long migration takes millions of checkpoints. */
+  readonly #pauses = new StreamingSummary();
+  readonly #ckptBytes = new StreamingSummary();
   #tracker: string | null = null;
   #lastPauseMs: number | null = null;
 
@@ -249,7 +251,7 @@ export class SourceMigration {
           return;
         }
         if (c.kind === 'epoch-stats') {
-          this.#pauses.push(c.pauseMs);
+          this.#pauses.add(c.pauseMs);
           this.#opts.metrics?.pause.observe(c.pauseMs / 1000);
           this.#lastPauseMs = c.pauseMs;
           this.#tracker = c.tracker;
@@ -313,7 +315,7 @@ export class SourceMigration {
     }
     this.#appliedEpoch = ckpt.epoch;
     const bytes = ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + d.data.length, 0);
-    this.#ckptBytes.push(bytes);
+    this.#ckptBytes.add(bytes);
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
@@ -453,18 +455,18 @@ export class SourceMigration {
       ...(err ? { error: { code: err.code ?? 'ERR_UNKNOWN', message: err.message ?? String(err) } } : {}),
       totalMs: round(nowMs() - this.#t0),
       switchoverMs: this.#switchoverAt === null ? null : round(this.#switchoverAt - this.#t0),
-      checkpoints: this.#ckptBytes.length,
+      checkpoints: this.#ckptBytes.count,
       appliedEpoch: this.#appliedEpoch,
       tracker: this.#tracker,
       pauseMs: summarize(this.#pauses),
       checkpointBytes:
-        this.#ckptBytes.length === 0
+        this.#ckptBytes.count === 0
           ? null
           : {
-              avg: Math.round(this.#ckptBytes.reduce((a, b) => a + b, 0) / this.#ckptBytes.length),
-              p50: summarize(this.#ckptBytes)!.p50,
-              max: Math.max(...this.#ckptBytes),
-              total: this.#ckptBytes.reduce((a, b) => a + b, 0),
+              avg: Math.round(this.#ckptBytes.sum / this.#ckptBytes.count),
+              p50: Math.round(this.#ckptBytes.quantile(50)),
+              max: this.#ckptBytes.max,
+              total: this.#ckptBytes.sum,
             },
       ...(p.rollback ? { rollback: p.rollback } : {}),
     });
