@@ -72,7 +72,13 @@ t.test('example configs load', async (t) => {
     kernel: path.resolve(configsDir, '../.cache/guest/current/vmlinuz'),
     initrd: path.resolve(configsDir, '../.cache/guest/current/initrd.img'),
     append: 'console=ttyS0 quiet panic=-1 tether.run=memcheck:256',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
+    checkpoint: {
+      intervalMs: 50,
+      failoverTimeoutMs: 3000,
+      fenceTimeoutMs: 1500,
+      dirtyTracker: 'auto',
+      hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
+    },
     migration: { precopyMs: 0, maxBandwidth: 0 },
   });
 });
@@ -218,7 +224,13 @@ t.test('vm defaults', async (t) => {
     cpus: 1,
     kernel: '/etc/tether/k/vmlinuz',
     append: '',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
+    checkpoint: {
+      intervalMs: 50,
+      failoverTimeoutMs: 3000,
+      fenceTimeoutMs: 1500,
+      dirtyTracker: 'auto',
+      hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
+    },
     migration: { precopyMs: 0, maxBandwidth: 0 },
   });
   const kvm = parseVmConfig({ ...minimalVm(), qemu: { accel: 'kvm' } }, base);
@@ -260,6 +272,8 @@ t.test('vm: bad fields', async (t) => {
     ['checkpoint.fenceTimeoutMs', 40, 'checkpoint.fenceTimeoutMs'],
     ['checkpoint.fenceTimeoutMs', 50, 'checkpoint.fenceTimeoutMs'], // not > intervalMs (50)
     ['checkpoint.dirtyTracker', 'softdirty', 'checkpoint.dirtyTracker'],
+    ['checkpoint.hashThreads', 0, 'checkpoint.hashThreads'],
+    ['checkpoint.hashThreads', 65, 'checkpoint.hashThreads'],
     ['checkpoint.interval', 50, 'checkpoint.interval'],
     ['migration.precopyMs', -1, 'migration.precopyMs'],
     ['migration.maxBandwidth', 1e20, 'migration.maxBandwidth'],

@@ -7,6 +7,7 @@
  * (the YAML file's directory when loading a file).
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
@@ -179,11 +180,13 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const initrd = root.optPath('initrd', opts.baseDir);
   const append = root.optString('append', { allowEmpty: true }) ?? '';
 
-  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker']);
+  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads']);
   const intervalMs = cp?.optInt('intervalMs', 5, 10_000) ?? 50;
   const failoverTimeoutMs = cp?.optInt('failoverTimeoutMs', 100, 600_000) ?? 3000;
   const fenceTimeoutMs = cp?.optInt('fenceTimeoutMs', 50, 600_000) ?? 1500;
   const dirtyTracker = cp?.optEnum('dirtyTracker', DIRTY_TRACKERS) ?? 'auto';
+  // Half the cores: the other half keeps QEMU (and the sidecar's event loop) going.
+  const hashThreads = cp?.optInt('hashThreads', 1, 64) ?? Math.max(1, Math.floor(os.availableParallelism() / 2));
   // D must fence itself before S gives up on it, or both could run the guest.
   if (fenceTimeoutMs >= failoverTimeoutMs) {
     invalid('checkpoint.fenceTimeoutMs', `must be less than checkpoint.failoverTimeoutMs (${fenceTimeoutMs} >= ${failoverTimeoutMs})`);
@@ -205,7 +208,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     kernel,
     ...(initrd !== undefined ? { initrd } : {}),
     append,
-    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker },
+    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
     migration: { precopyMs, maxBandwidth },
   };
 }

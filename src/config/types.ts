@@ -52,6 +52,8 @@ export interface VmConfig {
     failoverTimeoutMs: number;
     fenceTimeoutMs: number;
     dirtyTracker: DirtyTrackerKind;
+    /** Native threads hashing/scanning guest RAM (S's baseline, D's collect); host-local, not compared. */
+    hashThreads: number;
   };
   migration: {
     /** Time spent in pre-copy before switching to post-copy (0 = switch as soon as QEMU allows). */

@@ -222,7 +222,7 @@ export class SourceMigration {
     // The destination's baseline: a hash per page of the RAM file as of checkpoint 0.
     // The RAM file is frozen now (QEMU is past switchover; only checkpoint pages change it).
     const pages = vm.ramBytes / PAGE_SIZE;
-    const table = await hashRamFile(vm.ramFile, vm.ramBytes);
+    const table = await hashRamFile(vm.ramFile, vm.ramBytes, { threads: vm.config.checkpoint.hashThreads });
     for (let start = 0; start < pages; start += HASH_CHUNK_PAGES) {
       const n = Math.min(HASH_CHUNK_PAGES, pages - start);
       await ch.send({ type: 'hashes', startPfn: start, hashes: table.subarray(start * 8, (start + n) * 8) });
