@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
-import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
+import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 t.test('SIGTERM of the sidecar leaves the VM running; the next start adopts it', async (t) => {
   const c = await bootCluster(t);
@@ -51,4 +51,14 @@ t.test('SIGTERM of the source sidecar mid post-copy: no rollback at shutdown, th
   t.same(rep.corrupt, [], 'no CORRUPT after recovery');
   t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
   t.same(memcheck(c.serialLog(c.dst)).corrupt, [], 'no CORRUPT in the destination serial log');
+});
+
+t.test('SIGTERM of the destination sidecar mid post-copy: D fences, the VM resumes on the source', async (t) => {
+  const c = await bootCluster(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const d = await c.status(c.dst);
+  t.equal(await c.termDaemon(c.dst), 0, 'the destination sidecar exits cleanly on SIGTERM');
+  t.notOk(qemuAlive(d.pid), "the destination's copy was fenced at shutdown, not left running");
+  await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
 });
