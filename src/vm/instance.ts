@@ -252,7 +252,8 @@ async function readOptional(file: string): Promise<Buffer | null> {
     return await fs.readFile(file);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
-    if (err.code === 'ENOENT') return null;
+    // ENOTDIR: `dir` is a file (the control socket may live in stateDir), so no record.
+    if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return null;
     throw new TetherError('ERR_STATE_FILE_CORRUPT', `cannot read ${file}: ${err.message}`, { file, errno: err.code });
   }
 }

@@ -50,6 +50,8 @@ t.test('VmInstance: a missing marker is "no migration", a damaged one is an erro
   await vm.prepareDirs();
   t.equal(await VmInstance.readPersisted(vm.dir), null, 'no vm.json: no VM');
   t.equal(await VmInstance.readMarker(vm.dir), null, 'no marker: no migration');
+  fs.writeFileSync(path.join(dir, 'control.sock'), '');
+  t.equal(await VmInstance.readPersisted(path.join(dir, 'control.sock')), null, 'a file in stateDir is no VM (not an error)');
   await vm.setMigrationMarker({ role: 'destination', qemuPid: null, peer: 'p', startedAt: 'now' });
   t.same(await VmInstance.readMarker(vm.dir), { role: 'destination', qemuPid: null, peer: 'p', startedAt: 'now' });
   const file = path.join(vm.dir, 'migration.json');
