@@ -25,6 +25,8 @@ export interface Host {
   socket: string;
   stateDir: string;
   ramDir: string;
+  /** This host's VM configs (<vmConfigDir>/vm1.yaml): a destination runs QEMU from its own. */
+  vmConfigDir: string;
   daemonLog: string;
   daemon?: ChildProcess;
 }
@@ -86,12 +88,13 @@ export class Cluster {
       socket: path.join(this.dir, `${suffix}.sock`),
       stateDir: path.join(this.dir, `state-${suffix}`),
       ramDir: `/dev/shm/tether-${this.id}/${suffix}`,
+      vmConfigDir: path.join(this.dir, `vms-${suffix}`),
       daemonLog: path.join(this.dir, `daemon-${suffix}.log`),
     });
     const net3 = 10 + (n % 240);
     this.src = mk('source', 's', `10.77.${net3}.1`);
     this.dst = mk('destination', 'd', `10.77.${net3}.2`);
-    this.vmConfig = path.join(this.dir, 'vm1.yaml');
+    this.vmConfig = path.join(this.src.vmConfigDir, 'vm1.yaml');
   }
 
   serialLog(h: Host): string {
@@ -125,6 +128,7 @@ export class Cluster {
           `stateDir: ${h.stateDir}`,
           `ramDir: ${h.ramDir}`,
           `controlSocket: ${h.socket}`,
+          `vmConfigDir: ${h.vmConfigDir}`,
           `peer:`,
           `  listen: "${h.addr}:7700"`,
           `  keyFile: ${keyFile}`,
@@ -138,8 +142,8 @@ export class Cluster {
       );
     }
     const v = this.opts.vm ?? {};
-    fs.writeFileSync(
-      this.vmConfig,
+    this.writeVmConfig(
+      [src, dst],
       [
         `name: ${this.vmName}`,
         `memoryMiB: 512`,
@@ -159,6 +163,14 @@ export class Cluster {
     await Promise.all([src, dst].map((h) => waitForSocket(h)));
   }
 
+  /** Write the VM's YAML into each host's vmConfigDir (both hosts hold the same file by default). */
+  writeVmConfig(hosts: Host[], text: string): void {
+    for (const h of hosts) {
+      fs.mkdirSync(h.vmConfigDir, { recursive: true });
+      fs.writeFileSync(path.join(h.vmConfigDir, `${this.vmName}.yaml`), text);
+    }
+  }
+
   /** SIGKILL one host's sidecar only (its QEMU processes keep running). */
   async killDaemon(h: Host): Promise<void> {
     const d = h.daemon;
@@ -166,6 +178,16 @@ export class Cluster {
     const gone = waitExit(d, 10_000);
     process.kill(d.pid, 'SIGKILL');
     await gone;
+  }
+
+  /** SIGTERM one host's sidecar (a graceful stop, as `systemctl stop` does) and wait for it to exit. */
+  async termDaemon(h: Host): Promise<number | null> {
+    const d = h.daemon;
+    if (!d?.pid || d.exitCode !== null) return d?.exitCode ?? null;
+    const gone = waitExit(d, 60_000);
+    process.kill(d.pid, 'SIGTERM');
+    await gone;
+    return d.exitCode;
   }
 
   /** Start a host's sidecar again (after killDaemon) and wait for its control socket. */

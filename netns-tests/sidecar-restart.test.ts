@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import { encodeStateFile } from '../src/vm/state-file.ts';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
 
@@ -54,7 +55,10 @@ t.test('a sidecar that dies just after a rollback finished adopts the restored V
   // The state a crash leaves when it lands between "restored VM running" and
   // "migration marker removed": the marker still names the QEMU that was migrating.
   const marker = path.join(c.src.stateDir, c.vmName, 'migration.json');
-  fs.writeFileSync(marker, JSON.stringify({ role: 'source', qemuPid: wedged, peer: c.dst.addr, startedAt: new Date().toISOString() }));
+  fs.writeFileSync(
+    marker,
+    encodeStateFile('TETHER-MIGRATION', { role: 'source', qemuPid: wedged, peer: c.dst.addr, startedAt: new Date().toISOString() }),
+  );
   await c.killDaemon(c.src);
   const passes = memcheck(c.serialLog(c.src)).passes;
   await c.restartDaemon(c.src);

@@ -28,6 +28,9 @@ export const ERRORS = {
   ERR_VM_ALREADY_RUNNING: 'the VM already runs',
   ERR_VM_NOT_RUNNING: 'the VM has no running QEMU',
   ERR_VM_BUSY: 'the VM is migrating; the request must wait or abort first',
+  ERR_DAEMON_SHUTDOWN: 'the sidecar is shutting down; the request was not finished (guests keep running)',
+  ERR_STATE_FILE_CORRUPT: 'a persisted VM state file (vm.json, migration marker) failed its magic/length/checksum check',
+  ERR_STATE_FILE_VERSION: 'a persisted VM state file has a format version this build does not read',
   ERR_RECOVERY: 'a restarted sidecar cannot bring a VM back to a known state',
 
   // --- QMP and QEMU processes (src/qmp, src/qemu)
@@ -51,6 +54,10 @@ export const ERRORS = {
   ERR_PEER_TIMEOUT: 'the peer did not answer in time',
   ERR_PEER_PROTOCOL: 'the peer sent a message that is wrong at this point',
   ERR_PEER_CONTROL: 'a peer control message is malformed',
+  ERR_PEER_UNKNOWN_VM: 'the destination has no configuration for this VM in its vmConfigDir',
+  ERR_PEER_DEVICE_MODEL: "the destination's VM configuration builds a different device model than the source's",
+  ERR_PEER_TIMEOUTS: "the destination's fence timeout is not below the source's failover timeout",
+  ERR_PEER_VM_BUSY: 'the destination already has this VM running or incoming',
   ERR_PROTO_BAD_MAGIC: 'a frame does not start with the protocol magic',
   ERR_PROTO_UNSUPPORTED_VERSION: 'a frame has a protocol version this build does not speak',
   ERR_PROTO_UNKNOWN_TYPE: 'a frame has an unknown message type',

@@ -1,7 +1,11 @@
 /*
  * tether_native: page hashing and dirty-page scanning over a guest RAM file.
  *
- * Everything here is synchronous and runs while the VM is paused. Guest RAM is
+ * hashFile and scanDirty run as N-API async work: argument checks happen in the
+ * call (bad arguments throw), the page work runs on a libuv pool thread plus
+ * its own pthreads, and the call returns a Promise, so the event loop (peer
+ * heartbeats, lease and fence timers) keeps running while a large RAM file is
+ * hashed. The other calls are synchronous and small. Guest RAM is
  * read with pread() only, never mapped: on the destination, pages that
  * post-copy has not placed yet are holes in the RAM file, and a fault on a hole
  * through a shared mapping would allocate a page behind QEMU's back. pread() of
@@ -388,9 +392,10 @@ static void *work_main(void *arg) {
 
 /*
  * Splits the work over up to `threads` threads (the calling thread takes the
- * first share) and waits for all. Returns 0, or -1 with an exception thrown.
+ * first share) and waits for all. No N-API calls: runs off the JS thread.
+ * Returns the index of the first failed worker, or -1.
  */
-static int run_work(napi_env env, work_t *ws, int nt, const char *what) {
+static int run_work(work_t *ws, int nt) {
   for (int t = 0; t < nt; t++) {
     if (posix_memalign((void **)&ws[t].buf, 4096, CHUNK_BYTES) != 0) {
       ws[t].buf = NULL;
@@ -411,13 +416,27 @@ static int run_work(napi_env env, work_t *ws, int nt, const char *what) {
   for (int t = 1; t < nt; t++)
     if (ws[t].started) pthread_join(ws[t].tid, NULL);
 out:
-  for (int t = 0; t < MAX_THREADS; t++) {
-    if (ws[t].err) {
-      throw_io(env, ws[t].err < 0 ? 0 : ws[t].err, ws[t].syscall, what);
-      return -1;
-    }
-  }
-  return 0;
+  for (int t = 0; t < MAX_THREADS; t++)
+    if (ws[t].err) return t;
+  return -1;
+}
+
+/* The error object for a failed worker (ERR_MEM_IO with errno/syscall). */
+static napi_value work_error(napi_env env, const work_t *w, const char *what) {
+  int err = w->err < 0 ? 0 : w->err;
+  char msg[256];
+  if (err != 0)
+    snprintf(msg, sizeof msg, "%s: %s failed: %s (errno %d)", what, w->syscall, strerror(err), err);
+  else
+    snprintf(msg, sizeof msg, "%s: %s: unexpected end of file", what, w->syscall);
+  napi_value jcode, jmsg, error, v;
+  napi_create_string_utf8(env, "ERR_MEM_IO", NAPI_AUTO_LENGTH, &jcode);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &jmsg);
+  napi_create_error(env, jcode, jmsg, &error);
+  if (err != 0 && napi_create_int32(env, err, &v) == napi_ok) napi_set_named_property(env, error, "errno", v);
+  if (w->syscall && napi_create_string_utf8(env, w->syscall, NAPI_AUTO_LENGTH, &v) == napi_ok)
+    napi_set_named_property(env, error, "syscall", v);
+  return error;
 }
 
 static void free_work(work_t *ws) {
@@ -440,9 +459,110 @@ static void split_range(work_t *ws, int nt, uint32_t pages) {
   }
 }
 
+/* ---------- async jobs (hashFile, scanDirty) ---------- */
+
+/*
+ * One hashFile/scanDirty call in flight. It owns a dup of the caller's fd (so
+ * a close on the JS side while the job runs cannot make it read another file
+ * that reused the number), a reference that keeps the table/out buffer alive,
+ * and its private copy of the candidates.
+ */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buf_ref;
+  const char *what;
+  int fd;
+  int nt;
+  int failed; /* index of the first failed worker, or -1 */
+  int want_result; /* scanDirty: resolve with the dirty pfns */
+  uint32_t *cand;
+  work_t ws[MAX_THREADS];
+} job_t;
+
+static void job_free(napi_env env, job_t *job) {
+  free_work(job->ws);
+  free(job->cand);
+  if (job->fd >= 0) close(job->fd);
+  if (job->buf_ref) napi_delete_reference(env, job->buf_ref);
+  if (job->work) napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static void job_execute(napi_env env, void *data) {
+  (void)env;
+  job_t *job = (job_t *)data;
+  for (int t = 0; t < job->nt; t++) job->ws[t].fd = job->fd;
+  job->failed = run_work(job->ws, job->nt);
+}
+
+static void job_complete(napi_env env, napi_status status, void *data) {
+  job_t *job = (job_t *)data;
+  napi_value result = NULL;
+  if (status != napi_ok) {
+    napi_value jcode, jmsg;
+    napi_create_string_utf8(env, "ERR_MEM_IO", NAPI_AUTO_LENGTH, &jcode);
+    napi_create_string_utf8(env, "native job cancelled", NAPI_AUTO_LENGTH, &jmsg);
+    napi_create_error(env, jcode, jmsg, &result);
+    napi_reject_deferred(env, job->deferred, result);
+  } else if (job->failed >= 0) {
+    napi_reject_deferred(env, job->deferred, work_error(env, &job->ws[job->failed], job->what));
+  } else if (job->want_result) {
+    size_t total = 0;
+    for (int t = 0; t < job->nt; t++) total += job->ws[t].ndirty;
+    napi_value ab;
+    void *out = NULL;
+    if (napi_create_arraybuffer(env, total * 4, &out, &ab) == napi_ok) {
+      size_t pos = 0;
+      for (int t = 0; t < job->nt; t++) {
+        if (job->ws[t].ndirty) memcpy((uint32_t *)out + pos, job->ws[t].dirty, job->ws[t].ndirty * 4);
+        pos += job->ws[t].ndirty;
+      }
+      napi_create_typedarray(env, napi_uint32_array, total, ab, 0, &result);
+    }
+    napi_resolve_deferred(env, job->deferred, result);
+  } else {
+    napi_get_undefined(env, &result);
+    napi_resolve_deferred(env, job->deferred, result);
+  }
+  job_free(env, job);
+}
+
+/* Queues the job; returns its promise, or NULL with an exception thrown (job freed). */
+static napi_value job_start(napi_env env, job_t *job, int fd, napi_value buf) {
+  napi_value promise, name;
+  job->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (job->fd < 0) {
+    throw_io(env, errno, "dup", job->what);
+    job_free(env, job);
+    return NULL;
+  }
+  if (napi_create_reference(env, buf, 1, &job->buf_ref) != napi_ok ||
+      napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, job->what, NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, job_execute, job_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    /* a promise already created is left pending: the exception is what the caller sees */
+    throw_io(env, ENOMEM, "napi", job->what);
+    job_free(env, job);
+    return NULL;
+  }
+  return promise;
+}
+
+static job_t *job_new(const char *what) {
+  job_t *job = calloc(1, sizeof *job);
+  if (job) {
+    job->what = what;
+    job->fd = -1;
+    job->failed = -1;
+  }
+  return job;
+}
+
 /* ---------- exported functions ---------- */
 
-/* hashFile(fd, pages, out: Buffer(8*pages), threads?) */
+/* hashFile(fd, pages, out: Buffer(8*pages), threads?) → Promise<void> */
 static napi_value js_hash_file(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
@@ -464,19 +584,20 @@ static napi_value js_hash_file(napi_env env, napi_callback_info info) {
   }
   if (!check_file(env, fd, (uint64_t)pages << PAGE_SHIFT)) return NULL;
 
-  static work_t ws_zero[MAX_THREADS];
-  work_t ws[MAX_THREADS];
-  memcpy(ws, ws_zero, sizeof ws);
+  job_t *job = job_new("hashFile");
+  if (!job) {
+    throw_io(env, ENOMEM, "malloc", "hashFile");
+    return NULL;
+  }
+  work_t *ws = job->ws;
   int nt = pick_threads(threads, pages);
   for (int t = 0; t < nt; t++) {
-    ws[t].fd = fd;
     ws[t].mode = MODE_HASH;
     ws[t].table = out;
   }
   split_range(ws, nt, pages);
-  run_work(env, ws, nt, "hashFile");
-  free_work(ws);
-  return NULL;
+  job->nt = nt;
+  return job_start(env, job, fd, argv[2]);
 }
 
 static int cmp_u32(const void *a, const void *b) {
@@ -484,7 +605,7 @@ static int cmp_u32(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-/* scanDirty(fd, pages, table: Buffer(8*pages), candidates: Uint32Array|null, threads?) → Uint32Array */
+/* scanDirty(fd, pages, table: Buffer(8*pages), candidates: Uint32Array|null, threads?) → Promise<Uint32Array> */
 static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
   size_t argc = 5;
   napi_value argv[5];
@@ -520,14 +641,22 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
   }
   if (!check_file(env, fd, (uint64_t)pages << PAGE_SHIFT)) return NULL;
 
-  /* Sorted, duplicate-free private copy of the candidates. */
+  job_t *job = job_new("scanDirty");
+  if (!job) {
+    throw_io(env, ENOMEM, "malloc", "scanDirty");
+    return NULL;
+  }
+  job->want_result = 1;
+  /* Sorted, duplicate-free private copy of the candidates (the caller's array may change meanwhile). */
   uint32_t *cand = NULL;
   if (have_cand && ncand > 0) {
     cand = malloc(ncand * sizeof *cand);
     if (!cand) {
+      job_free(env, job);
       throw_io(env, ENOMEM, "malloc", "scanDirty");
       return NULL;
     }
+    job->cand = cand;
     memcpy(cand, cand_in, ncand * sizeof *cand);
     int sorted = 1;
     for (size_t i = 1; i < ncand && sorted; i++) sorted = cand[i - 1] < cand[i];
@@ -540,9 +669,7 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
     }
   }
 
-  static work_t ws_zero[MAX_THREADS];
-  work_t ws[MAX_THREADS];
-  memcpy(ws, ws_zero, sizeof ws);
+  work_t *ws = job->ws;
   int nt = 0;
   if (!have_cand) {
     nt = pick_threads(threads, pages);
@@ -556,28 +683,11 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
     }
   }
   for (int t = 0; t < nt; t++) {
-    ws[t].fd = fd;
     ws[t].mode = MODE_SCAN;
     ws[t].table = table;
   }
-  napi_value result = NULL;
-  if (run_work(env, ws, nt, "scanDirty") == 0) {
-    size_t total = 0;
-    for (int t = 0; t < nt; t++) total += ws[t].ndirty;
-    napi_value ab;
-    void *data = NULL;
-    if (napi_create_arraybuffer(env, total * 4, &data, &ab) == napi_ok) {
-      size_t pos = 0;
-      for (int t = 0; t < nt; t++) {
-        if (ws[t].ndirty) memcpy((uint32_t *)data + pos, ws[t].dirty, ws[t].ndirty * 4);
-        pos += ws[t].ndirty;
-      }
-      napi_create_typedarray(env, napi_uint32_array, total, ab, 0, &result);
-    }
-  }
-  free_work(ws);
-  free(cand);
-  return result;
+  job->nt = nt;
+  return job_start(env, job, fd, argv[2]);
 }
 
 /* hashBuffer(buf) → Buffer(8 * buf.length / 4096) */

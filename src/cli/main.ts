@@ -10,7 +10,7 @@ import { createLogger } from '../util/log.ts';
 const USAGE = `usage:
   tether daemon --config <host.yaml>
   tether vm start <vm.yaml>           start a VM on the local daemon
-  tether vm stop <vm>
+  tether vm stop <vm>                 stop the VM's QEMU (a daemon restart or SIGTERM never does)
   tether migrate <vm> --to <host:port> [--json]
                                       exit 0 completed, 3 rolled back (running on the source),
                                       4 the VM is not running anywhere
@@ -122,9 +122,15 @@ async function runDaemon(config: string | undefined): Promise<number> {
   const d = new Daemon(host, log);
   await d.start();
   await new Promise<void>((resolve) => {
+    // Guests keep running: shutdown only lets go of them (see Daemon.shutdown).
     const stop = (sig: string) => {
-      log.info('shutting down', { signal: sig });
-      d.shutdown().finally(resolve);
+      log.info('shutting down; guests keep running', { signal: sig });
+      d.shutdown().finally(() => {
+        // Nothing should keep the loop alive now; if something does, do not hang a
+        // service manager's restart on it.
+        setTimeout(() => process.exit(0), 2000).unref();
+        resolve();
+      });
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));

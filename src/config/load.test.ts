@@ -72,7 +72,13 @@ t.test('example configs load', async (t) => {
     kernel: path.resolve(configsDir, '../.cache/guest/current/vmlinuz'),
     initrd: path.resolve(configsDir, '../.cache/guest/current/initrd.img'),
     append: 'console=ttyS0 quiet panic=-1 tether.run=memcheck:256',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
+    checkpoint: {
+      intervalMs: 50,
+      failoverTimeoutMs: 3000,
+      fenceTimeoutMs: 1500,
+      dirtyTracker: 'auto',
+      hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
+    },
     migration: { precopyMs: 0, maxBandwidth: 0 },
   });
 });
@@ -84,6 +90,7 @@ t.test('host defaults', async (t) => {
     stateDir: '/etc/tether/state',
     ramDir: '/dev/shm/tether/a',
     controlSocket: '/etc/tether/state/control.sock',
+    vmConfigDir: '/etc/tether/vms',
     peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32 },
     migration: { listenHost: '10.0.0.1', portRange: [49152, 49215] },
     logLevel: 'info',
@@ -97,6 +104,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
       ...minimalHost(),
       ramDir: 'ram',
       controlSocket: '/run/t.sock',
+      vmConfigDir: 'vms',
       peer: { listen: '[fd00::1]:7700', key: KEY_B64 },
       migration: { listenHost: 'fd00::1', portRange: [50000, 50000] },
       metrics: 'localhost:9100',
@@ -106,6 +114,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
   );
   t.equal(h.ramDir, '/etc/tether/ram');
   t.equal(h.controlSocket, '/run/t.sock');
+  t.equal(h.vmConfigDir, '/etc/tether/vms', 'relative to the file');
   t.same(h.peer.listen, { host: 'fd00::1', port: 7700 });
   t.same(h.migration.portRange, [50000, 50000]);
   t.same(h.metrics, { host: 'localhost', port: 9100 });
@@ -215,7 +224,13 @@ t.test('vm defaults', async (t) => {
     cpus: 1,
     kernel: '/etc/tether/k/vmlinuz',
     append: '',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
+    checkpoint: {
+      intervalMs: 50,
+      failoverTimeoutMs: 3000,
+      fenceTimeoutMs: 1500,
+      dirtyTracker: 'auto',
+      hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
+    },
     migration: { precopyMs: 0, maxBandwidth: 0 },
   });
   const kvm = parseVmConfig({ ...minimalVm(), qemu: { accel: 'kvm' } }, base);
@@ -257,6 +272,8 @@ t.test('vm: bad fields', async (t) => {
     ['checkpoint.fenceTimeoutMs', 40, 'checkpoint.fenceTimeoutMs'],
     ['checkpoint.fenceTimeoutMs', 50, 'checkpoint.fenceTimeoutMs'], // not > intervalMs (50)
     ['checkpoint.dirtyTracker', 'softdirty', 'checkpoint.dirtyTracker'],
+    ['checkpoint.hashThreads', 0, 'checkpoint.hashThreads'],
+    ['checkpoint.hashThreads', 65, 'checkpoint.hashThreads'],
     ['checkpoint.interval', 50, 'checkpoint.interval'],
     ['migration.precopyMs', -1, 'migration.precopyMs'],
     ['migration.maxBandwidth', 1e20, 'migration.maxBandwidth'],

@@ -7,6 +7,7 @@
  * (the YAML file's directory when loading a file).
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
@@ -20,6 +21,11 @@ export interface ParseOptions {
 /** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
 const MAX_UNIX_PATH = 107;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+/** Whether `s` is a valid VM/host name (also safe as a single path component). */
+export function isValidName(s: unknown): s is string {
+  return typeof s === 'string' && NAME_RE.test(s);
+}
 const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
@@ -66,7 +72,7 @@ function withFile<T>(file: string, parse: (obj: unknown, baseDir: string) => T):
 // ---------------------------------------------------------------- host
 
 export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
-  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'peer', 'migration', 'metrics', 'logLevel']);
+  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'vmConfigDir', 'peer', 'migration', 'metrics', 'logLevel']);
   const name = root.name('name');
   const stateDir = root.path('stateDir', opts.baseDir);
   const ramDir = root.optPath('ramDir', opts.baseDir) ?? path.join('/dev/shm/tether', name);
@@ -74,6 +80,8 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
   if (Buffer.byteLength(controlSocket) > MAX_UNIX_PATH) {
     invalid('controlSocket', `default ${controlSocket} is longer than ${MAX_UNIX_PATH} bytes; set controlSocket`);
   }
+
+  const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
 
   const peerObj = root.obj('peer', ['listen', 'key', 'keyFile']);
   const listen = peerObj.hostPort('listen');
@@ -97,6 +105,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     stateDir,
     ramDir,
     controlSocket,
+    vmConfigDir,
     peer: { listen, key },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),
@@ -171,11 +180,13 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const initrd = root.optPath('initrd', opts.baseDir);
   const append = root.optString('append', { allowEmpty: true }) ?? '';
 
-  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker']);
+  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads']);
   const intervalMs = cp?.optInt('intervalMs', 5, 10_000) ?? 50;
   const failoverTimeoutMs = cp?.optInt('failoverTimeoutMs', 100, 600_000) ?? 3000;
   const fenceTimeoutMs = cp?.optInt('fenceTimeoutMs', 50, 600_000) ?? 1500;
   const dirtyTracker = cp?.optEnum('dirtyTracker', DIRTY_TRACKERS) ?? 'auto';
+  // Half the cores: the other half keeps QEMU (and the sidecar's event loop) going.
+  const hashThreads = cp?.optInt('hashThreads', 1, 64) ?? Math.max(1, Math.floor(os.availableParallelism() / 2));
   // D must fence itself before S gives up on it, or both could run the guest.
   if (fenceTimeoutMs >= failoverTimeoutMs) {
     invalid('checkpoint.fenceTimeoutMs', `must be less than checkpoint.failoverTimeoutMs (${fenceTimeoutMs} >= ${failoverTimeoutMs})`);
@@ -197,7 +208,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     kernel,
     ...(initrd !== undefined ? { initrd } : {}),
     append,
-    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker },
+    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
     migration: { precopyMs, maxBandwidth },
   };
 }

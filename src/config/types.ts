@@ -11,6 +11,11 @@ export interface HostConfig {
   ramDir: string;
   /** Unix socket the CLI talks to. */
   controlSocket: string;
+  /**
+   * Where this host finds `<vm>.yaml` for an incoming migration: the destination builds
+   * QEMU's command line from its own file, never from what the peer sends. Default /etc/tether/vms
+   */
+  vmConfigDir: string;
   peer: {
     /** host:port the checkpoint/peer channel listens on. */
     listen: { host: string; port: number };
@@ -47,6 +52,8 @@ export interface VmConfig {
     failoverTimeoutMs: number;
     fenceTimeoutMs: number;
     dirtyTracker: DirtyTrackerKind;
+    /** Native threads hashing/scanning guest RAM (S's baseline, D's collect); host-local, not compared. */
+    hashThreads: number;
   };
   migration: {
     /** Time spent in pre-copy before switching to post-copy (0 = switch as soon as QEMU allows). */

@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { loadVmConfig, parseVmConfig } from '../config/load.ts';
-import type { HostConfig } from '../config/types.ts';
+import type { HostConfig, VmConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore } from '../checkpoint/store.ts';
@@ -13,13 +13,16 @@ import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
+import type { PeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
+import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { VmInstance } from '../vm/instance.ts';
+import type { MigrationMarker } from '../vm/instance.ts';
 
 type Progress = (p: Record<string, unknown>) => void;
 
@@ -37,6 +40,9 @@ export class Daemon {
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
+  readonly #clients = new Set<net.Socket>();
+  /** VM names whose vm.json was damaged at start: never booted over until resolved by hand. */
+  readonly #damaged = new Set<string>();
   readonly metrics = new TetherMetrics((set) => {
     const counts = new Map<string, number>();
     for (const vm of this.vms.values()) counts.set(vm.place, (counts.get(vm.place) ?? 0) + 1);
@@ -93,18 +99,37 @@ export class Daemon {
     }
     for (const name of names) {
       const dir = path.join(this.host.stateDir, name);
-      const saved = await VmInstance.readPersisted(dir);
-      if (!saved) continue;
       const log = this.log.child({ vm: name, recovery: true });
+      let saved: Awaited<ReturnType<typeof VmInstance.readPersisted>>;
       try {
-        const cfg = parseVmConfig(saved.vm.config as unknown as Record<string, unknown>, { baseDir: '/' });
+        saved = await VmInstance.readPersisted(dir);
+      } catch (e) {
+        // Without its record the VM cannot be found again; it must not be booted over either.
+        this.#damaged.add(name);
+        log.error('VM record damaged: not recovered, nothing touched; inspect and remove it to use the name again', {
+          dir,
+          error: errorFields(e),
+        });
+        continue;
+      }
+      if (!saved) continue;
+      try {
+        const cfg = parseVmConfig(saved.config as unknown as Record<string, unknown>, { baseDir: '/' });
         const vm = new VmInstance(this.host, cfg, this.log);
-        vm.sendConfiguration = saved.vm.sendConfiguration;
+        vm.sendConfiguration = saved.sendConfiguration;
         this.vms.set(vm.name, vm);
+        let marker: MigrationMarker | null;
+        try {
+          marker = await VmInstance.readMarker(dir);
+        } catch (e) {
+          vm.place = 'unrecovered';
+          log.error('migration marker damaged: VM left as it is (unrecovered); resolve it by hand', { error: errorFields(e) });
+          continue;
+        }
         // Every QEMU on this VM's RAM file (the one vm.json names first), so that
         // none is missed even if the sidecar died between spawning one and recording it.
-        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
-        const marker = saved.marker;
+        const pid = saved.pid;
+        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
         if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
@@ -175,16 +200,24 @@ export class Daemon {
     log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
   }
 
-  /** Stop serving and stop every QEMU this daemon runs. */
+  /**
+   * Stop serving and let go of every guest WITHOUT stopping it: a sidecar restart
+   * (SIGTERM, SIGINT or SIGKILL alike) never takes a VM down; the next start adopts
+   * each running QEMU. Stopping guests is an explicit command (`tether vm stop`).
+   * An outgoing migration is left exactly as a dying sidecar leaves it (no rollback
+   * now; recovery resolves it at the next start). An incoming one is fenced: its
+   * guest is the copy the source rolls back from, never the only one.
+   */
   async shutdown(): Promise<void> {
     this.#control?.close();
     this.#peer?.close();
     this.#http?.close();
+    this.#http?.closeAllConnections();
+    for (const m of this.#outgoing.values()) await m.detach().catch(() => {});
     for (const d of this.#incoming.values()) await d.fence('daemon-shutdown').catch(() => {});
-    for (const vm of this.vms.values()) {
-      vm.place = 'stopped';
-      await vm.stopQemu().catch(() => {});
-    }
+    for (const vm of this.vms.values()) await vm.detachQemu().catch(() => {});
+    // Requests still open (a `tether migrate` waiting) get their error line, then EOF.
+    for (const s of this.#clients) s.end();
     await fs.rm(this.host.controlSocket, { force: true });
   }
 
@@ -192,6 +225,8 @@ export class Daemon {
 
   #serveControl(sock: net.Socket): void {
     const dec = new LineDecoder();
+    this.#clients.add(sock);
+    sock.on('close', () => this.#clients.delete(sock));
     sock.on('error', () => {});
     sock.on('data', (chunk) => {
       let msgs: unknown[];
@@ -237,6 +272,13 @@ export class Daemon {
       case 'vm.start': {
         if (typeof p.config !== 'string') throw new TetherError('ERR_USAGE', 'parameter config (path to a VM YAML file) is required');
         const cfg = await loadVmConfig(p.config);
+        if (this.#damaged.has(cfg.name)) {
+          throw new TetherError(
+            'ERR_STATE_FILE_CORRUPT',
+            `VM ${cfg.name}'s record in ${path.join(this.host.stateDir, cfg.name)} is damaged; its QEMU may still run. ` +
+              'Check, remove the directory, then start it',
+          );
+        }
         const existing = this.vms.get(cfg.name);
         if (existing && existing.place !== 'stopped' && existing.place !== 'gone' && existing.place !== 'fenced') {
           throw new TetherError('ERR_VM_EXISTS', `VM ${cfg.name} is already ${existing.place} on this host`);
@@ -249,6 +291,9 @@ export class Daemon {
       case 'vm.stop': {
         const vm = this.#vm(vmName());
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is migrating; abort first`);
+        // Unrecovered: whatever QEMU runs on its RAM file is not supervised; stop means stop it.
+        if (vm.place === 'unrecovered') for (const pid of qemuPidsFor(vm.ramFile)) await killPid(pid);
+        if (vm.place === 'unrecovered') await vm.setMigrationMarker(null);
         vm.place = 'stopped';
         await vm.stopQemu();
         await vm.removeRam();
@@ -343,10 +388,15 @@ export class Daemon {
         if (m.type !== 'control') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${m.type}`);
         const c = asPeerControl(m.body);
         if (c.kind !== 'prepare') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${c.kind}`);
-        const cfg = parseVmConfig(c.vm as unknown as Record<string, unknown>, { baseDir: '/' });
+        const cfg = this.#incomingConfig(c);
+        // Checked and registered in this same synchronous step: a second prepare for the
+        // name, even one racing on another connection, finds the first in #incoming.
+        if (this.#incoming.has(cfg.name)) {
+          throw new TetherError('ERR_PEER_VM_BUSY', `VM ${cfg.name} is already migrating in to ${this.host.name}`);
+        }
         const existing = this.vms.get(cfg.name);
         if (existing && !['stopped', 'gone', 'fenced'].includes(existing.place)) {
-          throw new TetherError('ERR_VM_EXISTS', `VM ${cfg.name} is already ${existing.place} on ${this.host.name}`);
+          throw new TetherError('ERR_PEER_VM_BUSY', `VM ${cfg.name} is already ${existing.place} on ${this.host.name}`);
         }
         dest = new DestinationMigration({
           host: this.host,
@@ -374,6 +424,49 @@ export class Daemon {
       }
     });
     ch.start();
+  }
+
+  /**
+   * The destination's own config of the VM a `prepare` names: what QEMU will run
+   * here comes from this host's vmConfigDir only, never from the peer. The peer's
+   * device-model digest must match it, and this host's fence timeout must be
+   * below the source's failover timeout (D stops before S resumes).
+   */
+  #incomingConfig(c: Extract<PeerControl, { kind: 'prepare' }>): VmConfig {
+    const file = path.join(this.host.vmConfigDir, `${c.vm}.yaml`);
+    let cfg: VmConfig;
+    try {
+      cfg = loadVmConfig(file);
+    } catch (e) {
+      if (isTetherError(e, 'ERR_CONFIG_READ') && e.details?.['errno'] === 'ENOENT') {
+        throw new TetherError('ERR_PEER_UNKNOWN_VM', `host ${this.host.name} has no VM ${c.vm} (no ${file})`, { vm: c.vm });
+      }
+      const err = e as TetherError;
+      throw new TetherError(err.code ?? 'ERR_PEER_UNKNOWN_VM', `host ${this.host.name}: config of VM ${c.vm}: ${err.message}`, {
+        vm: c.vm,
+      });
+    }
+    if (cfg.name !== c.vm) {
+      throw new TetherError('ERR_PEER_UNKNOWN_VM', `host ${this.host.name}: ${file} describes VM ${cfg.name}, not ${c.vm}`, {
+        vm: c.vm,
+      });
+    }
+    if (deviceModelDigest(cfg) !== c.deviceModel) {
+      throw new TetherError(
+        'ERR_PEER_DEVICE_MODEL',
+        `VM ${c.vm} has another device model on ${this.host.name} (${deviceModelText(cfg)}); both hosts' configs must agree`,
+        { vm: c.vm, deviceModel: deviceModelText(cfg) },
+      );
+    }
+    if (cfg.checkpoint.fenceTimeoutMs >= c.failoverTimeoutMs) {
+      throw new TetherError(
+        'ERR_PEER_TIMEOUTS',
+        `VM ${c.vm}: fenceTimeoutMs ${cfg.checkpoint.fenceTimeoutMs} on ${this.host.name} is not below the source's ` +
+          `failoverTimeoutMs ${c.failoverTimeoutMs}`,
+        { vm: c.vm },
+      );
+    }
+    return cfg;
   }
 }
 

@@ -53,20 +53,20 @@ t.test('hashFile over a sparse file equals hashBuffer over its bytes; holes hash
   const expected = hashBuffer(content);
   for (const threads of [1, 2, 3, 8]) {
     const out = Buffer.alloc(pages * 8, 0xee);
-    hashFile(f.fd, pages, out, threads);
+    await hashFile(f.fd, pages, out, threads);
     t.ok(out.equals(expected), `threads=${threads}`);
   }
   const out = Buffer.alloc(pages * 8);
-  hashFile(f.fd, pages, out);
+  await hashFile(f.fd, pages, out);
   t.ok(out.equals(expected), 'default threads');
   t.equal(hashAt(out, 3), zeroPageHash(), 'hole page hashes like a zero page');
   t.equal(hashAt(out, 1000), zeroPageHash(), 'allocated zero page too');
   t.equal(f.allocated(), alloc0, 'hashing allocated no hole');
   // a prefix of the file
   const few = Buffer.alloc(70 * 8);
-  hashFile(f.fd, 70, few, 2);
+  await hashFile(f.fd, 70, few, 2);
   t.ok(few.equals(expected.subarray(0, 70 * 8)), 'first 70 pages');
-  hashFile(f.fd, 0, Buffer.alloc(0));
+  await hashFile(f.fd, 0, Buffer.alloc(0));
 });
 
 t.test('scanDirty finds exactly the changed pages', async (t) => {
@@ -78,9 +78,9 @@ t.test('scanDirty finds exactly the changed pages', async (t) => {
       t.teardown(() => f.close());
       for (let pfn = 0; pfn < pages; pfn++) if (pfn % 3 !== 2 && !(pfn >= 2000 && pfn < 2100)) f.write(pfn, page(pfn));
       const table = Buffer.alloc(pages * 8);
-      hashFile(f.fd, pages, table, threads);
+      await hashFile(f.fd, pages, table, threads);
       const before = Buffer.from(table);
-      t.same([...scanDirty(f.fd, pages, table, null, threads)], [], 'nothing changed yet');
+      t.same([...(await scanDirty(f.fd, pages, table, null, threads))], [], 'nothing changed yet');
       t.ok(table.equals(before), 'table untouched');
 
       const changes = new Map<number, Buffer>([
@@ -95,7 +95,7 @@ t.test('scanDirty finds exactly the changed pages', async (t) => {
       for (const [pfn, data] of changes) f.write(pfn, data);
       f.write(10, page(10)); // rewritten with identical content: not dirty
       f.write(2099, Buffer.alloc(PAGE)); // hole → allocated zero page: same hash as S's (zero) entry
-      const dirty = scanDirty(f.fd, pages, table, null, threads);
+      const dirty = await scanDirty(f.fd, pages, table, null, threads);
       t.ok(dirty instanceof Uint32Array);
       const want = [...changes.keys()].sort((a, b) => a - b);
       t.same([...dirty], want, 'dirty pfns, ascending');
@@ -103,7 +103,7 @@ t.test('scanDirty finds exactly the changed pages', async (t) => {
       for (let pfn = 0; pfn < pages; pfn++) {
         if (!changes.has(pfn) && hashAt(table, pfn) !== hashAt(before, pfn)) t.fail(`table[${pfn}] changed`);
       }
-      t.same([...scanDirty(f.fd, pages, table, null, threads)], [], 'second scan finds nothing');
+      t.same([...(await scanDirty(f.fd, pages, table, null, threads))], [], 'second scan finds nothing');
     });
   }
 });
@@ -118,8 +118,8 @@ t.test('scanDirty never reports or allocates a hole, even when the table disagre
   for (let i = 0; i < pages; i++) table.writeBigUInt64LE(xxh64(page(1000 + i)), i * 8);
   table.writeBigUInt64LE(xxh64(page(5)), 5 * 8);
   const alloc0 = f.allocated();
-  t.same([...scanDirty(f.fd, pages, table, null, 2)], []);
-  t.same([...scanDirty(f.fd, pages, table, Uint32Array.from([0, 1, 5, 63]), 2)], []);
+  t.same([...(await scanDirty(f.fd, pages, table, null, 2))], []);
+  t.same([...(await scanDirty(f.fd, pages, table, Uint32Array.from([0, 1, 5, 63]), 2))], []);
   t.equal(f.allocated(), alloc0, 'no hole was allocated');
 });
 
@@ -129,23 +129,23 @@ t.test('candidates restrict the scan', async (t) => {
   t.teardown(() => f.close());
   for (let pfn = 0; pfn < pages; pfn += 2) f.write(pfn, page(pfn)); // odd pages are holes
   const table = Buffer.alloc(pages * 8);
-  hashFile(f.fd, pages, table);
+  await hashFile(f.fd, pages, table);
   const changed = [0, 2, 4, 6, 1000, 1002, 2500, 4998];
   for (const pfn of changed) f.write(pfn, page(pfn + 77));
   f.write(1001, page(1)); // hole filled: dirty unless excluded
   for (const threads of [1, 2]) {
     const tb = Buffer.from(table);
-    const d = scanDirty(f.fd, pages, tb, Uint32Array.from([4998, 2, 4, 1001, 3, 2500, 4, 7]), threads);
+    const d = await scanDirty(f.fd, pages, tb, Uint32Array.from([4998, 2, 4, 1001, 3, 2500, 4, 7]), threads);
     t.same([...d], [2, 4, 1001, 2500, 4998], `unsorted, duplicated candidates; threads=${threads}`);
     t.equal(hashAt(tb, 0), hashAt(table, 0), 'non-candidate 0 not updated');
-    const d2 = scanDirty(f.fd, pages, tb, null, threads);
+    const d2 = await scanDirty(f.fd, pages, tb, null, threads);
     t.same([...d2], [0, 6, 1000, 1002], 'the rest found by a full scan');
   }
   const tb = Buffer.from(table);
-  t.same([...scanDirty(f.fd, pages, tb, new Uint32Array(0))], [], 'empty candidates');
+  t.same([...(await scanDirty(f.fd, pages, tb, new Uint32Array(0)))], [], 'empty candidates');
   // many candidates, contiguous runs longer than a chunk
   const all = new Uint32Array(pages).map((_, i) => i);
-  t.same([...scanDirty(f.fd, pages, tb, all, 2)], [0, 2, 4, 6, 1000, 1001, 1002, 2500, 4998], 'all as candidates');
+  t.same([...(await scanDirty(f.fd, pages, tb, all, 2))], [0, 2, 4, 6, 1000, 1001, 1002, 2500, 4998], 'all as candidates');
 });
 
 t.test('readPages coalesces runs and keeps order', async (t) => {
@@ -221,7 +221,7 @@ t.test('bad arguments throw coded errors', async (t) => {
   const fd = openSync(p, 'r');
   closeSync(fd);
   try {
-    hashFile(fd, 1, Buffer.alloc(8));
+    await hashFile(fd, 1, Buffer.alloc(8));
     t.fail('closed fd did not throw');
   } catch (e) {
     t.ok(isTetherError(e, A), 'closed fd');
@@ -239,7 +239,7 @@ t.test('bad arguments throw coded errors', async (t) => {
   const wofd = openSync(wo.path, 'a');
   t.teardown(() => closeSync(wofd));
   try {
-    hashFile(wofd, 4, Buffer.alloc(32), 1);
+    await hashFile(wofd, 4, Buffer.alloc(32), 1);
     t.fail('write-only fd did not throw');
   } catch (e) {
     t.ok(isTetherError(e, 'ERR_MEM_IO'), `ERR_MEM_IO (${(e as Error).message})`);

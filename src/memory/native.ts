@@ -6,8 +6,11 @@
  * throws (ERR_MEM_NATIVE_ARGS, ERR_MEM_IO with errno/syscall) are re-thrown as
  * TetherError with the same code.
  *
- * All calls are synchronous and meant to run while the VM is paused. Guest RAM
- * is only ever read with pread (never mapped): see DESIGN.md "Dirty-page tracking".
+ * hashFile and scanDirty run off the main thread (N-API async work on the libuv
+ * pool, fanned out to `threads` native threads) and return Promises: hashing a
+ * large RAM file must not stall heartbeats and lease timers. Bad arguments
+ * still throw synchronously; I/O failures reject. The other calls are
+ * synchronous and small. Guest RAM is only ever read with pread (never mapped).
  */
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
@@ -16,8 +19,8 @@ import { isErrorCode, TetherError } from '../errors.ts';
 export const PAGE_SIZE = 4096;
 
 export interface NativeBinding {
-  hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): void;
-  scanDirty(fd: number, pages: number, table: Uint8Array, candidates: Uint32Array | null, threads?: number): Uint32Array;
+  hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): Promise<void>;
+  scanDirty(fd: number, pages: number, table: Uint8Array, candidates: Uint32Array | null, threads?: number): Promise<Uint32Array>;
   hashBuffer(buf: Uint8Array): Buffer;
   readPages(fd: number, pfns: Uint32Array, out: Uint8Array): void;
   zeroMask(buf: Uint8Array, out: Uint8Array): number;
@@ -70,37 +73,50 @@ export function nativeAvailable(): boolean {
   }
 }
 
+function asTetherError(e: unknown): unknown {
+  if (e instanceof Error && typeof (e as { code?: unknown }).code === 'string') {
+    const ne = e as Error & { code: string; errno?: number; syscall?: string };
+    if (ne.code.startsWith('ERR_MEM_') && isErrorCode(ne.code)) {
+      const details: Record<string, unknown> = {};
+      if (ne.errno !== undefined) details['errno'] = ne.errno;
+      if (ne.syscall !== undefined) details['syscall'] = ne.syscall;
+      return new TetherError(ne.code, ne.message, details);
+    }
+  }
+  return e;
+}
+
 function call<T>(fn: (b: NativeBinding) => T): T {
   const b = loadNative();
   try {
     return fn(b);
   } catch (e) {
-    if (e instanceof Error && typeof (e as { code?: unknown }).code === 'string') {
-      const ne = e as Error & { code: string; errno?: number; syscall?: string };
-      if (ne.code.startsWith('ERR_MEM_') && isErrorCode(ne.code)) {
-        const details: Record<string, unknown> = {};
-        if (ne.errno !== undefined) details['errno'] = ne.errno;
-        if (ne.syscall !== undefined) details['syscall'] = ne.syscall;
-        throw new TetherError(ne.code, ne.message, details);
-      }
-    }
-    throw e;
+    throw asTetherError(e);
   }
+}
+
+/** Argument errors throw at the call (as with `call`); failures of the work reject. */
+function callAsync<T>(fn: (b: NativeBinding) => Promise<T>): Promise<T> {
+  return call(fn).catch((e: unknown) => {
+    throw asTetherError(e);
+  });
 }
 
 /**
  * Hashes every 4 KiB page of the first `pages` pages of the file into `out`
  * (8 bytes per page, little-endian XXH64 with seed 0). Holes are not read and
- * hash like a zero page. `out.length` must be exactly 8*pages.
+ * hash like a zero page. `out.length` must be exactly 8*pages. Runs off the
+ * main thread; `out` must not be touched until the promise settles.
  */
-export function hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): void {
-  call((b) => b.hashFile(fd, pages, out, threads));
+export function hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): Promise<void> {
+  return callAsync((b) => b.hashFile(fd, pages, out, threads));
 }
 
 /**
  * For every allocated (non-hole) page of the file — restricted to `candidates`
  * when given — compares the page's hash with `table[pfn]`; differing pages are
  * returned (ascending) and their table entries updated. Holes are never read.
+ * Runs off the main thread; `table` must not be touched until the promise settles.
  */
 export function scanDirty(
   fd: number,
@@ -108,8 +124,8 @@ export function scanDirty(
   table: Uint8Array,
   candidates: Uint32Array | null = null,
   threads?: number,
-): Uint32Array {
-  return call((b) => b.scanDirty(fd, pages, table, candidates, threads));
+): Promise<Uint32Array> {
+  return callAsync((b) => b.scanDirty(fd, pages, table, candidates, threads));
 }
 
 /** The 8-byte hash of each 4 KiB page of `buf` (length a multiple of 4096). */

@@ -23,22 +23,22 @@ export function ramPages(ramBytes: number): number {
 }
 
 export interface HashOptions {
-  /** Threads for hashing (default 2). */
+  /** Native threads for hashing (default 2; VM config checkpoint.hashThreads). */
   threads?: number;
 }
 
 /**
  * The per-page hash table of a RAM file (8 bytes per page, little-endian
  * XXH64): what S sends to D before the first checkpoint. Holes hash like zero
- * pages. Runs synchronously in native code; call it with the VM paused or on
- * a RAM file nobody writes.
+ * pages. Runs off the main thread (the event loop keeps serving heartbeats);
+ * call it with the VM paused or on a RAM file nobody writes.
  */
 export async function hashRamFile(path: string, bytes: number, opts: HashOptions = {}): Promise<Buffer> {
   const pages = ramPages(bytes);
   const fh = await openRam(path);
   try {
     const out = Buffer.allocUnsafe(pages * 8);
-    hashFile(fh.fd, pages, out, opts.threads);
+    await hashFile(fh.fd, pages, out, opts.threads);
     return out;
   } finally {
     await fh.close();

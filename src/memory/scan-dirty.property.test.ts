@@ -35,8 +35,8 @@ const scenario = pagesArb.chain((pages) =>
 
 let n = 0;
 t.test('scanDirty returns exactly the pages whose content changed', async (t) => {
-  fc.assert(
-    fc.property(scenario, (s) => {
+  await fc.assert(
+    fc.asyncProperty(scenario, async (s) => {
       const f = sparseFile(dir, `p${n++}.ram`, s.pages);
       try {
         // model: content byte per page; holes read as 0
@@ -46,7 +46,7 @@ t.test('scanDirty returns exactly the pages whose content changed', async (t) =>
           model[pfn] = v;
         }
         const table = Buffer.alloc(s.pages * 8);
-        hashFile(f.fd, s.pages, table, s.threads);
+        await hashFile(f.fd, s.pages, table, s.threads);
         const base = Int16Array.from(model, (v) => (v < 0 ? 0 : v)); // S's view: hole = zero page
         const writes = [...s.writes];
         for (const [start, len, v] of s.runs) for (let p = start; p < Math.min(s.pages, start + len); p++) writes.push([p, v]);
@@ -61,16 +61,16 @@ t.test('scanDirty returns exactly the pages whose content changed', async (t) =>
           if (now >= 0 && now !== base[p] && (!inScope || inScope.has(p))) expected.push(p);
         }
         const cands = s.candidates ? Uint32Array.from(s.candidates) : null;
-        const got = [...scanDirty(f.fd, s.pages, table, cands, s.threads)];
+        const got = [...(await scanDirty(f.fd, s.pages, table, cands, s.threads))];
         if (JSON.stringify(got) !== JSON.stringify(expected)) {
           throw new Error(`got ${JSON.stringify(got)} expected ${JSON.stringify(expected)}`);
         }
         // the table now reflects every scanned page: scanning the same scope again finds nothing
-        const again = [...scanDirty(f.fd, s.pages, table, cands, s.threads)];
+        const again = [...(await scanDirty(f.fd, s.pages, table, cands, s.threads))];
         if (again.length !== 0) throw new Error(`second scan found ${JSON.stringify(again)}`);
         // and a full hash of the file agrees with the table on every allocated, scanned page
         const fresh = Buffer.alloc(s.pages * 8);
-        hashFile(f.fd, s.pages, fresh, 1);
+        await hashFile(f.fd, s.pages, fresh, 1);
         for (let p = 0; p < s.pages; p++) {
           if (
             model[p]! >= 0 &&

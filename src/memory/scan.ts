@@ -72,7 +72,7 @@ export class ScanTracker implements DirtyTracker {
 
   async collect(): Promise<Uint32Array> {
     const table = this.state.started();
-    return scanDirty(this.fh.fd, this.pages, table, null, this.threads);
+    return await scanDirty(this.fh.fd, this.pages, table, null, this.threads);
   }
 
   async close(): Promise<void> {

@@ -87,7 +87,7 @@ export class SoftDirtyTracker implements DirtyTracker {
     this.stats.collects++;
     if (this.first) {
       await this.clearRefs();
-      const dirty = scanDirty(this.ram.fd, this.pages, table, null, this.opts.threads);
+      const dirty = await scanDirty(this.ram.fd, this.pages, table, null, this.opts.threads);
       this.first = false;
       this.stats.lastCandidates = this.pages;
       this.stats.lastDirty = dirty.length;
@@ -95,7 +95,7 @@ export class SoftDirtyTracker implements DirtyTracker {
     }
     const candidates = await this.readCandidates();
     await this.clearRefs();
-    const dirty = scanDirty(this.ram.fd, this.pages, table, candidates, this.opts.threads);
+    const dirty = await scanDirty(this.ram.fd, this.pages, table, candidates, this.opts.threads);
     this.stats.lastCandidates = candidates.length;
     this.stats.lastDirty = dirty.length;
     return dirty;

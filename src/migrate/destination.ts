@@ -192,6 +192,7 @@ export class DestinationMigration {
       ramPath: vm.ramFile,
       ramBytes: vm.ramBytes,
       qemuPid: qemu.pid,
+      threads: vm.config.checkpoint.hashThreads,
     });
     await this.#tracker.start(this.#table);
     this.#log.info('dirty tracker started', { tracker: this.#tracker.kind });

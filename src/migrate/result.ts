@@ -1,4 +1,4 @@
-import { percentile } from '../util/time.ts';
+import type { StreamingSummary } from '../util/summary.ts';
 
 export type Outcome = 'completed' | 'rolled-back' | 'failed';
 
@@ -31,9 +31,9 @@ export interface MigrationResult {
   rollback?: RollbackFigures;
 }
 
-export function summarize(values: number[]): { p50: number; p99: number; max: number } | null {
-  if (values.length === 0) return null;
-  return { p50: round(percentile(values, 50)), p99: round(percentile(values, 99)), max: round(Math.max(...values)) };
+export function summarize(s: StreamingSummary): { p50: number; p99: number; max: number } | null {
+  if (s.count === 0) return null;
+  return { p50: round(s.quantile(50)), p99: round(s.quantile(99)), max: round(s.max) };
 }
 
 export const round = (v: number, digits = 2): number => Math.round(v * 10 ** digits) / 10 ** digits;

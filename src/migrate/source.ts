@@ -12,17 +12,20 @@ import type { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
+import { StreamingSummary } from '../util/summary.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
+import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
-export type SourcePhase = 'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
+export type SourcePhase =
+  'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed' | 'refused';
 
 const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
-  connecting: ['precopy', 'rolling-back'],
+  connecting: ['precopy', 'rolling-back', 'refused'],
   precopy: ['switchover', 'rolling-back'],
   switchover: ['postcopy', 'rolling-back'],
   postcopy: ['completed', 'rolling-back'],
@@ -30,6 +33,7 @@ const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   completed: [],
   'rolled-back': [],
   failed: [],
+  refused: [],
 };
 
 /** Pages per HASHES message: 64 Ki pages = 512 KiB of hashes. */
@@ -68,8 +72,11 @@ export class SourceMigration {
   /** Set just before migrate-continue: from then on the source QEMU may have handed the VM over. */
   #continued = false;
   #appliedEpoch: number | null = null;
-  #pauses: number[] = [];
-  #ckptBytes: number[] = [];
+  /** The destination answered `prepare` with `ready`: from here on, its ABORT means roll back. */
+  #ready = false;
+  /** Streaming: a long migration takes millions of checkpoints. */
+  readonly #pauses = new StreamingSummary();
+  readonly #ckptBytes = new StreamingSummary();
   #tracker: string | null = null;
   #lastPauseMs: number | null = null;
 
@@ -88,10 +95,37 @@ export class SourceMigration {
     return this.#appliedEpoch;
   }
 
-  /** Runs the migration to its outcome. Never rejects: failures become a rollback or a 'failed' result. */
+  /**
+   * Runs the migration to its outcome: failures become a rollback or a 'failed' result.
+   * Rejects only when the destination refused `prepare` (unknown VM, other device model,
+   * busy): nothing started on either host, the VM runs here as before.
+   */
   run(): Promise<MigrationResult> {
     this.#setup().catch((e) => this.rollback('setup-failed', e));
     return this.#result.promise;
+  }
+
+  /**
+   * Sidecar shutdown (SIGTERM/SIGINT): take no decision, as if the sidecar had died.
+   * No ACK is sent any more (the channel closes, so D fences itself), nothing is rolled
+   * back or stopped, and the migration marker stays: the restarted sidecar resolves the
+   * migration from what is on disk (recovery), exactly as after SIGKILL. A checkpoint
+   * being applied is finished first (not acked); a rollback or completion already under
+   * way is let run to its end. run() then rejects with ERR_DAEMON_SHUTDOWN.
+   */
+  async detach(): Promise<void> {
+    if (this.#decided) {
+      await Promise.race([this.#result.promise.catch(() => {}), sleep(30_000)]);
+      return;
+    }
+    this.#decided = true;
+    this.#stopTimers();
+    this.#vm.log.warn('sidecar shutting down mid-migration: left for recovery at the next start', { phase: this.phase.state });
+    await this.#applyChain;
+    this.#channel?.close();
+    this.#result.reject(
+      new TetherError('ERR_DAEMON_SHUTDOWN', `the sidecar stopped during the migration of ${this.#vm.name}; its next start resolves it`),
+    );
   }
 
   /** Operator abort (or any caller-side reason): roll back now. */
@@ -130,7 +164,17 @@ export class SourceMigration {
     ch.start();
     if (ch.closed) throw new TetherError('ERR_PEER_CLOSED', 'peer closed the channel right after the handshake');
 
-    await ch.send({ type: 'control', body: { kind: 'prepare', vm: vm.config, sendConfiguration: vm.sendConfiguration } });
+    // D runs QEMU from its own config of this VM: only the name and the device-model digest travel.
+    await ch.send({
+      type: 'control',
+      body: {
+        kind: 'prepare',
+        vm: vm.name,
+        deviceModel: deviceModelDigest(vm.config),
+        sendConfiguration: vm.sendConfiguration,
+        failoverTimeoutMs: vm.config.checkpoint.failoverTimeoutMs,
+      },
+    });
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     vm.log.info('destination ready', { uri: ready.uri });
@@ -178,7 +222,7 @@ export class SourceMigration {
     // The destination's baseline: a hash per page of the RAM file as of checkpoint 0.
     // The RAM file is frozen now (QEMU is past switchover; only checkpoint pages change it).
     const pages = vm.ramBytes / PAGE_SIZE;
-    const table = await hashRamFile(vm.ramFile, vm.ramBytes);
+    const table = await hashRamFile(vm.ramFile, vm.ramBytes, { threads: vm.config.checkpoint.hashThreads });
     for (let start = 0; start < pages; start += HASH_CHUNK_PAGES) {
       const n = Math.min(HASH_CHUNK_PAGES, pages - start);
       await ch.send({ type: 'hashes', startPfn: start, hashes: table.subarray(start * 8, (start + n) * 8) });
@@ -207,12 +251,14 @@ export class SourceMigration {
           return;
         }
         if (c.kind === 'epoch-stats') {
-          this.#pauses.push(c.pauseMs);
+          this.#pauses.add(c.pauseMs);
           this.#opts.metrics?.pause.observe(c.pauseMs / 1000);
           this.#lastPauseMs = c.pauseMs;
           this.#tracker = c.tracker;
         } else if (c.kind === 'done') {
           void this.#complete(c.finalEpoch);
+        } else if (c.kind === 'ready') {
+          this.#ready = true;
         }
         const w = this.#controlWaiters.get(c.kind);
         if (w) {
@@ -222,7 +268,8 @@ export class SourceMigration {
         return;
       }
       case 'abort':
-        void this.rollback('destination-abort', remoteError(m.code, m.reason), 0);
+        if (!this.#ready) void this.#refused(remoteError(m.code, m.reason));
+        else void this.rollback('destination-abort', remoteError(m.code, m.reason), 0);
         return;
       default:
         this.#vm.log.warn('unexpected message from destination', { type: m.type });
@@ -268,7 +315,7 @@ export class SourceMigration {
     }
     this.#appliedEpoch = ckpt.epoch;
     const bytes = ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + d.data.length, 0);
-    this.#ckptBytes.push(bytes);
+    this.#ckptBytes.add(bytes);
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
@@ -301,6 +348,25 @@ export class SourceMigration {
     await this.#vm.forget().catch(() => {});
     this.#vm.place = 'gone';
     this.#finish({ outcome: 'completed' });
+  }
+
+  /**
+   * The destination refused `prepare`: QEMU was never asked to migrate, so the VM
+   * simply goes on running here; the refusal (a typed error) is the result.
+   */
+  async #refused(err: TetherError): Promise<void> {
+    if (this.#decided) return;
+    this.#decided = true;
+    this.#stopTimers();
+    this.#vm.log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    this.phase.to('refused', { code: err.code });
+    this.#channel?.close();
+    for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
+    this.#controlWaiters.clear();
+    this.#vm.place = 'running';
+    await this.#vm.setMigrationMarker(null).catch(() => {});
+    this.#opts.metrics?.migrations.inc({ role: 'source', outcome: 'refused' });
+    this.#result.reject(err);
   }
 
   /**
@@ -389,18 +455,18 @@ export class SourceMigration {
       ...(err ? { error: { code: err.code ?? 'ERR_UNKNOWN', message: err.message ?? String(err) } } : {}),
       totalMs: round(nowMs() - this.#t0),
       switchoverMs: this.#switchoverAt === null ? null : round(this.#switchoverAt - this.#t0),
-      checkpoints: this.#ckptBytes.length,
+      checkpoints: this.#ckptBytes.count,
       appliedEpoch: this.#appliedEpoch,
       tracker: this.#tracker,
       pauseMs: summarize(this.#pauses),
       checkpointBytes:
-        this.#ckptBytes.length === 0
+        this.#ckptBytes.count === 0
           ? null
           : {
-              avg: Math.round(this.#ckptBytes.reduce((a, b) => a + b, 0) / this.#ckptBytes.length),
-              p50: summarize(this.#ckptBytes)!.p50,
-              max: Math.max(...this.#ckptBytes),
-              total: this.#ckptBytes.reduce((a, b) => a + b, 0),
+              avg: Math.round(this.#ckptBytes.sum / this.#ckptBytes.count),
+              p50: Math.round(this.#ckptBytes.quantile(50)),
+              max: this.#ckptBytes.max,
+              total: this.#ckptBytes.sum,
             },
       ...(p.rollback ? { rollback: p.rollback } : {}),
     });

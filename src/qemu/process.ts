@@ -151,7 +151,9 @@ export class QemuProcess {
     if (Array.isArray(argv)) {
       const [binary, ...spawnArgs] = argv as [string, ...string[]];
       log.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
-      this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
+      // Its own process group: a Ctrl-C (SIGINT to the terminal's foreground group) or a
+      // signal to the sidecar's group stops the sidecar, never the guest.
+      this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
       this.child.on('error', (err) => {
         this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
       });
@@ -270,6 +272,22 @@ export class QemuProcess {
     return this.exited;
   }
 
+  /**
+   * Stop supervising without touching QEMU (sidecar shutdown): the QMP connection is
+   * closed and nothing of this process keeps the sidecar alive; QEMU runs on and the
+   * next sidecar adopts it. `exited` may then never resolve.
+   */
+  async detach(): Promise<void> {
+    await this.qmpClient?.close();
+    if (this.child instanceof AdoptedChild) {
+      this.child.stopPolling();
+    } else {
+      this.child.stdout?.destroy();
+      this.child.stderr?.destroy();
+      this.child.unref();
+    }
+  }
+
   /** SIGKILL now (the wedged source during rollback). Resolves with the exit status. */
   kill(): Promise<QemuExit> {
     if (this.exitValue === undefined) this.child.kill('SIGKILL');
@@ -324,6 +342,9 @@ class AdoptedChild extends EventEmitter {
         this.emit('close');
       }
     }, 100);
+  }
+  stopPolling(): void {
+    clearInterval(this.#timer);
   }
   kill(signal: NodeJS.Signals): boolean {
     try {

@@ -4,6 +4,11 @@ import type { HostConfig, VmConfig } from '../config/types.ts';
 import { TetherError } from '../errors.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
+import { decodeStateFile, encodeStateFile } from './state-file.ts';
+
+/** Kinds of the state files (see state-file.ts): <dir>/vm.json and <dir>/migration.json. */
+const VM_MAGIC = 'TETHER-VM';
+const MARKER_MAGIC = 'TETHER-MIGRATION';
 
 export interface PersistedVm {
   config: VmConfig;
@@ -19,7 +24,7 @@ export interface MigrationMarker {
   startedAt: string;
 }
 
-async function writeFileAtomic(file: string, data: string): Promise<void> {
+async function writeFileAtomic(file: string, data: Buffer): Promise<void> {
   const tmp = `${file}.tmp`;
   const fh = await fs.open(tmp, 'w', 0o600);
   try {
@@ -31,7 +36,12 @@ async function writeFileAtomic(file: string, data: string): Promise<void> {
   await fs.rename(tmp, file);
 }
 
-export type VmPlace = 'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone';
+/**
+ * Where a VM is, as this host sees it. `unrecovered`: a restarted sidecar found a
+ * damaged migration marker and cannot tell; it touched nothing (its QEMU, if any, runs
+ * on unsupervised) and refuses everything but `tether vm stop`.
+ */
+export type VmPlace = 'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone' | 'unrecovered';
 
 /**
  * One VM on this host: its files and its current QEMU process. The RAM file
@@ -152,7 +162,7 @@ export class VmInstance {
   /** What a restarted sidecar needs to find this VM again. */
   async #persist(): Promise<void> {
     const rec: PersistedVm = { config: this.config, sendConfiguration: this.sendConfiguration, pid: this.qemu?.pid ?? null };
-    await writeFileAtomic(path.join(this.dir, 'vm.json'), JSON.stringify(rec));
+    await writeFileAtomic(path.join(this.dir, 'vm.json'), encodeStateFile(VM_MAGIC, rec));
   }
 
   /** The VM left this host for good: a restarted sidecar must not list it. */
@@ -164,29 +174,63 @@ export class VmInstance {
   async setMigrationMarker(m: MigrationMarker | null): Promise<void> {
     const file = path.join(this.dir, 'migration.json');
     if (m === null) await fs.rm(file, { force: true });
-    else await writeFileAtomic(file, JSON.stringify(m));
+    else await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, m));
   }
 
-  static async readPersisted(dir: string): Promise<{ vm: PersistedVm; marker: MigrationMarker | null } | null> {
-    let vm: PersistedVm;
-    try {
-      vm = JSON.parse(await fs.readFile(path.join(dir, 'vm.json'), 'utf8')) as PersistedVm;
-    } catch {
-      return null;
+  /**
+   * vm.json of the VM directory `dir`: null when there is none (no VM here); throws
+   * ERR_STATE_FILE_CORRUPT / ERR_STATE_FILE_VERSION when it is damaged.
+   */
+  static async readPersisted(dir: string): Promise<PersistedVm | null> {
+    const file = path.join(dir, 'vm.json');
+    const raw = await readOptional(file);
+    if (raw === null) return null;
+    const v = decodeStateFile(VM_MAGIC, raw, file) as Partial<PersistedVm> | null;
+    if (
+      typeof v !== 'object' ||
+      v === null ||
+      typeof v.config !== 'object' ||
+      v.config === null ||
+      typeof v.sendConfiguration !== 'boolean' ||
+      !(v.pid === null || Number.isInteger(v.pid))
+    ) {
+      throw new TetherError('ERR_STATE_FILE_CORRUPT', `${file} does not hold a VM record`, { file });
     }
-    let marker: MigrationMarker | null = null;
-    try {
-      marker = JSON.parse(await fs.readFile(path.join(dir, 'migration.json'), 'utf8')) as MigrationMarker;
-    } catch {
-      /* no migration in progress */
+    return v as PersistedVm;
+  }
+
+  /**
+   * The migration marker of `dir`: null when no migration is in progress; throws
+   * ERR_STATE_FILE_CORRUPT / ERR_STATE_FILE_VERSION when it is damaged (never taken
+   * for "no migration": that would adopt a wedged source or a fenced destination).
+   */
+  static async readMarker(dir: string): Promise<MigrationMarker | null> {
+    const file = path.join(dir, 'migration.json');
+    const raw = await readOptional(file);
+    if (raw === null) return null;
+    const m = decodeStateFile(MARKER_MAGIC, raw, file) as Partial<MigrationMarker> | null;
+    if (
+      typeof m !== 'object' ||
+      m === null ||
+      (m.role !== 'source' && m.role !== 'destination') ||
+      !(m.qemuPid === null || Number.isInteger(m.qemuPid)) ||
+      typeof m.peer !== 'string' ||
+      typeof m.startedAt !== 'string'
+    ) {
+      throw new TetherError('ERR_STATE_FILE_CORRUPT', `${file} does not hold a migration marker`, { file });
     }
-    return { vm, marker };
+    return m as MigrationMarker;
   }
 
   async killQemu(): Promise<void> {
     const q = this.qemu;
     if (!q) return;
     await q.kill();
+  }
+
+  /** Sidecar shutdown: let go of QEMU without stopping it (the next sidecar adopts it). */
+  async detachQemu(): Promise<void> {
+    await this.qemu?.detach();
   }
 
   async stopQemu(): Promise<void> {
@@ -199,5 +243,17 @@ export class VmInstance {
   async removeRam(): Promise<void> {
     await fs.rm(this.ramFile, { force: true });
     await fs.rm(this.checkpointDir, { recursive: true, force: true });
+  }
+}
+
+/** The file's bytes, or null when it does not exist; any other failure is an error. */
+async function readOptional(file: string): Promise<Buffer | null> {
+  try {
+    return await fs.readFile(file);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    // ENOTDIR: `dir` is a file (the control socket may live in stateDir), so no record.
+    if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return null;
+    throw new TetherError('ERR_STATE_FILE_CORRUPT', `cannot read ${file}: ${err.message}`, { file, errno: err.code });
   }
 }

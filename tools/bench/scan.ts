@@ -48,12 +48,19 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-function measure(name: string, threads: number, bytes: number, fn: () => void, setup?: () => void, note?: string) {
+async function measure(
+  name: string,
+  threads: number,
+  bytes: number,
+  fn: () => void | Promise<void>,
+  setup?: () => void,
+  note?: string,
+): Promise<void> {
   const times: number[] = [];
   for (let i = 0; i < runs; i++) {
     setup?.();
     const t0 = process.hrtime.bigint();
-    fn();
+    await fn();
     times.push(Number(process.hrtime.bigint() - t0) / 1e6);
   }
   const medianMs = median(times);
@@ -83,7 +90,7 @@ function dirtySet(): Uint32Array {
   return Uint32Array.from([...set].sort((a, b) => a - b));
 }
 
-function main(): void {
+async function main(): Promise<void> {
   const fd = openSync(path, 'w+');
   try {
     // Populate every page with random, page-distinct content.
@@ -115,39 +122,39 @@ function main(): void {
 
     // Reference: what plain Node pread of the whole file costs.
     const rbuf = Buffer.allocUnsafe(2 * MIB);
-    measure('node pread 2 MiB chunks (ref)', 1, ramBytes, () => {
+    await measure('node pread 2 MiB chunks (ref)', 1, ramBytes, () => {
       for (let off = 0; off < ramBytes; off += rbuf.length) readSync(fd, rbuf, 0, rbuf.length, off);
     });
 
     const table = Buffer.alloc(pages * 8);
     for (const threads of [1, 2]) {
-      measure('hashFile', threads, ramBytes, () => hashFile(fd, pages, table, threads));
+      await measure('hashFile', threads, ramBytes, () => hashFile(fd, pages, table, threads));
     }
     for (const threads of [1, 2]) {
-      measure('scanDirty full, 0 dirty', threads, ramBytes, () => {
-        const d = scanDirty(fd, pages, table, null, threads);
+      await measure('scanDirty full, 0 dirty', threads, ramBytes, async () => {
+        const d = await scanDirty(fd, pages, table, null, threads);
         if (d.length !== 0) throw new Error(`expected 0 dirty, got ${d.length}`);
       });
     }
     for (const threads of [1, 2]) {
-      measure(
+      await measure(
         `scanDirty full, ${dirtyMiB} MiB dirty`,
         threads,
         ramBytes,
-        () => {
-          const d = scanDirty(fd, pages, table, null, threads);
+        async () => {
+          const d = await scanDirty(fd, pages, table, null, threads);
           if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
         },
         makeDirty,
       );
     }
     for (const threads of [1, 2]) {
-      measure(
+      await measure(
         `scanDirty candidates, ${dirtyMiB} MiB`,
         threads,
         dirtyPages * PAGE_SIZE,
-        () => {
-          const d = scanDirty(fd, pages, table, dirty, threads);
+        async () => {
+          const d = await scanDirty(fd, pages, table, dirty, threads);
           if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
         },
         makeDirty,
@@ -156,7 +163,7 @@ function main(): void {
     }
     const out = Buffer.allocUnsafe(dirtyPages * PAGE_SIZE);
     const mask = new Uint8Array(dirtyPages);
-    measure(`readPages + zeroMask, ${dirtyMiB} MiB`, 1, dirtyPages * PAGE_SIZE, () => {
+    await measure(`readPages + zeroMask, ${dirtyMiB} MiB`, 1, dirtyPages * PAGE_SIZE, () => {
       readPages(fd, dirty, out);
       zeroMask(out, mask);
     });
@@ -187,4 +194,4 @@ function main(): void {
   console.log(`wrote ${file}`);
 }
 
-main();
+await main();

@@ -1,0 +1,164 @@
+/**
+ * The destination daemon's answer to `prepare`, over a real peer channel: it runs only
+ * what its own vmConfigDir describes, and refuses (typed ABORT, nothing created) an
+ * unknown VM, another device model, unsafe timeouts, and a second prepare of a VM
+ * that is already incoming.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import type { Test } from 'tap';
+import type { Message } from '../checkpoint/messages.ts';
+import { loadVmConfig } from '../config/load.ts';
+import type { HostConfig } from '../config/types.ts';
+import { PeerChannel } from '../peer/channel.ts';
+import { nullLogger } from '../util/log.ts';
+import { sleep } from '../util/time.ts';
+import { deviceModelDigest } from '../vm/device-model.ts';
+import { Daemon } from './daemon.ts';
+
+async function waitUntil(fn: () => boolean): Promise<void> {
+  while (!fn()) await sleep(10);
+}
+
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => srv.close(() => r()));
+  return port;
+}
+
+interface Fixture {
+  dir: string;
+  host: HostConfig;
+  daemon: Daemon;
+  /** Writes <vmConfigDir>/<name>.yaml. */
+  writeVm(name: string, extra?: string): string;
+}
+
+async function destination(t: Test): Promise<Fixture> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-daemon-'));
+  const port = await freePort();
+  const host: HostConfig = {
+    name: 'host-d',
+    stateDir: path.join(dir, 'state'),
+    ramDir: path.join(dir, 'ram'),
+    controlSocket: path.join(dir, 'control.sock'),
+    vmConfigDir: path.join(dir, 'vms'),
+    peer: { listen: { host: '127.0.0.1', port }, key: randomBytes(32) },
+    migration: { listenHost: '127.0.0.1', portRange: [49152, 49152] },
+    logLevel: 'error',
+  };
+  fs.mkdirSync(host.vmConfigDir);
+  const daemon = new Daemon(host, nullLogger, {});
+  await daemon.start();
+  t.teardown(async () => {
+    await daemon.shutdown();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  const writeVm = (name: string, extra = ''): string => {
+    const file = path.join(host.vmConfigDir, `${name}.yaml`);
+    fs.writeFileSync(file, `name: ${name}\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n${extra}`);
+    return file;
+  };
+  return { dir, host, daemon, writeVm };
+}
+
+/** Connect as a source and send prepare; resolves with the first message D answers. */
+async function prepare(f: Fixture, body: Record<string, unknown>): Promise<{ reply: Message; ch: PeerChannel }> {
+  const ch = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  const reply = new Promise<Message>((resolve, reject) => {
+    ch.on('message', resolve);
+    ch.on('close', () => reject(new Error('closed without an answer')));
+  });
+  ch.start();
+  await ch.send({ type: 'control', body: { kind: 'prepare', sendConfiguration: true, failoverTimeoutMs: 3000, ...body } });
+  return { reply: await reply, ch };
+}
+
+/** What a source with this config sends. */
+const digestOf = (file: string): string => deviceModelDigest(loadVmConfig(file));
+
+function assertNothingCreated(t: Test, f: Fixture, vm: string): void {
+  t.notOk(f.daemon.vms.has(vm), 'no VM registered');
+  t.notOk(fs.existsSync(path.join(f.host.stateDir, vm)), 'no state dir for the VM');
+  t.notOk(fs.existsSync(path.join(f.host.ramDir, `${vm}.ram`)), 'no RAM file');
+}
+
+t.test('an unknown VM is refused with ERR_PEER_UNKNOWN_VM', async (t) => {
+  const f = await destination(t);
+  const src = f.writeVm('elsewhere');
+  const digest = digestOf(src);
+  fs.rmSync(src);
+  const { reply } = await prepare(f, { vm: 'elsewhere', deviceModel: digest });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_UNKNOWN_VM' });
+  assertNothingCreated(t, f, 'elsewhere');
+});
+
+t.test('a file that describes another VM is not taken for the named one', async (t) => {
+  const f = await destination(t);
+  const file = f.writeVm('vm1');
+  fs.writeFileSync(file, fs.readFileSync(file, 'utf8').replace('name: vm1', 'name: vm2'));
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: 'a'.repeat(64) });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_UNKNOWN_VM' });
+  assertNothingCreated(t, f, 'vm1');
+});
+
+t.test('a different device model is refused with ERR_PEER_DEVICE_MODEL', async (t) => {
+  const f = await destination(t);
+  const sourceDigest = digestOf(f.writeVm('vm1', 'cpus: 2\n'));
+  f.writeVm('vm1', 'cpus: 1\n');
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: sourceDigest });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_DEVICE_MODEL' });
+  assertNothingCreated(t, f, 'vm1');
+});
+
+t.test("a fence timeout not below the source's failover timeout is refused", async (t) => {
+  const f = await destination(t);
+  const file = f.writeVm('vm1', 'checkpoint:\n  failoverTimeoutMs: 9000\n  fenceTimeoutMs: 5000\n');
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: digestOf(file), failoverTimeoutMs: 5000 });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_TIMEOUTS' });
+  assertNothingCreated(t, f, 'vm1');
+});
+
+t.test('a name that is not a VM name (a path) is refused before any file is read', async (t) => {
+  const f = await destination(t);
+  const { reply } = await prepare(f, { vm: '../../etc/passwd', deviceModel: 'a'.repeat(64) });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_CONTROL' });
+});
+
+t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
+  const f = await destination(t);
+  // D's own "QEMU" for this test: records that it was started, then never answers QMP,
+  // so the first migration stays in its start-up for as long as the test needs.
+  const fake = path.join(f.dir, 'fake-qemu.sh');
+  const pidFile = path.join(f.dir, 'fake-qemu.pid');
+  fs.writeFileSync(fake, `#!/bin/sh\necho $$ > ${pidFile}\nexec sleep 60\n`, { mode: 0o755 });
+  const file = f.writeVm('vm1', `qemu:\n  binary: ${fake}\n`);
+  const digest = digestOf(file);
+  const first = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  t.teardown(() => first.close());
+  first.start();
+  await first.send({
+    type: 'control',
+    body: { kind: 'prepare', vm: 'vm1', deviceModel: digest, sendConfiguration: true, failoverTimeoutMs: 3000 },
+  });
+  await waitUntil(() => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
+  const fakePid = Number(fs.readFileSync(pidFile, 'utf8'));
+  t.teardown(() => {
+    try {
+      process.kill(fakePid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  });
+
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: digest });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_VM_BUSY' });
+  t.equal(fs.readFileSync(pidFile, 'utf8').trim(), String(fakePid), 'no second QEMU was started');
+  process.kill(fakePid, 'SIGKILL');
+});
