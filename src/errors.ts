@@ -16,3 +16,15 @@ export class TetherError extends Error {
 export function isTetherError(e: unknown, code?: string): e is TetherError {
   return e instanceof TetherError && (code === undefined || e.code === code);
 }
+
+// ---- catalogue (issue 5, core-a: completion handshake, whole restores, output latch) ----
+// To be unified with the rest of the codes into one catalogue.
+export const CORE_A_CODES = {
+  ERR_COMPLETE_EPOCH: 'the destination asked to complete at a checkpoint other than the one the source applied last',
+  ERR_CKPT_COMPLETED: 'the migration completed: no checkpoint is applied after the completion record',
+  ERR_CKPT_COMPLETED_CORRUPT: 'the completion record (completed.json) is damaged',
+  ERR_CKPT_HALF_APPLIED: 'a failed apply left part of a checkpoint in RAM and could not be finished: no whole state to resume',
+  ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
+  ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
+  ERR_COMPLETE_UNKNOWN: "the destination did not know the migration the source's completion answer named",
+} as const;

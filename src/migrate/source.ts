@@ -334,6 +334,9 @@ export class SourceMigration {
         await this.#cancelPrecopy();
       } else {
         await this.#applyChain; // an apply under way completes (but is not acked)
+        // A failed apply may have left part of its checkpoint in the RAM file: finish it from
+        // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
+        await this.#store.repair();
         const last = this.#store.lastApplied();
         figures.epoch = last.epoch;
         const t1 = nowMs();
