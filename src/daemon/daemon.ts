@@ -11,7 +11,7 @@ import { isTetherError, TetherError } from '../errors.ts';
 import { DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { SourceMigration, waitRunning } from '../migrate/source.ts';
+import { notifyDestination, SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
@@ -105,7 +105,11 @@ export class Daemon {
         // none is missed even if the sidecar died between spawning one and recording it.
         const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
         const marker = saved.marker;
-        if (marker?.role === 'destination') {
+        let keepMarker = false;
+        if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
+          await this.#recoverCompleted(vm, all, marker.peer, log);
+          keepMarker = true;
+        } else if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
           vm.place = 'fenced';
@@ -130,11 +134,39 @@ export class Daemon {
           vm.place = 'stopped';
           log.warn('VM was not running when the sidecar restarted');
         }
-        await vm.setMigrationMarker(null);
+        if (!keepMarker) await vm.setMigrationMarker(null);
       } catch (e) {
         log.error('recovery failed', { error: errorFields(e) });
       }
     }
+  }
+
+  /**
+   * The source recorded completion before the sidecar died: the VM belongs to the
+   * destination, whatever state the channel was in. Never resume it here; drop this host's
+   * copy and repeat the answer until the destination confirms (it waits with its guest paused).
+   */
+  async #recoverCompleted(vm: VmInstance, pids: number[], peer: string, log: Logger): Promise<void> {
+    const finalEpoch = (await CheckpointStore.readCompleted(vm.checkpointDir))!;
+    for (const p of pids) await killPid(p);
+    await fs.rm(vm.ramFile, { force: true });
+    vm.place = 'gone';
+    vm.lastMigration = { outcome: 'completed', reason: 'sidecar-restart', finalEpoch, handover: 'pending' };
+    this.metrics.migrations.inc({ role: 'source', outcome: 'completed' });
+    log.warn('sidecar restarted after the migration completed: the VM is not resumed here', { finalEpoch });
+    void notifyDestination({
+      psk: this.host.peer.key,
+      to: parseHostPort(peer),
+      vm: vm.name,
+      outcome: 'completed',
+      epoch: finalEpoch,
+      log,
+    }).then(async (handover) => {
+      vm.lastMigration = { ...vm.lastMigration, handover };
+      await vm.removeRam().catch(() => {});
+      await vm.forget().catch(() => {});
+      await vm.setMigrationMarker(null).catch(() => {});
+    });
   }
 
   async #recoverSource(vm: VmInstance, pid: number | null, log: Logger): Promise<void> {
@@ -264,7 +296,7 @@ export class Daemon {
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is already migrating`);
-        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics });
+        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics, faults: this.#faults });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
         try {
@@ -333,15 +365,29 @@ export class Daemon {
       return;
     }
     let dest: DestinationMigration | undefined;
+    let answered = false;
     ch.on('close', (err) => dest?.onChannelClosed(err));
     ch.on('message', (m) => {
       if (dest) {
         dest.onMessage(m);
         return;
       }
+      if (answered) return;
       try {
         if (m.type !== 'control') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${m.type}`);
         const c = asPeerControl(m.body);
+        if (c.kind === 'resolve') {
+          // The source's answer to a completion request, on a channel of its own (the
+          // migration channel was lost): hand it to that incoming migration, confirm, and
+          // let the source close.
+          answered = true;
+          const inc = this.#incoming.get(c.vm);
+          const known = inc ? inc.resolve(c.outcome, c.epoch) : false;
+          this.log.info('completion answer from the source', { vm: c.vm, outcome: c.outcome, epoch: c.epoch, known });
+          ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
+          setTimeout(() => ch.close(), 5000).unref();
+          return;
+        }
         if (c.kind !== 'prepare') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${c.kind}`);
         const cfg = parseVmConfig(c.vm as unknown as Record<string, unknown>, { baseDir: '/' });
         const existing = this.vms.get(cfg.name);
