@@ -124,7 +124,7 @@ export class Daemon {
             vm.place = 'running';
             log.warn('sidecar restarted after a rollback had finished: adopted the restored QEMU', { pid: newer[0] });
           } else {
-            await this.#recoverSource(vm, all[0] ?? null, log);
+            await this.#recoverSource(vm, all[0] ?? null, marker.peer, log);
           }
         } else if (all.length > 0) {
           for (const p of all.slice(1)) await killPid(p);
@@ -169,7 +169,7 @@ export class Daemon {
     });
   }
 
-  async #recoverSource(vm: VmInstance, pid: number | null, log: Logger): Promise<void> {
+  async #recoverSource(vm: VmInstance, pid: number | null, peer: string, log: Logger): Promise<void> {
     const store = new CheckpointStore({ dir: vm.checkpointDir, ramPath: vm.ramFile, ramBytes: vm.ramBytes });
     let last: { epoch: number; devstatePath: string } | null = null;
     try {
@@ -205,6 +205,16 @@ export class Daemon {
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
     this.metrics.rollbacks.inc({ reason: 'sidecar-restart' });
     log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
+    // The destination may have asked to complete and be waiting, paused, for the answer.
+    void notifyDestination({
+      psk: this.host.peer.key,
+      to: parseHostPort(peer),
+      vm: vm.name,
+      outcome: 'rolled-back',
+      epoch: last.epoch,
+      log,
+      giveUpAfterMs: 10 * 60_000,
+    });
   }
 
   /** Stop serving and stop every QEMU this daemon runs. */
