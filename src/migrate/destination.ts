@@ -13,6 +13,7 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
+import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import { CUT_COMPLETION } from './faults.ts';
@@ -72,6 +73,8 @@ export class DestinationMigration {
   /** The source answered rolled-back: the one case in which a completing destination fences. */
   #rolledBack = false;
   #answerDropped = false;
+  /** Kills the incoming QEMU if this sidecar dies before the migration window ends. */
+  #guard: QemuGuard | undefined;
   #table: Buffer;
   #hashesDone = deferred<void>();
   #qemuCompleted = false;
@@ -213,6 +216,8 @@ export class DestinationMigration {
   async #run(): Promise<void> {
     const vm = this.vm;
     await vm.startIncoming(this.#opts.sendConfiguration);
+    // From here until completed or fenced, this guest must not outlive this sidecar.
+    this.#guard = QemuGuard.arm(vm.qemu!.pid);
     await vm.setMigrationMarker({
       role: 'destination',
       qemuPid: vm.qemu?.pid ?? null,
@@ -473,6 +478,7 @@ export class DestinationMigration {
         await q.qmp.execute('cont').catch((e) => this.#log.error('cont after the answer failed', { error: errorFields(e) }));
     }
     this.#outputs.passThrough();
+    this.#guard?.disarm();
     this.vm.place = 'running';
     void this.vm.setMigrationMarker(null).catch(() => {});
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
@@ -504,6 +510,7 @@ export class DestinationMigration {
       await Promise.race([q.qmp.execute('stop').catch(() => {}), sleep(500)]);
       await q.kill().catch(() => {});
     }
+    this.#guard?.disarm();
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';
