@@ -367,6 +367,9 @@ export class DestinationMigration {
           // stops fencing by kill; only the source's answer decides.
           this.#completing = epoch;
           this.phase.to('completing', { finalEpoch: epoch });
+          // The source may record completion any moment now: this QEMU may then hold the only
+          // running copy, so this sidecar's death must freeze it, not destroy it.
+          this.#guard?.pauseOnly();
           if (this.#opts.faults.cutCompletion === CUT_COMPLETION.request) {
             this.#log.warn('fault injection: dropping the completion request and the channel', { finalEpoch: epoch });
             this.#ch.close();

@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import t from 'tap';
 import { GUARD_SCRIPT, procStartTime } from './guard.ts';
 
@@ -19,14 +20,14 @@ async function until(fn: () => boolean): Promise<void> {
  * The sidecar is played by a Node child that arms a guard over a victim (`sleep`) and then
  * dies by SIGKILL, or disarms first: what matters is what the guard does after its parent is gone.
  */
-function sidecar(mode: 'die' | 'disarm-then-die'): Promise<{ victim: number; guard: number }> {
+function sidecar(mode: 'die' | 'disarm-then-die' | 'pause-then-die'): Promise<{ victim: number; guard: number }> {
   const victim = spawn('sleep', ['300'], { stdio: 'ignore', detached: true });
   victim.unref();
   const code = `
     import('${new URL('./guard.ts', import.meta.url).href}').then(({ QemuGuard }) => {
       const g = QemuGuard.arm(${victim.pid});
       process.stdout.write(String(g.pid) + '\\n');
-      ${mode === 'disarm-then-die' ? 'g.disarm();' : ''}
+      ${mode === 'disarm-then-die' ? 'g.disarm();' : mode === 'pause-then-die' ? 'g.pauseOnly();' : ''}
       setTimeout(() => process.kill(process.pid, 'SIGKILL'), 200);
     });`;
   const child = spawn(process.execPath, ['--import', 'tsx', '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -57,6 +58,16 @@ t.test('disarmed before the sidecar dies: the process lives on', async (t) => {
   await until(() => !alive(guard));
   t.notOk(alive(guard), 'guard exited');
   t.ok(alive(victim), 'process not killed');
+});
+
+t.test('in pause-only mode the sidecar death freezes the process instead of killing it', async (t) => {
+  const { victim, guard } = await sidecar('pause-then-die');
+  t.teardown(() => void (alive(victim) && process.kill(victim, 'SIGKILL')));
+  const state = () => readFileSync(`/proc/${victim}/stat`, 'latin1').split(') ')[1]![0];
+  await until(() => !alive(guard));
+  await until(() => state() === 'T');
+  t.equal(state(), 'T', 'stopped');
+  t.ok(alive(victim), 'not killed');
 });
 
 t.test('a guard never kills a different process that reused the pid', async (t) => {

@@ -23,13 +23,19 @@ export function procStartTime(pid: number): string {
 
 /**
  * The guard, a /bin/sh of a few lines (no Node: it must be small and start fast). It blocks
- * reading its stdin, a pipe whose only writer is the sidecar. Reading "disarm" it exits; at
- * EOF (the sidecar died, however) it SIGKILLs the process if its start time still matches.
+ * reading lines from its stdin, a pipe whose only writer is the sidecar: "disarm" makes it
+ * exit, "pause" makes it SIGSTOP instead of SIGKILL. At EOF (the sidecar died, however) it
+ * signals the process if its start time still matches.
  */
-export const GUARD_SCRIPT = `read -r line
-[ "$line" = disarm ] && exit 0
+export const GUARD_SCRIPT = `sig=KILL
+while read -r line; do
+  case "$line" in
+    disarm) exit 0 ;;
+    pause) sig=STOP ;;
+  esac
+done
 st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20)
-[ -n "$st" ] && [ "$st" = "$2" ] && kill -9 "$1"
+[ -n "$st" ] && [ "$st" = "$2" ] && kill -s "$sig" "$1"
 exit 0`;
 
 /**
@@ -61,6 +67,15 @@ export class QemuGuard {
 
   get pid(): number | undefined {
     return this.#child.pid;
+  }
+
+  /**
+   * From now on the sidecar's death freezes the process (SIGSTOP) instead of killing it: the
+   * destination in the completion handshake may own the only copy of the VM, which must stop
+   * running but must not be destroyed.
+   */
+  pauseOnly(): void {
+    if (!this.#disarmed) this.#child.stdin?.write('pause\n');
   }
 
   /** The window is over (completed, or fenced by this sidecar): the guard exits, killing nothing. */
