@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import { fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
+import { fileSize, memcheck, qemuAlive, sh, waitFor, waitPasses } from './harness.ts';
 import type { Cluster } from './harness.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 
@@ -74,4 +74,27 @@ t.test('source sidecar dies right after recording completion: its restart hands 
   const marker = path.join(c.src.stateDir, c.vmName, 'migration.json');
   await waitFor(() => !fs.existsSync(marker), 'source drops its marker once the destination confirmed', 60_000);
   t.equal((await c.status(c.src)).lastMigration?.handover, 'confirmed');
+});
+
+t.test('destination sidecar dies on the answer: its guard freezes the guest, its restart waits for the answer', async (t) => {
+  const c = await bootCluster(t, { faults: { destination: 'cut-completion=6' }, vm: { maxBandwidth: 0 } });
+  const migrating = c.migrate();
+  const daemon = c.dst.daemon!;
+  await waitFor(() => daemon.exitCode !== null || daemon.signalCode !== null, 'destination sidecar gone', 120_000);
+  const pid = Number(
+    sh('pgrep', ['-f', `qemu-system.*tether-${c.id}/d/`], { allowFail: true })
+      .trim()
+      .split('\n')[0],
+  );
+  t.ok(qemuAlive(pid), 'the incoming QEMU was not killed');
+  const state = () => fs.readFileSync(`/proc/${pid}/stat`, 'latin1').split(') ')[1]![0];
+  await waitFor(() => state() === 'T', 'guest frozen by the guard', 30_000);
+  t.equal(state(), 'T', 'frozen (SIGSTOP) by its guard');
+  const mig = await migrating;
+  t.equal(mig.code, 0, `the source recorded completion: ${mig.stderr.slice(-1500)}`);
+  t.equal(mig.result?.outcome, 'completed');
+  t.equal(mig.result?.handover, 'pending', 'not confirmed by the dead destination');
+  await c.restartDaemon(c.dst);
+  await assertRunsOnDestination(t, c);
+  t.equal((await c.status(c.dst)).pid, pid, 'the same QEMU runs the VM');
 });

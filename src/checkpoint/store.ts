@@ -177,16 +177,18 @@ function decodeRecord(text: string): AppliedRecord & { devstateBytes: number; de
   return { ...r, devstateBytes: devstateBytes as number, devstateCrc32: devstateCrc32 as number };
 }
 
-function completedBody(epoch: number): string {
-  return JSON.stringify({ format: 'tether-completed', version: 1, epoch });
+type HandshakeFormat = 'tether-completed' | 'tether-completing';
+
+function completedBody(epoch: number, format: HandshakeFormat = 'tether-completed'): string {
+  return JSON.stringify({ format, version: 1, epoch });
 }
 
-function encodeCompleted(epoch: number): Buffer {
-  const body = completedBody(epoch);
+function encodeCompleted(epoch: number, format: HandshakeFormat = 'tether-completed'): Buffer {
+  const body = completedBody(epoch, format);
   return Buffer.from(`${body.slice(0, -1)},"crc32":${crc32(Buffer.from(body, 'utf8'))}}\n`, 'utf8');
 }
 
-function decodeCompleted(text: string): number {
+function decodeCompleted(text: string, format: HandshakeFormat = 'tether-completed'): number {
   const bad = (m: string) => new TetherError('ERR_CKPT_COMPLETED_CORRUPT', `completion record: ${m}`);
   let v: unknown;
   try {
@@ -196,10 +198,35 @@ function decodeCompleted(text: string): number {
   }
   if (typeof v !== 'object' || v === null) throw bad('not an object');
   const o = v as Record<string, unknown>;
-  if (o.format !== 'tether-completed' || o.version !== 1) throw bad('unknown format or version');
+  if (o.format !== format || o.version !== 1) throw bad('unknown format or version');
   if (!Number.isSafeInteger(o.epoch) || (o.epoch as number) < 0 || typeof o.crc32 !== 'number') throw bad('bad fields');
-  if (crc32(Buffer.from(completedBody(o.epoch as number), 'utf8')) !== o.crc32) throw bad('checksum mismatch');
+  if (crc32(Buffer.from(completedBody(o.epoch as number, format), 'utf8')) !== o.crc32) throw bad('checksum mismatch');
   return o.epoch as number;
+}
+
+/**
+ * The destination's side of the handshake: `file` records, durably and checksummed like
+ * completed.json (format 'tether-completing'), that it asked the source to complete at `epoch`.
+ * A restarted destination sidecar that finds it waits for the source's answer instead of fencing.
+ */
+export async function writeCompletingRecord(file: string, epoch: number): Promise<void> {
+  try {
+    await writeAtomic(file, [encodeCompleted(epoch, 'tether-completing')]);
+  } catch (e) {
+    throw ioError('recording the completion request', e);
+  }
+}
+
+/** Epoch of writeCompletingRecord's file, null if absent; ERR_CKPT_COMPLETED_CORRUPT if damaged. */
+export async function readCompletingRecord(file: string): Promise<number | null> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    if (isEnoent(e)) return null;
+    throw ioError('reading the completion request record', e);
+  }
+  return decodeCompleted(text, 'tether-completing');
 }
 
 function isEnoent(e: unknown): boolean {

@@ -6,9 +6,9 @@ import { loadVmConfig, parseVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
-import { CheckpointStore } from '../checkpoint/store.ts';
+import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { isTetherError, TetherError } from '../errors.ts';
-import { DestinationMigration } from '../migrate/destination.ts';
+import { completingRecordPath, DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { notifyDestination, SourceMigration, waitRunning } from '../migrate/source.ts';
@@ -34,6 +34,8 @@ export class Daemon {
   readonly vms = new Map<string, VmInstance>();
   readonly #outgoing = new Map<string, SourceMigration>();
   readonly #incoming = new Map<string, DestinationMigration>();
+  /** Incoming VMs whose completion request was pending when the sidecar restarted. */
+  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number }>();
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
@@ -109,6 +111,9 @@ export class Daemon {
         if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
           await this.#recoverCompleted(vm, all, marker.peer, log);
           keepMarker = true;
+        } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
+          await this.#recoverCompleting(vm, all, marker.qemuPid, log);
+          keepMarker = true;
         } else if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
@@ -167,6 +172,55 @@ export class Daemon {
       await vm.forget().catch(() => {});
       await vm.setMigrationMarker(null).catch(() => {});
     });
+  }
+
+  /**
+   * This host had asked the source to complete when its sidecar died: the source may have
+   * recorded completion, so the incoming VM (frozen by its guard) is kept, paused, until the
+   * source's answer arrives (#servePeer). Between SIGCONT and QMP stop the guest runs for a
+   * moment with its devices' backends gone: nothing it emits can leave the host.
+   */
+  async #recoverCompleting(vm: VmInstance, pids: number[], migrating: number | null, log: Logger): Promise<void> {
+    const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
+    const pid = pids.find((p) => p === migrating) ?? null;
+    for (const p of pids) if (p !== pid) await killPid(p);
+    if (pid === null) {
+      await vm.removeRam();
+      await fs.rm(completingRecordPath(vm), { force: true });
+      vm.place = 'fenced';
+      log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { finalEpoch: epoch });
+      return;
+    }
+    process.kill(pid, 'SIGCONT');
+    await vm.adopt(pid);
+    await vm.qemu!.qmp.execute('stop');
+    vm.place = 'migrating-in';
+    this.#awaitingAnswer.set(vm.name, { vm, epoch });
+    log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', { finalEpoch: epoch });
+  }
+
+  /** The source's answer for a VM recovered by #recoverCompleting; false if none waits for it. */
+  #answerRecovered(name: string, outcome: 'completed' | 'rolled-back', epoch: number): boolean {
+    const w = this.#awaitingAnswer.get(name);
+    if (!w || (outcome === 'completed' && epoch !== w.epoch)) return false;
+    this.#awaitingAnswer.delete(name);
+    const { vm } = w;
+    const log = this.log.child({ vm: name });
+    void (async () => {
+      if (outcome === 'completed') {
+        await vm.qemu!.qmp.execute('cont');
+        vm.place = 'running';
+        log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
+      } else {
+        await vm.killQemu();
+        await vm.removeRam();
+        vm.place = 'fenced';
+        log.warn('the source answered rolled-back: fenced');
+      }
+      await fs.rm(completingRecordPath(vm), { force: true });
+      await vm.setMigrationMarker(null);
+    })().catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
+    return true;
   }
 
   async #recoverSource(vm: VmInstance, pid: number | null, peer: string, log: Logger): Promise<void> {
@@ -392,7 +446,7 @@ export class Daemon {
           // let the source close.
           answered = true;
           const inc = this.#incoming.get(c.vm);
-          const known = inc ? inc.resolve(c.outcome, c.epoch) : false;
+          const known = inc ? inc.resolve(c.outcome, c.epoch) : this.#answerRecovered(c.vm, c.outcome, c.epoch);
           this.log.info('completion answer from the source', { vm: c.vm, outcome: c.outcome, epoch: c.epoch, known });
           ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
           setTimeout(() => ch.close(), 5000).unref();

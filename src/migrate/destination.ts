@@ -1,6 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CheckpointDigest } from '../checkpoint/codec.ts';
+import { writeCompletingRecord } from '../checkpoint/store.ts';
 import type { Message, PagesMessage } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
@@ -32,6 +33,9 @@ const TRANSITIONS: Record<DestPhase, readonly DestPhase[]> = {
   completed: [],
   fenced: [],
 };
+
+/** Where the destination records that it asked to complete (see writeCompletingRecord). */
+export const completingRecordPath = (vm: VmInstance): string => path.join(vm.dir, 'completing.json');
 
 /** Page entries per PAGES message: 1024 pages = 4 MiB of data at most. */
 const PAGES_PER_MESSAGE = 1024;
@@ -117,6 +121,10 @@ export class DestinationMigration {
           const c = asPeerControl(m.body);
           if (c.kind === 'hashes-done') this.#hashesDone.resolve();
           else if (c.kind === 'resolve') {
+            if (this.#opts.faults.cutCompletion === CUT_COMPLETION.crashOnAnswer) {
+              this.#log.warn('fault injection: sidecar dies on the source answer, before acting on it');
+              process.kill(process.pid, 'SIGKILL');
+            }
             if (this.#opts.faults.cutCompletion === CUT_COMPLETION.answer && !this.#answerDropped) {
               this.#answerDropped = true;
               this.#log.warn('fault injection: dropping the source answer and the channel', { outcome: c.outcome });
@@ -364,7 +372,9 @@ export class DestinationMigration {
           await acked.promise;
           if (this.#stopped) return;
           // Completion handshake (docs/completion.md): outputs stay held and this side
-          // stops fencing by kill; only the source's answer decides.
+          // stops fencing by kill; only the source's answer decides. Recorded first, so that
+          // a restarted sidecar waits for that answer too.
+          await writeCompletingRecord(completingRecordPath(vm), epoch);
           this.#completing = epoch;
           this.phase.to('completing', { finalEpoch: epoch });
           // The source may record completion any moment now: this QEMU may then hold the only
@@ -483,6 +493,7 @@ export class DestinationMigration {
     this.#outputs.passThrough();
     this.#guard?.disarm();
     this.vm.place = 'running';
+    await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
     void this.vm.setMigrationMarker(null).catch(() => {});
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
     setTimeout(() => this.#ch.close(), 5000).unref();
@@ -517,6 +528,7 @@ export class DestinationMigration {
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';
+    await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
     await this.vm.setMigrationMarker(null).catch(() => {});
     if (this.phase.can('fenced')) this.phase.to('fenced', { reason });
     this.#ch.close();

@@ -29,6 +29,8 @@ export const CUT_COMPLETION = {
   crashAfterRecord: 4,
   /** D: drops S's answer and the channel (S re-answers on a new channel). */
   answer: 5,
+  /** D: its sidecar dies (SIGKILL of itself) on S's answer, before acting on it; its restart waits for the answer again. */
+  crashOnAnswer: 6,
 } as const;
 
 const NAMES: Record<string, keyof Faults> = {
