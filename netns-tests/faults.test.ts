@@ -1,5 +1,6 @@
 import t from 'tap';
 import { assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+import { spawn } from 'node:child_process';
 import { fileSize, waitFor, waitPasses } from './harness.ts';
 
 t.test('failure before the first checkpoint resumes from checkpoint 0', async (t) => {
@@ -34,9 +35,9 @@ t.test('a destination without the peer key gets nothing: the migration is refuse
   const c = await bootCluster(t, { mismatchedKeys: true });
   const ramBefore = await c.status(c.src);
   const mig = await c.migrate();
-  t.equal(mig.code, 3, 'migrate exits 3: the VM still runs on the source');
-  t.match(mig.result?.error?.code, /^ERR_PEER_(AUTH|HANDSHAKE)$/, `refused with ${mig.result?.error?.code}`);
-  t.equal(mig.result?.rollback?.epoch, null, 'nothing was switched over');
+  // never reached a tether peer it trusts: an error with its cause, not a rollback
+  t.equal(mig.code, 1, 'migrate exits 1');
+  t.match(mig.stderr, /ERR_PEER_(AUTH|HANDSHAKE)/, `refused: ${mig.stderr.trim()}`);
   const s = await c.status(c.src);
   t.equal(s.state, 'running');
   t.equal(s.pid, ramBefore.pid, 'the same source QEMU kept running');
@@ -44,4 +45,41 @@ t.test('a destination without the peer key gets nothing: the migration is refuse
   t.equal(d.state, 'absent', 'the destination never created the VM');
   const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the refused migration');
   t.same(rep.corrupt, []);
+});
+
+t.test('a migration that reaches no tether peer is an error with its cause, and changes nothing', async (t) => {
+  const c = await bootCluster(t);
+  const before = await c.status(c.src);
+  // something that speaks TCP but not tether, on the destination host
+  const junk = spawn(
+    'ip',
+    [
+      'netns',
+      'exec',
+      c.dst.ns,
+      process.execPath,
+      '-e',
+      `require('net').createServer((s) => s.end('HTTP/1.1 400 Bad Request\\r\\n\\r\\n')).listen(7799, '${c.dst.addr}', () => console.log('listening'))`,
+    ],
+    { stdio: ['ignore', 'pipe', 'ignore'] },
+  );
+  t.teardown(() => void junk.kill('SIGKILL'));
+  let listening = false;
+  junk.stdout!.on('data', () => (listening = true));
+  await waitFor(() => listening, 'the non-tether listener', 30_000);
+  for (const [what, port, code] of [
+    ['refused port', 7798, /ERR_PEER_CONNECT/],
+    ['not a tether peer', 7799, /ERR_(PEER_HANDSHAKE|PROTO_\w+)/],
+  ] as const) {
+    const r = await c.tether(c.src, ['migrate', c.vmName, '--to', `${c.dst.addr}:${port}`, '--json']);
+    t.equal(r.code, 1, `${what}: migrate exits 1 (${r.stderr.trim()})`);
+    t.match(r.stderr, code, `${what}: the cause is named`);
+    t.notMatch(r.stdout, /rolled-back/, `${what}: not reported as a rollback`);
+    const s = await c.status(c.src);
+    t.equal(s.state, 'running', `${what}: VM still running`);
+    t.equal(s.pid, before.pid, `${what}: the same QEMU`);
+    t.equal(s.migration, null, `${what}: no migration left behind`);
+  }
+  const mig = await c.migrate();
+  t.equal(mig.code, 0, `a migration to the real peer still completes: ${mig.stderr.slice(-1000)}`);
 });

@@ -90,6 +90,9 @@ export const ERRORS = {
   ERR_CKPT_DEVSTATE_CORRUPT: 'a persisted device-state file is damaged',
   ERR_CKPT_RAM_FILE: 'the RAM file the store applies to is missing or of the wrong size',
   ERR_CKPT_IO: 'the store failed to read or write its files',
+  ERR_CKPT_COMPLETED: 'the migration completed: no checkpoint is applied after the completion record',
+  ERR_CKPT_COMPLETED_CORRUPT: 'the completion record (completed.json) is damaged',
+  ERR_CKPT_HALF_APPLIED: 'a failed apply left part of a checkpoint in RAM and could not be finished: no whole state to resume',
   ERR_CKPT_STORE_BROKEN: 'an earlier apply failed; the store accepts nothing more',
   ERR_STAGE_BAD_MAGIC: 'a stage file does not start with its magic',
   ERR_STAGE_UNSUPPORTED_VERSION: 'a stage file has an unknown version',
@@ -123,6 +126,11 @@ export const ERRORS = {
   ERR_DEST_QEMU_EXITED: "the destination's QEMU exited during the migration",
   ERR_SOURCE_QEMU_EXITED: "the source's QEMU exited during the migration",
   ERR_RESTORE_FAILED: 'the rollback could not bring the VM back on the source',
+  ERR_COMPLETE_EPOCH: 'the destination asked to complete at a checkpoint other than the one the source applied last',
+  ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
+  ERR_COMPLETE_UNKNOWN: "the destination did not know the migration the source's completion answer named",
+  ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
+  ERR_GUARD: "the guard that stops the destination's QEMU when its sidecar dies cannot be armed",
   ERR_STATE_TRANSITION: 'a lifecycle state machine was asked for a transition it does not allow',
 } as const satisfies Record<`ERR_${string}`, string>;
 

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdir, mkdtemp, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import fc from 'fast-check';
@@ -296,9 +297,11 @@ t.test('failure after the stage was persisted: store refuses until recover', asy
   await store.apply(C1);
   disk.failNext = true;
   t.equal(await code(store.apply(C2)), 'ERR_CKPT_IO');
-  t.equal(store.lastApplied().epoch, 1, 'not applied');
+  // C2's pages are in the RAM file already: checkpoint 1's device state over it would be mixed state
+  t.throws(() => store.lastApplied(), { code: 'ERR_CKPT_STORE_BROKEN' }, 'no restore point while half applied');
   t.equal(await code(store.apply(C2)), 'ERR_CKPT_STORE_BROKEN');
-  t.same((await store.recover()).stage, { action: 'reapplied', epoch: 2 });
+  t.same((await store.repair())?.stage, { action: 'reapplied', epoch: 2 });
+  t.equal(store.lastApplied().epoch, 2, 'whole again');
   t.ok((await readFile(ramPath)).equals(expectedRam(C1, C2)));
   await store.apply(C3);
   t.equal(store.lastApplied().epoch, 3);
@@ -388,4 +391,70 @@ t.test('stage codec: round-trip, every corrupted byte detected, garbage only Tet
     }),
     { numRuns: 2000 },
   );
+});
+
+const enospcOpts = process.getuid?.() === 0 ? {} : { skip: 'needs root to mount a small tmpfs' };
+t.test('ENOSPC in the middle of writing pages: no restore point until the stage is finished', enospcOpts, async (t) => {
+  const root = await mkdtemp(path.join(os.tmpdir(), 'tether-store-enospc-'));
+  const mnt = path.join(root, 'ram');
+  await mkdir(mnt);
+  // 32 KiB of tmpfs (8 pages): the guest RAM file is sparse, so each page written allocates one.
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=32k', 'tmpfs', mnt]);
+  t.teardown(async () => {
+    execFileSync('umount', ['-l', mnt]);
+    await rm(root, { recursive: true, force: true });
+  });
+  const ramPath = path.join(mnt, 'ram');
+  await writeFile(ramPath, '');
+  await truncate(ramPath, RAM_BYTES);
+  const filler = path.join(mnt, 'filler');
+  // leave room for 2 of C1's 5 pages
+  await writeFile(filler, Buffer.alloc(6 * PAGE_SIZE, 1));
+  const store = new CheckpointStore({ dir: path.join(root, 'ckpt'), ramPath, ramBytes: RAM_BYTES });
+  await store.init0(Buffer.from('d0'));
+  const err = await store.apply(C1).then(
+    () => null,
+    (e: TetherError) => e,
+  );
+  t.equal(err?.code, 'ERR_CKPT_IO', 'apply fails');
+  t.equal(err?.details?.errno, 'ENOSPC', 'with ENOSPC');
+  const ram = await readFile(ramPath);
+  t.ok(ram.subarray(0, PAGE_SIZE).equals(Buffer.alloc(PAGE_SIZE, 0xdd)), 'some pages of checkpoint 1 were written');
+  t.throws(() => store.lastApplied(), { code: 'ERR_CKPT_STORE_BROKEN' }, 'checkpoint 0 is no restore point now');
+  t.equal(await code(store.repair(2, 1)), 'ERR_CKPT_HALF_APPLIED', 'repair that cannot finish fails loudly');
+  t.throws(() => store.lastApplied(), { code: 'ERR_CKPT_STORE_BROKEN' }, 'still no restore point');
+  await rm(filler);
+  t.same((await store.repair())?.stage, { action: 'reapplied', epoch: 1 }, 'space freed: the stage is finished');
+  t.same(store.lastApplied().epoch, 1);
+  const want = Buffer.alloc(RAM_BYTES);
+  let k = 0;
+  C1.pfns.forEach((pfn, i) => {
+    if (!C1.zeroMask[i]) C1.data.subarray(k++ * PAGE_SIZE, k * PAGE_SIZE).copy(want, pfn * PAGE_SIZE);
+  });
+  t.ok((await readFile(ramPath)).equals(want), 'RAM holds checkpoint 1 whole');
+});
+
+t.test('completion record: only at the applied epoch, durable, final', async (t) => {
+  const { dir, make } = await setup(t);
+  const store = make();
+  await store.init0(Buffer.from('d0'));
+  await store.apply(C1);
+  await store.apply(C2);
+  t.equal(await code(store.recordCompleted(1)), 'ERR_COMPLETE_EPOCH', 'an older epoch than the applied one is refused');
+  t.equal(await code(store.recordCompleted(3)), 'ERR_COMPLETE_EPOCH', 'an epoch never applied is refused');
+  t.equal(await CheckpointStore.readCompleted(dir), null, 'nothing recorded by a refusal');
+  await store.recordCompleted(2);
+  t.equal(await CheckpointStore.readCompleted(dir), 2);
+  t.equal(await code(store.apply(C3)), 'ERR_CKPT_COMPLETED', 'nothing is applied after completion');
+  const again = make();
+  await again.recover();
+  t.equal(await code(again.apply(C3)), 'ERR_CKPT_COMPLETED', 'also after a restart');
+  const file = path.join(dir, 'completed.json');
+  const text = await readFile(file, 'utf8');
+  await writeFile(file, text.replace('"epoch":2', '"epoch":3'));
+  t.equal(await code(CheckpointStore.readCompleted(dir)), 'ERR_CKPT_COMPLETED_CORRUPT', 'a damaged record is an error');
+  await writeFile(file, text.slice(0, 10));
+  t.equal(await code(CheckpointStore.readCompleted(dir)), 'ERR_CKPT_COMPLETED_CORRUPT');
+  await make().init0(Buffer.from('d0'));
+  t.equal(await CheckpointStore.readCompleted(dir), null, 'a new migration starts without it');
 });

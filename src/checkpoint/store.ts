@@ -7,6 +7,9 @@
  *                         without the crc32 field (keys in this order)
  *   devstate-<k>.bin      device state of applied checkpoint k (QEMU `-incoming exec:cat` input)
  *   stage.bin             checkpoint being applied (stage.ts); exists only during apply
+ *   completed.json        the completion record: {format, version, epoch, crc32} (crc32 as in
+ *                         applied.json). Once it exists the migration is over: the VM belongs to
+ *                         the destination, nothing is applied and the source never resumes.
  *   *.tmp                 files being written; never trusted, removed by recover()
  * Every file is replaced by tmp + fsync + rename + fsync(dir), so at every instant
  * applied.json names a complete device-state file of the epoch it records.
@@ -56,6 +59,7 @@ export interface RecoverReport extends AppliedCheckpoint {
 
 const STAGE = 'stage.bin';
 const APPLIED = 'applied.json';
+const COMPLETED = 'completed.json';
 const DEVSTATE_RE = /^devstate-(\d+)\.bin$/;
 const IOV_MAX = 1024;
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
@@ -173,6 +177,58 @@ function decodeRecord(text: string): AppliedRecord & { devstateBytes: number; de
   return { ...r, devstateBytes: devstateBytes as number, devstateCrc32: devstateCrc32 as number };
 }
 
+type HandshakeFormat = 'tether-completed' | 'tether-completing';
+
+function completedBody(epoch: number, format: HandshakeFormat = 'tether-completed'): string {
+  return JSON.stringify({ format, version: 1, epoch });
+}
+
+function encodeCompleted(epoch: number, format: HandshakeFormat = 'tether-completed'): Buffer {
+  const body = completedBody(epoch, format);
+  return Buffer.from(`${body.slice(0, -1)},"crc32":${crc32(Buffer.from(body, 'utf8'))}}\n`, 'utf8');
+}
+
+function decodeCompleted(text: string, format: HandshakeFormat = 'tether-completed'): number {
+  const bad = (m: string) => new TetherError('ERR_CKPT_COMPLETED_CORRUPT', `completion record: ${m}`);
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    throw bad('not JSON');
+  }
+  if (typeof v !== 'object' || v === null) throw bad('not an object');
+  const o = v as Record<string, unknown>;
+  if (o.format !== format || o.version !== 1) throw bad('unknown format or version');
+  if (!Number.isSafeInteger(o.epoch) || (o.epoch as number) < 0 || typeof o.crc32 !== 'number') throw bad('bad fields');
+  if (crc32(Buffer.from(completedBody(o.epoch as number, format), 'utf8')) !== o.crc32) throw bad('checksum mismatch');
+  return o.epoch as number;
+}
+
+/**
+ * The destination's side of the handshake: `file` records, durably and checksummed like
+ * completed.json (format 'tether-completing'), that it asked the source to complete at `epoch`.
+ * A restarted destination sidecar that finds it waits for the source's answer instead of fencing.
+ */
+export async function writeCompletingRecord(file: string, epoch: number): Promise<void> {
+  try {
+    await writeAtomic(file, [encodeCompleted(epoch, 'tether-completing')]);
+  } catch (e) {
+    throw ioError('recording the completion request', e);
+  }
+}
+
+/** Epoch of writeCompletingRecord's file, null if absent; ERR_CKPT_COMPLETED_CORRUPT if damaged. */
+export async function readCompletingRecord(file: string): Promise<number | null> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    if (isEnoent(e)) return null;
+    throw ioError('reading the completion request record', e);
+  }
+  return decodeCompleted(text, 'tether-completing');
+}
+
 function isEnoent(e: unknown): boolean {
   return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
 }
@@ -221,6 +277,8 @@ export class CheckpointStore {
   private applied: AppliedRecord | null = null;
   /** Set when an apply failed after its stage was persisted: only recover() may continue. */
   private broken = false;
+  /** Final epoch of a completed migration (completed.json), or null. */
+  private completed: number | null = null;
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(opts: StoreOptions) {
@@ -237,6 +295,11 @@ export class CheckpointStore {
   /** The last applied checkpoint (after init0 or recover). */
   lastApplied(): AppliedCheckpoint {
     if (this.applied === null) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', 'no checkpoint recorded yet');
+    // After a failed apply the RAM file may hold part of the next checkpoint: the applied
+    // record's device state no longer matches it, so it is no state to resume from.
+    if (this.broken) {
+      throw new TetherError('ERR_CKPT_STORE_BROKEN', `checkpoint ${this.applied.epoch + 1} is half applied; repair() first`);
+    }
     return { epoch: this.applied.epoch, devstatePath: path.join(this.dir, this.applied.devstate) };
   }
 
@@ -248,7 +311,9 @@ export class CheckpointStore {
         await this.checkRamFile();
         // A stage of an earlier migration must never be re-applied on top of this one.
         await rm(path.join(this.dir, STAGE), { force: true });
+        await rm(path.join(this.dir, COMPLETED), { force: true });
         await fsyncDir(this.dir);
+        this.completed = null;
         const record: AppliedRecord = { epoch: 0, devstate: 'devstate-0.bin' };
         await writeAtomic(path.join(this.dir, record.devstate), [devstate]);
         await writeAtomic(path.join(this.dir, APPLIED), [encodeRecord(record, devstate)]);
@@ -271,6 +336,9 @@ export class CheckpointStore {
       const applied = this.applied;
       if (applied === null) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', 'apply before init0/recover');
       if (this.broken) throw new TetherError('ERR_CKPT_STORE_BROKEN', 'an earlier apply failed; run recover()');
+      if (this.completed !== null) {
+        throw new TetherError('ERR_CKPT_COMPLETED', `the migration completed at checkpoint ${this.completed}; nothing more is applied`);
+      }
       if (ckpt.epoch !== applied.epoch + 1) {
         throw new TetherError('ERR_CKPT_EPOCH', `checkpoint ${ckpt.epoch} cannot follow applied ${applied.epoch}`, {
           epoch: ckpt.epoch,
@@ -295,6 +363,67 @@ export class CheckpointStore {
   }
 
   /**
+   * Finishes a failed apply by re-applying its persisted stage (recover()), up to `attempts`
+   * times `delayMs` apart. Afterwards lastApplied() names a whole state again. Throws
+   * ERR_CKPT_HALF_APPLIED when the stage still cannot be applied: the RAM file then mixes two
+   * checkpoints and no state on this host may be resumed. A store that is not broken is left alone.
+   */
+  async repair(attempts = 3, delayMs = 200): Promise<RecoverReport | null> {
+    if (!this.broken) return null;
+    let last: unknown;
+    for (let i = 0; i < attempts; i++) {
+      if (i > 0) await new Promise((r) => setTimeout(r, delayMs));
+      try {
+        return await this.recover();
+      } catch (e) {
+        last = e;
+        this.broken = true;
+      }
+    }
+    const err = last as TetherError;
+    throw new TetherError('ERR_CKPT_HALF_APPLIED', `a checkpoint is half applied and cannot be finished: ${err.message}`, {
+      cause: err.code ?? 'ERR_CKPT_IO',
+    });
+  }
+
+  /**
+   * Records, durably, that the migration completed with `finalEpoch` as its last checkpoint.
+   * Refuses (ERR_COMPLETE_EPOCH) unless finalEpoch is exactly the applied one: the destination
+   * must not take the VM from a state the source does not hold whole.
+   */
+  recordCompleted(finalEpoch: number): Promise<void> {
+    return this.exclusive(async () => {
+      const applied = this.applied;
+      if (applied === null) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', 'complete before init0/recover');
+      if (this.broken) throw new TetherError('ERR_CKPT_STORE_BROKEN', 'an earlier apply failed');
+      if (!Number.isSafeInteger(finalEpoch) || finalEpoch !== applied.epoch) {
+        throw new TetherError('ERR_COMPLETE_EPOCH', `asked to complete at checkpoint ${finalEpoch}, applied is ${applied.epoch}`, {
+          finalEpoch,
+          applied: applied.epoch,
+        });
+      }
+      try {
+        await writeAtomic(path.join(this.dir, COMPLETED), [encodeCompleted(finalEpoch)]);
+      } catch (e) {
+        throw ioError('recording completion', e);
+      }
+      this.completed = finalEpoch;
+    });
+  }
+
+  /** Final epoch recorded by recordCompleted in `dir`, or null. ERR_CKPT_COMPLETED_CORRUPT if damaged. */
+  static async readCompleted(dir: string): Promise<number | null> {
+    let text: string;
+    try {
+      text = await readFile(path.join(dir, COMPLETED), 'utf8');
+    } catch (e) {
+      if (isEnoent(e)) return null;
+      throw ioError('reading completion record', e);
+    }
+    return decodeCompleted(text);
+  }
+
+  /**
    * Start-up: loads the applied record, re-applies a valid stage of the next epoch, discards
    * any other stage. Throws ERR_CKPT_NOT_INITIALIZED when there is no applied record,
    * ERR_CKPT_APPLIED_CORRUPT / ERR_CKPT_DEVSTATE_CORRUPT when the durable state is damaged.
@@ -302,6 +431,7 @@ export class CheckpointStore {
   recover(): Promise<RecoverReport> {
     return this.exclusive(async () => {
       await this.removeTmpFiles();
+      this.completed = await CheckpointStore.readCompleted(this.dir);
       let text: string;
       try {
         text = await readFile(path.join(this.dir, APPLIED), 'utf8');

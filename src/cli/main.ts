@@ -13,7 +13,8 @@ const USAGE = `usage:
   tether vm stop <vm>                 stop the VM's QEMU (a daemon restart or SIGTERM never does)
   tether migrate <vm> --to <host:port> [--json]
                                       exit 0 completed, 3 rolled back (running on the source),
-                                      4 the VM is not running anywhere
+                                      4 the VM is not running anywhere, 1 error (e.g. no tether
+                                      peer reached: nothing was migrated)
   tether status [<vm>] [--json]
   tether abort <vm>
 options for every client command:
@@ -156,8 +157,11 @@ async function migrate(socket: string, vm: string, to: string, json: boolean): P
   if (json) process.stdout.write(JSON.stringify(result) + '\n');
   else {
     const r = result;
-    if (r.outcome === 'completed') out(`completed: ${vm} runs on ${to} (${(r.totalMs / 1000).toFixed(1)} s, ${r.checkpoints} checkpoints)`);
-    else if (r.outcome === 'rolled-back')
+    if (r.outcome === 'completed') {
+      out(`completed: ${vm} runs on ${to} (${(r.totalMs / 1000).toFixed(1)} s, ${r.checkpoints} checkpoints)`);
+      if (r.handover && r.handover !== 'confirmed')
+        out(`  the destination has not confirmed the hand-over yet (${r.handover}); this host keeps telling it`);
+    } else if (r.outcome === 'rolled-back')
       out(
         `rolled back (${r.reason}): ${vm} runs on this host again from checkpoint ${r.rollback?.epoch ?? 'none (before switchover)'}; ` +
           `detected in ${r.rollback?.detectMs} ms, restored in ${r.rollback?.restoreMs} ms`,

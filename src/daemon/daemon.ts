@@ -6,12 +6,12 @@ import { loadVmConfig, parseVmConfig } from '../config/load.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
-import { CheckpointStore } from '../checkpoint/store.ts';
+import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { isTetherError, TetherError } from '../errors.ts';
-import { DestinationMigration } from '../migrate/destination.ts';
+import { completingRecordPath, DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { SourceMigration, waitRunning } from '../migrate/source.ts';
+import { notifyDestination, SourceMigration, waitRunning } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import type { PeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
@@ -37,6 +37,8 @@ export class Daemon {
   readonly vms = new Map<string, VmInstance>();
   readonly #outgoing = new Map<string, SourceMigration>();
   readonly #incoming = new Map<string, DestinationMigration>();
+  /** Incoming VMs whose completion request was pending when the sidecar restarted. */
+  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number }>();
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
@@ -130,7 +132,14 @@ export class Daemon {
         // none is missed even if the sidecar died between spawning one and recording it.
         const pid = saved.pid;
         const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
-        if (marker?.role === 'destination') {
+        let keepMarker = false;
+        if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
+          await this.#recoverCompleted(vm, all, marker.peer, log);
+          keepMarker = true;
+        } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
+          await this.#recoverCompleting(vm, all, marker.qemuPid, log);
+          keepMarker = true;
+        } else if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
           vm.place = 'fenced';
@@ -145,7 +154,7 @@ export class Daemon {
             vm.place = 'running';
             log.warn('sidecar restarted after a rollback had finished: adopted the restored QEMU', { pid: newer[0] });
           } else {
-            await this.#recoverSource(vm, all[0] ?? null, log);
+            await this.#recoverSource(vm, all[0] ?? null, marker.peer, log);
           }
         } else if (all.length > 0) {
           for (const p of all.slice(1)) await killPid(p);
@@ -155,14 +164,91 @@ export class Daemon {
           vm.place = 'stopped';
           log.warn('VM was not running when the sidecar restarted');
         }
-        await vm.setMigrationMarker(null);
+        if (!keepMarker) await vm.setMigrationMarker(null);
       } catch (e) {
         log.error('recovery failed', { error: errorFields(e) });
       }
     }
   }
 
-  async #recoverSource(vm: VmInstance, pid: number | null, log: Logger): Promise<void> {
+  /**
+   * The source recorded completion before the sidecar died: the VM belongs to the
+   * destination, whatever state the channel was in. Never resume it here; drop this host's
+   * copy and repeat the answer until the destination confirms (it waits with its guest paused).
+   */
+  async #recoverCompleted(vm: VmInstance, pids: number[], peer: string, log: Logger): Promise<void> {
+    const finalEpoch = (await CheckpointStore.readCompleted(vm.checkpointDir))!;
+    for (const p of pids) await killPid(p);
+    await fs.rm(vm.ramFile, { force: true });
+    vm.place = 'gone';
+    vm.lastMigration = { outcome: 'completed', reason: 'sidecar-restart', finalEpoch, handover: 'pending' };
+    this.metrics.migrations.inc({ role: 'source', outcome: 'completed' });
+    log.warn('sidecar restarted after the migration completed: the VM is not resumed here', { finalEpoch });
+    void notifyDestination({
+      psk: this.host.peer.key,
+      to: parseHostPort(peer),
+      vm: vm.name,
+      outcome: 'completed',
+      epoch: finalEpoch,
+      log,
+    }).then(async (handover) => {
+      vm.lastMigration = { ...vm.lastMigration, handover };
+      await vm.removeRam().catch(() => {});
+      await vm.forget().catch(() => {});
+      await vm.setMigrationMarker(null).catch(() => {});
+    });
+  }
+
+  /**
+   * This host had asked the source to complete when its sidecar died: the source may have
+   * recorded completion, so the incoming VM (frozen by its guard) is kept, paused, until the
+   * source's answer arrives (#servePeer). Between SIGCONT and QMP stop the guest runs for a
+   * moment with its devices' backends gone: nothing it emits can leave the host.
+   */
+  async #recoverCompleting(vm: VmInstance, pids: number[], migrating: number | null, log: Logger): Promise<void> {
+    const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
+    const pid = pids.find((p) => p === migrating) ?? null;
+    for (const p of pids) if (p !== pid) await killPid(p);
+    if (pid === null) {
+      await vm.removeRam();
+      await fs.rm(completingRecordPath(vm), { force: true });
+      vm.place = 'fenced';
+      log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { finalEpoch: epoch });
+      return;
+    }
+    process.kill(pid, 'SIGCONT');
+    await vm.adopt(pid);
+    await vm.qemu!.qmp.execute('stop');
+    vm.place = 'migrating-in';
+    this.#awaitingAnswer.set(vm.name, { vm, epoch });
+    log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', { finalEpoch: epoch });
+  }
+
+  /** The source's answer for a VM recovered by #recoverCompleting; false if none waits for it. */
+  #answerRecovered(name: string, outcome: 'completed' | 'rolled-back', epoch: number): boolean {
+    const w = this.#awaitingAnswer.get(name);
+    if (!w || (outcome === 'completed' && epoch !== w.epoch)) return false;
+    this.#awaitingAnswer.delete(name);
+    const { vm } = w;
+    const log = this.log.child({ vm: name });
+    void (async () => {
+      if (outcome === 'completed') {
+        await vm.qemu!.qmp.execute('cont');
+        vm.place = 'running';
+        log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
+      } else {
+        await vm.killQemu();
+        await vm.removeRam();
+        vm.place = 'fenced';
+        log.warn('the source answered rolled-back: fenced');
+      }
+      await fs.rm(completingRecordPath(vm), { force: true });
+      await vm.setMigrationMarker(null);
+    })().catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
+    return true;
+  }
+
+  async #recoverSource(vm: VmInstance, pid: number | null, peer: string, log: Logger): Promise<void> {
     const store = new CheckpointStore({ dir: vm.checkpointDir, ramPath: vm.ramFile, ramBytes: vm.ramBytes });
     let last: { epoch: number; devstatePath: string } | null = null;
     try {
@@ -198,6 +284,16 @@ export class Daemon {
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
     this.metrics.rollbacks.inc({ reason: 'sidecar-restart' });
     log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
+    // The destination may have asked to complete and be waiting, paused, for the answer.
+    void notifyDestination({
+      psk: this.host.peer.key,
+      to: parseHostPort(peer),
+      vm: vm.name,
+      outcome: 'rolled-back',
+      epoch: last.epoch,
+      log,
+      giveUpAfterMs: 10 * 60_000,
+    });
   }
 
   /**
@@ -309,7 +405,7 @@ export class Daemon {
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is already migrating`);
-        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics });
+        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics, faults: this.#faults });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
         try {
@@ -378,15 +474,29 @@ export class Daemon {
       return;
     }
     let dest: DestinationMigration | undefined;
+    let answered = false;
     ch.on('close', (err) => dest?.onChannelClosed(err));
     ch.on('message', (m) => {
       if (dest) {
         dest.onMessage(m);
         return;
       }
+      if (answered) return;
       try {
         if (m.type !== 'control') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${m.type}`);
         const c = asPeerControl(m.body);
+        if (c.kind === 'resolve') {
+          // The source's answer to a completion request, on a channel of its own (the
+          // migration channel was lost): hand it to that incoming migration, confirm, and
+          // let the source close.
+          answered = true;
+          const inc = this.#incoming.get(c.vm);
+          const known = inc ? inc.resolve(c.outcome, c.epoch) : this.#answerRecovered(c.vm, c.outcome, c.epoch);
+          this.log.info('completion answer from the source', { vm: c.vm, outcome: c.outcome, epoch: c.epoch, known });
+          ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
+          setTimeout(() => ch.close(), 5000).unref();
+          return;
+        }
         if (c.kind !== 'prepare') throw new TetherError('ERR_PEER_PROTOCOL', `expected prepare, got ${c.kind}`);
         const cfg = this.#incomingConfig(c);
         // Checked and registered in this same synchronous step: a second prepare for the

@@ -14,7 +14,13 @@ import { DIGEST_RE } from '../vm/device-model.ts';
  *   D -> S  ready          {uri}                   where S's QEMU sends the migration stream
  *   S -> D  hashes-done    {pages}                 all HASHES sent (checkpoint 0 baseline)
  *   D -> S  epoch-stats    {epoch, pauseMs, ...}   figures of checkpoint `epoch`, after its COMMIT
- *   D -> S  done           {finalEpoch}            post-copy completed and the final checkpoint is acked
+ *   D -> S  complete       {finalEpoch}            post-copy completed and the final checkpoint is acked:
+ *                                                  D asks to own the VM (completion handshake, docs/completion.md)
+ *   S -> D  resolve        {vm, outcome, epoch}    S's answer: 'completed' once completed.json is durable
+ *                                                  (epoch = final epoch), or 'rolled-back' (epoch = the one
+ *                                                  S resumed from). On the migration channel or, when that is
+ *                                                  gone, on a channel S opens to D's peer port for it alone.
+ *   D -> S  resolved       {known}                 D acted on the answer (known=false: D has no such migration)
  */
 export type PeerControl =
   | { kind: 'prepare'; vm: string; deviceModel: string; sendConfiguration: boolean; failoverTimeoutMs: number }
@@ -30,7 +36,9 @@ export type PeerControl =
       saveMs: number;
       tracker: string;
     }
-  | { kind: 'done'; finalEpoch: number };
+  | { kind: 'complete'; finalEpoch: number }
+  | { kind: 'resolve'; vm: string; outcome: 'completed' | 'rolled-back'; epoch: number }
+  | { kind: 'resolved'; known: boolean };
 
 export function asPeerControl(body: Record<string, unknown>): PeerControl {
   const kind = body.kind;
@@ -58,8 +66,18 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
     case 'epoch-stats':
       for (const k of ['epoch', 'pauseMs', 'pages', 'bytes', 'collectMs', 'saveMs']) num(k);
       break;
-    case 'done':
+    case 'complete':
       num('finalEpoch');
+      break;
+    case 'resolve':
+      if (typeof body.vm !== 'string') throw new TetherError('ERR_PEER_CONTROL', 'resolve: vm missing');
+      if (body.outcome !== 'completed' && body.outcome !== 'rolled-back') {
+        throw new TetherError('ERR_PEER_CONTROL', 'resolve: outcome must be completed or rolled-back');
+      }
+      num('epoch');
+      break;
+    case 'resolved':
+      if (typeof body.known !== 'boolean') throw new TetherError('ERR_PEER_CONTROL', 'resolved: known missing');
       break;
     default:
       throw new TetherError('ERR_PEER_CONTROL', `unknown control kind ${String(kind)}`);

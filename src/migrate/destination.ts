@@ -2,6 +2,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { checkpointMessages } from '../checkpoint/assembler.ts';
 import type { Checkpoint } from '../checkpoint/assembler.ts';
+import { writeCompletingRecord } from '../checkpoint/store.ts';
 import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
@@ -14,21 +15,28 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
+import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
+import { CUT_COMPLETION } from './faults.ts';
 import type { Faults } from './faults.ts';
-import { noOutputs } from './outputs.ts';
+import { latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
 
-export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completed' | 'fenced';
+export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
 
 const TRANSITIONS: Record<DestPhase, readonly DestPhase[]> = {
   preparing: ['incoming', 'fenced'],
   incoming: ['running', 'fenced'],
-  running: ['completed', 'fenced'],
+  running: ['completing', 'fenced'],
+  // Asked the source to complete: only the source's answer ends this phase.
+  completing: ['completed', 'fenced'],
   completed: [],
   fenced: [],
 };
+
+/** Where the destination records that it asked to complete (see writeCompletingRecord). */
+export const completingRecordPath = (vm: VmInstance): string => path.join(vm.dir, 'completing.json');
 
 /** Page entries per PAGES message: 1024 pages = 4 MiB of data at most. */
 const PAGES_PER_MESSAGE = 1024;
@@ -58,8 +66,20 @@ export class DestinationMigration {
   readonly vm: VmInstance;
   readonly #opts: DestinationOptions;
   readonly #ch: PeerChannel;
-  readonly #outputs: EpochOutputs;
+  readonly #outputs: ReturnType<typeof latchOutputs>;
   readonly #log: Logger;
+  /**
+   * Final epoch once this side asked the source to complete. From then on it never fences
+   * by killing: on silence it pauses the guest (RAM and QEMU kept) until the source answers.
+   */
+  #completing: number | null = null;
+  /** Guest paused by this side while waiting for the source's answer. */
+  #pausedForAnswer = false;
+  /** The source answered rolled-back: the one case in which a completing destination fences. */
+  #rolledBack = false;
+  #answerDropped = false;
+  /** Kills the incoming QEMU if this sidecar dies before the migration window ends. */
+  #guard: QemuGuard | undefined;
   #table: Buffer;
   #hashesDone = deferred<void>();
   #qemuCompleted = false;
@@ -77,7 +97,7 @@ export class DestinationMigration {
   constructor(opts: DestinationOptions) {
     this.#opts = opts;
     this.#ch = opts.channel;
-    this.#outputs = opts.outputs ?? noOutputs;
+    this.#outputs = latchOutputs(opts.outputs ?? noOutputs);
     this.vm = new VmInstance(opts.host, opts.vmConfig, opts.log);
     this.#log = this.vm.log.child({ role: 'destination' });
     this.phase = new StateMachine<DestPhase>('incoming migration', 'preparing', TRANSITIONS, this.#log);
@@ -99,13 +119,30 @@ export class DestinationMigration {
       }
       case 'control': {
         try {
-          if (asPeerControl(m.body).kind === 'hashes-done') this.#hashesDone.resolve();
+          const c = asPeerControl(m.body);
+          if (c.kind === 'hashes-done') this.#hashesDone.resolve();
+          else if (c.kind === 'resolve') {
+            if (this.#opts.faults.cutCompletion === CUT_COMPLETION.crashOnAnswer) {
+              this.#log.warn('fault injection: sidecar dies on the source answer, before acting on it');
+              process.kill(process.pid, 'SIGKILL');
+            }
+            if (this.#opts.faults.cutCompletion === CUT_COMPLETION.answer && !this.#answerDropped) {
+              this.#answerDropped = true;
+              this.#log.warn('fault injection: dropping the source answer and the channel', { outcome: c.outcome });
+              this.#ch.close();
+              return;
+            }
+            const known = this.resolve(c.outcome, c.epoch);
+            this.#ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
+          }
         } catch (e) {
           void this.fence('bad-control-message', e);
         }
         return;
       }
       case 'ack':
+        // A late ACK after fencing must not let a held output out (latchOutputs would refuse it too).
+        if (this.#stopped) return;
         if (this.#inflight && m.epoch === this.#inflight.epoch) {
           this.#outputs.release(m.epoch);
           this.#inflight.done = true;
@@ -118,6 +155,8 @@ export class DestinationMigration {
         void this.fence('nack', remoteError(m.code, m.message));
         return;
       case 'abort':
+        // S sends ABORT only when it rolls back: during the handshake that is its answer.
+        if (this.#completing !== null) this.#rolledBack = true;
         void this.fence('source-abort', remoteError(m.code, m.reason));
         return;
       case 'heartbeat':
@@ -129,7 +168,44 @@ export class DestinationMigration {
 
   /** Channel to the source is gone: no ACK can come any more. */
   onChannelClosed(err: Error | undefined): void {
+    if (this.#completing !== null && !this.#stopped) {
+      // The answer may still come, on a channel the source opens to this host's peer port.
+      void this.#pauseForAnswer('peer-channel-closed');
+      return;
+    }
     if (!this.phase.is('completed', 'fenced')) void this.fence('peer-channel-closed', err);
+  }
+
+  /**
+   * The source's answer to this side's completion request (on the migration channel or on a
+   * new one). Returns false when it does not match this migration (known=false to the source).
+   */
+  resolve(outcome: 'completed' | 'rolled-back', epoch: number): boolean {
+    if (outcome === 'rolled-back') {
+      if (this.phase.is('completed')) {
+        this.#log.error('source says rolled back after it answered completed: ignored', { epoch });
+        return false;
+      }
+      this.#rolledBack = true;
+      void this.fence('source-rolled-back');
+      return true;
+    }
+    if (this.phase.is('completed')) return this.#completing === epoch;
+    if (this.#completing === null || this.#completing !== epoch || this.#stopped) {
+      this.#log.error('completion answer does not match this migration', { epoch, completing: this.#completing });
+      return false;
+    }
+    void this.#finishCompleted(epoch);
+    return true;
+  }
+
+  /** Silence or a lost channel during the handshake: stop the guest, keep QEMU and its RAM. */
+  async #pauseForAnswer(reason: string): Promise<void> {
+    if (this.#pausedForAnswer || this.#stopped) return;
+    this.#pausedForAnswer = true;
+    this.#log.warn('no answer to the completion request yet: guest paused, outputs held', { reason, finalEpoch: this.#completing });
+    const q = this.vm.qemu;
+    if (q && !q.hasExited) await q.qmp.execute('stop').catch(() => {});
   }
 
   async run(): Promise<void> {
@@ -149,6 +225,8 @@ export class DestinationMigration {
   async #run(): Promise<void> {
     const vm = this.vm;
     await vm.startIncoming(this.#opts.sendConfiguration);
+    // From here until completed or fenced, this guest must not outlive this sidecar.
+    this.#guard = QemuGuard.arm(vm.qemu!.pid);
     await vm.setMigrationMarker({
       role: 'destination',
       qemuPid: vm.qemu?.pid ?? null,
@@ -295,9 +373,21 @@ export class DestinationMigration {
         if (final) {
           await acked.promise;
           if (this.#stopped) return;
-          this.#outputs.passThrough();
-          await this.#ch.send({ type: 'control', body: { kind: 'done', finalEpoch: epoch } });
-          this.#finishCompleted(epoch);
+          // Completion handshake (docs/completion.md): outputs stay held and this side
+          // stops fencing by kill; only the source's answer decides. Recorded first, so that
+          // a restarted sidecar waits for that answer too.
+          await writeCompletingRecord(completingRecordPath(vm), epoch);
+          this.#completing = epoch;
+          this.phase.to('completing', { finalEpoch: epoch });
+          // The source may record completion any moment now: this QEMU may then hold the only
+          // running copy, so this sidecar's death must freeze it, not destroy it.
+          this.#guard?.pauseOnly();
+          if (this.#opts.faults.cutCompletion === CUT_COMPLETION.request) {
+            this.#log.warn('fault injection: dropping the completion request and the channel', { finalEpoch: epoch });
+            this.#ch.close();
+            return;
+          }
+          await this.#ch.send({ type: 'control', body: { kind: 'complete', finalEpoch: epoch } }).catch(() => {});
           return;
         }
         await sleep(interval);
@@ -353,6 +443,11 @@ export class DestinationMigration {
     const now = nowMs();
     const cfg = this.vm.config.checkpoint;
     const silent = now - this.#lastHeard;
+    if (this.#completing !== null) {
+      // Paused before the source may decide anything on its lease (fence < failover timeout).
+      if (silent > cfg.fenceTimeoutMs) void this.#pauseForAnswer('silence');
+      return;
+    }
     if (silent > cfg.fenceTimeoutMs) {
       void this.fence('no-ack', new TetherError('ERR_FENCED', `nothing heard from the source for ${Math.round(silent)} ms`));
       return;
@@ -366,21 +461,40 @@ export class DestinationMigration {
     }
   }
 
-  #finishCompleted(epoch: number): void {
+  /** The source recorded completion: the VM is this host's; its held outputs may go. */
+  async #finishCompleted(epoch: number): Promise<void> {
     this.#stopped = true;
     clearInterval(this.#fenceTimer);
     clearInterval(this.#heartbeatTimer);
     void this.#tracker?.close();
     this.phase.to('completed', { finalEpoch: epoch });
+    if (this.#pausedForAnswer) {
+      const q = this.vm.qemu;
+      if (q && !q.hasExited)
+        await q.qmp.execute('cont').catch((e) => this.#log.error('cont after the answer failed', { error: errorFields(e) }));
+    }
+    this.#outputs.passThrough();
+    this.#guard?.disarm();
     this.vm.place = 'running';
+    await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
     void this.vm.setMigrationMarker(null).catch(() => {});
-    this.#ch.close();
+    // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
+    setTimeout(() => this.#ch.close(), 5000).unref();
     this.done.resolve('completed');
   }
 
   /** Stop the VM here for good and drop every held output; the source owns the VM. */
   async fence(reason: string, err?: unknown): Promise<void> {
     if (this.#stopped) return;
+    if (this.#completing !== null && !this.#rolledBack) {
+      // The source may have recorded completion already: killing here could lose the VM.
+      this.#log.warn('not fencing during the completion handshake; pausing until the source answers', { reason });
+      await this.#pauseForAnswer(reason);
+      if (reason === 'operator-abort') {
+        throw new TetherError('ERR_COMPLETING', 'the completion handshake is under way; only the source decides now');
+      }
+      return;
+    }
     this.#stopped = true;
     clearInterval(this.#fenceTimer);
     clearInterval(this.#heartbeatTimer);
@@ -393,9 +507,11 @@ export class DestinationMigration {
       await Promise.race([q.qmp.execute('stop').catch(() => {}), sleep(500)]);
       await q.kill().catch(() => {});
     }
+    this.#guard?.disarm();
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';
+    await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
     await this.vm.setMigrationMarker(null).catch(() => {});
     if (this.phase.can('fenced')) this.phase.to('fenced', { reason });
     this.#ch.close();

@@ -7,17 +7,37 @@ import { TetherError } from '../errors.ts';
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
  *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
+ *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
+ *                                side that acts at that step)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
   corruptEpoch?: number;
   truncateEpoch?: number;
+  cutCompletion?: number;
 }
+
+/** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
+export const CUT_COMPLETION = {
+  /** D: drops its request instead of sending it (D is already completing: it holds outputs and pauses). */
+  request: 1,
+  /** S: got the request, drops the channel before recording completion (S then rolls back). */
+  beforeRecord: 2,
+  /** S: recorded completion durably, drops the channel instead of answering (S then re-answers on a new channel). */
+  afterRecord: 3,
+  /** S: recorded completion durably, then its sidecar dies (SIGKILL of itself; its restart finishes the hand-over). */
+  crashAfterRecord: 4,
+  /** D: drops S's answer and the channel (S re-answers on a new channel). */
+  answer: 5,
+  /** D: its sidecar dies (SIGKILL of itself) on S's answer, before acting on it; its restart waits for the answer again. */
+  crashOnAnswer: 6,
+} as const;
 
 const NAMES: Record<string, keyof Faults> = {
   'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',
+  'cut-completion': 'cutCompletion',
 };
 
 export function parseFaults(spec: string | undefined): Faults {

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { composeOutputs, noOutputs } from './outputs.ts';
+import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { EpochOutputs } from './outputs.ts';
 
 function recorder(name: string, calls: string[], extents: number): EpochOutputs {
@@ -40,4 +40,26 @@ t.test('composeOutputs reaches every part in order and concatenates extents', as
 t.test('composeOutputs of nothing is noOutputs', async (t) => {
   t.equal(composeOutputs([]), noOutputs);
   t.same(await noOutputs.seal(1), []);
+});
+
+t.test('latchOutputs: nothing leaves after discard; nothing is dropped after pass-through', async (t) => {
+  const calls: string[] = [];
+  const o = latchOutputs(recorder('gate', calls, 0));
+  await o.seal(1);
+  o.release(1);
+  o.discard();
+  t.equal(o.state, 'discarded');
+  // a late ACK of an epoch the fenced destination had already sealed
+  t.throws(() => o.release(2), { code: 'ERR_OUTPUTS_DISCARDED' });
+  t.throws(() => o.passThrough(), { code: 'ERR_OUTPUTS_DISCARDED' });
+  await t.rejects(o.seal(2), { code: 'ERR_OUTPUTS_DISCARDED' });
+  o.discard(); // idempotent
+  t.same(calls, ['gate.seal(1)', 'gate.release(1)', 'gate.discard'], 'the device never saw a release after discard');
+
+  const calls2: string[] = [];
+  const p = latchOutputs(recorder('gate', calls2, 0));
+  p.passThrough();
+  t.throws(() => p.discard(), { code: 'ERR_OUTPUTS_DISCARDED' });
+  t.throws(() => p.release(1), { code: 'ERR_OUTPUTS_DISCARDED' });
+  t.same(calls2, ['gate.passThrough']);
 });

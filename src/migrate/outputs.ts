@@ -1,3 +1,4 @@
+import { TetherError } from '../errors.ts';
 /**
  * The hook by which output commit (packet gate, block-write journal) joins the
  * destination's epoch barrier. The epoch loop calls, in this order:
@@ -42,5 +43,40 @@ export function composeOutputs(parts: readonly EpochOutputs[]): EpochOutputs {
     release: (epoch) => parts.forEach((p) => p.release(epoch)),
     passThrough: () => parts.forEach((p) => p.passThrough()),
     discard: () => parts.forEach((p) => p.discard()),
+  };
+}
+
+/**
+ * The destination's guard around its outputs: once discard() ran (the destination fenced
+ * itself), nothing held may leave the host any more, so a late release(k) or passThrough()
+ * throws ERR_OUTPUTS_DISCARDED instead of reaching the devices. After passThrough() the
+ * migration is over and a discard() would drop frames of a guest that owns them: refused too.
+ */
+export function latchOutputs(inner: EpochOutputs): EpochOutputs & { readonly state: 'holding' | 'discarded' | 'passing' } {
+  let state: 'holding' | 'discarded' | 'passing' = 'holding';
+  const refusal = (what: string) => new TetherError('ERR_OUTPUTS_DISCARDED', `${what} after the outputs were ${state}`);
+  const refuse = (what: string): never => {
+    throw refusal(what);
+  };
+  return {
+    get state() {
+      return state;
+    },
+    seal: (epoch) => (state === 'holding' ? inner.seal(epoch) : Promise.reject(refusal(`seal(${epoch})`))),
+    release(epoch) {
+      if (state !== 'holding') refuse(`release(${epoch})`);
+      inner.release(epoch);
+    },
+    passThrough() {
+      if (state === 'discarded') refuse('passThrough()');
+      state = 'passing';
+      inner.passThrough();
+    },
+    discard() {
+      if (state === 'passing') refuse('discard()');
+      if (state === 'discarded') return;
+      state = 'discarded';
+      inner.discard();
+    },
   };
 }

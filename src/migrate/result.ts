@@ -29,6 +29,11 @@ export interface MigrationResult {
   pauseMs: { p50: number; p99: number; max: number } | null;
   checkpointBytes: { avg: number; p50: number; max: number; total: number } | null;
   rollback?: RollbackFigures;
+  /**
+   * Completed only: whether the destination confirmed the answer to its completion request
+   * ('pending': not yet; the source keeps telling it, and the destination holds the guest paused).
+   */
+  handover?: 'confirmed' | 'unknown' | 'gave-up' | 'pending';
 }
 
 export function summarize(s: StreamingSummary): { p50: number; p99: number; max: number } | null {

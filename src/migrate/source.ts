@@ -10,6 +10,7 @@ import { remoteError, TetherError } from '../errors.ts';
 import { hashRamFile } from '../memory/ram.ts';
 import type { TetherMetrics } from '../metrics/registry.ts';
 import { PeerChannel } from '../peer/channel.ts';
+import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { StreamingSummary } from '../util/summary.ts';
@@ -17,15 +18,20 @@ import { deferred, nowMs, sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
+import { CUT_COMPLETION } from './faults.ts';
+import type { Faults } from './faults.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
-  'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed' | 'refused';
+  'connecting' | 'unreached' | 'refused' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
 
 const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
-  connecting: ['precopy', 'rolling-back', 'refused'],
+  // unreached: no tether peer answered; refused: the destination refused `prepare`.
+  // Either way nothing changed anywhere: an error, not a rollback.
+  connecting: ['precopy', 'rolling-back', 'unreached', 'refused'],
+  unreached: [],
   precopy: ['switchover', 'rolling-back'],
   switchover: ['postcopy', 'rolling-back'],
   postcopy: ['completed', 'rolling-back'],
@@ -40,12 +46,15 @@ const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
 const HASH_CHUNK_PAGES = 65536;
 const HEARTBEAT_MS = 200;
 const PROGRESS_MS = 500;
+/** How long an answer of 'rolled-back' is retried: a destination that asked to complete waits paused for it. */
+const ROLLED_BACK_NOTIFY_MS = 10 * 60_000;
 
 export interface SourceOptions {
   host: HostConfig;
   metrics?: TetherMetrics;
   vm: VmInstance;
   to: { host: string; port: number };
+  faults?: Faults;
   onProgress?: (p: Record<string, unknown>) => void;
 }
 
@@ -74,6 +83,8 @@ export class SourceMigration {
   #appliedEpoch: number | null = null;
   /** The destination answered `prepare` with `ready`: from here on, its ABORT means roll back. */
   #ready = false;
+  /** Final epoch once completion is recorded durably: from then on this side never rolls back. */
+  #completedEpoch: number | null = null;
   /** Streaming: a long migration takes millions of checkpoints. */
   readonly #pauses = new StreamingSummary();
   readonly #ckptBytes = new StreamingSummary();
@@ -96,9 +107,10 @@ export class SourceMigration {
   }
 
   /**
-   * Runs the migration to its outcome: failures become a rollback or a 'failed' result.
-   * Rejects only when the destination refused `prepare` (unknown VM, other device model,
-   * busy): nothing started on either host, the VM runs here as before.
+   * Runs the migration to its outcome. Failures become a rollback or a 'failed' result; it
+   * rejects only when no tether peer was reached (refused, unreachable, failed handshake) or
+   * the destination refused `prepare` (unknown VM, other device model, busy): nothing
+   * changed on either host then, the VM runs here as before, and the cause is the error.
    */
   run(): Promise<MigrationResult> {
     this.#setup().catch((e) => this.rollback('setup-failed', e));
@@ -155,7 +167,13 @@ export class SourceMigration {
     });
     await fs.mkdir(vm.checkpointDir, { recursive: true, mode: 0o700 });
 
-    const ch = await PeerChannel.connect(this.#opts.to.host, this.#opts.to.port, { psk: this.#opts.host.peer.key });
+    let ch: PeerChannel;
+    try {
+      ch = await PeerChannel.connect(this.#opts.to.host, this.#opts.to.port, { psk: this.#opts.host.peer.key });
+    } catch (e) {
+      await this.#unreached(e);
+      return;
+    }
     this.#channel = ch;
     ch.on('message', (m) => this.#onMessage(m));
     ch.on('close', (err) => {
@@ -255,8 +273,8 @@ export class SourceMigration {
           this.#opts.metrics?.pause.observe(c.pauseMs / 1000);
           this.#lastPauseMs = c.pauseMs;
           this.#tracker = c.tracker;
-        } else if (c.kind === 'done') {
-          void this.#complete(c.finalEpoch);
+        } else if (c.kind === 'complete') {
+          void this.#onCompleteRequest(c.finalEpoch);
         } else if (c.kind === 'ready') {
           this.#ready = true;
         }
@@ -334,20 +352,70 @@ export class SourceMigration {
     }
   }
 
-  async #complete(finalEpoch: number): Promise<void> {
-    if (this.#decided) return;
+  /**
+   * The destination asks to own the VM (docs/completion.md). Recording completion durably is
+   * the commit point: before it this side may still roll back, after it never. The answer goes
+   * out only after the record is on stable storage, and is repeated until the destination
+   * confirms it, on a new channel if the migration channel is gone.
+   */
+  async #onCompleteRequest(finalEpoch: number): Promise<void> {
     await this.#applyChain;
-    if (this.#decided) return;
+    if (this.#completedEpoch !== null) {
+      // asked again: the answer was lost and the channel survived
+      this.#channel?.send(resolveMessage(this.#vm.name, 'completed', this.#completedEpoch)).catch(() => {});
+      return;
+    }
+    if (this.#decided) return; // rolling back: the ABORT (and a resolve on a new channel) answer it
+    const faults = this.#opts.faults ?? {};
+    if (faults.cutCompletion === CUT_COMPLETION.beforeRecord) {
+      this.#vm.log.warn('fault injection: dropping the channel before recording completion', { finalEpoch });
+      this.#channel?.close();
+      return;
+    }
     this.#decided = true;
     this.#stopTimers();
+    try {
+      await this.#store.recordCompleted(finalEpoch);
+    } catch (e) {
+      // Not recorded (a wrong final epoch, or I/O): the VM is still ours to resume.
+      await this.#rollbackDecided('completion-refused', e, 0);
+      return;
+    }
+    this.#completedEpoch = finalEpoch;
     this.phase.to('completed', { finalEpoch });
-    this.#channel?.close();
-    // The VM lives on the destination now; the source's copy is dropped.
-    await this.#vm.stopQemu().catch(() => {});
-    await this.#vm.removeRam().catch(() => {});
-    await this.#vm.forget().catch(() => {});
     this.#vm.place = 'gone';
-    this.#finish({ outcome: 'completed' });
+    if (faults.cutCompletion === CUT_COMPLETION.afterRecord) {
+      this.#vm.log.warn('fault injection: dropping the channel after recording completion', { finalEpoch });
+      this.#channel?.close();
+    } else if (faults.cutCompletion === CUT_COMPLETION.crashAfterRecord) {
+      this.#vm.log.warn('fault injection: sidecar dies after recording completion', { finalEpoch });
+      process.kill(process.pid, 'SIGKILL');
+    }
+    const confirmed = notifyDestination({
+      psk: this.#opts.host.peer.key,
+      to: this.#opts.to,
+      vm: this.#vm.name,
+      outcome: 'completed',
+      epoch: finalEpoch,
+      log: this.#vm.log,
+      ...(this.#channel ? { channel: this.#channel } : {}),
+    });
+    // The outcome is decided; `tether migrate` waits a little for the hand-over to be confirmed.
+    const answer = await Promise.race([confirmed, sleep(this.#vm.config.checkpoint.failoverTimeoutMs).then(() => 'pending' as const)]);
+    this.#channel?.close();
+    // The VM lives on the destination now; the source's copy is dropped. The completion
+    // record (and the marker naming the destination) stays until the destination confirmed:
+    // a restarted sidecar then answers again instead of resuming the VM here.
+    await this.#vm.stopQemu().catch(() => {});
+    await fs.rm(this.#vm.ramFile, { force: true }).catch(() => {});
+    const cleanup = async () => {
+      await this.#vm.removeRam().catch(() => {});
+      await this.#vm.forget().catch(() => {});
+      await this.#vm.setMigrationMarker(null).catch(() => {});
+    };
+    if (answer === 'pending') void confirmed.then(cleanup);
+    else await cleanup();
+    this.#finish({ outcome: 'completed', handover: answer });
   }
 
   /**
@@ -377,6 +445,10 @@ export class SourceMigration {
   async rollback(reason: string, err?: unknown, detectMs?: number): Promise<void> {
     if (this.#decided) return;
     this.#decided = true;
+    await this.#rollbackDecided(reason, err, detectMs);
+  }
+
+  async #rollbackDecided(reason: string, err?: unknown, detectMs?: number): Promise<void> {
     const tDecide = nowMs();
     const detect = detectMs ?? tDecide - this.#lastHeard;
     this.#stopTimers();
@@ -400,6 +472,9 @@ export class SourceMigration {
         await this.#cancelPrecopy();
       } else {
         await this.#applyChain; // an apply under way completes (but is not acked)
+        // A failed apply may have left part of its checkpoint in the RAM file: finish it from
+        // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
+        await this.#store.repair();
         const last = this.#store.lastApplied();
         figures.epoch = last.epoch;
         const t1 = nowMs();
@@ -417,6 +492,19 @@ export class SourceMigration {
       figures.restoreMs = round(nowMs() - tDecide);
       vm.place = 'running';
       this.phase.to('rolled-back', { epoch: figures.epoch, restoreMs: figures.restoreMs });
+      if (this.#continued) {
+        // A destination that asked to complete waits, paused, for an answer: if the ABORT
+        // did not reach it, tell it on a new channel (it answers known=false if it fenced).
+        void notifyDestination({
+          psk: this.#opts.host.peer.key,
+          to: this.#opts.to,
+          vm: vm.name,
+          outcome: 'rolled-back',
+          epoch: figures.epoch ?? 0,
+          log: vm.log,
+          giveUpAfterMs: ROLLED_BACK_NOTIFY_MS,
+        });
+      }
       this.#finish({ outcome: 'rolled-back', reason, err, rollback: figures });
     } catch (e) {
       vm.log.error('rollback failed: the VM is not running', { error: errorFields(e) });
@@ -424,6 +512,20 @@ export class SourceMigration {
       this.phase.to('failed');
       this.#finish({ outcome: 'failed', reason, err: e, rollback: figures });
     }
+  }
+
+  /** No tether peer answered: undo the marker and report the cause as an error. */
+  async #unreached(e: unknown): Promise<void> {
+    if (this.#decided) return;
+    this.#decided = true;
+    this.#stopTimers();
+    this.#vm.log.warn('destination not reached: nothing was migrated', { error: errorFields(e) });
+    this.phase.to('unreached');
+    this.#vm.place = 'running';
+    await this.#vm.setMigrationMarker(null).catch(() => {});
+    await fs.rm(this.#vm.checkpointDir, { recursive: true, force: true }).catch(() => {});
+    this.#opts.metrics?.migrations.inc({ role: 'source', outcome: 'unreached' });
+    this.#result.reject(e);
   }
 
   async #cancelPrecopy(): Promise<void> {
@@ -439,8 +541,15 @@ export class SourceMigration {
     if (s.status !== 'running') await q.qmp.execute('cont');
   }
 
-  #finish(p: { outcome: MigrationResult['outcome']; reason?: string; err?: unknown; rollback?: RollbackFigures }): void {
-    void this.#vm.setMigrationMarker(null).catch(() => {});
+  #finish(p: {
+    outcome: MigrationResult['outcome'];
+    reason?: string;
+    err?: unknown;
+    rollback?: RollbackFigures;
+    handover?: MigrationResult['handover'];
+  }): void {
+    // a completion keeps its marker until the destination confirmed (see #onCompleteRequest)
+    if (p.outcome !== 'completed') void this.#vm.setMigrationMarker(null).catch(() => {});
     const m = this.#opts.metrics;
     m?.migrations.inc({ role: 'source', outcome: p.outcome });
     if (p.rollback) {
@@ -469,6 +578,7 @@ export class SourceMigration {
               total: this.#ckptBytes.sum,
             },
       ...(p.rollback ? { rollback: p.rollback } : {}),
+      ...(p.handover ? { handover: p.handover } : {}),
     });
   }
 
@@ -543,4 +653,74 @@ export async function waitRunning(vm: VmInstance, timeoutMs = 60_000): Promise<v
     await sleep(10);
   }
   throw new TetherError('ERR_RESTORE_FAILED', `restored QEMU not running after ${timeoutMs} ms`);
+}
+
+function resolveMessage(vm: string, outcome: 'completed' | 'rolled-back', epoch: number): Message {
+  return { type: 'control', body: { kind: 'resolve', vm, outcome, epoch } };
+}
+
+export interface NotifyOptions {
+  psk: Buffer;
+  /** The destination daemon's peer address (what `tether migrate --to` named). */
+  to: { host: string; port: number };
+  vm: string;
+  outcome: 'completed' | 'rolled-back';
+  epoch: number;
+  log: Logger;
+  /** The migration channel, tried first while it is open. */
+  channel?: PeerChannel;
+  /** Stop retrying after this long (default: never, for an answer of 'completed'). */
+  giveUpAfterMs?: number;
+}
+
+/**
+ * Delivers the source's answer to a completion request (RESOLVE) until the destination
+ * confirms it (RESOLVED): first on the migration channel, then on channels opened to the
+ * destination's peer port for this alone. Resolves 'confirmed', 'unknown' (the destination
+ * has no such migration: it fenced, or was restarted) or 'gave-up'.
+ */
+export async function notifyDestination(o: NotifyOptions): Promise<'confirmed' | 'unknown' | 'gave-up'> {
+  const deadline = o.giveUpAfterMs === undefined ? Infinity : nowMs() + o.giveUpAfterMs;
+  let ch = o.channel && !o.channel.closed ? o.channel : undefined;
+  for (let attempt = 0; nowMs() < deadline; attempt++) {
+    const own = ch === undefined;
+    try {
+      ch ??= await PeerChannel.connect(o.to.host, o.to.port, { psk: o.psk, connectTimeoutMs: 2000 });
+      const known = await askResolved(ch, resolveMessage(o.vm, o.outcome, o.epoch), 3000);
+      if (!known) o.log.error('the destination does not know this migration', { outcome: o.outcome, epoch: o.epoch });
+      else o.log.info('destination confirmed the answer to its completion request', { outcome: o.outcome, epoch: o.epoch });
+      return known ? 'confirmed' : 'unknown';
+    } catch (e) {
+      if (attempt === 0 || attempt % 10 === 0) {
+        o.log.warn('answer to the completion request not confirmed yet; retrying', { outcome: o.outcome, error: errorFields(e) });
+      }
+    } finally {
+      if (own) ch?.close();
+      ch = undefined;
+    }
+    await sleep(Math.min(250 * 2 ** attempt, 5000));
+  }
+  o.log.error('gave up telling the destination the migration outcome', { outcome: o.outcome });
+  return 'gave-up';
+}
+
+function askResolved(ch: PeerChannel, msg: Message, timeoutMs: number): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    const done = (f: () => void) => {
+      clearTimeout(timer);
+      ch.off('message', onMessage);
+      ch.off('close', onClose);
+      f();
+    };
+    const timer = setTimeout(() => done(() => reject(new TetherError('ERR_PEER_TIMEOUT', 'no RESOLVED'))), timeoutMs);
+    const onMessage = (m: Message) => {
+      if (m.type !== 'control' || m.body.kind !== 'resolved') return;
+      done(() => resolve(m.body.known === true));
+    };
+    const onClose = () => done(() => reject(new TetherError('ERR_PEER_CLOSED', 'channel closed before RESOLVED')));
+    ch.on('message', onMessage);
+    ch.on('close', onClose);
+    ch.start();
+    ch.send(msg).catch(() => {});
+  });
 }
