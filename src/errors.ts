@@ -128,7 +128,6 @@ export const ERRORS = {
   ERR_RESTORE_FAILED: 'the rollback could not bring the VM back on the source',
   ERR_COMPLETE_EPOCH: 'the destination asked to complete at a checkpoint other than the one the source applied last',
   ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
-  ERR_COMPLETE_UNKNOWN: "the destination did not know the migration the source's completion answer named",
   ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
   ERR_GUARD: "the guard that stops the destination's QEMU when its sidecar dies cannot be armed",
   ERR_STATE_TRANSITION: 'a lifecycle state machine was asked for a transition it does not allow',
