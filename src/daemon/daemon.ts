@@ -20,6 +20,12 @@ import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { VmInstance } from '../vm/instance.ts';
+import { composeOutputs } from '../migrate/outputs.ts';
+import { NicPort } from '../net/nic.ts';
+import { TapDevice } from '../net/tap.ts';
+
+/** How long a VM start or an incoming migration waits for QEMU's NIC sockets. */
+const NIC_CONNECT_MS = 10_000;
 
 type Progress = (p: Record<string, unknown>) => void;
 
@@ -34,6 +40,8 @@ export class Daemon {
   readonly vms = new Map<string, VmInstance>();
   readonly #outgoing = new Map<string, SourceMigration>();
   readonly #incoming = new Map<string, DestinationMigration>();
+  /** Each VM's NIC ports on this host (TAP + gate + QEMU socket), in nics order. */
+  readonly #nics = new Map<string, NicPort[]>();
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
@@ -131,6 +139,14 @@ export class Daemon {
           log.warn('VM was not running when the sidecar restarted');
         }
         await vm.setMigrationMarker(null);
+        if (vm.place === 'running') {
+          // QEMU went back to listening when the old sidecar's connection died; the TAP
+          // is persistent and still in its bridge: reattach both.
+          const ports = this.#createNics(vm, 'pass');
+          await this.#openNics(vm, ports);
+        } else {
+          for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
+        }
       } catch (e) {
         log.error('recovery failed', { error: errorFields(e) });
       }
@@ -184,8 +200,46 @@ export class Daemon {
     for (const vm of this.vms.values()) {
       vm.place = 'stopped';
       await vm.stopQemu().catch(() => {});
+      await this.#closeNics(vm.name, true);
     }
     await fs.rm(this.host.controlSocket, { force: true });
+  }
+
+  // ---- guest NICs ----
+
+  /** NIC ports of `vm` (no I/O yet): their gates exist from here on. */
+  #createNics(vm: VmInstance, mode: 'pass' | 'gated'): NicPort[] {
+    const logOn = process.env.TETHER_GATE_LOG === '1';
+    const ports = (vm.config.nics ?? []).map(
+      (nic, i) =>
+        new NicPort({
+          vm: vm.name,
+          index: i,
+          nic,
+          socketPath: vm.nicSockets[i]!,
+          mode,
+          bounds: vm.config.gate ?? { maxBytes: 16 * 1024 * 1024, maxFrames: 16_384 },
+          counters: this.metrics.nicCounters(vm.name, `net${i}`),
+          log: this.log.child({ vm: vm.name }),
+          ...(logOn ? { releaseLogFile: path.join(vm.dir, `net${i}.gate.jsonl`) } : {}),
+        }),
+    );
+    this.#nics.set(vm.name, ports);
+    return ports;
+  }
+
+  /** TAPs up in their bridges, connected to QEMU's sockets (QEMU must be started). */
+  async #openNics(vm: VmInstance, ports: NicPort[]): Promise<void> {
+    for (const p of ports) await p.open();
+    await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+    if (ports.length) vm.log.info('NICs connected', { nics: ports.map((p) => p.name) });
+  }
+
+  async #closeNics(vm: string, remove: boolean): Promise<void> {
+    const ports = this.#nics.get(vm);
+    if (!ports) return;
+    this.#nics.delete(vm);
+    for (const p of ports) await p.close(remove);
   }
 
   // ---- control socket (CLI) ----
@@ -243,7 +297,18 @@ export class Daemon {
         }
         const vm = new VmInstance(this.host, cfg, this.log);
         this.vms.set(cfg.name, vm);
-        await vm.boot();
+        await this.#closeNics(vm.name, true);
+        const ports = this.#createNics(vm, 'pass');
+        try {
+          for (const p of ports) await p.open();
+          await vm.boot();
+          await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+        } catch (e) {
+          await vm.killQemu().catch(() => {});
+          vm.place = 'stopped';
+          await this.#closeNics(vm.name, true);
+          throw e;
+        }
         return this.#status(vm);
       }
       case 'vm.stop': {
@@ -251,6 +316,7 @@ export class Daemon {
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is migrating; abort first`);
         vm.place = 'stopped';
         await vm.stopQemu();
+        await this.#closeNics(vm.name, true);
         await vm.removeRam();
         return this.#status(vm);
       }
@@ -264,13 +330,25 @@ export class Daemon {
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is already migrating`);
-        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics });
+        const mig = new SourceMigration({
+          host: this.host,
+          vm,
+          to,
+          onProgress: progress,
+          metrics: this.metrics,
+          nicsReady: async () => {
+            await Promise.all((this.#nics.get(vm.name) ?? []).map((p) => p.waitConnected(NIC_CONNECT_MS)));
+          },
+        });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
         try {
           const result = await mig.run();
           vm.lastMigration = result as unknown as Record<string, unknown>;
-          if (result.outcome === 'completed') this.vms.delete(vm.name);
+          if (result.outcome === 'completed') {
+            this.vms.delete(vm.name);
+            await this.#closeNics(vm.name, true);
+          }
           return result;
         } finally {
           this.#outgoing.delete(vm.name);
@@ -348,6 +426,12 @@ export class Daemon {
         if (existing && !['stopped', 'gone', 'fenced'].includes(existing.place)) {
           throw new TetherError('ERR_VM_EXISTS', `VM ${cfg.name} is already ${existing.place} on ${this.host.name}`);
         }
+        // The gates exist, gated, before the incoming QEMU is even started: the guest
+        // can run here only after 'ready', and every frame it sends is held from then on.
+        const gateMode = this.#faults.gateOpen ? 'pass' : 'gated';
+        if (this.#faults.gateOpen) this.log.warn('fault injection: destination gate forced open', { vm: cfg.name });
+        const probe = new VmInstance(this.host, cfg, this.log);
+        const ports = this.#createNics(probe, gateMode);
         dest = new DestinationMigration({
           host: this.host,
           channel: ch,
@@ -355,12 +439,15 @@ export class Daemon {
           sendConfiguration: c.sendConfiguration,
           log: this.log,
           faults: this.#faults,
+          outputs: composeOutputs(ports.map((p) => p.gate)),
           onInstance: (vm) => this.vms.set(vm.name, vm),
+          onQemuStarted: (vm) => this.#openNics(vm, ports),
         });
         this.#incoming.set(cfg.name, dest);
         const d = dest;
         void d.run();
-        void d.done.promise.then((phase) => {
+        void d.done.promise.then(async (phase) => {
+          if (phase === 'fenced') await this.#closeNics(cfg.name, true);
           this.#incoming.delete(cfg.name);
           this.metrics.migrations.inc({ role: 'destination', outcome: phase });
           this.log.info('incoming migration ended', { vm: cfg.name, phase });

@@ -43,6 +43,11 @@ export interface SourceOptions {
   vm: VmInstance;
   to: { host: string; port: number };
   onProgress?: (p: Record<string, unknown>) => void;
+  /**
+   * After a rollback restore, before announce-self: resolves once the restored QEMU's
+   * NICs are connected to the sidecar again, so the announcement reaches the wire.
+   */
+  nicsReady?: () => Promise<void>;
 }
 
 /**
@@ -341,6 +346,7 @@ export class SourceMigration {
         const t2 = nowMs();
         await vm.restoreFrom(last.devstatePath);
         await waitRunning(vm);
+        await this.#opts.nicsReady?.().catch((e: unknown) => vm.log.warn('NIC not reconnected before announce', { error: errorFields(e) }));
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
         const t4 = nowMs();
