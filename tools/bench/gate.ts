@@ -3,23 +3,22 @@
  * network namespace: it re-executes itself under `unshare -n`).
  *
  * 1. Read path, TAP → sidecar (decides how the sidecar reads its TAP): a writer thread
- *    injects frames into TAP A; the kernel bridge floods them to TAP B, which the
+ *    process injects frames into TAP A; the kernel bridge floods them to TAP B, which the
  *    sidecar reads either with the native reader thread (poll + read until EAGAIN,
  *    one N-API call per batch) or with Node's thread-pool fs.read, one frame per call.
- * 2. Gate capacity with a synthetic frame source (no guest): a thread plays QEMU (stream
+ * 2. Gate capacity with a synthetic frame source (no guest): a child process plays QEMU (stream
  *    netdev server on a unix socket, length-prefixed frames as fast as the socket takes
  *    them); the production NicPort decodes, passes them through its PacketGate (pass,
  *    and gated with seal+release every 25 ms) and writes them to a TAP.
  * Prints frames/s and Mbit/s beside the target (>= 1 Gbit/s at 1500 bytes) and writes
  * bench-results/gate.json.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { cpus, release } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import { encodeFrames } from '../../src/gate/codec.ts';
 import { loadNative } from '../../src/memory/native.ts';
 import { NicPort } from '../../src/net/nic.ts';
@@ -38,25 +37,26 @@ function frame(size: number, seq = 0): Buffer {
   return f;
 }
 
-// ---------------------------------------------------------------- worker side
+// ---------------------------------------------------------------- load generator (child process)
 
-interface WorkerJob {
+interface Job {
   kind: 'tap-writer' | 'stream-server';
   size: number;
   seconds: number;
-  tap?: string;
   socket?: string;
 }
 
-async function workerMain(job: WorkerJob): Promise<void> {
+/** The frame source runs in its own process (its own core when there is one). */
+async function generatorMain(job: Job): Promise<void> {
+  const report = (m: object): void => void process.stdout.write(JSON.stringify(m) + '\n');
   const until = performance.now() + job.seconds * 1000;
   if (job.kind === 'tap-writer') {
-    const b = loadNative() as unknown as { tapOpen(n: string, nb: boolean): number; tapWriteBatch(fd: number, f: Buffer[]): number };
-    const fd = b.tapOpen(job.tap!, true);
+    // the TAP's fd is inherited as fd 3
+    const b = loadNative() as unknown as { tapWriteBatch(fd: number, f: Buffer[]): number };
     const batch = Array.from({ length: 64 }, (_, i) => frame(job.size, i));
     let sent = 0;
-    while (performance.now() < until) sent += b.tapWriteBatch(fd, batch);
-    parentPort!.postMessage({ sent });
+    while (performance.now() < until) sent += b.tapWriteBatch(3, batch);
+    report({ sent });
     return;
   }
   // QEMU's role: stream server, frames as fast as the socket drains
@@ -75,22 +75,35 @@ async function workerMain(job: WorkerJob): Promise<void> {
       }
       s.end();
       srv.close();
-      parentPort!.postMessage({ sent });
+      report({ sent });
     };
     pump();
   });
-  srv.listen(job.socket!);
-  parentPort!.postMessage({ listening: true });
+  srv.listen(job.socket!, () => report({ listening: true }));
 }
 
-function runWorker(job: WorkerJob, onListening?: () => void): Promise<{ sent: number }> {
+function runGenerator(job: Job, opts: { fd?: number; onListening?: () => void } = {}): Promise<{ sent: number }> {
   return new Promise((resolve, reject) => {
-    const w = new Worker(new URL(import.meta.url), { workerData: job, execArgv: process.execArgv });
-    w.on('message', (m: { sent?: number; listening?: boolean }) => {
-      if (m.listening) onListening?.();
-      else resolve({ sent: m.sent! });
+    const stdio: ('ignore' | 'pipe' | 'inherit' | number)[] = ['ignore', 'pipe', 'inherit'];
+    if (opts.fd !== undefined) stdio.push(opts.fd);
+    const p = spawn(process.execPath, [...process.execArgv, SELF], {
+      stdio,
+      env: { ...process.env, TETHER_BENCH_JOB: JSON.stringify(job) },
     });
-    w.on('error', reject);
+    let buf = '';
+    let result: { sent: number } | undefined;
+    p.stdout!.on('data', (d: Buffer) => {
+      buf += d.toString();
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(buf.slice(0, nl)) as { sent?: number; listening?: boolean };
+        buf = buf.slice(nl + 1);
+        if (m.listening) opts.onListening?.();
+        else result = { sent: m.sent! };
+      }
+    });
+    p.on('error', reject);
+    p.on('close', (code) => (result ? resolve(result) : reject(new Error(`frame generator exited ${code}`))));
   });
 }
 
@@ -130,19 +143,19 @@ async function readPath(size: number, seconds: number, method: 'native-batched' 
   await new Promise((res) => setTimeout(res, 200));
   const t0 = performance.now();
   const before = got;
-  const { sent } = await runWorker({ kind: 'tap-writer', size, seconds, tap: 'bw' });
+  const { sent } = await runGenerator({ kind: 'tap-writer', size, seconds }, { fd: w.fd });
   const dt = (performance.now() - t0) / 1000;
   await new Promise((res) => setTimeout(res, 200));
   const n = got - before;
   stop = true;
-  await w.close(true);
   if (method === 'native-batched') await r.close(true);
   else {
-    // the blocked pool read ends when the device goes away
-    await r.down().catch(() => {});
-    loadNative();
+    // a pool thread blocked in read() wakes only for a frame: send one, then close
+    w.write([frame(size)]);
+    await new Promise((res) => setTimeout(res, 100));
     (loadNative() as unknown as { tapClose(fd: number, rm: boolean): void }).tapClose(r.fd, true);
   }
+  await w.close(true);
   return {
     test: 'read TAP (bridge-flooded frames)',
     method,
@@ -183,16 +196,21 @@ async function gateCapacity(size: number, seconds: number, mode: 'pass' | 'gated
   let epoch = 1;
   let timer: NodeJS.Timeout | undefined;
   const t0 = performance.now();
-  const done = runWorker({ kind: 'stream-server', size, seconds, socket: sock }, () => {
-    void port.open();
-    if (mode === 'gated') {
-      // the destination's barrier: seal every 25 ms, ACK right away
-      timer = setInterval(() => {
-        void port.gate.seal(epoch);
-        port.gate.release(epoch++);
-      }, 25);
-    }
-  });
+  const done = runGenerator(
+    { kind: 'stream-server', size, seconds, socket: sock },
+    {
+      onListening: () => {
+        void port.open();
+        if (mode === 'gated') {
+          // the destination's barrier: seal every 25 ms, ACK right away
+          timer = setInterval(() => {
+            void port.gate.seal(epoch);
+            port.gate.release(epoch++);
+          }, 25);
+        }
+      },
+    },
+  );
   await done;
   const dt = (performance.now() - t0) / 1000;
   clearInterval(timer);
@@ -249,5 +267,8 @@ async function main(): Promise<void> {
   console.log(`wrote ${path.join(out, 'gate.json')}`);
 }
 
-if (isMainThread) await main();
-else await workerMain(workerData as WorkerJob);
+if (process.env.TETHER_BENCH_JOB) await generatorMain(JSON.parse(process.env.TETHER_BENCH_JOB) as Job);
+else {
+  await main();
+  process.exit(0); // nothing may keep the namespace alive
+}
