@@ -340,8 +340,13 @@ export class Daemon {
           to,
           onProgress: progress,
           metrics: this.metrics,
-          nicsReady: async () => {
-            await Promise.all((this.#nics.get(vm.name) ?? []).map((p) => p.waitConnected(NIC_CONNECT_MS)));
+          nics: {
+            suspend: () => (this.#nics.get(vm.name) ?? []).forEach((p) => p.suspend()),
+            resume: async () => {
+              const ports = this.#nics.get(vm.name) ?? [];
+              ports.forEach((p) => p.resume());
+              await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+            },
           },
         });
         this.#outgoing.set(vm.name, mig);
