@@ -8,6 +8,7 @@ import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
 import { Cluster, qemuAlive, sh, waitFor } from './harness.ts';
+import { waitApplied } from './scenarios.ts';
 import type { Host } from './harness.ts';
 
 const GUEST_IP = '10.99.0.2';
@@ -94,4 +95,36 @@ t.test('after a completed migration the guest answers through the destination; t
     'and passes through after completion',
   );
   t.ok(metric(c, c.dst, 'passed') > 0, 'frames passed through the destination gate after completion');
+});
+
+t.test('in the post-copy window the destination gate releases on ACK; after kill -9 of its QEMU the source NIC comes back', async (t) => {
+  const c = await boot(t);
+  const migrating = c.migrate();
+  await waitApplied(c, 2, migrating);
+  // The guest runs on D now: its echo replies are held until their epoch is acked, then released.
+  await waitFor(() => ping(c.dst), 'the guest answers ping through the gated destination', 30_000);
+  const gateLog = (): Record<string, any>[] =>
+    fs
+      .readFileSync(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+  t.ok(
+    gateLog().some((r) => r.t === 'release' && r.frames > 0),
+    'the destination released held frames on ACK',
+  );
+  t.ok(metric(c, c.dst, 'released') > 0, 'released frames counted');
+  t.equal(metric(c, c.dst, 'passed'), 0, 'nothing passed the destination gate unheld');
+
+  const dpid = (await c.status(c.dst)).pid;
+  process.kill(dpid, 'SIGKILL');
+  const mig = await migrating;
+  t.equal(mig.result?.outcome, 'rolled-back', `rolled back: ${mig.stderr.slice(-1500)}`);
+  await waitFor(() => ping(c.src), 'the guest answers ping on the source after the rollback', 30_000);
+  t.pass("the port reconnected to the restored QEMU's socket");
+  await waitFor(() => link(c.dst, TAP) === '', 'the fenced destination removed its TAP', 30_000);
+  t.ok(
+    gateLog().some((r) => r.t === 'mode' && r.mode === 'discarded'),
+    'the destination gate was discarded by the fence',
+  );
 });
