@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "tether_native",
-      "sources": ["src/tether_native.c", "src/xxh64.c"],
+      "sources": ["src/tether_native.c", "src/xxh64.c", "src/tap.c"],
       "cflags": ["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
       "cflags!": ["-O2", "-O0"],
       "ldflags": ["-pthread"],

@@ -44,7 +44,13 @@ export interface ClusterOptions {
     intervalMs?: number;
     failoverTimeoutMs?: number;
     fenceTimeoutMs?: number;
+    /** Appended to the guest kernel command line (e.g. "tether.ip=10.99.0.2/24"). */
+    appendExtra?: string;
+    /** YAML lines appended to the VM config (e.g. a nics: block). */
+    extraYaml?: string[];
   };
+  /** Extra environment for both daemons. */
+  env?: Record<string, string>;
 }
 
 export interface RunResult {
@@ -149,13 +155,14 @@ export class Cluster {
         `memoryMiB: 512`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
-        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}"`,
+        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,
         `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 8000}`,
         `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
         `migration:`,
         `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
+        ...(v.extraYaml ?? []),
         '',
       ].join('\n'),
     );
@@ -202,7 +209,7 @@ export class Cluster {
     h.daemon = spawn('ip', ['netns', 'exec', h.ns, process.execPath, TETHER, 'daemon', '--config', h.config], {
       stdio: ['ignore', log, log],
       detached: true,
-      env: { ...process.env, ...(faults ? { TETHER_FAULTS: faults } : {}) },
+      env: { ...process.env, ...this.opts.env, ...(faults ? { TETHER_FAULTS: faults } : {}) },
     });
     fs.closeSync(log);
   }

@@ -131,6 +131,12 @@ export const ERRORS = {
   ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
   ERR_GUARD: "the guard that stops the destination's QEMU when its sidecar dies cannot be armed",
   ERR_STATE_TRANSITION: 'a lifecycle state machine was asked for a transition it does not allow',
+
+  // --- packet gate and guest NICs (src/gate, src/net)
+  ERR_GATE_FRAME_EMPTY: 'the stream netdev carried a zero-length frame (framing lost)',
+  ERR_GATE_FRAME_TOO_LARGE: 'a frame longer than 65553 bytes on the stream netdev or for the TAP',
+  ERR_GATE_EPOCH: 'a gate was sealed or released out of epoch order; nothing changed',
+  ERR_TAP: 'creating, configuring, reading or writing a TAP device failed',
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;

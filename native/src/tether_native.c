@@ -865,6 +865,8 @@ static napi_value js_soft_dirty_probe(napi_env env, napi_callback_info info) {
   return obj;
 }
 
+void tap_register(napi_env env, napi_value exports); /* tap.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   static uint8_t zero_page[4096];
   g_zero_hash = page_hash(zero_page);
@@ -881,6 +883,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value zh;
   napi_create_bigint_uint64(env, g_zero_hash, &zh);
   napi_set_named_property(env, exports, "zeroPageHash", zh);
+  tap_register(env, exports);
   return exports;
 }
 

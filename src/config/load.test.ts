@@ -80,6 +80,8 @@ t.test('example configs load', async (t) => {
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
     },
     migration: { precopyMs: 0, maxBandwidth: 0 },
+    nics: [],
+    gate: { maxBytes: 16777216, maxFrames: 16384 },
   });
 });
 
@@ -232,12 +234,60 @@ t.test('vm defaults', async (t) => {
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
     },
     migration: { precopyMs: 0, maxBandwidth: 0 },
+    nics: [],
+    gate: { maxBytes: 16777216, maxFrames: 16384 },
   });
   const kvm = parseVmConfig({ ...minimalVm(), qemu: { accel: 'kvm' } }, base);
   t.equal(kvm.qemu.cpu, 'host', 'kvm defaults to -cpu host');
   const local = parseVmConfig({ ...minimalVm(), qemu: { binary: './bin/qemu', extraArgs: ['-device', 'x'] } }, base);
   t.equal(local.qemu.binary, '/etc/tether/bin/qemu', 'binary with a slash is resolved');
   t.same(local.qemu.extraArgs, ['-device', 'x']);
+});
+
+t.test('vm: nics and gate', async (t) => {
+  const v = parseVmConfig(
+    {
+      ...minimalVm(),
+      nics: [
+        { mac: '52:54:00:AB:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
+        { mac: '52:54:00:00:00:02', bridge: 'br0' },
+      ],
+      gate: { maxBytes: 65536, maxFrames: 16 },
+    },
+    base,
+  );
+  t.same(v.nics, [
+    { mac: '52:54:00:ab:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
+    { mac: '52:54:00:00:00:02', bridge: 'br0', tap: 'vm1-1' },
+  ]);
+  t.same(v.gate, { maxBytes: 65536, maxFrames: 16 });
+  const long = parseVmConfig({ ...minimalVm(), name: 'a-very-long-vm-name', nics: [{ mac: '52:54:00:00:00:01', bridge: 'b' }] }, base);
+  t.match(long.nics![0]!.tap, /^tt[0-9a-f]{8}-0$/, 'default TAP name fits IFNAMSIZ');
+  t.same(parseVmConfig(v, base), v, 'a parsed config parses to itself (vm.json, prepare)');
+  const nic = { mac: '52:54:00:00:00:01', bridge: 'br0' };
+  const cases: Array<[unknown, unknown, string]> = [
+    [{ x: 1 }, undefined, 'nics'],
+    [[{ ...nic, mac: '52:54:00:00:00' }], undefined, 'nics[0].mac'],
+    [[{ ...nic, mac: '53:54:00:00:00:01' }], undefined, 'nics[0].mac'],
+    [[{ ...nic, mac: '00:00:00:00:00:00' }], undefined, 'nics[0].mac'],
+    [[{ bridge: 'br0' }], undefined, 'nics[0].mac'],
+    [[{ ...nic, bridge: 'br/0' }], undefined, 'nics[0].bridge'],
+    [[{ ...nic, bridge: 'a-sixteen-chars-' }], undefined, 'nics[0].bridge'],
+    [[{ mac: nic.mac }], undefined, 'nics[0].bridge'],
+    [[{ ...nic, tap: 'tap 0' }], undefined, 'nics[0].tap'],
+    [[{ ...nic, tap: 'br0' }], undefined, 'nics[0].tap'],
+    [[{ ...nic, model: 'e1000' }], undefined, 'nics[0].model'],
+    [[nic, { ...nic, tap: 'other' }], undefined, 'nics[1].mac'],
+    [[nic, { ...nic, mac: '52:54:00:00:00:02', tap: 'vm1-0' }], undefined, 'nics[1].tap'],
+    [undefined, { maxBytes: 100 }, 'gate.maxBytes'],
+    [undefined, { maxFrames: 0 }, 'gate.maxFrames'],
+    [undefined, { maxHeld: 1 }, 'gate.maxHeld'],
+  ];
+  for (const [nics, gate, field] of cases) {
+    const e = err(() => parseVmConfig({ ...minimalVm(), ...(nics ? { nics } : {}), ...(gate ? { gate } : {}) }, base));
+    t.equal(e.code, 'ERR_CONFIG_INVALID', field);
+    t.equal(e.field, field, `${JSON.stringify(nics ?? gate)} names ${field}`);
+  }
 });
 
 t.test('vm: bad fields', async (t) => {

@@ -6,12 +6,13 @@
  * and a message "<field>: <what is wrong>". Relative paths are resolved against `baseDir`
  * (the YAML file's directory when loading a file).
  */
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
-import type { DirtyTrackerKind, HostConfig, VmConfig } from './types.ts';
+import type { DirtyTrackerKind, HostConfig, NicConfig, VmConfig } from './types.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -30,6 +31,10 @@ const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
 const MIN_KEY_BYTES = 32;
+/** Linux interface names: IFNAMSIZ 16 including the NUL; no '/', ':' or whitespace. */
+const IFNAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
+const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
+const MAX_NICS = 8;
 
 // ---------------------------------------------------------------- file entry points
 
@@ -162,7 +167,19 @@ function decodeBase64(text: string): Buffer | undefined {
 // ---------------------------------------------------------------- vm
 
 export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
-  const root = new Obj(obj, '', ['name', 'qemu', 'memoryMiB', 'cpus', 'kernel', 'initrd', 'append', 'checkpoint', 'migration']);
+  const root = new Obj(obj, '', [
+    'name',
+    'qemu',
+    'memoryMiB',
+    'cpus',
+    'kernel',
+    'initrd',
+    'append',
+    'checkpoint',
+    'migration',
+    'nics',
+    'gate',
+  ]);
   const name = root.name('name');
 
   const q = root.optObj('qemu', ['binary', 'accel', 'machine', 'cpu', 'extraArgs']);
@@ -200,6 +217,13 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
   const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
 
+  const nics = parseNics(root.optList('nics'), name);
+  const g = root.optObj('gate', ['maxBytes', 'maxFrames']);
+  const gate = {
+    maxBytes: g?.optInt('maxBytes', 65_536, 1 << 30) ?? 16 * 1024 * 1024,
+    maxFrames: g?.optInt('maxFrames', 16, 1 << 20) ?? 16_384,
+  };
+
   return {
     name,
     qemu: { binary, accel, machine, cpu, extraArgs },
@@ -210,7 +234,45 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     append,
     checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
     migration: { precopyMs, maxBandwidth },
+    nics,
+    gate,
   };
+}
+
+/** Default TAP name of NIC i: "<vm>-<i>" when it fits in 15 bytes, else a hash of the VM name. */
+export function defaultTapName(vm: string, i: number): string {
+  const plain = `${vm}-${i}`;
+  if (Buffer.byteLength(plain) <= 15) return plain;
+  return `tt${createHash('sha256').update(vm).digest('hex').slice(0, 8)}-${i}`;
+}
+
+function parseNics(list: unknown[] | undefined, vm: string): NicConfig[] {
+  if (list === undefined) return [];
+  if (list.length > MAX_NICS) invalid('nics', `at most ${MAX_NICS} NICs, got ${list.length}`);
+  const nics = list.map((item, i) => {
+    const o = new Obj(item, `nics[${i}]`, ['mac', 'bridge', 'tap']);
+    const macRaw = o.string('mac');
+    const mac = macRaw.toLowerCase();
+    if (!MAC_RE.test(mac)) invalid(`nics[${i}].mac`, `must be six hex octets "52:54:00:12:34:56", got ${describe(macRaw)}`);
+    const first = parseInt(mac.slice(0, 2), 16);
+    if (first & 1) invalid(`nics[${i}].mac`, `must be a unicast address (first octet even), got ${mac}`);
+    if (mac === '00:00:00:00:00:00') invalid(`nics[${i}].mac`, 'must not be all zeros');
+    const bridge = o.string('bridge');
+    if (!IFNAME_RE.test(bridge))
+      invalid(`nics[${i}].bridge`, `must be an interface name of 1-15 characters [A-Za-z0-9_.-], got ${describe(bridge)}`);
+    const tap = o.optString('tap') ?? defaultTapName(vm, i);
+    if (!IFNAME_RE.test(tap))
+      invalid(`nics[${i}].tap`, `must be an interface name of 1-15 characters [A-Za-z0-9_.-], got ${describe(tap)}`);
+    if (tap === bridge) invalid(`nics[${i}].tap`, `must differ from the bridge ${bridge}`);
+    return { mac, bridge, tap };
+  });
+  for (let i = 0; i < nics.length; i++) {
+    for (let j = 0; j < i; j++) {
+      if (nics[j]!.mac === nics[i]!.mac) invalid(`nics[${i}].mac`, `duplicates nics[${j}].mac ${nics[i]!.mac}`);
+      if (nics[j]!.tap === nics[i]!.tap) invalid(`nics[${i}].tap`, `duplicates nics[${j}].tap ${nics[i]!.tap}`);
+    }
+  }
+  return nics;
 }
 
 // ---------------------------------------------------------------- field reader
@@ -334,6 +396,13 @@ class Obj {
       if (typeof item !== 'string') invalid(`${this.f(key)}[${i}]`, `must be a string, got ${describe(item)}`);
       return item;
     });
+  }
+
+  optList(key: string): unknown[] | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (!Array.isArray(v)) invalid(this.f(key), `must be a list, got ${describe(v)}`);
+    return v;
   }
 
   optPortRange(key: string): [number, number] | undefined {

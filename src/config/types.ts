@@ -33,6 +33,16 @@ export interface HostConfig {
   logLevel: 'debug' | 'info' | 'warn' | 'error';
 }
 
+/** One guest NIC: virtio-net in QEMU, a stream socket to the sidecar, a TAP on the host bridge. */
+export interface NicConfig {
+  /** Guest MAC, lower-case "52:54:00:12:34:56"; identical on both hosts. */
+  mac: string;
+  /** Host bridge the TAP joins. */
+  bridge: string;
+  /** TAP device name (<= 15 bytes). */
+  tap: string;
+}
+
 export interface VmConfig {
   name: string;
   qemu: {
@@ -61,4 +71,8 @@ export interface VmConfig {
     /** QEMU max-bandwidth for the migration stream, bytes/s (0 = QEMU default). */
     maxBandwidth: number;
   };
+  /** Guest NICs, in PCI order: NIC i is QEMU netdev net<i>, socket <stateDir>/<vm>/net<i>.sock. */
+  nics?: NicConfig[];
+  /** Bound of frames held per NIC by the destination's gate (the loader always fills both; literal configs may omit them). */
+  gate?: { maxBytes: number; maxFrames: number };
 }

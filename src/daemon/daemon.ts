@@ -23,6 +23,12 @@ import { errorFields } from '../util/log.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker } from '../vm/instance.ts';
+import { composeOutputs } from '../migrate/outputs.ts';
+import { NicPort } from '../net/nic.ts';
+import { TapDevice } from '../net/tap.ts';
+
+/** How long a VM start or an incoming migration waits for QEMU's NIC sockets. */
+const NIC_CONNECT_MS = 10_000;
 
 type Progress = (p: Record<string, unknown>) => void;
 
@@ -39,6 +45,8 @@ export class Daemon {
   readonly #incoming = new Map<string, DestinationMigration>();
   /** Incoming VMs whose completion request was pending when the sidecar restarted. */
   readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number }>();
+  /** Each VM's NIC ports on this host (TAP + gate + QEMU socket), in nics order. */
+  readonly #nics = new Map<string, NicPort[]>();
   #control: net.Server | undefined;
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
@@ -165,6 +173,14 @@ export class Daemon {
           log.warn('VM was not running when the sidecar restarted');
         }
         if (!keepMarker) await vm.setMigrationMarker(null);
+        if (vm.place === 'running' && !this.#nics.has(vm.name)) {
+          // QEMU went back to listening when the old sidecar's connection died; the TAP
+          // is persistent and still in its bridge: reattach both.
+          const ports = this.#createNics(vm, 'pass');
+          await this.#openNics(vm, ports);
+        } else if (vm.place !== 'running') {
+          for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
+        }
       } catch (e) {
         log.error('recovery failed', { error: errorFields(e) });
       }
@@ -279,6 +295,10 @@ export class Daemon {
     if (pid) await killPid(pid);
     await vm.restoreFrom(last.devstatePath);
     await waitRunning(vm);
+    // NICs first, so that the announcement reaches the wire
+    await this.#openNics(vm, this.#createNics(vm, 'pass')).catch((e: unknown) =>
+      log.warn('NIC not reconnected before announce', { error: errorFields(e) }),
+    );
     await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
     vm.place = 'running';
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
@@ -311,10 +331,52 @@ export class Daemon {
     this.#http?.closeAllConnections();
     for (const m of this.#outgoing.values()) await m.detach().catch(() => {});
     for (const d of this.#incoming.values()) await d.fence('daemon-shutdown').catch(() => {});
-    for (const vm of this.vms.values()) await vm.detachQemu().catch(() => {});
+    // The NIC sockets close (QEMU goes back to listening, the guest keeps its NIC); the
+    // TAPs stay in their bridges for the next start to reattach.
+    for (const vm of this.vms.values()) {
+      await vm.detachQemu().catch(() => {});
+      await this.#closeNics(vm.name, false);
+    }
     // Requests still open (a `tether migrate` waiting) get their error line, then EOF.
     for (const s of this.#clients) s.end();
     await fs.rm(this.host.controlSocket, { force: true });
+  }
+
+  // ---- guest NICs ----
+
+  /** NIC ports of `vm` (no I/O yet): their gates exist from here on. */
+  #createNics(vm: VmInstance, mode: 'pass' | 'gated'): NicPort[] {
+    const logOn = process.env.TETHER_GATE_LOG === '1';
+    const ports = (vm.config.nics ?? []).map(
+      (nic, i) =>
+        new NicPort({
+          vm: vm.name,
+          index: i,
+          nic,
+          socketPath: vm.nicSockets[i]!,
+          mode,
+          bounds: vm.config.gate ?? { maxBytes: 16 * 1024 * 1024, maxFrames: 16_384 },
+          counters: this.metrics.nicCounters(vm.name, `net${i}`),
+          log: this.log.child({ vm: vm.name }),
+          ...(logOn ? { releaseLogFile: path.join(vm.dir, `net${i}.gate.jsonl`) } : {}),
+        }),
+    );
+    this.#nics.set(vm.name, ports);
+    return ports;
+  }
+
+  /** TAPs up in their bridges, connected to QEMU's sockets (QEMU must be started). */
+  async #openNics(vm: VmInstance, ports: NicPort[]): Promise<void> {
+    for (const p of ports) await p.open();
+    await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+    if (ports.length) vm.log.info('NICs connected', { nics: ports.map((p) => p.name) });
+  }
+
+  async #closeNics(vm: string, remove: boolean): Promise<void> {
+    const ports = this.#nics.get(vm);
+    if (!ports) return;
+    this.#nics.delete(vm);
+    for (const p of ports) await p.close(remove);
   }
 
   // ---- control socket (CLI) ----
@@ -381,7 +443,18 @@ export class Daemon {
         }
         const vm = new VmInstance(this.host, cfg, this.log);
         this.vms.set(cfg.name, vm);
-        await vm.boot();
+        await this.#closeNics(vm.name, true);
+        const ports = this.#createNics(vm, 'pass');
+        try {
+          for (const p of ports) await p.open();
+          await vm.boot();
+          await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+        } catch (e) {
+          await vm.killQemu().catch(() => {});
+          vm.place = 'stopped';
+          await this.#closeNics(vm.name, true);
+          throw e;
+        }
         return this.#status(vm);
       }
       case 'vm.stop': {
@@ -392,6 +465,7 @@ export class Daemon {
         if (vm.place === 'unrecovered') await vm.setMigrationMarker(null);
         vm.place = 'stopped';
         await vm.stopQemu();
+        await this.#closeNics(vm.name, true);
         await vm.removeRam();
         return this.#status(vm);
       }
@@ -405,13 +479,31 @@ export class Daemon {
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is already migrating`);
-        const mig = new SourceMigration({ host: this.host, vm, to, onProgress: progress, metrics: this.metrics, faults: this.#faults });
+        const mig = new SourceMigration({
+          host: this.host,
+          vm,
+          to,
+          onProgress: progress,
+          metrics: this.metrics,
+          faults: this.#faults,
+          nics: {
+            suspend: () => (this.#nics.get(vm.name) ?? []).forEach((p) => p.suspend()),
+            resume: async () => {
+              const ports = this.#nics.get(vm.name) ?? [];
+              ports.forEach((p) => p.resume());
+              await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+            },
+          },
+        });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
         try {
           const result = await mig.run();
           vm.lastMigration = result as unknown as Record<string, unknown>;
-          if (result.outcome === 'completed') this.vms.delete(vm.name);
+          if (result.outcome === 'completed') {
+            this.vms.delete(vm.name);
+            await this.#closeNics(vm.name, true);
+          }
           return result;
         } finally {
           this.#outgoing.delete(vm.name);
@@ -508,6 +600,12 @@ export class Daemon {
         if (existing && !['stopped', 'gone', 'fenced'].includes(existing.place)) {
           throw new TetherError('ERR_PEER_VM_BUSY', `VM ${cfg.name} is already ${existing.place} on ${this.host.name}`);
         }
+        // The gates exist, gated, before the incoming QEMU is even started: the guest
+        // can run here only after 'ready', and every frame it sends is held from then on.
+        const gateMode = this.#faults.gateOpen ? 'pass' : 'gated';
+        if (this.#faults.gateOpen) this.log.warn('fault injection: destination gate forced open', { vm: cfg.name });
+        const probe = new VmInstance(this.host, cfg, this.log);
+        const ports = this.#createNics(probe, gateMode);
         dest = new DestinationMigration({
           host: this.host,
           channel: ch,
@@ -515,12 +613,15 @@ export class Daemon {
           sendConfiguration: c.sendConfiguration,
           log: this.log,
           faults: this.#faults,
+          outputs: composeOutputs(ports.map((p) => p.gate)),
           onInstance: (vm) => this.vms.set(vm.name, vm),
+          onQemuStarted: (vm) => this.#openNics(vm, ports),
         });
         this.#incoming.set(cfg.name, dest);
         const d = dest;
         void d.run();
-        void d.done.promise.then((phase) => {
+        void d.done.promise.then(async (phase) => {
+          if (phase === 'fenced') await this.#closeNics(cfg.name, true);
           this.#incoming.delete(cfg.name);
           this.metrics.migrations.inc({ role: 'destination', outcome: phase });
           this.log.info('incoming migration ended', { vm: cfg.name, phase });

@@ -3,6 +3,7 @@
  * gauges with labels, and summaries over a sliding window of observations.
  * Pure: the daemon serves `render()` over HTTP.
  */
+import type { NicCounters } from '../net/nic.ts';
 type Labels = Record<string, string>;
 
 const key = (labels: Labels): string =>
@@ -121,7 +122,43 @@ export class TetherMetrics {
     new Summary('tether_checkpoint_pause_seconds', 'VM pause per checkpoint on the destination (stop to cont).'),
   );
   readonly restore = this.registry.add(new Summary('tether_rollback_restore_seconds', 'Rollback decision to VM running on the source.'));
+  readonly gateHeldBytes = this.registry.add(
+    new Gauge('tether_gate_held_bytes', 'Bytes of guest frames held by a NIC gate, by vm and nic.'),
+  );
+  readonly gateHeldFrames = this.registry.add(new Gauge('tether_gate_held_frames', 'Guest frames held by a NIC gate, by vm and nic.'));
+  readonly gateFrames = this.registry.add(
+    new Counter(
+      'tether_gate_frames_total',
+      'Frames through a NIC, by vm, nic and action: passed (pass-through), released (held, then sent on ACK), discarded (dropped by a fence), to_guest, to_guest_dropped (QEMU not connected or its queue full).',
+    ),
+  );
+  readonly gateBytes = this.registry.add(new Counter('tether_gate_bytes_total', 'Bytes of frames through a NIC, by vm, nic and action.'));
+  readonly gateBackpressure = this.registry.add(
+    new Counter('tether_gate_backpressure_total', 'Times a full gate stopped reading from the guest, by vm and nic.'),
+  );
   readonly vms: Gauge;
+
+  /** The counters one NIC's gate and port report into. */
+  nicCounters(vm: string, nic: string): NicCounters {
+    const l = { vm, nic };
+    const count = (action: string, frames: number, bytes?: number) => {
+      this.gateFrames.inc({ ...l, action }, frames);
+      if (bytes !== undefined) this.gateBytes.inc({ ...l, action }, bytes);
+    };
+    return {
+      held: (bytes, frames) => {
+        this.gateHeldBytes.set(l, bytes);
+        this.gateHeldFrames.set(l, frames);
+      },
+      passed: (f, b) => count('passed', f, b),
+      released: (f, b) => count('released', f, b),
+      discarded: (f, b) => count('discarded', f, b),
+      backpressure: () => this.gateBackpressure.inc(l),
+      toGuest: (f, b) => count('to_guest', f, b),
+      toGuestDropped: (f) => count('to_guest_dropped', f),
+    };
+  }
+
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
     this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
   }

@@ -50,6 +50,11 @@ export interface DestinationOptions {
   log: Logger;
   faults: Faults;
   outputs?: EpochOutputs;
+  /**
+   * Called once the incoming QEMU runs (the guest does not yet: it waits for the
+   * migration stream), before the source is told to start: connect the NICs here.
+   */
+  onQemuStarted?: (vm: VmInstance) => Promise<void>;
   /** Called once the VM instance exists on this host (for status), and when it ends. */
   onInstance?: (vm: VmInstance) => void;
 }
@@ -234,6 +239,7 @@ export class DestinationMigration {
       startedAt: new Date().toISOString(),
     });
     this.#opts.onInstance?.(vm);
+    await this.#opts.onQemuStarted?.(vm);
     const qemu = vm.qemu!;
     qemu.exited.then(() => {
       if (!this.#stopped && !this.phase.is('completed')) {

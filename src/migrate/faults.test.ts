@@ -7,3 +7,5 @@ t.throws(() => parseFaults('corupt-epoch=5'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('corrupt-epoch=-1'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('cut-completion=3'), { cutCompletion: 3 });
+t.same(parseFaults('gate-open,corrupt-epoch=2'), { gateOpen: true, corruptEpoch: 2 });
+t.throws(() => parseFaults('gate-open=1'), { code: 'ERR_FAULTS_INVALID' });

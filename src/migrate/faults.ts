@@ -9,12 +9,15 @@ import { TetherError } from '../errors.ts';
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
+ *   gate-open                    the destination's packet gates pass frames through instead of holding them
+ *                                (control tests: output commit switched off must be observed as a violation)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
   corruptEpoch?: number;
   truncateEpoch?: number;
   cutCompletion?: number;
+  gateOpen?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -33,7 +36,12 @@ export const CUT_COMPLETION = {
   crashOnAnswer: 6,
 } as const;
 
-const NAMES: Record<string, keyof Faults> = {
+/** Switches without a value. */
+const FLAGS: Record<string, 'gateOpen'> = {
+  'gate-open': 'gateOpen',
+};
+
+const NAMES: Record<string, Exclude<keyof Faults, 'gateOpen'>> = {
   'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',
@@ -48,10 +56,18 @@ export function parseFaults(spec: string | undefined): Faults {
     .map((s) => s.trim())
     .filter(Boolean)) {
     const [name, value] = part.split('=');
+    const flag = FLAGS[name ?? ''];
+    if (flag && value === undefined) {
+      out[flag] = true;
+      continue;
+    }
     const key = NAMES[name ?? ''];
     const n = Number(value);
     if (!key || !Number.isInteger(n) || n < 0) {
-      throw new TetherError('ERR_FAULTS_INVALID', `TETHER_FAULTS: cannot parse '${part}' (known: ${Object.keys(NAMES).join(', ')})`);
+      throw new TetherError(
+        'ERR_FAULTS_INVALID',
+        `TETHER_FAULTS: cannot parse '${part}' (known: ${[...Object.keys(NAMES), ...Object.keys(FLAGS)].join(', ')})`,
+      );
     }
     out[key] = n;
   }

@@ -113,3 +113,17 @@ t.test('shellQuote survives /bin/sh with hostile file names', async (t) => {
   }
   t.notOk(fs.existsSync(path.join(dir, 'pwned')), 'no command substitution');
 });
+
+t.test('NICs: QEMU is the stream server on the per-NIC socket; virtio-net with the configured MAC', async (t) => {
+  const v = vm({ nics: [{ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 't0' }] });
+  const args = buildQemuArgs(v, { ...paths, nicSockets: ['/s/vm1/net0.sock'] });
+  const i = args.indexOf('-netdev');
+  t.same(args.slice(i, i + 4), [
+    '-netdev',
+    'stream,id=net0,server=on,addr.type=unix,addr.path=/s/vm1/net0.sock',
+    '-device',
+    'virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=nic0',
+  ]);
+  t.throws(() => buildQemuArgs(v, paths), { code: 'ERR_CONFIG_INVALID' }, 'a NIC needs its socket');
+  t.notOk(buildQemuArgs(vm(), paths).includes('-netdev'), 'no NIC, no netdev');
+});

@@ -7,6 +7,7 @@
  * writes guest memory through it.
  */
 import type { VmConfig } from '../config/types.ts';
+import { TetherError } from '../errors.ts';
 
 export interface QemuPaths {
   /** Guest RAM file (on tmpfs). Must already be sized or QEMU creates/extends it. */
@@ -14,6 +15,8 @@ export interface QemuPaths {
   qmpSocket: string;
   /** Serial console output, appended to. */
   serialLog: string;
+  /** Stream-netdev socket of NIC i (QEMU listens on it, the sidecar connects). */
+  nicSockets?: readonly string[];
 }
 
 export type QemuIncoming =
@@ -81,6 +84,20 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
     '-serial',
     'chardev:ser0',
   );
+  // Guest NICs: QEMU is the stream server (server=on) and the sidecar the client. QEMU
+  // 7.2's server goes back to listening when its client disconnects, so a restarted
+  // sidecar reconnects to a running guest; a 7.2 client never reconnects (docs/network.md).
+  const nics = vm.nics ?? [];
+  nics.forEach((nic, i) => {
+    const sock = paths.nicSockets?.[i];
+    if (sock === undefined) throw new TetherError('ERR_CONFIG_INVALID', `nics[${i}]: no socket path given`, { field: `nics[${i}]` });
+    args.push(
+      '-netdev',
+      `stream,id=net${i},server=on,addr.type=unix,addr.path=${qemuOptValue(sock)}`,
+      '-device',
+      `virtio-net-pci,netdev=net${i},mac=${nic.mac},id=nic${i}`,
+    );
+  });
   if (incoming?.kind === 'defer') {
     args.push('-incoming', 'defer');
   } else if (incoming?.kind === 'exec-file') {

@@ -22,6 +22,8 @@ export interface QemuStartOptions {
   qmpSocket: string;
   serialLog: string;
   incoming?: QemuIncoming;
+  /** Stream-netdev socket of each NIC in vm.nics (QEMU listens there). */
+  nicSockets?: readonly string[];
   /** Reserved: running QEMU inside a network namespace is not supported yet. */
   netns?: undefined;
   /** QEMU's stdout+stderr are appended here. Default: qemu-<vm>.log next to serialLog. */
@@ -81,12 +83,18 @@ export class QemuProcess {
     const { vm, ramFile, qmpSocket, serialLog } = opts;
     const logFile = opts.logFile ?? path.join(path.dirname(serialLog), `qemu-${vm.name}.log`);
     const timeoutMs = opts.startTimeoutMs ?? 15_000;
-    const args = buildQemuArgs(vm, { ramFile, qmpSocket, serialLog }, opts.incoming);
+    const args = buildQemuArgs(
+      vm,
+      { ramFile, qmpSocket, serialLog, ...(opts.nicSockets ? { nicSockets: opts.nicSockets } : {}) },
+      opts.incoming,
+    );
 
     for (const p of [ramFile, qmpSocket, serialLog, logFile]) fs.mkdirSync(path.dirname(p), { recursive: true });
     // A stale socket from a killed predecessor would accept nothing; make sure we only
     // ever connect to the socket of the QEMU we spawn.
     fs.rmSync(qmpSocket, { force: true });
+    // Same for the NIC sockets: the sidecar must never connect to a dead QEMU's file.
+    for (const s of opts.nicSockets ?? []) fs.rmSync(s, { force: true });
 
     const argv = opts.dieWithParent
       ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', vm.qemu.binary, ...args] // setpriv execs: same pid

@@ -58,6 +58,8 @@ export class VmInstance {
   readonly qmpSocket: string;
   readonly serialLog: string;
   readonly qemuLog: string;
+  /** Stream-netdev socket of NIC i: <dir>/net<i>.sock. */
+  readonly nicSockets: readonly string[];
   readonly log: Logger;
   place: VmPlace = 'stopped';
   qemu: QemuProcess | undefined;
@@ -82,6 +84,14 @@ export class VmInstance {
     this.qmpSocket = path.join(this.dir, 'qmp.sock');
     this.serialLog = path.join(this.dir, 'serial.log');
     this.qemuLog = path.join(this.dir, 'qemu.log');
+    this.nicSockets = (config.nics ?? []).map((_, i) => path.join(this.dir, `net${i}.sock`));
+    for (const s of this.nicSockets) {
+      if (Buffer.byteLength(s) > 107) {
+        throw new TetherError('ERR_CONFIG_INVALID', `NIC socket ${s} is longer than 107 bytes (unix socket limit): shorten stateDir`, {
+          field: 'stateDir',
+        });
+      }
+    }
     this.log = log.child({ vm: config.name });
   }
 
@@ -133,6 +143,7 @@ export class VmInstance {
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
+      nicSockets: this.nicSockets,
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
     });

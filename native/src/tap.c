@@ -1,0 +1,368 @@
+/*
+ * TAP devices for the packet gate: create/attach (TUNSETIFF), persistence, batched
+ * writes, and a reader thread that hands frames to JS in batches.
+ *
+ * Data path (measured in tools/bench/gate.ts, decision in docs/network.md):
+ *   read:  one pthread per TAP blocks in poll() on the TAP fd and an eventfd (stop);
+ *          when readable it reads frames (one read() = one frame on a TAP) until
+ *          EAGAIN or the batch is full, then passes the whole batch to JS with ONE
+ *          napi_call_threadsafe_function. The batch memory becomes the JS Buffer
+ *          (external buffer, freed by its finalizer): no copy, no per-frame allocation.
+ *          The threadsafe function's queue is bounded; a full queue blocks the thread,
+ *          the kernel's TAP queue then fills and the kernel drops (as a NIC would).
+ *   write: tapWriteBatch(fd, frames[]) writes each frame with write() in one N-API
+ *          call. A TAP write never blocks (the frame enters the host stack/bridge).
+ *
+ * Errors: JS Error with code ERR_TAP (errno, syscall properties) or ERR_MEM_NATIVE_ARGS.
+ */
+#define NAPI_VERSION 8
+#include <node_api.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define TAP_MAX_FRAME 65553 /* MAX_FRAME_BYTES of src/gate/codec.ts */
+#define BATCH_FRAMES 64
+#define BATCH_BYTES (256 * 1024)
+#define TSFN_QUEUE 4
+
+static void tap_throw(napi_env env, const char *code, int err, const char *syscall, const char *what) {
+  char msg[256];
+  if (err)
+    snprintf(msg, sizeof msg, "%s: %s failed: %s", what, syscall, strerror(err));
+  else
+    snprintf(msg, sizeof msg, "%s", what);
+  napi_value m, c, e, v;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &c);
+  napi_create_error(env, c, m, &e);
+  if (err) {
+    napi_create_int32(env, err, &v);
+    napi_set_named_property(env, e, "errno", v);
+    napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &v);
+    napi_set_named_property(env, e, "syscall", v);
+  }
+  napi_throw(env, e);
+}
+
+static int get_fd(napi_env env, napi_value v, int *fd) {
+  int32_t x;
+  if (napi_get_value_int32(env, v, &x) != napi_ok || x < 0) {
+    tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "fd must be a non-negative integer");
+    return -1;
+  }
+  *fd = x;
+  return 0;
+}
+
+/* tapOpen(name, nonblock): fd of TAP `name` (created if absent, attached if it exists and
+ * is persistent), IFF_TAP|IFF_NO_PI, made persistent so that it outlives this process. */
+static napi_value js_tap_open(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  char name[IFNAMSIZ + 1];
+  size_t len = 0;
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], name, sizeof name, &len) != napi_ok || len == 0 || len >= IFNAMSIZ) {
+    tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "tapOpen(name): name must be 1-15 bytes");
+    return NULL;
+  }
+  bool nonblock = true;
+  if (argc >= 2) napi_get_value_bool(env, argv[1], &nonblock);
+  int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | (nonblock ? O_NONBLOCK : 0));
+  if (fd < 0) {
+    tap_throw(env, "ERR_TAP", errno, "open", "/dev/net/tun");
+    return NULL;
+  }
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+  memcpy(ifr.ifr_name, name, len);
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+    int e = errno;
+    close(fd);
+    tap_throw(env, "ERR_TAP", e, "ioctl(TUNSETIFF)", name);
+    return NULL;
+  }
+  if (ioctl(fd, TUNSETPERSIST, 1) < 0) {
+    int e = errno;
+    close(fd);
+    tap_throw(env, "ERR_TAP", e, "ioctl(TUNSETPERSIST)", name);
+    return NULL;
+  }
+  napi_value r;
+  napi_create_int32(env, fd, &r);
+  return r;
+}
+
+/* tapClose(fd, remove): close; with remove the device is made non-persistent first, so
+ * the kernel deletes it when the last fd closes. */
+static napi_value js_tap_close(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd;
+  if (argc < 1 || get_fd(env, argv[0], &fd)) return NULL;
+  bool remove = false;
+  if (argc >= 2) napi_get_value_bool(env, argv[1], &remove);
+  if (remove && ioctl(fd, TUNSETPERSIST, 0) < 0) {
+    int e = errno;
+    close(fd);
+    tap_throw(env, "ERR_TAP", e, "ioctl(TUNSETPERSIST)", "tapClose");
+    return NULL;
+  }
+  close(fd);
+  return NULL;
+}
+
+/* tapWriteBatch(fd, frames: Buffer[]): frames written (stops at the first error other than
+ * EAGAIN/ENOBUFS, which drop that frame like a full NIC queue). Returns the count written. */
+static napi_value js_tap_write_batch(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd;
+  if (argc < 2 || get_fd(env, argv[0], &fd)) return NULL;
+  uint32_t n;
+  if (napi_get_array_length(env, argv[1], &n) != napi_ok) {
+    tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "tapWriteBatch(fd, frames): frames must be an array");
+    return NULL;
+  }
+  uint32_t written = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value el;
+    void *data;
+    size_t len;
+    napi_get_element(env, argv[1], i, &el);
+    if (napi_get_buffer_info(env, el, &data, &len) != napi_ok) {
+      tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "tapWriteBatch: frames must be Buffers");
+      return NULL;
+    }
+    ssize_t r;
+    do r = write(fd, data, len);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      if (errno == EAGAIN || errno == ENOBUFS) continue;
+      tap_throw(env, "ERR_TAP", errno, "write", "TAP");
+      return NULL;
+    }
+    written++;
+  }
+  napi_value r;
+  napi_create_uint32(env, written, &r);
+  return r;
+}
+
+/* ---------- reader thread ---------- */
+
+typedef struct {
+  uint8_t *data; /* BATCH_BYTES, becomes the JS Buffer */
+  uint32_t lens[BATCH_FRAMES];
+  uint32_t count;
+  size_t used;
+} batch_t;
+
+typedef struct {
+  int fd;
+  int stopfd;
+  pthread_t thread;
+  napi_threadsafe_function tsfn;
+  int err;      /* errno that ended the thread, 0 = stopped */
+  bool joined;
+} reader_t;
+
+static void *reader_main(void *arg) {
+  reader_t *r = arg;
+  batch_t *b = NULL;
+  for (;;) {
+    struct pollfd p[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = r->stopfd, .events = POLLIN}};
+    int pr = poll(p, 2, -1);
+    if (pr < 0) {
+      if (errno == EINTR) continue;
+      r->err = errno;
+      break;
+    }
+    if (p[1].revents) break;
+    if (p[0].revents & (POLLERR | POLLNVAL | POLLHUP)) {
+      r->err = EIO;
+      break;
+    }
+    for (;;) {
+      if (!b) {
+        b = malloc(sizeof *b);
+        if (b) b->data = malloc(BATCH_BYTES);
+        if (!b || !b->data) {
+          r->err = ENOMEM;
+          goto out;
+        }
+        b->count = 0;
+        b->used = 0;
+      }
+      /* Room for a whole maximal frame, or hand the batch over first. */
+      if (b->count == BATCH_FRAMES || BATCH_BYTES - b->used < TAP_MAX_FRAME) goto deliver;
+      ssize_t n = read(r->fd, b->data + b->used, BATCH_BYTES - b->used);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) break;
+        r->err = errno;
+        goto out;
+      }
+      if (n == 0) continue;
+      b->lens[b->count++] = (uint32_t)n;
+      b->used += (size_t)n;
+      continue;
+    deliver:
+      if (napi_call_threadsafe_function(r->tsfn, b, napi_tsfn_blocking) != napi_ok) {
+        free(b->data);
+        free(b);
+        b = NULL;
+        goto out;
+      }
+      b = NULL;
+    }
+    if (b && b->count > 0) {
+      if (napi_call_threadsafe_function(r->tsfn, b, napi_tsfn_blocking) != napi_ok) {
+        free(b->data);
+        free(b);
+        b = NULL;
+        break;
+      }
+      b = NULL;
+    }
+  }
+out:
+  if (b) {
+    free(b->data);
+    free(b);
+  }
+  napi_release_threadsafe_function(r->tsfn, napi_tsfn_release);
+  return NULL;
+}
+
+static void free_batch_data(napi_env env, void *data, void *hint) { free(data); }
+
+/* Runs on the JS thread: callback(buffer, lengths: Uint32Array) per batch, callback(null, errno) at the end. */
+static void reader_call_js(napi_env env, napi_value cb, void *context, void *data) {
+  batch_t *b = data;
+  if (env == NULL) {
+    if (b) {
+      free(b->data);
+      free(b);
+    }
+    return;
+  }
+  napi_value argv[2], undef;
+  napi_get_undefined(env, &undef);
+  napi_value ab;
+  void *lens_mem;
+  napi_create_external_buffer(env, b->used, b->data, free_batch_data, NULL, &argv[0]);
+  napi_create_arraybuffer(env, b->count * sizeof(uint32_t), &lens_mem, &ab);
+  memcpy(lens_mem, b->lens, b->count * sizeof(uint32_t));
+  napi_create_typedarray(env, napi_uint32_array, b->count, ab, 0, &argv[1]);
+  free(b);
+  napi_call_function(env, undef, cb, 2, argv, NULL);
+}
+
+static void reader_finalize(napi_env env, void *data, void *hint) {
+  reader_t *r = data;
+  if (!r->joined) {
+    pthread_join(r->thread, NULL);
+    r->joined = true;
+  }
+  /* tell JS the reader ended (errno 0 = stopped) */
+  napi_value cb = NULL, argv[2], undef;
+  if (hint) {
+    napi_get_reference_value(env, (napi_ref)hint, &cb);
+    napi_delete_reference(env, (napi_ref)hint);
+  }
+  if (cb) {
+    napi_get_undefined(env, &undef);
+    napi_get_null(env, &argv[0]);
+    napi_create_int32(env, r->err, &argv[1]);
+    napi_call_function(env, undef, cb, 2, argv, NULL);
+  }
+  close(r->stopfd);
+  free(r);
+}
+
+static void handle_finalize(napi_env env, void *data, void *hint) { /* reader freed by tsfn finalizer */ }
+
+/* tapStartReader(fd, onBatch(buf, lens) | onBatch(null, errno)) -> handle (an external). */
+static napi_value js_tap_start_reader(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd;
+  if (argc < 2 || get_fd(env, argv[0], &fd)) return NULL;
+  reader_t *r = calloc(1, sizeof *r);
+  if (!r) {
+    tap_throw(env, "ERR_TAP", ENOMEM, "calloc", "tapStartReader");
+    return NULL;
+  }
+  r->fd = fd;
+  r->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (r->stopfd < 0) {
+    int e = errno;
+    free(r);
+    tap_throw(env, "ERR_TAP", e, "eventfd", "tapStartReader");
+    return NULL;
+  }
+  napi_ref cbref;
+  napi_create_reference(env, argv[1], 1, &cbref);
+  napi_value name;
+  napi_create_string_utf8(env, "tap-reader", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_threadsafe_function(env, argv[1], NULL, name, TSFN_QUEUE, 1, r, reader_finalize, cbref, reader_call_js,
+                                      &r->tsfn) != napi_ok) {
+    close(r->stopfd);
+    free(r);
+    tap_throw(env, "ERR_TAP", 0, NULL, "tapStartReader: cannot create threadsafe function");
+    return NULL;
+  }
+  if (pthread_create(&r->thread, NULL, reader_main, r) != 0) {
+    napi_release_threadsafe_function(r->tsfn, napi_tsfn_abort);
+    tap_throw(env, "ERR_TAP", EAGAIN, "pthread_create", "tapStartReader");
+    return NULL;
+  }
+  napi_value h;
+  napi_create_external(env, r, handle_finalize, NULL, &h);
+  return h;
+}
+
+/* tapStopReader(handle): wake the thread; it delivers what it has and ends. The final
+ * callback(null, errno) comes once every queued batch has been delivered. */
+static napi_value js_tap_stop_reader(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  reader_t *r;
+  if (argc < 1 || napi_get_value_external(env, argv[0], (void **)&r) != napi_ok) {
+    tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "tapStopReader(handle)");
+    return NULL;
+  }
+  uint64_t one = 1;
+  if (write(r->stopfd, &one, sizeof one) < 0) { /* already signalled */
+  }
+  return NULL;
+}
+
+void tap_register(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"tapOpen", NULL, js_tap_open, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tapClose", NULL, js_tap_close, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tapWriteBatch", NULL, js_tap_write_batch, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tapStartReader", NULL, js_tap_start_reader, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tapStopReader", NULL, js_tap_stop_reader, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}

@@ -1,0 +1,185 @@
+import fc from 'fast-check';
+import t from 'tap';
+import { composeOutputs } from '../migrate/outputs.ts';
+import { frameHash, PacketGate } from './gate.ts';
+import type { ReleaseRecord } from './gate.ts';
+
+function rig(mode: 'pass' | 'gated', maxBytes = 1 << 20, maxFrames = 1000) {
+  const wire: string[] = [];
+  const pauses: boolean[] = [];
+  const log: ReleaseRecord[] = [];
+  let down = 0;
+  const gate = new PacketGate({
+    name: 'vm/net0',
+    mode,
+    maxBytes,
+    maxFrames,
+    sinks: {
+      toWire: (fs) => fs.forEach((f) => wire.push(f.toString())),
+      pauseGuest: (p) => pauses.push(p),
+      onDiscard: () => down++,
+    },
+    releaseLog: (r) => log.push(r),
+  });
+  const send = (...s: string[]) => gate.fromGuest(s.map((x) => Buffer.from(x)));
+  return { gate, wire, pauses, log, send, down: () => down };
+}
+
+t.test('pass-through: frames leave at once', async (t) => {
+  const r = rig('pass');
+  r.send('a', 'b');
+  t.same(r.wire, ['a', 'b']);
+  await r.gate.seal(1); // harmless on a pass-through gate (composed with others)
+  t.equal(r.gate.heldFrames, 0);
+});
+
+t.test('gated: nothing leaves before release; release(k) sends epochs <= k in order', async (t) => {
+  const r = rig('gated');
+  r.send('1a', '1b');
+  await r.gate.seal(1);
+  r.send('2a');
+  await r.gate.seal(2);
+  r.send('3a');
+  t.same(r.wire, [], 'nothing before ACK');
+  t.equal(r.gate.heldFrames, 4);
+  r.gate.release(1);
+  t.same(r.wire, ['1a', '1b']);
+  r.gate.release(2);
+  t.same(r.wire, ['1a', '1b', '2a'], 'epoch 3 still held: not sealed');
+  t.throws(() => r.gate.release(3), { code: 'ERR_GATE_EPOCH' }, 'an unsealed epoch cannot be released');
+  t.equal(r.gate.heldFrames, 1);
+  const rel = r.log.filter((x) => x.t === 'release');
+  t.same(
+    rel.map((x) => [x.epoch, x.frames]),
+    [
+      [1, 2],
+      [2, 1],
+    ],
+  );
+  t.same((rel[0] as { hashes: string[] }).hashes, [frameHash(Buffer.from('1a')), frameHash(Buffer.from('1b'))]);
+});
+
+t.test('release(k) covering several epochs (a lost ACK followed by a later one)', async (t) => {
+  const r = rig('gated');
+  r.send('1');
+  await r.gate.seal(1);
+  r.send('2');
+  await r.gate.seal(2);
+  r.gate.release(2);
+  t.same(r.wire, ['1', '2']);
+  r.gate.release(1); // stale ACK: nothing left of epoch 1
+  t.same(r.wire, ['1', '2']);
+});
+
+t.test('seal out of order is refused and changes nothing', async (t) => {
+  const r = rig('gated');
+  r.send('1');
+  await t.rejects(r.gate.seal(2), { code: 'ERR_GATE_EPOCH' });
+  t.equal(r.gate.currentEpoch, 1);
+  await r.gate.seal(1);
+  r.gate.release(1);
+  t.same(r.wire, ['1']);
+});
+
+t.test('passThrough releases everything held, in order, then passes', async (t) => {
+  const r = rig('gated');
+  r.send('1');
+  await r.gate.seal(1);
+  r.send('2');
+  r.gate.release(1);
+  r.gate.passThrough();
+  r.send('3');
+  t.same(r.wire, ['1', '2', '3']);
+  t.equal(r.gate.mode.state, 'pass');
+});
+
+t.test('discard: held frames never leave, TAP goes down, release after discard sends nothing', async (t) => {
+  const r = rig('gated');
+  r.send('1');
+  await r.gate.seal(1);
+  r.send('2');
+  r.gate.discard();
+  t.equal(r.down(), 1);
+  r.gate.release(1);
+  r.gate.passThrough();
+  r.send('3');
+  t.same(r.wire, []);
+  t.equal(r.gate.heldFrames, 0);
+  t.same(
+    r.log.filter((x) => x.t === 'discard').map((x) => x.epoch),
+    [1, 2],
+  );
+  r.gate.discard();
+  t.equal(r.down(), 1, 'idempotent');
+});
+
+t.test('bound: full queue pauses the guest, never drops; resumes at half after release', async (t) => {
+  const r = rig('gated', 100, 1000);
+  r.send('x'.repeat(60));
+  t.same(r.pauses, []);
+  r.send('y'.repeat(60), 'z'.repeat(60)); // already read: held past the bound
+  t.same(r.pauses, [true]);
+  t.equal(r.gate.heldFrames, 3);
+  t.equal(r.gate.heldBytes, 180);
+  r.send('w'); // a chunk already in flight when the pause took effect
+  t.same(r.pauses, [true], 'one back-pressure event');
+  await r.gate.seal(1);
+  r.gate.release(1);
+  t.same(r.pauses, [true, false]);
+  t.equal(r.wire.length, 4, 'nothing dropped');
+  const f = rig('gated', 1 << 20, 2);
+  f.send('a', 'b');
+  t.same(f.pauses, [true], 'frame bound');
+});
+
+t.test('gate joins a composed barrier', async (t) => {
+  const a = rig('gated');
+  const b = rig('gated');
+  const o = composeOutputs([a.gate, b.gate]);
+  a.send('a1');
+  b.send('b1');
+  t.same(await o.seal(1), []);
+  o.release(1);
+  t.same([a.wire, b.wire], [['a1'], ['b1']]);
+  o.discard();
+  t.equal(a.down() + b.down(), 2);
+});
+
+t.test('property: no frame leaves before its epoch is released; all leave in order', async (t) => {
+  type Op = { k: 'send'; n: number } | { k: 'seal' } | { k: 'ack' } | { k: 'pass' };
+  const op = fc.oneof(
+    fc.record({ k: fc.constant('send' as const), n: fc.integer({ min: 1, max: 3 }) }),
+    fc.record({ k: fc.constant('seal' as const) }),
+    fc.record({ k: fc.constant('ack' as const) }),
+    fc.record({ k: fc.constant('pass' as const) }),
+  );
+  await fc.assert(
+    fc.asyncProperty(fc.array(op, { maxLength: 60 }), async (ops: Op[]) => {
+      const r = rig('gated', 50, 6);
+      let id = 0;
+      const epochOf = new Map<string, number>();
+      let released = 0;
+      let sealed = 0;
+      let pass = false;
+      for (const o of ops) {
+        if (o.k === 'send') {
+          const fs = Array.from({ length: o.n }, () => String(id++));
+          for (const f of fs) epochOf.set(f, pass ? 0 : r.gate.currentEpoch);
+          r.send(...fs);
+        } else if (o.k === 'seal' && !pass) await r.gate.seal(++sealed);
+        else if (o.k === 'ack' && released < sealed) r.gate.release(++released);
+        else if (o.k === 'pass') {
+          r.gate.passThrough();
+          pass = true;
+        }
+        // invariant: every frame on the wire is in order and of a released epoch
+        for (let i = 0; i < r.wire.length; i++) {
+          if (r.wire[i] !== String(i)) return false;
+          const e = epochOf.get(r.wire[i]!)!;
+          if (!pass && e > released) return false;
+        }
+      }
+      return r.wire.length + r.gate.heldFrames === id;
+    }),
+  );
+});

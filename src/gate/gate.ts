@@ -1,0 +1,242 @@
+import { createHash } from 'node:crypto';
+import { TetherError } from '../errors.ts';
+import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
+import type { Logger } from '../util/log.ts';
+import { StateMachine } from '../util/state.ts';
+
+/**
+ * The packet gate of one NIC: sits between the guest (QEMU's stream netdev) and the
+ * wire (the TAP), on the guest→wire direction only. Wire→guest frames never pass
+ * through it (inbound traffic is not an output of the VM).
+ *
+ *   pass       frames go to the wire at once (normal running; the source always)
+ *   gated      frames are held under the current epoch; seal(k) closes epoch k;
+ *              release(k) sends every held frame of epochs <= k, in order
+ *   discarded  fenced: held frames are dropped and nothing ever leaves again
+ *
+ * I/O-free: the owner gives it three callbacks (write frames to the wire, pause or
+ * resume reading from the guest, take the TAP down) and feeds it guest frames.
+ */
+export type GateMode = 'pass' | 'gated' | 'discarded';
+
+const TRANSITIONS: Record<GateMode, readonly GateMode[]> = {
+  pass: ['discarded'],
+  gated: ['pass', 'discarded'],
+  discarded: [],
+};
+
+export interface GateSinks {
+  /** Frames for the wire, in order. Called synchronously; the callee must not keep `frames`. */
+  toWire(frames: readonly Buffer[]): void;
+  /** Back-pressure: stop (true) or resume (false) reading from QEMU's socket. */
+  pauseGuest(paused: boolean): void;
+  /** Fenced: take the TAP down. */
+  onDiscard?(): void;
+}
+
+/** What the gate counts; the daemon maps these onto Prometheus families. */
+export interface GateCounters {
+  held(bytes: number, frames: number): void;
+  passed(frames: number, bytes: number): void;
+  released(frames: number, bytes: number): void;
+  discarded(frames: number, bytes: number): void;
+  backpressure(): void;
+}
+
+/**
+ * One line of the release log (JSON lines), written before the frames are handed to
+ * the TAP, so a capture on the wire always sees them after `at`:
+ *   {"t":"release","nic":"vm1/net0","epoch":3,"frames":2,"bytes":1128,"at":1764221000123.456,"hashes":["9f2c…",…]}
+ *   {"t":"discard","nic":…,"epoch":4,"frames":7,"bytes":…,"at":…}       (held frames dropped by a fence)
+ *   {"t":"mode","nic":…,"mode":"gated"|"pass"|"discarded","epoch":1,"at":…}
+ * `at` is wall-clock milliseconds (Unix epoch, sub-ms fraction); `hashes` are the first
+ * 16 hex digits of SHA-256 over each whole Ethernet frame, in release order. A frame
+ * released by passThrough() carries the epoch it was held under (final epoch + 1).
+ */
+export type ReleaseRecord =
+  | { t: 'release'; nic: string; epoch: number; frames: number; bytes: number; at: number; hashes: string[] }
+  | { t: 'discard'; nic: string; epoch: number; frames: number; bytes: number; at: number }
+  | { t: 'mode'; nic: string; mode: GateMode; epoch: number; at: number };
+
+export const frameHash = (f: Buffer): string => createHash('sha256').update(f).digest('hex').slice(0, 16);
+export const wallClockMs = (): number => performance.timeOrigin + performance.now();
+
+export interface GateOptions {
+  /** "vm/netN": logs, metrics, release log. */
+  name: string;
+  mode: 'pass' | 'gated';
+  /** Bound of held frames: reading from the guest stops when either is reached. */
+  maxBytes: number;
+  maxFrames: number;
+  sinks: GateSinks;
+  counters?: GateCounters;
+  releaseLog?: (rec: ReleaseRecord) => void;
+  log?: Logger;
+}
+
+interface EpochQueue {
+  epoch: number;
+  frames: Buffer[];
+  bytes: number;
+}
+
+export class PacketGate implements EpochOutputs {
+  readonly name: string;
+  readonly mode: StateMachine<GateMode>;
+  readonly #o: GateOptions;
+  /** Epoch whose frames are being held now (gated mode). Epoch 1 starts when the VM first runs. */
+  #epoch = 1;
+  /** Highest sealed epoch. */
+  #sealed = 0;
+  /** Held frames by epoch, oldest first; the last one may be the open (current) epoch. */
+  readonly #queue: EpochQueue[] = [];
+  #heldBytes = 0;
+  #heldFrames = 0;
+  #paused = false;
+
+  constructor(o: GateOptions) {
+    this.#o = o;
+    this.name = o.name;
+    this.mode = new StateMachine<GateMode>(`gate ${o.name}`, o.mode, TRANSITIONS, o.log);
+    this.mode.onChange((_from, to) => this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: to, epoch: this.#epoch, at: wallClockMs() }));
+    this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: o.mode, epoch: this.#epoch, at: wallClockMs() });
+  }
+
+  get heldBytes(): number {
+    return this.#heldBytes;
+  }
+  get heldFrames(): number {
+    return this.#heldFrames;
+  }
+  get currentEpoch(): number {
+    return this.#epoch;
+  }
+  /** Whether reading from the guest is stopped for back-pressure. */
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /** Frames the guest sent, in order. */
+  fromGuest(frames: readonly Buffer[]): void {
+    if (frames.length === 0) return;
+    switch (this.mode.state) {
+      case 'pass': {
+        this.#o.sinks.toWire(frames);
+        let bytes = 0;
+        for (const f of frames) bytes += f.length;
+        this.#o.counters?.passed(frames.length, bytes);
+        return;
+      }
+      case 'discarded': {
+        // a fenced VM is being stopped: what it still sends is never an output
+        let bytes = 0;
+        for (const f of frames) bytes += f.length;
+        this.#o.counters?.discarded(frames.length, bytes);
+        return;
+      }
+      case 'gated': {
+        let q = this.#queue[this.#queue.length - 1];
+        if (!q || q.epoch !== this.#epoch) {
+          q = { epoch: this.#epoch, frames: [], bytes: 0 };
+          this.#queue.push(q);
+        }
+        // Never drop: a frame already read is held even past the bound; the bound
+        // stops the next read (see docs/network.md for the resulting worst case).
+        for (const f of frames) {
+          q.frames.push(f);
+          q.bytes += f.length;
+          this.#heldBytes += f.length;
+        }
+        this.#heldFrames += frames.length;
+        this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
+        if (!this.#paused && (this.#heldBytes >= this.#o.maxBytes || this.#heldFrames >= this.#o.maxFrames)) {
+          this.#paused = true;
+          this.#o.counters?.backpressure();
+          this.#o.log?.debug('gate full: back-pressure on the guest', { bytes: this.#heldBytes, frames: this.#heldFrames });
+          this.#o.sinks.pauseGuest(true);
+        }
+        return;
+      }
+    }
+  }
+
+  /** Barrier, VM paused: close epoch k; frames from now on belong to k+1. */
+  seal(epoch: number): Promise<DiskExtent[]> {
+    if (this.mode.is('discarded')) return Promise.resolve([]);
+    if (epoch !== this.#epoch) {
+      return Promise.reject(
+        new TetherError('ERR_GATE_EPOCH', `gate ${this.name}: seal(${epoch}) but the open epoch is ${this.#epoch}`, {
+          epoch,
+          open: this.#epoch,
+        }),
+      );
+    }
+    this.#sealed = epoch;
+    this.#epoch = epoch + 1;
+    return Promise.resolve([]);
+  }
+
+  /** ACK(k): every held frame of epochs <= k leaves, oldest epoch first. */
+  release(epoch: number): void {
+    if (this.mode.is('discarded')) return; // a fenced gate never sends again
+    if (epoch > this.#sealed) {
+      throw new TetherError('ERR_GATE_EPOCH', `gate ${this.name}: release(${epoch}) of an epoch not sealed (last sealed ${this.#sealed})`, {
+        epoch,
+        sealed: this.#sealed,
+      });
+    }
+    while (this.#queue.length > 0 && this.#queue[0]!.epoch <= epoch) this.#releaseHead();
+    this.#maybeResume();
+  }
+
+  /** Completion: everything still held leaves in order, then frames pass straight through. */
+  passThrough(): void {
+    if (!this.mode.is('gated')) return;
+    while (this.#queue.length > 0) this.#releaseHead();
+    this.mode.to('pass', { epoch: this.#epoch });
+    this.#maybeResume();
+  }
+
+  /** Fence: held frames are dropped, the TAP goes down, nothing leaves any more. */
+  discard(): void {
+    if (this.mode.is('discarded')) return;
+    for (const q of this.#queue) {
+      this.#o.counters?.discarded(q.frames.length, q.bytes);
+      this.#o.releaseLog?.({ t: 'discard', nic: this.name, epoch: q.epoch, frames: q.frames.length, bytes: q.bytes, at: wallClockMs() });
+    }
+    this.#queue.length = 0;
+    this.#heldBytes = 0;
+    this.#heldFrames = 0;
+    this.#o.counters?.held(0, 0);
+    this.mode.to('discarded', { epoch: this.#epoch });
+    this.#o.sinks.onDiscard?.();
+  }
+
+  #releaseHead(): void {
+    const q = this.#queue.shift()!;
+    this.#heldBytes -= q.bytes;
+    this.#heldFrames -= q.frames.length;
+    if (this.#o.releaseLog) {
+      this.#o.releaseLog({
+        t: 'release',
+        nic: this.name,
+        epoch: q.epoch,
+        frames: q.frames.length,
+        bytes: q.bytes,
+        at: wallClockMs(),
+        hashes: q.frames.map(frameHash),
+      });
+    }
+    this.#o.sinks.toWire(q.frames);
+    this.#o.counters?.released(q.frames.length, q.bytes);
+    this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
+  }
+
+  /** Resume reading once the queue has drained to half of its bound (hysteresis). */
+  #maybeResume(): void {
+    if (this.#paused && this.#heldBytes <= this.#o.maxBytes / 2 && this.#heldFrames <= this.#o.maxFrames / 2) {
+      this.#paused = false;
+      this.#o.sinks.pauseGuest(false);
+    }
+  }
+}

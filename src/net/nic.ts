@@ -1,0 +1,194 @@
+/**
+ * One guest NIC on this host: QEMU's stream netdev socket on one side, the TAP on the
+ * other, the packet gate on the guest→wire path.
+ *
+ *   guest → wire: socket data → FrameDecoder → PacketGate → TAP (batched write)
+ *   wire → guest: TAP reader thread (batches) → length-prefixed → socket
+ *
+ * QEMU is the stream server; this side connects and reconnects whenever the connection
+ * ends (QEMU restarted by a rollback, QEMU re-listening after a sidecar restart), so the
+ * guest keeps its NIC. While nobody is connected QEMU drops the guest's frames (7.2 marks
+ * the netdev link_down internally): lost, never leaked.
+ */
+import { appendFileSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import net from 'node:net';
+import type { NicConfig } from '../config/types.ts';
+import { encodeFrames, FrameDecoder } from '../gate/codec.ts';
+import { PacketGate } from '../gate/gate.ts';
+import type { GateCounters, ReleaseRecord } from '../gate/gate.ts';
+import type { Logger } from '../util/log.ts';
+import { errorFields } from '../util/log.ts';
+import { deferred } from '../util/time.ts';
+import { TapDevice } from './tap.ts';
+
+/** Wire→guest frames are dropped (counted) while this much is queued towards QEMU: a full NIC ring. */
+const MAX_TO_GUEST_QUEUE = 1 << 20;
+/** Reconnect delay: short first (a rollback's fresh QEMU must get its NIC back quickly), then at most 100 ms. */
+const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
+
+export interface NicCounters extends GateCounters {
+  toGuest(frames: number, bytes: number): void;
+  toGuestDropped(frames: number): void;
+}
+
+export interface NicPortOptions {
+  vm: string;
+  index: number;
+  nic: NicConfig;
+  socketPath: string;
+  mode: 'pass' | 'gated';
+  bounds: { maxBytes: number; maxFrames: number };
+  /** JSON-lines release log file (the harness compares it with a capture), or none. */
+  releaseLogFile?: string;
+  counters?: NicCounters;
+  log: Logger;
+}
+
+export class NicPort {
+  readonly name: string;
+  readonly gate: PacketGate;
+  readonly #o: NicPortOptions;
+  readonly #log: Logger;
+  #tap: TapDevice | undefined;
+  #sock: net.Socket | undefined;
+  #connected = false;
+  #connectWaiters: (() => void)[] = [];
+  #closed = false;
+  #timer: NodeJS.Timeout | undefined;
+  #tapDown = false;
+  #failures = 0;
+  #suspended = false;
+
+  constructor(o: NicPortOptions) {
+    this.#o = o;
+    this.name = `${o.vm}/net${o.index}`;
+    this.#log = o.log.child({ nic: this.name, tap: o.nic.tap });
+    const logFile = o.releaseLogFile;
+    if (logFile) mkdirSync(path.dirname(logFile), { recursive: true, mode: 0o700 });
+    const releaseLog = logFile ? (r: ReleaseRecord) => appendFileSync(logFile, JSON.stringify(r) + '\n') : undefined;
+    this.gate = new PacketGate({
+      name: this.name,
+      mode: o.mode,
+      maxBytes: o.bounds.maxBytes,
+      maxFrames: o.bounds.maxFrames,
+      log: this.#log,
+      ...(o.counters ? { counters: o.counters } : {}),
+      ...(releaseLog ? { releaseLog } : {}),
+      sinks: {
+        toWire: (frames) => {
+          if (this.#tap && !this.#tapDown) this.#tap.write(frames);
+        },
+        pauseGuest: (paused) => {
+          if (paused) this.#sock?.pause();
+          else this.#sock?.resume();
+        },
+        onDiscard: () => {
+          this.#tapDown = true;
+          void this.#tap?.down().catch((e: unknown) => this.#log.warn('TAP down failed', { error: errorFields(e) }));
+        },
+      },
+    });
+  }
+
+  get connected(): boolean {
+    return this.#connected;
+  }
+
+  /** Create/attach the TAP and start connecting to QEMU's socket (QEMU may start later). */
+  async open(): Promise<void> {
+    this.#tap = await TapDevice.open(this.#o.nic.tap, this.#o.nic.bridge);
+    this.#tap.startReading((frames) => this.#toGuest(frames));
+    this.#log.info('NIC attached', { bridge: this.#o.nic.bridge, mode: this.gate.mode.state });
+    this.#connect();
+  }
+
+  /** Resolves once connected to QEMU (or rejects after timeoutMs). */
+  waitConnected(timeoutMs: number): Promise<void> {
+    if (this.#connected) return Promise.resolve();
+    const d = deferred<void>();
+    const t = setTimeout(() => d.reject(new Error(`${this.name}: QEMU's NIC socket not connected after ${timeoutMs} ms`)), timeoutMs);
+    this.#connectWaiters.push(() => {
+      clearTimeout(t);
+      d.resolve();
+    });
+    return d.promise;
+  }
+
+  /**
+   * Stop connecting to QEMU until resume(). A rollback suspends the port before it kills
+   * the old QEMU and resumes it once the restored one runs: QEMU 7.2 crashed (SIGSEGV)
+   * when the stream client connected while it was still loading the device state.
+   */
+  suspend(): void {
+    this.#suspended = true;
+    clearTimeout(this.#timer);
+    const s = this.#sock;
+    this.#sock = undefined;
+    this.#connected = false;
+    s?.destroy();
+  }
+
+  resume(): void {
+    if (!this.#suspended) return;
+    this.#suspended = false;
+    this.#failures = 0;
+    if (!this.#sock && !this.#closed) this.#connect();
+  }
+
+  #connect(): void {
+    if (this.#closed || this.#suspended) return;
+    const sock = net.createConnection({ path: this.#o.socketPath });
+    const dec = new FrameDecoder();
+    this.#sock = sock;
+    sock.on('connect', () => {
+      this.#connected = true;
+      this.#failures = 0;
+      if (this.gate.paused) sock.pause();
+      this.#log.info('connected to QEMU stream netdev', { socket: this.#o.socketPath });
+      for (const w of this.#connectWaiters.splice(0)) w();
+    });
+    sock.on('data', (chunk) => {
+      let frames: Buffer[];
+      try {
+        frames = dec.push(chunk);
+      } catch (e) {
+        // framing lost: drop this connection; QEMU re-listens and we start clean
+        this.#log.error('stream netdev framing error: reconnecting', { error: errorFields(e) });
+        sock.destroy();
+        return;
+      }
+      this.gate.fromGuest(frames);
+    });
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      if (this.#sock !== sock) return;
+      if (this.#connected) this.#log.warn('QEMU stream netdev disconnected: reconnecting');
+      this.#connected = false;
+      this.#sock = undefined;
+      if (!this.#closed && !this.#suspended) this.#timer = setTimeout(() => this.#connect(), reconnectDelay(this.#failures++));
+    });
+  }
+
+  #toGuest(frames: Buffer[]): void {
+    const s = this.#sock;
+    if (!s || !this.#connected || s.writableLength > MAX_TO_GUEST_QUEUE) {
+      this.#o.counters?.toGuestDropped(frames.length);
+      return;
+    }
+    const buf = encodeFrames(frames);
+    s.write(buf);
+    this.#o.counters?.toGuest(frames.length, buf.length - 4 * frames.length);
+  }
+
+  /** Stop for good; `remove` deletes the TAP (the VM left this host), else it persists. */
+  async close(remove: boolean): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    this.#sock?.destroy();
+    this.#sock = undefined;
+    this.#connected = false;
+    await this.#tap?.close(remove).catch((e: unknown) => this.#log.warn('TAP close failed', { error: errorFields(e) }));
+    this.#log.info(remove ? 'NIC removed' : 'NIC detached');
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * A TAP device owned by the sidecar: created (or re-attached, it is persistent) through
+ * the native addon, joined to a bridge and brought up with `ip`, read by a native thread
+ * in batches, written in batches. See native/src/tap.c and docs/network.md.
+ */
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { TetherError } from '../errors.ts';
+import { loadNative } from '../memory/native.ts';
+
+const run = promisify(execFile);
+
+interface TapBinding {
+  tapOpen(name: string, nonblock: boolean): number;
+  tapClose(fd: number, remove: boolean): void;
+  tapWriteBatch(fd: number, frames: readonly Buffer[]): number;
+  tapStartReader(fd: number, cb: (buf: Buffer | null, lens: Uint32Array | number) => void): object;
+  tapStopReader(handle: object): void;
+}
+
+const binding = (): TapBinding => loadNative() as unknown as TapBinding;
+
+function tapError(e: unknown, what: string): TetherError {
+  const ne = e as Error & { code?: string; errno?: number; syscall?: string };
+  return new TetherError('ERR_TAP', `${what}: ${ne.message}`, { errno: ne.errno, syscall: ne.syscall });
+}
+
+/** `ip` with arguments (no shell): names come from validated config only. */
+async function ip(args: string[]): Promise<void> {
+  try {
+    await run('ip', args);
+  } catch (e) {
+    const err = e as { stderr?: string; message: string };
+    throw new TetherError('ERR_TAP', `ip ${args.join(' ')}: ${(err.stderr ?? err.message).trim()}`);
+  }
+}
+
+export class TapDevice {
+  readonly name: string;
+  readonly #fd: number;
+  #reader: object | undefined;
+  #readerEnded: Promise<number> | undefined;
+  #closed = false;
+
+  private constructor(name: string, fd: number) {
+    this.name = name;
+    this.#fd = fd;
+  }
+
+  /** Raw fd (benchmarks). */
+  get fd(): number {
+    return this.#fd;
+  }
+
+  /**
+   * Create the TAP (or attach to the existing persistent one of that name), put it in
+   * `bridge` and bring it up. Idempotent across sidecar restarts.
+   */
+  static async open(name: string, bridge: string | null, opts: { nonblock?: boolean } = {}): Promise<TapDevice> {
+    let fd: number;
+    try {
+      fd = binding().tapOpen(name, opts.nonblock ?? true);
+    } catch (e) {
+      throw tapError(e, `cannot open TAP ${name}`);
+    }
+    const tap = new TapDevice(name, fd);
+    try {
+      if (bridge !== null) await ip(['link', 'set', 'dev', name, 'master', bridge]);
+      await ip(['link', 'set', 'dev', name, 'up']);
+    } catch (e) {
+      await tap.close(true);
+      throw e;
+    }
+    return tap;
+  }
+
+  /** Frames to the wire; returns how many the kernel took (a full queue drops, like a NIC). */
+  write(frames: readonly Buffer[]): number {
+    if (this.#closed || frames.length === 0) return 0;
+    try {
+      return binding().tapWriteBatch(this.#fd, frames);
+    } catch (e) {
+      throw tapError(e, `write to TAP ${this.name}`);
+    }
+  }
+
+  /** Start the native reader: onFrames gets every batch (views into one buffer per batch). */
+  startReading(onFrames: (frames: Buffer[]) => void, onEnd?: (errno: number) => void): void {
+    if (this.#reader) return;
+    let resolveEnd!: (errno: number) => void;
+    this.#readerEnded = new Promise((r) => (resolveEnd = r));
+    this.#reader = binding().tapStartReader(this.#fd, (buf, lens) => {
+      if (buf === null) {
+        resolveEnd(lens as number);
+        onEnd?.(lens as number);
+        return;
+      }
+      const l = lens as Uint32Array;
+      const frames: Buffer[] = new Array(l.length);
+      let pos = 0;
+      for (let i = 0; i < l.length; i++) {
+        frames[i] = buf.subarray(pos, pos + l[i]!);
+        pos += l[i]!;
+      }
+      onFrames(frames);
+    });
+  }
+
+  async stopReading(): Promise<void> {
+    if (!this.#reader) return;
+    binding().tapStopReader(this.#reader);
+    await this.#readerEnded;
+    this.#reader = undefined;
+  }
+
+  /** Take the link down: nothing leaves or arrives through it any more. */
+  async down(): Promise<void> {
+    await ip(['link', 'set', 'dev', this.name, 'down']);
+  }
+
+  /** Stop reading and close; `remove` deletes the device (the VM left this host). */
+  async close(remove: boolean): Promise<void> {
+    if (this.#closed) return;
+    await this.stopReading();
+    this.#closed = true;
+    try {
+      binding().tapClose(this.#fd, remove);
+    } catch (e) {
+      throw tapError(e, `close TAP ${this.name}`);
+    }
+  }
+
+  /** Delete a persistent TAP by name (a VM fenced or gone while no sidecar held it). */
+  static async remove(name: string): Promise<void> {
+    let fd: number;
+    try {
+      fd = binding().tapOpen(name, true);
+    } catch {
+      return; // absent (or not a TAP we can own): nothing to remove
+    }
+    binding().tapClose(fd, true);
+  }
+}
