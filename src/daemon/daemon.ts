@@ -336,6 +336,7 @@ export class Daemon {
           to,
           onProgress: progress,
           metrics: this.metrics,
+          faults: this.#faults,
           nicsReady: async () => {
             await Promise.all((this.#nics.get(vm.name) ?? []).map((p) => p.waitConnected(NIC_CONNECT_MS)));
           },

@@ -8,3 +8,4 @@ t.throws(() => parseFaults('corrupt-epoch=-1'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('gate-open,corrupt-epoch=2'), { gateOpen: true, corruptEpoch: 2 });
 t.throws(() => parseFaults('gate-open=1'), { code: 'ERR_FAULTS_INVALID' });
+t.same(parseFaults('hold-acks-ms=3000,hold-acks-epoch=4'), { holdAcksMs: 3000, holdAcksEpoch: 4 });

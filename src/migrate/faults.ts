@@ -7,6 +7,9 @@ import { TetherError } from '../errors.ts';
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
  *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
+ *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
+ *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences)
+ *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  */
@@ -14,6 +17,8 @@ export interface Faults {
   delayFirstCheckpointMs?: number;
   corruptEpoch?: number;
   truncateEpoch?: number;
+  holdAcksMs?: number;
+  holdAcksEpoch?: number;
   gateOpen?: boolean;
 }
 
@@ -26,6 +31,8 @@ const NAMES: Record<string, Exclude<keyof Faults, 'gateOpen'>> = {
   'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',
+  'hold-acks-ms': 'holdAcksMs',
+  'hold-acks-epoch': 'holdAcksEpoch',
 };
 
 export function parseFaults(spec: string | undefined): Faults {

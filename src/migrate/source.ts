@@ -16,6 +16,7 @@ import { deferred, nowMs, sleep } from '../util/time.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { PeerControl } from './control-messages.ts';
+import type { Faults } from './faults.ts';
 import { round, summarize } from './result.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
@@ -48,6 +49,8 @@ export interface SourceOptions {
    * NICs are connected to the sidecar again, so the announcement reaches the wire.
    */
   nicsReady?: () => Promise<void>;
+  /** Fault injection (TETHER_FAULTS): only hold-acks-* is read here. */
+  faults?: Faults;
 }
 
 /**
@@ -58,6 +61,7 @@ export interface SourceOptions {
 export class SourceMigration {
   readonly phase: StateMachine<SourcePhase>;
   readonly #opts: SourceOptions;
+  #holdAcksUntil: number | undefined;
   readonly #vm: VmInstance;
   readonly #store: CheckpointStore;
   readonly #result = deferred<MigrationResult>();
@@ -276,6 +280,17 @@ export class SourceMigration {
     this.#ckptBytes.push(bytes);
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
+    const f = this.#opts.faults;
+    if (f?.holdAcksMs && ckpt.epoch >= (f.holdAcksEpoch ?? 3)) {
+      // Fault injection: one hold, armed by the first checkpoint it applies to. D waits
+      // for this ACK before its next barrier, so its guest runs on, all output held.
+      this.#holdAcksUntil ??= nowMs() + f.holdAcksMs;
+      const wait = this.#holdAcksUntil - nowMs();
+      if (wait > 0) {
+        this.#vm.log.warn('fault injection: holding ACK', { epoch: ckpt.epoch, ms: Math.round(wait) });
+        await sleep(wait);
+      }
+    }
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
     if (this.#decided) return;
     await this.#channel?.send({ type: 'ack', epoch: ckpt.epoch }).catch(() => {});
