@@ -110,3 +110,34 @@ export async function assertConversationContinues(t: Test, client: NetClient, wh
   t.equal(client.events.filter((e) => e.ev === 'hello').length, 1, 'one connection, one greeting');
   t.notOk(client.exited, 'the client is still connected');
 }
+
+/**
+ * Faults for the network rollback scenarios: the source withholds ACK(HOLD_EPOCH) (and
+ * later ones) for HOLD_MS, so the destination's guest runs on with all of its output
+ * held by the gate; the interruption lands inside that hold. The hold stays below the
+ * 4000 ms fence timeout of the harness, so only the interruption ends the migration.
+ */
+export const HOLD_EPOCH = 10;
+export const HOLD_MS = 3500;
+export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=${HOLD_EPOCH}`;
+/** How far into the hold the interruption lands: the guest has answered some requests by then. */
+export const INTERRUPT_AFTER_MS = 1500;
+
+/**
+ * Migrate, wait until the source applied checkpoint HOLD_EPOCH (its ACK is now held),
+ * let the destination's guest answer for a while, then `interrupt`. Returns the
+ * migration result and the answers the client received while the ACK was held.
+ */
+export async function interruptDuringHold(
+  c: Cluster,
+  client: NetClient,
+  interrupt: () => void | Promise<void>,
+): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number }> {
+  const migrating = c.migrate();
+  await waitApplied(c, HOLD_EPOCH, migrating);
+  const holdSeen = Date.now();
+  await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
+  await interrupt();
+  const heldAnswers = client.answers(holdSeen).length;
+  return { mig: await migrating, heldAnswers };
+}
