@@ -72,7 +72,13 @@ export interface ClusterOptions {
     intervalMs?: number;
     failoverTimeoutMs?: number;
     fenceTimeoutMs?: number;
+    /** Appended to the guest kernel command line (e.g. "tether.ip=10.99.0.2/24"). */
+    appendExtra?: string;
+    /** YAML lines appended to the VM config (e.g. a nics: block). */
+    extraYaml?: string[];
   };
+  /** Extra environment for both daemons. */
+  env?: Record<string, string>;
 }
 
 export interface RunResult {
@@ -200,7 +206,7 @@ export class Cluster {
         `memoryMiB: 512`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
-        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${net}"`,
+        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
         ...nic,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,
@@ -208,6 +214,7 @@ export class Cluster {
         `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
         `migration:`,
         `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
+        ...(v.extraYaml ?? []),
         '',
       ].join('\n'),
     );
@@ -296,7 +303,7 @@ export class Cluster {
     h.daemon = spawn('ip', ['netns', 'exec', h.ns, process.execPath, TETHER, 'daemon', '--config', h.config], {
       stdio: ['ignore', log, log],
       detached: true,
-      env: { ...process.env, ...(faults ? { TETHER_FAULTS: faults } : {}) },
+      env: { ...process.env, ...this.opts.env, ...(faults ? { TETHER_FAULTS: faults } : {}) },
     });
     fs.closeSync(log);
   }

@@ -18,10 +18,9 @@ export function isTetherError(e: unknown, code?: string): e is TetherError {
 }
 
 /*
- * Codes of the packet gate (src/gate/, src/net/):
+ * Codes of the packet gate and guest NICs (src/gate/, src/net/):
  *   ERR_GATE_FRAME_EMPTY      the stream netdev carried a zero-length frame (framing lost)
  *   ERR_GATE_FRAME_TOO_LARGE  a frame longer than MAX_FRAME_BYTES (65553) on the stream netdev or for the TAP
  *   ERR_GATE_EPOCH            seal/release of an epoch out of order (a bug in the caller, nothing changed)
  *   ERR_TAP                   creating, configuring, reading or writing a TAP device failed
- *   ERR_CONFIG_NIC            (config) a NIC entry is invalid: field named in the message
  */

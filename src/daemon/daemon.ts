@@ -139,12 +139,12 @@ export class Daemon {
           log.warn('VM was not running when the sidecar restarted');
         }
         await vm.setMigrationMarker(null);
-        if (vm.place === 'running') {
+        if (vm.place === 'running' && !this.#nics.has(vm.name)) {
           // QEMU went back to listening when the old sidecar's connection died; the TAP
           // is persistent and still in its bridge: reattach both.
           const ports = this.#createNics(vm, 'pass');
           await this.#openNics(vm, ports);
-        } else {
+        } else if (vm.place !== 'running') {
           for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
         }
       } catch (e) {
@@ -184,6 +184,10 @@ export class Daemon {
     if (pid) await killPid(pid);
     await vm.restoreFrom(last.devstatePath);
     await waitRunning(vm);
+    // NICs first, so that the announcement reaches the wire
+    await this.#openNics(vm, this.#createNics(vm, 'pass')).catch((e: unknown) =>
+      log.warn('NIC not reconnected before announce', { error: errorFields(e) }),
+    );
     await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
     vm.place = 'running';
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
@@ -337,8 +341,13 @@ export class Daemon {
           onProgress: progress,
           metrics: this.metrics,
           faults: this.#faults,
-          nicsReady: async () => {
-            await Promise.all((this.#nics.get(vm.name) ?? []).map((p) => p.waitConnected(NIC_CONNECT_MS)));
+          nics: {
+            suspend: () => (this.#nics.get(vm.name) ?? []).forEach((p) => p.suspend()),
+            resume: async () => {
+              const ports = this.#nics.get(vm.name) ?? [];
+              ports.forEach((p) => p.resume());
+              await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
+            },
           },
         });
         this.#outgoing.set(vm.name, mig);

@@ -45,10 +45,11 @@ export interface SourceOptions {
   to: { host: string; port: number };
   onProgress?: (p: Record<string, unknown>) => void;
   /**
-   * After a rollback restore, before announce-self: resolves once the restored QEMU's
-   * NICs are connected to the sidecar again, so the announcement reaches the wire.
+   * The VM's NIC ports: suspended before the rollback kills the old QEMU (no connection
+   * while the restored QEMU loads its device state), resumed once it runs; resume()
+   * resolves when they are connected again, so announce-self reaches the wire.
    */
-  nicsReady?: () => Promise<void>;
+  nics?: { suspend(): void; resume(): Promise<void> };
   /** Fault injection (TETHER_FAULTS): only hold-acks-* is read here. */
   faults?: Faults;
 }
@@ -357,11 +358,14 @@ export class SourceMigration {
         const last = this.#store.lastApplied();
         figures.epoch = last.epoch;
         const t1 = nowMs();
+        this.#opts.nics?.suspend();
         await vm.killQemu();
         const t2 = nowMs();
         await vm.restoreFrom(last.devstatePath);
         await waitRunning(vm);
-        await this.#opts.nicsReady?.().catch((e: unknown) => vm.log.warn('NIC not reconnected before announce', { error: errorFields(e) }));
+        await this.#opts.nics
+          ?.resume()
+          .catch((e: unknown) => vm.log.warn('NIC not reconnected before announce', { error: errorFields(e) }));
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
         const t4 = nowMs();

@@ -58,6 +58,7 @@ export class NicPort {
   #timer: NodeJS.Timeout | undefined;
   #tapDown = false;
   #failures = 0;
+  #suspended = false;
 
   constructor(o: NicPortOptions) {
     this.#o = o;
@@ -114,8 +115,29 @@ export class NicPort {
     return d.promise;
   }
 
+  /**
+   * Stop connecting to QEMU until resume(). A rollback suspends the port before it kills
+   * the old QEMU and resumes it once the restored one runs: QEMU 7.2 crashed (SIGSEGV)
+   * when the stream client connected while it was still loading the device state.
+   */
+  suspend(): void {
+    this.#suspended = true;
+    clearTimeout(this.#timer);
+    const s = this.#sock;
+    this.#sock = undefined;
+    this.#connected = false;
+    s?.destroy();
+  }
+
+  resume(): void {
+    if (!this.#suspended) return;
+    this.#suspended = false;
+    this.#failures = 0;
+    if (!this.#sock && !this.#closed) this.#connect();
+  }
+
   #connect(): void {
-    if (this.#closed) return;
+    if (this.#closed || this.#suspended) return;
     const sock = net.createConnection({ path: this.#o.socketPath });
     const dec = new FrameDecoder();
     this.#sock = sock;
@@ -144,7 +166,7 @@ export class NicPort {
       if (this.#connected) this.#log.warn('QEMU stream netdev disconnected: reconnecting');
       this.#connected = false;
       this.#sock = undefined;
-      if (!this.#closed) this.#timer = setTimeout(() => this.#connect(), reconnectDelay(this.#failures++));
+      if (!this.#closed && !this.#suspended) this.#timer = setTimeout(() => this.#connect(), reconnectDelay(this.#failures++));
     });
   }
 

@@ -3,12 +3,14 @@
  *
  *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
  *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
+ *   npm run bench gate    [-- --seconds 3]               packet gate and TAP data path (tools/bench/gate.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
 const BENCHES: Record<string, string> = {
   scan: './scan.ts',
   migrate: './migrate.ts',
+  gate: './gate.ts',
 };
 
 const name = process.argv[2];
