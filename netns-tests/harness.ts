@@ -3,6 +3,16 @@
  * machine, linked by a veth pair, each running its own tether daemon with its
  * own state dir, real QEMU (TCG) and the memcheck guest. Everything it creates
  * is removed in teardown, also when the test fails or is interrupted.
+ *
+ * With `guestNet` the guest also gets a NIC and runs netcheck, and a third namespace,
+ * the client, joins: each host has a bridge (GUEST_BRIDGE) holding the VM's TAP and
+ * an uplink veth whose other end is a port of the switch bridge in the client
+ * namespace (SWITCH_PORT_S / SWITCH_PORT_D). The guest segment shares nothing with
+ * the migration link, so cutting that link leaves the guest reachable.
+ *
+ *      client ns                 host-s ns                      host-d ns
+ *   [sw 10.99.0.1]--ups ~~ upl--[brg]--tap0 (VM)   ...   [brg]--tap0 (VM)
+ *        \------upd ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ upl--/
  */
 import { execFileSync, spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
@@ -31,7 +41,27 @@ export interface Host {
   daemon?: ChildProcess;
 }
 
+/** The guest segment: fixed, every cluster's segment lives in its own namespaces. */
+export const GUEST_IP = '10.99.0.10';
+export const CLIENT_IP = '10.99.0.1';
+export const GUEST_MAC = '52:54:00:12:34:56';
+export const NETCHECK_PORT = 7000;
+export const GUEST_BRIDGE = 'brg';
+export const GUEST_TAP = 'tap0';
+export const SWITCH_BRIDGE = 'sw';
+export const SWITCH_PORT_S = 'ups';
+export const SWITCH_PORT_D = 'upd';
+
 export interface ClusterOptions {
+  /**
+   * Give the guest a NIC on the guest segment and start netcheck in it.
+   *   qemu-tap: QEMU's own `-netdev tap` on a TAP the harness creates (no gate: the
+   *             baseline, and a NIC whose output nobody holds back);
+   *   gate:     the VM config's `nics`, served by the sidecar's gate.
+   */
+  guestNet?: 'qemu-tap' | 'gate';
+  /** Bound of the gate's held frames (VM config `gate`), with guestNet 'gate'. */
+  gate?: { maxBytes?: number; maxFrames?: number };
   /** TETHER_FAULTS for each daemon. */
   faults?: { source?: string; destination?: string };
   /** Give the destination a different peer key than the source (an impostor). */
@@ -79,6 +109,9 @@ export class Cluster {
   readonly dst: Host;
   readonly vmConfig: string;
   readonly vmName = 'vm1';
+  /** The client namespace (guestNet only). */
+  readonly clientNs: string;
+  readonly clients = new Set<NetClient>();
   #cleaned = false;
 
   constructor(readonly opts: ClusterOptions = {}) {
@@ -101,6 +134,7 @@ export class Cluster {
     this.src = mk('source', 's', `10.77.${net3}.1`);
     this.dst = mk('destination', 'd', `10.77.${net3}.2`);
     this.vmConfig = path.join(this.src.vmConfigDir, 'vm1.yaml');
+    this.clientNs = `${this.id}c`;
   }
 
   serialLog(h: Host): string {
@@ -124,6 +158,7 @@ export class Cluster {
       sh('ip', ['-n', h.ns, 'link', 'set', ifc, 'up']);
       sh('ip', ['-n', h.ns, 'link', 'set', 'lo', 'up']);
     }
+    if (this.opts.guestNet) this.#guestSegment();
     for (const h of [src, dst]) {
       const keyFile = path.join(this.dir, this.opts.mismatchedKeys ? `peer-${h.role}.key` : 'peer.key');
       if (!fs.existsSync(keyFile)) fs.writeFileSync(keyFile, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
@@ -148,6 +183,26 @@ export class Cluster {
       );
     }
     const v = this.opts.vm ?? {};
+    const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24 tether.netcheck=${NETCHECK_PORT}` : '';
+    const nic: string[] = [];
+    if (this.opts.guestNet === 'qemu-tap') {
+      nic.push(
+        'qemu:',
+        '  extraArgs:',
+        '    - "-netdev"',
+        `    - "tap,id=net0,ifname=${GUEST_TAP},script=no,downscript=no"`,
+        '    - "-device"',
+        `    - "virtio-net-pci,netdev=net0,mac=${GUEST_MAC}"`,
+      );
+    } else if (this.opts.guestNet === 'gate') {
+      nic.push('nics:', `  - mac: "${GUEST_MAC}"`, `    bridge: ${GUEST_BRIDGE}`, `    tap: ${GUEST_TAP}`);
+      const g = this.opts.gate ?? {};
+      if (g.maxBytes !== undefined || g.maxFrames !== undefined) {
+        nic.push('gate:');
+        if (g.maxBytes !== undefined) nic.push(`  maxBytes: ${g.maxBytes}`);
+        if (g.maxFrames !== undefined) nic.push(`  maxFrames: ${g.maxFrames}`);
+      }
+    }
     this.writeVmConfig(
       [src, dst],
       [
@@ -155,7 +210,8 @@ export class Cluster {
         `memoryMiB: 512`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
-        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
+        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
+        ...nic,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,
         `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 8000}`,
@@ -176,6 +232,66 @@ export class Cluster {
       fs.mkdirSync(h.vmConfigDir, { recursive: true });
       fs.writeFileSync(path.join(h.vmConfigDir, `${this.vmName}.yaml`), text);
     }
+  }
+
+  /**
+   * The guest segment (see the file comment). Namespaces own every device created
+   * here, so deleting the three namespaces removes all of it.
+   */
+  #guestSegment(): void {
+    const c = this.clientNs;
+    sh('ip', ['netns', 'add', c]);
+    sh('ip', ['-n', c, 'link', 'set', 'lo', 'up']);
+    sh('ip', ['-n', c, 'link', 'add', SWITCH_BRIDGE, 'type', 'bridge']);
+    sh('ip', ['-n', c, 'addr', 'add', `${CLIENT_IP}/24`, 'dev', SWITCH_BRIDGE]);
+    sh('ip', ['-n', c, 'link', 'set', SWITCH_BRIDGE, 'up']);
+    for (const [h, port] of [
+      [this.src, SWITCH_PORT_S],
+      [this.dst, SWITCH_PORT_D],
+    ] as const) {
+      sh('ip', ['-n', h.ns, 'link', 'add', GUEST_BRIDGE, 'type', 'bridge']);
+      sh('ip', ['-n', h.ns, 'link', 'set', GUEST_BRIDGE, 'up']);
+      sh('ip', ['-n', h.ns, 'link', 'add', 'upl', 'type', 'veth', 'peer', 'name', port, 'netns', c]);
+      sh('ip', ['-n', h.ns, 'link', 'set', 'upl', 'master', GUEST_BRIDGE, 'up']);
+      sh('ip', ['-n', c, 'link', 'set', port, 'master', SWITCH_BRIDGE, 'up']);
+      if (this.opts.guestNet === 'qemu-tap') {
+        // QEMU attaches to this TAP by name; the gate creates its own.
+        sh('ip', ['-n', h.ns, 'tuntap', 'add', 'dev', GUEST_TAP, 'mode', 'tap']);
+        sh('ip', ['-n', h.ns, 'link', 'set', GUEST_TAP, 'master', GUEST_BRIDGE, 'up']);
+      }
+    }
+  }
+
+  /** Start a verifying netcheck client in the client namespace. */
+  netclient(opts: { intervalMs?: number; stallMs?: number; udpPort?: number } = {}): NetClient {
+    const args = [
+      'netns',
+      'exec',
+      this.clientNs,
+      process.execPath,
+      '--import',
+      'tsx',
+      path.join(ROOT, 'netns-tests', 'netclient.ts'),
+      '--host',
+      GUEST_IP,
+      '--port',
+      String(NETCHECK_PORT),
+      '--interval-ms',
+      String(opts.intervalMs ?? 100),
+      '--stall-ms',
+      String(opts.stallMs ?? 45_000),
+      '--udp-port',
+      String(opts.udpPort ?? 7001),
+    ];
+    const p = spawn('ip', args, { stdio: ['pipe', 'pipe', 'pipe'], cwd: ROOT });
+    const client = new NetClient(p, path.join(this.dir, `netclient-${this.clients.size}.jsonl`));
+    this.clients.add(client);
+    return client;
+  }
+
+  /** Run a command in the client namespace. */
+  inClient(cmd: string, args: string[], opts: { allowFail?: boolean } = {}): string {
+    return sh('ip', ['netns', 'exec', this.clientNs, cmd, ...args], opts);
   }
 
   /** SIGKILL one host's sidecar only (its QEMU processes keep running). */
@@ -272,6 +388,7 @@ export class Cluster {
   async cleanup(): Promise<void> {
     if (this.#cleaned) return;
     this.#cleaned = true;
+    await Promise.all([...this.clients].map((cl) => cl.stop()));
     for (const h of [this.src, this.dst]) {
       if (h.daemon?.pid && h.daemon.exitCode === null) {
         try {
@@ -289,6 +406,7 @@ export class Cluster {
 
   /** Synchronous part of cleanup: also run from process exit handlers. */
   cleanupSync(): void {
+    for (const cl of this.clients) cl.kill();
     for (const h of [this.src, this.dst]) {
       if (h.daemon?.pid) {
         try {
@@ -301,6 +419,7 @@ export class Cluster {
     // QEMU processes of this cluster: their command lines name the cluster's dirs
     sh('pkill', ['-9', '-f', `qemu-system.*tether-${this.id}[-/]`], { allowFail: true });
     for (const h of [this.src, this.dst]) sh('ip', ['netns', 'del', h.ns], { allowFail: true });
+    if (this.opts.guestNet) sh('ip', ['netns', 'del', this.clientNs], { allowFail: true });
     fs.rmSync(`/dev/shm/tether-${this.id}`, { recursive: true, force: true });
     if (!process.env.TETHER_KEEP_TEST_DIRS) fs.rmSync(this.dir, { recursive: true, force: true });
     live.delete(this);
@@ -325,7 +444,7 @@ process.once('exit', () => {
 export function sweepStale(): void {
   const owners = new Set<string>();
   for (const line of sh('ip', ['netns', 'list'], { allowFail: true }).split('\n')) {
-    const m = /^(tt(\d+)x\d+)[sd]\b/.exec(line);
+    const m = /^(tt(\d+)x\d+)[sdc]\b/.exec(line);
     if (m && !pidAlive(Number(m[2]))) owners.add(m[1]!);
   }
   for (const f of fs.readdirSync('/dev/shm')) {
@@ -335,7 +454,17 @@ export function sweepStale(): void {
   for (const id of owners) {
     sh('pkill', ['-9', '-f', `tether-${id}-.*/[sd]\\.yaml`], { allowFail: true }); // daemons
     sh('pkill', ['-9', '-f', `qemu-system.*tether-${id}[-/]`], { allowFail: true });
-    for (const suffix of ['s', 'd']) sh('ip', ['netns', 'del', `${id}${suffix}`], { allowFail: true });
+    // netclients run in the client namespace (ns "<id>c"); its devices go with it
+    for (const pid of sh('ip', ['netns', 'pids', `${id}c`], { allowFail: true })
+      .split(/\s+/)
+      .filter(Boolean)) {
+      try {
+        process.kill(Number(pid), 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+    for (const suffix of ['s', 'd', 'c']) sh('ip', ['netns', 'del', `${id}${suffix}`], { allowFail: true });
     fs.rmSync(`/dev/shm/tether-${id}`, { recursive: true, force: true });
   }
 }
@@ -436,4 +565,124 @@ export async function waitPasses(serialLog: string, from: number, count: number,
 
 export function qemuAlive(pid: number | null | undefined): boolean {
   return !!pid && pidAlive(pid);
+}
+
+export interface NetEvent {
+  t: number;
+  ev: string;
+  [k: string]: any;
+}
+
+/**
+ * A running netclient (netns-tests/netclient.ts): collects its JSON-line events (also
+ * written to `log`) and lets a test wait on them.
+ */
+export class NetClient {
+  readonly events: NetEvent[] = [];
+  readonly stderr: string[] = [];
+  #exited: Promise<void>;
+  #listeners = new Set<(e: NetEvent) => void>();
+
+  constructor(
+    readonly proc: ChildProcess,
+    readonly log: string,
+  ) {
+    let buf = '';
+    proc.stdout!.on('data', (d: Buffer) => {
+      fs.appendFileSync(log, d);
+      buf += d.toString('utf8');
+      let nl;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        try {
+          const e = JSON.parse(line) as NetEvent;
+          this.events.push(e);
+          for (const l of this.#listeners) l(e);
+        } catch {
+          this.stderr.push(`unparsable: ${line}`);
+        }
+      }
+    });
+    proc.stderr!.on('data', (d: Buffer) => this.stderr.push(d.toString('utf8')));
+    this.#exited = new Promise((resolve) => proc.once('exit', () => resolve()));
+  }
+
+  get violations(): NetEvent[] {
+    return this.events.filter((e) => e.ev === 'violation');
+  }
+
+  answers(since = 0): NetEvent[] {
+    return this.events.filter((e) => e.ev === 'answer' && e.t >= since);
+  }
+
+  get exited(): boolean {
+    return this.proc.exitCode !== null || this.proc.signalCode !== null;
+  }
+
+  command(line: string): void {
+    this.proc.stdin!.write(line + '\n');
+  }
+
+  /** Wait for `count` verified answers that arrived at or after `since` (ms epoch). */
+  async waitAnswers(count: number, what: string, since = 0, timeoutMs?: number): Promise<void> {
+    await waitFor(
+      () => {
+        if (this.exited) throw new Error(`netclient exited while waiting for ${what}: ${this.stderr.join('').slice(-1500)}`);
+        return this.answers(since).length >= count;
+      },
+      `${count} verified answers ${what} (${this.log})`,
+      timeoutMs,
+    );
+  }
+
+  /** Resolves as soon as the next event matching `pred` arrives (no polling delay). */
+  next(pred: (e: NetEvent) => boolean): Promise<NetEvent> {
+    return new Promise((resolve) => {
+      const l = (e: NetEvent) => {
+        if (!pred(e)) return;
+        this.#listeners.delete(l);
+        resolve(e);
+      };
+      this.#listeners.add(l);
+    });
+  }
+
+  async waitEvent(pred: (e: NetEvent) => boolean, what: string, timeoutMs?: number): Promise<NetEvent> {
+    let found: NetEvent | undefined;
+    await waitFor(
+      () => {
+        found = this.events.find(pred);
+        if (!found && this.exited) throw new Error(`netclient exited while waiting for ${what}`);
+        return !!found;
+      },
+      `${what} (${this.log})`,
+      timeoutMs,
+    );
+    return found!;
+  }
+
+  /** Ask the client to stop and wait for its summary. */
+  async stop(): Promise<void> {
+    if (!this.exited) {
+      try {
+        this.command('stop');
+      } catch {
+        /* stdin gone */
+      }
+      const timer = setTimeout(() => this.kill(), 5000);
+      await this.#exited;
+      clearTimeout(timer);
+    }
+  }
+
+  kill(): void {
+    if (this.proc.pid && !this.exited) {
+      try {
+        process.kill(this.proc.pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+  }
 }

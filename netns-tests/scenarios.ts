@@ -2,9 +2,10 @@
  * Shared steps of the migration scenarios: boot the memcheck guest on the
  * source, migrate, interrupt, and check the guest's own verdict on its memory.
  */
+import fs from 'node:fs';
 import type { Test } from 'tap';
 import { Cluster, fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
-import type { ClusterOptions, Host } from './harness.ts';
+import type { ClusterOptions, Host, NetClient } from './harness.ts';
 
 export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
   const c = new Cluster(opts);
@@ -72,4 +73,71 @@ export async function assertNotRunningOn(t: Test, c: Cluster, h: Host): Promise<
   );
   const s = await c.status(h);
   t.notOk(qemuAlive(s.pid), `no QEMU for the VM on ${h.name} (state ${s.state})`);
+}
+
+/**
+ * Boot a cluster whose guest has a NIC and runs netcheck, start a verifying client and
+ * wait until the conversation is verified (memcheck running too).
+ */
+export async function bootNetCluster(t: Test, opts: ClusterOptions = {}): Promise<{ c: Cluster; client: NetClient }> {
+  const c = await bootCluster(t, { guestNet: NET_MODE, ...opts });
+  await waitFor(() => /netcheck listening/.test(readText(c.serialLog(c.src))), 'netcheck listening in the guest');
+  const client = c.netclient();
+  await client.waitAnswers(10, 'before migrating');
+  t.same(client.violations, [], 'conversation verified before migrating');
+  return { c, client };
+}
+
+/** NIC backend of the network scenarios: the gate (TETHER_TEST_NIC=qemu-tap for the ungated baseline). */
+export const NET_MODE: 'gate' | 'qemu-tap' = process.env.TETHER_TEST_NIC === 'qemu-tap' ? 'qemu-tap' : 'gate';
+
+function readText(p: string): string {
+  try {
+    return fs.readFileSync(p, 'latin1');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * After a rollback or completion: the same connection keeps answering, verified, and no
+ * violation was ever reported.
+ */
+export async function assertConversationContinues(t: Test, client: NetClient, what: string): Promise<void> {
+  const since = Date.now();
+  await client.waitAnswers(20, what, since);
+  t.same(client.violations, [], `no violation: ${what}`);
+  t.equal(client.events.filter((e) => e.ev === 'hello').length, 1, 'one connection, one greeting');
+  t.notOk(client.exited, 'the client is still connected');
+}
+
+/**
+ * Faults for the network rollback scenarios: the source withholds ACK(HOLD_EPOCH) (and
+ * later ones) for HOLD_MS, so the destination's guest runs on with all of its output
+ * held by the gate; the interruption lands inside that hold. The hold stays below the
+ * 4000 ms fence timeout of the harness, so only the interruption ends the migration.
+ */
+export const HOLD_EPOCH = 10;
+export const HOLD_MS = 3500;
+export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=${HOLD_EPOCH}`;
+/** How far into the hold the interruption lands: the guest has answered some requests by then. */
+export const INTERRUPT_AFTER_MS = 1500;
+
+/**
+ * Migrate, wait until the source applied checkpoint HOLD_EPOCH (its ACK is now held),
+ * let the destination's guest answer for a while, then `interrupt`. Returns the
+ * migration result and the answers the client received while the ACK was held.
+ */
+export async function interruptDuringHold(
+  c: Cluster,
+  client: NetClient,
+  interrupt: () => void | Promise<void>,
+): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number }> {
+  const migrating = c.migrate();
+  await waitApplied(c, HOLD_EPOCH, migrating);
+  const holdSeen = Date.now();
+  await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
+  await interrupt();
+  const heldAnswers = client.answers(holdSeen).length;
+  return { mig: await migrating, heldAnswers };
 }

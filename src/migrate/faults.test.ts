@@ -9,3 +9,4 @@ t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('cut-completion=3'), { cutCompletion: 3 });
 t.same(parseFaults('gate-open,corrupt-epoch=2'), { gateOpen: true, corruptEpoch: 2 });
 t.throws(() => parseFaults('gate-open=1'), { code: 'ERR_FAULTS_INVALID' });
+t.same(parseFaults('hold-acks-ms=3000,hold-acks-epoch=4'), { holdAcksMs: 3000, holdAcksEpoch: 4 });

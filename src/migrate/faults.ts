@@ -9,6 +9,9 @@ import { TetherError } from '../errors.ts';
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
+ *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
+ *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences)
+ *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  */
@@ -17,6 +20,8 @@ export interface Faults {
   corruptEpoch?: number;
   truncateEpoch?: number;
   cutCompletion?: number;
+  holdAcksMs?: number;
+  holdAcksEpoch?: number;
   gateOpen?: boolean;
 }
 
@@ -46,6 +51,8 @@ const NAMES: Record<string, Exclude<keyof Faults, 'gateOpen'>> = {
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',
   'cut-completion': 'cutCompletion',
+  'hold-acks-ms': 'holdAcksMs',
+  'hold-acks-epoch': 'holdAcksEpoch',
 };
 
 export function parseFaults(spec: string | undefined): Faults {

@@ -54,6 +54,7 @@ export interface SourceOptions {
   metrics?: TetherMetrics;
   vm: VmInstance;
   to: { host: string; port: number };
+  /** Fault injection (TETHER_FAULTS): cut-completion and hold-acks-* are read here. */
   faults?: Faults;
   onProgress?: (p: Record<string, unknown>) => void;
   /**
@@ -72,6 +73,7 @@ export interface SourceOptions {
 export class SourceMigration {
   readonly phase: StateMachine<SourcePhase>;
   readonly #opts: SourceOptions;
+  #holdAcksUntil: number | undefined;
   readonly #vm: VmInstance;
   readonly #store: CheckpointStore;
   readonly #result = deferred<MigrationResult>();
@@ -342,6 +344,17 @@ export class SourceMigration {
     this.#ckptBytes.add(bytes);
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
+    const f = this.#opts.faults;
+    if (f?.holdAcksMs && ckpt.epoch >= (f.holdAcksEpoch ?? 3)) {
+      // Fault injection: one hold, armed by the first checkpoint it applies to. D waits
+      // for this ACK before its next barrier, so its guest runs on, all output held.
+      this.#holdAcksUntil ??= nowMs() + f.holdAcksMs;
+      const wait = this.#holdAcksUntil - nowMs();
+      if (wait > 0) {
+        this.#vm.log.warn('fault injection: holding ACK', { epoch: ckpt.epoch, ms: Math.round(wait) });
+        await sleep(wait);
+      }
+    }
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
     if (this.#decided) return;
     await this.#channel?.send({ type: 'ack', epoch: ckpt.epoch }).catch(() => {});

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproducible tether guest image: Debian cloud kernel + tiny busybox initramfs with memcheck.
+# Reproducible tether guest image: Debian cloud kernel + tiny busybox initramfs with memcheck
+# and netcheck.
 # Output: <repo>/.cache/guest/<key>/{vmlinuz,initrd.img,manifest.txt} and
 #         <repo>/.cache/guest/current -> <key>
 # Prints "kernel=<abs path>" and "initrd=<abs path>" as the last two lines.
@@ -58,6 +59,7 @@ KEY="$(
         printf 'busybox-static=%s\n' "$BB_VER"
         printf 'modules=%s\n' "${WANT_MODULES[*]}"
         sha256sum "$HERE/memcheck.c" | cut -d' ' -f1
+        sha256sum "$HERE/netcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/init" | cut -d' ' -f1
         sha256sum "$HERE/build.sh" | cut -d' ' -f1
     } | sha256sum | cut -c1-16
@@ -132,9 +134,11 @@ for name in "${WANT_MODULES[@]}"; do
     visit "$path"
 done
 
-# ---------- memcheck ----------
-gcc -static -O2 -Wall -o "$WORK/memcheck" "$HERE/memcheck.c"
-strip "$WORK/memcheck"
+# ---------- memcheck, netcheck ----------
+for prog in memcheck netcheck; do
+    gcc -static -O2 -Wall -o "$WORK/$prog" "$HERE/$prog.c"
+    strip "$WORK/$prog"
+done
 
 # ---------- initramfs tree ----------
 umask 022
@@ -146,6 +150,7 @@ for applet in $("$BUSYBOX" --list | LC_ALL=C sort); do
     [ -e "$R/bin/$applet" ] || ln -s busybox "$R/bin/$applet"
 done
 install -m 0755 "$WORK/memcheck" "$R/bin/memcheck"
+install -m 0755 "$WORK/netcheck" "$R/bin/netcheck"
 install -m 0755 "$HERE/init" "$R/init"
 : >"$R/etc/tether-modules"
 for m in "${ORDER[@]}"; do

@@ -1,0 +1,20 @@
+import t from 'tap';
+import { assertSurvivedOnSource, bootNetCluster, HOLD_EPOCH, HOLD_FAULT, interruptDuringHold, NET_MODE } from './scenarios.ts';
+
+// CONTROL: the kill -9 scenario of net-rollback.test.ts with the destination's gate forced
+// to pass-through (TETHER_FAULTS=gate-open). The client then receives answers of epochs
+// the source never acknowledged, and the conversation must be observed to break: a
+// chain mismatch, a counter regression, a stall or a lost connection. If this test
+// fails, the checks of the other network scenarios could not fail either.
+t.test('CONTROL: with the gate forced open, kill -9 of the destination QEMU breaks the conversation', async (t) => {
+  const { c, client } = await bootNetCluster(t, {
+    faults: { source: HOLD_FAULT, ...(NET_MODE === 'gate' ? { destination: 'gate-open' } : {}) },
+  });
+  const { mig, heldAnswers } = await interruptDuringHold(c, client, async () => {
+    process.kill((await c.status(c.dst)).pid, 'SIGKILL');
+  });
+  // The VM itself survives (memory is checkpointed either way); only its outputs leaked.
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
+  const v = await client.waitEvent((e) => e.ev === 'violation', 'the client reporting a violation');
+  t.pass(`the client reported: ${JSON.stringify(v)} (answers received during the hold: ${heldAnswers})`);
+});
