@@ -26,5 +26,6 @@ export const CORE_A_CODES = {
   ERR_CKPT_HALF_APPLIED: 'a failed apply left part of a checkpoint in RAM and could not be finished: no whole state to resume',
   ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
   ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
-  ERR_COMPLETE_UNKNOWN: "the destination did not know the migration the source's completion answer named",
+  ERR_GUARD: 'the guard of an incoming QEMU could not be armed (the process is gone or unreadable in /proc)',
+  ERR_FAULTS_INVALID: 'TETHER_FAULTS names an unknown switch or a bad value (existing code; new switches cut-completion, fail-apply-*)',
 } as const;
