@@ -458,3 +458,20 @@ t.test('completion record: only at the applied epoch, durable, final', async (t)
   await make().init0(Buffer.from('d0'));
   t.equal(await CheckpointStore.readCompleted(dir), null, 'a new migration starts without it');
 });
+
+t.test('injected page-write failure (TETHER_FAULTS fail-apply-*): once is repaired, sticky is not', async (t) => {
+  for (const sticky of [false, true]) {
+    const { ramPath, dir } = await setup(t);
+    const store = new CheckpointStore({ dir, ramPath, ramBytes: RAM_BYTES, failPages: { epoch: 2, sticky } });
+    await store.init0(Buffer.from('d0'));
+    await store.apply(C1);
+    t.equal(await code(store.apply(C2)), 'ERR_CKPT_IO', `sticky=${sticky}: apply fails`);
+    t.throws(() => store.lastApplied(), { code: 'ERR_CKPT_STORE_BROKEN' });
+    if (sticky) {
+      t.equal(await code(store.repair(2, 1)), 'ERR_CKPT_HALF_APPLIED', 'cannot be finished');
+    } else {
+      t.same((await store.repair())?.stage, { action: 'reapplied', epoch: 2 });
+      t.ok((await readFile(ramPath)).equals(expectedRam(C1, C2)), 'RAM holds checkpoint 2 whole');
+    }
+  }
+});

@@ -41,6 +41,12 @@ export interface StoreOptions {
   ramPath: string;
   ramBytes: number;
   disk?: DiskSink;
+  /**
+   * Fault injection only (TETHER_FAULTS fail-apply-epoch / fail-apply-sticky): writing the
+   * pages of checkpoint `epoch` fails with EIO once half of them are in the RAM file, once or
+   * (sticky) on every attempt, as a RAM tmpfs that runs full would.
+   */
+  failPages?: { epoch: number; sticky: boolean };
 }
 
 export interface AppliedCheckpoint {
@@ -274,6 +280,7 @@ export class CheckpointStore {
   private readonly ramBytes: number;
   private readonly ramPages: number;
   private readonly disk: DiskSink | undefined;
+  private failPages: StoreOptions['failPages'];
   private applied: AppliedRecord | null = null;
   /** Set when an apply failed after its stage was persisted: only recover() may continue. */
   private broken = false;
@@ -290,6 +297,7 @@ export class CheckpointStore {
     this.ramBytes = opts.ramBytes;
     this.ramPages = opts.ramBytes / PAGE_SIZE;
     this.disk = opts.disk;
+    this.failPages = opts.failPages;
   }
 
   /** The last applied checkpoint (after init0 or recover). */
@@ -531,6 +539,10 @@ export class CheckpointStore {
           j++;
         }
         await writeAll(fh, run, start * PAGE_SIZE);
+        if (this.failPages?.epoch === ckpt.epoch && j >= n / 2) {
+          if (!this.failPages.sticky) this.failPages = undefined;
+          throw Object.assign(new Error(`EIO: injected failure after ${j} of ${n} pages`), { code: 'EIO' });
+        }
       }
       await fh.datasync();
     } finally {

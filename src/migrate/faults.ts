@@ -7,6 +7,9 @@ import { TetherError } from '../errors.ts';
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
  *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
+ *   fail-apply-epoch=K           the source's page writes of checkpoint K fail (EIO) halfway, once: the
+ *                                rollback must finish the persisted stage before resuming
+ *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it and fails (exit 4)
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
  *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
@@ -23,6 +26,8 @@ export interface Faults {
   holdAcksMs?: number;
   holdAcksEpoch?: number;
   gateOpen?: boolean;
+  failApplyEpoch?: number;
+  failApplySticky?: number;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -53,6 +58,8 @@ const NAMES: Record<string, Exclude<keyof Faults, 'gateOpen'>> = {
   'cut-completion': 'cutCompletion',
   'hold-acks-ms': 'holdAcksMs',
   'hold-acks-epoch': 'holdAcksEpoch',
+  'fail-apply-epoch': 'failApplyEpoch',
+  'fail-apply-sticky': 'failApplySticky',
 };
 
 export function parseFaults(spec: string | undefined): Faults {

@@ -103,10 +103,13 @@ export class SourceMigration {
     this.#opts = opts;
     this.#vm = opts.vm;
     this.phase = new StateMachine<SourcePhase>('migration', 'connecting', TRANSITIONS, this.#vm.log);
+    const f = opts.faults ?? {};
+    const failEpoch = f.failApplySticky ?? f.failApplyEpoch;
     this.#store = new CheckpointStore({
       dir: this.#vm.checkpointDir,
       ramPath: this.#vm.ramFile,
       ramBytes: this.#vm.ramBytes,
+      ...(failEpoch !== undefined ? { failPages: { epoch: failEpoch, sticky: f.failApplySticky !== undefined } } : {}),
     });
   }
 
@@ -531,6 +534,8 @@ export class SourceMigration {
       this.#finish({ outcome: 'rolled-back', reason, err, rollback: figures });
     } catch (e) {
       vm.log.error('rollback failed: the VM is not running', { error: errorFields(e) });
+      // never leave the wedged source QEMU (or a half-restored one) behind a 'failed'
+      await vm.killQemu().catch(() => {});
       vm.place = 'stopped';
       this.phase.to('failed');
       this.#finish({ outcome: 'failed', reason, err: e, rollback: figures });

@@ -1,0 +1,33 @@
+/**
+ * A checkpoint whose apply fails halfway (as on a RAM tmpfs that runs full): the rollback
+ * resumes from a whole state — the finished stage — or fails loudly; never from device
+ * state k-1 over RAM that holds part of k.
+ */
+import t from 'tap';
+import { fileSize, memcheck, qemuAlive } from './harness.ts';
+import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+
+t.test('apply of checkpoint 3 fails halfway once: the stage is finished, the VM resumes from checkpoint 3', async (t) => {
+  const c = await bootCluster(t, { faults: { source: 'fail-apply-epoch=3' } });
+  const mig = await c.migrate();
+  t.equal(mig.result?.reason, 'apply-failed');
+  t.equal(mig.result?.error?.code, 'ERR_CKPT_IO');
+  // checkpoint 2 is the last one acked, but RAM holds part of 3: only 3, finished, is whole
+  await assertSurvivedOnSource(t, c, mig, (e) => e === 3);
+});
+
+t.test('apply of checkpoint 3 cannot be finished: the migration fails loudly, the VM runs nowhere', async (t) => {
+  const c = await bootCluster(t, { faults: { source: 'fail-apply-sticky=3' } });
+  const before = await c.status(c.src);
+  const from = fileSize(c.serialLog(c.src));
+  const mig = await c.migrate();
+  t.equal(mig.code, 4, `migrate exits 4: ${mig.stderr.slice(-1000)}`);
+  t.equal(mig.result?.outcome, 'failed');
+  t.equal(mig.result?.error?.code, 'ERR_CKPT_HALF_APPLIED');
+  const s = await c.status(c.src);
+  t.equal(s.state, 'stopped', 'not resumed on mixed state');
+  t.notOk(qemuAlive(s.pid), 'no QEMU on the source');
+  t.notOk(qemuAlive(before.pid), 'the wedged source QEMU is gone');
+  await assertNotRunningOn(t, c, c.dst);
+  t.same(memcheck(c.serialLog(c.src), from).corrupt, [], 'no CORRUPT reported before the failure');
+});
