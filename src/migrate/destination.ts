@@ -246,6 +246,7 @@ export class DestinationMigration {
 
         const t0 = nowMs();
         this.#barrierSince = t0;
+        this.#outputs.quiesce?.();
         await qmp.execute('stop');
         const tStopped = nowMs();
         const dirty = await this.#tracker!.collect();
