@@ -6,3 +6,5 @@ t.same(parseFaults('corrupt-epoch=5, delay-first-checkpoint-ms=100'), { corruptE
 t.throws(() => parseFaults('corupt-epoch=5'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('corrupt-epoch=-1'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });
+t.same(parseFaults('journal-write-through,corrupt-epoch=2'), { journalWriteThrough: true, corruptEpoch: 2 });
+t.throws(() => parseFaults('journal-write-through=1'), { code: 'ERR_FAULTS_INVALID' });

@@ -7,14 +7,21 @@ import { TetherError } from '../errors.ts';
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
  *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
+ *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
   corruptEpoch?: number;
   truncateEpoch?: number;
+  journalWriteThrough?: boolean;
 }
 
-const NAMES: Record<string, keyof Faults> = {
+/** Switches without a value. */
+const FLAGS: Record<string, 'journalWriteThrough'> = {
+  'journal-write-through': 'journalWriteThrough',
+};
+
+const NAMES: Record<string, Exclude<keyof Faults, 'journalWriteThrough'>> = {
   'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',
@@ -28,10 +35,18 @@ export function parseFaults(spec: string | undefined): Faults {
     .map((s) => s.trim())
     .filter(Boolean)) {
     const [name, value] = part.split('=');
+    const flag = FLAGS[name ?? ''];
+    if (flag && value === undefined) {
+      out[flag] = true;
+      continue;
+    }
     const key = NAMES[name ?? ''];
     const n = Number(value);
     if (!key || !Number.isInteger(n) || n < 0) {
-      throw new TetherError('ERR_FAULTS_INVALID', `TETHER_FAULTS: cannot parse '${part}' (known: ${Object.keys(NAMES).join(', ')})`);
+      throw new TetherError(
+        'ERR_FAULTS_INVALID',
+        `TETHER_FAULTS: cannot parse '${part}' (known: ${[...Object.keys(NAMES), ...Object.keys(FLAGS)].join(', ')})`,
+      );
     }
     out[key] = n;
   }
