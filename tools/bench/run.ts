@@ -3,12 +3,14 @@
  *
  *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
  *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
+ *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
 const BENCHES: Record<string, string> = {
   scan: './scan.ts',
   migrate: './migrate.ts',
+  journal: './journal.ts',
 };
 
 const name = process.argv[2];
