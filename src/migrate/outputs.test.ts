@@ -41,3 +41,10 @@ t.test('composeOutputs of nothing is noOutputs', async (t) => {
   t.equal(composeOutputs([]), noOutputs);
   t.same(await noOutputs.seal(1), []);
 });
+
+t.test('composeOutputs passes quiesce to the parts that have it', async (t) => {
+  const calls: string[] = [];
+  const withQuiesce = { ...recorder('journal', calls, 0), quiesce: () => void calls.push('journal.quiesce') };
+  composeOutputs([recorder('gate', calls, 0), withQuiesce]).quiesce?.();
+  t.same(calls, ['journal.quiesce']);
+});
