@@ -191,6 +191,6 @@ t.test('stop waits for a held guest write; the write lands in exactly one epoch'
 
   journal.passThrough();
   await morePasses(serial, 1);
-  t.equal(journal.mode, 'pass-through');
+  t.equal(journal.mode, 'pass-through', 'the journal writes through after passThrough()');
   t.same(passes(serial).bad, [], 'diskcheck never saw a mismatch');
 });
