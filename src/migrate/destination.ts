@@ -16,7 +16,8 @@ import { deferred, nowMs, sleep } from '../util/time.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { Faults } from './faults.ts';
-import { noOutputs } from './outputs.ts';
+import { BlockJournal } from '../disk/journal.ts';
+import { composeOutputs, noOutputs } from './outputs.ts';
 import type { EpochOutputs } from './outputs.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completed' | 'fenced';
@@ -57,7 +58,9 @@ export class DestinationMigration {
   readonly vm: VmInstance;
   readonly #opts: DestinationOptions;
   readonly #ch: PeerChannel;
-  readonly #outputs: EpochOutputs;
+  #outputs: EpochOutputs;
+  /** The disk's block-write journal (VMs with a disk). */
+  #journal: BlockJournal | undefined;
   readonly #log: Logger;
   #table: Buffer;
   #hashesDone = deferred<void>();
@@ -147,6 +150,7 @@ export class DestinationMigration {
 
   async #run(): Promise<void> {
     const vm = this.vm;
+    await this.#journalDisk();
     await vm.startIncoming(this.#opts.sendConfiguration);
     await vm.setMigrationMarker({
       role: 'destination',
@@ -196,6 +200,27 @@ export class DestinationMigration {
     this.#log.info('dirty tracker started', { tracker: this.#tracker.kind });
     if (this.#opts.faults.delayFirstCheckpointMs) await sleep(this.#opts.faults.delayFirstCheckpointMs);
     await this.#epochLoop();
+  }
+
+  /**
+   * Before this host's QEMU exists: serve the VM's disk through a journal in
+   * journal mode, so no write the guest makes here reaches the shared image
+   * before the checkpoint that carries it is acknowledged (the source writes the
+   * image until completion). The journal joins the barrier next to the gates.
+   */
+  async #journalDisk(): Promise<void> {
+    const disk = this.vm.config.disk;
+    if (!disk) return;
+    const { server, device } = await this.vm.openDisk();
+    const journal = new BlockJournal(device, {
+      maxBytes: disk.journalMaxBytes,
+      writeThrough: this.#opts.faults.journalWriteThrough ?? false,
+      log: this.#log,
+    });
+    journal.journal(1);
+    server.setDevice(journal);
+    this.#journal = journal;
+    this.#outputs = composeOutputs([this.#outputs, journal]);
   }
 
   async #listen(): Promise<string> {

@@ -1,7 +1,10 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
+import type { BlockDevice } from '../disk/block-device.ts';
+import { FileBlockDevice } from '../disk/file-device.ts';
 import { TetherError } from '../errors.ts';
+import { NbdServer } from '../nbd/server.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
 
@@ -46,6 +49,8 @@ export class VmInstance {
    * the same durability domain (a restore needs both, and nothing else). */
   readonly checkpointDir: string;
   readonly qmpSocket: string;
+  /** The disk's NBD server socket (VMs with a disk). */
+  readonly nbdSocket: string;
   readonly serialLog: string;
   readonly qemuLog: string;
   readonly log: Logger;
@@ -59,6 +64,7 @@ export class VmInstance {
    * section, so the next destination must not expect one either.
    */
   sendConfiguration = true;
+  #disk: { server: NbdServer; device: FileBlockDevice } | undefined;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
 
@@ -70,6 +76,7 @@ export class VmInstance {
     this.checkpointDir = path.join(host.ramDir, `${config.name}.ckpt`);
     // unix socket paths are limited to 107 bytes: keep the QMP socket short-named
     this.qmpSocket = path.join(this.dir, 'qmp.sock');
+    this.nbdSocket = path.join(this.dir, 'nbd.sock');
     this.serialLog = path.join(this.dir, 'serial.log');
     this.qemuLog = path.join(this.dir, 'qemu.log');
     this.log = log.child({ vm: config.name });
@@ -82,6 +89,40 @@ export class VmInstance {
   async prepareDirs(): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
     await fs.mkdir(path.dirname(this.ramFile), { recursive: true, mode: 0o700 });
+  }
+
+  /**
+   * Serve the VM's disk image on nbdSocket (idempotent). The server outlives QEMU
+   * processes: a rollback's fresh QEMU connects to the same one. The destination
+   * swaps the served device for its journal before its QEMU starts.
+   */
+  async openDisk(): Promise<{ server: NbdServer; device: FileBlockDevice }> {
+    const disk = this.config.disk;
+    if (!disk) throw new TetherError('ERR_NO_DISK', `VM ${this.name} has no disk`);
+    if (this.#disk) return this.#disk;
+    await this.prepareDirs();
+    const device = await FileBlockDevice.open(disk.image);
+    const server = new NbdServer({ device, exportName: this.name, log: this.log });
+    try {
+      await server.listen(this.nbdSocket);
+    } catch (e) {
+      await device.close().catch(() => {});
+      throw e;
+    }
+    this.#disk = { server, device };
+    return this.#disk;
+  }
+
+  /** Stop serving the disk (the VM stopped, moved away or was fenced). */
+  async closeDisk(): Promise<void> {
+    const d = this.#disk;
+    if (!d) return;
+    this.#disk = undefined;
+    await d.server.close();
+    // The served device may be the journal over the image; closing it closes the image.
+    const served: BlockDevice = d.server.device;
+    await served.close();
+    if (served !== d.device) await d.device.close().catch(() => {});
   }
 
   /** Fresh boot: a new RAM file, a new QEMU. */
@@ -118,8 +159,10 @@ export class VmInstance {
             qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] },
           }
         : this.config;
+    if (this.config.disk) await this.openDisk();
     this.qemu = await QemuProcess.start({
       vm,
+      ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
@@ -133,6 +176,8 @@ export class VmInstance {
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
   async adopt(pid: number): Promise<void> {
+    // The QEMU reconnects to the disk's socket by itself (reconnect-delay).
+    if (this.config.disk) await this.openDisk();
     this.qemu = await QemuProcess.adopt({ pid, qmpSocket: this.qmpSocket, logFile: this.qemuLog });
     this.log.info('qemu adopted', { pid });
     this.#watch(this.qemu);
@@ -191,12 +236,13 @@ export class VmInstance {
 
   async stopQemu(): Promise<void> {
     const q = this.qemu;
-    if (!q) return;
-    await q.stop();
+    if (q) await q.stop();
+    await this.closeDisk();
   }
 
   /** Drop the RAM file (after the VM moved away or was fenced). */
   async removeRam(): Promise<void> {
+    await this.closeDisk().catch(() => {});
     await fs.rm(this.ramFile, { force: true });
     await fs.rm(this.checkpointDir, { recursive: true, force: true });
   }
