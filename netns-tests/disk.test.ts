@@ -22,9 +22,11 @@ t.test('diskcheck stays consistent across a completed migration', async (t) => {
 });
 
 t.test('kill -9 of the destination QEMU: disk and memory roll back together', async (t) => {
-  const c = await bootDiskCluster(t, { disk });
+  // As the control test (disk-control.test.ts): a 1 s interval, killed while the guest writes.
+  const c = await bootDiskCluster(t, { disk, vm: { intervalMs: 1000 } });
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
+  await waitDiskPasses(c.serialLog(c.dst), 0, 1, 'on the destination');
   const d = await c.status(c.dst);
   process.kill(d.pid, 'SIGKILL');
   await assertDiskSurvivedOnSource(t, c, await migrating);
