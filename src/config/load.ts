@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
-import type { DirtyTrackerKind, HostConfig, VmConfig } from './types.ts';
+import type { DirtyTrackerKind, DiskConfig, HostConfig, VmConfig } from './types.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -24,6 +24,9 @@ const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
 const MIN_KEY_BYTES = 32;
+const MIN_JOURNAL_BYTES = 32 * 1024 * 1024;
+const MAX_JOURNAL_BYTES = 1024 ** 4;
+const DEFAULT_JOURNAL_BYTES = 256 * 1024 * 1024;
 
 // ---------------------------------------------------------------- file entry points
 
@@ -153,7 +156,7 @@ function decodeBase64(text: string): Buffer | undefined {
 // ---------------------------------------------------------------- vm
 
 export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
-  const root = new Obj(obj, '', ['name', 'qemu', 'memoryMiB', 'cpus', 'kernel', 'initrd', 'append', 'checkpoint', 'migration']);
+  const root = new Obj(obj, '', ['name', 'qemu', 'memoryMiB', 'cpus', 'kernel', 'initrd', 'append', 'checkpoint', 'disk', 'migration']);
   const name = root.name('name');
 
   const q = root.optObj('qemu', ['binary', 'accel', 'machine', 'cpu', 'extraArgs']);
@@ -185,6 +188,16 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
   }
 
+  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']);
+  let disk: DiskConfig | undefined;
+  if (d) {
+    // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
+    // never accept the write that waits for room.
+    const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
+    const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
+    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
+  }
+
   const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth']);
   const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
   const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
@@ -198,6 +211,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     ...(initrd !== undefined ? { initrd } : {}),
     append,
     checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker },
+    ...(disk ? { disk } : {}),
     migration: { precopyMs, maxBandwidth },
   };
 }

@@ -48,10 +48,21 @@ export interface VmConfig {
     fenceTimeoutMs: number;
     dirtyTracker: DirtyTrackerKind;
   };
+  /** The VM's disk, served to QEMU by the sidecar's NBD server (absent: no disk). */
+  disk?: DiskConfig;
   migration: {
     /** Time spent in pre-copy before switching to post-copy (0 = switch as soon as QEMU allows). */
     precopyMs: number;
     /** QEMU max-bandwidth for the migration stream, bytes/s (0 = QEMU default). */
     maxBandwidth: number;
   };
+}
+
+export interface DiskConfig {
+  /** Raw image on storage both hosts reach; its length is the disk size. */
+  image: string;
+  /** Bound of journaled write bytes on the destination before guest writes are delayed. */
+  journalMaxBytes: number;
+  /** QEMU's NBD reconnect-delay: how long guest I/O waits for a restarted sidecar before failing, seconds. */
+  reconnectDelaySec: number;
 }
