@@ -3,12 +3,14 @@
  *
  *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
  *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
+ *   npm run bench disk    [-- --mib 256 --count 20000]   disk through the NBD sidecar vs the file (tools/bench/disk.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
 const BENCHES: Record<string, string> = {
   scan: './scan.ts',
   migrate: './migrate.ts',
+  disk: './disk.ts',
 };
 
 const name = process.argv[2];
