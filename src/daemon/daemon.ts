@@ -194,6 +194,7 @@ export class Daemon {
     for (const vm of this.vms.values()) {
       vm.place = 'stopped';
       await vm.stopQemu().catch(() => {});
+      await vm.stopDisk().catch(() => {});
     }
     await fs.rm(this.host.controlSocket, { force: true });
   }

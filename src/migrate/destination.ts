@@ -211,14 +211,18 @@ export class DestinationMigration {
   async #journalDisk(): Promise<void> {
     const disk = this.vm.config.disk;
     if (!disk) return;
-    const { server, device } = await this.vm.openDisk();
-    const journal = new BlockJournal(device, {
-      maxBytes: disk.journalMaxBytes,
-      writeThrough: this.#opts.faults.journalWriteThrough ?? false,
-      log: this.#log,
-    });
-    journal.journal(1);
-    server.setDevice(journal);
+    let journal: BlockJournal | undefined;
+    this.vm.diskDevice = (image) => {
+      journal = new BlockJournal(image, {
+        maxBytes: disk.journalMaxBytes,
+        writeThrough: this.#opts.faults.journalWriteThrough ?? false,
+        log: this.#log,
+      });
+      journal.journal(1);
+      return journal;
+    };
+    await this.vm.startDisk();
+    if (!journal) throw new TetherError('ERR_JOURNAL_STATE', 'the disk was already served without a journal');
     this.#journal = journal;
     this.#outputs = composeOutputs([this.#outputs, journal]);
   }

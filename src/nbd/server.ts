@@ -189,6 +189,8 @@ class NbdConnection {
   #writeBlocked = false;
   #closing = false;
   #paused = false;
+  /** Requests decoded from the last chunk beyond the in-flight bound: they start as others finish. */
+  readonly #queue: NbdRequest[] = [];
 
   constructor(server: NbdServer, socket: net.Socket) {
     this.#server = server;
@@ -212,6 +214,7 @@ class NbdConnection {
 
   stopReading(): void {
     this.#closing = true;
+    this.#queue.length = 0;
     this.#flow();
   }
 
@@ -239,7 +242,7 @@ class NbdConnection {
           this.#log.debug('nbd transmission', { export: ev.exportName, flags: ev.flags });
           break;
         case 'request':
-          void this.#run(ev.request);
+          this.#queue.push(ev.request);
           break;
         case 'close':
           if (ev.soft) {
@@ -250,8 +253,17 @@ class NbdConnection {
             this.#closing = true;
             this.#socket.destroy();
           }
+          this.#pump();
           return;
       }
+    }
+    this.#pump();
+  }
+
+  /** Start queued requests while under the bound; read more only when the queue is empty. */
+  #pump(): void {
+    while (this.#queue.length > 0 && this.#inFlight < this.#server.maxInFlight && this.#inFlightBytes < this.#server.maxInFlightBytes) {
+      void this.#run(this.#queue.shift()!);
     }
     this.#flow();
   }
@@ -269,6 +281,7 @@ class NbdConnection {
     const stop =
       this.#closing ||
       this.#writeBlocked ||
+      this.#queue.length > 0 ||
       this.#inFlight >= this.#server.maxInFlight ||
       this.#inFlightBytes >= this.#server.maxInFlightBytes;
     if (stop && !this.#paused) {
@@ -281,7 +294,7 @@ class NbdConnection {
   }
 
   #maybeEnd(): void {
-    if (this.#closing && this.#inFlight === 0 && !this.#socket.destroyed) this.#socket.end();
+    if (this.#closing && this.#inFlight === 0 && this.#queue.length === 0 && !this.#socket.destroyed) this.#socket.end();
   }
 
   async #run(req: NbdRequest): Promise<void> {
@@ -337,7 +350,7 @@ class NbdConnection {
         this.#send(encodeSimpleReply(req.handle, error));
       }
     }
-    this.#flow();
+    this.#pump();
     this.#maybeEnd();
   }
 }

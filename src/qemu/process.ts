@@ -21,7 +21,7 @@ export interface QemuStartOptions {
   ramFile: string;
   qmpSocket: string;
   serialLog: string;
-  /** The sidecar's NBD socket for the VM's disk (VMs with a disk). */
+  /** The sidecar's NBD socket for the VM's disk (required when vm.disk is set). */
   nbdSocket?: string;
   incoming?: QemuIncoming;
   /** Reserved: running QEMU inside a network namespace is not supported yet. */
@@ -83,11 +83,8 @@ export class QemuProcess {
     const { vm, ramFile, qmpSocket, serialLog } = opts;
     const logFile = opts.logFile ?? path.join(path.dirname(serialLog), `qemu-${vm.name}.log`);
     const timeoutMs = opts.startTimeoutMs ?? 15_000;
-    const args = buildQemuArgs(
-      vm,
-      { ramFile, qmpSocket, serialLog, ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}) },
-      opts.incoming,
-    );
+    const nbd = opts.nbdSocket !== undefined ? { nbdSocket: opts.nbdSocket } : {};
+    const args = buildQemuArgs(vm, { ramFile, qmpSocket, serialLog, ...nbd }, opts.incoming);
 
     for (const p of [ramFile, qmpSocket, serialLog, logFile]) fs.mkdirSync(path.dirname(p), { recursive: true });
     // A stale socket from a killed predecessor would accept nothing; make sure we only

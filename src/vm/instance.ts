@@ -1,9 +1,9 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
+import { TetherError } from '../errors.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
-import { TetherError } from '../errors.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
@@ -49,10 +49,10 @@ export class VmInstance {
    * the same durability domain (a restore needs both, and nothing else). */
   readonly checkpointDir: string;
   readonly qmpSocket: string;
-  /** The disk's NBD server socket (VMs with a disk). */
-  readonly nbdSocket: string;
   readonly serialLog: string;
   readonly qemuLog: string;
+  /** The sidecar's NBD server for the VM's disk: QEMU's -blockdev nbd connects here. */
+  readonly nbdSocket: string;
   readonly log: Logger;
   place: VmPlace = 'stopped';
   qemu: QemuProcess | undefined;
@@ -64,7 +64,16 @@ export class VmInstance {
    * section, so the next destination must not expect one either.
    */
   sendConfiguration = true;
-  #disk: { server: NbdServer; device: FileBlockDevice } | undefined;
+  /** Serves the VM's disk while a QEMU of this VM may run here (undefined: no disk, or not started). */
+  nbd: NbdServer | undefined;
+  /** The image opened pass-through; what `nbd` serves unless a journal was layered over it. */
+  image: FileBlockDevice | undefined;
+  /**
+   * Hook for what the NBD server serves when it starts: the image itself (pass-through,
+   * the default) or a device layered over it (the destination's block-write journal).
+   * Later swaps go through `nbd.setDevice()`.
+   */
+  diskDevice: (image: FileBlockDevice) => BlockDevice = (image) => image;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
 
@@ -76,9 +85,9 @@ export class VmInstance {
     this.checkpointDir = path.join(host.ramDir, `${config.name}.ckpt`);
     // unix socket paths are limited to 107 bytes: keep the QMP socket short-named
     this.qmpSocket = path.join(this.dir, 'qmp.sock');
-    this.nbdSocket = path.join(this.dir, 'nbd.sock');
     this.serialLog = path.join(this.dir, 'serial.log');
     this.qemuLog = path.join(this.dir, 'qemu.log');
+    this.nbdSocket = path.join(this.dir, 'nbd.sock');
     this.log = log.child({ vm: config.name });
   }
 
@@ -89,40 +98,6 @@ export class VmInstance {
   async prepareDirs(): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
     await fs.mkdir(path.dirname(this.ramFile), { recursive: true, mode: 0o700 });
-  }
-
-  /**
-   * Serve the VM's disk image on nbdSocket (idempotent). The server outlives QEMU
-   * processes: a rollback's fresh QEMU connects to the same one. The destination
-   * swaps the served device for its journal before its QEMU starts.
-   */
-  async openDisk(): Promise<{ server: NbdServer; device: FileBlockDevice }> {
-    const disk = this.config.disk;
-    if (!disk) throw new TetherError('ERR_NO_DISK', `VM ${this.name} has no disk`);
-    if (this.#disk) return this.#disk;
-    await this.prepareDirs();
-    const device = await FileBlockDevice.open(disk.image);
-    const server = new NbdServer({ device, exportName: this.name, log: this.log });
-    try {
-      await server.listen(this.nbdSocket);
-    } catch (e) {
-      await device.close().catch(() => {});
-      throw e;
-    }
-    this.#disk = { server, device };
-    return this.#disk;
-  }
-
-  /** Stop serving the disk (the VM stopped, moved away or was fenced). */
-  async closeDisk(): Promise<void> {
-    const d = this.#disk;
-    if (!d) return;
-    this.#disk = undefined;
-    await d.server.close();
-    // The served device may be the journal over the image; closing it closes the image.
-    const served: BlockDevice = d.server.device;
-    await served.close();
-    if (served !== d.device) await d.device.close().catch(() => {});
   }
 
   /** Fresh boot: a new RAM file, a new QEMU. */
@@ -159,13 +134,13 @@ export class VmInstance {
             qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] },
           }
         : this.config;
-    if (this.config.disk) await this.openDisk();
+    await this.startDisk();
     this.qemu = await QemuProcess.start({
       vm,
-      ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
+      ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
     });
@@ -176,8 +151,8 @@ export class VmInstance {
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
   async adopt(pid: number): Promise<void> {
-    // The QEMU reconnects to the disk's socket by itself (reconnect-delay).
-    if (this.config.disk) await this.openDisk();
+    // The adopted QEMU is reconnecting to nbd.sock (reconnect-delay): serve it again first.
+    await this.startDisk();
     this.qemu = await QemuProcess.adopt({ pid, qmpSocket: this.qmpSocket, logFile: this.qemuLog });
     this.log.info('qemu adopted', { pid });
     this.#watch(this.qemu);
@@ -236,13 +211,45 @@ export class VmInstance {
 
   async stopQemu(): Promise<void> {
     const q = this.qemu;
-    if (q) await q.stop();
-    await this.closeDisk();
+    if (!q) return;
+    await q.stop();
   }
 
-  /** Drop the RAM file (after the VM moved away or was fenced). */
+  /**
+   * Serve the disk (no-op without one, or when already serving): open the image and
+   * listen on nbd.sock before any QEMU of this VM starts, so that QEMU finds it.
+   */
+  async startDisk(): Promise<void> {
+    if (!this.config.disk || this.nbd) return;
+    await this.prepareDirs();
+    const image = await FileBlockDevice.open(this.config.disk.image);
+    try {
+      const server = new NbdServer({ device: this.diskDevice(image), exportName: this.name, log: this.log });
+      await server.listen(this.nbdSocket);
+      this.image = image;
+      this.nbd = server;
+    } catch (e) {
+      await image.close();
+      throw e;
+    }
+  }
+
+  /** Stop serving the disk (running requests finish first) and close the image. */
+  async stopDisk(): Promise<void> {
+    const server = this.nbd;
+    const image = this.image;
+    this.nbd = undefined;
+    this.image = undefined;
+    if (server) {
+      await server.close();
+      if (server.device !== image) await server.device.close();
+    }
+    await image?.close();
+  }
+
+  /** Drop the RAM file and the disk server (after the VM moved away, stopped, or was fenced). */
   async removeRam(): Promise<void> {
-    await this.closeDisk().catch(() => {});
+    await this.stopDisk();
     await fs.rm(this.ramFile, { force: true });
     await fs.rm(this.checkpointDir, { recursive: true, force: true });
   }
