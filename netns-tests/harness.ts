@@ -14,7 +14,7 @@
  *   [sw 10.99.0.1]--ups ~~ upl--[brg]--tap0 (VM)   ...   [brg]--tap0 (VM)
  *        \------upd ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ upl--/
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -81,6 +81,20 @@ export interface ClusterOptions {
   };
   /** Extra environment for both daemons. */
   env?: Record<string, string>;
+  /**
+   * Opt-in: give the VM a raw disk image in the cluster directory (which both
+   * namespaces see: the shared storage of the disk's storage model) and run a disk
+   * program in the guest instead of memcheck.
+   */
+  disk?: {
+    /** diskcheck: zeroed image, `diskcheck /dev/vda <blocks> <writesPerPass> <delayMs>`; fsload: ext4 image. */
+    guest: 'diskcheck' | 'fsload';
+    mib?: number;
+    blocks?: number;
+    writesPerPass?: number;
+    delayMs?: number;
+    journalMaxBytes?: number;
+  };
 }
 
 export interface RunResult {
@@ -108,6 +122,8 @@ export class Cluster {
   readonly src: Host;
   readonly dst: Host;
   readonly vmConfig: string;
+  /** The VM's raw disk image (when opts.disk). */
+  readonly diskImage: string;
   readonly vmName = 'vm1';
   /** The client namespace (guestNet only). */
   readonly clientNs: string;
@@ -135,6 +151,7 @@ export class Cluster {
     this.dst = mk('destination', 'd', `10.77.${net3}.2`);
     this.vmConfig = path.join(this.src.vmConfigDir, 'vm1.yaml');
     this.clientNs = `${this.id}c`;
+    this.diskImage = path.join(this.dir, 'shared', 'vm1.img');
   }
 
   serialLog(h: Host): string {
@@ -183,6 +200,23 @@ export class Cluster {
       );
     }
     const v = this.opts.vm ?? {};
+    const disk = this.opts.disk;
+    let run = `memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}`;
+    const diskYaml: string[] = [];
+    if (disk) {
+      fs.mkdirSync(path.dirname(this.diskImage), { recursive: true });
+      fs.writeFileSync(this.diskImage, '');
+      fs.truncateSync(this.diskImage, (disk.mib ?? 16) * 1024 * 1024);
+      if (disk.guest === 'fsload') {
+        sh('mkfs.ext4', ['-q', '-F', '-b', '4096', this.diskImage]);
+        run = 'fsload:/dev/vda:8:64';
+      } else {
+        // Dense writes, quick verification: most of the guest's time is spent writing, so
+        // every epoch (the one a rollback discards included) holds writes.
+        run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}`;
+      }
+      diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
+    }
     const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24 tether.netcheck=${NETCHECK_PORT}` : '';
     const nic: string[] = [];
     if (this.opts.guestNet === 'qemu-tap') {
@@ -210,7 +244,7 @@ export class Cluster {
         `memoryMiB: 512`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
-        `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
+        `append: "console=ttyS0 quiet panic=-1 tether.run=${run}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
         ...nic,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,
@@ -219,6 +253,7 @@ export class Cluster {
         `migration:`,
         `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
         ...(v.extraYaml ?? []),
+        ...diskYaml,
         '',
       ].join('\n'),
     );
@@ -684,5 +719,71 @@ export class NetClient {
         /* gone */
       }
     }
+  }
+}
+
+export interface DiskcheckReport {
+  /** Pass numbers reported ok, in log order. */
+  passes: number[];
+  /** MISMATCH lines and diskcheck's own error lines. */
+  mismatch: string[];
+}
+
+/** Parse diskcheck's lines from a serial log (from byte `from` on). */
+export function diskcheck(serialLog: string, from = 0): DiskcheckReport {
+  let text = '';
+  try {
+    text = fs.readFileSync(serialLog).subarray(from).toString('latin1');
+  } catch {
+    /* not there yet */
+  }
+  const passes: number[] = [];
+  const mismatch: string[] = [];
+  for (const line of text.split(/\r?\n/)) {
+    const ok = /diskcheck pass (\d+) ok/.exec(line);
+    if (ok) passes.push(Number(ok[1]));
+    if (/MISMATCH|diskcheck: /.test(line)) mismatch.push(line);
+  }
+  return { passes, mismatch };
+}
+
+/** Wait for `count` more diskcheck passes after byte `from` (or a mismatch). */
+export async function waitDiskPasses(serialLog: string, from: number, count: number, what: string): Promise<DiskcheckReport> {
+  let rep = diskcheck(serialLog, from);
+  await waitFor(() => {
+    rep = diskcheck(serialLog, from);
+    return rep.passes.length >= count || rep.mismatch.length > 0;
+  }, `${count} diskcheck passes ${what} (${serialLog})`);
+  return rep;
+}
+
+/** Wait for `count` more completed fsload rounds after byte `from`. */
+export async function waitFsRounds(serialLog: string, from: number, count: number, what: string): Promise<void> {
+  await waitFor(() => {
+    let text = '';
+    try {
+      text = fs.readFileSync(serialLog).subarray(from).toString('latin1');
+    } catch {
+      /* not there yet */
+    }
+    if (/fsload: /.test(text)) throw new Error(`fsload failed ${what}: ${text.slice(-500)}`);
+    return (text.match(/fsload round \d+ ok/g) ?? []).length >= count;
+  }, `${count} fsload rounds ${what} (${serialLog})`);
+}
+
+/**
+ * `e2fsck -fn` as after a crash: the guest stopped without unmounting, so its ext4
+ * journal is replayed first (on a copy; the image itself is left as the VM left it).
+ * Returns e2fsck's exit code and output.
+ */
+export function e2fsck(image: string): { code: number; output: string } {
+  const copy = `${image}.fsck`;
+  fs.copyFileSync(image, copy);
+  try {
+    spawnSync('e2fsck', ['-E', 'journal_only', '-p', copy], { encoding: 'utf8' });
+    const r = spawnSync('e2fsck', ['-fn', copy], { encoding: 'utf8' });
+    return { code: r.status ?? -1, output: `${r.stdout}${r.stderr}` };
+  } finally {
+    fs.rmSync(copy, { force: true });
   }
 }

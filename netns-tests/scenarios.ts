@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import type { Test } from 'tap';
-import { Cluster, fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
+import { Cluster, diskcheck, fileSize, memcheck, qemuAlive, waitDiskPasses, waitFor, waitFsRounds, waitPasses } from './harness.ts';
 import type { ClusterOptions, Host, NetClient } from './harness.ts';
 
 export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
@@ -140,4 +140,44 @@ export async function interruptDuringHold(
   await interrupt();
   const heldAnswers = client.answers(holdSeen).length;
   return { mig: await migrating, heldAnswers };
+}
+
+/** Boot a VM with a disk (diskcheck or fsload in the guest) on the source and wait until its check is live. */
+export async function bootDiskCluster(t: Test, opts: ClusterOptions & { disk: NonNullable<ClusterOptions['disk']> }): Promise<Cluster> {
+  const c = new Cluster(opts);
+  t.teardown(() => c.cleanup());
+  await c.up();
+  const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
+  t.equal(r.code, 0, `vm start: ${r.stderr}`);
+  if (opts.disk.guest === 'fsload') await waitFsRounds(c.serialLog(c.src), 0, 2, 'on the source before migrating');
+  else {
+    const rep = await waitDiskPasses(c.serialLog(c.src), 0, 2, 'on the source before migrating');
+    t.same(rep.mismatch, [], 'diskcheck consistent before migrating');
+  }
+  return c;
+}
+
+/**
+ * After a rollback of a diskcheck VM: the VM runs on the source again and two
+ * more full diskcheck passes find every block as the guest's memory (of the
+ * acknowledged checkpoint) says — the image holds exactly the writes of the
+ * acknowledged epochs.
+ */
+export async function assertDiskSurvivedOnSource(
+  t: Test,
+  c: Cluster,
+  mig: { code: number | null; result: Record<string, any> | null; stderr: string },
+): Promise<void> {
+  t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
+  t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
+  if (mig.result?.outcome !== 'rolled-back') return;
+  t.type(mig.result?.rollback?.epoch, 'number', 'resumed from a checkpoint');
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running', 'VM is running on the source');
+  const from = fileSize(c.serialLog(c.src));
+  const after = await waitDiskPasses(c.serialLog(c.src), from, 2, 'on the source after rollback');
+  t.same(after.mismatch, [], 'no MISMATCH after rollback');
+  t.same(diskcheck(c.serialLog(c.src)).mismatch, [], 'no MISMATCH anywhere in the source serial log');
+  t.same(diskcheck(c.serialLog(c.dst)).mismatch, [], 'no MISMATCH in the destination serial log');
+  await assertNotRunningOn(t, c, c.dst);
 }

@@ -137,6 +137,24 @@ export const ERRORS = {
   ERR_GATE_FRAME_TOO_LARGE: 'a frame longer than 65553 bytes on the stream netdev or for the TAP',
   ERR_GATE_EPOCH: 'a gate was sealed or released out of epoch order; nothing changed',
   ERR_TAP: 'creating, configuring, reading or writing a TAP device failed',
+
+  // --- disks: NBD server, image device, block-write journal (src/nbd, src/disk)
+  ERR_NBD_CLIENT_FLAGS: 'an NBD client sent handshake flags the server did not advertise; connection dropped',
+  ERR_NBD_BAD_MAGIC: 'an NBD option or request lacks its magic number: framing lost, connection dropped',
+  ERR_NBD_TOO_MANY_OPTIONS: 'an NBD client sent more handshake options than the server allows; connection dropped',
+  ERR_NBD_OPTION_TOO_BIG: 'NBD_OPT_EXPORT_NAME is longer than the option limit; connection dropped',
+  ERR_NBD_UNKNOWN_EXPORT: 'NBD_OPT_EXPORT_NAME named no export of this server; connection dropped',
+  ERR_NBD_DEVICE_SIZE: "the NBD server was handed a device whose size differs from the export's",
+  ERR_NBD_LISTEN: 'the NBD server cannot listen on its unix socket path',
+  ERR_NBD_SHORT_READ: 'a block device returned fewer bytes than an NBD READ asked for',
+  ERR_DISK_OPEN: 'a disk image cannot be opened, or is not a file or block device',
+  ERR_DISK_RANGE: 'a disk request lies outside the image (refused before any I/O)',
+  ERR_DISK_CLOSED: 'disk I/O after the device was closed',
+  ERR_JOURNAL_INVALID_OPTION: 'a block-write journal bound is out of range',
+  ERR_JOURNAL_STATE: 'the journal was sealed or switched in the wrong mode or for an epoch that is not the open one',
+  ERR_JOURNAL_DISCARDED: 'a disk request after the destination fenced and dropped its journal (never reaches the image)',
+  ERR_JOURNAL_WRITEBACK: 'writing the journal into the image after the final ACK failed',
+  ERR_QEMU_ARGS: "QEMU's command line cannot be built from the configuration",
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;

@@ -866,6 +866,33 @@ static napi_value js_soft_dirty_probe(napi_env env, napi_callback_info info) {
 }
 
 void tap_register(napi_env env, napi_value exports); /* tap.c */
+/* ---------- fallocate (disk images) ---------- */
+
+/*
+ * fallocate(fd, mode, offset, length) -> 0 or the errno. Returns the errno instead of
+ * throwing: EOPNOTSUPP (a file system without punch-hole or zero-range) is an expected
+ * answer that the caller handles by writing zeroes. Synchronous: a metadata operation
+ * on the image, no data moves.
+ */
+static napi_value js_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 4) {
+    throw_args(env, "fallocate(fd, mode, offset, length)");
+    return NULL;
+  }
+  int fd;
+  double mode, off, len;
+  if (!arg_fd(env, argv[0], &fd)) return NULL;
+  if (!arg_integer(env, argv[1], "mode", 0, INT_MAX, &mode)) return NULL;
+  if (!arg_integer(env, argv[2], "offset", 0, 9007199254740991.0, &off)) return NULL;
+  if (!arg_integer(env, argv[3], "length", 1, 9007199254740991.0, &len)) return NULL;
+  int r = fallocate(fd, (int)mode, (off_t)off, (off_t)len);
+  napi_value v;
+  napi_create_int32(env, r == 0 ? 0 : errno, &v);
+  return v;
+}
 
 static napi_value init(napi_env env, napi_value exports) {
   static uint8_t zero_page[4096];
@@ -878,6 +905,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"zeroMask", NULL, js_zero_mask, NULL, NULL, NULL, napi_enumerable, NULL},
       {"xxh64", NULL, js_xxh64, NULL, NULL, NULL, napi_enumerable, NULL},
       {"softDirtyProbe", NULL, js_soft_dirty_probe, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_value zh;

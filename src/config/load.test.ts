@@ -290,6 +290,16 @@ t.test('vm: nics and gate', async (t) => {
   }
 });
 
+t.test('vm disk: defaults, relative image path, round trip', async (t) => {
+  const vm = parseVmConfig({ ...minimalVm(), disk: { image: 'img/vm1.img' } }, base);
+  t.same(vm.disk, { image: '/etc/tether/img/vm1.img', journalMaxBytes: 256 * 1024 * 1024, reconnectDelaySec: 30 });
+  const full = parseVmConfig({ ...minimalVm(), disk: { image: '/srv/vm1.img', journalMaxBytes: 33554432, reconnectDelaySec: 5 } }, base);
+  t.same(full.disk, { image: '/srv/vm1.img', journalMaxBytes: 33554432, reconnectDelaySec: 5 });
+  // The destination re-parses the config the source sends: the output is valid input.
+  t.same(parseVmConfig(JSON.parse(JSON.stringify(full)), { baseDir: '/' }), full);
+  t.equal(parseVmConfig(minimalVm(), base).disk, undefined, 'no disk unless configured');
+});
+
 t.test('vm: bad fields', async (t) => {
   const cases: Array<[string, unknown, string]> = [
     ['name', undefined, 'name'],
@@ -330,6 +340,15 @@ t.test('vm: bad fields', async (t) => {
     ['migration.maxBandwidth', '1G', 'migration.maxBandwidth'],
     ['migration.postcopy', true, 'migration.postcopy'],
     ['network', {}, 'network'],
+    ['disk', 'img', 'disk'],
+    ['disk.image', undefined, 'disk.image'],
+    ['disk.image', '', 'disk.image'],
+    ['disk.image', 3, 'disk.image'],
+    ['disk.journalMaxBytes', 1024, 'disk.journalMaxBytes'],
+    ['disk.journalMaxBytes', '256M', 'disk.journalMaxBytes'],
+    ['disk.reconnectDelaySec', 0, 'disk.reconnectDelaySec'],
+    ['disk.reconnectDelaySec', 1.5, 'disk.reconnectDelaySec'],
+    ['disk.cache', 'none', 'disk.cache'],
   ];
   for (const [field, value, expectField] of cases) {
     const e = err(() => parseVmConfig(withField(minimalVm(), field, value), base));

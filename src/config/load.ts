@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
-import type { DirtyTrackerKind, HostConfig, NicConfig, VmConfig } from './types.ts';
+import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -35,6 +35,9 @@ const MIN_KEY_BYTES = 32;
 const IFNAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 const MAX_NICS = 8;
+const MIN_JOURNAL_BYTES = 32 * 1024 * 1024;
+const MAX_JOURNAL_BYTES = 1024 ** 4;
+const DEFAULT_JOURNAL_BYTES = 256 * 1024 * 1024;
 
 // ---------------------------------------------------------------- file entry points
 
@@ -176,6 +179,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     'initrd',
     'append',
     'checkpoint',
+    'disk',
     'migration',
     'nics',
     'gate',
@@ -213,6 +217,16 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
   }
 
+  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']);
+  let disk: DiskConfig | undefined;
+  if (d) {
+    // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
+    // never accept the write that waits for room.
+    const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
+    const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
+    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
+  }
+
   const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth']);
   const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
   const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
@@ -233,6 +247,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     ...(initrd !== undefined ? { initrd } : {}),
     append,
     checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
+    ...(disk ? { disk } : {}),
     migration: { precopyMs, maxBandwidth },
     nics,
     gate,

@@ -65,6 +65,8 @@ export interface VmConfig {
     /** Native threads hashing/scanning guest RAM (S's baseline, D's collect); host-local, not compared. */
     hashThreads: number;
   };
+  /** The VM's disk, served to QEMU by the sidecar's NBD server (absent: no disk). */
+  disk?: DiskConfig;
   migration: {
     /** Time spent in pre-copy before switching to post-copy (0 = switch as soon as QEMU allows). */
     precopyMs: number;
@@ -75,4 +77,13 @@ export interface VmConfig {
   nics?: NicConfig[];
   /** Bound of frames held per NIC by the destination's gate (the loader always fills both; literal configs may omit them). */
   gate?: { maxBytes: number; maxFrames: number };
+}
+
+export interface DiskConfig {
+  /** Raw image on storage both hosts reach; its length is the disk size. */
+  image: string;
+  /** Bound of journaled write bytes on the destination before guest writes are delayed. */
+  journalMaxBytes: number;
+  /** QEMU's NBD reconnect-delay: how long guest I/O waits for a restarted sidecar before failing, seconds. */
+  reconnectDelaySec: number;
 }

@@ -7,6 +7,7 @@ import type { HostConfig, VmConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
+import { ImageSink } from '../disk/image-sink.ts';
 import { isTetherError, TetherError } from '../errors.ts';
 import { completingRecordPath, DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
@@ -265,7 +266,14 @@ export class Daemon {
   }
 
   async #recoverSource(vm: VmInstance, pid: number | null, peer: string, log: Logger): Promise<void> {
-    const store = new CheckpointStore({ dir: vm.checkpointDir, ramPath: vm.ramFile, ramBytes: vm.ramBytes });
+    // A persisted stage is re-applied whole: its disk extents too.
+    const sink = vm.config.disk ? new ImageSink(vm.config.disk.image) : undefined;
+    const store = new CheckpointStore({
+      dir: vm.checkpointDir,
+      ramPath: vm.ramFile,
+      ramBytes: vm.ramBytes,
+      ...(sink ? { disk: sink } : {}),
+    });
     let last: { epoch: number; devstatePath: string } | null = null;
     try {
       const rep = await store.recover();
@@ -273,6 +281,8 @@ export class Daemon {
       log.info('checkpoint store recovered', { report: rep as unknown as Record<string, unknown>, epoch: last.epoch });
     } catch (e) {
       if (!isTetherError(e, 'ERR_CKPT_NOT_INITIALIZED')) throw e;
+    } finally {
+      await sink?.close();
     }
     if (last === null) {
       // Before switchover: the old QEMU still owns the VM.
@@ -336,6 +346,7 @@ export class Daemon {
     for (const vm of this.vms.values()) {
       await vm.detachQemu().catch(() => {});
       await this.#closeNics(vm.name, false);
+      await vm.stopDisk().catch(() => {});
     }
     // Requests still open (a `tether migrate` waiting) get their error line, then EOF.
     for (const s of this.#clients) s.end();

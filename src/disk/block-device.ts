@@ -14,6 +14,7 @@ export interface BlockDevice {
   /** FLUSH: every completed write is durable (or, under the journal, held for the next checkpoint). */
   flush(): Promise<void>;
   trim(offset: number, length: number): Promise<void>;
-  writeZeroes(offset: number, length: number, opts?: { fua?: boolean }): Promise<void>;
+  /** `noHole`: the range must stay allocated (NBD_CMD_FLAG_NO_HOLE); without it a hole may be punched. */
+  writeZeroes(offset: number, length: number, opts?: { fua?: boolean; noHole?: boolean }): Promise<void>;
   close(): Promise<void>;
 }

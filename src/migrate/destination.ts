@@ -20,7 +20,8 @@ import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import { CUT_COMPLETION } from './faults.ts';
 import type { Faults } from './faults.ts';
-import { latchOutputs, noOutputs } from './outputs.ts';
+import { BlockJournal } from '../disk/journal.ts';
+import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
@@ -71,7 +72,9 @@ export class DestinationMigration {
   readonly vm: VmInstance;
   readonly #opts: DestinationOptions;
   readonly #ch: PeerChannel;
-  readonly #outputs: ReturnType<typeof latchOutputs>;
+  #outputs: ReturnType<typeof latchOutputs>;
+  /** The disk's block-write journal (VMs with a disk). */
+  #journal: BlockJournal | undefined;
   readonly #log: Logger;
   /**
    * Final epoch once this side asked the source to complete. From then on it never fences
@@ -229,6 +232,7 @@ export class DestinationMigration {
 
   async #run(): Promise<void> {
     const vm = this.vm;
+    await this.#journalDisk();
     await vm.startIncoming(this.#opts.sendConfiguration);
     // From here until completed or fenced, this guest must not outlive this sidecar.
     this.#guard = QemuGuard.arm(vm.qemu!.pid);
@@ -284,6 +288,32 @@ export class DestinationMigration {
     await this.#epochLoop();
   }
 
+  /**
+   * Before this host's QEMU exists: serve the VM's disk through a journal in
+   * journal mode, so no write the guest makes here reaches the shared image
+   * before the checkpoint that carries it is acknowledged (the source writes the
+   * image until completion). The journal joins the barrier next to the gates.
+   */
+  async #journalDisk(): Promise<void> {
+    const disk = this.vm.config.disk;
+    if (!disk) return;
+    let journal: BlockJournal | undefined;
+    this.vm.diskDevice = (image) => {
+      journal = new BlockJournal(image, {
+        maxBytes: disk.journalMaxBytes,
+        writeThrough: this.#opts.faults.journalWriteThrough ?? false,
+        log: this.#log,
+      });
+      journal.journal(1);
+      return journal;
+    };
+    await this.vm.startDisk();
+    if (!journal) throw new TetherError('ERR_JOURNAL_STATE', 'the disk was already served without a journal');
+    this.#journal = journal;
+    // before anything reached the outputs: latch the composition of the gates and the journal
+    this.#outputs = latchOutputs(composeOutputs([this.#opts.outputs ?? noOutputs, journal]));
+  }
+
   async #listen(): Promise<string> {
     const { listenHost, portRange } = this.#opts.host.migration;
     const qmp = this.vm.qemu!.qmp;
@@ -332,6 +362,7 @@ export class DestinationMigration {
 
         const t0 = nowMs();
         this.#barrierSince = t0;
+        this.#outputs.quiesce?.();
         await qmp.execute('stop');
         const tStopped = nowMs();
         const dirty = await this.#tracker!.collect();

@@ -10,3 +10,6 @@ t.same(parseFaults('cut-completion=3'), { cutCompletion: 3 });
 t.same(parseFaults('gate-open,corrupt-epoch=2'), { gateOpen: true, corruptEpoch: 2 });
 t.throws(() => parseFaults('gate-open=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('hold-acks-ms=3000,hold-acks-epoch=4'), { holdAcksMs: 3000, holdAcksEpoch: 4 });
+t.same(parseFaults('journal-write-through,corrupt-epoch=2'), { journalWriteThrough: true, corruptEpoch: 2 });
+t.throws(() => parseFaults('journal-write-through=1'), { code: 'ERR_FAULTS_INVALID' });
+t.same(parseFaults('gate-open,journal-write-through'), { gateOpen: true, journalWriteThrough: true });

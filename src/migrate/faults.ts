@@ -17,6 +17,7 @@ import { TetherError } from '../errors.ts';
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
+ *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -28,6 +29,7 @@ export interface Faults {
   gateOpen?: boolean;
   failApplyEpoch?: number;
   failApplySticky?: number;
+  journalWriteThrough?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -46,12 +48,15 @@ export const CUT_COMPLETION = {
   crashOnAnswer: 6,
 } as const;
 
+type Flag = 'gateOpen' | 'journalWriteThrough';
+
 /** Switches without a value. */
-const FLAGS: Record<string, 'gateOpen'> = {
+const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
+  'journal-write-through': 'journalWriteThrough',
 };
 
-const NAMES: Record<string, Exclude<keyof Faults, 'gateOpen'>> = {
+const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'delay-first-checkpoint-ms': 'delayFirstCheckpointMs',
   'corrupt-epoch': 'corruptEpoch',
   'truncate-epoch': 'truncateEpoch',

@@ -63,3 +63,10 @@ t.test('latchOutputs: nothing leaves after discard; nothing is dropped after pas
   t.throws(() => p.release(1), { code: 'ERR_OUTPUTS_DISCARDED' });
   t.same(calls2, ['gate.passThrough']);
 });
+
+t.test('composeOutputs passes quiesce to the parts that have it', async (t) => {
+  const calls: string[] = [];
+  const withQuiesce = { ...recorder('journal', calls, 0), quiesce: () => void calls.push('journal.quiesce') };
+  composeOutputs([recorder('gate', calls, 0), withQuiesce]).quiesce?.();
+  t.same(calls, ['journal.quiesce']);
+});

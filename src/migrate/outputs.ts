@@ -2,6 +2,9 @@ import { TetherError } from '../errors.ts';
 /**
  * The hook by which output commit (packet gate, block-write journal) joins the
  * destination's epoch barrier. The epoch loop calls, in this order:
+ *   quiesce()    (optional) just before it stops the VM: QEMU's stop waits for
+ *                every in-flight block request, so a write held back by a full
+ *                journal must be admitted now or the barrier never completes
  *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1;
  *                returns the disk extents written in epoch k (sent inside checkpoint k)
  *   release(k)   on ACK(k): everything of epochs <= k may leave the host
@@ -13,6 +16,7 @@ import type { DiskExtent } from '../checkpoint/assembler.ts';
 export type { DiskExtent };
 
 export interface EpochOutputs {
+  quiesce?(): void;
   seal(epoch: number): Promise<DiskExtent[]>;
   release(epoch: number): void;
   passThrough(): void;
@@ -35,6 +39,7 @@ export function composeOutputs(parts: readonly EpochOutputs[]): EpochOutputs {
   if (parts.length === 0) return noOutputs;
   if (parts.length === 1) return parts[0]!;
   return {
+    quiesce: () => parts.forEach((p) => p.quiesce?.()),
     async seal(epoch) {
       const all: DiskExtent[] = [];
       for (const p of parts) all.push(...(await p.seal(epoch)));
@@ -61,6 +66,9 @@ export function latchOutputs(inner: EpochOutputs): EpochOutputs & { readonly sta
   return {
     get state() {
       return state;
+    },
+    quiesce: () => {
+      if (state === 'holding') inner.quiesce?.();
     },
     seal: (epoch) => (state === 'holding' ? inner.seal(epoch) : Promise.reject(refusal(`seal(${epoch})`))),
     release(epoch) {

@@ -5,6 +5,7 @@ import type { Checkpoint } from '../checkpoint/assembler.ts';
 import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import { CheckpointStore } from '../checkpoint/store.ts';
+import { ImageSink } from '../disk/image-sink.ts';
 import type { HostConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
 import { hashRamFile } from '../memory/ram.ts';
@@ -76,6 +77,8 @@ export class SourceMigration {
   #holdAcksUntil: number | undefined;
   readonly #vm: VmInstance;
   readonly #store: CheckpointStore;
+  /** Where checkpoint DISK extents go: this side writes the shared image until completion. */
+  readonly #diskSink: ImageSink | undefined;
   readonly #result = deferred<MigrationResult>();
   readonly #t0 = nowMs();
   #channel: PeerChannel | undefined;
@@ -105,11 +108,14 @@ export class SourceMigration {
     this.phase = new StateMachine<SourcePhase>('migration', 'connecting', TRANSITIONS, this.#vm.log);
     const f = opts.faults ?? {};
     const failEpoch = f.failApplySticky ?? f.failApplyEpoch;
+    const disk = this.#vm.config.disk;
+    this.#diskSink = disk ? new ImageSink(disk.image) : undefined;
     this.#store = new CheckpointStore({
       dir: this.#vm.checkpointDir,
       ramPath: this.#vm.ramFile,
       ramBytes: this.#vm.ramBytes,
       ...(failEpoch !== undefined ? { failPages: { epoch: failEpoch, sticky: f.failApplySticky !== undefined } } : {}),
+      ...(this.#diskSink ? { disk: this.#diskSink } : {}),
     });
   }
 
@@ -313,7 +319,10 @@ export class SourceMigration {
     }
     this.#assembler ??= new CheckpointAssembler({
       ramPages: this.#vm.ramBytes / PAGE_SIZE,
-      maxCheckpointBytes: this.#vm.ramBytes + 64 * 1024 * 1024,
+      // Every page, one epoch of journaled disk writes (its bound plus what QEMU had in
+      // flight when the barrier admitted it), device state.
+      maxCheckpointBytes:
+        this.#vm.ramBytes + (this.#vm.config.disk ? this.#vm.config.disk.journalMaxBytes + 64 * 1024 * 1024 : 0) + 64 * 1024 * 1024,
       expectEpoch: 1,
     });
     let ckpt: Checkpoint | null;
@@ -576,6 +585,7 @@ export class SourceMigration {
     rollback?: RollbackFigures;
     handover?: MigrationResult['handover'];
   }): void {
+    void this.#applyChain.then(() => this.#diskSink?.close()).catch(() => {});
     // a completion keeps its marker until the destination confirmed (see #onCompleteRequest)
     if (p.outcome !== 'completed') void this.#vm.setMigrationMarker(null).catch(() => {});
     const m = this.#opts.metrics;

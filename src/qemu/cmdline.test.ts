@@ -127,3 +127,17 @@ t.test('NICs: QEMU is the stream server on the per-NIC socket; virtio-net with t
   t.throws(() => buildQemuArgs(v, paths), { code: 'ERR_CONFIG_INVALID' }, 'a NIC needs its socket');
   t.notOk(buildQemuArgs(vm(), paths).includes('-netdev'), 'no NIC, no netdev');
 });
+
+t.test('disk: NBD blockdev on the sidecar socket under virtio-blk', async (t) => {
+  const disk = { image: '/srv/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
+  const args = buildQemuArgs(vm({ disk }), { ...paths, nbdSocket: '/run/t,x/nbd.sock' });
+  const i = args.indexOf('-blockdev');
+  t.same(args.slice(i, i + 4), [
+    '-blockdev',
+    'driver=nbd,node-name=disk0,server.type=unix,server.path=/run/t,,x/nbd.sock,export=vm1,reconnect-delay=30,discard=unmap',
+    '-device',
+    'virtio-blk-pci,drive=disk0,id=vda',
+  ]);
+  t.notOk(buildQemuArgs(vm(), paths).includes('-blockdev'), 'no disk, no blockdev');
+  t.throws(() => buildQemuArgs(vm({ disk }), paths), { code: 'ERR_QEMU_ARGS' });
+});

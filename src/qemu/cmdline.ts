@@ -17,6 +17,8 @@ export interface QemuPaths {
   serialLog: string;
   /** Stream-netdev socket of NIC i (QEMU listens on it, the sidecar connects). */
   nicSockets?: readonly string[];
+  /** The sidecar's NBD server for the VM's disk (required when the VM has one). */
+  nbdSocket?: string;
 }
 
 export type QemuIncoming =
@@ -98,6 +100,7 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
       `virtio-net-pci,netdev=net${i},mac=${nic.mac},id=nic${i}`,
     );
   });
+  if (vm.disk) args.push(...diskArgs(vm, paths));
   if (incoming?.kind === 'defer') {
     args.push('-incoming', 'defer');
   } else if (incoming?.kind === 'exec-file') {
@@ -107,4 +110,29 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
   }
   args.push(...vm.qemu.extraArgs);
   return args;
+}
+
+/** The node name of the guest disk's NBD block node. */
+export const DISK_NODE = 'disk0';
+
+/**
+ * The guest disk: QEMU's own NBD client on the sidecar's unix socket, under a
+ * virtio-blk-pci device. `reconnect-delay` makes QEMU hold the guest's I/O while the
+ * sidecar restarts (the connection is re-established on the same path) instead of
+ * failing it; the export name is the VM's name. No format driver sits on top: the NBD
+ * export is the raw disk. `discard=unmap` passes the guest's discards on as NBD TRIM.
+ */
+function diskArgs(vm: VmConfig, paths: QemuPaths): string[] {
+  const disk = vm.disk!;
+  if (paths.nbdSocket === undefined) throw new TetherError('ERR_QEMU_ARGS', `VM ${vm.name} has a disk but no NBD socket path`);
+  const blockdev = [
+    'driver=nbd',
+    `node-name=${DISK_NODE}`,
+    'server.type=unix',
+    `server.path=${qemuOptValue(paths.nbdSocket)}`,
+    `export=${qemuOptValue(vm.name)}`,
+    `reconnect-delay=${disk.reconnectDelaySec}`,
+    'discard=unmap',
+  ].join(',');
+  return ['-blockdev', blockdev, '-device', `virtio-blk-pci,drive=${DISK_NODE},id=vda`];
 }

@@ -21,6 +21,8 @@ export interface QemuStartOptions {
   ramFile: string;
   qmpSocket: string;
   serialLog: string;
+  /** The sidecar's NBD socket for the VM's disk (required when vm.disk is set). */
+  nbdSocket?: string;
   incoming?: QemuIncoming;
   /** Stream-netdev socket of each NIC in vm.nics (QEMU listens there). */
   nicSockets?: readonly string[];
@@ -83,11 +85,9 @@ export class QemuProcess {
     const { vm, ramFile, qmpSocket, serialLog } = opts;
     const logFile = opts.logFile ?? path.join(path.dirname(serialLog), `qemu-${vm.name}.log`);
     const timeoutMs = opts.startTimeoutMs ?? 15_000;
-    const args = buildQemuArgs(
-      vm,
-      { ramFile, qmpSocket, serialLog, ...(opts.nicSockets ? { nicSockets: opts.nicSockets } : {}) },
-      opts.incoming,
-    );
+    const nbd = opts.nbdSocket !== undefined ? { nbdSocket: opts.nbdSocket } : {};
+    const nics = opts.nicSockets ? { nicSockets: opts.nicSockets } : {};
+    const args = buildQemuArgs(vm, { ramFile, qmpSocket, serialLog, ...nbd, ...nics }, opts.incoming);
 
     for (const p of [ramFile, qmpSocket, serialLog, logFile]) fs.mkdirSync(path.dirname(p), { recursive: true });
     // A stale socket from a killed predecessor would accept nothing; make sure we only

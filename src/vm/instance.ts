@@ -2,6 +2,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { TetherError } from '../errors.ts';
+import type { BlockDevice } from '../disk/block-device.ts';
+import { FileBlockDevice } from '../disk/file-device.ts';
+import { NbdServer } from '../nbd/server.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
 import { decodeStateFile, encodeStateFile } from './state-file.ts';
@@ -60,6 +63,8 @@ export class VmInstance {
   readonly qemuLog: string;
   /** Stream-netdev socket of NIC i: <dir>/net<i>.sock. */
   readonly nicSockets: readonly string[];
+  /** The sidecar's NBD server for the VM's disk: QEMU's -blockdev nbd connects here. */
+  readonly nbdSocket: string;
   readonly log: Logger;
   place: VmPlace = 'stopped';
   qemu: QemuProcess | undefined;
@@ -71,6 +76,16 @@ export class VmInstance {
    * section, so the next destination must not expect one either.
    */
   sendConfiguration = true;
+  /** Serves the VM's disk while a QEMU of this VM may run here (undefined: no disk, or not started). */
+  nbd: NbdServer | undefined;
+  /** The image opened pass-through; what `nbd` serves unless a journal was layered over it. */
+  image: FileBlockDevice | undefined;
+  /**
+   * Hook for what the NBD server serves when it starts: the image itself (pass-through,
+   * the default) or a device layered over it (the destination's block-write journal).
+   * Later swaps go through `nbd.setDevice()`.
+   */
+  diskDevice: (image: FileBlockDevice) => BlockDevice = (image) => image;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
 
@@ -92,6 +107,7 @@ export class VmInstance {
         });
       }
     }
+    this.nbdSocket = path.join(this.dir, 'nbd.sock');
     this.log = log.child({ vm: config.name });
   }
 
@@ -138,12 +154,14 @@ export class VmInstance {
             qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] },
           }
         : this.config;
+    await this.startDisk();
     this.qemu = await QemuProcess.start({
       vm,
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
       nicSockets: this.nicSockets,
+      ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
     });
@@ -154,6 +172,8 @@ export class VmInstance {
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
   async adopt(pid: number): Promise<void> {
+    // The adopted QEMU is reconnecting to nbd.sock (reconnect-delay): serve it again first.
+    await this.startDisk();
     this.qemu = await QemuProcess.adopt({ pid, qmpSocket: this.qmpSocket, logFile: this.qemuLog });
     this.log.info('qemu adopted', { pid });
     this.#watch(this.qemu);
@@ -250,8 +270,41 @@ export class VmInstance {
     await q.stop();
   }
 
-  /** Drop the RAM file (after the VM moved away or was fenced). */
+  /**
+   * Serve the disk (no-op without one, or when already serving): open the image and
+   * listen on nbd.sock before any QEMU of this VM starts, so that QEMU finds it.
+   */
+  async startDisk(): Promise<void> {
+    if (!this.config.disk || this.nbd) return;
+    await this.prepareDirs();
+    const image = await FileBlockDevice.open(this.config.disk.image);
+    try {
+      const server = new NbdServer({ device: this.diskDevice(image), exportName: this.name, log: this.log });
+      await server.listen(this.nbdSocket);
+      this.image = image;
+      this.nbd = server;
+    } catch (e) {
+      await image.close();
+      throw e;
+    }
+  }
+
+  /** Stop serving the disk (running requests finish first) and close the image. */
+  async stopDisk(): Promise<void> {
+    const server = this.nbd;
+    const image = this.image;
+    this.nbd = undefined;
+    this.image = undefined;
+    if (server) {
+      await server.close();
+      if (server.device !== image) await server.device.close();
+    }
+    await image?.close();
+  }
+
+  /** Drop the RAM file and the disk server (after the VM moved away, stopped, or was fenced). */
   async removeRam(): Promise<void> {
+    await this.stopDisk();
     await fs.rm(this.ramFile, { force: true });
     await fs.rm(this.checkpointDir, { recursive: true, force: true });
   }

@@ -4,6 +4,8 @@
  *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
  *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
  *   npm run bench gate    [-- --seconds 3]               packet gate and TAP data path (tools/bench/gate.ts)
+ *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
+ *   npm run bench disk    [-- --mib 256 --count 20000]   disk through the NBD sidecar vs the file (tools/bench/disk.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
@@ -11,6 +13,8 @@ const BENCHES: Record<string, string> = {
   scan: './scan.ts',
   migrate: './migrate.ts',
   gate: './gate.ts',
+  journal: './journal.ts',
+  disk: './disk.ts',
 };
 
 const name = process.argv[2];

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproducible tether guest image: Debian cloud kernel + tiny busybox initramfs with memcheck
-# and netcheck.
+# Reproducible tether guest image: Debian cloud kernel + tiny busybox initramfs with memcheck,
+# netcheck, diskcheck and fsload.
 # Output: <repo>/.cache/guest/<key>/{vmlinuz,initrd.img,manifest.txt} and
 #         <repo>/.cache/guest/current -> <key>
 # Prints "kernel=<abs path>" and "initrd=<abs path>" as the last two lines.
@@ -12,7 +12,9 @@ CACHE="$ROOT/.cache/guest"
 DL="$CACHE/dl"
 META_PKG="${TETHER_KERNEL_META:-linux-image-cloud-amd64}"
 # Virtio drivers we want; their dependencies are added from modules.dep.
-WANT_MODULES=(virtio_pci virtio_net virtio_blk virtio_console)
+WANT_MODULES=(virtio_pci virtio_net virtio_blk virtio_console ext4)
+# Loaded when the kernel has them as modules (ext4's checksums ask the crypto API for crc32c).
+OPTIONAL_MODULES=(crc32c_generic)
 
 log() { echo "guest-build: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -58,8 +60,11 @@ KEY="$(
         printf 'kernel=%s %s\n' "$KPKG" "$KVER_PKG"
         printf 'busybox-static=%s\n' "$BB_VER"
         printf 'modules=%s\n' "${WANT_MODULES[*]}"
+        printf 'optional=%s\n' "${OPTIONAL_MODULES[*]}"
         sha256sum "$HERE/memcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/netcheck.c" | cut -d' ' -f1
+        sha256sum "$HERE/diskcheck.c" | cut -d' ' -f1
+        sha256sum "$HERE/fsload" | cut -d' ' -f1
         sha256sum "$HERE/init" | cut -d' ' -f1
         sha256sum "$HERE/build.sh" | cut -d' ' -f1
     } | sha256sum | cut -c1-16
@@ -133,9 +138,13 @@ for name in "${WANT_MODULES[@]}"; do
     [ -n "$path" ] || die "module $name neither built in nor in modules.dep"
     visit "$path"
 done
+for name in "${OPTIONAL_MODULES[@]}"; do
+    path="$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$KMODDIR/modules.dep" | head -n1 | cut -d: -f1 || true)"
+    if [ -n "$path" ]; then visit "$path"; else log "optional module $name not a module (built in or absent)"; fi
+done
 
-# ---------- memcheck, netcheck ----------
-for prog in memcheck netcheck; do
+# ---------- memcheck, netcheck, diskcheck ----------
+for prog in memcheck netcheck diskcheck; do
     gcc -static -O2 -Wall -o "$WORK/$prog" "$HERE/$prog.c"
     strip "$WORK/$prog"
 done
@@ -143,7 +152,7 @@ done
 # ---------- initramfs tree ----------
 umask 022
 R="$WORK/root"
-mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root,lib/modules}
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root,mnt,lib/modules}
 install -m 0755 "$BUSYBOX" "$R/bin/busybox"
 for applet in $("$BUSYBOX" --list | LC_ALL=C sort); do
     [ "$applet" = busybox ] && continue
@@ -151,6 +160,8 @@ for applet in $("$BUSYBOX" --list | LC_ALL=C sort); do
 done
 install -m 0755 "$WORK/memcheck" "$R/bin/memcheck"
 install -m 0755 "$WORK/netcheck" "$R/bin/netcheck"
+install -m 0755 "$WORK/diskcheck" "$R/bin/diskcheck"
+install -m 0755 "$HERE/fsload" "$R/bin/fsload"
 install -m 0755 "$HERE/init" "$R/init"
 : >"$R/etc/tether-modules"
 for m in "${ORDER[@]}"; do

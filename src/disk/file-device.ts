@@ -1,0 +1,188 @@
+/**
+ * BlockDevice over a raw image file: the pass-through disk.
+ *
+ * read/write are positional (pread/pwrite through libuv's thread pool), so requests
+ * from a pipelining client run concurrently. FLUSH is fdatasync; a FUA write is the
+ * write followed by fdatasync before it completes.
+ *
+ * TRIM punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE) and WRITE_ZEROES uses
+ * fallocate ZERO_RANGE (or PUNCH_HOLE when the client allows holes), through the native
+ * addon. Where that is unavailable (addon not built, or a file system answering
+ * EOPNOTSUPP, e.g. ZERO_RANGE on tmpfs) TRIM does nothing (the spec lets a server ignore
+ * it) and WRITE_ZEROES writes zero bytes in 1 MiB pieces. fallocate runs synchronously
+ * on the event loop: it changes extents only, no data moves.
+ */
+import fs from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { TetherError } from '../errors.ts';
+import { loadNative } from '../memory/native.ts';
+import type { BlockDevice } from './block-device.ts';
+
+// linux/falloc.h
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_ZERO_RANGE = 0x10;
+const EOPNOTSUPP = 95;
+const ZERO_CHUNK = 1024 * 1024;
+
+type Fallocate = (fd: number, mode: number, offset: number, length: number) => number;
+
+function nativeFallocate(): Fallocate | undefined {
+  try {
+    const b = loadNative() as unknown as { fallocate?: Fallocate };
+    return typeof b.fallocate === 'function' ? b.fallocate.bind(b) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export interface FileBlockDeviceOptions {
+  /** Open read-only (writes fail with EROFS). Default false. */
+  readOnly?: boolean;
+  /** Use fallocate for TRIM/WRITE_ZEROES when possible. Default true. */
+  fallocate?: boolean;
+}
+
+export class FileBlockDevice implements BlockDevice {
+  readonly path: string;
+  readonly size: number;
+  readonly canTrim = true;
+  readonly #fh: FileHandle;
+  readonly #readOnly: boolean;
+  #fallocate: Fallocate | undefined;
+  #punchWorks = true;
+  #zeroRangeWorks = true;
+  #closed = false;
+
+  private constructor(path: string, fh: FileHandle, size: number, opts: FileBlockDeviceOptions) {
+    this.path = path;
+    this.#fh = fh;
+    this.size = size;
+    this.#readOnly = opts.readOnly ?? false;
+    this.#fallocate = opts.fallocate === false ? undefined : nativeFallocate();
+  }
+
+  /** Opens an existing image; its current length is the device size. */
+  static async open(path: string, opts: FileBlockDeviceOptions = {}): Promise<FileBlockDevice> {
+    let fh: FileHandle;
+    try {
+      fh = await fs.open(path, opts.readOnly ? 'r' : 'r+');
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new TetherError('ERR_DISK_OPEN', `cannot open disk image ${path}: ${err.code ?? err.message}`, { path, errno: err.code });
+    }
+    const st = await fh.stat();
+    if (!st.isFile() && !st.isBlockDevice()) {
+      await fh.close();
+      throw new TetherError('ERR_DISK_OPEN', `disk image ${path} is neither a file nor a block device`, { path });
+    }
+    return new FileBlockDevice(path, fh, st.size, opts);
+  }
+
+  /** Whether TRIM/WRITE_ZEROES currently reach fallocate (false: emulated). */
+  get usesFallocate(): boolean {
+    return this.#fallocate !== undefined && (this.#punchWorks || this.#zeroRangeWorks);
+  }
+
+  #check(offset: number, length: number): void {
+    if (this.#closed) throw new TetherError('ERR_DISK_CLOSED', `disk ${this.path} is closed`);
+    // The NBD session checks ranges already; this is the last line: never a byte outside the image.
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new TetherError('ERR_DISK_RANGE', `range ${offset}+${length} outside the ${this.size}-byte disk`, { offset, length });
+    }
+  }
+
+  #writable(): void {
+    if (this.#readOnly) throw Object.assign(new Error(`disk ${this.path} is read-only`), { code: 'EROFS' });
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.#check(offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.#fh.read(buf, done, length - done, offset + done);
+      if (bytesRead === 0) {
+        // The file shrank under us (it must not): read the rest as zeroes rather than stale memory.
+        buf.fill(0, done);
+        break;
+      }
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  async write(offset: number, data: Buffer, opts?: { fua?: boolean }): Promise<void> {
+    this.#check(offset, data.length);
+    this.#writable();
+    await this.#writeAll(offset, data);
+    if (opts?.fua) await this.#fh.datasync();
+  }
+
+  async #writeAll(offset: number, data: Buffer): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.#fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.#closed) throw new TetherError('ERR_DISK_CLOSED', `disk ${this.path} is closed`);
+    await this.#fh.datasync();
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    this.#check(offset, length);
+    this.#writable();
+    if (length === 0) return;
+    this.#punch(offset, length);
+  }
+
+  /** true when the range now reads as zeroes through a hole. */
+  #punch(offset: number, length: number): boolean {
+    const fa = this.#fallocate;
+    if (!fa || !this.#punchWorks) return false;
+    const r = fa(this.#fh.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+    if (r === 0) return true;
+    if (r === EOPNOTSUPP) {
+      this.#punchWorks = false;
+      return false;
+    }
+    throw errnoError(r, 'fallocate(PUNCH_HOLE)');
+  }
+
+  async writeZeroes(offset: number, length: number, opts?: { fua?: boolean; noHole?: boolean }): Promise<void> {
+    this.#check(offset, length);
+    this.#writable();
+    if (length === 0) return;
+    let done = false;
+    const fa = this.#fallocate;
+    if (fa && this.#zeroRangeWorks) {
+      // ZERO_RANGE keeps the range allocated (honours NO_HOLE) and reads back as zeroes.
+      const r = fa(this.#fh.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+      if (r === 0) done = true;
+      else if (r === EOPNOTSUPP) this.#zeroRangeWorks = false;
+      else throw errnoError(r, 'fallocate(ZERO_RANGE)');
+    }
+    if (!done && !opts?.noHole) done = this.#punch(offset, length);
+    if (!done) {
+      const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK, length));
+      for (let at = 0; at < length; at += zeroes.length) {
+        await this.#writeAll(offset + at, zeroes.subarray(0, Math.min(zeroes.length, length - at)));
+      }
+    }
+    if (opts?.fua) await this.#fh.datasync();
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.#fh.close();
+  }
+}
+
+function errnoError(errno: number, syscall: string): Error {
+  const codes: Record<number, string> = { 28: 'ENOSPC', 5: 'EIO', 22: 'EINVAL', 1: 'EPERM', 30: 'EROFS', 27: 'EFBIG', 122: 'EDQUOT' };
+  return Object.assign(new Error(`${syscall} failed: errno ${errno}`), { code: codes[errno] ?? `E${errno}`, errno, syscall });
+}

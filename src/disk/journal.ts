@@ -1,0 +1,309 @@
+/**
+ * The block-write journal: the disk's half of output commit.
+ *
+ * A BlockDevice over the VM's image (what the NBD server serves) and an
+ * EpochOutputs (what the destination's epoch barrier drives). Modes:
+ *
+ *   pass-through  writes go to the image; FLUSH and FUA are the image's fdatasync.
+ *                 The VM's normal life, on the source, and on the destination
+ *                 after completion.
+ *   journal       destination during post-copy, from before its QEMU can run:
+ *                 writes of epoch k are kept in memory under k and never touch
+ *                 the shared image; reads see the unreleased epochs over the
+ *                 image; FLUSH/FUA complete at once (durability comes with the
+ *                 checkpoint, as for memory). seal(k) hands epoch k's extents to
+ *                 checkpoint k; the source writes them to the image before ACK(k);
+ *                 release(k) then drops epochs <= k (the image holds them now).
+ *   draining      passThrough() after the final ACK: the journal still held is
+ *                 written to the image and fdatasync'ed; writes wait, reads are
+ *                 served as in journal mode; then pass-through.
+ *   discarded     the destination fenced: every held write is dropped, every
+ *                 waiting and later request fails; nothing reaches the image.
+ *
+ * Memory is bounded by `maxBytes` (bytes of unreleased journaled data): a write
+ * that does not fit waits — its reply to the guest is delayed — until a release
+ * frees space. quiesce() (the barrier is about to `stop` the VM, and QEMU's stop
+ * waits for every in-flight request) admits the waiting writes; the bound then
+ * overshoots by at most the requests QEMU has in flight, and holds again from
+ * the next seal.
+ */
+import { TetherError } from '../errors.ts';
+import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
+import type { Logger } from '../util/log.ts';
+import type { BlockDevice } from './block-device.ts';
+import { ExtentMap } from './extent-map.ts';
+
+/**
+ * Largest DISK extent seal() hands out. A DISK frame carries 16 bytes of header
+ * (epoch, offset) plus data and must fit the peer channel's 8 MiB frame limit;
+ * 4 MiB matches the largest PAGES message.
+ */
+export const MAX_DISK_EXTENT_BYTES = 4 * 1024 * 1024;
+
+export type JournalMode = 'pass-through' | 'journal' | 'draining' | 'discarded';
+
+export interface JournalOptions {
+  /** Bound of journaled, unreleased bytes before writes are delayed. */
+  maxBytes: number;
+  /** Largest extent in seal()'s result (default MAX_DISK_EXTENT_BYTES). */
+  maxExtentBytes?: number;
+  /** Fault injection (`journal-write-through`): journal() leaves the device writing through. */
+  writeThrough?: boolean;
+  log?: Logger;
+}
+
+interface Epoch {
+  epoch: number;
+  map: ExtentMap;
+  sealed: boolean;
+}
+
+export class BlockJournal implements BlockDevice, EpochOutputs {
+  readonly size: number;
+  readonly canTrim = true;
+  readonly #image: BlockDevice;
+  readonly #maxBytes: number;
+  readonly #maxExtent: number;
+  readonly #writeThrough: boolean;
+  readonly #log: Logger | undefined;
+  #mode: JournalMode = 'pass-through';
+  /** Unreleased epochs, oldest first; in journal mode the last one is open. */
+  #epochs: Epoch[] = [];
+  #held = 0;
+  #quiescing = false;
+  #waiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  #drain: Promise<void> | null = null;
+  /** Figures for status and benchmarks. */
+  readonly stats = { journaledBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
+
+  constructor(image: BlockDevice, opts: JournalOptions) {
+    if (!Number.isSafeInteger(opts.maxBytes) || opts.maxBytes <= 0) {
+      throw new TetherError('ERR_JOURNAL_INVALID_OPTION', 'journal maxBytes must be a positive integer');
+    }
+    const maxExtent = opts.maxExtentBytes ?? MAX_DISK_EXTENT_BYTES;
+    if (!Number.isSafeInteger(maxExtent) || maxExtent <= 0 || maxExtent > MAX_DISK_EXTENT_BYTES) {
+      throw new TetherError('ERR_JOURNAL_INVALID_OPTION', `maxExtentBytes must be in [1, ${MAX_DISK_EXTENT_BYTES}]`);
+    }
+    this.#image = image;
+    this.size = image.size;
+    this.#maxBytes = opts.maxBytes;
+    this.#maxExtent = maxExtent;
+    this.#writeThrough = opts.writeThrough ?? false;
+    this.#log = opts.log;
+  }
+
+  get mode(): JournalMode {
+    return this.#mode;
+  }
+
+  /** Journaled bytes not yet released. */
+  get heldBytes(): number {
+    return this.#held;
+  }
+
+  /**
+   * Enter journal mode with `firstEpoch` open (the destination, before its QEMU
+   * can run). Under the write-through fault the device stays in pass-through.
+   */
+  journal(firstEpoch = 1): void {
+    if (this.#mode !== 'pass-through' || this.#epochs.length > 0) {
+      throw new TetherError('ERR_JOURNAL_STATE', `cannot start journaling in mode ${this.#mode}`);
+    }
+    if (this.#writeThrough) {
+      this.#log?.warn('fault injection: journal-write-through, destination disk writes go straight to the image');
+      return;
+    }
+    this.#mode = 'journal';
+    this.#epochs = [{ epoch: firstEpoch, map: new ExtentMap(), sealed: false }];
+  }
+
+  // ---- BlockDevice ----
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.#check(offset, length);
+    // The layers are taken before the image read: an epoch released while the
+    // read is in flight is still overlaid, so a read that raced the source's
+    // write of that epoch to the image cannot come back stale.
+    const layers = this.#epochs.map((e) => e.map);
+    const buf = await this.#image.read(offset, length);
+    for (const m of layers) m.overlay(offset, buf);
+    return buf;
+  }
+
+  async write(offset: number, data: Buffer, opts?: { fua?: boolean }): Promise<void> {
+    this.#check(offset, data.length);
+    await this.#journalOr(
+      offset,
+      data.length,
+      () => copy(data),
+      () => this.#image.write(offset, data, opts),
+    );
+  }
+
+  async flush(): Promise<void> {
+    this.#usable();
+    if (this.#drain) await this.#drain;
+    if (this.#mode === 'journal') return;
+    await this.#image.flush();
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    this.#check(offset, length);
+    // Journaled as zeroes: reads after a trim may return anything, zeroes included,
+    // and the source then applies exactly what the guest was shown.
+    await this.#journalOr(
+      offset,
+      length,
+      () => Buffer.alloc(length),
+      () => this.#image.trim(offset, length),
+    );
+  }
+
+  async writeZeroes(offset: number, length: number, opts?: { fua?: boolean }): Promise<void> {
+    this.#check(offset, length);
+    await this.#journalOr(
+      offset,
+      length,
+      () => Buffer.alloc(length),
+      () => this.#image.writeZeroes(offset, length, opts),
+    );
+  }
+
+  async close(): Promise<void> {
+    if (this.#drain) await this.#drain.catch(() => {});
+    await this.#image.close();
+  }
+
+  async #journalOr(offset: number, length: number, data: () => Buffer, through: () => Promise<void>): Promise<void> {
+    if (length === 0) return;
+    if (this.#mode === 'journal') {
+      await this.#admit(length);
+      if (this.#mode === 'journal') {
+        const open = this.#epochs[this.#epochs.length - 1]!;
+        const before = open.map.bytes;
+        open.map.put(offset, data());
+        this.#held += open.map.bytes - before;
+        this.stats.journaledBytes += length;
+        if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
+        return;
+      }
+    }
+    this.#usable();
+    if (this.#drain) await this.#drain;
+    this.#usable();
+    await through();
+  }
+
+  /** Waits until `length` more bytes fit (or nothing is held, or the barrier quiesces). */
+  async #admit(length: number): Promise<void> {
+    let waited = false;
+    while (this.#mode === 'journal' && !this.#quiescing && this.#held > 0 && this.#held + length > this.#maxBytes) {
+      if (!waited) this.stats.delayedWrites++;
+      waited = true;
+      await new Promise<void>((resolve, reject) => this.#waiters.push({ resolve, reject }));
+    }
+    this.#usable();
+  }
+
+  #wake(): void {
+    const w = this.#waiters;
+    this.#waiters = [];
+    for (const x of w) x.resolve();
+  }
+
+  #check(offset: number, length: number): void {
+    this.#usable();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new TetherError('ERR_DISK_RANGE', `request [${offset}, +${length}) outside the ${this.size}-byte disk`);
+    }
+  }
+
+  #usable(): void {
+    if (this.#mode === 'discarded') {
+      throw new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced): request refused');
+    }
+  }
+
+  // ---- EpochOutputs ----
+
+  /** The barrier is about to stop the VM: QEMU's stop waits for in-flight writes, so admit them. */
+  quiesce(): void {
+    this.#quiescing = true;
+    this.#wake();
+  }
+
+  async seal(epoch: number): Promise<DiskExtent[]> {
+    this.#quiescing = false;
+    if (this.#mode !== 'journal') return [];
+    const open = this.#epochs[this.#epochs.length - 1]!;
+    if (open.epoch !== epoch) {
+      throw new TetherError('ERR_JOURNAL_STATE', `seal(${epoch}) but epoch ${open.epoch} is open`);
+    }
+    open.sealed = true;
+    this.#epochs.push({ epoch: epoch + 1, map: new ExtentMap(), sealed: false });
+    const out = open.map.coalesced(this.#maxExtent);
+    this.stats.sealedBytes += open.map.bytes;
+    return out;
+  }
+
+  release(epoch: number): void {
+    if (this.#mode !== 'journal' && this.#mode !== 'draining') return;
+    while (this.#epochs.length > 0 && this.#epochs[0]!.sealed && this.#epochs[0]!.epoch <= epoch) {
+      this.#held -= this.#epochs.shift()!.map.bytes;
+    }
+    this.#wake();
+  }
+
+  /**
+   * After the final ACK: write what is still journaled to the image, then write
+   * through. Writes wait for that; a failure fails them (and is logged).
+   */
+  passThrough(): void {
+    if (this.#mode !== 'journal') return;
+    this.#mode = 'draining';
+    this.#wake();
+    const drain = this.#writeBack().then(
+      () => {
+        this.#epochs = [];
+        this.#held = 0;
+        if (this.#mode === 'draining') this.#mode = 'pass-through';
+        this.#drain = null;
+      },
+      (e: unknown) => {
+        this.#log?.error('writing the journal to the image failed', { error: e as Error });
+        throw new TetherError('ERR_JOURNAL_WRITEBACK', `writing the journal to the image failed: ${(e as Error).message}`);
+      },
+    );
+    drain.catch(() => {});
+    this.#drain = drain;
+  }
+
+  async #writeBack(): Promise<void> {
+    let bytes = 0;
+    for (const e of this.#epochs) {
+      for (const x of e.map.extents()) {
+        await this.#image.write(x.offset, x.data);
+        bytes += x.data.length;
+      }
+    }
+    if (bytes > 0) await this.#image.flush();
+    this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length });
+  }
+
+  discard(): void {
+    this.#mode = 'discarded';
+    this.#epochs = [];
+    this.#held = 0;
+    const w = this.#waiters;
+    this.#waiters = [];
+    const err = new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced)');
+    for (const x of w) x.reject(err);
+  }
+}
+
+/** The journal keeps what it is given; the caller (the NBD server) may reuse its buffer. */
+function copy(data: Buffer): Buffer {
+  const b = Buffer.allocUnsafeSlow(data.length);
+  data.copy(b);
+  return b;
+}
