@@ -72,6 +72,7 @@ class MemoryDisk implements DiskSink {
   writes: [number, string][] = [];
   flushes = 0;
   failNext = false;
+  async check(): Promise<void> {}
   async pwrite(offset: number, data: Buffer): Promise<void> {
     if (this.failNext) {
       this.failNext = false;

@@ -23,12 +23,14 @@ import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } fro
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { TetherError, isTetherError } from '../errors.ts';
-import type { Checkpoint } from './assembler.ts';
+import type { Checkpoint, DiskExtent } from './assembler.ts';
 import { PAGE_SIZE } from './messages.ts';
 import { decodeStage, encodeStage } from './stage.ts';
 
 /** Where DISK extents go (the shared disk image); wired in by the block-write journal issue. */
 export interface DiskSink {
+  /** Refuses extents the sink could never write (past the image's end) before anything is written. */
+  check(extents: readonly DiskExtent[]): Promise<void>;
   pwrite(offset: number, data: Buffer): Promise<void>;
   /** Makes every write so far durable. */
   flush(): Promise<void>;
@@ -354,6 +356,8 @@ export class CheckpointStore {
         });
       }
       validateCheckpoint(ckpt, this.ramPages);
+      // A checkpoint whose disk extents cannot land is refused whole, before a page is written.
+      if (this.disk !== undefined && ckpt.disk.length > 0) await this.disk.check(ckpt.disk);
       try {
         await this.checkRamFile();
         await writeAtomic(path.join(this.dir, STAGE), encodeStage(ckpt));

@@ -6,6 +6,7 @@
  * the image at any instant — the source until the migration completes.
  */
 import { open, type FileHandle } from 'node:fs/promises';
+import type { DiskExtent } from '../checkpoint/assembler.ts';
 import type { DiskSink } from '../checkpoint/store.ts';
 import { TetherError } from '../errors.ts';
 
@@ -22,13 +23,21 @@ export class ImageSink implements DiskSink {
     return this.#fh;
   }
 
+  async check(extents: readonly DiskExtent[]): Promise<void> {
+    const { size } = await (await this.#handle()).stat();
+    for (const e of extents) this.#inRange(e.offset, e.data.length, size);
+  }
+
+  #inRange(offset: number, length: number, size: number): void {
+    if (offset + length > size) {
+      // Never grow the image: an extent past its end is not a write the guest could have made.
+      throw new TetherError('ERR_DISK_RANGE', `disk extent [${offset}, +${length}) past the end of ${this.path} (${size} bytes)`);
+    }
+  }
+
   async pwrite(offset: number, data: Buffer): Promise<void> {
     const fh = await this.#handle();
-    const { size } = await fh.stat();
-    if (offset + data.length > size) {
-      // Never grow the image: an extent past its end is not a write the guest could have made.
-      throw new TetherError('ERR_DISK_RANGE', `disk extent [${offset}, +${data.length}) past the end of ${this.path} (${size} bytes)`);
-    }
+    this.#inRange(offset, data.length, (await fh.stat()).size);
     let done = 0;
     while (done < data.length) {
       const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
