@@ -12,7 +12,7 @@ import { isTetherError, TetherError } from '../errors.ts';
 import { completingRecordPath, DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { notifyDestination, SourceMigration, waitRunning } from '../migrate/source.ts';
+import { notifyDestination, resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import type { PeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
@@ -304,11 +304,8 @@ export class Daemon {
     }
     if (pid) await killPid(pid);
     await vm.restoreFrom(last.devstatePath);
-    await waitRunning(vm);
-    // NICs first, so that the announcement reaches the wire
-    await this.#openNics(vm, this.#createNics(vm, 'pass')).catch((e: unknown) =>
-      log.warn('NIC not reconnected before announce', { error: errorFields(e) }),
-    );
+    // NICs before the VM runs (and so before the announcement)
+    await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
     await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
     vm.place = 'running';
     vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };

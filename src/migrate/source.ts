@@ -513,10 +513,7 @@ export class SourceMigration {
         await vm.killQemu();
         const t2 = nowMs();
         await vm.restoreFrom(last.devstatePath);
-        await waitRunning(vm);
-        await this.#opts.nics
-          ?.resume()
-          .catch((e: unknown) => vm.log.warn('NIC not reconnected before announce', { error: errorFields(e) }));
+        await resumeRestored(vm, () => this.#opts.nics?.resume());
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
         const t4 = nowMs();
@@ -682,15 +679,34 @@ export class SourceMigration {
 }
 
 export async function waitRunning(vm: VmInstance, timeoutMs = 60_000): Promise<void> {
+  await waitStatus(vm, 'running', timeoutMs);
+}
+
+async function waitStatus(vm: VmInstance, status: string, timeoutMs: number): Promise<void> {
   const q = vm.qemu!;
   const deadline = nowMs() + timeoutMs;
   while (nowMs() < deadline) {
     if (q.hasExited) throw new TetherError('ERR_RESTORE_FAILED', `restored QEMU exited: ${q.stderrTail?.() ?? ''}`);
     const s = (await q.qmp.execute('query-status')) as { status: string };
-    if (s.status === 'running') return;
+    if (s.status === status) return;
     await sleep(10);
   }
-  throw new TetherError('ERR_RESTORE_FAILED', `restored QEMU not running after ${timeoutMs} ms`);
+  throw new TetherError('ERR_RESTORE_FAILED', `restored QEMU not ${status} after ${timeoutMs} ms`);
+}
+
+/**
+ * A restored QEMU (started with -S) has loaded its device state and waits paused: the
+ * VM's NICs are connected first (`connectNics`), then it runs. A guest that resumes with
+ * frames in its transmit ring sends at once, and QEMU 7.2's stream netdev must have its
+ * peer by then. A NIC that does not come back is logged; the VM runs regardless.
+ */
+export async function resumeRestored(vm: VmInstance, connectNics: () => Promise<void> | undefined, timeoutMs = 60_000): Promise<void> {
+  await waitStatus(vm, 'paused', timeoutMs);
+  await Promise.resolve(connectNics())?.catch((e: unknown) =>
+    vm.log.warn('NIC not reconnected before the restored VM runs', { error: errorFields(e) }),
+  );
+  await vm.qemu!.qmp.execute('cont');
+  await waitRunning(vm, timeoutMs);
 }
 
 function resolveMessage(vm: string, outcome: 'completed' | 'rolled-back', epoch: number): Message {

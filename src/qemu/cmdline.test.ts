@@ -86,7 +86,7 @@ t.test('no kernel: firmware-only boot, no -kernel/-initrd/-append', async (t) =>
 
 t.test('incoming exec-file: quoted path and send-configuration=off', async (t) => {
   const args = buildQemuArgs(vm(), paths, { kind: 'exec-file', file: '/s/vm1/devstate' });
-  t.same(args.slice(-4), ['-incoming', "exec:cat '/s/vm1/devstate'", '-global', 'migration.send-configuration=off']);
+  t.same(args.slice(-5), ['-S', '-incoming', "exec:cat '/s/vm1/devstate'", '-global', 'migration.send-configuration=off']);
   const none = buildQemuArgs(vm(), paths);
   t.notOk(none.includes('-incoming'));
   t.notOk(none.includes('-global'));

@@ -105,8 +105,11 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
     args.push('-incoming', 'defer');
   } else if (incoming?.kind === 'exec-file') {
     // "exec:<cmd>" runs <cmd> through /bin/sh -c. The file is device state only, so the
-    // stream carries no configuration section: tell QEMU not to expect one.
-    args.push('-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
+    // stream carries no configuration section: tell QEMU not to expect one. -S: the restored
+    // VM stays paused after loading until the sidecar has reconnected its NICs and says
+    // `cont` — QEMU 7.2's stream netdev dereferences its missing connection (SIGSEGV) when a
+    // guest that resumes with frames in its transmit ring sends before a peer is connected.
+    args.push('-S', '-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
   }
   args.push(...vm.qemu.extraArgs);
   return args;
