@@ -73,7 +73,7 @@ t.test('example configs load', async (t) => {
     initrd: path.resolve(configsDir, '../.cache/guest/current/initrd.img'),
     append: 'console=ttyS0 quiet panic=-1 tether.run=memcheck:256',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   });
 });
 
@@ -216,7 +216,7 @@ t.test('vm defaults', async (t) => {
     kernel: '/etc/tether/k/vmlinuz',
     append: '',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   });
   const kvm = parseVmConfig({ ...minimalVm(), qemu: { accel: 'kvm' } }, base);
   t.equal(kvm.qemu.cpu, 'host', 'kvm defaults to -cpu host');
@@ -261,6 +261,7 @@ t.test('vm: bad fields', async (t) => {
     ['migration.precopyMs', -1, 'migration.precopyMs'],
     ['migration.maxBandwidth', 1e20, 'migration.maxBandwidth'],
     ['migration.maxBandwidth', '1G', 'migration.maxBandwidth'],
+    ['migration.hotStandby', 'yes', 'migration.hotStandby'],
     ['migration.postcopy', true, 'migration.postcopy'],
     ['network', {}, 'network'],
   ];

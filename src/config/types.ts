@@ -53,5 +53,7 @@ export interface VmConfig {
     precopyMs: number;
     /** QEMU max-bandwidth for the migration stream, bytes/s (0 = QEMU default). */
     maxBandwidth: number;
+    /** Keep a standby QEMU ready on the source during a migration, for a fast rollback. */
+    hotStandby: boolean;
   };
 }

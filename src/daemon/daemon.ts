@@ -12,6 +12,7 @@ import { DestinationMigration } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { SourceMigration, waitRunning } from '../migrate/source.ts';
+import { settleStandbys } from '../migrate/standby.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
@@ -103,7 +104,9 @@ export class Daemon {
         this.vms.set(vm.name, vm);
         // Every QEMU on this VM's RAM file (the one vm.json names first), so that
         // none is missed even if the sidecar died between spawning one and recording it.
-        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
+        // A hot standby that never got device state is not a VM's QEMU: killed first.
+        const pids = await settleStandbys(vm, qemuPidsFor(vm.ramFile), saved.vm.pid, log);
+        const all = pids.sort((a, b) => (a === saved.vm.pid ? -1 : b === saved.vm.pid ? 1 : 0));
         const marker = saved.marker;
         if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);

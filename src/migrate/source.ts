@@ -17,6 +17,7 @@ import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
+import { HotStandby } from './standby.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase = 'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
@@ -72,6 +73,8 @@ export class SourceMigration {
   #ckptBytes: number[] = [];
   #tracker: string | null = null;
   #lastPauseMs: number | null = null;
+  /** A QEMU waiting (-incoming defer) to take over on rollback; see standby.ts. */
+  #standby: HotStandby | undefined;
 
   constructor(opts: SourceOptions) {
     this.#opts = opts;
@@ -147,6 +150,8 @@ export class SourceMigration {
     if (bw > 0) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
+    // Started now so that it is up by switchover; it stays idle until a rollback.
+    if (vm.config.migration.hotStandby && !this.#decided) this.#standby = HotStandby.start(vm);
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
@@ -295,6 +300,7 @@ export class SourceMigration {
     this.#stopTimers();
     this.phase.to('completed', { finalEpoch });
     this.#channel?.close();
+    await this.#standby?.discard();
     // The VM lives on the destination now; the source's copy is dropped.
     await this.#vm.stopQemu().catch(() => {});
     await this.#vm.removeRam().catch(() => {});
@@ -339,7 +345,8 @@ export class SourceMigration {
         const t1 = nowMs();
         await vm.killQemu();
         const t2 = nowMs();
-        await vm.restoreFrom(last.devstatePath);
+        figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
+        if (!figures.hot) await vm.restoreFrom(last.devstatePath);
         await waitRunning(vm);
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
@@ -374,6 +381,7 @@ export class SourceMigration {
   }
 
   #finish(p: { outcome: MigrationResult['outcome']; reason?: string; err?: unknown; rollback?: RollbackFigures }): void {
+    void this.#standby?.discard(); // a no-op once promoted
     void this.#vm.setMigrationMarker(null).catch(() => {});
     const m = this.#opts.metrics;
     m?.migrations.inc({ role: 'source', outcome: p.outcome });
