@@ -43,6 +43,7 @@ export interface ClusterOptions {
     failoverTimeoutMs?: number;
     fenceTimeoutMs?: number;
     hotStandby?: boolean;
+    memoryMiB?: number;
   };
 }
 
@@ -143,7 +144,7 @@ export class Cluster {
       this.vmConfig,
       [
         `name: ${this.vmName}`,
-        `memoryMiB: 512`,
+        `memoryMiB: ${v.memoryMiB ?? 512}`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
         `append: "console=ttyS0 quiet panic=-1 tether.run=memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}"`,

@@ -3,6 +3,7 @@
  *
  *   npm run bench scan    [-- --mib 512 --runs 5]        dirty-page scan (tools/bench/scan.ts)
  *   npm run bench migrate [-- --memcheck-mb 256 ...]     migration benchmark (tools/bench/migrate.ts)
+ *   npm run bench quick   (or: npm run bench -- --quick) CI smoke: migrate --quick, a few minutes
  *
  * Each benchmark reads its own options from process.argv.
  */
@@ -11,9 +12,13 @@ const BENCHES: Record<string, string> = {
   migrate: './migrate.ts',
 };
 
-const name = process.argv[2];
+let name = process.argv[2];
+if (name === 'quick' || name === '--quick') {
+  process.argv.splice(2, 1, 'migrate', '--quick');
+  name = 'migrate';
+}
 if (name === undefined || !(name in BENCHES)) {
-  process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}> [-- options]\n`);
+  process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}|quick> [-- options]\n`);
   process.exit(2);
 }
 // The benchmark sees its own options only.
