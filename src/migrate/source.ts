@@ -17,7 +17,7 @@ import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from './control-messages.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
-import { HotStandby } from './standby.ts';
+import { HotStandby, untilCannotRun } from './standby.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase = 'connecting' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
@@ -334,6 +334,7 @@ export class SourceMigration {
     this.#controlWaiters.clear();
 
     const figures: RollbackFigures = { reason, epoch: null, detectMs: round(detect), restoreMs: 0, killMs: 0, startMs: 0, announceMs: 0 };
+    let tRestored: number | null = null;
     try {
       if (!this.#continued) {
         // Before switchover the source QEMU still owns the VM: cancel and carry on.
@@ -343,19 +344,23 @@ export class SourceMigration {
         const last = this.#store.lastApplied();
         figures.epoch = last.epoch;
         const t1 = nowMs();
-        await vm.killQemu();
+        const exited = vm.killQemu();
+        // A standby may load while the old QEMU's teardown finishes, once that can no longer run.
+        await (this.#standby ? untilCannotRun(vm.qemu, exited) : exited);
         const t2 = nowMs();
         figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
-        if (!figures.hot) await vm.restoreFrom(last.devstatePath);
+        if (!figures.hot) await exited.then(() => vm.restoreFrom(last.devstatePath));
         await waitRunning(vm);
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
         const t4 = nowMs();
+        tRestored = t4;
+        await exited; // the old QEMU's teardown may outlast the restore; not counted in it
         figures.killMs = round(t2 - t1);
         figures.startMs = round(t3 - t2);
         figures.announceMs = round(t4 - t3);
       }
-      figures.restoreMs = round(nowMs() - tDecide);
+      figures.restoreMs = round((tRestored ?? nowMs()) - tDecide);
       vm.place = 'running';
       this.phase.to('rolled-back', { epoch: figures.epoch, restoreMs: figures.restoreMs });
       this.#finish({ outcome: 'rolled-back', reason, err, rollback: figures });

@@ -121,16 +121,20 @@ export class HotStandby {
       this.#log.warn('no live hot standby: starting a fresh QEMU');
       return false;
     }
+    const t0 = nowMs();
     try {
       // Never handed anything yet: it must still wait in 'inmigrate' with no incoming migration.
       const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
       if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
       q.renameSocket(this.#vm.qmpSocket);
       this.#state = 'promoted';
+      const t1 = nowMs();
       await this.#vm.adoptStandby(q); // vm.json names it before it gets state
+      const t2 = nowMs();
       await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
       await q.waitForStatus('running', 60_000, 2);
-      this.#log.info('hot standby promoted', { pid: q.pid });
+      const ms = (a: number, b: number): number => Math.round((b - a) * 100) / 100;
+      this.#log.info('hot standby promoted', { pid: q.pid, checkMs: ms(t0, t1), persistMs: ms(t1, t2), loadMs: ms(t2, nowMs()) });
       return true;
     } catch (e) {
       this.#log.warn('hot standby promotion failed: starting a fresh QEMU', { error: errorFields(e) });
@@ -149,6 +153,48 @@ export class HotStandby {
       this.#log.info('hot standby discarded', { pid: q.pid });
     }
   }
+}
+
+/**
+ * Resolves once no thread of the SIGKILLed QEMU `q` can run user code again: every thread
+ * in /proc/<pid>/task has PF_EXITING (0x4) in its stat flags, or is gone. That is a few ms
+ * after the signal; the full exit (the last thread tearing down the address space, then
+ * the reaping) takes ~15-20 ms more and may overlap the standby's load. The pid cannot be
+ * reused meanwhile: it stays a zombie until `exited` (our child, our reaping) resolves.
+ */
+export async function untilCannotRun(q: QemuProcess | undefined, exited: Promise<unknown>): Promise<void> {
+  if (!q || q.hasExited) return exited.then(() => {});
+  let done = false;
+  void exited.then(() => (done = true));
+  const deadline = nowMs() + 2000;
+  while (!done && nowMs() < deadline) {
+    if (allExiting(q.pid)) return;
+    await new Promise((r) => setTimeout(r, 0.5));
+  }
+  await exited;
+}
+
+const PF_EXITING = 0x4;
+
+function allExiting(pid: number): boolean {
+  let tids: string[];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return true; // gone
+  }
+  for (const tid of tids) {
+    let stat: string;
+    try {
+      stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
+    } catch {
+      continue; // this thread is gone
+    }
+    // "tid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold spaces
+    const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+    if ((Number(f[6]) & PF_EXITING) === 0) return false;
+  }
+  return true;
 }
 
 /**

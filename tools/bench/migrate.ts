@@ -270,7 +270,8 @@ function timelineOf(title: string, progress: Rec[], digest: LogDigest, result: M
   const preWall = digest.phases.find((p) => p.host === 'host-s' && p.msg.endsWith('-> precopy'));
   const offset = pre && preWall ? preWall.atMs - Number(pre.t) : 0;
   const events = digest.phases
-    .filter((p) => p.host === 'host-s' && p.msg.startsWith('migration '))
+    // the final phase is drawn once, as the outcome below
+    .filter((p) => p.host === 'host-s' && p.msg.startsWith('migration ') && !/-> (completed|rolled-back|failed)$/.test(p.msg))
     .map((p) => ({ t: r2((p.atMs - offset) / 1000), label: p.msg.replace(/^migration \S+ -> /, '') }));
   if (result) {
     const rb = result.rollback;
@@ -281,7 +282,10 @@ function timelineOf(title: string, progress: Rec[], digest: LogDigest, result: M
   }
   return {
     title,
-    ram: progress.filter((p) => p.ram).map((p) => ({ t: r2(Number(p.t) / 1000), mib: r2(Number(p.ram.transferred) / MiB) })),
+    ram: [
+      { t: 0, mib: 0 },
+      ...progress.filter((p) => p.ram).map((p) => ({ t: r2(Number(p.t) / 1000), mib: r2(Number(p.ram.transferred) / MiB) })),
+    ],
     checkpoints: digest.checkpoints.map((c) => ({
       t: r2((c.atMs - offset) / 1000),
       epoch: c.epoch,
