@@ -276,7 +276,7 @@ function timelineOf(title: string, progress: Rec[], digest: LogDigest, result: M
   if (result) {
     const rb = result.rollback;
     const label = rb
-      ? `${result.outcome}: restore ${rb.restoreMs} ms (${rb.hot ? 'hot standby' : 'fresh QEMU'})`
+      ? `${result.outcome} ${Math.round(rb.restoreMs)} ms ${rb.hot ? 'hot' : 'cold'}`
       : `${result.outcome} (${(result.totalMs / 1000).toFixed(1)} s)`;
     events.push({ t: r2(result.totalMs / 1000), label });
   }

@@ -79,16 +79,17 @@ export interface TimelineInput {
 /** One migration: RAM transferred on top, checkpoint pauses below, shared time axis. */
 export function timelineSpec(m: TimelineInput): TopLevelSpec {
   const width = 640;
-  const rules = {
+  // Labels run upward from the bottom of each panel, inside it.
+  const rules = (height: number) => ({
     data: { values: m.events },
     layer: [
       { mark: { type: 'rule', strokeDash: [4, 3], color: '#888' }, encoding: { x: { field: 't', type: 'quantitative' } } },
       {
         mark: { type: 'text', angle: 270, align: 'left', baseline: 'bottom', dx: 4, fontSize: 9, color: '#555' },
-        encoding: { x: { field: 't', type: 'quantitative' }, y: { value: 0 }, text: { field: 'label' } },
+        encoding: { x: { field: 't', type: 'quantitative' }, y: { value: height - 4 }, text: { field: 'label' } },
       },
     ],
-  };
+  });
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title: m.title,
@@ -105,7 +106,7 @@ export function timelineSpec(m: TimelineInput): TopLevelSpec {
               y: { field: 'mib', type: 'quantitative', title: 'RAM sent (MiB)' },
             },
           },
-          rules,
+          rules(160),
         ],
       },
       {
@@ -121,7 +122,7 @@ export function timelineSpec(m: TimelineInput): TopLevelSpec {
               tooltip: [{ field: 'epoch' }, { field: 'pauseMs' }, { field: 'kib' }],
             },
           },
-          rules,
+          rules(120),
         ],
       },
     ],
