@@ -20,7 +20,7 @@
  * run, bench-results/migrate-<time>/: migrate.json, summary.md (figures beside targets,
  * PASS/MISS), timeline-*.svg (one per migration) and compare-*.svg (Vega-Lite, headless);
  * bench-results/migrate.json and migrate.md are the latest run. Logs under
- * bench-results/migrate-logs/.
+ * bench-results/migrate-<time>/logs/.
  *
  * Options (defaults):
  *   --memcheck-mb 256        memcheck buffer in the 512 MiB guest
@@ -92,7 +92,10 @@ for (const k of opt.rollbackKinds) {
   if (!['abort', 'kill-destination-qemu', 'link-down'].includes(k)) throw new Error(`unknown --rollback-kinds entry ${k}`);
 }
 const OUT_DIR = path.join(ROOT, 'bench-results');
-const LOG_DIR = path.join(OUT_DIR, 'migrate-logs');
+const STARTED = new Date().toISOString();
+/** This run's folder: results, plots and the daemons', QEMUs' and guests' logs (logs/). */
+const RUN_DIR = path.join(OUT_DIR, `migrate-${STARTED.replaceAll(':', '').replace(/\.\d+Z$/, 'Z')}`);
+const LOG_DIR = path.join(RUN_DIR, 'logs');
 const VANILLA_PORT = 49_200;
 /** Deadlines only keep a broken run from hanging; they are not performance limits. */
 const MIGRATE_DEADLINE_MS = 900_000;
@@ -858,7 +861,7 @@ function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollbac
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('needs root (network namespaces)');
   const t0 = now();
-  const started = new Date().toISOString();
+  const started = STARTED;
   let qemuVersion = '';
   try {
     qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0] ?? '';
@@ -867,7 +870,7 @@ async function main(): Promise<void> {
   }
   log(`options ${JSON.stringify({ ...opt, only: [...opt.only] })}`);
   fs.mkdirSync(OUT_DIR, { recursive: true });
-  fs.rmSync(LOG_DIR, { recursive: true, force: true });
+  fs.mkdirSync(LOG_DIR, { recursive: true });
   const res: Results = { memcheck: [] };
   if (opt.only.has('tether')) res.tether = await benchTetherComplete();
   if (opt.only.has('vanilla')) res.vanilla = await benchVanilla();
@@ -877,7 +880,7 @@ async function main(): Promise<void> {
 
   const text = report(res);
   console.log(text);
-  const runDir = path.join(OUT_DIR, `migrate-${started.replaceAll(':', '').replace(/\.\d+Z$/, 'Z')}`);
+  const runDir = RUN_DIR;
   fs.mkdirSync(runDir, { recursive: true });
   const command = `npm run bench migrate -- ${process.argv.slice(2).join(' ')}`.trim();
   const md = summaryMarkdown(res, command, started);
