@@ -78,6 +78,8 @@ export interface ClusterOptions {
     appendExtra?: string;
     /** YAML lines appended to the VM config (e.g. a nics: block). */
     extraYaml?: string[];
+    hotStandby?: boolean;
+    memoryMiB?: number;
   };
   /** Extra environment for both daemons. */
   env?: Record<string, string>;
@@ -241,7 +243,7 @@ export class Cluster {
       [src, dst],
       [
         `name: ${this.vmName}`,
-        `memoryMiB: 512`,
+        `memoryMiB: ${v.memoryMiB ?? 512}`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
         `append: "console=ttyS0 quiet panic=-1 tether.run=${run}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
@@ -252,6 +254,7 @@ export class Cluster {
         `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
         `migration:`,
         `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
+        `  hotStandby: ${v.hotStandby ?? true}`,
         ...(v.extraYaml ?? []),
         ...diskYaml,
         '',
@@ -389,18 +392,36 @@ export class Cluster {
     return JSON.parse(r.stdout);
   }
 
-  /** Start the migration in the background; resolves with the CLI's exit code and final JSON. */
-  migrate(): Promise<{ code: number | null; result: Record<string, any> | null; stderr: string }> {
+  /**
+   * Start the migration in the background; resolves with the CLI's exit code, final JSON
+   * and the progress records it printed before (source-side, `t` in ms since the start).
+   */
+  migrate(): Promise<{ code: number | null; result: Record<string, any> | null; stderr: string; progress: Record<string, any>[] }> {
     return this.tether(this.src, ['migrate', this.vmName, '--to', `${this.dst.addr}:7700`, '--json']).then((r) => {
-      const last = r.stdout.trim().split('\n').pop() ?? '';
+      const lines = r.stdout.trim().split('\n');
+      const last = lines.pop() ?? '';
       let result: Record<string, any> | null = null;
       try {
         result = JSON.parse(last);
       } catch {
         /* left null: the test reports stderr */
       }
-      return { code: r.code, result, stderr: r.stderr };
+      const progress: Record<string, any>[] = [];
+      for (const l of lines) {
+        try {
+          const p = JSON.parse(l) as { progress?: Record<string, any> };
+          if (p.progress) progress.push(p.progress);
+        } catch {
+          /* not a JSON line */
+        }
+      }
+      return { code: r.code, result, stderr: r.stderr, progress };
     });
+  }
+
+  /** Bring the migration link back up after linkDown(). */
+  linkUp(): void {
+    sh('ip', ['-n', this.src.ns, 'link', 'set', `${this.id}a`, 'up']);
   }
 
   /** Cut the migration link (both the QEMU stream and the checkpoint channel). */
@@ -596,6 +617,21 @@ export async function waitPasses(serialLog: string, from: number, count: number,
     return rep.passes.length >= count || rep.corrupt.length > 0;
   }, `${count} memcheck passes ${what} (${serialLog})`);
   return rep;
+}
+
+/** Live QEMU processes whose command line contains `needle` (a RAM file's mem-path=, a socket path). */
+export function qemuPidsWith(needle: string): number[] {
+  const out: number[] = [];
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const argv = fs.readFileSync(`/proc/${d}/cmdline`, 'latin1').split('\0');
+      if (/qemu-system/.test(argv[0] ?? '') && argv.some((a) => a.includes(needle))) out.push(Number(d));
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return out;
 }
 
 export function qemuAlive(pid: number | null | undefined): boolean {

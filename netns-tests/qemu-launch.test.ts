@@ -22,7 +22,7 @@ function vmConfig(over: Partial<VmConfig['qemu']> = {}): VmConfig {
     kernel: '',
     append: '',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   };
 }
 

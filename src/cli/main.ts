@@ -151,7 +151,9 @@ async function migrate(socket: string, vm: string, to: string, json: boolean): P
     if (p.appliedEpoch !== undefined && p.appliedEpoch !== null) parts.push(`checkpoint ${p.appliedEpoch} applied`);
     if (typeof p.lastPauseMs === 'number') parts.push(`pause ${p.lastPauseMs.toFixed(1)} ms`);
     if (p.reason) parts.push(`reason ${p.reason}`);
-    if (!json) out(parts.join('  '));
+    // --json: newline-delimited JSON, progress records first, the result last.
+    if (json) process.stdout.write(JSON.stringify({ progress: p }) + '\n');
+    else out(parts.join('  '));
   })) as MigrationResult;
 
   if (json) process.stdout.write(JSON.stringify(result) + '\n');

@@ -79,7 +79,7 @@ t.test('example configs load', async (t) => {
       dirtyTracker: 'auto',
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
     },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     nics: [],
     gate: { maxBytes: 16777216, maxFrames: 16384 },
   });
@@ -233,7 +233,7 @@ t.test('vm defaults', async (t) => {
       dirtyTracker: 'auto',
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
     },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     nics: [],
     gate: { maxBytes: 16777216, maxFrames: 16384 },
   });
@@ -338,6 +338,7 @@ t.test('vm: bad fields', async (t) => {
     ['migration.precopyMs', -1, 'migration.precopyMs'],
     ['migration.maxBandwidth', 1e20, 'migration.maxBandwidth'],
     ['migration.maxBandwidth', '1G', 'migration.maxBandwidth'],
+    ['migration.hotStandby', 'yes', 'migration.hotStandby'],
     ['migration.postcopy', true, 'migration.postcopy'],
     ['network', {}, 'network'],
     ['disk', 'img', 'disk'],

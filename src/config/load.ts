@@ -227,9 +227,10 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
   }
 
-  const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth']);
+  const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);
   const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
   const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
+  const hotStandby = mig?.optBool('hotStandby') ?? true;
 
   const nics = parseNics(root.optList('nics'), name);
   const g = root.optObj('gate', ['maxBytes', 'maxFrames']);
@@ -248,7 +249,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     append,
     checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
     ...(disk ? { disk } : {}),
-    migration: { precopyMs, maxBandwidth },
+    migration: { precopyMs, maxBandwidth, hotStandby },
     nics,
     gate,
   };
@@ -377,6 +378,13 @@ class Obj {
       invalid(this.f(key), `resolved path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit)`);
     }
     return p;
+  }
+
+  optBool(key: string): boolean | undefined {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== 'boolean') invalid(this.f(key), `must be true or false, got ${describe(v)}`);
+    return v;
   }
 
   optInt(key: string, min: number, max: number): number | undefined {

@@ -72,6 +72,8 @@ export interface VmConfig {
     precopyMs: number;
     /** QEMU max-bandwidth for the migration stream, bytes/s (0 = QEMU default). */
     maxBandwidth: number;
+    /** Keep a standby QEMU ready on the source during a migration, for a fast rollback. */
+    hotStandby: boolean;
   };
   /** Guest NICs, in PCI order: NIC i is QEMU netdev net<i>, socket <stateDir>/<vm>/net<i>.sock. */
   nics?: NicConfig[];

@@ -13,6 +13,7 @@ import { completingRecordPath, DestinationMigration } from '../migrate/destinati
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { notifyDestination, resumeRestored, SourceMigration } from '../migrate/source.ts';
+import { settleStandbys } from '../migrate/standby.ts';
 import { asPeerControl } from '../migrate/control-messages.ts';
 import type { PeerControl } from '../migrate/control-messages.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
@@ -139,8 +140,10 @@ export class Daemon {
         }
         // Every QEMU on this VM's RAM file (the one vm.json names first), so that
         // none is missed even if the sidecar died between spawning one and recording it.
+        // A hot standby that never got device state is not a VM's QEMU: killed first.
         const pid = saved.pid;
-        const all = qemuPidsFor(vm.ramFile).sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
+        const pids = await settleStandbys(vm, qemuPidsFor(vm.ramFile), pid, log);
+        const all = pids.sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
         let keepMarker = false;
         if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
           await this.#recoverCompleted(vm, all, marker.peer, log);

@@ -13,6 +13,8 @@ export interface RollbackFigures {
   killMs: number;
   startMs: number;
   announceMs: number;
+  /** Whether the hot standby took over (false: a fresh QEMU was started). */
+  hot?: boolean;
 }
 
 export interface MigrationResult {

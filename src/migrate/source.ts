@@ -23,6 +23,7 @@ import { CUT_COMPLETION } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from './control-messages.ts';
 import { round, summarize } from './result.ts';
+import { HotStandby, untilCannotRun } from './standby.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
@@ -101,6 +102,8 @@ export class SourceMigration {
   readonly #ckptBytes = new StreamingSummary();
   #tracker: string | null = null;
   #lastPauseMs: number | null = null;
+  /** A QEMU waiting (-incoming defer) to take over on rollback; see standby.ts. */
+  #standby: HotStandby | undefined;
 
   constructor(opts: SourceOptions) {
     this.#opts = opts;
@@ -226,6 +229,8 @@ export class SourceMigration {
     if (bw > 0) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
+    // Started now so that it is up by switchover; it stays idle until a rollback.
+    if (vm.config.migration.hotStandby && !this.#decided) this.#standby = HotStandby.start(vm);
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
@@ -413,6 +418,8 @@ export class SourceMigration {
       return;
     }
     this.#completedEpoch = finalEpoch;
+    // The VM is the destination's now: a standby must never run it here.
+    await this.#standby?.discard();
     this.phase.to('completed', { finalEpoch });
     this.#vm.place = 'gone';
     if (faults.cutCompletion === CUT_COMPLETION.afterRecord) {
@@ -497,6 +504,7 @@ export class SourceMigration {
     this.#controlWaiters.clear();
 
     const figures: RollbackFigures = { reason, epoch: null, detectMs: round(detect), restoreMs: 0, killMs: 0, startMs: 0, announceMs: 0 };
+    let tRestored: number | null = null;
     try {
       if (!this.#continued) {
         // Before switchover the source QEMU still owns the VM: cancel and carry on.
@@ -510,18 +518,28 @@ export class SourceMigration {
         figures.epoch = last.epoch;
         const t1 = nowMs();
         this.#opts.nics?.suspend();
-        await vm.killQemu();
+        const exited = vm.killQemu();
+        // A standby may load while the old QEMU's teardown finishes, once that can no longer run.
+        await (this.#standby ? untilCannotRun(vm.qemu, exited) : exited);
         const t2 = nowMs();
-        await vm.restoreFrom(last.devstatePath);
-        await resumeRestored(vm, () => this.#opts.nics?.resume());
+        figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
+        if (figures.hot) {
+          await waitRunning(vm);
+        } else {
+          await exited;
+          await vm.restoreFrom(last.devstatePath);
+          await resumeRestored(vm, () => this.#opts.nics?.resume());
+        }
         const t3 = nowMs();
         await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
         const t4 = nowMs();
+        tRestored = t4;
+        await exited; // the old QEMU's teardown may outlast the restore; not counted in it
         figures.killMs = round(t2 - t1);
         figures.startMs = round(t3 - t2);
         figures.announceMs = round(t4 - t3);
       }
-      figures.restoreMs = round(nowMs() - tDecide);
+      figures.restoreMs = round((tRestored ?? nowMs()) - tDecide);
       vm.place = 'running';
       this.phase.to('rolled-back', { epoch: figures.epoch, restoreMs: figures.restoreMs });
       if (this.#continued) {
@@ -582,6 +600,7 @@ export class SourceMigration {
     rollback?: RollbackFigures;
     handover?: MigrationResult['handover'];
   }): void {
+    void this.#standby?.discard(); // a no-op once promoted
     void this.#applyChain.then(() => this.#diskSink?.close()).catch(() => {});
     // a completion keeps its marker until the destination confirmed (see #onCompleteRequest)
     if (p.outcome !== 'completed') void this.#vm.setMigrationMarker(null).catch(() => {});

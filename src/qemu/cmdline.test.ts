@@ -16,7 +16,7 @@ function vm(over: Partial<VmConfig> = {}): VmConfig {
     initrd: '/g/initrd.img',
     append: 'console=ttyS0 quiet panic=-1',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     ...over,
   };
 }

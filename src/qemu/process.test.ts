@@ -20,7 +20,7 @@ function setup(t: Test, script: string): { dir: string; vm: VmConfig } {
     kernel: '',
     append: '',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   };
   return { dir, vm };
 }

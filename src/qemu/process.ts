@@ -74,7 +74,7 @@ export class QemuProcess {
   private exitValue: QemuExit | undefined;
   private tail: Buffer = Buffer.alloc(0);
   private readonly child: ChildProcess;
-  private readonly qmpSocket: string;
+  private qmpSocket: string;
   /** Identity of the socket file we connected to, so we never unlink a successor's socket. */
   private socketIdentity: { dev: number; ino: number } | undefined;
   private readonly outputDone: Promise<void>;
@@ -294,6 +294,15 @@ export class QemuProcess {
       this.child.stderr?.destroy();
       this.child.unref();
     }
+  }
+
+  /**
+   * Move the QMP socket to `to` (replacing what is there): a hot standby taking over the
+   * VM's socket path. The bound socket keeps working under its new name.
+   */
+  renameSocket(to: string): void {
+    fs.renameSync(this.qmpSocket, to);
+    this.qmpSocket = to;
   }
 
   /** SIGKILL now (the wedged source during rollback). Resolves with the exit status. */

@@ -143,6 +143,17 @@ export class VmInstance {
     await this.#start({ kind: 'exec-file', file: devstatePath });
   }
 
+  /**
+   * A hot standby (src/migrate/standby.ts) becomes this VM's QEMU: recorded in vm.json
+   * before it is handed device state, so a restarted sidecar adopts it.
+   */
+  async adoptStandby(q: QemuProcess): Promise<void> {
+    this.qemu = q;
+    this.sendConfiguration = false;
+    await this.#persist();
+    this.#watch(q);
+  }
+
   async #start(incoming: { kind: 'defer' } | { kind: 'exec-file'; file: string } | undefined): Promise<void> {
     if (this.qemu && !this.qemu.hasExited) {
       throw new TetherError('ERR_VM_ALREADY_RUNNING', `VM ${this.name} already has a running QEMU (pid ${this.qemu.pid})`);

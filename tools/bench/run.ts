@@ -6,6 +6,7 @@
  *   npm run bench gate    [-- --seconds 3]               packet gate and TAP data path (tools/bench/gate.ts)
  *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
  *   npm run bench disk    [-- --mib 256 --count 20000]   disk through the NBD sidecar vs the file (tools/bench/disk.ts)
+ *   npm run bench quick   (or: npm run bench -- --quick) CI smoke: migrate --quick, a few minutes
  *
  * Each benchmark reads its own options from process.argv.
  */
@@ -17,9 +18,13 @@ const BENCHES: Record<string, string> = {
   disk: './disk.ts',
 };
 
-const name = process.argv[2];
+let name = process.argv[2];
+if (name === 'quick' || name === '--quick') {
+  process.argv.splice(2, 1, 'migrate', '--quick');
+  name = 'migrate';
+}
 if (name === undefined || !(name in BENCHES)) {
-  process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}> [-- options]\n`);
+  process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}|quick> [-- options]\n`);
   process.exit(2);
 }
 // The benchmark sees its own options only.

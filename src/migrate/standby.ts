@@ -1,0 +1,267 @@
+/**
+ * Hot-standby restore on the source.
+ *
+ * While a migration runs, the source keeps a second QEMU ready for a rollback: the same
+ * command line over the same RAM file, but `-incoming defer` and its own QMP socket and
+ * QEMU log. A deferred QEMU maps the RAM file, builds its devices and waits in state
+ * `inmigrate`; its vCPUs never run and it does not write guest RAM (netns-tests/standby.test.ts
+ * hashes the file around a standby's start). A rollback then costs a kill, a
+ * `migrate-incoming exec:cat <devstate>` (device state only: the stream has no RAM
+ * section, so QEMU keeps the RAM file as it is) and the switch to running — instead of a
+ * whole QEMU start. Measured on QEMU 7.2 TCG, 512 MiB: migrate-incoming → running ≈ 17 ms
+ * against ≈ 180 ms for a fresh QEMU.
+ *
+ * Facts this relies on (QEMU 7.2):
+ *  - `migrate-incoming` on a `-incoming defer` QEMU loads a device-state file written by
+ *    `xen-save-devices-state` (the "Expected vmdescription section" warning is harmless),
+ *    given `-global migration.send-configuration=off`. (`xen-load-devices-state` on a
+ *    deferred QEMU aborts on a yank assertion instead: not used.)
+ *  - A unix socket keeps working when its file is renamed (connect resolves the path to
+ *    the bound inode), so the promoted standby's QMP socket is renamed to the VM's.
+ *
+ * Guarantees:
+ *  - the standby is never `cont`ed and never handed device state before the rollback is
+ *    decided, so the guest never runs twice: the wedged QEMU is dead before the standby
+ *    gets its state;
+ *  - the standby's pid is recorded in vm.json BEFORE it is handed device state, so a
+ *    sidecar restart adopts a standby that may already run the VM and kills one that
+ *    never got state ({@link settleStandbys});
+ *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
+ *
+ * Every unix socket QEMU listens on must get a standby path of its own here and be renamed
+ * on promotion: QEMU unlinks a listening socket's path before binding it, so a standby
+ * sharing a path would steal it from the running QEMU.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { QmpClient } from '../qmp/client.ts';
+import { QemuProcess } from '../qemu/process.ts';
+import { qemuOptValue, shellQuote } from '../qemu/cmdline.ts';
+import type { Logger } from '../util/log.ts';
+import { errorFields } from '../util/log.ts';
+import { nowMs } from '../util/time.ts';
+import type { VmInstance } from '../vm/instance.ts';
+
+/** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
+export const STANDBY_QMP = 'standby.sock';
+export const STANDBY_LOG = 'qemu-standby.log';
+
+export function standbySocket(vm: VmInstance): string {
+  return path.join(vm.dir, STANDBY_QMP);
+}
+
+export class HotStandby {
+  readonly #vm: VmInstance;
+  readonly #log: Logger;
+  readonly #ready: Promise<QemuProcess | null>;
+  #state: 'starting' | 'ready' | 'promoted' | 'discarded' = 'starting';
+  /** Spawn → QMP up, ms (null until ready or when the start failed). */
+  startMs: number | null = null;
+
+  /** Starts the standby in the background. Never rejects: a failed start means no standby. */
+  static start(vm: VmInstance): HotStandby {
+    return new HotStandby(vm);
+  }
+
+  private constructor(vm: VmInstance) {
+    this.#vm = vm;
+    this.#log = vm.log.child({ standby: true });
+    const t0 = nowMs();
+    const cfg = vm.config;
+    this.#ready = QemuProcess.start({
+      // The device-state file carries no configuration section (see cmdline.ts exec-file).
+      vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, '-global', 'migration.send-configuration=off'] } },
+      ramFile: vm.ramFile,
+      qmpSocket: standbySocket(vm),
+      // The serial chardev opens the log for appending; a standby writes nothing to it
+      // until it runs, and from then on it is the VM's console.
+      serialLog: vm.serialLog,
+      logFile: path.join(vm.dir, STANDBY_LOG),
+      incoming: { kind: 'defer' },
+    }).then(
+      (q) => {
+        this.startMs = Math.round((nowMs() - t0) * 100) / 100;
+        if (this.#state === 'discarded') {
+          void q.kill();
+          return null;
+        }
+        this.#state = 'ready';
+        this.#log.info('hot standby ready', { pid: q.pid, startMs: this.startMs });
+        return q;
+      },
+      (e: unknown) => {
+        this.#log.warn('hot standby failed to start: a rollback will start a fresh QEMU', { error: errorFields(e) });
+        return null;
+      },
+    );
+  }
+
+  /** The standby's pid once it is up (null while starting, or when there is none). */
+  async pid(): Promise<number | null> {
+    const q = await this.#ready;
+    return q && !q.hasExited ? q.pid : null;
+  }
+
+  /** The standby's run state as QEMU reports it ('inmigrate' while it waits), null when there is none. */
+  async status(): Promise<string | null> {
+    const q = await this.#ready;
+    if (!q || q.hasExited || this.#state === 'discarded') return null;
+    return (await q.qmp.execute<{ status: string }>('query-status')).status;
+  }
+
+  /**
+   * Make the standby the VM's QEMU, running from `devstatePath`. The caller has killed
+   * the VM's previous QEMU. Returns false — having changed nothing the cold path needs —
+   * when there is no usable standby.
+   */
+  async promote(devstatePath: string): Promise<boolean> {
+    if (this.#state === 'discarded' || this.#state === 'promoted') return false;
+    const q = await this.#ready;
+    if (!q || q.hasExited || this.#state !== 'ready') {
+      this.#log.warn('no live hot standby: starting a fresh QEMU');
+      return false;
+    }
+    const t0 = nowMs();
+    try {
+      // Never handed anything yet: it must still wait in 'inmigrate' with no incoming migration.
+      const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
+      if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
+      q.renameSocket(this.#vm.qmpSocket);
+      this.#state = 'promoted';
+      const t1 = nowMs();
+      await this.#vm.adoptStandby(q); // vm.json names it before it gets state
+      const t2 = nowMs();
+      await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
+      await q.waitForStatus('running', 60_000, 2);
+      const ms = (a: number, b: number): number => Math.round((b - a) * 100) / 100;
+      this.#log.info('hot standby promoted', { pid: q.pid, checkMs: ms(t0, t1), persistMs: ms(t1, t2), loadMs: ms(t2, nowMs()) });
+      return true;
+    } catch (e) {
+      this.#log.warn('hot standby promotion failed: starting a fresh QEMU', { error: errorFields(e) });
+      await q.kill();
+      return false;
+    }
+  }
+
+  /** Kill the standby unless it was promoted. Idempotent. */
+  async discard(): Promise<void> {
+    if (this.#state === 'promoted' || this.#state === 'discarded') return;
+    this.#state = 'discarded';
+    const q = await this.#ready;
+    if (q) {
+      await q.kill();
+      this.#log.info('hot standby discarded', { pid: q.pid });
+    }
+  }
+}
+
+/**
+ * Resolves once no thread of the SIGKILLed QEMU `q` can run user code again: every thread
+ * in /proc/<pid>/task has PF_EXITING (0x4) in its stat flags, or is gone. That is a few ms
+ * after the signal; the full exit (the last thread tearing down the address space, then
+ * the reaping) takes ~15-20 ms more and may overlap the standby's load. The pid cannot be
+ * reused meanwhile: it stays a zombie until `exited` (our child, our reaping) resolves.
+ */
+export async function untilCannotRun(q: QemuProcess | undefined, exited: Promise<unknown>): Promise<void> {
+  if (!q || q.hasExited) return exited.then(() => {});
+  let done = false;
+  void exited.then(() => (done = true));
+  const deadline = nowMs() + 2000;
+  while (!done && nowMs() < deadline) {
+    if (allExiting(q.pid)) return;
+    await new Promise((r) => setTimeout(r, 0.5));
+  }
+  await exited;
+}
+
+const PF_EXITING = 0x4;
+
+function allExiting(pid: number): boolean {
+  let tids: string[];
+  try {
+    tids = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return true; // gone
+  }
+  for (const tid of tids) {
+    let stat: string;
+    try {
+      stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
+    } catch {
+      continue; // this thread is gone
+    }
+    // "tid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold spaces
+    const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+    if ((Number(f[6]) & PF_EXITING) === 0) return false;
+  }
+  return true;
+}
+
+/**
+ * Sidecar restart: among `pids` (the QEMUs on this VM's RAM file), kill every standby that
+ * was never handed device state and return the rest. A standby that vm.json names
+ * (`persistedPid`) was being promoted: kept if it got its device state (it may already
+ * run the VM: restoring over it would run the guest twice), killed if it still waits with
+ * no incoming migration (the restart then restores as without it).
+ */
+export async function settleStandbys(vm: VmInstance, pids: number[], persistedPid: number | null, log: Logger): Promise<number[]> {
+  const keep: number[] = [];
+  for (const pid of pids) {
+    if (!isStandbyPid(vm, pid)) {
+      keep.push(pid);
+      continue;
+    }
+    if (pid === persistedPid && (await gotDeviceState(vm.qmpSocket))) {
+      keep.push(pid);
+      continue;
+    }
+    log.warn('killing a hot standby left by the previous sidecar', { pid });
+    await killAndWait(pid);
+  }
+  return keep;
+}
+
+function isStandbyPid(vm: VmInstance, pid: number): boolean {
+  try {
+    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1').split('\0');
+    return argv.some((a) => a.includes(`path=${qemuOptValue(standbySocket(vm))},`));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Whether the QEMU on `qmpSocket` was handed its incoming migration. A command the dead
+ * sidecar wrote before dying is read and run by QEMU before it accepts our connection
+ * (one monitor client at a time), so the answer cannot be stale.
+ */
+async function gotDeviceState(qmpSocket: string): Promise<boolean> {
+  let c: QmpClient | undefined;
+  try {
+    c = await QmpClient.connect(qmpSocket, { timeoutMs: 5000 });
+    const st = await c.execute<{ status: string }>('query-status');
+    if (st.status !== 'inmigrate') return true;
+    const m = await c.execute<{ status?: string }>('query-migrate');
+    return m.status !== undefined;
+  } catch {
+    return false; // no monitor: nothing to adopt either
+  } finally {
+    await c?.close().catch(() => {});
+  }
+}
+
+async function killAndWait(pid: number): Promise<void> {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return;
+  }
+  for (let i = 0; i < 500; i++) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
