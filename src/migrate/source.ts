@@ -230,7 +230,10 @@ export class SourceMigration {
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
     // Started now so that it is up by switchover; it stays idle until a rollback.
-    if (vm.config.migration.hotStandby && !this.#decided) this.#standby = HotStandby.start(vm);
+    // A standby would take the NICs' stream sockets (QEMU re-binds a listening path at start)
+    // from the running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
+    const nics = vm.config.nics?.length ?? 0;
+    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
