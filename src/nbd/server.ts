@@ -131,11 +131,14 @@ export class NbdServer {
   async close(): Promise<void> {
     const srv = this.#server;
     this.#server = undefined;
-    if (srv) await new Promise<void>((resolve) => srv.close(() => resolve()));
+    // net.Server.close() calls back only once every connection has ended: stop
+    // accepting now, drop the connections below, then wait for it.
+    const closed = srv ? new Promise<void>((resolve) => srv.close(() => resolve())) : Promise.resolve();
     for (const c of this.#conns) c.stopReading();
     await this.idle();
     for (const c of this.#conns) c.destroy();
     this.#conns.clear();
+    await closed;
     if (this.#path) await fs.rm(this.#path, { force: true });
   }
 
