@@ -31,9 +31,9 @@ t.test('sidecar restart: I/O issued during the outage completes after it', async
     cpus: 1,
     kernel: '',
     append: '',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto' },
+    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
     disk: { image, journalMaxBytes: 32 * MiB, reconnectDelaySec: 60 },
-    migration: { precopyMs: 0, maxBandwidth: 0 },
+    migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: false },
   };
   const dev = await FileBlockDevice.open(image);
   t.teardown(() => dev.close());

@@ -12,14 +12,14 @@
  *
  * Canonical form: the JSON text of an object with a fixed key order (below),
  * version-tagged so that a future field changes every digest instead of
- * silently matching an old peer. When the VM config gains NICs and a disk,
- * their MACs and the disk's presence/size belong here (not bridges, TAP names
- * or image paths).
+ * silently matching an old peer. NICs count by their MACs (in order) and the
+ * disk by its presence: not bridges, TAP names or image paths. The image is one
+ * shared file, so its size is the same for both hosts by construction.
  */
 import { createHash } from 'node:crypto';
 import type { VmConfig } from '../config/types.ts';
 
-const DIGEST_VERSION = 1;
+const DIGEST_VERSION = 2;
 
 /** The canonical text the digest is taken over (exported for tests and for logs on mismatch). */
 export function deviceModelText(vm: VmConfig): string {
@@ -31,6 +31,8 @@ export function deviceModelText(vm: VmConfig): string {
     cpu: vm.qemu.cpu,
     memoryMiB: vm.memoryMiB,
     cpus: vm.cpus,
+    nics: (vm.nics ?? []).map((n) => n.mac),
+    disk: vm.disk !== undefined,
   });
 }
 
