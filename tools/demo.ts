@@ -1,32 +1,57 @@
 /**
- * The demo: two hosts in network namespaces, each with a tether daemon. A VM
- * running memcheck (which verifies every page of a 96 MiB buffer on each
- * pass) boots on the source, migrates with post-copy, and the destination
- * QEMU is killed with SIGKILL in the middle. The VM resumes on the source from
- * the last acknowledged checkpoint and memcheck keeps passing. Then the same
- * VM migrates again and completes.
+ * The demo: two hosts in network namespaces, each with a tether daemon, and a
+ * client namespace on the guests' L2 segment. A VM boots on the source with a
+ * NIC (served through the sidecar's packet gate) and a disk (served over NBD
+ * through the block-write journal); in it, memcheck verifies every page of a
+ * RAM buffer, diskcheck verifies every block it wrote to the disk, and netcheck
+ * answers a client whose TCP conversation is verified end to end. The VM
+ * migrates with post-copy and the destination QEMU is killed with SIGKILL in
+ * the middle. The VM resumes on the source from the last acknowledged
+ * checkpoint: memory, disk and the client's TCP connection all continue
+ * consistently. Then the same VM migrates again and completes.
  */
-import { Cluster, fileSize, memcheck, waitPasses } from '../netns-tests/harness.ts';
+import fs from 'node:fs';
+import { Cluster, diskcheck, fileSize, memcheck, waitDiskPasses, waitFor, waitPasses } from '../netns-tests/harness.ts';
+import type { NetClient } from '../netns-tests/harness.ts';
 import { waitApplied } from '../netns-tests/scenarios.ts';
 
 const say = (s: string) => process.stdout.write(`\n\x1b[1m== ${s}\x1b[0m\n`);
 const line = (s: string) => process.stdout.write(`   ${s}\n`);
 
+function conversation(client: NetClient, since = 0): string {
+  const n = client.answers(since).length;
+  const v = client.violations.length;
+  return `${n} verified answers${since ? ' since then' : ''}, ${v} violation${v === 1 ? '' : 's'}`;
+}
+
 async function main(): Promise<number> {
-  const c = new Cluster();
+  const c = new Cluster({
+    guestNet: 'gate',
+    disk: { guest: 'diskcheck' },
+    vm: { appendExtra: 'tether.bg=memcheck:96:32' },
+  });
+  let client: NetClient | undefined;
   try {
-    say('creating two hosts (network namespaces) linked by veth, one tether daemon each');
+    say('creating two hosts and a client (network namespaces), one tether daemon per host');
     await c.up();
     line(`source      ${c.src.name}  ${c.src.addr}  (ns ${c.src.ns})`);
     line(`destination ${c.dst.name}  ${c.dst.addr}  (ns ${c.dst.ns})`);
+    line(`client      ns ${c.clientNs}, on the guests' L2 segment (separate from the migration link)`);
 
-    say('starting a 512 MiB VM on the source: memcheck verifies every page of its buffer each pass');
+    say('starting a 512 MiB VM on the source: a NIC through the packet gate, a disk through the NBD journal');
     const st = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
     if (st.code !== 0) throw new Error(st.stderr);
-    await waitPasses(c.serialLog(c.src), 0, 2, 'on the source');
-    line(`memcheck on the source: passes ${memcheck(c.serialLog(c.src)).passes.join(' ')}`);
+    const serialS = c.serialLog(c.src);
+    await waitPasses(serialS, 0, 2, 'on the source');
+    await waitDiskPasses(serialS, 0, 2, 'on the source');
+    line(`memcheck on the source: passes ${memcheck(serialS).passes.join(' ')}`);
+    line(`diskcheck on the source: passes ${diskcheck(serialS).passes.join(' ')}`);
+    await waitFor(() => /netcheck listening/.test(readText(serialS)), 'netcheck listening in the guest');
+    client = c.netclient();
+    await client.waitAnswers(10, 'before migrating');
+    line(`client's TCP session with the guest: ${conversation(client)}`);
 
-    say('migrating with post-copy; the destination streams checkpoints back to the source');
+    say('migrating with post-copy; the destination streams checkpoints back, its gate and journal hold outputs');
     const migrating = c.migrate();
     await waitApplied(c, 5, migrating);
     const d = await c.status(c.dst);
@@ -35,17 +60,20 @@ async function main(): Promise<number> {
 
     say(`kill -9 of the destination QEMU (pid ${d.pid}) in the middle of post-copy`);
     process.kill(d.pid, 'SIGKILL');
+    const killedAt = Date.now();
     const mig = await migrating;
     const r = mig.result;
     line(`tether migrate exited ${mig.code}: outcome ${r?.outcome}, reason ${r?.reason}`);
     line(
       `resumed from checkpoint ${r?.rollback?.epoch}: detected in ${r?.rollback?.detectMs} ms, restored in ${r?.rollback?.restoreMs} ms`,
     );
-    const from = fileSize(c.serialLog(c.src));
-    const after = await waitPasses(c.serialLog(c.src), from, 2, 'after the rollback');
-    line(`memcheck on the source after rollback: passes ${after.passes.join(' ')}, corrupt pages: ${after.corrupt.length}`);
-    const srcStatus = await c.status(c.src);
-    line(`source status: ${srcStatus.state} (QEMU pid ${srcStatus.pid})`);
+    const from = fileSize(serialS);
+    const after = await waitPasses(serialS, from, 2, 'after the rollback');
+    const disk = await waitDiskPasses(serialS, from, 2, 'after the rollback');
+    await client.waitAnswers(10, 'after the rollback', killedAt);
+    line(`memcheck after the rollback: passes ${after.passes.join(' ')}, corrupt pages: ${after.corrupt.length}`);
+    line(`diskcheck after the rollback: passes ${disk.passes.join(' ')}, mismatches: ${disk.mismatch.length}`);
+    line(`the same TCP connection: ${conversation(client, killedAt)}`);
 
     say('migrating the same VM again, this time to completion');
     const again = await c.migrate();
@@ -53,17 +81,38 @@ async function main(): Promise<number> {
     line(
       `tether migrate exited ${again.code}: outcome ${a?.outcome} in ${a?.totalMs} ms, ${a?.checkpoints} checkpoints, pause p50 ${a?.pauseMs?.p50} ms`,
     );
-    const from2 = fileSize(c.serialLog(c.dst));
-    const onDst = await waitPasses(c.serialLog(c.dst), from2, 1, 'on the destination');
+    const serialD = c.serialLog(c.dst);
+    const from2 = fileSize(serialD);
+    const completedAt = Date.now();
+    const onDst = await waitPasses(serialD, from2, 1, 'on the destination');
+    const diskD = await waitDiskPasses(serialD, from2, 1, 'on the destination');
+    await client.waitAnswers(10, 'on the destination', completedAt);
     line(`memcheck on the destination: passes ${onDst.passes.join(' ')}, corrupt pages: ${onDst.corrupt.length}`);
+    line(`diskcheck on the destination: passes ${diskD.passes.join(' ')}, mismatches: ${diskD.mismatch.length}`);
+    line(`the same TCP connection, now served from the destination: ${conversation(client, completedAt)}`);
 
-    const corrupt = memcheck(c.serialLog(c.src)).corrupt.length + memcheck(c.serialLog(c.dst)).corrupt.length;
-    const ok = mig.code === 3 && again.code === 0 && corrupt === 0 && after.passes.length >= 2;
-    say(ok ? 'the VM survived the interruption, with every page intact' : 'UNEXPECTED RESULT: see the logs');
-    if (!ok) line(`daemon logs: ${c.src.daemonLog} ${c.dst.daemonLog}`);
+    const corrupt = memcheck(serialS).corrupt.length + memcheck(serialD).corrupt.length;
+    const mismatch = diskcheck(serialS).mismatch.length + diskcheck(serialD).mismatch.length;
+    const violations = client.violations.length;
+    const ok = mig.code === 3 && again.code === 0 && corrupt === 0 && mismatch === 0 && violations === 0;
+    say(
+      ok
+        ? 'the VM survived the interruption: every page intact, every disk block consistent, the TCP session unbroken'
+        : 'UNEXPECTED RESULT: see the logs',
+    );
+    if (!ok) line(`corrupt pages ${corrupt}, disk mismatches ${mismatch}, TCP violations ${violations}; logs in ${c.dir}`);
     return ok ? 0 : 1;
   } finally {
+    await client?.stop();
     await c.cleanup();
+  }
+}
+
+function readText(p: string): string {
+  try {
+    return fs.readFileSync(p, 'latin1');
+  } catch {
+    return '';
   }
 }
 

@@ -15,7 +15,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
 echo "== unit tests (src/)"
-npx tap --reporter=tap $(find src -name '*.test.ts' | sort) 2>&1 | tee -a "$out" || status=1
+npx tap --reporter=tap $(find src tools -name '*.test.ts' | sort) 2>&1 | tee -a "$out" || status=1
 if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
   npx tap --reporter=tap --jobs=1 $(ls netns-tests/*.test.ts) 2>&1 | tee -a "$out" || status=1
