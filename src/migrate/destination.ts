@@ -17,7 +17,7 @@ import { StateMachine } from '../util/state.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
 import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
-import { asPeerControl } from './control-messages.ts';
+import { asPeerControl } from '../peer/control.ts';
 import { CUT_COMPLETION } from './faults.ts';
 import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';

@@ -1,6 +1,6 @@
 import t from 'tap';
 import { parseHostPort } from '../daemon/daemon.ts';
-import { asPeerControl } from '../migrate/control-messages.ts';
+import { asPeerControl } from '../peer/control.ts';
 import { StateMachine } from './state.ts';
 import { percentile } from './time.ts';
 

@@ -40,9 +40,19 @@ async function writeFileAtomic(file: string, data: Buffer): Promise<void> {
 }
 
 /**
- * Where a VM is, as this host sees it. `unrecovered`: a restarted sidecar found a
- * damaged migration marker and cannot tell; it touched nothing (its QEMU, if any, runs
- * on unsupervised) and refuses everything but `tether vm stop`.
+ * Where a VM is, as this host sees it: the one vocabulary for that question, used by
+ * `tether status` (`state`), the `tether_vms{state}` metric and the logs. The phases of
+ * a migration (SourcePhase, DestPhase) are the steps of one migration, not places.
+ *   stopped        no QEMU here (never started, or `tether vm stop`)
+ *   running        its QEMU runs the guest here
+ *   migrating-out  running here and being migrated away (this host can still take it back)
+ *   migrating-in   arriving here; outputs held until the source acknowledges
+ *   rolling-back   resuming here from the last acknowledged checkpoint
+ *   fenced         was arriving here, the source kept it: QEMU and RAM gone
+ *   gone           completed a migration away: this host holds no copy
+ *   unrecovered    a restarted sidecar found a damaged migration marker and cannot tell;
+ *                  it touched nothing (its QEMU, if any, runs on unsupervised) and refuses
+ *                  everything but `tether vm stop`
  */
 export type VmPlace = 'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone' | 'unrecovered';
 
