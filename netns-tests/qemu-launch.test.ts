@@ -125,6 +125,9 @@ t.test('restore: fresh QEMU from the same RAM file + saved device state runs', a
 
   const t0 = Date.now();
   const second = await start(t, { ...o, incoming: { kind: 'exec-file', file: devState } });
+  // A restore starts paused (-S): the sidecar reconnects the NICs, then says cont.
+  await second.waitForStatus('paused', 10_000);
+  await second.qmp.execute('cont');
   await second.waitForStatus('running', 10_000);
   t.comment(`restore to running: ${Date.now() - t0} ms`);
   t.pass('restored QEMU is running');
