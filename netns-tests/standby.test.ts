@@ -88,7 +88,7 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
   t.ok(await sb.promote(dev), 'promoted');
   t.equal(vm.qemu!.pid, sbPid, "the standby is the VM's QEMU now");
   t.same(qemuPidsWith(`mem-path=${vm.ramFile},`), [sbPid], 'exactly one QEMU on the RAM file');
-  t.equal(JSON.parse(fs.readFileSync(path.join(vm.dir, 'vm.json'), 'utf8')).pid, sbPid, 'vm.json names it');
+  t.equal((await VmInstance.readPersisted(vm.dir))?.pid, sbPid, 'vm.json names it');
   t.ok(fs.statSync(vm.qmpSocket).isSocket(), "its QMP socket is at the VM's path");
   t.notOk(fs.existsSync(standbySocket(vm)), 'and no longer at the standby path');
   t.equal((await vm.qemu!.qmp.execute<{ status: string }>('query-status')).status, 'running');
@@ -127,8 +127,8 @@ t.test('rollback hands the standby the last checkpoint; a second migration compl
   t.equal(s.pid, sb, "the standby is the VM's QEMU");
   t.notOk(qemuAlive(wedged), 'the wedged QEMU is gone');
   t.same(sourceQemus(c).all, [sb], 'exactly one QEMU on the source RAM file');
-  const vmJson = JSON.parse(fs.readFileSync(path.join(c.src.stateDir, c.vmName, 'vm.json'), 'utf8'));
-  t.equal(vmJson.pid, sb, 'vm.json records it');
+  const vmJson = await VmInstance.readPersisted(path.join(c.src.stateDir, c.vmName));
+  t.equal(vmJson?.pid, sb, 'vm.json records it');
 
   const again = await c.migrate();
   t.equal(again.code, 0, `second migration completes: ${again.stderr.slice(-1500)}`);
