@@ -543,7 +543,8 @@ export class CheckpointStore {
           j++;
         }
         await writeAll(fh, run, start * PAGE_SIZE);
-        if (this.failPages?.epoch === ckpt.epoch && j >= n / 2) {
+        // fault injection: the first checkpoint >= epoch that has pages (an empty one writes none)
+        if (this.failPages !== undefined && ckpt.epoch >= this.failPages.epoch && j >= n / 2) {
           if (!this.failPages.sticky) this.failPages = undefined;
           throw Object.assign(new Error(`EIO: injected failure after ${j} of ${n} pages`), { code: 'EIO' });
         }

@@ -7,8 +7,8 @@ import { TetherError } from '../errors.ts';
  *   delay-first-checkpoint-ms=N  the destination waits N ms before checkpoint 1
  *   corrupt-epoch=K              the destination flips one byte inside checkpoint K's DEVSTATE frame
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
- *   fail-apply-epoch=K           the source's page writes of checkpoint K fail (EIO) halfway, once: the
- *                                rollback must finish the persisted stage before resuming
+ *   fail-apply-epoch=K           the source's page writes of the first checkpoint >= K that has pages fail
+ *                                (EIO) halfway, once: the rollback must finish the persisted stage before resuming
  *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it and fails (exit 4)
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
