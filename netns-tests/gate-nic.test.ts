@@ -38,9 +38,10 @@ function metric(c: Cluster, h: Host, action: string): number {
   return m ? Number(m[1]) : 0;
 }
 
-async function boot(t: Test): Promise<Cluster> {
+async function boot(t: Test, vm: { maxBandwidth?: number } = {}): Promise<Cluster> {
   const c = new Cluster({
     vm: {
+      ...vm,
       appendExtra: `tether.ip=${GUEST_IP}/24`,
       extraYaml: ['nics:', `  - mac: "${MAC}"`, '    bridge: br0', `    tap: ${TAP}`],
     },
@@ -98,7 +99,9 @@ t.test('after a completed migration the guest answers through the destination; t
 });
 
 t.test('in the post-copy window the destination gate releases on ACK; after kill -9 of its QEMU the source NIC comes back', async (t) => {
-  const c = await boot(t);
+  // A slow post-copy stream (2 MiB/s) keeps the window open for the pings below: at the
+  // default 16 MiB/s the migration could complete before the kill.
+  const c = await boot(t, { maxBandwidth: 2 * 1024 * 1024 });
   const migrating = c.migrate();
   await waitApplied(c, 2, migrating);
   // The guest runs on D now: its echo replies are held until their epoch is acked, then released.
