@@ -22,6 +22,7 @@ import { PeerChannel } from '../peer/channel.ts';
 import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
+import { killAndWait } from '../util/process.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker } from '../vm/instance.ts';
@@ -709,20 +710,7 @@ function qemuPidsFor(ramFile: string): number[] {
 
 /** SIGKILL a process we did not spawn and wait until it is gone. */
 async function killPid(pid: number): Promise<void> {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    return;
-  }
-  for (let i = 0; i < 500; i++) {
-    try {
-      process.kill(pid, 0);
-    } catch {
-      return;
-    }
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new TetherError('ERR_RECOVERY', `QEMU pid ${pid} did not die`);
+  if (!(await killAndWait(pid))) throw new TetherError('ERR_RECOVERY', `QEMU pid ${pid} did not die`);
 }
 
 function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {

@@ -41,6 +41,7 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { nowMs } from '../util/time.ts';
 import type { VmInstance } from '../vm/instance.ts';
+import { killAndWait } from '../util/process.ts';
 
 /** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
 export const STANDBY_QMP = 'standby.sock';
@@ -247,21 +248,5 @@ async function gotDeviceState(qmpSocket: string): Promise<boolean> {
     return false; // no monitor: nothing to adopt either
   } finally {
     await c?.close().catch(() => {});
-  }
-}
-
-async function killAndWait(pid: number): Promise<void> {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    return;
-  }
-  for (let i = 0; i < 500; i++) {
-    try {
-      process.kill(pid, 0);
-    } catch {
-      return;
-    }
-    await new Promise((r) => setTimeout(r, 10));
   }
 }
