@@ -21,13 +21,9 @@ import { promisify } from 'node:util';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { nullLogger } from '../../src/util/log.ts';
+import { arg } from './args.ts';
 
 const run = promisify(execFile);
-
-function arg(name: string, dflt: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? Number(process.argv[i + 1]) : dflt;
-}
 
 const MiB = 1024 * 1024;
 const sizeMiB = arg('mib', 256);

@@ -18,14 +18,7 @@ import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
 import type { BlockDevice } from '../../src/disk/block-device.ts';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
 import { BlockJournal } from '../../src/disk/journal.ts';
-
-function arg(name: string, def: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  if (i < 0) return def;
-  const v = Number(process.argv[i + 1]);
-  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} needs a positive number`);
-  return v;
-}
+import { arg } from './args.ts';
 
 const MIB = 1024 * 1024;
 const totalMiB = arg('mib', 128);

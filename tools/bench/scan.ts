@@ -12,14 +12,7 @@ import { closeSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync, wr
 import { cpus, release } from 'node:os';
 import { join } from 'node:path';
 import { hashFile, PAGE_SIZE, readPages, scanDirty, zeroMask } from '../../src/memory/native.ts';
-
-function arg(name: string, def: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  if (i < 0) return def;
-  const v = Number(process.argv[i + 1]);
-  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} needs a positive number`);
-  return v;
-}
+import { arg } from './args.ts';
 
 const MIB = 1024 * 1024;
 const ramMiB = arg('mib', 512);
