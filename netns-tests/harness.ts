@@ -21,6 +21,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { callDaemon } from '../src/control/client.ts';
+import type { TetherError } from '../src/errors.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TETHER = path.join(ROOT, 'bin', 'tether.mjs');
@@ -131,6 +133,8 @@ export class Cluster {
   readonly clientNs: string;
   readonly clients = new Set<NetClient>();
   #cleaned = false;
+  /** TETHER_FAULTS per host set by restartDaemon (else opts.faults). */
+  readonly #faults = new Map<Host, string | undefined>();
 
   constructor(readonly opts: ClusterOptions = {}) {
     const n = (process.pid % 200) + ++counter;
@@ -351,15 +355,38 @@ export class Cluster {
     return d.exitCode;
   }
 
-  /** Start a host's sidecar again (after killDaemon) and wait for its control socket. */
-  async restartDaemon(h: Host): Promise<void> {
+  /**
+   * Start a host's sidecar again (after killDaemon/termDaemon) and wait for its control
+   * socket. `faults` replaces the host's TETHER_FAULTS from now on (undefined: none), so
+   * one cluster can run scenarios that need different faults.
+   */
+  async restartDaemon(h: Host, opts: { faults?: string } = {}): Promise<void> {
+    if ('faults' in opts) this.#faults.set(h, opts.faults);
     this.#startDaemon(h);
     await waitForSocket(h);
   }
 
+  /**
+   * Give a host's sidecar a key of its own (`own`: one no other host has, an impostor)
+   * or the other host's key; takes effect at its next (re)start.
+   */
+  setPeerKey(h: Host, own: boolean): void {
+    const keyFile = (x: Host) => /^ {2}keyFile: (.*)$/m.exec(fs.readFileSync(x.config, 'utf8'))![1]!;
+    let file = keyFile(h === this.src ? this.dst : this.src);
+    if (own) {
+      file = path.join(this.dir, `peer-${h.role}-own.key`);
+      fs.writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
+    }
+    fs.writeFileSync(h.config, fs.readFileSync(h.config, 'utf8').replace(/^ {2}keyFile: .*$/m, `  keyFile: ${file}`));
+  }
+
   #startDaemon(h: Host): void {
     const log = fs.openSync(h.daemonLog, 'a');
-    const faults = h.role === 'source' ? this.opts.faults?.source : this.opts.faults?.destination;
+    const faults = this.#faults.has(h)
+      ? this.#faults.get(h)
+      : h.role === 'source'
+        ? this.opts.faults?.source
+        : this.opts.faults?.destination;
     h.daemon = spawn('ip', ['netns', 'exec', h.ns, process.execPath, TETHER, 'daemon', '--config', h.config], {
       stdio: ['ignore', log, log],
       detached: true,
@@ -386,10 +413,18 @@ export class Cluster {
     return sh('ip', ['netns', 'exec', h.ns, process.execPath, '-e', js]);
   }
 
+  /**
+   * The VM's status from a host's daemon: the control request `tether status <vm> --json`
+   * makes, sent from this process. Tests poll it often; a CLI process per poll costs about
+   * a second of tsx start-up on the 2-core CI machine.
+   */
   async status(h: Host): Promise<Record<string, any>> {
-    const r = await this.tether(h, ['status', this.vmName, '--json']);
-    if (r.code !== 0) return { state: 'absent', error: r.stderr };
-    return JSON.parse(r.stdout);
+    try {
+      return (await callDaemon(h.socket, 'status', { vm: this.vmName })) as Record<string, any>;
+    } catch (e) {
+      const err = e as TetherError;
+      return { state: 'absent', error: `${err.code ?? 'ERR_INTERNAL'}: ${err.message}` };
+    }
   }
 
   /**
@@ -439,6 +474,11 @@ export class Cluster {
     const file = path.join(this.dir, 'fault.nft');
     fs.writeFileSync(file, rules);
     sh('ip', ['netns', 'exec', this.src.ns, 'nft', '-f', file]);
+  }
+
+  /** Remove nftDrop()'s rules: the hosts reach each other again. */
+  nftClear(): void {
+    sh('ip', ['netns', 'exec', this.src.ns, 'nft', 'delete', 'table', 'inet', 'tether_fault']);
   }
 
   async cleanup(): Promise<void> {

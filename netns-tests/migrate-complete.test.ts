@@ -11,6 +11,10 @@ t.test('migration completes and the guest keeps running on the destination', asy
   const s = await c.status(c.dst);
   t.equal(s.state, 'running', 'VM runs on the destination');
   t.ok(qemuAlive(s.pid));
+  // what the operator's CLI shows (the harness asks the control socket directly)
+  const cli = await c.tether(c.dst, ['status', c.vmName, '--json']);
+  t.equal(cli.code, 0, `tether status: ${cli.stderr}`);
+  t.same(JSON.parse(cli.stdout), s, '`tether status --json` prints the status the control socket gives');
   await assertNotRunningOn(t, c, c.src);
   const from = fileSize(c.serialLog(c.dst));
   const rep = await waitPasses(c.serialLog(c.dst), from, 2, 'on the destination');
