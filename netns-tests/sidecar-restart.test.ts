@@ -1,28 +1,24 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import type { Cluster } from './harness.ts';
 import { encodeStateFile } from '../src/vm/state-file.ts';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
 
-t.test('a restarted sidecar adopts its running VM without disturbing it', async (t) => {
-  const c = await bootCluster(t);
-  const before = await c.status(c.src);
-  await c.killDaemon(c.src);
-  t.ok(qemuAlive(before.pid), 'QEMU survives the sidecar being killed');
-  await c.restartDaemon(c.src);
-  const after = await c.status(c.src);
-  t.equal(after.state, 'running', 'VM is running after the restart');
-  t.equal(after.pid, before.pid, 'the same QEMU process was adopted');
-  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the sidecar restart');
-  t.same(rep.corrupt, [], 'no CORRUPT');
-  // and it can still be migrated
-  const mig = await c.migrate();
-  t.equal(mig.code, 0, `adopted VM migrates: ${mig.stderr.slice(-1500)}`);
+/*
+ * One cluster for the three scenarios: the first two leave the VM running and verified
+ * on the source, and the next starts from there (a fresh boot per scenario would add
+ * nothing but the boot). The last one migrates it away.
+ */
+// booted before the first scenario (tap's root test would end on its own while a
+// top-level await keeps it idle)
+let c: Cluster;
+t.before(async () => {
+  c = await bootCluster(t);
 });
 
 t.test('the source sidecar killed mid post-copy: on restart the VM resumes from the last applied checkpoint', async (t) => {
-  const c = await bootCluster(t);
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const src = await c.status(c.src);
@@ -44,7 +40,6 @@ t.test('the source sidecar killed mid post-copy: on restart the VM resumes from 
 });
 
 t.test('a sidecar that dies just after a rollback finished adopts the restored VM instead of restoring again', async (t) => {
-  const c = await bootCluster(t);
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const wedged = (await c.status(c.src)).pid;
@@ -69,4 +64,19 @@ t.test('a sidecar that dies just after a rollback finished adopts the restored V
   const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after the restart');
   t.same(rep.corrupt, [], 'no CORRUPT');
   t.ok(rep.passes[0]! > passes[passes.length - 1]!, `memcheck went on from pass ${passes[passes.length - 1]} (no second rollback in time)`);
+});
+
+t.test('a restarted sidecar adopts its running VM without disturbing it', async (t) => {
+  const before = await c.status(c.src);
+  await c.killDaemon(c.src);
+  t.ok(qemuAlive(before.pid), 'QEMU survives the sidecar being killed');
+  await c.restartDaemon(c.src);
+  const after = await c.status(c.src);
+  t.equal(after.state, 'running', 'VM is running after the restart');
+  t.equal(after.pid, before.pid, 'the same QEMU process was adopted');
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the sidecar restart');
+  t.same(rep.corrupt, [], 'no CORRUPT');
+  // and it can still be migrated
+  const mig = await c.migrate();
+  t.equal(mig.code, 0, `adopted VM migrates: ${mig.stderr.slice(-1500)}`);
 });

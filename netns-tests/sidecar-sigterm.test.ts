@@ -1,32 +1,23 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import type { Cluster } from './harness.ts';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
-t.test('SIGTERM of the sidecar leaves the VM running; the next start adopts it', async (t) => {
-  const c = await bootCluster(t);
-  const before = await c.status(c.src);
-  t.equal(await c.termDaemon(c.src), 0, 'the sidecar exits cleanly on SIGTERM');
-  t.ok(qemuAlive(before.pid), 'QEMU keeps running after the sidecar stopped');
-  const during = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'while no sidecar runs');
-  t.same(during.corrupt, [], 'the guest runs on without its sidecar');
-  await c.restartDaemon(c.src);
-  const after = await c.status(c.src);
-  t.equal(after.state, 'running', 'VM is running after the restart');
-  t.equal(after.pid, before.pid, 'the same QEMU process was adopted');
-  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the restart');
-  t.same(rep.corrupt, [], 'no CORRUPT');
-
-  // Stopping a guest is an explicit command.
-  const stop = await c.tether(c.src, ['vm', 'stop', c.vmName, '--json']);
-  t.equal(stop.code, 0, `vm stop: ${stop.stderr}`);
-  t.equal((await c.status(c.src)).state, 'stopped');
-  t.notOk(qemuAlive(before.pid), 'vm stop ends the QEMU');
+/*
+ * One cluster for the three scenarios: each one before the last leaves the VM running
+ * and verified on the source, and the next starts from there (a fresh boot per scenario
+ * would add nothing but the boot). The last one stops the VM.
+ */
+// booted before the first scenario (tap's root test would end on its own while a
+// top-level await keeps it idle)
+let c: Cluster;
+t.before(async () => {
+  c = await bootCluster(t);
 });
 
 t.test('SIGTERM of the source sidecar mid post-copy: no rollback at shutdown, the restart recovers', async (t) => {
-  const c = await bootCluster(t);
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const src = await c.status(c.src);
@@ -54,11 +45,31 @@ t.test('SIGTERM of the source sidecar mid post-copy: no rollback at shutdown, th
 });
 
 t.test('SIGTERM of the destination sidecar mid post-copy: D fences, the VM resumes on the source', async (t) => {
-  const c = await bootCluster(t);
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const d = await c.status(c.dst);
   t.equal(await c.termDaemon(c.dst), 0, 'the destination sidecar exits cleanly on SIGTERM');
   t.notOk(qemuAlive(d.pid), "the destination's copy was fenced at shutdown, not left running");
   await assertSurvivedOnSource(t, c, await migrating, (e) => e >= 3);
+  await c.restartDaemon(c.dst); // for the next scenario
+});
+
+t.test('SIGTERM of the sidecar leaves the VM running; the next start adopts it', async (t) => {
+  const before = await c.status(c.src);
+  t.equal(await c.termDaemon(c.src), 0, 'the sidecar exits cleanly on SIGTERM');
+  t.ok(qemuAlive(before.pid), 'QEMU keeps running after the sidecar stopped');
+  const during = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'while no sidecar runs');
+  t.same(during.corrupt, [], 'the guest runs on without its sidecar');
+  await c.restartDaemon(c.src);
+  const after = await c.status(c.src);
+  t.equal(after.state, 'running', 'VM is running after the restart');
+  t.equal(after.pid, before.pid, 'the same QEMU process was adopted');
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 1, 'after the restart');
+  t.same(rep.corrupt, [], 'no CORRUPT');
+
+  // Stopping a guest is an explicit command.
+  const stop = await c.tether(c.src, ['vm', 'stop', c.vmName, '--json']);
+  t.equal(stop.code, 0, `vm stop: ${stop.stderr}`);
+  t.equal((await c.status(c.src)).state, 'stopped');
+  t.notOk(qemuAlive(before.pid), 'vm stop ends the QEMU');
 });

@@ -45,6 +45,80 @@ async function standbyUp(c: Cluster): Promise<number> {
   return pid;
 }
 
+/*
+ * One cluster for the three cluster scenarios: the first two leave the VM running and
+ * verified on the source (restored cold, so no promoted standby's command line is on the
+ * RAM file), and the next starts from there; a fresh boot per scenario would add nothing
+ * but the boot. The third migrates it away.
+ */
+// booted before the first scenario (tap's root test would end on its own while a
+// top-level await keeps it idle)
+let c: Cluster;
+t.before(async () => {
+  c = await bootCluster(t);
+});
+
+t.test('a dead standby means a cold start: the rollback still restores the VM', async (t) => {
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const sb = await standbyUp(c);
+  process.kill(sb, 'SIGKILL');
+  await waitFor(() => !qemuAlive(sb), 'standby gone');
+  const d = await c.status(c.dst);
+  process.kill(d.pid, 'SIGKILL'); // the destination QEMU dies: D reports, S rolls back
+  const mig = await migrating;
+  t.equal(mig.result?.rollback?.hot, false, 'no standby: a fresh QEMU');
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
+  const s = await c.status(c.src);
+  t.same(sourceQemus(c).all, [s.pid], 'exactly one QEMU on the source RAM file');
+});
+
+t.test('a source sidecar restarted mid post-copy kills the unused standby and restores once', async (t) => {
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const wedged = (await c.status(c.src)).pid;
+  const sb = await standbyUp(c);
+  await c.killDaemon(c.src);
+  await migrating;
+  t.ok(qemuAlive(sb), 'the standby outlived the sidecar');
+  await assertNotRunningOn(t, c, c.dst);
+  await c.restartDaemon(c.src);
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running', 'VM runs on the source again');
+  t.notOk(qemuAlive(sb), 'the standby that never got state was killed');
+  t.notOk(qemuAlive(wedged), 'the wedged QEMU was killed');
+  t.same(sourceQemus(c).all, [s.pid], 'exactly one QEMU on the source RAM file');
+  t.equal(s.lastMigration?.reason, 'sidecar-restart');
+  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after recovery');
+  t.same(rep.corrupt, [], 'no CORRUPT after recovery');
+  t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
+});
+
+t.test('rollback hands the standby the last checkpoint; a second migration completes and kills its standby', async (t) => {
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  const wedged = (await c.status(c.src)).pid;
+  const sb = await standbyUp(c);
+  t.equal((await c.tether(c.src, ['abort', c.vmName])).code, 0, 'abort accepted');
+  const mig = await migrating;
+  t.equal(mig.result?.rollback?.hot, true, 'the hot standby took over');
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
+  const s = await c.status(c.src);
+  t.equal(s.pid, sb, "the standby is the VM's QEMU");
+  t.notOk(qemuAlive(wedged), 'the wedged QEMU is gone');
+  t.same(sourceQemus(c).all, [sb], 'exactly one QEMU on the source RAM file');
+  const vmJson = await VmInstance.readPersisted(path.join(c.src.stateDir, c.vmName));
+  t.equal(vmJson?.pid, sb, 'vm.json records it');
+
+  const again = await c.migrate();
+  t.equal(again.code, 0, `second migration completes: ${again.stderr.slice(-1500)}`);
+  t.same(sourceQemus(c).all, [], 'no QEMU left on the source: VM and standby both gone');
+  t.same(qemuPidsWith(path.join(c.src.stateDir, c.vmName, 'standby.sock')), [], 'the second standby was killed on completion');
+  const rep = await waitPasses(c.serialLog(c.dst), fileSize(c.serialLog(c.dst)), 2, 'on the destination');
+  t.same(rep.corrupt, [], 'no CORRUPT on the destination');
+  await c.cleanup(); // its guest would only load the CPU during the next test
+});
+
 t.test('a standby leaves the RAM file unchanged until it is handed device state, then runs the VM alone', async (t: Test) => {
   const dir = fs.mkdtempSync('/dev/shm/tether-standby-test-');
   t.teardown(() => {
@@ -111,67 +185,4 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
   await boot.qmp.execute('stop');
   t.not(sha(vm.ramFile), quiet, 'CONTROL: a booting QEMU changes the RAM file, and the hash shows it');
   await boot.kill();
-});
-
-t.test('rollback hands the standby the last checkpoint; a second migration completes and kills its standby', async (t) => {
-  const c = await bootCluster(t);
-  const migrating = c.migrate();
-  await waitApplied(c, 3, migrating);
-  const wedged = (await c.status(c.src)).pid;
-  const sb = await standbyUp(c);
-  t.equal((await c.tether(c.src, ['abort', c.vmName])).code, 0, 'abort accepted');
-  const mig = await migrating;
-  t.equal(mig.result?.rollback?.hot, true, 'the hot standby took over');
-  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
-  const s = await c.status(c.src);
-  t.equal(s.pid, sb, "the standby is the VM's QEMU");
-  t.notOk(qemuAlive(wedged), 'the wedged QEMU is gone');
-  t.same(sourceQemus(c).all, [sb], 'exactly one QEMU on the source RAM file');
-  const vmJson = await VmInstance.readPersisted(path.join(c.src.stateDir, c.vmName));
-  t.equal(vmJson?.pid, sb, 'vm.json records it');
-
-  const again = await c.migrate();
-  t.equal(again.code, 0, `second migration completes: ${again.stderr.slice(-1500)}`);
-  t.same(sourceQemus(c).all, [], 'no QEMU left on the source: VM and standby both gone');
-  t.same(qemuPidsWith(path.join(c.src.stateDir, c.vmName, 'standby.sock')), [], 'the second standby was killed on completion');
-  const rep = await waitPasses(c.serialLog(c.dst), fileSize(c.serialLog(c.dst)), 2, 'on the destination');
-  t.same(rep.corrupt, [], 'no CORRUPT on the destination');
-});
-
-t.test('a dead standby means a cold start: the rollback still restores the VM', async (t) => {
-  const c = await bootCluster(t);
-  const migrating = c.migrate();
-  await waitApplied(c, 3, migrating);
-  const sb = await standbyUp(c);
-  process.kill(sb, 'SIGKILL');
-  await waitFor(() => !qemuAlive(sb), 'standby gone');
-  const d = await c.status(c.dst);
-  process.kill(d.pid, 'SIGKILL'); // the destination QEMU dies: D reports, S rolls back
-  const mig = await migrating;
-  t.equal(mig.result?.rollback?.hot, false, 'no standby: a fresh QEMU');
-  await assertSurvivedOnSource(t, c, mig, (e) => e >= 3);
-  const s = await c.status(c.src);
-  t.same(sourceQemus(c).all, [s.pid], 'exactly one QEMU on the source RAM file');
-});
-
-t.test('a source sidecar restarted mid post-copy kills the unused standby and restores once', async (t) => {
-  const c = await bootCluster(t);
-  const migrating = c.migrate();
-  await waitApplied(c, 3, migrating);
-  const wedged = (await c.status(c.src)).pid;
-  const sb = await standbyUp(c);
-  await c.killDaemon(c.src);
-  await migrating;
-  t.ok(qemuAlive(sb), 'the standby outlived the sidecar');
-  await assertNotRunningOn(t, c, c.dst);
-  await c.restartDaemon(c.src);
-  const s = await c.status(c.src);
-  t.equal(s.state, 'running', 'VM runs on the source again');
-  t.notOk(qemuAlive(sb), 'the standby that never got state was killed');
-  t.notOk(qemuAlive(wedged), 'the wedged QEMU was killed');
-  t.same(sourceQemus(c).all, [s.pid], 'exactly one QEMU on the source RAM file');
-  t.equal(s.lastMigration?.reason, 'sidecar-restart');
-  const rep = await waitPasses(c.serialLog(c.src), fileSize(c.serialLog(c.src)), 2, 'after recovery');
-  t.same(rep.corrupt, [], 'no CORRUPT after recovery');
-  t.same(memcheck(c.serialLog(c.src)).corrupt, [], 'no CORRUPT anywhere in the source serial log');
 });
