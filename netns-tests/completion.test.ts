@@ -27,9 +27,9 @@ const pausedOnDestination = (c: Cluster) =>
  * The first scenario leaves the VM running on the source and the destination without
  * one: the second (the destination's fault changed by a restart of its sidecar) migrates
  * that VM instead of booting another.
+ * The cluster boots in t.before: tap's root test would end by itself while a top-level
+ * await keeps it idle.
  */
-// booted before the first scenario (tap's root test would end on its own while a
-// top-level await keeps it idle)
 let c: Cluster;
 t.before(async () => {
   c = await bootCluster(t, { faults: { destination: 'cut-completion=1' }, vm: { maxBandwidth: 0 } });

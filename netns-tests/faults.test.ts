@@ -10,9 +10,9 @@ import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scena
  * restart of its sidecar (it holds no VM between scenarios), and each scenario but the
  * last leaves the VM running and verified on the source, where the next one starts. The
  * destination starts with a key of its own: it has never seen the VM.
+ * The cluster boots in t.before: tap's root test would end by itself while a top-level
+ * await keeps it idle.
  */
-// booted before the first scenario (tap's root test would end on its own while a
-// top-level await keeps it idle)
 let c: Cluster;
 t.before(async () => {
   c = await bootCluster(t, { mismatchedKeys: true });

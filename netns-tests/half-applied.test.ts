@@ -11,9 +11,9 @@ import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scena
 /*
  * One cluster: the first scenario leaves the VM running and verified on the source, and
  * the second starts from there instead of booting another.
+ * The cluster boots in t.before: tap's root test would end by itself while a top-level
+ * await keeps it idle.
  */
-// booted before the first scenario (tap's root test would end on its own while a
-// top-level await keeps it idle)
 let c: Cluster;
 t.before(async () => {
   c = await bootCluster(t, { faults: { source: 'fail-apply-epoch=3' } });

@@ -9,9 +9,9 @@ import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } 
  * One cluster for the three scenarios: each one before the last leaves the VM running
  * and verified on the source, and the next starts from there (a fresh boot per scenario
  * would add nothing but the boot). The last one stops the VM.
+ * The cluster boots in t.before: tap's root test would end by itself while a top-level
+ * await keeps it idle.
  */
-// booted before the first scenario (tap's root test would end on its own while a
-// top-level await keeps it idle)
 let c: Cluster;
 t.before(async () => {
   c = await bootCluster(t);

@@ -50,9 +50,9 @@ async function standbyUp(c: Cluster): Promise<number> {
  * verified on the source (restored cold, so no promoted standby's command line is on the
  * RAM file), and the next starts from there; a fresh boot per scenario would add nothing
  * but the boot. The third migrates it away.
+ * The cluster boots in t.before: tap's root test would end by itself while a top-level
+ * await keeps it idle.
  */
-// booted before the first scenario (tap's root test would end on its own while a
-// top-level await keeps it idle)
 let c: Cluster;
 t.before(async () => {
   c = await bootCluster(t);
