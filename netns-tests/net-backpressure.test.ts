@@ -80,7 +80,6 @@ t.test(
       gate: { maxBytes: MAX_BYTES, maxFrames: MAX_FRAMES },
       env: { TETHER_GATE_LOG: '1' },
     });
-    if (process.env.WIRE_DEBUG_KEEP) t.teardown(() => void sh('cp', ['-a', c.dir, process.env.WIRE_DEBUG_KEEP!], { allowFail: true }));
     const drops0 = softnetDropped();
     const migrating = c.migrate();
     await waitApplied(c, 2, migrating);
