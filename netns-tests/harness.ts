@@ -23,6 +23,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { callDaemon } from '../src/control/client.ts';
 import type { TetherError } from '../src/errors.ts';
+import { WireCapture } from './wirecap.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TETHER = path.join(ROOT, 'bin', 'tether.mjs');
@@ -132,6 +133,7 @@ export class Cluster {
   /** The client namespace (guestNet only). */
   readonly clientNs: string;
   readonly clients = new Set<NetClient>();
+  readonly captures = new Set<WireCapture>();
   #cleaned = false;
   /** TETHER_FAULTS per host set by restartDaemon (else opts.faults). */
   readonly #faults = new Map<Host, string | undefined>();
@@ -331,6 +333,16 @@ export class Cluster {
     return client;
   }
 
+  /**
+   * Capture the frames of the VM's MAC that arrive at the switch from each host's uplink
+   * (netns-tests/wirecap.ts); stopped by cleanup.
+   */
+  async capture(): Promise<WireCapture> {
+    const w = await WireCapture.start(this.clientNs, this.dir, GUEST_MAC, [SWITCH_PORT_S, SWITCH_PORT_D]);
+    this.captures.add(w);
+    return w;
+  }
+
   /** Run a command in the client namespace. */
   inClient(cmd: string, args: string[], opts: { allowFail?: boolean } = {}): string {
     return sh('ip', ['netns', 'exec', this.clientNs, cmd, ...args], opts);
@@ -485,6 +497,7 @@ export class Cluster {
     if (this.#cleaned) return;
     this.#cleaned = true;
     await Promise.all([...this.clients].map((cl) => cl.stop()));
+    await Promise.all([...this.captures].map((w) => w.stop()));
     for (const h of [this.src, this.dst]) {
       if (h.daemon?.pid && h.daemon.exitCode === null) {
         try {
@@ -503,6 +516,7 @@ export class Cluster {
   /** Synchronous part of cleanup: also run from process exit handlers. */
   cleanupSync(): void {
     for (const cl of this.clients) cl.kill();
+    for (const w of this.captures) w.kill();
     for (const h of [this.src, this.dst]) {
       if (h.daemon?.pid) {
         try {

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { assertSurvivedOnSource, bootNetCluster, HOLD_EPOCH, HOLD_FAULT, interruptDuringHold, NET_MODE } from './scenarios.ts';
+import { assertSurvivedOnSource, bootNetCluster, HOLD_EPOCH, HOLD_FAULT, interruptDuringHold, NET_MODE, wireCheck } from './scenarios.ts';
 
 // CONTROL: the kill -9 scenario of net-rollback.test.ts with the destination's gate forced
 // to pass-through (TETHER_FAULTS=gate-open). The client then receives answers of epochs
@@ -7,9 +7,11 @@ import { assertSurvivedOnSource, bootNetCluster, HOLD_EPOCH, HOLD_FAULT, interru
 // chain mismatch, a counter regression, a stall or a lost connection. If this test
 // fails, the checks of the other network scenarios could not fail either.
 t.test('CONTROL: with the gate forced open, kill -9 of the destination QEMU breaks the conversation', async (t) => {
-  const { c, client } = await bootNetCluster(t, {
-    faults: { source: HOLD_FAULT, ...(NET_MODE === 'gate' ? { destination: 'gate-open' } : {}) },
-  });
+  const { c, client, wire } = await bootNetCluster(
+    t,
+    { faults: { source: HOLD_FAULT, ...(NET_MODE === 'gate' ? { destination: 'gate-open' } : {}) } },
+    true,
+  );
   const { mig, heldAnswers } = await interruptDuringHold(c, client, async () => {
     process.kill((await c.status(c.dst)).pid, 'SIGKILL');
   });
@@ -17,4 +19,13 @@ t.test('CONTROL: with the gate forced open, kill -9 of the destination QEMU brea
   await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
   const v = await client.waitEvent((e) => e.ev === 'violation', 'the client reporting a violation');
   t.pass(`the client reported: ${JSON.stringify(v)} (answers received during the hold: ${heldAnswers})`);
+  if (wire) {
+    // The wire check of the other scenarios must fail too: the open gate released nothing
+    // on an ACK, yet the destination's frames reached the switch.
+    const { check, fromDest } = wireCheck(c, wire);
+    t.ok(
+      check.violations.length > 0,
+      `the capture shows frames of unacknowledged epochs: ${check.violations.length} of ${fromDest}, e.g. ${check.violations[0]}`,
+    );
+  }
 });

@@ -2,6 +2,7 @@ import t from 'tap';
 import {
   assertConversationContinues,
   assertSurvivedOnSource,
+  assertWireClean,
   bootNetCluster,
   HOLD_EPOCH,
   HOLD_FAULT,
@@ -18,7 +19,7 @@ import {
 const faults = { source: HOLD_FAULT };
 
 t.test('kill -9 of the destination QEMU: the same TCP connection continues, verified, on the source', async (t) => {
-  const { c, client } = await bootNetCluster(t, { faults });
+  const { c, client, wire } = await bootNetCluster(t, { faults }, true);
   const { mig, heldAnswers } = await interruptDuringHold(c, client, async () => {
     const d = await c.status(c.dst);
     t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
@@ -27,6 +28,8 @@ t.test('kill -9 of the destination QEMU: the same TCP connection continues, veri
   if (NET_MODE === 'gate') t.equal(heldAnswers, 0, 'no answer reached the client while the ACK was held');
   await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
   await assertConversationContinues(t, client, 'after the rollback to the source');
+  const w = assertWireClean(t, c, wire, 'kill -9 during the hold');
+  if (w) t.ok(w.released > 0, `frames the destination released on ACKs were captured (${w.released})`);
 });
 
 t.test('migration link cut: the guest segment stays up and the connection continues on the source', async (t) => {

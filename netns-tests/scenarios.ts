@@ -3,8 +3,23 @@
  * source, migrate, interrupt, and check the guest's own verdict on its memory.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Test } from 'tap';
-import { Cluster, diskcheck, fileSize, memcheck, qemuAlive, waitDiskPasses, waitFor, waitFsRounds, waitPasses } from './harness.ts';
+import {
+  Cluster,
+  diskcheck,
+  fileSize,
+  memcheck,
+  qemuAlive,
+  SWITCH_PORT_D,
+  SWITCH_PORT_S,
+  waitDiskPasses,
+  waitFor,
+  waitFsRounds,
+  waitPasses,
+} from './harness.ts';
+import { checkAgainstGate, readGateLog } from './wirecap.ts';
+import type { GateCheck, WireCapture } from './wirecap.ts';
 import type { ClusterOptions, Host, NetClient } from './harness.ts';
 
 export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
@@ -78,15 +93,54 @@ export async function assertNotRunningOn(t: Test, c: Cluster, h: Host): Promise<
 
 /**
  * Boot a cluster whose guest has a NIC and runs netcheck, start a verifying client and
- * wait until the conversation is verified (memcheck running too).
+ * wait until the conversation is verified (memcheck running too). With `capture` (gate
+ * mode only) the gates write their release logs and the client side captures the wire
+ * from before the migration on (see assertWireClean).
  */
-export async function bootNetCluster(t: Test, opts: ClusterOptions = {}): Promise<{ c: Cluster; client: NetClient }> {
-  const c = await bootCluster(t, { guestNet: NET_MODE, ...opts });
+export async function bootNetCluster(
+  t: Test,
+  opts: ClusterOptions = {},
+  capture = false,
+): Promise<{ c: Cluster; client: NetClient; wire: WireCapture | undefined }> {
+  const withCapture = capture && NET_MODE === 'gate';
+  const c = await bootCluster(t, {
+    guestNet: NET_MODE,
+    ...opts,
+    ...(withCapture ? { env: { ...opts.env, TETHER_GATE_LOG: '1' } } : {}),
+  });
   await waitFor(() => /netcheck listening/.test(readText(c.serialLog(c.src))), 'netcheck listening in the guest');
+  const wire = withCapture ? await c.capture() : undefined;
   const client = c.netclient();
   await client.waitAnswers(10, 'before migrating');
   t.same(client.violations, [], 'conversation verified before migrating');
-  return { c, client };
+  return { c, client, wire };
+}
+
+/**
+ * Compare the client-side capture with the destination gate's release log
+ * (checkAgainstGate in wirecap.ts): no frame of the VM left the destination before its
+ * epoch was acknowledged, none after the fence. Returns the check for further asserts.
+ */
+export function wireCheck(c: Cluster, wire: WireCapture): { check: GateCheck; fromSource: number; fromDest: number } {
+  const frames = wire.frames();
+  const fromD = frames.filter((f) => f.port === SWITCH_PORT_D);
+  const log = readGateLog(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl'));
+  return {
+    check: checkAgainstGate(fromD, log),
+    fromSource: frames.filter((f) => f.port === SWITCH_PORT_S).length,
+    fromDest: fromD.length,
+  };
+}
+
+export function assertWireClean(t: Test, c: Cluster, wire: WireCapture | undefined, what: string): GateCheck | undefined {
+  if (!wire) return undefined;
+  const { check, fromSource, fromDest } = wireCheck(c, wire);
+  t.ok(fromSource > 0, `the capture saw the source's frames (${fromSource})`);
+  t.same(check.violations.slice(0, 20), [], `wire: no frame left the destination before its ACK or after its fence (${what})`);
+  t.comment(
+    `wire: ${fromDest} frames from the destination: ${check.released} released after their ACK, ${check.passed} after completion, ${check.afterFence} after the fence`,
+  );
+  return check;
 }
 
 /** NIC backend of the network scenarios: the gate (TETHER_TEST_NIC=qemu-tap for the ungated baseline). */

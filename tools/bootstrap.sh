@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(qemu-system-x86 qemu-utils libnbd-bin busybox-static iproute2 nftables cpio kmod gcc libc6-dev make python3 g++ procps e2fsprogs)
+pkgs=(qemu-system-x86 qemu-utils libnbd-bin busybox-static iproute2 nftables cpio kmod gcc libc6-dev make python3 g++ procps e2fsprogs libpcap-dev)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then

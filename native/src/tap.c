@@ -11,7 +11,8 @@
  *          The threadsafe function's queue is bounded; a full queue blocks the thread,
  *          the kernel's TAP queue then fills and the kernel drops (as a NIC would).
  *   write: tapWriteBatch(fd, frames[]) writes each frame with write() in one N-API
- *          call. A TAP write never blocks (the frame enters the host stack/bridge).
+ *          call. A TAP write does not block (the frame enters the host stack/bridge);
+ *          EAGAIN/ENOBUFS end the batch early, the caller retries the rest.
  *
  * Errors: JS Error with code ERR_TAP (errno, syscall properties) or ERR_MEM_NATIVE_ARGS.
  */
@@ -126,8 +127,9 @@ static napi_value js_tap_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* tapWriteBatch(fd, frames: Buffer[]): frames written (stops at the first error other than
- * EAGAIN/ENOBUFS, which drop that frame like a full NIC queue). Returns the count written. */
+/* tapWriteBatch(fd, frames: Buffer[]): frames written, in order. Stops at the first frame
+ * the kernel does not take now (EAGAIN/ENOBUFS) and returns the count before it, so the
+ * caller can retry the rest later: a released frame is never dropped here. Other errors throw. */
 static napi_value js_tap_write_batch(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -153,7 +155,7 @@ static napi_value js_tap_write_batch(napi_env env, napi_callback_info info) {
     do r = write(fd, data, len);
     while (r < 0 && errno == EINTR);
     if (r < 0) {
-      if (errno == EAGAIN || errno == ENOBUFS) continue;
+      if (errno == EAGAIN || errno == ENOBUFS) break;
       tap_throw(env, "ERR_TAP", errno, "write", "TAP");
       return NULL;
     }

@@ -183,3 +183,58 @@ t.test('property: no frame leaves before its epoch is released; all leave in ord
     }),
   );
 });
+
+t.test('quiesce: a full gate reads on until seal, so the barrier can stop QEMU; full again after seal', async (t) => {
+  const r = rig('gated', 10, 1000);
+  r.send('aaaaaaaaaa'); // 10 bytes: bound reached
+  t.same(r.pauses, [true], 'full: reading stops');
+  r.gate.quiesce();
+  t.same(r.pauses, [true, false], 'quiesce resumes reading');
+  r.send('bbbbb', 'ccccc');
+  t.same(r.pauses, [true, false], 'no new pause before the seal');
+  t.equal(r.gate.heldBytes, 20, 'held past the bound, nothing dropped');
+  await r.gate.seal(1);
+  t.same(r.pauses, [true, false, true], 'seal: still full, reading stops again');
+  t.same(r.wire, [], 'nothing left the gate');
+  r.gate.release(1);
+  t.same(r.wire, ['aaaaaaaaaa', 'bbbbb', 'ccccc'], 'every frame released in order');
+  t.same(r.pauses, [true, false, true, false]);
+});
+
+t.test('quiesce on a gate that is not full changes nothing; discard of a full gate reads on and drops', async (t) => {
+  const r = rig('gated', 10, 1000);
+  r.gate.quiesce();
+  t.same(r.pauses, []);
+  await r.gate.seal(1);
+  r.send('aaaaaaaaaaaa');
+  t.same(r.pauses, [true]);
+  r.gate.discard();
+  t.same(r.pauses, [true, false], 'a fenced gate does not leave QEMU blocked in its write');
+  r.send('x');
+  t.same(r.wire, [], 'nothing leaves a fenced gate');
+});
+
+t.test('release log: monotonic clock on every line, the mode change names where it came from', async (t) => {
+  const r = rig('gated');
+  r.send('a');
+  await r.gate.seal(1);
+  r.gate.release(1);
+  r.gate.passThrough();
+  t.ok(
+    r.log.every((x) => typeof x.mono === 'number' && x.mono > 0),
+    'mono everywhere',
+  );
+  const monos = r.log.map((x) => x.mono);
+  t.same(
+    monos,
+    [...monos].sort((a, b) => a - b),
+    'non-decreasing',
+  );
+  t.same(
+    r.log.filter((x) => x.t === 'mode').map((x) => [x.mode, x.from]),
+    [
+      ['gated', undefined],
+      ['pass', 'gated'],
+    ],
+  );
+});

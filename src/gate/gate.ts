@@ -45,21 +45,28 @@ export interface GateCounters {
 
 /**
  * One line of the release log (JSON lines), written before the frames are handed to
- * the TAP, so a capture on the wire always sees them after `at`:
- *   {"t":"release","nic":"vm1/net0","epoch":3,"frames":2,"bytes":1128,"at":1764221000123.456,"hashes":["9f2c…",…]}
- *   {"t":"discard","nic":…,"epoch":4,"frames":7,"bytes":…,"at":…}       (held frames dropped by a fence)
- *   {"t":"mode","nic":…,"mode":"gated"|"pass"|"discarded","epoch":1,"at":…}
- * `at` is wall-clock milliseconds (Unix epoch, sub-ms fraction); `hashes` are the first
- * 16 hex digits of SHA-256 over each whole Ethernet frame, in release order. A frame
- * released by passThrough() carries the epoch it was held under (final epoch + 1).
+ * the TAP, so a capture on the wire always sees them after `at`/`mono`:
+ *   {"t":"release","nic":"vm1/net0","epoch":3,"frames":2,"bytes":1128,"at":1764221000123.456,"mono":81234567.891,"hashes":["9f2c…",…]}
+ *   {"t":"discard","nic":…,"epoch":4,"frames":7,"bytes":…,"at":…,"mono":…}       (held frames dropped by a fence)
+ *   {"t":"mode","nic":…,"mode":"gated"|"pass"|"discarded","from":"gated","epoch":1,"at":…,"mono":…}
+ * `at` is wall-clock milliseconds (Unix epoch, sub-ms fraction). `mono` is
+ * CLOCK_MONOTONIC in milliseconds (process.hrtime): one clock for every process of
+ * the machine, not stepped or slewed, so another process (a packet capture) can
+ * compare its own readings with it; `at` cannot serve that purpose, each process
+ * derives it from its own start. `hashes` are the first 16 hex digits of SHA-256 over
+ * each whole Ethernet frame, in release order. A frame released by passThrough()
+ * carries the epoch it was held under (final epoch + 1). A mode line without `from`
+ * is the gate's initial mode.
  */
 export type ReleaseRecord =
-  | { t: 'release'; nic: string; epoch: number; frames: number; bytes: number; at: number; hashes: string[] }
-  | { t: 'discard'; nic: string; epoch: number; frames: number; bytes: number; at: number }
-  | { t: 'mode'; nic: string; mode: GateMode; epoch: number; at: number };
+  | { t: 'release'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number; hashes: string[] }
+  | { t: 'discard'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number }
+  | { t: 'mode'; nic: string; mode: GateMode; from?: GateMode; epoch: number; at: number; mono: number };
 
 export const frameHash = (f: Buffer): string => createHash('sha256').update(f).digest('hex').slice(0, 16);
 export const wallClockMs = (): number => performance.timeOrigin + performance.now();
+/** CLOCK_MONOTONIC in milliseconds (libuv's hrtime reads it): comparable across processes. */
+export const monoClockMs = (): number => Number(process.hrtime.bigint()) / 1e6;
 
 export interface GateOptions {
   /** "vm/netN": logs, metrics, release log. */
@@ -93,13 +100,17 @@ export class PacketGate implements EpochOutputs {
   #heldBytes = 0;
   #heldFrames = 0;
   #paused = false;
+  /** Between quiesce() and seal(): read on past the bound so the barrier's `stop` can complete. */
+  #quiescing = false;
 
   constructor(o: GateOptions) {
     this.#o = o;
     this.name = o.name;
     this.mode = new StateMachine<GateMode>(`gate ${o.name}`, o.mode, TRANSITIONS, o.log);
-    this.mode.onChange((_from, to) => this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: to, epoch: this.#epoch, at: wallClockMs() }));
-    this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: o.mode, epoch: this.#epoch, at: wallClockMs() });
+    this.mode.onChange((from, to) =>
+      this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: to, from, epoch: this.#epoch, at: wallClockMs(), mono: monoClockMs() }),
+    );
+    this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: o.mode, epoch: this.#epoch, at: wallClockMs(), mono: monoClockMs() });
   }
 
   get heldBytes(): number {
@@ -149,14 +160,27 @@ export class PacketGate implements EpochOutputs {
         }
         this.#heldFrames += frames.length;
         this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
-        if (!this.#paused && (this.#heldBytes >= this.#o.maxBytes || this.#heldFrames >= this.#o.maxFrames)) {
-          this.#paused = true;
-          this.#o.counters?.backpressure();
-          this.#o.log?.debug('gate full: back-pressure on the guest', { bytes: this.#heldBytes, frames: this.#heldFrames });
-          this.#o.sinks.pauseGuest(true);
-        }
+        this.#maybePause();
         return;
       }
+    }
+  }
+
+  /**
+   * The barrier is about to stop the VM. QEMU 7.2's stream netdev writes to its socket
+   * in blocking mode from the main loop: while this side does not read, QEMU's main loop
+   * (QMP included) is stuck in that write, so the barrier's query-migrate/`stop` would
+   * never be answered and the held frames of the open epoch never sealed and released:
+   * a deadlock. So read on until seal(): the bound overshoots by what QEMU has queued
+   * when `stop` lands (its socket send buffer and the rest of one TX burst of the
+   * guest), and holds again from seal() on, as the disk journal does.
+   */
+  quiesce(): void {
+    if (!this.mode.is('gated')) return;
+    this.#quiescing = true;
+    if (this.#paused) {
+      this.#paused = false;
+      this.#o.sinks.pauseGuest(false);
     }
   }
 
@@ -173,6 +197,8 @@ export class PacketGate implements EpochOutputs {
     }
     this.#sealed = epoch;
     this.#epoch = epoch + 1;
+    this.#quiescing = false;
+    this.#maybePause();
     return Promise.resolve([]);
   }
 
@@ -193,6 +219,7 @@ export class PacketGate implements EpochOutputs {
   passThrough(): void {
     if (!this.mode.is('gated')) return;
     while (this.#queue.length > 0) this.#releaseHead();
+    this.#quiescing = false;
     this.mode.to('pass', { epoch: this.#epoch });
     this.#maybeResume();
   }
@@ -202,7 +229,15 @@ export class PacketGate implements EpochOutputs {
     if (this.mode.is('discarded')) return;
     for (const q of this.#queue) {
       this.#o.counters?.discarded(q.frames.length, q.bytes);
-      this.#o.releaseLog?.({ t: 'discard', nic: this.name, epoch: q.epoch, frames: q.frames.length, bytes: q.bytes, at: wallClockMs() });
+      this.#o.releaseLog?.({
+        t: 'discard',
+        nic: this.name,
+        epoch: q.epoch,
+        frames: q.frames.length,
+        bytes: q.bytes,
+        at: wallClockMs(),
+        mono: monoClockMs(),
+      });
     }
     this.#queue.length = 0;
     this.#heldBytes = 0;
@@ -210,6 +245,11 @@ export class PacketGate implements EpochOutputs {
     this.#o.counters?.held(0, 0);
     this.mode.to('discarded', { epoch: this.#epoch });
     this.#o.sinks.onDiscard?.();
+    // Read on (and drop): a QEMU blocked in its write to us could not be stopped.
+    if (this.#paused) {
+      this.#paused = false;
+      this.#o.sinks.pauseGuest(false);
+    }
   }
 
   #releaseHead(): void {
@@ -224,12 +264,22 @@ export class PacketGate implements EpochOutputs {
         frames: q.frames.length,
         bytes: q.bytes,
         at: wallClockMs(),
+        mono: monoClockMs(),
         hashes: q.frames.map(frameHash),
       });
     }
     this.#o.sinks.toWire(q.frames);
     this.#o.counters?.released(q.frames.length, q.bytes);
     this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
+  }
+
+  #maybePause(): void {
+    if (this.#paused || this.#quiescing || !this.mode.is('gated')) return;
+    if (this.#heldBytes < this.#o.maxBytes && this.#heldFrames < this.#o.maxFrames) return;
+    this.#paused = true;
+    this.#o.counters?.backpressure();
+    this.#o.log?.debug('gate full: back-pressure on the guest', { bytes: this.#heldBytes, frames: this.#heldFrames });
+    this.#o.sinks.pauseGuest(true);
   }
 
   /** Resume reading once the queue has drained to half of its bound (hysteresis). */

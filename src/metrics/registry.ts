@@ -126,10 +126,16 @@ export class TetherMetrics {
     new Gauge('tether_gate_held_bytes', 'Bytes of guest frames held by a NIC gate, by vm and nic.'),
   );
   readonly gateHeldFrames = this.registry.add(new Gauge('tether_gate_held_frames', 'Guest frames held by a NIC gate, by vm and nic.'));
+  readonly gateHeldBytesMax = this.registry.add(
+    new Gauge('tether_gate_held_bytes_max', 'Highest tether_gate_held_bytes since the NIC was set up on this host, by vm and nic.'),
+  );
+  readonly gateHeldFramesMax = this.registry.add(
+    new Gauge('tether_gate_held_frames_max', 'Highest tether_gate_held_frames since the NIC was set up on this host, by vm and nic.'),
+  );
   readonly gateFrames = this.registry.add(
     new Counter(
       'tether_gate_frames_total',
-      'Frames through a NIC, by vm, nic and action: passed (pass-through), released (held, then sent on ACK), discarded (dropped by a fence), to_guest, to_guest_dropped (QEMU not connected or its queue full).',
+      'Frames through a NIC, by vm, nic and action: passed (pass-through), released (held, then sent on ACK), discarded (dropped by a fence), to_guest, to_guest_dropped (QEMU not connected or its queue full), tap_retried (written to the TAP on a retry after EAGAIN/ENOBUFS).',
     ),
   );
   readonly gateBytes = this.registry.add(new Counter('tether_gate_bytes_total', 'Bytes of frames through a NIC, by vm, nic and action.'));
@@ -145,10 +151,14 @@ export class TetherMetrics {
       this.gateFrames.inc({ ...l, action }, frames);
       if (bytes !== undefined) this.gateBytes.inc({ ...l, action }, bytes);
     };
+    let maxBytes = 0;
+    let maxFrames = 0;
     return {
       held: (bytes, frames) => {
         this.gateHeldBytes.set(l, bytes);
         this.gateHeldFrames.set(l, frames);
+        if (bytes > maxBytes) this.gateHeldBytesMax.set(l, (maxBytes = bytes));
+        if (frames > maxFrames) this.gateHeldFramesMax.set(l, (maxFrames = frames));
       },
       passed: (f, b) => count('passed', f, b),
       released: (f, b) => count('released', f, b),
@@ -156,6 +166,7 @@ export class TetherMetrics {
       backpressure: () => this.gateBackpressure.inc(l),
       toGuest: (f, b) => count('to_guest', f, b),
       toGuestDropped: (f) => count('to_guest_dropped', f),
+      tapRetry: (f) => count('tap_retried', f),
     };
   }
 

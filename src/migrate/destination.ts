@@ -351,6 +351,10 @@ export class DestinationMigration {
       for (let epoch = 1; !this.#stopped; epoch++) {
         if (this.#inflight) await this.#inflight.acked.promise;
         if (this.#stopped) return;
+        // Before any QMP command: a full packet gate stops reading QEMU's NIC socket, and
+        // QEMU 7.2 then blocks its main loop in that write (it would answer neither
+        // query-migrate nor `stop`); quiesce lets the outputs read on until seal().
+        this.#outputs.quiesce?.();
         // The migration stream is complete once QEMU says so; the checkpoint
         // taken after that is the last one. (The incoming side emits MIGRATION
         // events only with the 'events' capability, so ask.)
@@ -362,7 +366,6 @@ export class DestinationMigration {
 
         const t0 = nowMs();
         this.#barrierSince = t0;
-        this.#outputs.quiesce?.();
         await qmp.execute('stop');
         const tStopped = nowMs();
         const dirty = await this.#tracker!.collect();

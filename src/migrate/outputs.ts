@@ -2,9 +2,11 @@ import { TetherError } from '../errors.ts';
 /**
  * The hook by which output commit (packet gate, block-write journal) joins the
  * destination's epoch barrier. The epoch loop calls, in this order:
- *   quiesce()    (optional) just before it stops the VM: QEMU's stop waits for
- *                every in-flight block request, so a write held back by a full
- *                journal must be admitted now or the barrier never completes
+ *   quiesce()    (optional) before the barrier's first QMP command: QEMU's stop waits
+ *                for every in-flight block request, so a write held back by a full
+ *                journal must be admitted now, and a full packet gate must read its
+ *                NIC socket again (QEMU's main loop blocks writing to it), or the
+ *                barrier never completes
  *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1;
  *                returns the disk extents written in epoch k (sent inside checkpoint k)
  *   release(k)   on ACK(k): everything of epochs <= k may leave the host

@@ -30,6 +30,8 @@ const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Mat
 export interface NicCounters extends GateCounters {
   toGuest(frames: number, bytes: number): void;
   toGuestDropped(frames: number): void;
+  /** Frames written to the TAP on a retry, after it had refused them (EAGAIN/ENOBUFS). */
+  tapRetry(frames: number): void;
 }
 
 export interface NicPortOptions {
@@ -59,6 +61,12 @@ export class NicPort {
   #tapDown = false;
   #failures = 0;
   #suspended = false;
+  /** The gate is full: it asked to stop reading QEMU's socket. */
+  #gatePaused = false;
+  /** Frames the TAP did not take yet (EAGAIN/ENOBUFS), in order; retried before anything newer. */
+  #tapBacklog: Buffer[] = [];
+  #tapRetry: NodeJS.Timeout | undefined;
+  #tapRetries = 0;
 
   constructor(o: NicPortOptions) {
     this.#o = o;
@@ -76,12 +84,10 @@ export class NicPort {
       ...(o.counters ? { counters: o.counters } : {}),
       ...(releaseLog ? { releaseLog } : {}),
       sinks: {
-        toWire: (frames) => {
-          if (this.#tap && !this.#tapDown) this.#tap.write(frames);
-        },
+        toWire: (frames) => this.#toWire(frames),
         pauseGuest: (paused) => {
-          if (paused) this.#sock?.pause();
-          else this.#sock?.resume();
+          this.#gatePaused = paused;
+          this.#applyPause();
         },
         onDiscard: () => {
           this.#tapDown = true;
@@ -144,7 +150,7 @@ export class NicPort {
     sock.on('connect', () => {
       this.#connected = true;
       this.#failures = 0;
-      if (this.gate.paused) sock.pause();
+      if (this.#gatePaused || this.#tapBacklog.length > 0) sock.pause();
       this.#log.info('connected to QEMU stream netdev', { socket: this.#o.socketPath });
       for (const w of this.#connectWaiters.splice(0)) w();
     });
@@ -170,6 +176,52 @@ export class NicPort {
     });
   }
 
+  /** Reading QEMU's socket stops while the gate is full or the TAP has a backlog. */
+  #applyPause(): void {
+    if (this.#gatePaused || this.#tapBacklog.length > 0) this.#sock?.pause();
+    else this.#sock?.resume();
+  }
+
+  /**
+   * Frames for the wire, in order. A frame the TAP does not take now is kept and written
+   * again (1, 2, 4 … 64 ms later) before anything newer, and reading from QEMU stops
+   * meanwhile: a released frame is never dropped on this side.
+   */
+  #toWire(frames: readonly Buffer[]): void {
+    const tap = this.#tap;
+    if (!tap || this.#tapDown) return;
+    if (this.#tapBacklog.length > 0) {
+      this.#tapBacklog.push(...frames);
+      return;
+    }
+    const n = tap.write(frames);
+    if (n === frames.length) return;
+    this.#tapBacklog = frames.slice(n);
+    this.#tapRetries = 0;
+    this.#applyPause();
+    this.#scheduleTapRetry();
+  }
+
+  #scheduleTapRetry(): void {
+    this.#tapRetry = setTimeout(
+      () => {
+        const tap = this.#tap;
+        if (!tap || this.#tapDown || this.#closed) {
+          this.#tapBacklog = [];
+          return;
+        }
+        const n = tap.write(this.#tapBacklog);
+        this.#tapBacklog = this.#tapBacklog.slice(n);
+        this.#o.counters?.tapRetry(n);
+        if (this.#tapBacklog.length > 0) {
+          this.#tapRetries++;
+          this.#scheduleTapRetry();
+        } else this.#applyPause();
+      },
+      Math.min(64, 2 ** this.#tapRetries),
+    );
+  }
+
   #toGuest(frames: Buffer[]): void {
     const s = this.#sock;
     if (!s || !this.#connected || s.writableLength > MAX_TO_GUEST_QUEUE) {
@@ -185,6 +237,7 @@ export class NicPort {
   async close(remove: boolean): Promise<void> {
     this.#closed = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#tapRetry);
     this.#sock?.destroy();
     this.#sock = undefined;
     this.#connected = false;

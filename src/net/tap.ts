@@ -74,7 +74,10 @@ export class TapDevice {
     return tap;
   }
 
-  /** Frames to the wire; returns how many the kernel took (a full queue drops, like a NIC). */
+  /**
+   * Frames to the wire, in order; returns how many the kernel took. Fewer than given
+   * (EAGAIN/ENOBUFS) means the rest must be written again later, not that they are lost.
+   */
   write(frames: readonly Buffer[]): number {
     if (this.#closed || frames.length === 0) return 0;
     try {

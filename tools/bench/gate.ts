@@ -191,6 +191,7 @@ async function gateCapacity(size: number, seconds: number, mode: 'pass' | 'gated
       backpressure: () => {},
       toGuest: () => {},
       toGuestDropped: () => {},
+      tapRetry: () => {},
     },
   });
   let epoch = 1;

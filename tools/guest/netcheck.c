@@ -33,6 +33,7 @@
  *   netcheck listening port=<p>
  *   netcheck conn id=<id> peer=<ip>:<port>
  *   netcheck conn id=<id> closed records=<n>
+ *   netcheck udp seq=<seq> sent=<n> retries=<ENOBUFS retries> failed=<n>
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -219,15 +220,32 @@ static int handle(char *line) {
         if (u < 0) return send_record('E', seq, "udp-socket");
         struct sockaddr_in to = C.peer;
         to.sin_port = htons((uint16_t)port);
+        /* Without IP_RECVERR Linux reports a datagram dropped by a full device queue
+         * (qdisc) as sent (sendto returns its size, only Udp SndbufErrors counts it);
+         * with it, sendto fails with ENOBUFS and the datagram is sent again below. */
+        int on = 1;
+        setsockopt(u, IPPROTO_IP, IP_RECVERR, &on, sizeof on);
         char dg[1400];
-        unsigned long sent = 0;
+        unsigned long sent = 0, retries = 0, failed = 0;
         for (unsigned long i = 0; i < count; i++) {
             int h = snprintf(dg, sizeof dg, "u %s %s %lu %lu ", C.id, seq, i, count);
             memset(dg + h, '.', size - (size_t)h);
             /* Blocking send: a full socket buffer (the NIC not taking frames) blocks here. */
-            if (sendto(u, dg, size, 0, (struct sockaddr *)&to, sizeof to) == (ssize_t)size) sent++;
+            for (;;) {
+                ssize_t w = sendto(u, dg, size, 0, (struct sockaddr *)&to, sizeof to);
+                if (w == (ssize_t)size) { sent++; break; }
+                if (w < 0 && (errno == EINTR || errno == ENOBUFS || errno == EAGAIN)) {
+                    if (errno != EINTR) { retries++; usleep(1000); }
+                    continue;
+                }
+                failed++;
+                break;
+            }
         }
         close(u);
+        char msg[160];
+        snprintf(msg, sizeof msg, "netcheck udp seq=%s sent=%lu retries=%lu failed=%lu\n", seq, sent, retries, failed);
+        say(msg);
         char x[24];
         snprintf(x, sizeof x, "%lu", sent);
         return send_record('V', seq, x);
