@@ -268,8 +268,6 @@ class NbdConnection {
       }
     }
     this.#pump();
-    // The replies of this chunk's synchronous requests leave now, together.
-    this.#uncork();
   }
 
   /** Start queued requests while under the bound; read more only when the queue is empty. */
@@ -321,6 +319,7 @@ class NbdConnection {
     }
   }
 
+  /** setImmediate: after every socket read of this event-loop turn, so their replies leave together. */
   #uncork(): void {
     if (!this.#corked) return;
     this.#corked = false;
