@@ -92,8 +92,19 @@ export interface ClusterOptions {
    * program in the guest instead of memcheck.
    */
   disk?: {
-    /** diskcheck: zeroed image, `diskcheck /dev/vda <blocks> <writesPerPass> <delayMs>`; fsload: ext4 image. */
-    guest: 'diskcheck' | 'fsload';
+    /**
+     * diskcheck: zeroed image, `diskcheck /dev/vda <blocks> <writesPerPass> <delayMs>`; fsload: ext4 image;
+     * diskbench (benchmarks): zeroed image, `diskbench /dev/vda <benchSpanMiB> <benchOps>`.
+     */
+    guest: 'diskcheck' | 'fsload' | 'diskbench';
+    benchSpanMiB?: number;
+    benchOps?: number;
+    /**
+     * Benchmark baseline: QEMU opens the raw image itself (a file blockdev under the same
+     * virtio-blk-pci, via qemu.extraArgs) instead of the sidecar serving it over NBD; the
+     * VM config then has no disk section. Not with guestNet 'qemu-tap'.
+     */
+    direct?: boolean;
     mib?: number;
     blocks?: number;
     writesPerPass?: number;
@@ -218,15 +229,30 @@ export class Cluster {
       if (disk.guest === 'fsload') {
         sh('mkfs.ext4', ['-q', '-F', '-b', '4096', this.diskImage]);
         run = 'fsload:/dev/vda:8:64';
+      } else if (disk.guest === 'diskbench') {
+        run = `diskbench:/dev/vda:${disk.benchSpanMiB ?? 64}:${disk.benchOps ?? 2000}`;
       } else {
         // Dense writes, quick verification: most of the guest's time is spent writing, so
         // every epoch (the one a rollback discards included) holds writes.
         run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}`;
       }
-      diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
+      if (!disk.direct) {
+        diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
+      }
     }
     const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24 tether.netcheck=${NETCHECK_PORT}` : '';
     const nic: string[] = [];
+    if (disk?.direct) {
+      if (this.opts.guestNet === 'qemu-tap') throw new Error('disk.direct and guestNet qemu-tap both need qemu.extraArgs');
+      nic.push(
+        'qemu:',
+        '  extraArgs:',
+        '    - "-blockdev"',
+        `    - "driver=file,node-name=disk0,filename=${this.diskImage},discard=unmap"`,
+        '    - "-device"',
+        '    - "virtio-blk-pci,drive=disk0,id=vda"',
+      );
+    }
     if (this.opts.guestNet === 'qemu-tap') {
       nic.push(
         'qemu:',
@@ -835,6 +861,38 @@ export function diskcheck(serialLog: string, from = 0): DiskcheckReport {
     if (/MISMATCH|diskcheck: /.test(line)) mismatch.push(line);
   }
   return { passes, mismatch };
+}
+
+export interface DiskbenchCase {
+  case: string;
+  qd: number;
+  ops: number;
+  us: number;
+  iops: number;
+  latMeanUs: number;
+  latP50Us: number;
+  latP99Us: number;
+}
+
+/** diskbench's result lines from a serial log; `done` once it finished, `error` on its error line. */
+export function diskbench(serialLog: string): { cases: DiskbenchCase[]; done: boolean; error?: string } {
+  let text = '';
+  try {
+    text = fs.readFileSync(serialLog, 'utf8');
+  } catch {
+    /* not created yet */
+  }
+  const cases: DiskbenchCase[] = [];
+  let error: string | undefined;
+  for (const line of text.split('\n')) {
+    const m = /diskbench case=(\S+) qd=(\d+) ops=(\d+) us=(\d+) iops=(\d+) lat_mean_us=(\d+) lat_p50_us=(\d+) lat_p99_us=(\d+)/.exec(line);
+    if (m) {
+      const n = m.slice(2).map(Number) as [number, number, number, number, number, number, number];
+      cases.push({ case: m[1]!, qd: n[0], ops: n[1], us: n[2], iops: n[3], latMeanUs: n[4], latP50Us: n[5], latP99Us: n[6] });
+    }
+    if (/diskbench: /.test(line)) error ??= line.trim();
+  }
+  return { cases, done: /diskbench done/.test(text), ...(error ? { error } : {}) };
 }
 
 /** Wait for `count` more diskcheck passes after byte `from` (or a mismatch). */

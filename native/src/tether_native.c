@@ -34,6 +34,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
+#include <stdbool.h>
 #include <unistd.h>
 
 #include "xxh64.h"
@@ -894,6 +896,53 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
   return v;
 }
 
+
+/* ---------- non-blocking positional I/O (disk images) ---------- */
+
+/*
+ * pioNowait(write, fd, buf, offset) -> bytes transferred (>= 0) or -errno.
+ * preadv2/pwritev2 with RWF_NOWAIT: the call completes only if it needs no blocking
+ * I/O (data in the page cache, a write that needs no block allocation or writeback
+ * throttling), otherwise it returns -EAGAIN at once (-EOPNOTSUPP where the file system
+ * or kernel lacks the flag). So the NBD server can serve cached requests on the event
+ * loop without a thread-pool hop and hand the rest to the pool, never stalling the
+ * loop on the disk. A short count is returned as is: the caller finishes the rest.
+ */
+static napi_value js_pio_nowait(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 4) {
+    throw_args(env, "pioNowait(write, fd, buf, offset)");
+    return NULL;
+  }
+  bool write;
+  if (napi_get_value_bool(env, argv[0], &write) != napi_ok) {
+    throw_args(env, "write must be a boolean");
+    return NULL;
+  }
+  int fd;
+  uint8_t *buf;
+  size_t len;
+  double off;
+  if (!arg_fd(env, argv[1], &fd) || !arg_bytes(env, argv[2], "buf", &buf, &len) ||
+      !arg_integer(env, argv[3], "offset", 0, 9007199254740991.0, &off))
+    return NULL;
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  ssize_t r;
+#ifdef RWF_NOWAIT
+  do {
+    r = write ? pwritev2(fd, &iov, 1, (off_t)off, RWF_NOWAIT) : preadv2(fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+#else
+  r = -1;
+  errno = EOPNOTSUPP;
+#endif
+  napi_value v;
+  napi_create_double(env, r >= 0 ? (double)r : -(double)errno, &v);
+  return v;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static uint8_t zero_page[4096];
   g_zero_hash = page_hash(zero_page);
@@ -906,6 +955,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"xxh64", NULL, js_xxh64, NULL, NULL, NULL, napi_enumerable, NULL},
       {"softDirtyProbe", NULL, js_soft_dirty_probe, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pioNowait", NULL, js_pio_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_value zh;

@@ -17,4 +17,13 @@ export interface BlockDevice {
   /** `noHole`: the range must stay allocated (NBD_CMD_FLAG_NO_HOLE); without it a hole may be punched. */
   writeZeroes(offset: number, length: number, opts?: { fua?: boolean; noHole?: boolean }): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Optional fast path: the read done now, on the caller's thread, when that needs no
+   * blocking I/O (the data is in the page cache); `undefined` when it would block — then
+   * the caller uses `read()`. Same result as `read()`; errors are left to `read()` too.
+   * The NBD server answers cached requests this way without a thread-pool round trip.
+   */
+  readNow?(offset: number, length: number): Buffer | undefined;
+  /** Optional fast path for a write without FUA: true when it is done now, false: use `write()`. */
+  writeNow?(offset: number, data: Buffer): boolean;
 }

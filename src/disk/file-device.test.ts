@@ -36,6 +36,25 @@ for (const fallocate of [true, false]) {
   });
 }
 
+t.test('readNow/writeNow (RWF_NOWAIT) agree with read/write, or decline', async (t) => {
+  const p = await image(t, 1 << 20);
+  const d = await FileBlockDevice.open(p);
+  t.teardown(() => d.close());
+  await d.read(0, 1 << 20); // now in the page cache
+  const got = d.readNow(4096, 8192);
+  if (got) t.ok(got.equals(Buffer.alloc(8192, 0x11)), 'cached read served at once');
+  else t.comment('kernel without RWF_NOWAIT reads: readNow declined');
+  const data = Buffer.alloc(4096, 0x5a);
+  if (d.writeNow(8192, data)) t.ok(fs.readFileSync(p).subarray(8192, 12288).equals(data), 'the file holds the fast write');
+  else t.comment('file system without RWF_NOWAIT buffered writes: writeNow declined');
+  t.throws(() => d.readNow((1 << 20) - 10, 20), { code: 'ERR_DISK_RANGE' }, 'the range check still holds');
+  t.equal(d.readNow(0, 1024 * 1024), undefined, 'above NOWAIT_MAX_BYTES: always the thread pool');
+  const off = await FileBlockDevice.open(p, { nowait: false });
+  t.teardown(() => off.close());
+  t.equal(off.readNow(0, 4096), undefined, 'nowait: false never tries');
+  t.notOk(off.writeNow(0, data));
+});
+
 t.test('every range outside the image is refused before any I/O', async (t) => {
   const p = await image(t, 4096);
   const d = await FileBlockDevice.open(p);

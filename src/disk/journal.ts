@@ -140,6 +140,30 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     );
   }
 
+  /** Fast path (see BlockDevice.readNow): the overlay is memory, the image read must not block. */
+  readNow(offset: number, length: number): Buffer | undefined {
+    if (this.#mode !== 'journal' && this.#mode !== 'pass-through') return undefined;
+    const buf = this.#image.readNow?.(offset, length);
+    if (buf) for (const e of this.#epochs) e.map.overlay(offset, buf);
+    return buf;
+  }
+
+  /**
+   * Fast path (see BlockDevice.writeNow). In journal mode a write that fits the bound,
+   * with no earlier write waiting for room, is journaled now; pass-through asks the image.
+   */
+  writeNow(offset: number, data: Buffer): boolean {
+    if (data.length === 0) return false;
+    if (this.#mode === 'journal') {
+      if (this.#waiters.length > 0 || (!this.#quiescing && this.#held > 0 && this.#held + data.length > this.#maxBytes)) return false;
+      this.#check(offset, data.length);
+      this.#put(offset, copy(data));
+      return true;
+    }
+    if (this.#mode === 'pass-through' && !this.#drain) return this.#image.writeNow?.(offset, data) ?? false;
+    return false;
+  }
+
   async flush(): Promise<void> {
     this.#usable();
     if (this.#drain) await this.#drain;
@@ -179,12 +203,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     if (this.#mode === 'journal') {
       await this.#admit(length);
       if (this.#mode === 'journal') {
-        const open = this.#epochs[this.#epochs.length - 1]!;
-        const before = open.map.bytes;
-        open.map.put(offset, data());
-        this.#held += open.map.bytes - before;
-        this.stats.journaledBytes += length;
-        if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
+        this.#put(offset, data());
         return;
       }
     }
@@ -192,6 +211,15 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     if (this.#drain) await this.#drain;
     this.#usable();
     await through();
+  }
+
+  #put(offset: number, data: Buffer): void {
+    const open = this.#epochs[this.#epochs.length - 1]!;
+    const before = open.map.bytes;
+    open.map.put(offset, data);
+    this.#held += open.map.bytes - before;
+    this.stats.journaledBytes += data.length;
+    if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
   }
 
   /** Waits until `length` more bytes fit (or nothing is held, or the barrier quiesces). */

@@ -377,6 +377,8 @@ export class DestinationMigration {
         await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
         const devstate = await fs.readFile(devPath);
         const disk = await this.#outputs.seal(epoch);
+        // the VM is stopped: exactly what the guest wrote here up to barrier k
+        const guestDiskBytes = this.#journal?.stats.journaledBytes ?? 0;
         const t2 = nowMs();
         await qmp.execute('cont');
         this.#barrierSince = null;
@@ -391,6 +393,9 @@ export class DestinationMigration {
           epoch,
           pages: dirty.length,
           bytes,
+          diskBytes: disk.reduce((n, x) => n + x.data.length, 0),
+          diskExtents: disk.length,
+          guestDiskBytes,
           pauseMs: +pauseMs.toFixed(2),
           stopMs: +(tStopped - t0).toFixed(2),
           collectMs: +(t1 - t0).toFixed(2),

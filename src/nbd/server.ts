@@ -3,7 +3,12 @@
  * validated request against the current BlockDevice and writes the simple reply.
  *
  * Requests are executed as they arrive (the client may pipeline; replies carry the
- * handle, order is free). In flight per connection is bounded by count and bytes; above
+ * handle, order is free). A READ or a WRITE without FUA that the device can complete
+ * without blocking (BlockDevice.readNow/writeNow: page-cache hits, journal memory) is
+ * answered on the spot, while the socket chunk that carried it is being decoded; the
+ * rest run asynchronously. Replies are corked and leave in one writev per event-loop
+ * turn, so a burst of pipelined requests costs one read and one write syscall, not one
+ * each. In flight per connection is bounded by count and bytes; above
  * either bound, and while the socket's write buffer is full, the server stops reading
  * from the client — backpressure reaches QEMU, nothing is buffered without bound.
  *
@@ -192,6 +197,7 @@ class NbdConnection {
   #writeBlocked = false;
   #closing = false;
   #paused = false;
+  #corked = false;
   /** Requests decoded from the last chunk beyond the in-flight bound: they start as others finish. */
   readonly #queue: NbdRequest[] = [];
 
@@ -245,6 +251,7 @@ class NbdConnection {
           this.#log.debug('nbd transmission', { export: ev.exportName, flags: ev.flags });
           break;
         case 'request':
+          if (this.#queue.length === 0 && this.#now(ev.request)) break;
           this.#queue.push(ev.request);
           break;
         case 'close':
@@ -271,12 +278,52 @@ class NbdConnection {
     this.#flow();
   }
 
+  /**
+   * The request done synchronously if the device can do it without blocking; false: run
+   * it as usual. Only while the replies already buffered stay under the in-flight byte
+   * bound, so a chunk of pipelined reads cannot pile up unbounded reply data.
+   */
+  #now(req: NbdRequest): boolean {
+    if (this.#writeBlocked || this.#socket.writableLength >= this.#server.maxInFlightBytes) return false;
+    const device = this.#server.device;
+    try {
+      if (req.command === 'read') {
+        const data = device.readNow?.(req.offset, req.length);
+        if (!data) return false;
+        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(data);
+        return true;
+      }
+      if (req.command === 'write' && !req.fua) {
+        if (!device.writeNow?.(req.offset, req.data)) return false;
+        this.#send(encodeSimpleReply(req.handle, 0));
+        return true;
+      }
+    } catch {
+      // The asynchronous path repeats the request and reports its error.
+    }
+    return false;
+  }
+
   #send(data: Buffer): void {
     if (this.#socket.destroyed) return;
+    if (!this.#corked) {
+      // Everything sent in this event-loop turn leaves in one writev.
+      this.#corked = true;
+      this.#socket.cork();
+      setImmediate(() => this.#uncork());
+    }
     if (!this.#socket.write(data)) {
       this.#writeBlocked = true;
       this.#flow();
     }
+  }
+
+  /** setImmediate: after every socket read of this event-loop turn, so their replies leave together. */
+  #uncork(): void {
+    if (!this.#corked) return;
+    this.#corked = false;
+    this.#socket.uncork();
   }
 
   /** Read from the client only while under every bound. */
@@ -345,10 +392,8 @@ class NbdConnection {
     this.#server.finished();
     if (!this.#socket.destroyed) {
       if (data && data.length > 0) {
-        this.#socket.cork();
         this.#send(encodeSimpleReply(req.handle, 0));
         this.#send(data);
-        this.#socket.uncork();
       } else {
         this.#send(encodeSimpleReply(req.handle, error));
       }

@@ -1,57 +1,91 @@
 /**
- * Disk benchmark: `npm run bench disk [-- --mib 256 --count 20000]`
+ * Disk benchmark: `npm run bench disk [-- --mib 256 --count 20000 | --quick]`
  *
  * `qemu-img bench` (QEMU's own block layer, the code a guest's virtio-blk requests go
- * through) against the same raw file twice in one run: opened directly, and through
- * the sidecar's NBD server (FileBlockDevice pass-through) on a unix socket. 4 KiB
- * requests: sequential, and "random" — qemu-img bench has no random mode, so the step
- * is a large odd multiple of 4 KiB and offsets wrap around the image, which scatters
- * them over the whole file. Queue depth 1 gives latency (run time / count); depth 16
- * gives throughput. Writes are not flushed (guest cache semantics); the file opened
- * directly uses cache=writeback like the sidecar's buffered I/O.
+ * through) against the same raw file three ways in one run:
+ *   file         QEMU opens the raw file directly (cache=writeback, aio=threads)
+ *   pass-through the sidecar's NbdServer over FileBlockDevice on a unix socket: the
+ *                VM's normal life (nbd+unix://)
+ *   journaled    the same NbdServer over the production BlockJournal in journal mode,
+ *                exactly as the destination serves the disk during post-copy
+ *                (src/migrate/destination.ts): writes are kept per epoch, reads see
+ *                them over the image. A barrier every `--epoch-ms` seals the open
+ *                epoch and releases it (the source's apply runs on the other host and
+ *                is not timed); its DISK extents give the checkpoint bytes added per
+ *                MiB written.
+ * Settings: 4 KiB at queue depth 1 (latency = run time / count) and 16 (throughput),
+ * sequential and "random" (qemu-img bench has no random mode: the step is an odd
+ * multiple of 4 KiB, 997 blocks, and offsets wrap around the image, which scatters them
+ * over the whole file), and 64 KiB sequential at depth 16. Writes are not flushed
+ * (guest cache semantics). Runs of the three columns alternate, so host noise hits all.
  *
- * Prints each figure beside its target and writes bench-results/disk.json. Run it under
- * the machine-wide lock: flock /tmp/tether-qemu.lock npm run bench disk
+ * Target (issue 7): journaled writes >= 0.5x the file. Prints a table and writes
+ * bench-results/disk.json and disk.md. `--quick` (CI smoke, < 40 s): 64 MiB, 2000
+ * requests per run. Run it under the machine-wide lock:
+ *   flock /tmp/tether-qemu.lock npm run bench disk
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
+import { BlockJournal } from '../../src/disk/journal.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { nullLogger } from '../../src/util/log.ts';
 import { arg } from './args.ts';
+import { markdownTable, verdict, type Figure } from './report.ts';
 
 const run = promisify(execFile);
 
 const MiB = 1024 * 1024;
-const sizeMiB = arg('mib', 256);
-const count = arg('count', 20000);
-const BS = 4096;
+const quick = process.argv.includes('--quick');
+const sizeMiB = arg('mib', quick ? 64 : 256);
+const count = arg('count', quick ? 2000 : 20000);
+const epochMs = arg('epoch-ms', 100);
+/** The production default of disk.journalMaxBytes. */
+const journalMaxBytes = arg('journal-mib', 256) * MiB;
+const KiB4 = 4096;
 /** 997 x 4 KiB: odd, so offsets visit every 4 KiB block before repeating. */
-const RANDOM_STEP = 997 * BS;
+const RANDOM_STEP = 997 * KiB4;
+/** A DISK message in a checkpoint: frame header + epoch u64 + offset u64 + data + MAC. */
+const DISK_OVERHEAD = HEADER_SIZE + 16 + MAC_SIZE;
+/** Through the sidecar relative to the file opened directly (the issue's target for journal writes). */
+const TARGET_RATIO = 0.5;
 
 interface Case {
   name: string;
   write: boolean;
+  size: number;
   step: number;
   depth: number;
+  count: number;
 }
 
 const CASES: Case[] = [
-  { name: 'seq read 4k qd1', write: false, step: BS, depth: 1 },
-  { name: 'seq write 4k qd1', write: true, step: BS, depth: 1 },
-  { name: 'rand read 4k qd1', write: false, step: RANDOM_STEP, depth: 1 },
-  { name: 'rand write 4k qd1', write: true, step: RANDOM_STEP, depth: 1 },
-  { name: 'rand read 4k qd16', write: false, step: RANDOM_STEP, depth: 16 },
-  { name: 'rand write 4k qd16', write: true, step: RANDOM_STEP, depth: 16 },
+  { name: 'seq read 4k qd1', write: false, size: KiB4, step: KiB4, depth: 1, count },
+  { name: 'seq write 4k qd1', write: true, size: KiB4, step: KiB4, depth: 1, count },
+  { name: 'rand read 4k qd1', write: false, size: KiB4, step: RANDOM_STEP, depth: 1, count },
+  { name: 'rand write 4k qd1', write: true, size: KiB4, step: RANDOM_STEP, depth: 1, count },
+  { name: 'rand read 4k qd16', write: false, size: KiB4, step: RANDOM_STEP, depth: 16, count },
+  { name: 'rand write 4k qd16', write: true, size: KiB4, step: RANDOM_STEP, depth: 16, count },
+  { name: 'seq read 64k qd16', write: false, size: 16 * KiB4, step: 16 * KiB4, depth: 16, count: Math.ceil(count / 4) },
+  { name: 'seq write 64k qd16', write: true, size: 16 * KiB4, step: 16 * KiB4, depth: 16, count: Math.ceil(count / 4) },
 ];
 
-/** Through the sidecar relative to the file opened directly (the issue's target for journal writes). */
-const TARGET_RATIO = 0.5;
+type Column = 'file' | 'pass-through' | 'journaled';
+const COLUMNS: Column[] = ['file', 'pass-through', 'journaled'];
 
-async function bench(target: string, c: Case): Promise<{ seconds: number; iops: number; mibps: number; latencyUs: number }> {
+interface Result {
+  seconds: number;
+  iops: number;
+  mibps: number;
+  /** Mean request latency at queue depth 1 (run time / count), µs. */
+  latencyUs: number | null;
+}
+
+async function bench(target: string, c: Case): Promise<Result> {
   const args = [
     'bench',
     '-f',
@@ -59,11 +93,11 @@ async function bench(target: string, c: Case): Promise<{ seconds: number; iops: 
     '-t',
     'writeback',
     '-c',
-    String(count),
+    String(c.count),
     '-d',
     String(c.depth),
     '-s',
-    String(BS),
+    String(c.size),
     '-S',
     String(c.step),
   ];
@@ -72,8 +106,8 @@ async function bench(target: string, c: Case): Promise<{ seconds: number; iops: 
   const m = /Run completed in ([\d.]+) seconds/.exec(stdout);
   if (!m) throw new Error(`unexpected qemu-img bench output: ${stdout}`);
   const seconds = Number(m[1]);
-  const iops = count / seconds;
-  return { seconds, iops, mibps: (iops * BS) / MiB, latencyUs: c.depth === 1 ? (seconds / count) * 1e6 : NaN };
+  const iops = c.count / seconds;
+  return { seconds, iops, mibps: (iops * c.size) / MiB, latencyUs: c.depth === 1 ? (seconds / c.count) * 1e6 : null };
 }
 
 async function main(): Promise<void> {
@@ -81,57 +115,115 @@ async function main(): Promise<void> {
   const image = path.join(dir, 'disk.img');
   // Fully written (not sparse), so reads hit data, as on a used disk.
   fs.writeFileSync(image, Buffer.alloc(sizeMiB * MiB, 1));
-  const dev = await FileBlockDevice.open(image);
-  const sock = path.join(dir, 'nbd.sock');
-  const server = new NbdServer({ device: dev, exportName: 'bench', log: nullLogger });
-  await server.listen(sock);
-  const targets = [
-    { column: 'file', target: image },
-    { column: 'nbd pass-through', target: `nbd+unix:///bench?socket=${sock}` },
-  ];
-  const rows: Record<string, unknown>[] = [];
+
+  // pass-through: what VmInstance.startDisk serves on the source
+  const passDev = await FileBlockDevice.open(image);
+  const passServer = new NbdServer({ device: passDev, exportName: 'bench', log: nullLogger });
+  await passServer.listen(path.join(dir, 'pass.sock'));
+  // journaled: what Destination#journalDisk serves during post-copy
+  const jImage = await FileBlockDevice.open(image);
+  const journal = new BlockJournal(jImage, { maxBytes: journalMaxBytes, log: nullLogger });
+  journal.journal(1);
+  const jServer = new NbdServer({ device: journal, exportName: 'bench', log: nullLogger });
+  await jServer.listen(path.join(dir, 'journal.sock'));
+  let epoch = 1;
+  let ckptBytes = 0;
+  let extents = 0;
+  const barrier = setInterval(() => {
+    // The destination's barrier: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k).
+    journal.quiesce();
+    void journal.seal(epoch).then((ext) => {
+      for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+      extents += ext.length;
+      journal.release(epoch++);
+    });
+  }, epochMs);
+
+  const targets: Record<Column, string> = {
+    file: image,
+    'pass-through': `nbd+unix:///bench?socket=${path.join(dir, 'pass.sock')}`,
+    journaled: `nbd+unix:///bench?socket=${path.join(dir, 'journal.sock')}`,
+  };
+  const rows: { case: Case; results: Record<Column, Result> }[] = [];
+  let writtenThroughJournal = 0;
   try {
-    console.log(`qemu-img bench, ${sizeMiB} MiB image, ${count} requests of 4 KiB per run; target: sidecar >= ${TARGET_RATIO}x file`);
     console.log(
-      `${'case'.padEnd(20)} ${'file IOPS'.padStart(10)} ${'nbd IOPS'.padStart(10)} ${'ratio'.padStart(6)} ${'file lat'.padStart(9)} ${'nbd lat'.padStart(9)}  target`,
+      `qemu-img bench, ${sizeMiB} MiB image, ${count} requests per 4 KiB run (a quarter for 64 KiB); journal barrier every ${epochMs} ms`,
+    );
+    console.log(
+      `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)}  ${'lat file/pass/jrnl'.padStart(20)}`,
     );
     for (const c of CASES) {
-      const res: Record<string, Awaited<ReturnType<typeof bench>>> = {};
-      for (const t of targets) res[t.column] = await bench(t.target, c);
-      const f = res['file']!;
-      const n = res['nbd pass-through']!;
-      const ratio = n.iops / f.iops;
-      const lat = (x: number) => (Number.isNaN(x) ? '-' : `${x.toFixed(0)}us`);
+      const res = {} as Record<Column, Result>;
+      for (const col of COLUMNS) res[col] = await bench(targets[col], c);
+      if (c.write) writtenThroughJournal += c.count * c.size;
+      const lat = COLUMNS.map((col) => (res[col].latencyUs === null ? '-' : res[col].latencyUs!.toFixed(0))).join('/');
+      const pr = res['pass-through'].iops / res.file.iops;
+      const jr = res.journaled.iops / res.file.iops;
       console.log(
-        `${c.name.padEnd(20)} ${f.iops.toFixed(0).padStart(10)} ${n.iops.toFixed(0).padStart(10)} ${ratio.toFixed(2).padStart(6)} ${lat(f.latencyUs).padStart(9)} ${lat(n.latencyUs).padStart(9)}  ${ratio >= TARGET_RATIO ? 'ok' : 'BELOW'} (>= ${TARGET_RATIO})`,
+        `${c.name.padEnd(19)} ${res.file.iops.toFixed(0).padStart(9)} ${res['pass-through'].iops.toFixed(0).padStart(9)} ${res.journaled.iops.toFixed(0).padStart(9)}  ${pr.toFixed(2).padStart(9)} ${jr.toFixed(2).padStart(9)}  ${(lat + (c.depth === 1 ? ' us' : '')).padStart(20)}`,
       );
-      rows.push({ case: c, results: res, ratio, targetRatio: TARGET_RATIO });
+      rows.push({ case: c, results: res });
     }
   } finally {
-    await server.close();
-    await dev.close();
+    clearInterval(barrier);
+    const ext = await journal.seal(epoch);
+    for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+    extents += ext.length;
+    await jServer.close();
+    await passServer.close();
+    await journal.close();
+    await passDev.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+
+  const figures: Figure[] = [];
+  for (const r of rows) {
+    const f = r.results.file;
+    for (const col of ['journaled', 'pass-through'] as const) {
+      const x = r.results[col];
+      figures.push({
+        name: `${r.case.name} ${col} / file`,
+        value: x.iops / f.iops,
+        unit: 'x',
+        ...(r.case.write && col === 'journaled' ? { target: { op: '>=' as const, value: TARGET_RATIO } } : {}),
+        note: `${x.iops.toFixed(0)} vs ${f.iops.toFixed(0)} IOPS${x.latencyUs !== null ? `, ${x.latencyUs.toFixed(0)} vs ${f.latencyUs!.toFixed(0)} µs` : ''}`,
+      });
+    }
+  }
+  const perMiB = ckptBytes / (writtenThroughJournal / MiB);
+  figures.push({
+    name: 'checkpoint bytes per MiB written (qemu-img through the journal)',
+    value: perMiB / 1024,
+    unit: 'KiB',
+    note: `${extents} DISK extents over ${epoch} epochs; random 4 KiB writes cost ${DISK_OVERHEAD} B of framing each`,
+  });
+  const table = markdownTable(figures);
+  console.log('\n' + table);
+  const misses = figures.filter((f) => verdict(f) === 'MISS').length;
+  console.log(`\njournaled writes >= ${TARGET_RATIO}x file: ${misses === 0 ? 'PASS' : `MISS (${misses})`}`);
+
   const out = path.join(process.cwd(), 'bench-results');
   fs.mkdirSync(out, { recursive: true });
-  const file = path.join(out, 'disk.json');
+  const meta = {
+    bench: 'disk',
+    date: new Date().toISOString(),
+    host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, load: os.loadavg() },
+    quick,
+    imageMiB: sizeMiB,
+    requestsPerRun: count,
+    epochMs,
+    journalMaxBytes,
+  };
   fs.writeFileSync(
-    file,
-    JSON.stringify(
-      {
-        bench: 'disk',
-        date: new Date().toISOString(),
-        host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version },
-        imageMiB: sizeMiB,
-        requestsPerRun: count,
-        requestBytes: BS,
-        results: rows,
-      },
-      null,
-      2,
-    ) + '\n',
+    path.join(out, 'disk.json'),
+    JSON.stringify({ ...meta, results: rows, checkpointBytesPerMiB: perMiB, figures }, null, 2) + '\n',
   );
-  console.log(`wrote ${file}`);
+  fs.writeFileSync(
+    path.join(out, 'disk.md'),
+    `# disk bench (${meta.date})\n\n\`npm run bench disk${quick ? ' -- --quick' : ''}\`, ${sizeMiB} MiB image, ${count} requests per run\n\n${table}\n`,
+  );
+  console.log(`wrote ${path.join(out, 'disk.json')} and disk.md`);
 }
 
 await main();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproducible tether guest image: Debian cloud kernel + tiny busybox initramfs with memcheck,
-# netcheck, diskcheck and fsload.
+# netcheck, diskcheck, diskbench and fsload.
 # Output: <repo>/.cache/guest/<key>/{vmlinuz,initrd.img,manifest.txt} and
 #         <repo>/.cache/guest/current -> <key>
 # Prints "kernel=<abs path>" and "initrd=<abs path>" as the last two lines.
@@ -64,6 +64,7 @@ KEY="$(
         sha256sum "$HERE/memcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/netcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/diskcheck.c" | cut -d' ' -f1
+        sha256sum "$HERE/diskbench.c" | cut -d' ' -f1
         sha256sum "$HERE/fsload" | cut -d' ' -f1
         sha256sum "$HERE/init" | cut -d' ' -f1
         sha256sum "$HERE/build.sh" | cut -d' ' -f1
@@ -143,9 +144,9 @@ for name in "${OPTIONAL_MODULES[@]}"; do
     if [ -n "$path" ]; then visit "$path"; else log "optional module $name not a module (built in or absent)"; fi
 done
 
-# ---------- memcheck, netcheck, diskcheck ----------
-for prog in memcheck netcheck diskcheck; do
-    gcc -static -O2 -Wall -o "$WORK/$prog" "$HERE/$prog.c"
+# ---------- memcheck, netcheck, diskcheck, diskbench ----------
+for prog in memcheck netcheck diskcheck diskbench; do
+    gcc -static -O2 -Wall -pthread -o "$WORK/$prog" "$HERE/$prog.c"
     strip "$WORK/$prog"
 done
 
@@ -161,6 +162,7 @@ done
 install -m 0755 "$WORK/memcheck" "$R/bin/memcheck"
 install -m 0755 "$WORK/netcheck" "$R/bin/netcheck"
 install -m 0755 "$WORK/diskcheck" "$R/bin/diskcheck"
+install -m 0755 "$WORK/diskbench" "$R/bin/diskbench"
 install -m 0755 "$HERE/fsload" "$R/bin/fsload"
 install -m 0755 "$HERE/init" "$R/init"
 : >"$R/etc/tether-modules"

@@ -1,0 +1,176 @@
+/*
+ * diskbench <device> <span-mib> <ops-per-case> — 4 KiB disk throughput and latency from
+ * inside the guest, on the virtio-blk disk as the guest's applications see it.
+ *
+ * Every request is O_DIRECT (the guest's page cache is bypassed: each one is a virtio-blk
+ * request, i.e. one request to QEMU's block layer and, with the sidecar, one NBD request).
+ * Cases, in this order: seq write, rand write, seq read, rand read at queue depth 1 (one
+ * request at a time, per-request latency measured with CLOCK_MONOTONIC), then rand write
+ * and rand read at queue depth 16 (16 threads, each issuing its share). Offsets lie in the
+ * first <span-mib> MiB; random ones come from a fixed xorshift seed, so every run and
+ * every disk path sees the same sequence. Writes are not flushed (guest cache semantics of
+ * the disk, as `qemu-img bench` on the host).
+ *
+ * Output (stdout, one write(2) per line):
+ *   diskbench start dev=<device> span_mib=<n> ops=<n>
+ *   diskbench case=<name> qd=<n> ops=<n> us=<elapsed> iops=<n> lat_mean_us=<n> lat_p50_us=<n> lat_p99_us=<n>
+ *   diskbench done
+ *   diskbench: <error>
+ * The host (tools/bench/diskguest.ts) parses these lines from the serial log.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BLOCK 4096u
+#define MAX_DEPTH 16u
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n > sizeof buf - 2) n = (int)sizeof buf - 2;
+    buf[n++] = '\n';
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(1, p, (size_t)n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        p += w;
+        n -= (int)w;
+    }
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int fd;
+static uint64_t span_blocks;
+static uint32_t ops;
+static uint64_t *lat; /* ns per request */
+
+struct job {
+    int write;
+    int random;
+    uint32_t first, count; /* request indexes [first, first+count) */
+    int err;
+};
+
+static uint64_t block_of(int random, uint32_t i) {
+    if (!random) return i % span_blocks;
+    /* splitmix64 of the request index: a fixed, well-scattered sequence */
+    uint64_t z = (uint64_t)i + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (z ^ (z >> 31)) % span_blocks;
+}
+
+static void *worker(void *arg) {
+    struct job *j = arg;
+    void *buf;
+    if (posix_memalign(&buf, BLOCK, BLOCK) != 0) {
+        j->err = ENOMEM;
+        return NULL;
+    }
+    memset(buf, 0x5a, BLOCK);
+    for (uint32_t i = j->first; i < j->first + j->count; i++) {
+        off_t off = (off_t)(block_of(j->random, i) * BLOCK);
+        uint64_t t0 = now_ns();
+        ssize_t r = j->write ? pwrite(fd, buf, BLOCK, off) : pread(fd, buf, BLOCK, off);
+        if (r != (ssize_t)BLOCK) {
+            j->err = r < 0 ? errno : EIO;
+            break;
+        }
+        lat[i] = now_ns() - t0;
+    }
+    free(buf);
+    return NULL;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int run_case(const char *name, int write, int random, unsigned depth) {
+    struct job jobs[MAX_DEPTH];
+    pthread_t th[MAX_DEPTH];
+    uint32_t per = ops / depth;
+    uint64_t t0 = now_ns();
+    for (unsigned k = 0; k < depth; k++) {
+        jobs[k] = (struct job){.write = write, .random = random, .first = k * per, .count = per, .err = 0};
+        if (depth == 1) worker(&jobs[k]);
+        else if (pthread_create(&th[k], NULL, worker, &jobs[k]) != 0) {
+            say("diskbench: pthread_create failed");
+            return -1;
+        }
+    }
+    if (depth > 1)
+        for (unsigned k = 0; k < depth; k++) pthread_join(th[k], NULL);
+    uint64_t elapsed = now_ns() - t0;
+    for (unsigned k = 0; k < depth; k++)
+        if (jobs[k].err) {
+            say("diskbench: %s failed: %s", name, strerror(jobs[k].err));
+            return -1;
+        }
+    uint32_t n = per * depth;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < n; i++) sum += lat[i];
+    qsort(lat, n, sizeof lat[0], cmp_u64);
+    say("diskbench case=%s qd=%u ops=%u us=%llu iops=%llu lat_mean_us=%llu lat_p50_us=%llu lat_p99_us=%llu", name, depth, n,
+        (unsigned long long)(elapsed / 1000), (unsigned long long)((uint64_t)n * 1000000000ull / (elapsed ? elapsed : 1)),
+        (unsigned long long)(sum / n / 1000), (unsigned long long)(lat[n / 2] / 1000),
+        (unsigned long long)(lat[(uint64_t)n * 99 / 100] / 1000));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        say("diskbench: usage: diskbench <device> <span-mib> <ops-per-case>");
+        return 2;
+    }
+    const char *dev = argv[1];
+    long mib = atol(argv[2]);
+    long n = atol(argv[3]);
+    if (mib <= 0 || n < (long)MAX_DEPTH || n > 10000000) {
+        say("diskbench: span-mib must be > 0 and ops-per-case in [16, 10^7]");
+        return 2;
+    }
+    span_blocks = (uint64_t)mib * 1024 * 1024 / BLOCK;
+    ops = (uint32_t)n - (uint32_t)n % MAX_DEPTH;
+    lat = calloc(ops, sizeof lat[0]);
+    if (!lat) {
+        say("diskbench: out of memory");
+        return 1;
+    }
+    fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd < 0) {
+        say("diskbench: open %s: %s", dev, strerror(errno));
+        return 1;
+    }
+    say("diskbench start dev=%s span_mib=%ld ops=%u", dev, mib, ops);
+    /* the writes come first: the reads then hit written (allocated) blocks */
+    if (run_case("seq-write", 1, 0, 1) || run_case("rand-write", 1, 1, 1) || run_case("seq-read", 0, 0, 1) ||
+        run_case("rand-read", 0, 1, 1) || run_case("rand-write", 1, 1, MAX_DEPTH) || run_case("rand-read", 0, 1, MAX_DEPTH))
+        return 1;
+    close(fd);
+    say("diskbench done");
+    return 0;
+}
