@@ -6,6 +6,7 @@
  *   npm run bench gate    [-- --seconds 3]               packet gate and TAP data path (tools/bench/gate.ts)
  *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
  *   npm run bench disk    [-- --mib 256 --count 20000]   disk through the NBD sidecar vs the file (tools/bench/disk.ts)
+ *   npm run bench net     [-- --quick]                   guest network: ping RTT and TCP, gate vs QEMU tap, gated window (tools/bench/net.ts)
  *   npm run bench quick   (or: npm run bench -- --quick) CI smoke: migrate --quick, a few minutes
  *
  * Each benchmark reads its own options from process.argv.
@@ -16,6 +17,7 @@ const BENCHES: Record<string, string> = {
   gate: './gate.ts',
   journal: './journal.ts',
   disk: './disk.ts',
+  net: './net.ts',
 };
 
 let name = process.argv[2];
