@@ -34,9 +34,11 @@
  * Options (defaults; --quick in brackets, for the CI smoke bench):
  *   --ping-count 100 [25]      pings per sample, every --ping-interval-ms 20
  *   --tcp-seconds 3 [1]        per direction and size
+ *   --gated-ping-count 50 [25], --gated-tcp-seconds 2 [1], --gated-sizes 65536
+ *                              the same inside the post-copy window (it must fit in it)
  *   --sizes 65536,4194304 [4194304]   bytes per transfer (64 KiB: request-sized, 4 MiB: bulk)
  *   --intervals 25,50,100 [50] checkpoint intervals of the gated samples
- *   --bandwidth-mib 3 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
+ *   --bandwidth-mib 8          QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
  *   --only tap,tap-novnet,gate [tap,gate]   run a subset
  */
@@ -69,9 +71,12 @@ const opt = {
   pingCount: num('ping-count', quick ? 25 : 100),
   pingIntervalMs: num('ping-interval-ms', 20),
   tcpSeconds: num('tcp-seconds', quick ? 1 : 3),
+  gatedPingCount: num('gated-ping-count', quick ? 25 : 50),
+  gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
+  gatedSizes: list('gated-sizes', '65536').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
-  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 3),
+  bandwidthMiB: num('bandwidth-mib', 8),
   guestMiB: num('guest-mib', 256),
   only: new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate')),
 };
@@ -234,14 +239,23 @@ async function withCpu<T>(
   return { ...r, cpu: { qemuPct: pct(q0, q1), sidecarPct: pct(d0, d1) } };
 }
 
-async function sample(c: Cluster, h: Host, label: string): Promise<Sample> {
+interface SampleSpec {
+  pingCount: number;
+  sizes: number[];
+  tcpSeconds: number;
+}
+const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.sizes, tcpSeconds: opt.tcpSeconds });
+/** In the post-copy window: shorter, so that it fits in the window; request-sized transfers only (bulk crawls). */
+const GATED = (): SampleSpec => ({ pingCount: opt.gatedPingCount, sizes: opt.gatedSizes, tcpSeconds: opt.gatedTcpSeconds });
+
+async function sample(c: Cluster, h: Host, label: string, spec: SampleSpec = FULL()): Promise<Sample> {
   const t0 = now();
-  const p = await ping(c, opt.pingCount, opt.pingIntervalMs);
+  const p = await ping(c, spec.pingCount, opt.pingIntervalMs);
   log(`${label}: ping p50 ${p.p50} ms p99 ${p.p99} ms (${p.received}/${p.sent})`);
   const t: TcpResult[] = [];
   for (const dir of ['g2c', 'c2g'] as const) {
-    for (const size of opt.sizes) {
-      const res = await withCpu(c, h, () => tcp(c, dir, size, opt.tcpSeconds));
+    for (const size of spec.sizes) {
+      const res = await withCpu(c, h, () => tcp(c, dir, size, spec.tcpSeconds));
       log(
         `${label}: tcp ${dir} ${size} B: ${res.mbitPerS ?? res.error} Mbit/s (CPU: QEMU ${res.cpu.qemuPct}%, sidecar ${res.cpu.sidecarPct}%)`,
       );
@@ -347,6 +361,8 @@ interface GatedSample extends Sample {
   appliedEpochs: { before: number | null; after: number | null };
   /** Destination checkpoint pauses while sampling (daemon log), ms. */
   pauseMs: { p50: number | null; p99: number | null; n: number };
+  /** Time from one checkpoint to the next on the destination, p50 (the interval plus what stretches it), ms. */
+  epochPeriodMs: number | null;
   outcome: string | null;
   migrateTotalMs: number | null;
   /** Post-copy window: switchover → completion (completing run only), ms. */
@@ -374,12 +390,13 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
       const migrating = c.migrate();
       await waitApplied(c, 2, migrating);
       const before = await migStatus(c, c.src);
-      const s = await sample(c, c.dst, `gate gated ${interval} ms`);
+      const s = await sample(c, c.dst, `gate gated ${interval} ms`, GATED());
       const after = await migStatus(c, c.src);
       const windowOpen = before.phase === 'postcopy' && after.phase === 'postcopy';
-      const pauses = records(c.dst.daemonLog, dstFrom)
-        .filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number')
-        .map((r) => Number(r.pauseMs));
+      const sent = records(c.dst.daemonLog, dstFrom).filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number');
+      const pauses = sent.map((r) => Number(r.pauseMs));
+      const at = sent.map((r) => Date.parse(String(r.t)));
+      const periods = at.slice(1).map((t, i) => t - at[i]!);
       if (!last) {
         const a = await c.tether(c.src, ['abort', c.vmName]);
         if (a.code !== 0) log(`abort: ${a.stderr}`);
@@ -397,6 +414,7 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
           p99: pauses.length ? r2(percentile(pauses, 99)) : null,
           n: pauses.length,
         },
+        epochPeriodMs: periods.length ? r2(percentile(periods, 50)) : null,
         outcome,
         migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
       };
@@ -455,7 +473,7 @@ function figures(res: Results): Figure[] {
     pingFig(
       `gate, post-copy window, interval ${s.intervalMs} ms (gated)`,
       s,
-      `checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} ms${s.windowOpen ? '' : '; WINDOW CLOSED during the sample'}`,
+      `epoch period p50 ${s.epochPeriodMs ?? '–'} ms, checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} ms${s.windowOpen ? '' : '; WINDOW CLOSED during the sample'}`,
     );
   }
   pingFig('gate, after completion (pass-through)', g?.after);
@@ -492,6 +510,7 @@ function figures(res: Results): Figure[] {
       F.push({ name: `${what}: gate after completion`, value: a, unit: 'Mbit/s', note: t && a ? `${r2(a / t)}× tap` : '' });
       for (const s of g?.gated ?? []) {
         const tr = s.tcp.find((x) => x.dir === dir && x.size === size);
+        if (!tr) continue; // not measured at this size in the window
         F.push({
           name: `${what}: gated, interval ${s.intervalMs} ms`,
           value: tr?.mbitPerS ?? null,
