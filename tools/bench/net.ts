@@ -38,7 +38,7 @@
  *                              the same inside the post-copy window (it must fit in it)
  *   --sizes 65536,4194304 [4194304]   bytes per transfer (64 KiB: request-sized, 4 MiB: bulk)
  *   --intervals 25,50,100 [50] checkpoint intervals of the gated samples
- *   --bandwidth-mib 8          QEMU max-bandwidth of the migrations (post-copy window length)
+ *   --bandwidth-mib 8 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
  *   --only tap,tap-novnet,gate [tap,gate]   run a subset
  */
@@ -76,7 +76,7 @@ const opt = {
   gatedSizes: list('gated-sizes', '65536').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
-  bandwidthMiB: num('bandwidth-mib', 8),
+  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 8),
   guestMiB: num('guest-mib', 256),
   only: new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate')),
 };
