@@ -332,7 +332,7 @@ async function migStatus(c: Cluster, h: Host): Promise<Rec> {
 }
 
 /** Rewrite checkpoint.intervalMs in a host's VM config (a destination runs its own config). */
-function setInterval_(c: Cluster, h: Host, intervalMs: number): void {
+function setCheckpointInterval(c: Cluster, h: Host, intervalMs: number): void {
   const file = path.join(h.vmConfigDir, `${c.vmName}.yaml`);
   fs.writeFileSync(file, fs.readFileSync(file, 'utf8').replace(/intervalMs: \d+/, `intervalMs: ${intervalMs}`));
 }
@@ -383,7 +383,7 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
     out.before = await sample(c, c.src, 'gate before migration');
     for (const [i, interval] of opt.intervals.entries()) {
       const last = i === opt.intervals.length - 1;
-      setInterval_(c, c.dst, interval);
+      setCheckpointInterval(c, c.dst, interval);
       const dstFrom = fileSize(c.dst.daemonLog);
       log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
       const t0 = now();
