@@ -63,6 +63,12 @@ export interface ClusterOptions {
    *   gate:     the VM config's `nics`, served by the sidecar's gate.
    */
   guestNet?: 'qemu-tap' | 'gate';
+  /**
+   * With guestNet 'qemu-tap': QEMU's vnet_hdr on the TAP (default on, QEMU's own default).
+   * Off, the guest gets no checksum/segmentation offloads, as behind the gate's stream
+   * netdev, which carries no virtio-net header (the network benchmark's like-for-like baseline).
+   */
+  tapVnetHdr?: boolean;
   /** Bound of the gate's held frames (VM config `gate`), with guestNet 'gate'. */
   gate?: { maxBytes?: number; maxFrames?: number };
   /** TETHER_FAULTS for each daemon. */
@@ -258,7 +264,7 @@ export class Cluster {
         'qemu:',
         '  extraArgs:',
         '    - "-netdev"',
-        `    - "tap,id=net0,ifname=${GUEST_TAP},script=no,downscript=no"`,
+        `    - "tap,id=net0,ifname=${GUEST_TAP},script=no,downscript=no${this.opts.tapVnetHdr === false ? ',vnet_hdr=off' : ''}"`,
         '    - "-device"',
         `    - "virtio-net-pci,netdev=net0,mac=${GUEST_MAC}"`,
       );

@@ -8,6 +8,7 @@
  *   npm run bench disk    [-- --mib 256 --count 20000]   qemu-img bench: file vs NBD pass-through vs journaled (tools/bench/disk.ts)
  *   npm run bench diskguest [-- --ops 2000]              in-guest 4 KiB O_DIRECT, NBD vs file; ckpt bytes/MB (tools/bench/diskguest.ts)
  *   npm run bench quick   (or: npm run bench -- --quick) CI smoke: disk --quick, then migrate --quick
+ *   npm run bench net     [-- --quick]                   guest network: ping RTT and TCP, gate vs QEMU tap, gated window (tools/bench/net.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
@@ -18,6 +19,7 @@ const BENCHES: Record<string, string> = {
   journal: './journal.ts',
   disk: './disk.ts',
   diskguest: './diskguest.ts',
+  net: './net.ts',
 };
 
 let name = process.argv[2];

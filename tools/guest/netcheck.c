@@ -14,14 +14,17 @@
  *   B <seq> <nbytes>                bulk: one D record, then <nbytes> raw payload bytes
  *   U <seq> <port> <count> <size>   send <count> UDP datagrams of <size> bytes to the
  *                                   client's address, port <port>; then one V record
+ *   S <seq> <nbytes>                sink: <nbytes> raw payload bytes follow the line; once
+ *                                   all arrived, one R record (bulk client -> guest)
  * Guest -> client, every record:
  *   <type> <counter> <seq> <nonce> <x> <chain>
- *     type     H (greeting, seq 0), A (answer), D (bulk header), V (UDP done), E (error)
+ *     type     H (greeting, seq 0), A (answer), D (bulk header), V (UDP done),
+ *              R (sink done), E (error)
  *     counter  records sent on this connection before this one (H has 0)
  *     seq      the request's seq (decimal, echoed)
  *     nonce    16 hex digits from getrandom
  *     x        H: connection id (16 hex); A: the request's token; D: nbytes;
- *              V: datagrams sent; E: reason
+ *              V: datagrams sent; R: payload bytes received; E: reason
  *     chain    64 hex digits: SHA-256(previous chain (32 bytes) || the record's text up to,
  *              not including, the space before chain); the previous chain of H is 32
  *              zero bytes. Bulk payload bytes are not hashed (the D record names their
@@ -152,6 +155,9 @@ static struct {
     uint8_t chain[32];
     char id[17];
     struct sockaddr_in peer;
+    /* S request in progress: payload bytes still to read, its seq and size. */
+    unsigned long long sink_left, sink_total;
+    char sink_seq[21];
 } C;
 
 static int send_record(char type, const char *seq, const char *x) {
@@ -190,6 +196,42 @@ static int is_token(const char *s) {
 }
 
 static char payload[65536];
+
+/* ---------------- sink (S): bulk client -> guest ---------------- */
+static char sinkbuf[65536];
+
+/* Parses an S request; the payload is consumed by sink_payload() from the serve loop. */
+static int sink_request(int argc, char **argv) {
+    const char *seq = argv[1];
+    if (argc != 3 || !is_num(argv[2])) return send_record('E', seq, "bad-sink");
+    C.sink_total = C.sink_left = strtoull(argv[2], NULL, 10);
+    snprintf(C.sink_seq, sizeof C.sink_seq, "%s", seq);
+    if (C.sink_left == 0) return send_record('R', seq, "0");
+    return 0;
+}
+
+/*
+ * Payload of the S request being served: first what the line buffer already holds after
+ * the request line (*start up to end), then straight from the socket into a 64 KiB
+ * buffer (the line buffer would cost a read(2) per 4 KiB). Discards the bytes (counted
+ * only) and sends the R record once all arrived.
+ */
+static int sink_payload(char **start, char *end) {
+    size_t avail = (size_t)(end - *start);
+    size_t k = avail < C.sink_left ? avail : (size_t)C.sink_left;
+    *start += k;
+    C.sink_left -= k;
+    while (C.sink_left > 0) {
+        size_t want = C.sink_left < sizeof sinkbuf ? (size_t)C.sink_left : sizeof sinkbuf;
+        ssize_t r = read(C.fd, sinkbuf, want);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        C.sink_left -= (size_t)r;
+    }
+    char x[24];
+    snprintf(x, sizeof x, "%llu", C.sink_total);
+    return send_record('R', C.sink_seq, x);
+}
 
 static int handle(char *line) {
     char *argv[6];
@@ -250,6 +292,8 @@ static int handle(char *line) {
         snprintf(x, sizeof x, "%lu", sent);
         return send_record('V', seq, x);
     }
+    case 'S':
+        return sink_request(argc, argv);
     default:
         return send_record('E', seq, "unknown");
     }
@@ -279,6 +323,7 @@ static void serve(int fd, struct sockaddr_in peer) {
             *nl = 0;
             if (handle(start) < 0) goto done;
             start = nl + 1;
+            if (C.sink_left > 0 && sink_payload(&start, in + have) < 0) goto done;
         }
         have -= (size_t)(start - in);
         memmove(in, start, have);
