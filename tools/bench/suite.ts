@@ -82,6 +82,7 @@ import {
   type Rec,
   type VQemu,
 } from './lib.ts';
+import { ProgressTail } from './progress.ts';
 import { barsSpec, markdownTable, timelineSpec, writeSvg, type Figure, type TimelineInput } from './report.ts';
 
 // ------------------------------------------------------------------ options
@@ -205,78 +206,6 @@ function planText(cells: Cell[], parts: Set<Part>): string[] {
 }
 
 // ------------------------------------------------------------------ observation helpers
-
-/** Memcheck position samples: cumulative pages written since the guest started, with wall time. */
-class ProgressTail {
-  readonly samples: { t: number; pos: number }[] = [];
-  pages = 0;
-  #files = new Map<string, { off: number; rest: string }>();
-  #timer: NodeJS.Timeout;
-
-  constructor() {
-    this.#timer = setInterval(() => this.poll(), 20);
-  }
-  watch(file: string): void {
-    if (!this.#files.has(file)) this.#files.set(file, { off: 0, rest: '' });
-  }
-  poll(): void {
-    const t = Date.now();
-    for (const [file, st] of this.#files) {
-      let fd: number;
-      try {
-        fd = fs.openSync(file, 'r');
-      } catch {
-        continue;
-      }
-      try {
-        const size = fs.fstatSync(fd).size;
-        if (size <= st.off) continue;
-        const buf = Buffer.alloc(size - st.off);
-        fs.readSync(fd, buf, 0, buf.length, st.off);
-        st.off = size;
-        const lines = (st.rest + buf.toString('latin1')).split(/\r?\n/);
-        st.rest = lines.pop() ?? '';
-        for (const line of lines) this.#line(t, line);
-      } finally {
-        fs.closeSync(fd);
-      }
-    }
-  }
-  #line(t: number, line: string): void {
-    let m = /memcheck start mb=\d+ pages=(\d+)/.exec(line);
-    if (m) this.pages = Number(m[1]);
-    if (!this.pages) return;
-    m = /memcheck progress pass=(\d+) page=(\d+)/.exec(line);
-    if (m) return void this.samples.push({ t, pos: (Number(m[1]) - 1) * this.pages + Number(m[2]) });
-    m = /memcheck pass (\d+) /.exec(line);
-    if (m) this.samples.push({ t, pos: Number(m[1]) * this.pages });
-  }
-  /** Pages written by wall time t, interpolated; null outside the samples. */
-  posAt(t: number): number | null {
-    const s = this.samples;
-    if (!s.length || t < s[0]!.t || t > s[s.length - 1]!.t) return null;
-    for (let i = 1; i < s.length; i++) {
-      const a = s[i - 1]!;
-      const b = s[i]!;
-      if (t <= b.t) return b.t === a.t ? b.pos : a.pos + ((b.pos - a.pos) * (t - a.t)) / (b.t - a.t);
-    }
-    return s[s.length - 1]!.pos;
-  }
-  rate(from: number, to: number): number | null {
-    const a = this.posAt(from);
-    const b = this.posAt(to);
-    return a === null || b === null || to <= from ? null : r2(((b - a) / (to - from)) * 1000);
-  }
-  /** The undisturbed rate before wall time t: over up to 10 s, after the first pass (which fills the buffer). */
-  baseline(t: number): number | null {
-    const firstPass = this.samples.find((s) => s.pos >= this.pages);
-    return firstPass ? this.rate(Math.max(firstPass.t, t - 10_000), t) : null;
-  }
-  stop(): void {
-    clearInterval(this.#timer);
-    this.poll();
-  }
-}
 
 /** Scrapes the destination's gate gauges every 100 ms from inside its namespace. */
 class HeldScraper {
@@ -1277,11 +1206,17 @@ async function main(): Promise<void> {
   console.log(
     `wrote ${RUN_DIR}/ (suite.json, summary.md, runs/, ${plots.length} SVG plots, logs/) in ${((now() - t0) / 1000).toFixed(1)} s`,
   );
-  // A crash fails the smoke; a MISS or a failed migration is a finding. A run that could not
-  // even produce figures (every migration errored) is a crash.
-  if (runs.length && runs.every((r) => r.error)) {
+  // A MISS is a finding, never a failure. The smoke (--quick, run by `npm test`) fails on any
+  // migration that errored or any CORRUPT line: that is the rot it is there to catch. A full run
+  // fails only when it produced no figures at all.
+  const rollbackOk = !opt.parts.has('rollback') || ((x.rollback?.rollback?.stats ?? []) as Rec[]).some((st) => st.n > 0);
+  if (quick ? failed.length > 0 || corrupt > 0 || !rollbackOk : runs.length > 0 && runs.every((r) => r.error)) {
     process.exitCode = 1;
-    log('every migration failed');
+    log(
+      quick
+        ? `smoke failed: ${failed.length} runs errored, ${corrupt} CORRUPT lines, rollback measured: ${rollbackOk}`
+        : 'every migration failed',
+    );
   }
 }
 
