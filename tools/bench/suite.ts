@@ -37,12 +37,13 @@
  *                           and output path once; figures are not meaningful
  *   --parts grid,ram,workload,rollback,micro    run a subset (pieces of a full run)
  *   --dir <path>            add to an earlier run's folder: runs already there are kept
+ *   --report-only           with --dir: no measuring, rebuild the report from the runs there
  *   --repeats 3 [1]         runs per grid cell (medians)
  *   --ram-repeats 1         runs per RAM-sweep cell
  *   --workload-repeats 1    runs per workload cell
  *   --memcheck-rate 64      memcheck MB/s (0 = unthrottled)
- *   --precopy-deadline-s 40 [15]  vanilla pre-copy that has not converged by then is cancelled
- *   --rollback-repeats 6    interrupted migrations per standby mode
+ *   --precopy-deadline-s 30 [15]  vanilla pre-copy that has not converged by then is cancelled
+ *   --rollback-repeats 5    interrupted migrations per standby mode
  */
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -100,6 +101,8 @@ function str(name: string, def: string): string {
 }
 
 const quick = process.argv.includes('--quick');
+/** Only rebuild the report from the runs already in --dir (e.g. after a run was cut short). */
+const reportOnly = process.argv.includes('--report-only');
 const ALL_PARTS = ['grid', 'ram', 'workload', 'rollback', 'micro'] as const;
 type Part = (typeof ALL_PARTS)[number];
 const opt = {
@@ -109,8 +112,8 @@ const opt = {
   ramRepeats: num('ram-repeats', 1),
   workloadRepeats: num('workload-repeats', 1),
   memcheckRate: num('memcheck-rate', 64),
-  precopyDeadlineS: num('precopy-deadline-s', quick ? 15 : 40),
-  rollbackRepeats: num('rollback-repeats', quick ? 1 : 6),
+  precopyDeadlineS: num('precopy-deadline-s', quick ? 15 : 30),
+  rollbackRepeats: num('rollback-repeats', quick ? 1 : 5),
 };
 for (const p of opt.parts) if (!(ALL_PARTS as readonly string[]).includes(p)) throw new Error(`unknown --parts entry ${p}`);
 
@@ -1048,17 +1051,20 @@ async function main(): Promise<void> {
   const planLines = planText(plan(fullPlan), fullPlan);
   log(`plan:\n  ${planLines.join('\n  ')}`);
   const done = new Set(loadRuns().map((r) => `${r.key}-r${r.repeat}`));
-  for (const cell of cells) {
-    for (let i = 1; i <= cell.repeats; i++) {
-      const id = `${cellKey(cell)}-r${i}`;
-      if (done.has(id)) continue;
-      const run = cell.strategy.startsWith('tether') ? await runTether(cell, i) : await runVanilla(cell, i);
+  const measure = async (repeat: number) => {
+    for (const cell of cells) {
+      const id = `${cellKey(cell)}-r${repeat}`;
+      if (reportOnly || repeat > cell.repeats || done.has(id)) continue;
+      const run = cell.strategy.startsWith('tether') ? await runTether(cell, repeat) : await runVanilla(cell, repeat);
       fs.writeFileSync(path.join(RUNS_DIR, `${id}.json`), JSON.stringify(run, null, 1) + '\n');
     }
-  }
+  };
+  // Breadth first: one run of every cell, then the reused benches, then the further repeats,
+  // so that a run cut short (or resumed with --dir) still covers the whole plan.
+  await measure(1);
   const x: Extras = { floors: [], rollback: null, gate: null, gateFresh: false, journal: null, journalFresh: false };
   const rbFile = path.join(RUN_DIR, 'rollback.json');
-  if (opt.parts.has('rollback') && !fs.existsSync(rbFile)) {
+  if (opt.parts.has('rollback') && !reportOnly && !fs.existsSync(rbFile)) {
     const args = quick
       ? [
           '--only',
@@ -1086,7 +1092,7 @@ async function main(): Promise<void> {
     ['journal', ['--mib', '64']],
   ] as const) {
     const file = path.join(RUN_DIR, `${name}.json`);
-    if (opt.parts.has('micro') && !quick && !fs.existsSync(file)) {
+    if (opt.parts.has('micro') && !quick && !reportOnly && !fs.existsSync(file)) {
       const j = await childBench(name, [...args], path.join(OUT_DIR, `${name}.json`));
       if (j) fs.writeFileSync(file, JSON.stringify(j, null, 1) + '\n');
     }
@@ -1095,6 +1101,7 @@ async function main(): Promise<void> {
     if (name === 'gate') [x.gate, x.gateFresh] = [j, fresh];
     else [x.journal, x.journalFresh] = [j, fresh];
   }
+  for (let r = 2; r <= Math.max(0, ...cells.map((c) => c.repeats)); r++) await measure(r);
 
   const runs = loadRuns();
   const keys = [...new Set(runs.map((r) => r.key))];
