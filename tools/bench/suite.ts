@@ -751,8 +751,20 @@ interface CellStats {
   heldMax: number | null;
 }
 
+/** A run counts when it completed and nothing failed after (e.g. the guest died on the destination). */
+const good = (r: Run): boolean => r.ok && !r.error;
+const outcomeOf = (r: Run): string =>
+  good(r)
+    ? r.outcome
+    : r.ok
+      ? `completed, then ${(r.error ?? '')
+          .split('\n')[0]!
+          .replace(/^Error: /, '')
+          .slice(0, 80)}`
+      : r.outcome;
+
 function stats(key: string, runs: Run[]): CellStats {
-  const ok = runs.filter((r) => r.ok);
+  const ok = runs.filter(good);
   const pool = ok.flatMap((r) => r.pauses);
   const split = (k: keyof PauseSplit) => {
     const v = pool.map((p) => p[k]);
@@ -766,7 +778,7 @@ function stats(key: string, runs: Run[]): CellStats {
     cell: runs[0]!.cell,
     n: runs.length,
     ok: ok.length,
-    outcomes: runs.map((r) => r.outcome),
+    outcomes: runs.map(outcomeOf),
     totalMs: med(ok.map((r) => r.totalMs)),
     blackoutMs: med(ok.map((r) => r.blackoutMs)),
     qemuDowntimeMs: med(ok.map((r) => r.qemuDowntimeMs)),
