@@ -1151,8 +1151,11 @@ async function main(): Promise<void> {
   // --report-only measures nothing (it may run beside another benchmark): the floors of an
   // earlier report of this folder, if any.
   let earlier: HashFloor[] = [];
+  let earlierRun: { command?: string; durationMs?: number; date?: string } = {};
   try {
-    earlier = (JSON.parse(fs.readFileSync(path.join(RUN_DIR, 'suite.json'), 'utf8')) as { hashFloors?: HashFloor[] }).hashFloors ?? [];
+    const e = JSON.parse(fs.readFileSync(path.join(RUN_DIR, 'suite.json'), 'utf8')) as { hashFloors?: HashFloor[]; command?: string };
+    earlier = e.hashFloors ?? [];
+    earlierRun = e;
   } catch {
     /* none */
   }
@@ -1170,13 +1173,19 @@ async function main(): Promise<void> {
   const plots = await writePlots(all, runs, x);
   const failed = runs.filter((r) => r.error);
 
-  const command = `npm run bench -- ${process.argv.slice(2).join(' ')}`.trim().replace(/ --$/, '');
+  // --report-only describes the run that measured (its command, duration and date).
+  const command =
+    reportOnly && earlierRun.command
+      ? earlierRun.command
+      : `npm run bench -- ${process.argv.slice(2).join(' ')}`.trim().replace(/ --$/, '');
+  const durationMs = reportOnly && earlierRun.durationMs ? earlierRun.durationMs : r2(now() - t0);
+  const started = reportOnly && earlierRun.date ? earlierRun.date : STARTED;
   const load = os
     .loadavg()
     .map((l) => l.toFixed(2))
     .join(' ');
   const md = [
-    `# Benchmark suite${quick ? ' (quick: CI smoke, figures not meaningful)' : ''}, ${STARTED}`,
+    `# Benchmark suite${quick ? ' (quick: CI smoke, figures not meaningful)' : ''}, ${started}`,
     '',
     `\`${command}\` — QEMU TCG, ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), load average ${load} at the end; other work may share the machine.`,
     '',
@@ -1215,8 +1224,8 @@ async function main(): Promise<void> {
   ].join('\n');
   const json = {
     bench: 'suite',
-    date: STARTED,
-    durationMs: r2(now() - t0),
+    date: started,
+    durationMs,
     command,
     quick,
     plan: planLines,
