@@ -26,6 +26,20 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
   npx tap --reporter=tap --jobs=1 $(ls netns-tests/*.test.ts) 2>&1 | tee -a "$out" || status=1
 fi
+if [ "${TETHER_SKIP_NETNS:-0}" != 1 ] && [ "${TETHER_SKIP_BENCH:-0}" != 1 ]; then
+  # Once per CI run so the benchmarks never rot: every strategy and output path, no
+  # meaningful figures. A crash fails the run; a MISS is a finding, not a failure.
+  echo "== benchmark smoke (npm run bench -- --quick)"
+  start=$SECONDS
+  mkdir -p bench-results
+  if npm run --silent bench -- --quick >bench-results/bench-quick.log 2>&1; then
+    echo "ok 1 - benchmark smoke ($((SECONDS - start)) s, output in bench-results/bench-quick.log and bench-results/)" | tee -a "$out"
+  else
+    tail -40 bench-results/bench-quick.log
+    echo "not ok 1 - benchmark smoke crashed ($((SECONDS - start)) s, see bench-results/bench-quick.log)" | tee -a "$out"
+    status=1
+  fi
+fi
 # Count leaf test points (indented "ok"/"not ok" lines inside subtests are the asserts).
 pass=$(grep -Ec '^\s*ok [0-9]+' "$out")
 fail=$(grep -Ec '^\s*not ok [0-9]+' "$out")

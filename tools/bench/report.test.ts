@@ -35,6 +35,20 @@ t.test('plots render to SVG headless', async (t) => {
   t.match(tl, /^<svg /);
   t.match(tl, /switchover/);
   t.match(tl, /RAM sent \(MiB\)/);
+  t.notMatch(tl, /held frames/, 'no gate panel without samples');
+  const withHeld = await renderSvg(
+    timelineSpec({
+      title: 'with a NIC',
+      ram: [{ t: 0, mib: 0 }],
+      checkpoints: [],
+      events: [],
+      held: [
+        { t: 0, frames: 0 },
+        { t: 0.5, frames: 12 },
+      ],
+    }),
+  );
+  t.match(withHeld, /held frames \(D gate\)/);
   const bars = await renderSvg(
     barsSpec({
       title: 'restore',

@@ -74,6 +74,8 @@ export interface TimelineInput {
   checkpoints: { t: number; epoch: number; pauseMs: number; kib: number }[];
   /** Phase changes and the outcome, drawn as labelled rules (s). */
   events: { t: number; label: string }[];
+  /** Guest frames held by the destination's gate (s; VMs with a NIC), drawn as a third panel. */
+  held?: { t: number; frames: number }[];
 }
 
 /** One migration: RAM transferred on top, checkpoint pauses below, shared time axis. */
@@ -125,6 +127,25 @@ export function timelineSpec(m: TimelineInput): TopLevelSpec {
           rules(120),
         ],
       },
+      ...(m.held?.length
+        ? [
+            {
+              width,
+              height: 100,
+              layer: [
+                {
+                  data: { values: m.held },
+                  mark: { type: 'area', interpolate: 'step-after', color: '#2ca02c', opacity: 0.6 },
+                  encoding: {
+                    x: { field: 't', type: 'quantitative', title: 's since the migration started' },
+                    y: { field: 'frames', type: 'quantitative', title: 'held frames (D gate)' },
+                  },
+                },
+                rules(100),
+              ],
+            },
+          ]
+        : []),
     ],
     resolve: { scale: { x: 'shared' } },
   } as TopLevelSpec;

@@ -7,8 +7,10 @@
  *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
  *   npm run bench disk    [-- --mib 256 --count 20000]   qemu-img bench: file vs NBD pass-through vs journaled (tools/bench/disk.ts)
  *   npm run bench diskguest [-- --ops 2000]              in-guest 4 KiB O_DIRECT, NBD vs file; ckpt bytes/MB (tools/bench/diskguest.ts)
- *   npm run bench quick   (or: npm run bench -- --quick) CI smoke: disk --quick, then migrate --quick
  *   npm run bench net     [-- --quick]                   guest network: ping RTT and TCP, gate vs QEMU tap, gated window (tools/bench/net.ts)
+ *   npm run bench                                      the suite (tools/bench/suite.ts): strategies side by side
+ *   npm run bench -- --quick (or: npm run bench quick) CI smoke: disk --quick, then the suite's quick run
+ *   npm run bench suite   [-- --parts grid,ram ...]    the suite with options (see suite.ts)
  *
  * Each benchmark reads its own options from process.argv.
  */
@@ -20,15 +22,21 @@ const BENCHES: Record<string, string> = {
   disk: './disk.ts',
   diskguest: './diskguest.ts',
   net: './net.ts',
+  suite: './suite.ts',
 };
 
 let name = process.argv[2];
-if (name === 'quick' || name === '--quick') {
-  // CI smoke: the disk bench's quick variant (< 40 s), then migrate's.
+// `npm run bench` alone, or with only options (`npm run bench -- --quick`), is the suite.
+if (name === undefined || name.startsWith('--')) {
+  process.argv.splice(2, 0, 'suite');
+  name = 'suite';
+}
+if (name === 'quick' || (name === 'suite' && process.argv.includes('--quick'))) {
+  // CI smoke: the disk bench's quick variant (seconds), then the suite's quick run.
   process.argv.splice(2, process.argv.length - 2, '--quick');
   await import('./disk.ts');
-  process.argv.splice(2, process.argv.length - 2, 'migrate', '--quick');
-  name = 'migrate';
+  process.argv.splice(2, process.argv.length - 2, 'suite', '--quick');
+  name = 'suite';
 }
 if (name === undefined || !(name in BENCHES)) {
   process.stderr.write(`usage: npm run bench <${Object.keys(BENCHES).join('|')}|quick> [-- options]\n`);
