@@ -211,6 +211,7 @@ export class SourceMigration {
         deviceModel: deviceModelDigest(vm.config),
         sendConfiguration: vm.sendConfiguration,
         failoverTimeoutMs: vm.config.checkpoint.failoverTimeoutMs,
+        window: vm.config.checkpoint.window,
       },
     });
     const ready = await this.#waitControl('ready', 60_000);
@@ -335,6 +336,17 @@ export class SourceMigration {
     });
     let ckpt: Checkpoint | null;
     try {
+      // D keeps at most `window` checkpoints unacknowledged; this side acks only what it
+      // applied, so checkpoint k may begin only while k - applied <= window. More would be
+      // a misbehaving peer making this side buffer without bound.
+      const window = this.#vm.config.checkpoint.window;
+      if (m.type === 'begin' && m.epoch - this.#appliedEpoch > window) {
+        throw new TetherError('ERR_CKPT_WINDOW', `checkpoint ${m.epoch} begins with ${this.#appliedEpoch} applied (window ${window})`, {
+          epoch: m.epoch,
+          applied: this.#appliedEpoch,
+          window,
+        });
+      }
       ckpt = this.#assembler.accept(m as never);
     } catch (e) {
       const err = e as TetherError;
