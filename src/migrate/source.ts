@@ -378,8 +378,9 @@ export class SourceMigration {
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     const f = this.#opts.faults;
     if (f?.holdAcksMs && ckpt.epoch >= (f.holdAcksEpoch ?? 3)) {
-      // Fault injection: one hold, armed by the first checkpoint it applies to. D waits
-      // for this ACK before its next barrier, so its guest runs on, all output held.
+      // Fault injection: one hold, armed by the first checkpoint it applies to. D takes
+      // checkpoints up to its window, then waits for this ACK; its guest runs on, all
+      // output held. Later checkpoints wait behind this one (applies run in order).
       this.#holdAcksUntil ??= nowMs() + f.holdAcksMs;
       const wait = this.#holdAcksUntil - nowMs();
       if (wait > 0) {
