@@ -388,12 +388,13 @@ export class DestinationMigration {
       const pages = await this.#tracker!.collectPages();
       const t1 = nowMs();
       await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
-      const devstate = await fs.readFile(devPath);
       const disk = await this.#outputs.seal(epoch);
       const t2 = nowMs();
       await qmp.execute('cont');
       const tCont = nowMs();
       this.#barrierSince = null;
+      // Read after cont: only the next barrier rewrites the file.
+      const devstate = await fs.readFile(devPath);
       const pauseMs = tCont - t0;
       void window.take(epoch);
       const stats = {
