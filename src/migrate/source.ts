@@ -24,6 +24,7 @@ import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
 import { HotStandby, untilCannotRun } from './standby.ts';
+import { checkSourceWindow } from './window.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
@@ -336,17 +337,8 @@ export class SourceMigration {
     });
     let ckpt: Checkpoint | null;
     try {
-      // D keeps at most `window` checkpoints unacknowledged; this side acks only what it
-      // applied, so checkpoint k may begin only while k - applied <= window. More would be
-      // a misbehaving peer making this side buffer without bound.
-      const window = this.#vm.config.checkpoint.window;
-      if (m.type === 'begin' && m.epoch - this.#appliedEpoch > window) {
-        throw new TetherError('ERR_CKPT_WINDOW', `checkpoint ${m.epoch} begins with ${this.#appliedEpoch} applied (window ${window})`, {
-          epoch: m.epoch,
-          applied: this.#appliedEpoch,
-          window,
-        });
-      }
+      // D keeps at most `window` checkpoints unacknowledged (window.ts).
+      if (m.type === 'begin') checkSourceWindow(m.epoch, this.#appliedEpoch, this.#vm.config.checkpoint.window);
       ckpt = this.#assembler.accept(m as never);
     } catch (e) {
       const err = e as TetherError;

@@ -3,7 +3,7 @@ import t from 'tap';
 import { TetherError } from '../errors.ts';
 import { latchOutputs } from './outputs.ts';
 import type { EpochOutputs } from './outputs.ts';
-import { CheckpointWindow, MAX_CHECKPOINT_WINDOW } from './window.ts';
+import { CheckpointWindow, checkSourceWindow, MAX_CHECKPOINT_WINDOW } from './window.ts';
 
 /** Outputs that record which epochs left the host, in order. */
 function recordingOutputs() {
@@ -193,4 +193,24 @@ t.test('property: any interleaving of takes and in-order ACKs keeps the invarian
       },
     ),
   );
+});
+
+t.test('the source refuses a checkpoint beyond applied + window', async (t) => {
+  checkSourceWindow(1, 0, 1);
+  checkSourceWindow(4, 1, 3);
+  t.throws(() => checkSourceWindow(2, 0, 1), { code: 'ERR_CKPT_WINDOW' });
+  t.throws(() => checkSourceWindow(5, 1, 3), { code: 'ERR_CKPT_WINDOW' });
+  // a destination that keeps to its window never trips it: it takes k+W only after ACK(k),
+  // which the source sends after applying k
+  const w = new CheckpointWindow(3);
+  let applied = 0;
+  for (let k = 1; k <= 20; k++) {
+    if (!w.hasRoom) {
+      applied = w.inflight[0]!;
+      w.ack(applied);
+    }
+    checkSourceWindow(k, applied, 3);
+    void w.take(k);
+  }
+  t.pass();
 });

@@ -165,3 +165,19 @@ export class CheckpointWindow {
     this.#waiters = still;
   }
 }
+
+/**
+ * The source's side of the bound: checkpoint `epoch` may begin only while at most `window`
+ * checkpoints are ahead of the last one applied (the source acks only what it applied, so
+ * a destination that keeps to its window never gets further ahead). ERR_CKPT_WINDOW
+ * otherwise: a peer that ignores the window would make the source buffer without bound.
+ */
+export function checkSourceWindow(epoch: number, applied: number, window: number): void {
+  if (epoch - applied > window) {
+    throw new TetherError('ERR_CKPT_WINDOW', `checkpoint ${epoch} begins with ${applied} applied (window ${window})`, {
+      epoch,
+      applied,
+      window,
+    });
+  }
+}
