@@ -139,7 +139,7 @@ t.test('stop waits for a held guest write; the write lands in exactly one epoch'
     kernel: path.join(GUEST, 'vmlinuz'),
     initrd: path.join(GUEST, 'initrd.img'),
     append: `console=ttyS0 quiet panic=-1 tether.run=diskcheck:/dev/vda:${BLOCKS}:8:10`,
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 8000, fenceTimeoutMs: 4000, dirtyTracker: 'auto', hashThreads: 1 },
+    checkpoint: { intervalMs: 50, failoverTimeoutMs: 8000, fenceTimeoutMs: 4000, dirtyTracker: 'auto', hashThreads: 1, window: 3 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: false },
   };
   const serial = path.join(dir, 'serial.log');

@@ -21,7 +21,7 @@ function vmConfig(over: Partial<VmConfig['qemu']> = {}): VmConfig {
     cpus: 1,
     kernel: '',
     append: '',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
+    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1, window: 3 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   };
 }

@@ -134,7 +134,7 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
     kernel: path.join(GUEST, 'vmlinuz'),
     initrd: path.join(GUEST, 'initrd.img'),
     append: 'console=ttyS0 quiet panic=-1 tether.run=memcheck:96:32',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 8000, fenceTimeoutMs: 4000, dirtyTracker: 'auto', hashThreads: 1 },
+    checkpoint: { intervalMs: 50, failoverTimeoutMs: 8000, fenceTimeoutMs: 4000, dirtyTracker: 'auto', hashThreads: 1, window: 3 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
   };
   const vm = new VmInstance(host, cfg, nullLogger);

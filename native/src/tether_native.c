@@ -241,7 +241,9 @@ static int check_file(napi_env env, int fd, uint64_t min_bytes) {
 
 /* ---------- the page workers ---------- */
 
-enum mode { MODE_HASH, MODE_SCAN };
+/* MODE_COPY: as MODE_SCAN, and each dirty page's bytes (from the same read that hashed
+ * it) are kept too, zero pages as a flag only: one pass instead of a scan and a re-read. */
+enum mode { MODE_HASH, MODE_SCAN, MODE_COPY };
 
 typedef struct {
   int fd;
@@ -255,6 +257,10 @@ typedef struct {
   uint8_t *buf;
   uint32_t *dirty;
   size_t ndirty, capdirty;
+  /* MODE_COPY: one flag per dirty pfn (1 = zero page), and the non-zero pages' bytes in order */
+  uint8_t *zero;
+  uint8_t *data;
+  size_t ndata, capdata; /* in pages */
   int err; /* errno of the first failure; -1 for unexpected EOF */
   const char *syscall;
   pthread_t tid;
@@ -269,13 +275,33 @@ static int fail(work_t *w, int err, const char *syscall) {
   return -1;
 }
 
-static int push_dirty(work_t *w, uint32_t pfn) {
+static int push_dirty(work_t *w, uint32_t pfn, const uint8_t *page) {
   if (w->ndirty == w->capdirty) {
     size_t cap = w->capdirty ? w->capdirty * 2 : 1024;
     uint32_t *p = realloc(w->dirty, cap * sizeof *p);
     if (!p) return fail(w, ENOMEM, "malloc");
     w->dirty = p;
+    if (w->mode == MODE_COPY) {
+      uint8_t *z = realloc(w->zero, cap);
+      if (!z) return fail(w, ENOMEM, "malloc");
+      w->zero = z;
+    }
     w->capdirty = cap;
+  }
+  if (w->mode == MODE_COPY) {
+    int z = page_is_zero(page);
+    w->zero[w->ndirty] = (uint8_t)z;
+    if (!z) {
+      if (w->ndata == w->capdata) {
+        size_t cap = w->capdata ? w->capdata * 2 : 256;
+        uint8_t *d = realloc(w->data, cap * PAGE_SIZE);
+        if (!d) return fail(w, ENOMEM, "malloc");
+        w->data = d;
+        w->capdata = cap;
+      }
+      memcpy(w->data + w->ndata * PAGE_SIZE, page, PAGE_SIZE);
+      w->ndata++;
+    }
   }
   w->dirty[w->ndirty++] = pfn;
   return 0;
@@ -294,7 +320,7 @@ static int do_pages(work_t *w, uint32_t pfn, size_t n) {
       tether_store_le64(slot, h);
     } else if (tether_load_le64(slot) != h) {
       tether_store_le64(slot, h);
-      if (push_dirty(w, pfn + (uint32_t)i) < 0) return -1;
+      if (push_dirty(w, pfn + (uint32_t)i, w->buf + i * PAGE_SIZE) < 0) return -1;
     }
   }
   return 0;
@@ -445,6 +471,8 @@ static void free_work(work_t *ws) {
   for (int t = 0; t < MAX_THREADS; t++) {
     free(ws[t].buf);
     free(ws[t].dirty);
+    free(ws[t].zero);
+    free(ws[t].data);
   }
 }
 
@@ -478,13 +506,18 @@ typedef struct {
   int nt;
   int failed; /* index of the first failed worker, or -1 */
   int want_result; /* scanDirty: resolve with the dirty pfns */
+  int want_copy;   /* scanCopy: resolve with {pfns, zero, data} */
   uint32_t *cand;
+  /* scanCopy: every worker's page bytes in pfn order, merged off the JS thread */
+  uint8_t *data;
+  size_t ndata;
   work_t ws[MAX_THREADS];
 } job_t;
 
 static void job_free(napi_env env, job_t *job) {
   free_work(job->ws);
   free(job->cand);
+  free(job->data);
   if (job->fd >= 0) close(job->fd);
   if (job->buf_ref) napi_delete_reference(env, job->buf_ref);
   if (job->work) napi_delete_async_work(env, job->work);
@@ -496,6 +529,64 @@ static void job_execute(napi_env env, void *data) {
   job_t *job = (job_t *)data;
   for (int t = 0; t < job->nt; t++) job->ws[t].fd = job->fd;
   job->failed = run_work(job->ws, job->nt);
+  if (job->failed >= 0 || !job->want_copy) return;
+  /* Workers cover ascending, disjoint pfn ranges: their data concatenates in pfn order.
+   * The first worker's buffer grows to hold all (no copy of its share). */
+  size_t total = 0;
+  for (int t = 0; t < job->nt; t++) total += job->ws[t].ndata;
+  if (total == 0) return;
+  uint8_t *d = job->nt > 0 ? realloc(job->ws[0].data, total * PAGE_SIZE) : NULL;
+  if (!d) {
+    fail(&job->ws[0], ENOMEM, "malloc");
+    job->failed = 0;
+    return;
+  }
+  job->ws[0].data = NULL;
+  size_t pos = job->ws[0].ndata;
+  for (int t = 1; t < job->nt; t++) {
+    if (job->ws[t].ndata) memcpy(d + pos * PAGE_SIZE, job->ws[t].data, job->ws[t].ndata * PAGE_SIZE);
+    pos += job->ws[t].ndata;
+  }
+  job->data = d;
+  job->ndata = total;
+}
+
+static void free_data(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+/* {pfns: Uint32Array, zero: Uint8Array, data: Buffer} of a finished scanCopy job (NULL on failure). */
+static napi_value copy_result(napi_env env, job_t *job) {
+  size_t total = 0;
+  for (int t = 0; t < job->nt; t++) total += job->ws[t].ndirty;
+  napi_value obj, pfns, zero, data, ab;
+  void *p = NULL, *z = NULL;
+  if (napi_create_object(env, &obj) != napi_ok || napi_create_arraybuffer(env, total * 4, &p, &ab) != napi_ok ||
+      napi_create_typedarray(env, napi_uint32_array, total, ab, 0, &pfns) != napi_ok ||
+      napi_create_arraybuffer(env, total, &z, &ab) != napi_ok ||
+      napi_create_typedarray(env, napi_uint8_array, total, ab, 0, &zero) != napi_ok)
+    return NULL;
+  size_t pos = 0;
+  for (int t = 0; t < job->nt; t++) {
+    if (job->ws[t].ndirty) {
+      memcpy((uint32_t *)p + pos, job->ws[t].dirty, job->ws[t].ndirty * 4);
+      memcpy((uint8_t *)z + pos, job->ws[t].zero, job->ws[t].ndirty);
+    }
+    pos += job->ws[t].ndirty;
+  }
+  if (job->data) {
+    /* Handed to JS without a copy; freed by the finalizer. */
+    if (napi_create_external_buffer(env, job->ndata * PAGE_SIZE, job->data, free_data, NULL, &data) != napi_ok) return NULL;
+    job->data = NULL;
+  } else if (napi_create_buffer(env, 0, NULL, &data) != napi_ok) {
+    return NULL;
+  }
+  napi_set_named_property(env, obj, "pfns", pfns);
+  napi_set_named_property(env, obj, "zero", zero);
+  napi_set_named_property(env, obj, "data", data);
+  return obj;
 }
 
 static void job_complete(napi_env env, napi_status status, void *data) {
@@ -509,6 +600,17 @@ static void job_complete(napi_env env, napi_status status, void *data) {
     napi_reject_deferred(env, job->deferred, result);
   } else if (job->failed >= 0) {
     napi_reject_deferred(env, job->deferred, work_error(env, &job->ws[job->failed], job->what));
+  } else if (job->want_copy) {
+    result = copy_result(env, job);
+    if (result == NULL) {
+      napi_value jcode, jmsg;
+      napi_create_string_utf8(env, "ERR_MEM_IO", NAPI_AUTO_LENGTH, &jcode);
+      napi_create_string_utf8(env, "scanCopy: cannot build the result", NAPI_AUTO_LENGTH, &jmsg);
+      napi_create_error(env, jcode, jmsg, &result);
+      napi_reject_deferred(env, job->deferred, result);
+    } else {
+      napi_resolve_deferred(env, job->deferred, result);
+    }
   } else if (job->want_result) {
     size_t total = 0;
     for (int t = 0; t < job->nt; t++) total += job->ws[t].ndirty;
@@ -607,13 +709,18 @@ static int cmp_u32(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-/* scanDirty(fd, pages, table: Buffer(8*pages), candidates: Uint32Array|null, threads?) → Promise<Uint32Array> */
-static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
+/*
+ * scanDirty(fd, pages, table: Buffer(8*pages), candidates: Uint32Array|null, threads?) → Promise<Uint32Array>
+ * scanCopy(same arguments) → Promise<{pfns, zero, data}>: the dirty pages' bytes too, from the
+ * read that hashed them (zero pages flagged in `zero`, their bytes left out of `data`).
+ */
+static napi_value scan_common(napi_env env, napi_callback_info info, int copy) {
+  const char *what = copy ? "scanCopy" : "scanDirty";
   size_t argc = 5;
   napi_value argv[5];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 3) {
-    throw_args(env, "scanDirty(fd, pages, table, candidates?, threads?) needs at least 3 arguments");
+    throw_args(env, "%s(fd, pages, table, candidates?, threads?) needs at least 3 arguments", what);
     return NULL;
   }
   int fd, threads = DEFAULT_THREADS;
@@ -643,19 +750,20 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
   }
   if (!check_file(env, fd, (uint64_t)pages << PAGE_SHIFT)) return NULL;
 
-  job_t *job = job_new("scanDirty");
+  job_t *job = job_new(what);
   if (!job) {
-    throw_io(env, ENOMEM, "malloc", "scanDirty");
+    throw_io(env, ENOMEM, "malloc", what);
     return NULL;
   }
   job->want_result = 1;
+  job->want_copy = copy;
   /* Sorted, duplicate-free private copy of the candidates (the caller's array may change meanwhile). */
   uint32_t *cand = NULL;
   if (have_cand && ncand > 0) {
     cand = malloc(ncand * sizeof *cand);
     if (!cand) {
       job_free(env, job);
-      throw_io(env, ENOMEM, "malloc", "scanDirty");
+      throw_io(env, ENOMEM, "malloc", what);
       return NULL;
     }
     job->cand = cand;
@@ -685,12 +793,15 @@ static napi_value js_scan_dirty(napi_env env, napi_callback_info info) {
     }
   }
   for (int t = 0; t < nt; t++) {
-    ws[t].mode = MODE_SCAN;
+    ws[t].mode = copy ? MODE_COPY : MODE_SCAN;
     ws[t].table = table;
   }
   job->nt = nt;
   return job_start(env, job, fd, argv[2]);
 }
+
+static napi_value js_scan_dirty(napi_env env, napi_callback_info info) { return scan_common(env, info, 0); }
+static napi_value js_scan_copy(napi_env env, napi_callback_info info) { return scan_common(env, info, 1); }
 
 /* hashBuffer(buf) → Buffer(8 * buf.length / 4096) */
 /* The single-Buffer argument of hashBuffer/xxh64; 0 (with a JS error thrown) if absent. */
@@ -949,6 +1060,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"hashFile", NULL, js_hash_file, NULL, NULL, NULL, napi_enumerable, NULL},
       {"scanDirty", NULL, js_scan_dirty, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"scanCopy", NULL, js_scan_copy, NULL, NULL, NULL, napi_enumerable, NULL},
       {"hashBuffer", NULL, js_hash_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
       {"readPages", NULL, js_read_pages, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroMask", NULL, js_zero_mask, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -13,6 +13,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
 import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
+import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -201,13 +202,15 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const initrd = root.optPath('initrd', opts.baseDir);
   const append = root.optString('append', { allowEmpty: true }) ?? '';
 
-  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads']);
+  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads', 'window']);
   const intervalMs = cp?.optInt('intervalMs', 5, 10_000) ?? 50;
   const failoverTimeoutMs = cp?.optInt('failoverTimeoutMs', 100, 600_000) ?? 3000;
   const fenceTimeoutMs = cp?.optInt('fenceTimeoutMs', 50, 600_000) ?? 1500;
   const dirtyTracker = cp?.optEnum('dirtyTracker', DIRTY_TRACKERS) ?? 'auto';
   // Half the cores: the other half keeps QEMU (and the sidecar's event loop) going.
   const hashThreads = cp?.optInt('hashThreads', 1, 64) ?? Math.max(1, Math.floor(os.availableParallelism() / 2));
+  // 1 = the next barrier waits for the previous ACK (no pipelining).
+  const window = cp?.optInt('window', 1, MAX_CHECKPOINT_WINDOW) ?? DEFAULT_CHECKPOINT_WINDOW;
   // D must fence itself before S gives up on it, or both could run the guest.
   if (fenceTimeoutMs >= failoverTimeoutMs) {
     invalid('checkpoint.fenceTimeoutMs', `must be less than checkpoint.failoverTimeoutMs (${fenceTimeoutMs} >= ${failoverTimeoutMs})`);
@@ -247,7 +250,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     kernel,
     ...(initrd !== undefined ? { initrd } : {}),
     append,
-    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads },
+    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads, window },
     ...(disk ? { disk } : {}),
     migration: { precopyMs, maxBandwidth, hotStandby },
     nics,

@@ -64,6 +64,11 @@ export interface VmConfig {
     dirtyTracker: DirtyTrackerKind;
     /** Native threads hashing/scanning guest RAM (S's baseline, D's collect); host-local, not compared. */
     hashThreads: number;
+    /**
+     * Checkpoints in flight at once (taken by D, not yet acknowledged by S). D uses the
+     * smaller of its own and the source's (sent in `prepare`); S refuses more. Host-local.
+     */
+    window: number;
   };
   /** The VM's disk, served to QEMU by the sidecar's NBD server (absent: no disk). */
   disk?: DiskConfig;

@@ -623,6 +623,7 @@ export class Daemon {
           channel: ch,
           vmConfig: cfg,
           sendConfiguration: c.sendConfiguration,
+          ...(c.window !== undefined ? { sourceWindow: c.window } : {}),
           log: this.log,
           faults: this.#faults,
           outputs: composeOutputs(ports.map((p) => p.gate)),

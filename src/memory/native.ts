@@ -21,12 +21,23 @@ export const PAGE_SIZE = 4096;
 export interface NativeBinding {
   hashFile(fd: number, pages: number, out: Uint8Array, threads?: number): Promise<void>;
   scanDirty(fd: number, pages: number, table: Uint8Array, candidates: Uint32Array | null, threads?: number): Promise<Uint32Array>;
+  scanCopy(fd: number, pages: number, table: Uint8Array, candidates: Uint32Array | null, threads?: number): Promise<DirtyPages>;
   hashBuffer(buf: Uint8Array): Buffer;
   readPages(fd: number, pfns: Uint32Array, out: Uint8Array): void;
   zeroMask(buf: Uint8Array, out: Uint8Array): number;
   xxh64(buf: Uint8Array): bigint;
   softDirtyProbe(): SoftDirtyProbe;
   readonly zeroPageHash: bigint;
+}
+
+/** Dirty pages with their contents, as one native pass read them (scanCopy). */
+export interface DirtyPages {
+  /** Dirty page frame numbers, ascending. */
+  pfns: Uint32Array;
+  /** One byte per pfns entry: 1 = the page is all zero (its bytes are not in `data`). */
+  zero: Uint8Array;
+  /** 4096 bytes for every non-zero entry, in pfns order. */
+  data: Buffer;
 }
 
 /** Result of the native soft-dirty self-test (see softDirtyProbe). */
@@ -128,6 +139,21 @@ export function scanDirty(
   return callAsync((b) => b.scanDirty(fd, pages, table, candidates, threads));
 }
 
+/**
+ * scanDirty, and in the same pass the bytes of every dirty page (the very bytes that were
+ * hashed into the table): one read of each page instead of a scan and then a re-read. Zero
+ * pages are flagged, not copied. Runs off the main thread like scanDirty.
+ */
+export function scanCopy(
+  fd: number,
+  pages: number,
+  table: Uint8Array,
+  candidates: Uint32Array | null = null,
+  threads?: number,
+): Promise<DirtyPages> {
+  return callAsync((b) => b.scanCopy(fd, pages, table, candidates, threads));
+}
+
 /** The 8-byte hash of each 4 KiB page of `buf` (length a multiple of 4096). */
 export function hashBuffer(buf: Uint8Array): Buffer {
   return call((b) => b.hashBuffer(buf));
@@ -166,6 +192,7 @@ export function zeroPageHash(): bigint {
 export const native = {
   hashFile,
   scanDirty,
+  scanCopy,
   hashBuffer,
   readPages,
   zeroMask,

@@ -1,6 +1,6 @@
 import t from 'tap';
 import fc from 'fast-check';
-import { hashFile, scanDirty } from './native.ts';
+import { hashFile, scanCopy, scanDirty } from './native.ts';
 import { PAGE, removeDir, scratchDir, sparseFile } from './test-util.ts';
 
 const dir = scratchDir();
@@ -80,6 +80,48 @@ t.test('scanDirty returns exactly the pages whose content changed', async (t) =>
             throw new Error(`table[${p}] stale`);
           }
         }
+      } finally {
+        f.close();
+      }
+    }),
+    { numRuns: 150 },
+  );
+  t.pass('property held');
+});
+
+let m = 0;
+t.test('scanCopy finds what scanDirty finds, with the bytes of each page (zero pages flagged only)', async (t) => {
+  await fc.assert(
+    fc.asyncProperty(scenario, async (s) => {
+      const f = sparseFile(dir, `c${m++}.ram`, s.pages);
+      try {
+        const content = Buffer.alloc(s.pages * PAGE);
+        const put = (pfn: number, v: number) => {
+          f.write(pfn, filled(v));
+          content.fill(v, pfn * PAGE, (pfn + 1) * PAGE);
+        };
+        for (const [pfn, v] of s.initial) put(pfn, v);
+        const table = Buffer.alloc(s.pages * 8);
+        await hashFile(f.fd, s.pages, table, s.threads);
+        for (const [pfn, v] of s.writes) put(pfn, v);
+        for (const [start, len, v] of s.runs) for (let p = start; p < Math.min(s.pages, start + len); p++) put(p, v);
+        const cands = s.candidates ? Uint32Array.from(s.candidates) : null;
+        const twin = Buffer.from(table);
+        const want = [...(await scanDirty(f.fd, s.pages, twin, cands, s.threads))];
+        const got = await scanCopy(f.fd, s.pages, table, cands, s.threads);
+        if (JSON.stringify([...got.pfns]) !== JSON.stringify(want)) throw new Error(`pfns ${[...got.pfns]} want ${want}`);
+        if (!table.equals(twin)) throw new Error('scanCopy left another table than scanDirty');
+        if (got.zero.length !== got.pfns.length) throw new Error('zero mask length');
+        let off = 0;
+        for (let i = 0; i < got.pfns.length; i++) {
+          const bytes = content.subarray(got.pfns[i]! * PAGE, (got.pfns[i]! + 1) * PAGE);
+          const isZero = bytes.every((b) => b === 0);
+          if (got.zero[i] !== (isZero ? 1 : 0)) throw new Error(`zero flag of pfn ${got.pfns[i]}`);
+          if (isZero) continue;
+          if (!got.data.subarray(off, off + PAGE).equals(bytes)) throw new Error(`bytes of pfn ${got.pfns[i]}`);
+          off += PAGE;
+        }
+        if (off !== got.data.length) throw new Error(`data has ${got.data.length} bytes, expected ${off}`);
       } finally {
         f.close();
       }

@@ -5,7 +5,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { scanDirty } from './native.ts';
+import { scanCopy, scanDirty, type DirtyPages } from './native.ts';
 import { openRam, ramPages } from './ram.ts';
 import type { DirtyTracker, TrackerOptions } from './tracker.ts';
 
@@ -73,6 +73,11 @@ export class ScanTracker implements DirtyTracker {
   async collect(): Promise<Uint32Array> {
     const table = this.state.started();
     return await scanDirty(this.fh.fd, this.pages, table, null, this.threads);
+  }
+
+  async collectPages(): Promise<DirtyPages> {
+    const table = this.state.started();
+    return await scanCopy(this.fh.fd, this.pages, table, null, this.threads);
   }
 
   async close(): Promise<void> {

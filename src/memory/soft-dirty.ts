@@ -14,7 +14,7 @@
 import { open, readFile, realpath, writeFile } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { scanDirty } from './native.ts';
+import { scanCopy, scanDirty, type DirtyPages } from './native.ts';
 import { collectCandidates, findRamSegments, type RamSegment } from './pagemap.ts';
 import { openRam, ramPages } from './ram.ts';
 import { TrackerState } from './scan.ts';
@@ -83,21 +83,38 @@ export class SoftDirtyTracker implements DirtyTracker {
   }
 
   async collect(): Promise<Uint32Array> {
+    return this.#collect(
+      (fd, pages, table, cand, threads) => scanDirty(fd, pages, table, cand, threads),
+      (d) => d.length,
+    );
+  }
+
+  async collectPages(): Promise<DirtyPages> {
+    return this.#collect(
+      (fd, pages, table, cand, threads) => scanCopy(fd, pages, table, cand, threads),
+      (d) => d.pfns.length,
+    );
+  }
+
+  async #collect<T>(
+    scan: (fd: number, pages: number, table: Buffer, candidates: Uint32Array | null, threads?: number) => Promise<T>,
+    count: (d: T) => number,
+  ): Promise<T> {
     const table = this.state.started();
     this.stats.collects++;
     if (this.first) {
       await this.clearRefs();
-      const dirty = await scanDirty(this.ram.fd, this.pages, table, null, this.opts.threads);
+      const dirty = await scan(this.ram.fd, this.pages, table, null, this.opts.threads);
       this.first = false;
       this.stats.lastCandidates = this.pages;
-      this.stats.lastDirty = dirty.length;
+      this.stats.lastDirty = count(dirty);
       return dirty;
     }
     const candidates = await this.readCandidates();
     await this.clearRefs();
-    const dirty = await scanDirty(this.ram.fd, this.pages, table, candidates, this.opts.threads);
+    const dirty = await scan(this.ram.fd, this.pages, table, candidates, this.opts.threads);
     this.stats.lastCandidates = candidates.length;
-    this.stats.lastDirty = dirty.length;
+    this.stats.lastDirty = count(dirty);
     return dirty;
   }
 

@@ -7,7 +7,7 @@
  * while post-copy runs) and never report a hole.
  */
 import { TetherError } from '../errors.ts';
-import { softDirtyProbe, type SoftDirtyProbe } from './native.ts';
+import { softDirtyProbe, type DirtyPages, type SoftDirtyProbe } from './native.ts';
 import { ScanTracker } from './scan.ts';
 import { SoftDirtyTracker } from './soft-dirty.ts';
 
@@ -24,6 +24,11 @@ export interface DirtyTracker {
   start(table: Buffer): Promise<void>;
   /** While the VM is paused: dirty pfns since the previous collect (ascending), with the table updated. */
   collect(): Promise<Uint32Array>;
+  /**
+   * As collect(), with the dirty pages' bytes read in the same pass (the checkpoint's
+   * PAGES payload): call it instead of collect(), not after it.
+   */
+  collectPages(): Promise<DirtyPages>;
   close(): Promise<void>;
 }
 

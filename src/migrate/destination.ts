@@ -7,7 +7,6 @@ import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
-import { native } from '../memory/native.ts';
 import { createTracker } from '../memory/tracker.ts';
 import type { DirtyTracker } from '../memory/tracker.ts';
 import type { PeerChannel } from '../peer/channel.ts';
@@ -23,6 +22,8 @@ import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';
 import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
+import { CheckpointWindow } from './window.ts';
+import type { DirtyPages } from '../memory/native.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
 
@@ -48,6 +49,11 @@ export interface DestinationOptions {
   vmConfig: VmConfig;
   /** False when the source QEMU's stream carries no configuration section. */
   sendConfiguration: boolean;
+  /**
+   * Checkpoints the source accepts ahead of its last applied one (its `prepare`; 1 when it
+   * named none). The window used is the smaller of this and this host's checkpoint.window.
+   */
+  sourceWindow?: number;
   log: Logger;
   faults: Faults;
   outputs?: EpochOutputs;
@@ -62,10 +68,12 @@ export interface DestinationOptions {
 
 /**
  * The destination side: runs the incoming QEMU and, from the moment the VM
- * runs here, the epoch loop — barrier (stop, collect dirty pages, save device
- * state, seal outputs, cont), send checkpoint k, release epoch k on ACK(k).
- * With no ACK for fenceTimeoutMs it fences itself: stops the VM and drops
- * every held output.
+ * runs here, the epoch loop — barrier (stop, collect dirty pages with their
+ * bytes, save device state, seal outputs, cont), send checkpoint k, release
+ * epochs <= k on ACK(k). Up to checkpoint.window checkpoints are in flight at
+ * once (window.ts), sent strictly in order, so a large checkpoint does not
+ * lengthen the next epoch. With no ACK for fenceTimeoutMs it fences itself:
+ * stops the VM and drops every held output.
  */
 export class DestinationMigration {
   readonly phase: StateMachine<DestPhase>;
@@ -91,7 +99,8 @@ export class DestinationMigration {
   #table: Buffer;
   #hashesDone = deferred<void>();
   #qemuCompleted = false;
-  #inflight: { epoch: number; acked: ReturnType<typeof deferred<void>>; sentAt?: number; done: boolean } | undefined;
+  /** Checkpoints taken and not yet acknowledged (created when the epoch loop starts). */
+  #window: CheckpointWindow | undefined;
   /** Last message of any kind from the source (ACKs and its heartbeats). */
   #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
@@ -148,17 +157,16 @@ export class DestinationMigration {
         }
         return;
       }
-      case 'ack':
+      case 'ack': {
         // A late ACK after fencing must not let a held output out (latchOutputs would refuse it too).
         if (this.#stopped) return;
-        if (this.#inflight && m.epoch === this.#inflight.epoch) {
-          this.#outputs.release(m.epoch);
-          this.#inflight.done = true;
-          this.#inflight.acked.resolve();
-        } else {
-          this.#log.warn('unexpected ACK', { epoch: m.epoch, inflight: this.#inflight?.epoch });
-        }
+        // ACK(k) means k is durable on the source, which applies strictly in order: every
+        // epoch <= k is, and release(k) lets their outputs out, oldest first.
+        const k = this.#window?.ack(m.epoch) ?? null;
+        if (k !== null) this.#outputs.release(k);
+        else this.#log.warn('unexpected ACK', { epoch: m.epoch, inflight: this.#window?.inflight ?? [] });
         return;
+      }
       case 'nack':
         void this.fence('nack', remoteError(m.code, m.message));
         return;
@@ -270,7 +278,7 @@ export class DestinationMigration {
       // longer send) silences the heartbeat, so the source's lease runs out.
       const stuck = this.#barrierSince !== null && nowMs() - this.#barrierSince > vm.config.checkpoint.fenceTimeoutMs / 2;
       if (!this.#stopped && !this.#ch.closed && !stuck) {
-        this.#ch.send({ type: 'heartbeat', epoch: this.#inflight?.epoch ?? 0, sentAt: Date.now() }).catch(() => {});
+        this.#ch.send({ type: 'heartbeat', epoch: this.#window?.lastTaken ?? 0, sentAt: Date.now() }).catch(() => {});
       }
     }, 200);
 
@@ -344,135 +352,178 @@ export class DestinationMigration {
   async #epochLoop(): Promise<void> {
     const vm = this.vm;
     const qmp = vm.qemu!.qmp;
-    const fd = await fs.open(vm.ramFile, 'r');
     const devPath = path.join(vm.dir, 'devstate.out');
-    const interval = vm.config.checkpoint.intervalMs;
-    try {
-      for (let epoch = 1; !this.#stopped; epoch++) {
-        if (this.#inflight) await this.#inflight.acked.promise;
-        if (this.#stopped) return;
-        // Before any QMP command: a full packet gate stops reading QEMU's NIC socket, and
-        // QEMU 7.2 then blocks its main loop in that write (it would answer neither
-        // query-migrate nor `stop`); quiesce lets the outputs read on until seal().
-        this.#outputs.quiesce?.();
-        // The migration stream is complete once QEMU says so; the checkpoint
-        // taken after that is the last one. (The incoming side emits MIGRATION
-        // events only with the 'events' capability, so ask.)
-        if (!this.#qemuCompleted) {
-          const st = (await qmp.execute('query-migrate')) as { status?: string };
-          if (st.status === 'completed') this.#qemuCompleted = true;
-        }
-        const final = this.#qemuCompleted;
-
-        const t0 = nowMs();
-        this.#barrierSince = t0;
-        await qmp.execute('stop');
-        const tStopped = nowMs();
-        const dirty = await this.#tracker!.collect();
-        const data = Buffer.allocUnsafe(dirty.length * PAGE_SIZE);
-        native.readPages(fd.fd, dirty, data);
-        const zero = new Uint8Array(dirty.length);
-        native.zeroMask(data, zero);
-        const t1 = nowMs();
-        await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
-        const devstate = await fs.readFile(devPath);
-        const disk = await this.#outputs.seal(epoch);
-        // the VM is stopped: exactly what the guest wrote here up to barrier k
-        const guestDiskBytes = this.#journal?.stats.journaledBytes ?? 0;
-        const t2 = nowMs();
-        await qmp.execute('cont');
-        this.#barrierSince = null;
-        const pauseMs = nowMs() - t0;
-
-        const acked = deferred<void>();
-        acked.promise.catch(() => {});
-        this.#inflight = { epoch, acked, done: false };
-        const bytes = await this.#sendCheckpoint(epoch, dirty, zero, data, devstate, disk);
-        this.#inflight.sentAt = nowMs();
-        this.#log.debug('checkpoint sent', {
-          epoch,
-          pages: dirty.length,
-          bytes,
-          diskBytes: disk.reduce((n, x) => n + x.data.length, 0),
-          diskExtents: disk.length,
-          guestDiskBytes,
-          pauseMs: +pauseMs.toFixed(2),
-          stopMs: +(tStopped - t0).toFixed(2),
-          collectMs: +(t1 - t0).toFixed(2),
-          saveMs: +(t2 - t1).toFixed(2),
-          sendMs: +(nowMs() - t0 - pauseMs).toFixed(2),
-        });
-        await this.#ch.send({
-          type: 'control',
-          body: {
-            kind: 'epoch-stats',
-            epoch,
-            pauseMs,
-            pages: dirty.length,
-            bytes,
-            collectMs: t1 - t0,
-            saveMs: t2 - t1,
-            tracker: this.#tracker!.kind,
-          },
-        });
-        if (final) {
-          await acked.promise;
-          if (this.#stopped) return;
-          // Completion handshake (docs/completion.md): outputs stay held and this side
-          // stops fencing by kill; only the source's answer decides. Recorded first, so that
-          // a restarted sidecar waits for that answer too.
-          await writeCompletingRecord(completingRecordPath(vm), epoch);
-          this.#completing = epoch;
-          this.phase.to('completing', { finalEpoch: epoch });
-          // The source may record completion any moment now: this QEMU may then hold the only
-          // running copy, so this sidecar's death must freeze it, not destroy it.
-          this.#guard?.pauseOnly();
-          if (this.#opts.faults.cutCompletion === CUT_COMPLETION.request) {
-            this.#log.warn('fault injection: dropping the completion request and the channel', { finalEpoch: epoch });
-            this.#ch.close();
-            return;
-          }
-          await this.#ch.send({ type: 'control', body: { kind: 'complete', finalEpoch: epoch } }).catch(() => {});
-          return;
-        }
-        await sleep(interval);
+    const cfg = vm.config.checkpoint;
+    const interval = cfg.intervalMs;
+    const window = new CheckpointWindow(Math.min(cfg.window, this.#opts.sourceWindow ?? 1));
+    this.#window = window;
+    // Checkpoints go out strictly in order, one after the other, while later epochs run.
+    let sending: Promise<void> = Promise.resolve();
+    let sendError: unknown;
+    for (let epoch = 1; !this.#stopped; epoch++) {
+      // At most window.size checkpoints unacknowledged: the source's memory and the
+      // guest's held outputs stay bounded when the link or the source falls behind.
+      await window.room();
+      if (this.#stopped) return;
+      if (sendError) throw sendError;
+      // Before any QMP command: a full packet gate stops reading QEMU's NIC socket, and
+      // QEMU 7.2 then blocks its main loop in that write (it would answer neither
+      // query-migrate nor `stop`); quiesce lets the outputs read on until seal().
+      this.#outputs.quiesce?.();
+      // The migration stream is complete once QEMU says so. (The incoming side emits
+      // MIGRATION events only with the 'events' capability, so ask.)
+      if (!this.#qemuCompleted) {
+        const st = (await qmp.execute('query-migrate')) as { status?: string };
+        if (st.status === 'completed') this.#qemuCompleted = true;
       }
-    } finally {
-      await fd.close();
+      // The last checkpoint taken is the final one once the stream is complete: the source
+      // needs nothing more from its QEMU, and everything the guest does from here on stays
+      // held until the source has recorded completion (docs/completion.md). With none taken
+      // yet, this barrier's checkpoint is the final one.
+      if (this.#qemuCompleted && window.lastTaken >= 1) break;
+      const final = this.#qemuCompleted;
+
+      const t0 = nowMs();
+      this.#barrierSince = t0;
+      await qmp.execute('stop');
+      const tStopped = nowMs();
+      // One native pass: the changed pages and their bytes (no second read of RAM).
+      const pages = await this.#tracker!.collectPages();
+      const t1 = nowMs();
+      await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
+      const disk = await this.#outputs.seal(epoch);
+      // the VM is stopped: exactly what the guest wrote here up to barrier k
+      const guestDiskBytes = this.#journal?.stats.journaledBytes ?? 0;
+      const t2 = nowMs();
+      await qmp.execute('cont');
+      const tCont = nowMs();
+      this.#barrierSince = null;
+      // Read after cont: only the next barrier rewrites the file.
+      const devstate = await fs.readFile(devPath);
+      const pauseMs = tCont - t0;
+      void window.take(epoch);
+      const stats = {
+        epoch,
+        pauseMs,
+        stopMs: tStopped - t0,
+        collectMs: t1 - tStopped,
+        saveMs: t2 - t1,
+        contMs: tCont - t2,
+        inflight: window.inflight.length,
+        guestDiskBytes,
+      };
+      sending = sending.then(async () => {
+        if (this.#stopped || sendError) return;
+        try {
+          await this.#sendCheckpoint(epoch, pages, devstate, disk, stats);
+        } catch (e) {
+          sendError ??= e;
+          // The loop may be waiting for room (an ACK that cannot come now): fail the window.
+          if (!this.#stopped) void this.#fail(e);
+        }
+      });
+      if (final) break;
+      await sleep(interval);
     }
+    if (this.#stopped) return;
+    // Completion handshake (docs/completion.md): only after every checkpoint taken is
+    // acknowledged, so the final one is the last in order and the source holds it whole.
+    await sending;
+    if (sendError) throw sendError;
+    await window.drained();
+    if (this.#stopped) return;
+    const finalEpoch = window.lastTaken;
+    // Outputs stay held and this side stops fencing by kill; only the source's answer
+    // decides. Recorded first, so that a restarted sidecar waits for that answer too.
+    await writeCompletingRecord(completingRecordPath(vm), finalEpoch);
+    this.#completing = finalEpoch;
+    this.phase.to('completing', { finalEpoch });
+    // The source may record completion any moment now: this QEMU may then hold the only
+    // running copy, so this sidecar's death must freeze it, not destroy it.
+    this.#guard?.pauseOnly();
+    if (this.#opts.faults.cutCompletion === CUT_COMPLETION.request) {
+      this.#log.warn('fault injection: dropping the completion request and the channel', { finalEpoch });
+      this.#ch.close();
+      return;
+    }
+    await this.#ch.send({ type: 'control', body: { kind: 'complete', finalEpoch } }).catch(() => {});
+  }
+
+  /** A failure outside the barrier (a send): the same end as a failed run(). */
+  async #fail(e: unknown): Promise<void> {
+    if (this.#stopped) return;
+    this.#log.error('incoming migration failed', { error: errorFields(e) });
+    await this.#ch
+      .send({ type: 'abort', code: (e as TetherError).code ?? 'ERR_DESTINATION', reason: (e as Error).message })
+      .catch(() => {});
+    await this.fence('destination-error', e);
   }
 
   async #sendCheckpoint(
     epoch: number,
-    pfns: Uint32Array,
-    zero: Uint8Array,
-    data: Buffer,
+    pages: DirtyPages,
     devstate: Buffer,
     disk: DiskExtent[],
-  ): Promise<number> {
-    // data holds every page; the wire form leaves zero pages out: compact in place
-    let kept = 0;
-    for (let i = 0; i < pfns.length; i++) {
-      if (zero[i]) continue;
-      if (kept !== i) data.copy(data, kept * PAGE_SIZE, i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
-      kept++;
-    }
-    const ckpt: Checkpoint = { epoch, pfns, zeroMask: zero, data: data.subarray(0, kept * PAGE_SIZE), disk, devstate };
+    stats: {
+      epoch: number;
+      pauseMs: number;
+      stopMs: number;
+      collectMs: number;
+      saveMs: number;
+      contMs: number;
+      inflight: number;
+      guestDiskBytes: number;
+    },
+  ): Promise<void> {
+    const tSend = nowMs();
+    // The tracker left zero pages out of the data already (the wire form carries them as flags).
+    const ckpt: Checkpoint = { epoch, pfns: pages.pfns, zeroMask: pages.zero, data: pages.data, disk, devstate };
     const faults = this.#opts.faults;
     // Fault injection hits DEVSTATE: every checkpoint has one, even with no dirty page.
     const inject = faults.corruptEpoch === epoch ? 'corrupt' : faults.truncateEpoch === epoch ? 'truncate' : undefined;
     let bytes = 0;
     for (const msg of checkpointMessages(ckpt, { maxPagesPerMessage: PAGES_PER_MESSAGE })) {
+      if (this.#stopped) return;
       if (msg.type === 'pages') bytes += msg.data.length + msg.pfns.length * 4;
       else if (msg.type === 'disk' || msg.type === 'devstate') bytes += msg.data.length;
       if (msg.type === 'devstate' && inject) {
         this.#log.warn(`fault injection: ${inject} checkpoint`, { epoch });
         await this.#ch.sendInjected(msg, inject);
-        return bytes;
+        return;
       }
       await this.#ch.send(msg);
     }
-    return bytes;
+    this.#window?.sent(epoch, nowMs());
+    const r2 = (v: number) => +v.toFixed(2);
+    this.#log.debug('checkpoint sent', {
+      epoch,
+      pages: pages.pfns.length,
+      bytes,
+      diskBytes: disk.reduce((n, x) => n + x.data.length, 0),
+      diskExtents: disk.length,
+      guestDiskBytes: stats.guestDiskBytes,
+      pauseMs: r2(stats.pauseMs),
+      stopMs: r2(stats.stopMs),
+      collectMs: r2(stats.collectMs),
+      saveMs: r2(stats.saveMs),
+      contMs: r2(stats.contMs),
+      sendMs: r2(nowMs() - tSend),
+      // taken and unacknowledged when this one was taken (itself included)
+      inflight: stats.inflight,
+    });
+    await this.#ch.send({
+      type: 'control',
+      body: {
+        kind: 'epoch-stats',
+        epoch,
+        pauseMs: stats.pauseMs,
+        pages: pages.pfns.length,
+        bytes,
+        collectMs: stats.collectMs,
+        saveMs: stats.saveMs,
+        tracker: this.#tracker!.kind,
+      },
+    });
   }
 
   /**
@@ -497,11 +548,11 @@ export class DestinationMigration {
       void this.fence('no-ack', new TetherError('ERR_FENCED', `nothing heard from the source for ${Math.round(silent)} ms`));
       return;
     }
-    const sentAt = this.#inflight?.done === false ? this.#inflight.sentAt : undefined;
-    if (sentAt !== undefined && now - sentAt > cfg.failoverTimeoutMs) {
+    const oldest = this.#window?.oldestUnackedSentAt();
+    if (oldest !== undefined && now - oldest.sentAt > cfg.failoverTimeoutMs) {
       void this.fence(
         'no-ack',
-        new TetherError('ERR_FENCED', `checkpoint ${this.#inflight!.epoch} unacknowledged for ${Math.round(now - sentAt)} ms`),
+        new TetherError('ERR_FENCED', `checkpoint ${oldest.epoch} unacknowledged for ${Math.round(now - oldest.sentAt)} ms`),
       );
     }
   }
@@ -545,7 +596,7 @@ export class DestinationMigration {
     clearInterval(this.#heartbeatTimer);
     this.#log.warn('fencing: stopping the VM here, dropping held outputs', { reason, ...(err ? { error: errorFields(err) } : {}) });
     this.#outputs.discard();
-    this.#inflight?.acked.reject(new TetherError('ERR_FENCED', reason));
+    this.#window?.fail(new TetherError('ERR_FENCED', reason));
     this.#hashesDone.resolve(); // unblock a run() still waiting for the baseline
     const q = this.vm.qemu;
     if (q && !q.hasExited) {

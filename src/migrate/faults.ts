@@ -13,7 +13,8 @@ import { TetherError } from '../errors.ts';
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
  *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
- *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences)
+ *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences);
+ *                                the destination takes up to checkpoint.window checkpoints, then waits, outputs held
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)

@@ -24,6 +24,7 @@ import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
 import { HotStandby, untilCannotRun } from './standby.ts';
+import { checkSourceWindow } from './window.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
@@ -211,6 +212,7 @@ export class SourceMigration {
         deviceModel: deviceModelDigest(vm.config),
         sendConfiguration: vm.sendConfiguration,
         failoverTimeoutMs: vm.config.checkpoint.failoverTimeoutMs,
+        window: vm.config.checkpoint.window,
       },
     });
     const ready = await this.#waitControl('ready', 60_000);
@@ -335,6 +337,8 @@ export class SourceMigration {
     });
     let ckpt: Checkpoint | null;
     try {
+      // D keeps at most `window` checkpoints unacknowledged (window.ts).
+      if (m.type === 'begin') checkSourceWindow(m.epoch, this.#appliedEpoch, this.#vm.config.checkpoint.window);
       ckpt = this.#assembler.accept(m as never);
     } catch (e) {
       const err = e as TetherError;
@@ -366,8 +370,9 @@ export class SourceMigration {
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     const f = this.#opts.faults;
     if (f?.holdAcksMs && ckpt.epoch >= (f.holdAcksEpoch ?? 3)) {
-      // Fault injection: one hold, armed by the first checkpoint it applies to. D waits
-      // for this ACK before its next barrier, so its guest runs on, all output held.
+      // Fault injection: one hold, armed by the first checkpoint it applies to. D takes
+      // checkpoints up to its window, then waits for this ACK; its guest runs on, all
+      // output held. Later checkpoints wait behind this one (applies run in order).
       this.#holdAcksUntil ??= nowMs() + f.holdAcksMs;
       const wait = this.#holdAcksUntil - nowMs();
       if (wait > 0) {

@@ -1,14 +1,17 @@
 import { isValidName } from '../config/load.ts';
 import { TetherError } from '../errors.ts';
 import { DIGEST_RE } from '../vm/device-model.ts';
+import { MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
 
 /**
  * CONTROL bodies on the peer channel (JSON). `kind` discriminates.
  *   S -> D  prepare        {vm, deviceModel,       start an incoming QEMU for the VM named `vm`, built
  *                           sendConfiguration,     from D's own <vmConfigDir>/<vm>.yaml, whose device-model
- *                           failoverTimeoutMs}     digest (sha256 hex) must equal `deviceModel`; expecting the
- *                                                  stream's configuration section or not; D's fenceTimeoutMs
- *                                                  must be below S's failoverTimeoutMs. D answers ready, or
+ *                           failoverTimeoutMs,     digest (sha256 hex) must equal `deviceModel`; expecting the
+ *                           window?}               stream's configuration section or not; D's fenceTimeoutMs
+ *                                                  must be below S's failoverTimeoutMs; D keeps at most
+ *                                                  `window` checkpoints unacknowledged (absent: 1, an integer
+ *                                                  in [1, 16] otherwise). D answers ready, or
  *                                                  ABORT with ERR_PEER_UNKNOWN_VM / ERR_PEER_DEVICE_MODEL /
  *                                                  ERR_PEER_TIMEOUTS / ERR_PEER_VM_BUSY before starting anything
  *   D -> S  ready          {uri}                   where S's QEMU sends the migration stream
@@ -23,7 +26,7 @@ import { DIGEST_RE } from '../vm/device-model.ts';
  *   D -> S  resolved       {known}                 D acted on the answer (known=false: D has no such migration)
  */
 export type PeerControl =
-  | { kind: 'prepare'; vm: string; deviceModel: string; sendConfiguration: boolean; failoverTimeoutMs: number }
+  | { kind: 'prepare'; vm: string; deviceModel: string; sendConfiguration: boolean; failoverTimeoutMs: number; window?: number }
   | { kind: 'ready'; uri: string }
   | { kind: 'hashes-done'; pages: number }
   | {
@@ -55,6 +58,12 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
         throw new TetherError('ERR_PEER_CONTROL', 'prepare: deviceModel must be a sha256 hex digest');
       }
       num('failoverTimeoutMs');
+      if (
+        body.window !== undefined &&
+        !(Number.isSafeInteger(body.window) && (body.window as number) >= 1 && (body.window as number) <= 16)
+      ) {
+        throw new TetherError('ERR_PEER_CONTROL', `prepare: window must be an integer in [1, ${MAX_CHECKPOINT_WINDOW}]`);
+      }
       if (typeof body.sendConfiguration !== 'boolean') throw new TetherError('ERR_PEER_CONTROL', 'prepare: sendConfiguration missing');
       break;
     case 'ready':

@@ -15,7 +15,7 @@ function vm(over: Partial<VmConfig> = {}): VmConfig {
     kernel: '/g/vmlinuz',
     initrd: '/g/initrd.img',
     append: 'console=ttyS0 quiet panic=-1',
-    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1 },
+    checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1, window: 3 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     ...over,
   };
