@@ -177,6 +177,8 @@ export const HOLD_MS = 3500;
 export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=${HOLD_EPOCH}`;
 /** How far into the hold the interruption lands: the guest has answered some requests by then. */
 export const INTERRUPT_AFTER_MS = 1500;
+/** Settle time for frames already released (written to the TAP) to reach the client. */
+const RELEASE_DELIVERY_MS = 250;
 
 /**
  * Migrate, wait until the source applied checkpoint HOLD_EPOCH (its ACK is now held),
@@ -190,6 +192,18 @@ export async function interruptDuringHold(
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number }> {
   const migrating = c.migrate();
   await waitApplied(c, HOLD_EPOCH, migrating);
+  // With checkpoints pipelined, the source applies HOLD_EPOCH right after it sent
+  // ACK(HOLD_EPOCH - 1): the frames the destination released on that ACK may still be on
+  // their way. Count from the moment the destination has processed that last ACK, plus
+  // the delivery of what it released then.
+  await waitFor(
+    async () => {
+      const d = await c.status(c.dst);
+      return (d.migration?.ackedEpoch ?? 0) >= HOLD_EPOCH - 1;
+    },
+    `ACK(${HOLD_EPOCH - 1}) processed on the destination`,
+  );
+  await new Promise((r) => setTimeout(r, RELEASE_DELIVERY_MS));
   const holdSeen = Date.now();
   await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
   await interrupt();

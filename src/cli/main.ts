@@ -89,7 +89,7 @@ interface VmStatus {
   pid: number | null;
   memoryMiB: number;
   serialLog: string;
-  migration: { role: string; phase: string; appliedEpoch?: number | null } | null;
+  migration: { role: string; phase: string; appliedEpoch?: number | null; ackedEpoch?: number } | null;
   lastMigration: { outcome?: string; reason?: string; rollback?: { epoch: number | null } } | null;
 }
 
@@ -97,7 +97,9 @@ function formatStatus(r: VmStatus): string {
   const parts = [`${r.vm}`, r.state, `on ${r.host}`, r.pid ? `qemu pid ${r.pid}` : 'no qemu', `${r.memoryMiB} MiB`];
   if (r.migration) {
     const applied = r.migration.appliedEpoch ?? null;
-    parts.push(`migrating (${r.migration.role}, ${r.migration.phase}${applied !== null ? `, checkpoint ${applied} applied` : ''})`);
+    const acked = r.migration.ackedEpoch ?? null;
+    const epoch = applied !== null ? `, checkpoint ${applied} applied` : acked !== null ? `, checkpoint ${acked} acknowledged` : '';
+    parts.push(`migrating (${r.migration.role}, ${r.migration.phase}${epoch})`);
   }
   if (r.lastMigration?.outcome) {
     const rb = r.lastMigration.rollback;

@@ -560,7 +560,7 @@ export class Daemon {
       migration: out
         ? { role: 'source', phase: out.phase.state, appliedEpoch: out.appliedEpoch }
         : inc
-          ? { role: 'destination', phase: inc.phase.state }
+          ? { role: 'destination', phase: inc.phase.state, ackedEpoch: inc.ackedEpoch }
           : null,
       lastMigration: vm.lastMigration ?? null,
     };

@@ -101,6 +101,11 @@ export class DestinationMigration {
   #qemuCompleted = false;
   /** Checkpoints taken and not yet acknowledged (created when the epoch loop starts). */
   #window: CheckpointWindow | undefined;
+
+  /** Highest epoch the source has acknowledged (its outputs are released); 0 before any. */
+  get ackedEpoch(): number {
+    return this.#window?.lastAcked ?? 0;
+  }
   /** Last message of any kind from the source (ACKs and its heartbeats). */
   #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
