@@ -105,6 +105,8 @@ export interface ClusterOptions {
     guest: 'diskcheck' | 'fsload' | 'diskbench';
     benchSpanMiB?: number;
     benchOps?: number;
+    /** diskbench waits for triggerDiskbench() before its run (the image must exceed the span). */
+    benchTrigger?: boolean;
     /**
      * Benchmark baseline: QEMU opens the raw image itself (a file blockdev under the same
      * virtio-blk-pci, via qemu.extraArgs) instead of the sidecar serving it over NBD; the
@@ -236,7 +238,7 @@ export class Cluster {
         sh('mkfs.ext4', ['-q', '-F', '-b', '4096', this.diskImage]);
         run = 'fsload:/dev/vda:8:64';
       } else if (disk.guest === 'diskbench') {
-        run = `diskbench:/dev/vda:${disk.benchSpanMiB ?? 64}:${disk.benchOps ?? 2000}`;
+        run = `diskbench:/dev/vda:${disk.benchSpanMiB ?? 64}:${disk.benchOps ?? 2000}${disk.benchTrigger ? ':trigger' : ''}`;
       } else {
         // Dense writes, quick verification: most of the guest's time is spent writing, so
         // every epoch (the one a rollback discards included) holds writes.
@@ -899,6 +901,25 @@ export function diskbench(serialLog: string): { cases: DiskbenchCase[]; done: bo
     if (/diskbench: /.test(line)) error ??= line.trim();
   }
   return { cases, done: /diskbench done/.test(text), ...(error ? { error } : {}) };
+}
+
+/** What diskbench's trigger block begins with (TRIGGER_MAGIC in tools/guest/diskbench.c). */
+export const DISKBENCH_TRIGGER = 'tether-diskbench-go';
+
+/**
+ * Start a diskbench that waits for its trigger (disk.benchTrigger): write the magic into
+ * the image's last 4 KiB block, which the guest polls with O_DIRECT reads. The block lies
+ * outside the benchmark's span and nobody else writes it.
+ */
+export function triggerDiskbench(image: string): void {
+  const size = fs.statSync(image).size;
+  const fd = fs.openSync(image, 'r+');
+  try {
+    fs.writeSync(fd, Buffer.from(DISKBENCH_TRIGGER), 0, DISKBENCH_TRIGGER.length, size - 4096);
+    fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Wait for `count` more diskcheck passes after byte `from` (or a mismatch). */

@@ -655,7 +655,15 @@ export class SourceMigration {
       this.#progress({
         phase: this.phase.state,
         qemuStatus: m.status,
-        ram: m.ram ? { transferred: m.ram.transferred, remaining: m.ram.remaining, total: m.ram.total } : undefined,
+        ram: m.ram
+          ? {
+              transferred: m.ram.transferred,
+              remaining: m.ram.remaining,
+              total: m.ram.total,
+              // pages the destination faulted on and asked for out of order, so far
+              postcopyRequests: m.ram['postcopy-requests'],
+            }
+          : undefined,
         appliedEpoch: this.#appliedEpoch,
         lastPauseMs: this.#lastPauseMs,
       });

@@ -1,6 +1,6 @@
 /*
- * diskbench <device> <span-mib> <ops-per-case> — 4 KiB disk throughput and latency from
- * inside the guest, on the virtio-blk disk as the guest's applications see it.
+ * diskbench <device> <span-mib> <ops-per-case> [trigger] — 4 KiB disk throughput and
+ * latency from inside the guest, on the virtio-blk disk as the guest's applications see it.
  *
  * Every request is O_DIRECT (the guest's page cache is bypassed: each one is a virtio-blk
  * request, i.e. one request to QEMU's block layer and, with the sidecar, one NBD request).
@@ -11,7 +11,14 @@
  * every disk path sees the same sequence. Writes are not flushed (guest cache semantics of
  * the disk, as `qemu-img bench` on the host).
  *
+ * With `trigger`, diskbench first waits until the device's last 4 KiB block begins with
+ * TRIGGER_MAGIC (an O_DIRECT read every 20 ms), which the host writes into the raw image
+ * when it wants the run to start: the journaled case starts it once the VM runs on the
+ * migration's destination, so the whole run falls inside the post-copy window. The
+ * trigger block must lie outside the first <span-mib> MiB.
+ *
  * Output (stdout, one write(2) per line):
+ *   diskbench waiting for the trigger            (with `trigger`)
  *   diskbench start dev=<device> span_mib=<n> ops=<n>
  *   diskbench case=<name> qd=<n> ops=<n> us=<elapsed> iops=<n> lat_mean_us=<n> lat_p50_us=<n> lat_p99_us=<n>
  *   diskbench done
@@ -32,6 +39,8 @@
 
 #define BLOCK 4096u
 #define MAX_DEPTH 16u
+/* what the host writes at the start of the device's last 4 KiB block to start a triggered run */
+#define TRIGGER_MAGIC "tether-diskbench-go"
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
@@ -104,6 +113,33 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Poll the device's last block until it begins with TRIGGER_MAGIC. */
+static int wait_trigger(uint64_t dev_bytes) {
+    void *buf;
+    if (dev_bytes < (uint64_t)BLOCK * (span_blocks + 1)) {
+        say("diskbench: the trigger block must lie beyond the span (device %llu bytes)", (unsigned long long)dev_bytes);
+        return -1;
+    }
+    if (posix_memalign(&buf, BLOCK, BLOCK) != 0) {
+        say("diskbench: out of memory");
+        return -1;
+    }
+    say("diskbench waiting for the trigger");
+    off_t off = (off_t)(dev_bytes / BLOCK - 1) * BLOCK;
+    for (;;) {
+        ssize_t r = pread(fd, buf, BLOCK, off);
+        if (r != (ssize_t)BLOCK) {
+            say("diskbench: reading the trigger block: %s", r < 0 ? strerror(errno) : "short read");
+            free(buf);
+            return -1;
+        }
+        if (memcmp(buf, TRIGGER_MAGIC, sizeof TRIGGER_MAGIC - 1) == 0) break;
+        usleep(20000);
+    }
+    free(buf);
+    return 0;
+}
+
 static int cmp_u64(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
@@ -143,7 +179,7 @@ static int run_case(const char *name, int write, int random, unsigned depth) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        say("diskbench: usage: diskbench <device> <span-mib> <ops-per-case>");
+        say("diskbench: usage: diskbench <device> <span-mib> <ops-per-case> [trigger]");
         return 2;
     }
     const char *dev = argv[1];
@@ -164,6 +200,20 @@ int main(int argc, char **argv) {
     if (fd < 0) {
         say("diskbench: open %s: %s", dev, strerror(errno));
         return 1;
+    }
+    if (argc > 4) {
+        if (strcmp(argv[4], "trigger") != 0) {
+            say("diskbench: unknown option %s", argv[4]);
+            return 2;
+        }
+        off_t end = lseek(fd, 0, SEEK_END);
+        if (end < 0) {
+            say("diskbench: size of %s: %s", dev, strerror(errno));
+            return 1;
+        }
+        /* the latency array is touched here, before the run, not on its first use */
+        memset(lat, 0, ops * sizeof lat[0]);
+        if (wait_trigger((uint64_t)end)) return 1;
     }
     say("diskbench start dev=%s span_mib=%ld ops=%u", dev, mib, ops);
     /* the writes come first: the reads then hit written (allocated) blocks */
