@@ -155,7 +155,16 @@ async function journaledRun(): Promise<Journaled> {
       const a = await c.tether(c.src, ['abort', c.vmName]);
       if (a.code !== 0) console.log(`abort: ${a.stderr}`);
     }
-    const mig = await migrating;
+    // a rollback takes seconds; should the abort not take, cleanup ends the slow migration
+    const mig = await Promise.race([
+      migrating,
+      new Promise<Awaited<typeof migrating>>((resolve) =>
+        setTimeout(
+          () => resolve({ code: null, result: { outcome: 'still migrating 60 s after the abort' }, stderr: '', progress: [] }),
+          60_000,
+        ).unref(),
+      ),
+    ]);
     const all = sent();
     const at = (x: Rec) => Date.parse(String(x.t));
     const during = all.filter((x) => at(x) >= t0 && at(x) <= t1);
