@@ -319,6 +319,6 @@ fs.mkdirSync('bench-results', { recursive: true });
 fs.writeFileSync(path.join('bench-results', 'diskguest.json'), JSON.stringify(result, null, 2) + '\n');
 fs.writeFileSync(
   path.join('bench-results', 'diskguest.md'),
-  `# diskguest bench (${result.date})\n\n\`npm run bench diskguest${quick ? ' -- --quick' : ''}\`\n\n${table}\n`,
+  `# diskguest bench (${result.date})\n\n\`npm run bench diskguest${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}\`\n\n${table}\n`,
 );
 console.log('wrote bench-results/diskguest.json and diskguest.md');
