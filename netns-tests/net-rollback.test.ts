@@ -4,29 +4,29 @@ import {
   assertSurvivedOnSource,
   assertWireClean,
   bootNetCluster,
-  HOLD_EPOCH,
   HOLD_FAULT,
   interruptDuringHold,
   NET_MODE,
 } from './scenarios.ts';
 
-// The source holds back ACK(HOLD_EPOCH) for a while; the interruption lands inside that
-// hold, while the destination's guest answers requests that the gate must keep from the
-// client. The source resumes from checkpoint HOLD_EPOCH, an earlier state of the
-// conversation than the destination had reached, and the same TCP connection must
-// continue from there without the client ever noticing.
+// The source holds back an ACK for a while (from a checkpoint after the destination's
+// guest was seen answering); the interruption lands inside that hold, while the
+// destination's guest answers requests that the gate must keep from the client. The
+// source resumes from the held checkpoint, an earlier state of the conversation than
+// the destination had reached, and the same TCP connection must continue from there
+// without the client ever noticing.
 
 const faults = { source: HOLD_FAULT };
 
 t.test('kill -9 of the destination QEMU: the same TCP connection continues, verified, on the source', async (t) => {
   const { c, client, wire } = await bootNetCluster(t, { faults }, true);
-  const { mig, heldAnswers } = await interruptDuringHold(c, client, async () => {
+  const { mig, heldAnswers, holdEpoch } = await interruptDuringHold(c, client, async () => {
     const d = await c.status(c.dst);
     t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
     process.kill(d.pid, 'SIGKILL');
   });
   if (NET_MODE === 'gate') t.equal(heldAnswers, 0, 'no answer reached the client while the ACK was held');
-  await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= holdEpoch);
   await assertConversationContinues(t, client, 'after the rollback to the source');
   const w = assertWireClean(t, c, wire, 'kill -9 during the hold');
   if (w) t.ok(w.released > 0, `frames the destination released on ACKs were captured (${w.released})`);
@@ -34,21 +34,21 @@ t.test('kill -9 of the destination QEMU: the same TCP connection continues, veri
 
 t.test('migration link cut: the guest segment stays up and the connection continues on the source', async (t) => {
   const { c, client } = await bootNetCluster(t, { faults });
-  const { mig, heldAnswers } = await interruptDuringHold(c, client, () => c.linkDown());
+  const { mig, heldAnswers, holdEpoch } = await interruptDuringHold(c, client, () => c.linkDown());
   if (NET_MODE === 'gate') t.equal(heldAnswers, 0, 'no answer reached the client while the ACK was held');
   t.equal(mig.result?.reason, 'lease-expired', 'detected by the lease');
-  await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= holdEpoch);
   await assertConversationContinues(t, client, 'after the link cut and rollback');
 });
 
 t.test('tether abort: the connection continues on the source', async (t) => {
   const { c, client } = await bootNetCluster(t, { faults });
-  const { mig, heldAnswers } = await interruptDuringHold(c, client, async () => {
+  const { mig, heldAnswers, holdEpoch } = await interruptDuringHold(c, client, async () => {
     const a = await c.tether(c.src, ['abort', c.vmName]);
     t.equal(a.code, 0, `abort accepted: ${a.stderr}`);
   });
   if (NET_MODE === 'gate') t.equal(heldAnswers, 0, 'no answer reached the client while the ACK was held');
   t.equal(mig.result?.reason, 'operator-abort');
-  await assertSurvivedOnSource(t, c, mig, (e) => e >= HOLD_EPOCH);
+  await assertSurvivedOnSource(t, c, mig, (e) => e >= holdEpoch);
   await assertConversationContinues(t, client, 'after the abort');
 });

@@ -18,6 +18,7 @@ import {
   waitFsRounds,
   waitPasses,
 } from './harness.ts';
+import { HOLD_ACKS_TRIGGER } from '../src/migrate/faults.ts';
 import { checkAgainstGate, readGateLog } from './wirecap.ts';
 import type { GateCheck, WireCapture } from './wirecap.ts';
 import type { ClusterOptions, Host, NetClient } from './harness.ts';
@@ -167,48 +168,65 @@ export async function assertConversationContinues(t: Test, client: NetClient, wh
 }
 
 /**
- * Faults for the network rollback scenarios: the source withholds ACK(HOLD_EPOCH) (and
- * later ones) for HOLD_MS, so the destination's guest runs on with all of its output
- * held by the gate; the interruption lands inside that hold. The hold stays below the
- * 4000 ms fence timeout of the harness, so only the interruption ends the migration.
+ * Faults for the network rollback scenarios: once the test creates the trigger file, the
+ * source withholds the ACK of the next checkpoint it applies (and later ones) for HOLD_MS,
+ * so the destination's guest runs on with all of its output held by the gate; the
+ * interruption lands inside that hold. The hold stays below the 4000 ms fence timeout of
+ * the harness, so only the interruption ends the migration.
  */
-export const HOLD_EPOCH = 10;
 export const HOLD_MS = 3500;
-export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=${HOLD_EPOCH}`;
+export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=1,hold-acks-trigger`;
 /** How far into the hold the interruption lands: the guest has answered some requests by then. */
 export const INTERRUPT_AFTER_MS = 1500;
 /** Settle time for frames already released (written to the TAP) to reach the client. */
 const RELEASE_DELIVERY_MS = 250;
+/** Answers from the destination's guest, released on ACKs, seen before the hold is armed. */
+const LIVE_ANSWERS = 3;
 
 /**
- * Migrate, wait until the source applied checkpoint HOLD_EPOCH (its ACK is now held),
- * let the destination's guest answer for a while, then `interrupt`. Returns the
- * migration result and the answers the client received while the ACK was held.
+ * Migrate; once the destination's guest is seen answering (right after switchover it waits
+ * seconds for post-copy page faults and answers nothing, and a hold then would test
+ * nothing), arm the source's ACK hold, wait until it holds, let the destination's guest
+ * answer for a while, then `interrupt`. Returns the migration result, the checkpoint whose
+ * ACK was held, and the answers the client received while it was held.
  */
 export async function interruptDuringHold(
   c: Cluster,
   client: NetClient,
   interrupt: () => void | Promise<void>,
-): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number }> {
+): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number; holdEpoch: number }> {
   const migrating = c.migrate();
-  await waitApplied(c, HOLD_EPOCH, migrating);
-  // With checkpoints pipelined, the source applies HOLD_EPOCH right after it sent
-  // ACK(HOLD_EPOCH - 1): the frames the destination released on that ACK may still be on
-  // their way. Count from the moment the destination has processed that last ACK, plus
-  // the delivery of what it released then.
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before the hold: ${JSON.stringify(await migrating)}`);
+    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= 1;
+  }, 'the first checkpoint acknowledged');
+  const onDest = Date.now();
+  await waitFor(() => {
+    if (ended) throw new Error("the migration ended before the destination's guest answered");
+    return client.answers(onDest).length >= LIVE_ANSWERS;
+  }, `${LIVE_ANSWERS} answers from the destination's guest`);
+  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
+  fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
+  // The hold arms at a checkpoint applied after the file exists; applies wait behind it,
+  // so the applied epoch stays there while it lasts.
+  await waitApplied(c, before + 1, migrating);
+  const holdEpoch = (await c.status(c.src)).migration?.appliedEpoch as number;
+  // With checkpoints pipelined, the source applies the held checkpoint right after it sent
+  // the previous ACK: the frames the destination released on that ACK may still be on
+  // their way. Count from the moment the destination has processed it, plus the delivery
+  // of what it released then.
   await waitFor(
-    async () => {
-      const d = await c.status(c.dst);
-      return (d.migration?.ackedEpoch ?? 0) >= HOLD_EPOCH - 1;
-    },
-    `ACK(${HOLD_EPOCH - 1}) processed on the destination`,
+    async () => ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= holdEpoch - 1,
+    `ACK(${holdEpoch - 1}) processed on the destination`,
   );
   await new Promise((r) => setTimeout(r, RELEASE_DELIVERY_MS));
   const holdSeen = Date.now();
   await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
   await interrupt();
   const heldAnswers = client.answers(holdSeen).length;
-  return { mig: await migrating, heldAnswers };
+  return { mig: await migrating, heldAnswers, holdEpoch };
 }
 
 /** Boot a VM with a disk (diskcheck or fsload in the guest) on the source and wait until its check is live. */

@@ -16,6 +16,8 @@ import { TetherError } from '../errors.ts';
  *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences);
  *                                the destination takes up to checkpoint.window checkpoints, then waits, outputs held
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
+ *   hold-acks-trigger            the hold arms only once the file <stateDir>/<vm>/hold-acks.trigger exists (a test
+ *                                creates it when the destination's guest has shown it runs), at the next checkpoint
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -27,6 +29,7 @@ export interface Faults {
   cutCompletion?: number;
   holdAcksMs?: number;
   holdAcksEpoch?: number;
+  holdAcksTrigger?: boolean;
   gateOpen?: boolean;
   failApplyEpoch?: number;
   failApplySticky?: number;
@@ -49,12 +52,16 @@ export const CUT_COMPLETION = {
   crashOnAnswer: 6,
 } as const;
 
-type Flag = 'gateOpen' | 'journalWriteThrough';
+/** File name, in the VM's state dir, that arms hold-acks-trigger. */
+export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
+
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
+  'hold-acks-trigger': 'holdAcksTrigger',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {

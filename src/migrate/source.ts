@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CheckpointAssembler } from '../checkpoint/assembler.ts';
@@ -19,7 +20,7 @@ import { deferred, nowMs, sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from '../peer/control.ts';
-import { CUT_COMPLETION } from './faults.ts';
+import { CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
@@ -369,7 +370,11 @@ export class SourceMigration {
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);
     const f = this.#opts.faults;
-    if (f?.holdAcksMs && ckpt.epoch >= (f.holdAcksEpoch ?? 3)) {
+    if (
+      f?.holdAcksMs &&
+      ckpt.epoch >= (f.holdAcksEpoch ?? 3) &&
+      (this.#holdAcksUntil !== undefined || !f.holdAcksTrigger || existsSync(path.join(this.#vm.dir, HOLD_ACKS_TRIGGER)))
+    ) {
       // Fault injection: one hold, armed by the first checkpoint it applies to. D takes
       // checkpoints up to its window, then waits for this ACK; its guest runs on, all
       // output held. Later checkpoints wait behind this one (applies run in order).
