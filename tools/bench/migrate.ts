@@ -68,21 +68,10 @@ import {
   type Rec,
   type VQemu,
 } from './lib.ts';
+import { num, str } from './args.ts';
 import { barsSpec, markdownTable, timelineSpec, writeSvg, type Figure, type TimelineInput } from './report.ts';
 
 // ------------------------------------------------------------------ options
-
-function num(name: string, def: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  if (i < 0) return def;
-  const v = Number(process.argv[i + 1]);
-  if (!Number.isFinite(v) || v < 0) throw new Error(`--${name} needs a number >= 0`);
-  return v;
-}
-function str(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i < 0 ? def : (process.argv[i + 1] ?? def);
-}
 
 const quick = process.argv.includes('--quick');
 const opt = {

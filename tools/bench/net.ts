@@ -50,22 +50,14 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host } from '../../netns-tests/harness.ts';
 import { waitApplied } from '../../netns-tests/scenarios.ts';
 import { percentile } from '../../src/util/time.ts';
+import { arg, str } from './args.ts';
 import { barsSpec, markdownTable, writeSvg, type Figure } from './report.ts';
 
 // ------------------------------------------------------------------ options
 
 const quick = process.argv.includes('--quick');
-function num(name: string, def: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  if (i < 0) return def;
-  const v = Number(process.argv[i + 1]);
-  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} needs a positive number`);
-  return v;
-}
-function list(name: string, def: string): string[] {
-  const i = process.argv.indexOf(`--${name}`);
-  return (i < 0 ? def : (process.argv[i + 1] ?? def)).split(',').filter(Boolean);
-}
+const num = arg;
+const list = (name: string, def: string): string[] => str(name, def).split(',').filter(Boolean);
 const opt = {
   quick,
   pingCount: num('ping-count', quick ? 25 : 100),
