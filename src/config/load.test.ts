@@ -5,6 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadHostConfig, loadVmConfig, parseHostConfig, parseVmConfig } from './load.ts';
 import { isTetherError } from '../errors.ts';
+import { gateMinimum, gateReserve } from '../gate/reserve.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const configsDir = path.resolve(here, '../../configs');
@@ -254,7 +255,7 @@ t.test('vm: nics and gate', async (t) => {
         { mac: '52:54:00:AB:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
         { mac: '52:54:00:00:00:02', bridge: 'br0' },
       ],
-      gate: { maxBytes: 65536, maxFrames: 16 },
+      gate: { maxBytes: 1 << 20, maxFrames: 9000 },
     },
     base,
   );
@@ -262,7 +263,7 @@ t.test('vm: nics and gate', async (t) => {
     { mac: '52:54:00:ab:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
     { mac: '52:54:00:00:00:02', bridge: 'br0', tap: 'vm1-1' },
   ]);
-  t.same(v.gate, { maxBytes: 65536, maxFrames: 16 });
+  t.same(v.gate, { maxBytes: 1 << 20, maxFrames: 9000 });
   const long = parseVmConfig({ ...minimalVm(), name: 'a-very-long-vm-name', nics: [{ mac: '52:54:00:00:00:01', bridge: 'b' }] }, base);
   t.match(long.nics![0]!.tap, /^tt[0-9a-f]{8}-0$/, 'default TAP name fits IFNAMSIZ');
   t.same(parseVmConfig(v, base), v, 'a parsed config parses to itself (vm.json, prepare)');
@@ -282,6 +283,8 @@ t.test('vm: nics and gate', async (t) => {
     [[nic, { ...nic, tap: 'other' }], undefined, 'nics[1].mac'],
     [[nic, { ...nic, mac: '52:54:00:00:00:02', tap: 'vm1-0' }], undefined, 'nics[1].tap'],
     [undefined, { maxBytes: 100 }, 'gate.maxBytes'],
+    [undefined, { maxBytes: 1 << 31 }, 'gate.maxBytes'],
+    [undefined, { maxFrames: 1 << 21 }, 'gate.maxFrames'],
     [undefined, { maxFrames: 0 }, 'gate.maxFrames'],
     [undefined, { maxHeld: 1 }, 'gate.maxHeld'],
   ];
@@ -290,6 +293,32 @@ t.test('vm: nics and gate', async (t) => {
     t.equal(e.code, 'ERR_CONFIG_INVALID', field);
     t.equal(e.field, field, `${JSON.stringify(nics ?? gate)} names ${field}`);
   }
+});
+
+t.test('vm gate: the bound must leave working room above the reserve; the minimum follows the host', async (t) => {
+  const at = (sndbuf: number) => ({ ...base, qemuSendBuffer: sndbuf });
+  const min = gateMinimum(gateReserve(212_992));
+  const ok = parseVmConfig({ ...minimalVm(), gate: { maxBytes: min.bytes, maxFrames: min.frames } }, at(212_992));
+  t.same(ok.gate, { maxBytes: min.bytes, maxFrames: min.frames }, 'the minimum itself is accepted');
+  for (const [gate, field] of [
+    [{ maxBytes: min.bytes - 1 }, 'gate.maxBytes'],
+    [{ maxFrames: min.frames - 1 }, 'gate.maxFrames'],
+    [{ maxBytes: 65536, maxFrames: 16 }, 'gate.maxBytes'],
+  ] as const) {
+    const e = err(() => parseVmConfig({ ...minimalVm(), gate }, at(212_992)));
+    t.equal(e.code, 'ERR_CONFIG_INVALID', field);
+    t.equal(e.field, field);
+    t.match(e.details, field === 'gate.maxBytes' ? { minimum: min.bytes } : { minimum: min.frames }, 'the minimum is in the details');
+    t.match(e.message, /at least \d+/, e.message);
+  }
+  // a host with a 4 MiB default send buffer needs more
+  const big = gateMinimum(gateReserve(4 << 20));
+  t.equal(err(() => parseVmConfig({ ...minimalVm(), gate: { maxBytes: min.bytes } }, at(4 << 20))).field, 'gate.maxBytes');
+  t.same(parseVmConfig({ ...minimalVm(), gate: { maxBytes: big.bytes } }, at(4 << 20)).gate!.maxBytes, big.bytes);
+  // the default is 16 MiB / 16384 frames, raised to the minimum on a host that needs more
+  t.same(parseVmConfig(minimalVm(), at(212_992)).gate, { maxBytes: 16 << 20, maxFrames: 16_384 });
+  const huge = gateMinimum(gateReserve(32 << 20));
+  t.same(parseVmConfig(minimalVm(), at(32 << 20)).gate, { maxBytes: huge.bytes, maxFrames: Math.max(16_384, huge.frames) });
 });
 
 t.test('vm disk: defaults, relative image path, round trip', async (t) => {

@@ -14,10 +14,16 @@ import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
 import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
 import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
+import { gateMinimum, gateReserve } from '../gate/reserve.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
   baseDir: string;
+  /**
+   * QEMU's stream-socket send buffer on this host, part of the gate's reserve
+   * (default: net.core.wmem_default, see qemuSendBuffer in src/gate/reserve.ts).
+   */
+  qemuSendBuffer?: number;
 }
 
 /** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
@@ -236,11 +242,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const hotStandby = mig?.optBool('hotStandby') ?? true;
 
   const nics = parseNics(root.optList('nics'), name);
-  const g = root.optObj('gate', ['maxBytes', 'maxFrames']);
-  const gate = {
-    maxBytes: g?.optInt('maxBytes', 65_536, 1 << 30) ?? 16 * 1024 * 1024,
-    maxFrames: g?.optInt('maxFrames', 16, 1 << 20) ?? 16_384,
-  };
+  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), opts);
 
   return {
     name,
@@ -256,6 +258,37 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     nics,
     gate,
   };
+}
+
+const DEFAULT_GATE_BYTES = 16 * 1024 * 1024;
+const DEFAULT_GATE_FRAMES = 16_384;
+
+/**
+ * gate.maxBytes/maxFrames are a hard bound: the gate stops reading QEMU a reserve below
+ * them (src/gate/reserve.ts). A bound that leaves less than the minimum working room
+ * above the reserve is refused; a default below the minimum (a host with a large
+ * net.core.wmem_default) is raised to it.
+ */
+function parseGate(g: Obj | undefined, opts: ParseOptions): { maxBytes: number; maxFrames: number } {
+  const reserve = gateReserve(opts.qemuSendBuffer);
+  const min = gateMinimum(reserve);
+  const why = (unit: string, r: number) =>
+    `reserve ${r} ${unit} (what can still arrive from QEMU after the gate pauses, src/gate/reserve.ts) + working room`;
+  const maxBytes = g?.optInt('maxBytes', 1, 1 << 30) ?? Math.max(DEFAULT_GATE_BYTES, min.bytes);
+  if (maxBytes < min.bytes) {
+    invalid('gate.maxBytes', `must be at least ${min.bytes} on this host: ${why('bytes', reserve.bytes)}, got ${maxBytes}`, {
+      minimum: min.bytes,
+      reserve: reserve.bytes,
+    });
+  }
+  const maxFrames = g?.optInt('maxFrames', 1, 1 << 20) ?? Math.max(DEFAULT_GATE_FRAMES, min.frames);
+  if (maxFrames < min.frames) {
+    invalid('gate.maxFrames', `must be at least ${min.frames}: ${why('frames', reserve.frames)}, got ${maxFrames}`, {
+      minimum: min.frames,
+      reserve: reserve.frames,
+    });
+  }
+  return { maxBytes, maxFrames };
 }
 
 /** Default TAP name of NIC i: "<vm>-<i>" when it fits in 15 bytes, else a hash of the VM name. */
@@ -296,8 +329,8 @@ function parseNics(list: unknown[] | undefined, vm: string): NicConfig[] {
 
 // ---------------------------------------------------------------- field reader
 
-function invalid(field: string, message: string): never {
-  throw new TetherError('ERR_CONFIG_INVALID', `${field === '' ? '(root)' : field}: ${message}`, { field });
+function invalid(field: string, message: string, details: Record<string, unknown> = {}): never {
+  throw new TetherError('ERR_CONFIG_INVALID', `${field === '' ? '(root)' : field}: ${message}`, { ...details, field });
 }
 
 function describe(v: unknown): string {

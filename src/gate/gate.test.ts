@@ -1,19 +1,39 @@
 import fc from 'fast-check';
 import t from 'tap';
 import { composeOutputs } from '../migrate/outputs.ts';
+import { createLogger } from '../util/log.ts';
 import { frameHash, PacketGate } from './gate.ts';
-import type { ReleaseRecord } from './gate.ts';
+import type { GateCounters, ReleaseRecord } from './gate.ts';
+import type { GateReserve } from './reserve.ts';
 
-function rig(mode: 'pass' | 'gated', maxBytes = 1 << 20, maxFrames = 1000) {
+/** The tests before the reserve existed pause at the bound itself (reserve 0). */
+function rig(mode: 'pass' | 'gated', maxBytes = 1 << 20, maxFrames = 1000, reserve: GateReserve = { bytes: 0, frames: 0 }) {
   const wire: string[] = [];
   const pauses: boolean[] = [];
   const log: ReleaseRecord[] = [];
+  const over = { bytes: 0, frames: 0, calls: 0 };
+  const errors: Array<Record<string, unknown>> = [];
   let down = 0;
+  const counters: GateCounters = {
+    held: () => {},
+    passed: () => {},
+    released: () => {},
+    discarded: () => {},
+    backpressure: () => {},
+    overBound: (b, f) => {
+      over.bytes += b;
+      over.frames += f;
+      over.calls++;
+    },
+  };
   const gate = new PacketGate({
     name: 'vm/net0',
     mode,
     maxBytes,
     maxFrames,
+    reserve,
+    counters,
+    log: createLogger({}, 'error', (line) => errors.push(JSON.parse(line) as Record<string, unknown>)),
     sinks: {
       toWire: (fs) => fs.forEach((f) => wire.push(f.toString())),
       pauseGuest: (p) => pauses.push(p),
@@ -22,7 +42,7 @@ function rig(mode: 'pass' | 'gated', maxBytes = 1 << 20, maxFrames = 1000) {
     releaseLog: (r) => log.push(r),
   });
   const send = (...s: string[]) => gate.fromGuest(s.map((x) => Buffer.from(x)));
-  return { gate, wire, pauses, log, send, down: () => down };
+  return { gate, wire, pauses, log, send, over, errors, down: () => down };
 }
 
 t.test('pass-through: frames leave at once', async (t) => {
@@ -237,4 +257,63 @@ t.test('release log: monotonic clock on every line, the mode change names where 
       ['pass', 'gated'],
     ],
   );
+});
+
+t.test('reserve: reading pauses the reserve below the bound, resumes at half of that threshold', async (t) => {
+  // bound 100 bytes / 50 frames, reserve 40 / 10: pause at 60 bytes or 40 frames
+  const r = rig('gated', 100, 50, { bytes: 40, frames: 10 });
+  r.send('x'.repeat(59));
+  t.same(r.pauses, [], 'below the threshold');
+  r.send('y');
+  t.same(r.pauses, [true], 'threshold 60 = bound 100 - reserve 40 reached');
+  r.send('z'.repeat(40)); // in flight when the pause took effect: inside the reserve
+  t.equal(r.gate.heldBytes, 100);
+  t.same(r.over, { bytes: 0, frames: 0, calls: 0 }, 'at the bound, not over it');
+  await r.gate.seal(1);
+  r.gate.release(1);
+  t.same(r.pauses, [true, false], 'empty: reading resumes');
+
+  const f = rig('gated', 1 << 20, 50, { bytes: 0, frames: 10 });
+  f.send(...Array.from({ length: 39 }, () => 'a'));
+  t.same(f.pauses, []);
+  f.send('b');
+  t.same(f.pauses, [true], 'frame threshold 40 = 50 - 10');
+  await f.gate.seal(1);
+  f.send('c'); // epoch 2: 41 held
+  f.gate.release(1);
+  t.equal(f.gate.heldFrames, 1);
+  t.same(f.pauses, [true, false], 'resumes at <= 20 frames (half the threshold)');
+
+  const h = rig('gated', 100, 1000, { bytes: 40, frames: 0 });
+  h.send('x'.repeat(60));
+  await h.gate.seal(1);
+  h.send('y'.repeat(10)); // epoch 2
+  h.gate.release(1); // 10 held: > 0 but <= 30
+  t.same(h.pauses, [true, false], 'hysteresis at half of 60, not half of the bound');
+});
+
+t.test('over the bound: frames are held anyway, counted and logged once per episode', async (t) => {
+  const r = rig('gated', 100, 4, { bytes: 40, frames: 1 });
+  r.send('a'.repeat(70));
+  t.same(r.pauses, [true]);
+  r.gate.quiesce(); // the barrier reads on
+  r.send('b'.repeat(40)); // 110 held: 10 over
+  t.same(r.over, { bytes: 10, frames: 0, calls: 1 });
+  r.send('c'.repeat(5), 'd', 'e'); // 117 bytes, 5 frames: 7 more bytes, 1 frame over
+  t.same(r.over, { bytes: 17, frames: 1, calls: 2 });
+  t.equal(r.gate.heldBytes, 117, 'nothing dropped');
+  const loud = r.errors.filter((e) => e.level === 'error');
+  t.equal(loud.length, 1, 'one error line for the episode');
+  t.match(loud[0], { maxBytes: 100, maxFrames: 4, bytes: 110, quiescing: true });
+  await r.gate.seal(1);
+  r.gate.release(1);
+  t.same(r.wire.length, 5, 'every held frame left on the ACK');
+  r.send('f'.repeat(101)); // a new episode after the queue came back under the bound
+  t.equal(r.errors.filter((e) => e.level === 'error').length, 2);
+  t.same(r.over, { bytes: 18, frames: 1, calls: 3 });
+});
+
+t.test('a bound inside its reserve is refused', async (t) => {
+  t.throws(() => rig('gated', 100, 50, { bytes: 100, frames: 10 }), { code: 'ERR_CONFIG_INVALID' });
+  t.throws(() => rig('gated', 100, 50, { bytes: 10, frames: 60 }), { code: 'ERR_CONFIG_INVALID' });
 });

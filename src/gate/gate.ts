@@ -3,6 +3,7 @@ import { TetherError } from '../errors.ts';
 import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
 import type { Logger } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
+import type { GateReserve } from './reserve.ts';
 
 /**
  * The packet gate of one NIC: sits between the guest (QEMU's stream netdev) and the
@@ -41,6 +42,8 @@ export interface GateCounters {
   released(frames: number, bytes: number): void;
   discarded(frames: number, bytes: number): void;
   backpressure(): void;
+  /** Held bytes/frames beyond maxBytes/maxFrames (the reserve fell short; held anyway). */
+  overBound(bytes: number, frames: number): void;
 }
 
 /**
@@ -72,9 +75,13 @@ export interface GateOptions {
   /** "vm/netN": logs, metrics, release log. */
   name: string;
   mode: 'pass' | 'gated';
-  /** Bound of held frames: reading from the guest stops when either is reached. */
+  /**
+   * Hard bound of held frames. Reading from the guest stops `reserve` below it (see
+   * gateReserve in ./reserve.ts), so what still arrives after that fits under it.
+   */
   maxBytes: number;
   maxFrames: number;
+  reserve: GateReserve;
   sinks: GateSinks;
   counters?: GateCounters;
   releaseLog?: (rec: ReleaseRecord) => void;
@@ -100,12 +107,28 @@ export class PacketGate implements EpochOutputs {
   #heldBytes = 0;
   #heldFrames = 0;
   #paused = false;
-  /** Between quiesce() and seal(): read on past the bound so the barrier's `stop` can complete. */
+  /** Between quiesce() and seal(): read on past the pause threshold so the barrier's `stop` can complete. */
   #quiescing = false;
+  /** Reading pauses when held bytes or frames reach these: the bound minus the reserve. */
+  readonly #pauseBytes: number;
+  readonly #pauseFrames: number;
+  /** Held is above the bound now (logged once per episode). */
+  #over = false;
 
   constructor(o: GateOptions) {
     this.#o = o;
     this.name = o.name;
+    this.#pauseBytes = o.maxBytes - o.reserve.bytes;
+    this.#pauseFrames = o.maxFrames - o.reserve.frames;
+    if (this.#pauseBytes <= 0 || this.#pauseFrames <= 0) {
+      // the config loader refuses such bounds (gateMinimum); a gate that could never pause is a bug
+      throw new TetherError('ERR_CONFIG_INVALID', `gate ${o.name}: bound ${o.maxBytes} bytes/${o.maxFrames} frames is within its reserve`, {
+        field: 'gate',
+        maxBytes: o.maxBytes,
+        maxFrames: o.maxFrames,
+        reserve: { ...o.reserve },
+      });
+    }
     this.mode = new StateMachine<GateMode>(`gate ${o.name}`, o.mode, TRANSITIONS, o.log);
     this.mode.onChange((from, to) =>
       this.#o.releaseLog?.({ t: 'mode', nic: this.name, mode: to, from, epoch: this.#epoch, at: wallClockMs(), mono: monoClockMs() }),
@@ -151,8 +174,10 @@ export class PacketGate implements EpochOutputs {
           q = { epoch: this.#epoch, frames: [], bytes: 0 };
           this.#queue.push(q);
         }
-        // Never drop: a frame already read is held even past the bound; the bound
-        // stops the next read (see docs/network.md for the resulting worst case).
+        // Never drop: a frame already read is held, even past the bound. The pause
+        // threshold sits the reserve below the bound so that this does not happen.
+        const bytes0 = this.#heldBytes;
+        const frames0 = this.#heldFrames;
         for (const f of frames) {
           q.frames.push(f);
           q.bytes += f.length;
@@ -160,6 +185,7 @@ export class PacketGate implements EpochOutputs {
         }
         this.#heldFrames += frames.length;
         this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
+        this.#checkBound(bytes0, frames0);
         this.#maybePause();
         return;
       }
@@ -171,9 +197,10 @@ export class PacketGate implements EpochOutputs {
    * in blocking mode from the main loop: while this side does not read, QEMU's main loop
    * (QMP included) is stuck in that write, so the barrier's query-migrate/`stop` would
    * never be answered and the held frames of the open epoch never sealed and released:
-   * a deadlock. So read on until seal(): the bound overshoots by what QEMU has queued
-   * when `stop` lands (its socket send buffer and the rest of one TX burst of the
-   * guest), and holds again from seal() on, as the disk journal does.
+   * a deadlock. So read on until seal(): what QEMU has queued when `stop` lands (its
+   * socket send buffer and the rest of one TX burst of the guest) comes in above the
+   * pause threshold, inside the reserve; from seal() on the gate pauses again, as the
+   * disk journal does.
    */
   quiesce(): void {
     if (!this.mode.is('gated')) return;
@@ -242,6 +269,7 @@ export class PacketGate implements EpochOutputs {
     this.#queue.length = 0;
     this.#heldBytes = 0;
     this.#heldFrames = 0;
+    this.#over = false;
     this.#o.counters?.held(0, 0);
     this.mode.to('discarded', { epoch: this.#epoch });
     this.#o.sinks.onDiscard?.();
@@ -273,18 +301,43 @@ export class PacketGate implements EpochOutputs {
     this.#o.counters?.held(this.#heldBytes, this.#heldFrames);
   }
 
+  /**
+   * The reserve fell short (a guest with a larger MTU than GATE_MAX_FRAME, or one that
+   * sent more than a TX burst during a barrier): the frames are held anyway, because
+   * dropping a held frame would break output commit's promise to TCP peers, and the
+   * excess is counted and logged as an error so that it is never silent.
+   */
+  #checkBound(bytes0: number, frames0: number): void {
+    const { maxBytes, maxFrames } = this.#o;
+    const overBytes = Math.max(0, this.#heldBytes - Math.max(bytes0, maxBytes));
+    const overFrames = Math.max(0, this.#heldFrames - Math.max(frames0, maxFrames));
+    const over = this.#heldBytes > maxBytes || this.#heldFrames > maxFrames;
+    if (overBytes > 0 || overFrames > 0) this.#o.counters?.overBound(overBytes, overFrames);
+    if (over && !this.#over) {
+      this.#o.log?.error('gate over its bound: frames held beyond gate.maxBytes/maxFrames (reserve too small for this guest)', {
+        bytes: this.#heldBytes,
+        frames: this.#heldFrames,
+        maxBytes,
+        maxFrames,
+        quiescing: this.#quiescing,
+      });
+    }
+    this.#over = over;
+  }
+
   #maybePause(): void {
     if (this.#paused || this.#quiescing || !this.mode.is('gated')) return;
-    if (this.#heldBytes < this.#o.maxBytes && this.#heldFrames < this.#o.maxFrames) return;
+    if (this.#heldBytes < this.#pauseBytes && this.#heldFrames < this.#pauseFrames) return;
     this.#paused = true;
     this.#o.counters?.backpressure();
     this.#o.log?.debug('gate full: back-pressure on the guest', { bytes: this.#heldBytes, frames: this.#heldFrames });
     this.#o.sinks.pauseGuest(true);
   }
 
-  /** Resume reading once the queue has drained to half of its bound (hysteresis). */
+  /** Resume reading once the queue has drained to half of the pause threshold (hysteresis). */
   #maybeResume(): void {
-    if (this.#paused && this.#heldBytes <= this.#o.maxBytes / 2 && this.#heldFrames <= this.#o.maxFrames / 2) {
+    if (this.#heldBytes <= this.#o.maxBytes && this.#heldFrames <= this.#o.maxFrames) this.#over = false;
+    if (this.#paused && this.#heldBytes <= this.#pauseBytes / 2 && this.#heldFrames <= this.#pauseFrames / 2) {
       this.#paused = false;
       this.#o.sinks.pauseGuest(false);
     }

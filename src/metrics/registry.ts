@@ -142,6 +142,15 @@ export class TetherMetrics {
   readonly gateBackpressure = this.registry.add(
     new Counter('tether_gate_backpressure_total', 'Times a full gate stopped reading from the guest, by vm and nic.'),
   );
+  readonly gateOverBoundBytes = this.registry.add(
+    new Counter(
+      'tether_gate_over_bound_bytes_total',
+      'Bytes a NIC gate held beyond gate.maxBytes (held anyway, never dropped; 0 unless the reserve fell short), by vm and nic.',
+    ),
+  );
+  readonly gateOverBoundFrames = this.registry.add(
+    new Counter('tether_gate_over_bound_frames_total', 'Frames a NIC gate held beyond gate.maxFrames (held anyway), by vm and nic.'),
+  );
   readonly vms: Gauge;
 
   /** The counters one NIC's gate and port report into. */
@@ -153,6 +162,9 @@ export class TetherMetrics {
     };
     let maxBytes = 0;
     let maxFrames = 0;
+    // present (0) from the start: an operator alerts on it becoming non-zero
+    this.gateOverBoundBytes.inc(l, 0);
+    this.gateOverBoundFrames.inc(l, 0);
     return {
       held: (bytes, frames) => {
         this.gateHeldBytes.set(l, bytes);
@@ -164,6 +176,10 @@ export class TetherMetrics {
       released: (f, b) => count('released', f, b),
       discarded: (f, b) => count('discarded', f, b),
       backpressure: () => this.gateBackpressure.inc(l),
+      overBound: (b, f) => {
+        if (b > 0) this.gateOverBoundBytes.inc(l, b);
+        if (f > 0) this.gateOverBoundFrames.inc(l, f);
+      },
       toGuest: (f, b) => count('to_guest', f, b),
       toGuestDropped: (f) => count('to_guest_dropped', f),
       tapRetry: (f) => count('tap_retried', f),

@@ -16,6 +16,7 @@ import net from 'node:net';
 import type { NicConfig } from '../config/types.ts';
 import { encodeFrames, FrameDecoder } from '../gate/codec.ts';
 import { PacketGate } from '../gate/gate.ts';
+import { GATE_SOCKET_HWM, gateReserve } from '../gate/reserve.ts';
 import type { GateCounters, ReleaseRecord } from '../gate/gate.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
@@ -80,6 +81,7 @@ export class NicPort {
       mode: o.mode,
       maxBytes: o.bounds.maxBytes,
       maxFrames: o.bounds.maxFrames,
+      reserve: gateReserve(),
       log: this.#log,
       ...(o.counters ? { counters: o.counters } : {}),
       ...(releaseLog ? { releaseLog } : {}),
@@ -144,7 +146,13 @@ export class NicPort {
 
   #connect(): void {
     if (this.#closed || this.#suspended) return;
-    const sock = net.createConnection({ path: this.#o.socketPath });
+    // The high-water mark is part of the gate's reserve: Node reads up to it past pause().
+    // (net.Socket passes it on to stream.Duplex; @types/node does not list it.)
+    const opts: net.NetConnectOpts & { readableHighWaterMark: number } = {
+      path: this.#o.socketPath,
+      readableHighWaterMark: GATE_SOCKET_HWM,
+    };
+    const sock = net.createConnection(opts);
     const dec = new FrameDecoder();
     this.#sock = sock;
     sock.on('connect', () => {

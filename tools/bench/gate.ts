@@ -189,6 +189,7 @@ async function gateCapacity(size: number, seconds: number, mode: 'pass' | 'gated
       released: add,
       discarded: () => {},
       backpressure: () => {},
+      overBound: () => {},
       toGuest: () => {},
       toGuestDropped: () => {},
       tapRetry: () => {},
