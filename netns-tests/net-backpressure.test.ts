@@ -3,15 +3,17 @@ import t from 'tap';
 import { sh, waitFor } from './harness.ts';
 import type { Cluster } from './harness.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
+import { DEFAULT_CHECKPOINT_WINDOW } from '../src/migrate/window.ts';
 import { bootNetCluster, NET_MODE, waitApplied } from './scenarios.ts';
 
 /**
- * The smallest bound the config loader accepts on this host: the gate pauses reading
- * QEMU the reserve below it (src/gate/reserve.ts), i.e. after 64 KiB of working room,
- * so the flood fills the gate and everything the barrier reads on must fit in the rest.
- * net.core.wmem_default is one value for every namespace: the daemons see the same.
+ * The smallest bound the config loader accepts on this host for the VM (default
+ * checkpoint.window): the gate pauses reading QEMU the reserve below it
+ * (src/gate/reserve.ts), i.e. after 64 KiB of working room, so the flood fills the gate
+ * and everything the barriers read on must fit in the rest. net.core.wmem_default is one
+ * value for every namespace: the daemons see the same.
  */
-const RESERVE = gateReserve();
+const RESERVE = gateReserve(DEFAULT_CHECKPOINT_WINDOW);
 const { bytes: MAX_BYTES, frames: MAX_FRAMES } = gateMinimum(RESERVE);
 const COUNT = 6000;
 const SIZE = 1000;

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadHostConfig, loadVmConfig, parseHostConfig, parseVmConfig } from './load.ts';
 import { isTetherError } from '../errors.ts';
-import { gateMinimum, gateReserve } from '../gate/reserve.ts';
+import { gateDefaults, gateMinimum, gateReserve } from '../gate/reserve.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const configsDir = path.resolve(here, '../../configs');
@@ -83,7 +83,7 @@ t.test('example configs load', async (t) => {
     },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     nics: [],
-    gate: { maxBytes: 16777216, maxFrames: 16384 },
+    gate: { maxBytes: 16777216, maxFrames: 32768 },
   });
 });
 
@@ -238,7 +238,7 @@ t.test('vm defaults', async (t) => {
     },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     nics: [],
-    gate: { maxBytes: 16777216, maxFrames: 16384 },
+    gate: { maxBytes: 16777216, maxFrames: 32768 },
   });
   const kvm = parseVmConfig({ ...minimalVm(), qemu: { accel: 'kvm' } }, base);
   t.equal(kvm.qemu.cpu, 'host', 'kvm defaults to -cpu host');
@@ -255,7 +255,7 @@ t.test('vm: nics and gate', async (t) => {
         { mac: '52:54:00:AB:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
         { mac: '52:54:00:00:00:02', bridge: 'br0' },
       ],
-      gate: { maxBytes: 1 << 20, maxFrames: 9000 },
+      gate: { maxBytes: 4 << 20, maxFrames: 20_000 },
     },
     base,
   );
@@ -263,7 +263,7 @@ t.test('vm: nics and gate', async (t) => {
     { mac: '52:54:00:ab:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
     { mac: '52:54:00:00:00:02', bridge: 'br0', tap: 'vm1-1' },
   ]);
-  t.same(v.gate, { maxBytes: 1 << 20, maxFrames: 9000 });
+  t.same(v.gate, { maxBytes: 4 << 20, maxFrames: 20_000 });
   const long = parseVmConfig({ ...minimalVm(), name: 'a-very-long-vm-name', nics: [{ mac: '52:54:00:00:00:01', bridge: 'b' }] }, base);
   t.match(long.nics![0]!.tap, /^tt[0-9a-f]{8}-0$/, 'default TAP name fits IFNAMSIZ');
   t.same(parseVmConfig(v, base), v, 'a parsed config parses to itself (vm.json, prepare)');
@@ -295,9 +295,9 @@ t.test('vm: nics and gate', async (t) => {
   }
 });
 
-t.test('vm gate: the bound must leave working room above the reserve; the minimum follows the host', async (t) => {
+t.test('vm gate: the bound must leave working room above the reserve; the minimum follows window and host', async (t) => {
   const at = (sndbuf: number) => ({ ...base, qemuSendBuffer: sndbuf });
-  const min = gateMinimum(gateReserve(212_992));
+  const min = gateMinimum(gateReserve(3, 212_992)); // checkpoint.window defaults to 3
   const ok = parseVmConfig({ ...minimalVm(), gate: { maxBytes: min.bytes, maxFrames: min.frames } }, at(212_992));
   t.same(ok.gate, { maxBytes: min.bytes, maxFrames: min.frames }, 'the minimum itself is accepted');
   for (const [gate, field] of [
@@ -311,14 +311,16 @@ t.test('vm gate: the bound must leave working room above the reserve; the minimu
     t.match(e.details, field === 'gate.maxBytes' ? { minimum: min.bytes } : { minimum: min.frames }, 'the minimum is in the details');
     t.match(e.message, /at least \d+/, e.message);
   }
-  // a host with a 4 MiB default send buffer needs more
-  const big = gateMinimum(gateReserve(4 << 20));
+  // a smaller window needs less; a larger send buffer more
+  const w1 = gateMinimum(gateReserve(1, 212_992));
+  const one = { ...minimalVm(), checkpoint: { window: 1 }, gate: { maxBytes: w1.bytes, maxFrames: w1.frames } };
+  t.same(parseVmConfig(one, at(212_992)).gate, { maxBytes: w1.bytes, maxFrames: w1.frames });
+  t.equal(err(() => parseVmConfig({ ...one, checkpoint: { window: 2 } }, at(212_992))).field, 'gate.maxBytes');
   t.equal(err(() => parseVmConfig({ ...minimalVm(), gate: { maxBytes: min.bytes } }, at(4 << 20))).field, 'gate.maxBytes');
-  t.same(parseVmConfig({ ...minimalVm(), gate: { maxBytes: big.bytes } }, at(4 << 20)).gate!.maxBytes, big.bytes);
-  // the default is 16 MiB / 16384 frames, raised to the minimum on a host that needs more
-  t.same(parseVmConfig(minimalVm(), at(212_992)).gate, { maxBytes: 16 << 20, maxFrames: 16_384 });
-  const huge = gateMinimum(gateReserve(32 << 20));
-  t.same(parseVmConfig(minimalVm(), at(32 << 20)).gate, { maxBytes: huge.bytes, maxFrames: Math.max(16_384, huge.frames) });
+  // the default is 16 MiB / 32768 frames, raised to the minimum on a host that needs more
+  t.same(parseVmConfig(minimalVm(), at(212_992)).gate, { maxBytes: 16 << 20, maxFrames: 32_768 });
+  t.same(parseVmConfig(minimalVm(), at(32 << 20)).gate, gateDefaults(gateReserve(3, 32 << 20)));
+  t.ok(gateDefaults(gateReserve(3, 32 << 20)).maxBytes > 16 << 20);
 });
 
 t.test('vm disk: defaults, relative image path, round trip', async (t) => {

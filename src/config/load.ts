@@ -14,7 +14,7 @@ import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
 import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
 import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
-import { gateMinimum, gateReserve } from '../gate/reserve.ts';
+import { gateDefaults, gateMinimum, gateReserve } from '../gate/reserve.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -242,7 +242,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const hotStandby = mig?.optBool('hotStandby') ?? true;
 
   const nics = parseNics(root.optList('nics'), name);
-  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), opts);
+  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), window, opts);
 
   return {
     name,
@@ -260,28 +260,26 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   };
 }
 
-const DEFAULT_GATE_BYTES = 16 * 1024 * 1024;
-const DEFAULT_GATE_FRAMES = 16_384;
-
 /**
  * gate.maxBytes/maxFrames are a hard bound: the gate stops reading QEMU a reserve below
- * them (src/gate/reserve.ts). A bound that leaves less than the minimum working room
- * above the reserve is refused; a default below the minimum (a host with a large
- * net.core.wmem_default) is raised to it.
+ * them (src/gate/reserve.ts; it grows with checkpoint.window and the host's
+ * net.core.wmem_default). A bound that leaves less than the minimum working room above
+ * the reserve is refused; the default is raised to the minimum where that is more.
  */
-function parseGate(g: Obj | undefined, opts: ParseOptions): { maxBytes: number; maxFrames: number } {
-  const reserve = gateReserve(opts.qemuSendBuffer);
+function parseGate(g: Obj | undefined, window: number, opts: ParseOptions): { maxBytes: number; maxFrames: number } {
+  const reserve = gateReserve(window, opts.qemuSendBuffer);
   const min = gateMinimum(reserve);
+  const dflt = gateDefaults(reserve);
   const why = (unit: string, r: number) =>
-    `reserve ${r} ${unit} (what can still arrive from QEMU after the gate pauses, src/gate/reserve.ts) + working room`;
-  const maxBytes = g?.optInt('maxBytes', 1, 1 << 30) ?? Math.max(DEFAULT_GATE_BYTES, min.bytes);
+    `reserve ${r} ${unit} (what can still arrive from QEMU after the gate pauses, with checkpoint.window ${window}; src/gate/reserve.ts) + working room`;
+  const maxBytes = g?.optInt('maxBytes', 1, 1 << 30) ?? dflt.maxBytes;
   if (maxBytes < min.bytes) {
     invalid('gate.maxBytes', `must be at least ${min.bytes} on this host: ${why('bytes', reserve.bytes)}, got ${maxBytes}`, {
       minimum: min.bytes,
       reserve: reserve.bytes,
     });
   }
-  const maxFrames = g?.optInt('maxFrames', 1, 1 << 20) ?? Math.max(DEFAULT_GATE_FRAMES, min.frames);
+  const maxFrames = g?.optInt('maxFrames', 1, 1 << 20) ?? dflt.maxFrames;
   if (maxFrames < min.frames) {
     invalid('gate.maxFrames', `must be at least ${min.frames}: ${why('frames', reserve.frames)}, got ${maxFrames}`, {
       minimum: min.frames,

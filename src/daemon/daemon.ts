@@ -28,6 +28,7 @@ import { VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker } from '../vm/instance.ts';
 import { composeOutputs } from '../migrate/outputs.ts';
 import { NicPort } from '../net/nic.ts';
+import { gateDefaults, gateReserve } from '../gate/reserve.ts';
 import { TapDevice } from '../net/tap.ts';
 
 /** How long a VM start or an incoming migration waits for QEMU's NIC sockets. */
@@ -367,7 +368,8 @@ export class Daemon {
           nic,
           socketPath: vm.nicSockets[i]!,
           mode,
-          bounds: vm.config.gate ?? { maxBytes: 16 * 1024 * 1024, maxFrames: 16_384 },
+          bounds: vm.config.gate ?? gateDefaults(gateReserve(vm.config.checkpoint.window)),
+          checkpointWindow: vm.config.checkpoint.window,
           counters: this.metrics.nicCounters(vm.name, `net${i}`),
           log: this.log.child({ vm: vm.name }),
           ...(logOn ? { releaseLogFile: path.join(vm.dir, `net${i}.gate.jsonl`) } : {}),

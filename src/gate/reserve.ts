@@ -62,42 +62,58 @@ export function qemuSendBuffer(): number {
 }
 
 /**
- * What can still reach the gate after it decided to pause, until the barrier's seal():
+ * What can still reach the gate after it decided to pause, until the ACK that lets the
+ * held frames go:
  *
  *  1. The read that crossed the threshold is taken whole (a frame already read is never
  *     dropped): one read chunk, plus the partial frame the decoder carried into it.
- *  2. Node keeps reading into the socket's readable buffer after pause() until that
- *     buffer reaches its high-water mark: up to HWM - 1 + one chunk more. Delivered on
- *     resume.
+ *
+ * Then, at every barrier while paused (the barrier must read on from quiesce() to seal():
+ * QEMU blocked in its write would never answer `stop`), again:
+ *
+ *  2. Node's readable buffer: after pause() Node reads on until that buffer holds its
+ *     high-water mark: up to HWM - 1 + one chunk. Delivered on resume.
  *  3. QEMU's socket send buffer. QEMU 7.2 writes its end in blocking mode, one writev
  *     (prefix + frame) per frame, from its main loop; the kernel lets it queue while the
  *     charged bytes are below sk_sndbuf, so at most sndbuf bytes plus one write (one
  *     frame) of data, and sndbuf / SKB_MIN_TRUESIZE + 1 frames, wait in the socket.
- *  4. The barrier must read on from quiesce() to seal() (QEMU blocked in its write would
- *     never answer `stop`): QEMU then finishes the virtio-net TX flush it was blocked in,
- *     up to VIRTIO_NET_TX_BURST frames, each at most GATE_MAX_FRAME. The guest's TX ring
- *     has as many descriptors, so that is what the guest had queued; what it queues in
- *     the two QMP round trips until `stop` is not bounded by QEMU but was far below one
- *     burst in every measured run (docs/network.md).
+ *  4. QEMU finishes the virtio-net TX flush it was blocked in: up to VIRTIO_NET_TX_BURST
+ *     frames, each at most GATE_MAX_FRAME. The guest's TX ring has as many descriptors,
+ *     so that is what the guest had queued; what it queues in the two QMP round trips
+ *     until `stop` is not bounded by QEMU (docs/network.md).
+ *
+ * Frames read on at a barrier belong to the epoch it seals, which stays held until its
+ * ACK; with a checkpoint window of W the destination runs up to W barriers before the
+ * oldest of them is acknowledged, so terms 2-4 count W times. (Measured: 777 KB held
+ * with a 64 KiB pause threshold and window 3, more than one barrier's read-on.) The
+ * destination's window is the smaller of its own and the source's, so the VM's own
+ * `checkpoint.window` bounds it.
  *
  * Frame bytes are counted without their 4-byte prefix, so raw socket bytes bound them.
  */
-export function gateReserve(sndbuf: number = qemuSendBuffer()): GateReserve {
+export function gateReserve(window: number, sndbuf: number = qemuSendBuffer()): GateReserve {
   const perFrame = PREFIX + GATE_MIN_FRAME;
-  const terms: GateReserve[] = [
-    // 1. the read that crossed the threshold, and the partial frame it completed
-    { bytes: GATE_READ_CHUNK + GATE_MAX_FRAME, frames: Math.ceil(GATE_READ_CHUNK / perFrame) + 1 },
+  // 1. the read that crossed the threshold, and the partial frame it completed
+  const crossing = { bytes: GATE_READ_CHUNK + GATE_MAX_FRAME, frames: Math.ceil(GATE_READ_CHUNK / perFrame) + 1 };
+  const perBarrier: GateReserve[] = [
     // 2. Node's readable buffer, filled after pause()
     { bytes: GATE_SOCKET_HWM + GATE_READ_CHUNK, frames: Math.ceil((GATE_SOCKET_HWM + GATE_READ_CHUNK) / perFrame) },
     // 3. QEMU's socket send buffer
     { bytes: sndbuf + GATE_MAX_FRAME, frames: Math.floor(sndbuf / SKB_MIN_TRUESIZE) + 1 },
-    // 4. the rest of the TX burst QEMU was blocked in, read on during a barrier
+    // 4. the rest of the TX burst QEMU was blocked in
     { bytes: VIRTIO_NET_TX_BURST * GATE_MAX_FRAME, frames: VIRTIO_NET_TX_BURST },
   ];
-  return terms.reduce((a, b) => ({ bytes: a.bytes + b.bytes, frames: a.frames + b.frames }));
+  const barrier = perBarrier.reduce((a, b) => ({ bytes: a.bytes + b.bytes, frames: a.frames + b.frames }));
+  return { bytes: crossing.bytes + window * barrier.bytes, frames: crossing.frames + window * barrier.frames };
 }
 
 /** Smallest bounds a gate accepts: the reserve plus GATE_MIN_ROOM. */
-export function gateMinimum(reserve: GateReserve = gateReserve()): GateReserve {
+export function gateMinimum(reserve: GateReserve): GateReserve {
   return { bytes: reserve.bytes + GATE_MIN_ROOM.bytes, frames: reserve.frames + GATE_MIN_ROOM.frames };
+}
+
+/** Default bounds: 16 MiB and 32768 frames, or the minimum where that is more. */
+export function gateDefaults(reserve: GateReserve): { maxBytes: number; maxFrames: number } {
+  const min = gateMinimum(reserve);
+  return { maxBytes: Math.max(16 * 1024 * 1024, min.bytes), maxFrames: Math.max(32_768, min.frames) };
 }

@@ -42,6 +42,8 @@ export interface NicPortOptions {
   socketPath: string;
   mode: 'pass' | 'gated';
   bounds: { maxBytes: number; maxFrames: number };
+  /** The VM's checkpoint.window: barriers that can read on before an ACK (the gate's reserve). */
+  checkpointWindow: number;
   /** JSON-lines release log file (the harness compares it with a capture), or none. */
   releaseLogFile?: string;
   counters?: NicCounters;
@@ -81,7 +83,7 @@ export class NicPort {
       mode: o.mode,
       maxBytes: o.bounds.maxBytes,
       maxFrames: o.bounds.maxFrames,
-      reserve: gateReserve(),
+      reserve: gateReserve(o.checkpointWindow),
       log: this.#log,
       ...(o.counters ? { counters: o.counters } : {}),
       ...(releaseLog ? { releaseLog } : {}),

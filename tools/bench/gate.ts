@@ -182,6 +182,7 @@ async function gateCapacity(size: number, seconds: number, mode: 'pass' | 'gated
     socketPath: sock,
     mode,
     bounds: { maxBytes: 64 * 1024 * 1024, maxFrames: 1 << 20 },
+    checkpointWindow: 3,
     log: nullLogger,
     counters: {
       held: () => {},
