@@ -255,7 +255,7 @@ t.test('vm: nics and gate', async (t) => {
         { mac: '52:54:00:AB:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
         { mac: '52:54:00:00:00:02', bridge: 'br0' },
       ],
-      gate: { maxBytes: 4 << 20, maxFrames: 20_000 },
+      gate: { maxBytes: 8 << 20, maxFrames: 22_000 },
     },
     base,
   );
@@ -263,7 +263,7 @@ t.test('vm: nics and gate', async (t) => {
     { mac: '52:54:00:ab:cd:01', bridge: 'br-guest', tap: 'tap-vm1-0' },
     { mac: '52:54:00:00:00:02', bridge: 'br0', tap: 'vm1-1' },
   ]);
-  t.same(v.gate, { maxBytes: 4 << 20, maxFrames: 20_000 });
+  t.same(v.gate, { maxBytes: 8 << 20, maxFrames: 22_000 });
   const long = parseVmConfig({ ...minimalVm(), name: 'a-very-long-vm-name', nics: [{ mac: '52:54:00:00:00:01', bridge: 'b' }] }, base);
   t.match(long.nics![0]!.tap, /^tt[0-9a-f]{8}-0$/, 'default TAP name fits IFNAMSIZ');
   t.same(parseVmConfig(v, base), v, 'a parsed config parses to itself (vm.json, prepare)');

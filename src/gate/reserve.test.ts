@@ -13,23 +13,23 @@ import {
   gateMinimum,
   gateReserve,
   qemuSendBuffer,
-  VIRTIO_NET_TX_BURST,
+  GUEST_TX_PER_BARRIER,
 } from './reserve.ts';
 
 t.test('the reserve with the kernel default send buffer', async (t) => {
   const r = gateReserve(1, 212_992);
-  // 64 KiB + 1518 | 16 KiB + 64 KiB | 212992 + 1518 | 256 x 1518
-  t.equal(r.bytes, 65_536 + 1518 + 16_384 + 65_536 + 212_992 + 1518 + 256 * 1518);
-  t.equal(r.bytes, 752_092);
-  // 65536/18 + 1 | 81920/18 | 212992/576 + 1 | 256
-  t.equal(r.frames, 3641 + 1 + 4552 + 369 + 1 + 256);
+  // 64 KiB + 1518 | 16 KiB + 64 KiB | 212992 + 1518 | 1024 x 1518
+  t.equal(r.bytes, 65_536 + 1518 + 16_384 + 65_536 + 212_992 + 1518 + 1024 * 1518);
+  t.equal(r.bytes, 1_917_916);
+  // 65536/18 + 1 | 81920/18 | 212992/576 + 1 | 1024
+  t.equal(r.frames, 3641 + 1 + 4552 + 369 + 1 + 1024);
   t.same(gateMinimum(r), { bytes: r.bytes + GATE_MIN_ROOM.bytes, frames: r.frames + GATE_MIN_ROOM.frames });
   // every barrier in the window reads on once more: terms 2-4 again
   const w3 = gateReserve(3, 212_992);
-  t.equal(w3.bytes, 65_536 + 1518 + 3 * (16_384 + 65_536 + 212_992 + 1518 + 256 * 1518));
-  t.equal(w3.bytes, 2_122_168);
-  t.equal(w3.frames, 3642 + 3 * (4552 + 370 + 256));
-  t.same(gateMinimum(w3), { bytes: 2_187_704, frames: 19_240 });
+  t.equal(w3.bytes, 65_536 + 1518 + 3 * (16_384 + 65_536 + 212_992 + 1518 + 1024 * 1518));
+  t.equal(w3.bytes, 5_619_640);
+  t.equal(w3.frames, 3642 + 3 * (4552 + 370 + 1024));
+  t.same(gateMinimum(w3), { bytes: 5_685_176, frames: 21_544 });
 });
 
 t.test('the reserve grows with the send buffer; the host value comes from net.core.wmem_default', async (t) => {
@@ -112,7 +112,7 @@ t.test('worst case of every reserve term stays within the minimum bound', async 
       // the kernel charges every write (one frame) at least SKB_TRUESIZE(0) = 576 bytes
       const inSocket = Math.min(Math.floor(sndbuf / (4 + size)) + 1, Math.floor(sndbuf / 576) + 1);
       feed(encodeFrames(Array.from({ length: inSocket }, () => Buffer.alloc(size, 3))));
-      feed(encodeFrames(Array.from({ length: VIRTIO_NET_TX_BURST }, () => Buffer.alloc(GATE_MAX_FRAME, 2))));
+      feed(encodeFrames(Array.from({ length: GUEST_TX_PER_BARRIER }, () => Buffer.alloc(GATE_MAX_FRAME, 2))));
       await gate.seal(epoch);
       t.same(pauses.at(-1), true, `${size}/${window}: paused again after seal(${epoch})`);
     }

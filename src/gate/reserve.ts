@@ -27,6 +27,14 @@ export const GATE_SOCKET_HWM = 16 * 1024;
 /** Frames QEMU's virtio-net moves per TX flush (`x-txburst`, default 256; also the TX ring size). */
 export const VIRTIO_NET_TX_BURST = 256;
 /**
+ * Frames the guest may send per barrier between quiesce() and `stop`: the rest of the TX
+ * burst QEMU was blocked in, then whatever the running guest queues until QEMU handles
+ * `query-migrate` and `stop`. QEMU bounds only the first part (one burst); the second is
+ * the guest's TX rate times two QMP round trips. Measured on a loaded 2-core machine: up
+ * to ~615 frames (640 KB of 1042-byte frames) per barrier. The allowance is four bursts.
+ */
+export const GUEST_TX_PER_BARRIER = 4 * VIRTIO_NET_TX_BURST;
+/**
  * Smallest memory charge of one skb on a unix stream socket (SKB_TRUESIZE(0) on x86-64:
  * 256 for struct sk_buff + 320 for skb_shared_info). Every write of QEMU is one skb at
  * least, so the send buffer holds at most sndbuf / 576 + 1 writes, i.e. frames. Measured:
@@ -77,10 +85,11 @@ export function qemuSendBuffer(): number {
  *     (prefix + frame) per frame, from its main loop; the kernel lets it queue while the
  *     charged bytes are below sk_sndbuf, so at most sndbuf bytes plus one write (one
  *     frame) of data, and sndbuf / SKB_MIN_TRUESIZE + 1 frames, wait in the socket.
- *  4. QEMU finishes the virtio-net TX flush it was blocked in: up to VIRTIO_NET_TX_BURST
- *     frames, each at most GATE_MAX_FRAME. The guest's TX ring has as many descriptors,
- *     so that is what the guest had queued; what it queues in the two QMP round trips
- *     until `stop` is not bounded by QEMU (docs/network.md).
+ *  4. QEMU finishes the virtio-net TX flush it was blocked in (up to VIRTIO_NET_TX_BURST
+ *     frames; the guest's TX ring has as many descriptors), and the still running guest
+ *     sends on until QEMU handles `stop`: GUEST_TX_PER_BARRIER frames of at most
+ *     GATE_MAX_FRAME. This term alone is an allowance from measurement, not a bound
+ *     QEMU 7.2 guarantees (docs/network.md, "The reserve").
  *
  * Frames read on at a barrier belong to the epoch it seals, which stays held until its
  * ACK; with a checkpoint window of W the destination runs up to W barriers before the
@@ -100,8 +109,8 @@ export function gateReserve(window: number, sndbuf: number = qemuSendBuffer()): 
     { bytes: GATE_SOCKET_HWM + GATE_READ_CHUNK, frames: Math.ceil((GATE_SOCKET_HWM + GATE_READ_CHUNK) / perFrame) },
     // 3. QEMU's socket send buffer
     { bytes: sndbuf + GATE_MAX_FRAME, frames: Math.floor(sndbuf / SKB_MIN_TRUESIZE) + 1 },
-    // 4. the rest of the TX burst QEMU was blocked in
-    { bytes: VIRTIO_NET_TX_BURST * GATE_MAX_FRAME, frames: VIRTIO_NET_TX_BURST },
+    // 4. the rest of the TX burst QEMU was blocked in, and what the guest sends until `stop`
+    { bytes: GUEST_TX_PER_BARRIER * GATE_MAX_FRAME, frames: GUEST_TX_PER_BARRIER },
   ];
   const barrier = perBarrier.reduce((a, b) => ({ bytes: a.bytes + b.bytes, frames: a.frames + b.frames }));
   return { bytes: crossing.bytes + window * barrier.bytes, frames: crossing.frames + window * barrier.frames };
