@@ -197,9 +197,9 @@ export class PacketGate implements EpochOutputs {
    * in blocking mode from the main loop: while this side does not read, QEMU's main loop
    * (QMP included) is stuck in that write, so the barrier's query-migrate/`stop` would
    * never be answered and the held frames of the open epoch never sealed and released:
-   * a deadlock. So read on until seal(): what QEMU has queued when `stop` lands (its
-   * socket send buffer and the rest of one TX burst of the guest) comes in above the
-   * pause threshold, inside the reserve; from seal() on the gate pauses again, as the
+   * a deadlock. So read on until seal(): what QEMU has queued (its socket send buffer)
+   * and what the guest sends until `stop` lands come in above the pause threshold,
+   * inside the reserve (./reserve.ts); from seal() on the gate pauses again, as the
    * disk journal does.
    */
   quiesce(): void {
@@ -303,7 +303,7 @@ export class PacketGate implements EpochOutputs {
 
   /**
    * The reserve fell short (a guest with a larger MTU than GATE_MAX_FRAME, or one that
-   * sent more than a TX burst during a barrier): the frames are held anyway, because
+   * sent more than GUEST_TX_PER_BARRIER frames during a barrier): the frames are held anyway, because
    * dropping a held frame would break output commit's promise to TCP peers, and the
    * excess is counted and logged as an error so that it is never silent.
    */
