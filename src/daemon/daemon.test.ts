@@ -15,6 +15,7 @@ import type { Message } from '../checkpoint/messages.ts';
 import { loadVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { PeerChannel } from '../peer/channel.ts';
+import { newMigrationId } from '../peer/control.ts';
 import { nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
@@ -76,7 +77,10 @@ async function prepare(f: Fixture, body: Record<string, unknown>): Promise<{ rep
     ch.on('close', () => reject(new Error('closed without an answer')));
   });
   ch.start();
-  await ch.send({ type: 'control', body: { kind: 'prepare', sendConfiguration: true, failoverTimeoutMs: 3000, ...body } });
+  await ch.send({
+    type: 'control',
+    body: { kind: 'prepare', migrationId: newMigrationId(), sendConfiguration: true, failoverTimeoutMs: 3000, ...body },
+  });
   return { reply: await reply, ch };
 }
 
@@ -131,34 +135,110 @@ t.test('a name that is not a VM name (a path) is refused before any file is read
   t.match(reply, { type: 'abort', code: 'ERR_PEER_CONTROL' });
 });
 
-t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
-  const f = await destination(t);
-  // D's own "QEMU" for this test: records that it was started, then never answers QMP,
-  // so the first migration stays in its start-up for as long as the test needs.
+/**
+ * An incoming migration of vm1 that stays in its start-up for as long as the test needs:
+ * D's own "QEMU" (its config's qemu.binary) records that it was started, then never answers QMP.
+ */
+async function stuckIncoming(t: Test, f: Fixture, migrationId: string) {
   const fake = path.join(f.dir, 'fake-qemu.sh');
   const pidFile = path.join(f.dir, 'fake-qemu.pid');
   fs.writeFileSync(fake, `#!/bin/sh\necho $$ > ${pidFile}\nexec sleep 60\n`, { mode: 0o755 });
   const file = f.writeVm('vm1', `qemu:\n  binary: ${fake}\n`);
   const digest = digestOf(file);
-  const first = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
-  t.teardown(() => first.close());
-  first.start();
-  await first.send({
+  const ch = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  t.teardown(() => ch.close());
+  const received: Message[] = [];
+  ch.on('message', (m) => received.push(m));
+  ch.start();
+  await ch.send({
     type: 'control',
-    body: { kind: 'prepare', vm: 'vm1', deviceModel: digest, sendConfiguration: true, failoverTimeoutMs: 3000 },
+    body: { kind: 'prepare', migrationId, vm: 'vm1', deviceModel: digest, sendConfiguration: true, failoverTimeoutMs: 3000 },
   });
   await waitUntil(() => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
   const fakePid = Number(fs.readFileSync(pidFile, 'utf8'));
-  t.teardown(() => {
+  const kill = () => {
     try {
       process.kill(fakePid, 'SIGKILL');
     } catch {
       /* gone */
     }
+  };
+  t.teardown(kill);
+  return { ch, received, digest, pidFile, fakePid, kill };
+}
+
+/** A resolve on a channel of its own (as a source's retry sends it); resolves with D's RESOLVED body. */
+async function resolveOnOwnChannel(f: Fixture, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  const ch = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  try {
+    const reply = new Promise<Message>((resolve, reject) => {
+      ch.on('message', resolve);
+      ch.on('close', () => reject(new Error('closed without an answer')));
+    });
+    ch.start();
+    await ch.send({ type: 'control', body: { kind: 'resolve', vm: 'vm1', ...body } });
+    const m = await reply;
+    if (m.type !== 'control') throw new Error(`expected RESOLVED, got ${m.type}`);
+    return m.body;
+  } finally {
+    ch.close();
+  }
+}
+
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
+  const f = await destination(t);
+  const first = await stuckIncoming(t, f, newMigrationId());
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: first.digest });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_VM_BUSY' });
+  t.equal(fs.readFileSync(first.pidFile, 'utf8').trim(), String(first.fakePid), 'no second QEMU was started');
+  first.kill();
+});
+
+t.test('a resolve for another migration of the VM is refused and changes nothing; its own one is acted on', async (t) => {
+  const f = await destination(t);
+  const current = newMigrationId();
+  const stale = newMigrationId(); // an earlier migration of vm1, rolled back; its answer still retried
+  const b = await stuckIncoming(t, f, current);
+  let fenced = false;
+  b.ch.on('close', () => (fenced = true));
+
+  // on a channel of its own, as notifyDestination retries it
+  const own = await resolveOnOwnChannel(f, { migrationId: stale, outcome: 'rolled-back', epoch: 4 });
+  t.same(own, { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' });
+  const done = await resolveOnOwnChannel(f, { migrationId: stale, outcome: 'completed', epoch: 9 });
+  t.match(done, { known: false, code: 'ERR_MIGRATION_ID_MISMATCH' }, 'nor is a stale completed taken');
+  // on the migration channel itself
+  await b.ch.send({ type: 'control', body: { kind: 'resolve', migrationId: stale, vm: 'vm1', outcome: 'rolled-back', epoch: 4 } });
+  await waitUntil(() => b.received.length > 0);
+  t.match(b.received[0], {
+    type: 'control',
+    body: { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' },
   });
 
-  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: digest });
-  t.match(reply, { type: 'abort', code: 'ERR_PEER_VM_BUSY' });
-  t.equal(fs.readFileSync(pidFile, 'utf8').trim(), String(fakePid), 'no second QEMU was started');
-  process.kill(fakePid, 'SIGKILL');
+  await sleep(100);
+  t.notOk(fenced, 'the current migration was not fenced: its channel is open');
+  t.ok(alive(b.fakePid), "the current migration's QEMU runs on");
+  t.match(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total 3$/m, 'each stale answer counted');
+
+  // the control: the same answer with the current id fences this migration
+  const mine = await resolveOnOwnChannel(f, { migrationId: current, outcome: 'rolled-back', epoch: 0 });
+  t.same(mine, { kind: 'resolved', migrationId: current, known: true });
+  await waitUntil(() => fenced);
+  t.pass('the answer naming the current migration fenced it');
+});
+
+t.test('with no migration of the VM here, a resolve is unknown', async (t) => {
+  const f = await destination(t);
+  const r = await resolveOnOwnChannel(f, { migrationId: newMigrationId(), outcome: 'rolled-back', epoch: 1 });
+  t.match(r, { kind: 'resolved', known: false, code: 'ERR_NO_MIGRATION' });
+  t.notMatch(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total [1-9]/m, 'not counted as stale');
 });
