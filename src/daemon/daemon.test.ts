@@ -5,6 +5,7 @@
  * that is already incoming.
  */
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -19,10 +20,22 @@ import { newMigrationId } from '../peer/control.ts';
 import { nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
+import { writeCompletingRecord } from '../checkpoint/store.ts';
+import { callDaemon } from '../control/client.ts';
+import { completingRecordPath } from '../migrate/destination.ts';
+import { qemuOptValue } from '../qemu/cmdline.ts';
+import { VmInstance } from '../vm/instance.ts';
+import { MARKER_VERSION } from '../vm/instance.ts';
+import { encodeStateFile } from '../vm/state-file.ts';
 import { Daemon } from './daemon.ts';
 
+/** Polls `fn`; a wait that never ends fails the test (after 30 s) instead of hanging it. */
 async function waitUntil(fn: () => boolean): Promise<void> {
-  while (!fn()) await sleep(10);
+  const deadline = Date.now() + 30_000;
+  while (!fn()) {
+    if (Date.now() > deadline) throw new Error('waited 30 s in vain');
+    await sleep(10);
+  }
 }
 
 async function freePort(): Promise<number> {
@@ -41,7 +54,8 @@ interface Fixture {
   writeVm(name: string, extra?: string): string;
 }
 
-async function destination(t: Test): Promise<Fixture> {
+/** `before` runs once the host config exists, before the daemon starts (and recovers). */
+async function destination(t: Test, before?: (host: HostConfig, dir: string) => Promise<void>): Promise<Fixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-daemon-'));
   const port = await freePort();
   const host: HostConfig = {
@@ -55,6 +69,7 @@ async function destination(t: Test): Promise<Fixture> {
     logLevel: 'error',
   };
   fs.mkdirSync(host.vmConfigDir);
+  await before?.(host, dir);
   const daemon = new Daemon(host, nullLogger, {});
   await daemon.start();
   t.teardown(async () => {
@@ -241,4 +256,78 @@ t.test('with no migration of the VM here, a resolve is unknown', async (t) => {
   const r = await resolveOnOwnChannel(f, { migrationId: newMigrationId(), outcome: 'rolled-back', epoch: 1 });
   t.match(r, { kind: 'resolved', known: false, code: 'ERR_NO_MIGRATION' });
   t.notMatch(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total [1-9]/m, 'not counted as stale');
+});
+
+t.test("a sidecar restarted during the completion handshake waits for its own migration's answer only", async (t) => {
+  const current = newMigrationId();
+  const qmpCommands: string[] = [];
+  let fakePid = 0;
+  let vmDir = '';
+  const f = await destination(t, async (host, dir) => {
+    // What the dead sidecar left: the VM's record, its marker (format 2, with the id), the
+    // completion request it recorded, and its incoming "QEMU" - a process whose command line
+    // names the VM's RAM file, with a QMP socket that answers every command.
+    const file = path.join(host.vmConfigDir, 'vm1.yaml');
+    fs.writeFileSync(file, 'name: vm1\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n');
+    const vm = new VmInstance(host, loadVmConfig(file), nullLogger);
+    await vm.prepareDirs();
+    vmDir = vm.dir;
+    const fake = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1e9)', `mem-path=${qemuOptValue(vm.ramFile)},share=on`], {
+      argv0: 'qemu-system-x86_64',
+      stdio: 'ignore',
+    });
+    fakePid = fake.pid!;
+    t.teardown(() => fake.kill('SIGKILL'));
+    const qmp = net.createServer((s) => {
+      s.on('error', () => {});
+      s.write(JSON.stringify({ QMP: { version: { qemu: { micro: 0, minor: 2, major: 7 }, package: '' }, capabilities: [] } }) + '\r\n');
+      let buf = '';
+      s.on('data', (d) => {
+        buf += d.toString();
+        for (let nl = buf.indexOf('\n'); nl !== -1; nl = buf.indexOf('\n')) {
+          const cmd = JSON.parse(buf.slice(0, nl)) as { execute: string; id?: unknown };
+          buf = buf.slice(nl + 1);
+          qmpCommands.push(cmd.execute);
+          s.write(JSON.stringify({ return: {}, id: cmd.id }) + '\r\n');
+        }
+      });
+    });
+    await new Promise<void>((r) => qmp.listen(vm.qmpSocket, r));
+    t.teardown(() => qmp.close());
+    const rec = { config: vm.config, sendConfiguration: true, pid: fakePid };
+    fs.writeFileSync(path.join(vm.dir, 'vm.json'), encodeStateFile('TETHER-VM', rec));
+    const marker = {
+      role: 'destination',
+      migrationId: current,
+      qemuPid: fakePid,
+      peer: '127.0.0.1:1',
+      startedAt: new Date().toISOString(),
+    };
+    fs.writeFileSync(path.join(vm.dir, 'migration.json'), encodeStateFile('TETHER-MIGRATION', marker, MARKER_VERSION));
+    await writeCompletingRecord(completingRecordPath(vm), 5);
+  });
+  const status = async () => (await callDaemon(f.host.controlSocket, 'status', { vm: 'vm1' })) as Record<string, any>;
+  t.match(await status(), { state: 'migrating-in', migration: { role: 'destination', id: current, phase: 'completing', finalEpoch: 5 } });
+  t.same(qmpCommands, ['qmp_capabilities', 'stop'], 'adopted and paused');
+
+  const stale = newMigrationId();
+  for (const answer of [
+    { outcome: 'rolled-back', epoch: 2 },
+    { outcome: 'completed', epoch: 5 }, // even the right final epoch: the id decides
+  ]) {
+    const r = await resolveOnOwnChannel(f, { migrationId: stale, ...answer });
+    t.same(r, { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' }, `stale ${answer.outcome}`);
+  }
+  await sleep(100);
+  t.match(await status(), { state: 'migrating-in', migration: { id: current } }, 'still waiting for its own answer');
+  t.same(qmpCommands, ['qmp_capabilities', 'stop'], 'the guest was neither resumed nor killed');
+  t.ok(alive(fakePid), 'its QEMU runs on');
+  t.ok(fs.existsSync(path.join(vmDir, 'completing.json')), 'the completion request is still recorded');
+  t.match(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total 2$/m);
+
+  // the control: its own answer is acted on
+  const mine = await resolveOnOwnChannel(f, { migrationId: current, outcome: 'completed', epoch: 5 });
+  t.same(mine, { kind: 'resolved', migrationId: current, known: true });
+  await waitUntil(() => qmpCommands.includes('cont'));
+  t.pass('the answer naming its migration resumed the guest');
 });
