@@ -15,7 +15,9 @@ const USAGE = `usage:
                                       4 the VM is not running anywhere, 1 error (e.g. no tether
                                       peer reached: nothing was migrated)
   tether status [<vm>] [--json]
-  tether abort <vm>
+  tether abort <vm> [--migration <id>]
+                                      roll back (source) or fence (destination) the VM's migration;
+                                      with --migration, only if it is that one
 options for every client command:
   --config <host.yaml>  find the daemon's control socket in this host config
   --socket <path>       or give the socket directly (default: $TETHER_SOCKET or /run/tether/tether.sock)`;
@@ -30,6 +32,7 @@ export async function main(argv: string[]): Promise<number> {
         config: { type: 'string', short: 'c' },
         socket: { type: 'string' },
         to: { type: 'string' },
+        migration: { type: 'string' },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -61,7 +64,8 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case 'abort':
-        if (a1) return print(await callDaemon(socket, 'abort', { vm: a1 }), opts.json);
+        if (a1)
+          return print(await callDaemon(socket, 'abort', { vm: a1, ...(opts.migration ? { migration: opts.migration } : {}) }), opts.json);
         break;
       case 'migrate':
         if (a1 && opts.to) return await migrate(socket, a1, opts.to, opts.json);

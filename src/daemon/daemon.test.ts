@@ -331,3 +331,18 @@ t.test("a sidecar restarted during the completion handshake waits for its own mi
   await waitUntil(() => qmpCommands.includes('cont'));
   t.pass('the answer naming its migration resumed the guest');
 });
+
+t.test('tether abort --migration stops only the migration it names', async (t) => {
+  const f = await destination(t);
+  const current = newMigrationId();
+  const b = await stuckIncoming(t, f, current);
+  let fenced = false;
+  b.ch.on('close', () => (fenced = true));
+  const abort = (params: Record<string, unknown>) => callDaemon(f.host.controlSocket, 'abort', { vm: 'vm1', ...params });
+  await t.rejects(abort({ migration: newMigrationId() }), { code: 'ERR_MIGRATION_ID_MISMATCH' }, 'another migration of the VM');
+  await t.rejects(abort({ migration: 'vm1' }), { code: 'ERR_USAGE' }, 'not a migration id');
+  await sleep(100);
+  t.notOk(fenced, 'nothing aborted');
+  t.same(await abort({ migration: current }), { aborted: 'vm1', role: 'destination', migrationId: current });
+  await waitUntil(() => fenced);
+});

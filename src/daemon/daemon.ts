@@ -16,7 +16,7 @@ import type { Faults } from '../migrate/faults.ts';
 import { notifyDestination } from '../migrate/notify.ts';
 import { resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { settleStandbys } from '../migrate/standby.ts';
-import { asPeerControl } from '../peer/control.ts';
+import { asPeerControl, isMigrationId } from '../peer/control.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
@@ -553,15 +553,27 @@ export class Daemon {
       }
       case 'abort': {
         const name = vmName();
+        // Optional `migration`: abort only that migration (an operator's abort typed while
+        // looking at one migration must not stop the next one of the VM).
+        if (p.migration !== undefined && !isMigrationId(p.migration)) {
+          throw new TetherError('ERR_USAGE', 'parameter migration must be a migration id (as tether status shows it)');
+        }
         const out = this.#outgoing.get(name);
+        const inc = out ? undefined : this.#incoming.get(name);
+        const current = out?.id ?? inc?.id;
+        if (current !== undefined && p.migration !== undefined && p.migration !== current) {
+          throw new TetherError(
+            'ERR_MIGRATION_ID_MISMATCH',
+            `VM ${name} is in migration ${current}, not ${String(p.migration)}: nothing aborted`,
+          );
+        }
         if (out) {
           out.abort('operator-abort');
-          return { aborted: name, role: 'source' };
+          return { aborted: name, role: 'source', migrationId: out.id };
         }
-        const inc = this.#incoming.get(name);
         if (inc) {
           await inc.fence('operator-abort');
-          return { aborted: name, role: 'destination' };
+          return { aborted: name, role: 'destination', migrationId: inc.id };
         }
         throw new TetherError('ERR_NO_MIGRATION', `VM ${name} is not migrating on this host`);
       }
