@@ -31,6 +31,8 @@ const pausedOnDestination = (c: Cluster) =>
  * await keeps it idle.
  */
 let c: Cluster;
+/** The first scenario's migration (rolled back): the second must not take its answers. */
+let firstId: string | undefined;
 t.before(async () => {
   c = await bootCluster(t, { faults: { destination: 'cut-completion=1' }, vm: { maxBandwidth: 0 } });
 });
@@ -38,6 +40,8 @@ t.before(async () => {
 t.test('request lost (destination drops it with the channel): the source rolls back, the paused destination is told', async (t) => {
   const mig = await c.migrate();
   t.equal(mig.result?.reason, 'peer-channel-closed');
+  firstId = mig.result?.migrationId;
+  t.match(firstId, /^[0-9a-f-]{36}$/, 'the result names the migration');
   await assertSurvivedOnSource(t, c, mig);
   t.ok(pausedOnDestination(c), 'the destination paused instead of fencing while it waited');
   t.match(fs.readFileSync(c.dst.daemonLog, 'utf8'), /source-rolled-back/, 'the answer rolled-back reached the destination');
@@ -48,7 +52,17 @@ t.test('answer lost (destination drops it with the channel): completed, answered
   await assertNotRunningOn(t, c, c.dst);
   t.equal(await c.termDaemon(c.dst), 0, 'the destination sidecar stopped for this scenario');
   await c.restartDaemon(c.dst, { faults: 'cut-completion=5' });
-  const mig = await c.migrate();
+  // The first migration's answer, rolled-back, retried late: it reaches the destination while
+  // this second migration of the same VM is under way there, and must not fence it.
+  const stale = c.resolveSender(c.src, c.dst, { migrationId: firstId, vm: c.vmName, outcome: 'rolled-back', epoch: 0 });
+  const migrating = c.migrate();
+  let current: string | undefined;
+  await waitFor(async () => (current = (await c.status(c.dst)).migration?.id) !== undefined, 'second migration on the destination', 60_000);
+  t.not(current, firstId, 'the second migration has an id of its own');
+  t.equal(await stale.send(), 'unknown', 'the destination refused the stale answer');
+  t.match(c.metrics(c.dst), /^tether_stale_resolves_total 1$/m, 'refused as naming another migration, and counted');
+  const mig = await migrating;
+  t.equal(mig.result?.migrationId, current);
   t.equal(mig.code, 0, `migrate exits 0: ${mig.stderr.slice(-1500)}`);
   t.equal(mig.result?.outcome, 'completed');
   t.equal(mig.result?.handover, 'confirmed');

@@ -156,6 +156,8 @@ export class Cluster {
   #cleaned = false;
   /** TETHER_FAULTS per host set by restartDaemon (else opts.faults). */
   readonly #faults = new Map<Host, string | undefined>();
+  /** Processes of resolveSender not yet done. */
+  readonly #senders = new Set<ChildProcess>();
 
   constructor(readonly opts: ClusterOptions = {}) {
     const n = (process.pid % 200) + ++counter;
@@ -453,6 +455,33 @@ export class Cluster {
     });
   }
 
+  /**
+   * A source's answer (RESOLVE) from inside host `from`'s namespace to `to`'s peer port, sent
+   * by notifyDestination (the production sender): e.g. a stale retry of an earlier migration.
+   * The process starts now (tsx takes about a second to load) and sends only when send() is
+   * called, which resolves with notifyDestination's outcome. Stopped by cleanup() if unsent.
+   */
+  resolveSender(from: Host, to: Host, body: Record<string, unknown>): { send(): Promise<string> } {
+    const args = ['netns', 'exec', from.ns, process.execPath, '--import', 'tsx', path.join(ROOT, 'netns-tests', 'send-resolve.ts')];
+    const p = spawn('ip', [...args, from.config, `${to.addr}:7700`, JSON.stringify(body)], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+    this.#senders.add(p);
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (err += d));
+    const exited = new Promise<number | null>((r) => p.on('close', r));
+    return {
+      send: async () => {
+        await waitFor(() => out.startsWith('ready\n') || p.exitCode !== null, 'resolve sender loaded', 60_000);
+        p.stdin.end('go\n');
+        const code = await exited;
+        this.#senders.delete(p);
+        if (code !== 0) throw new Error(`send-resolve exited ${code}: ${err.slice(-1500)}`);
+        return out.trim().split('\n').pop() ?? '';
+      },
+    };
+  }
+
   /** Scrape a host's Prometheus endpoint from inside its namespace. */
   metrics(h: Host): string {
     const js = `fetch('http://${h.addr}:9700/metrics').then((r) => r.text()).then((t) => process.stdout.write(t))`;
@@ -530,6 +559,7 @@ export class Cluster {
   async cleanup(): Promise<void> {
     if (this.#cleaned) return;
     this.#cleaned = true;
+    for (const p of this.#senders) p.kill('SIGKILL'); // our own child (ip netns exec execs node)
     await Promise.all([...this.clients].map((cl) => cl.stop()));
     await Promise.all([...this.captures].map((w) => w.stop()));
     for (const h of [this.src, this.dst]) {

@@ -3,6 +3,7 @@ import path from 'node:path';
 import t from 'tap';
 import type { Cluster } from './harness.ts';
 import { encodeStateFile } from '../src/vm/state-file.ts';
+import { MARKER_VERSION } from '../src/vm/instance.ts';
 import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
 
@@ -52,7 +53,11 @@ t.test('a sidecar that dies just after a rollback finished adopts the restored V
   const marker = path.join(c.src.stateDir, c.vmName, 'migration.json');
   fs.writeFileSync(
     marker,
-    encodeStateFile('TETHER-MIGRATION', { role: 'source', qemuPid: wedged, peer: c.dst.addr, startedAt: new Date().toISOString() }),
+    encodeStateFile(
+      'TETHER-MIGRATION',
+      { role: 'source', migrationId: mig.result?.migrationId, qemuPid: wedged, peer: c.dst.addr, startedAt: new Date().toISOString() },
+      MARKER_VERSION,
+    ),
   );
   await c.killDaemon(c.src);
   const passes = memcheck(c.serialLog(c.src)).passes;

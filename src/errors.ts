@@ -118,6 +118,8 @@ export const ERRORS = {
 
   // --- migration driver (src/migrate)
   ERR_NO_MIGRATION: 'the VM is not migrating on this host',
+  ERR_MIGRATION_ID_MISMATCH:
+    'a resolve (from the peer) or an abort (from the operator) names another migration of the VM than the one this host holds: nothing done',
   ERR_NO_MIGRATION_PORT: 'no free port for an incoming QEMU migration stream',
   ERR_MIGRATION_ENDED: 'the migration ended while a step waited on it',
   ERR_LEASE_EXPIRED: 'nothing heard from the destination within the failover timeout',

@@ -15,7 +15,9 @@ const USAGE = `usage:
                                       4 the VM is not running anywhere, 1 error (e.g. no tether
                                       peer reached: nothing was migrated)
   tether status [<vm>] [--json]
-  tether abort <vm>
+  tether abort <vm> [--migration <id>]
+                                      roll back (source) or fence (destination) the VM's migration;
+                                      with --migration, only if it is that one
 options for every client command:
   --config <host.yaml>  find the daemon's control socket in this host config
   --socket <path>       or give the socket directly (default: $TETHER_SOCKET or /run/tether/tether.sock)`;
@@ -30,6 +32,7 @@ export async function main(argv: string[]): Promise<number> {
         config: { type: 'string', short: 'c' },
         socket: { type: 'string' },
         to: { type: 'string' },
+        migration: { type: 'string' },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -61,7 +64,8 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case 'abort':
-        if (a1) return print(await callDaemon(socket, 'abort', { vm: a1 }), opts.json);
+        if (a1)
+          return print(await callDaemon(socket, 'abort', { vm: a1, ...(opts.migration ? { migration: opts.migration } : {}) }), opts.json);
         break;
       case 'migrate':
         if (a1 && opts.to) return await migrate(socket, a1, opts.to, opts.json);
@@ -89,8 +93,8 @@ interface VmStatus {
   pid: number | null;
   memoryMiB: number;
   serialLog: string;
-  migration: { role: string; phase: string; appliedEpoch?: number | null; ackedEpoch?: number } | null;
-  lastMigration: { outcome?: string; reason?: string; rollback?: { epoch: number | null } } | null;
+  migration: { role: string; id: string; phase: string; appliedEpoch?: number | null; ackedEpoch?: number } | null;
+  lastMigration: { migrationId?: string; outcome?: string; reason?: string; rollback?: { epoch: number | null } } | null;
 }
 
 function formatStatus(r: VmStatus): string {
@@ -99,13 +103,14 @@ function formatStatus(r: VmStatus): string {
     const applied = r.migration.appliedEpoch ?? null;
     const acked = r.migration.ackedEpoch ?? null;
     const epoch = applied !== null ? `, checkpoint ${applied} applied` : acked !== null ? `, checkpoint ${acked} acknowledged` : '';
-    parts.push(`migrating (${r.migration.role}, ${r.migration.phase}${epoch})`);
+    parts.push(`migrating (${r.migration.role}, ${r.migration.phase}${epoch}, migration ${r.migration.id})`);
   }
   if (r.lastMigration?.outcome) {
     const rb = r.lastMigration.rollback;
     parts.push(
       `last migration: ${r.lastMigration.outcome}${r.lastMigration.reason ? ` (${r.lastMigration.reason})` : ''}` +
-        (rb ? `, resumed from checkpoint ${rb.epoch ?? 'none'}` : ''),
+        (rb ? `, resumed from checkpoint ${rb.epoch ?? 'none'}` : '') +
+        (r.lastMigration.migrationId ? ` (migration ${r.lastMigration.migrationId})` : ''),
     );
   }
   parts.push(`serial ${r.serialLog}`);
@@ -147,7 +152,13 @@ const MiB = 1024 * 1024;
 
 async function migrate(socket: string, vm: string, to: string, json: boolean): Promise<number> {
   const out = (s: string) => process.stderr.write(s + '\n');
+  let named = false;
   const result = (await callDaemon(socket, 'migrate', { vm, to }, (p) => {
+    // the id both hosts' logs name this migration by
+    if (!json && !named && typeof p.migrationId === 'string') {
+      named = true;
+      out(`migration ${p.migrationId}: ${vm} to ${to}`);
+    }
     const t = `[${String((Number(p.t) / 1000).toFixed(1)).padStart(6)}s]`;
     const ram = p.ram as { transferred: number; remaining: number; total: number } | undefined;
     const parts = [t, String(p.phase).padEnd(12)];
@@ -163,6 +174,7 @@ async function migrate(socket: string, vm: string, to: string, json: boolean): P
   if (json) process.stdout.write(JSON.stringify(result) + '\n');
   else {
     const r = result;
+    if (!named) out(`migration ${r.migrationId}: ${vm} to ${to}`);
     if (r.outcome === 'completed') {
       out(`completed: ${vm} runs on ${to} (${(r.totalMs / 1000).toFixed(1)} s, ${r.checkpoints} checkpoints)`);
       if (r.handover && r.handover !== 'confirmed')

@@ -5,6 +5,7 @@
  * that is already incoming.
  */
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -15,13 +16,26 @@ import type { Message } from '../checkpoint/messages.ts';
 import { loadVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { PeerChannel } from '../peer/channel.ts';
+import { newMigrationId } from '../peer/control.ts';
 import { nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
+import { writeCompletingRecord } from '../checkpoint/store.ts';
+import { callDaemon } from '../control/client.ts';
+import { completingRecordPath } from '../migrate/destination.ts';
+import { qemuOptValue } from '../qemu/cmdline.ts';
+import { VmInstance } from '../vm/instance.ts';
+import { MARKER_VERSION } from '../vm/instance.ts';
+import { encodeStateFile } from '../vm/state-file.ts';
 import { Daemon } from './daemon.ts';
 
+/** Polls `fn`; a wait that never ends fails the test (after 30 s) instead of hanging it. */
 async function waitUntil(fn: () => boolean): Promise<void> {
-  while (!fn()) await sleep(10);
+  const deadline = Date.now() + 30_000;
+  while (!fn()) {
+    if (Date.now() > deadline) throw new Error('waited 30 s in vain');
+    await sleep(10);
+  }
 }
 
 async function freePort(): Promise<number> {
@@ -40,7 +54,8 @@ interface Fixture {
   writeVm(name: string, extra?: string): string;
 }
 
-async function destination(t: Test): Promise<Fixture> {
+/** `before` runs once the host config exists, before the daemon starts (and recovers). */
+async function destination(t: Test, before?: (host: HostConfig, dir: string) => Promise<void>): Promise<Fixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-daemon-'));
   const port = await freePort();
   const host: HostConfig = {
@@ -54,6 +69,7 @@ async function destination(t: Test): Promise<Fixture> {
     logLevel: 'error',
   };
   fs.mkdirSync(host.vmConfigDir);
+  await before?.(host, dir);
   const daemon = new Daemon(host, nullLogger, {});
   await daemon.start();
   t.teardown(async () => {
@@ -76,7 +92,10 @@ async function prepare(f: Fixture, body: Record<string, unknown>): Promise<{ rep
     ch.on('close', () => reject(new Error('closed without an answer')));
   });
   ch.start();
-  await ch.send({ type: 'control', body: { kind: 'prepare', sendConfiguration: true, failoverTimeoutMs: 3000, ...body } });
+  await ch.send({
+    type: 'control',
+    body: { kind: 'prepare', migrationId: newMigrationId(), sendConfiguration: true, failoverTimeoutMs: 3000, ...body },
+  });
   return { reply: await reply, ch };
 }
 
@@ -131,34 +150,199 @@ t.test('a name that is not a VM name (a path) is refused before any file is read
   t.match(reply, { type: 'abort', code: 'ERR_PEER_CONTROL' });
 });
 
-t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
-  const f = await destination(t);
-  // D's own "QEMU" for this test: records that it was started, then never answers QMP,
-  // so the first migration stays in its start-up for as long as the test needs.
+/**
+ * An incoming migration of vm1 that stays in its start-up for as long as the test needs:
+ * D's own "QEMU" (its config's qemu.binary) records that it was started, then never answers QMP.
+ */
+async function stuckIncoming(t: Test, f: Fixture, migrationId: string) {
   const fake = path.join(f.dir, 'fake-qemu.sh');
   const pidFile = path.join(f.dir, 'fake-qemu.pid');
   fs.writeFileSync(fake, `#!/bin/sh\necho $$ > ${pidFile}\nexec sleep 60\n`, { mode: 0o755 });
   const file = f.writeVm('vm1', `qemu:\n  binary: ${fake}\n`);
   const digest = digestOf(file);
-  const first = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
-  t.teardown(() => first.close());
-  first.start();
-  await first.send({
+  const ch = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  t.teardown(() => ch.close());
+  const received: Message[] = [];
+  ch.on('message', (m) => received.push(m));
+  ch.start();
+  await ch.send({
     type: 'control',
-    body: { kind: 'prepare', vm: 'vm1', deviceModel: digest, sendConfiguration: true, failoverTimeoutMs: 3000 },
+    body: { kind: 'prepare', migrationId, vm: 'vm1', deviceModel: digest, sendConfiguration: true, failoverTimeoutMs: 3000 },
   });
   await waitUntil(() => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
   const fakePid = Number(fs.readFileSync(pidFile, 'utf8'));
-  t.teardown(() => {
+  const kill = () => {
     try {
       process.kill(fakePid, 'SIGKILL');
     } catch {
       /* gone */
     }
+  };
+  t.teardown(kill);
+  return { ch, received, digest, pidFile, fakePid, kill };
+}
+
+/** A resolve on a channel of its own (as a source's retry sends it); resolves with D's RESOLVED body. */
+async function resolveOnOwnChannel(f: Fixture, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  const ch = await PeerChannel.connect('127.0.0.1', f.host.peer.listen.port, { psk: f.host.peer.key });
+  try {
+    const reply = new Promise<Message>((resolve, reject) => {
+      ch.on('message', resolve);
+      ch.on('close', () => reject(new Error('closed without an answer')));
+    });
+    ch.start();
+    await ch.send({ type: 'control', body: { kind: 'resolve', vm: 'vm1', ...body } });
+    const m = await reply;
+    if (m.type !== 'control') throw new Error(`expected RESOLVED, got ${m.type}`);
+    return m.body;
+  } finally {
+    ch.close();
+  }
+}
+
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
+  const f = await destination(t);
+  const first = await stuckIncoming(t, f, newMigrationId());
+  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: first.digest });
+  t.match(reply, { type: 'abort', code: 'ERR_PEER_VM_BUSY' });
+  t.equal(fs.readFileSync(first.pidFile, 'utf8').trim(), String(first.fakePid), 'no second QEMU was started');
+  first.kill();
+});
+
+t.test('a resolve for another migration of the VM is refused and changes nothing; its own one is acted on', async (t) => {
+  const f = await destination(t);
+  const current = newMigrationId();
+  const stale = newMigrationId(); // an earlier migration of vm1, rolled back; its answer still retried
+  const b = await stuckIncoming(t, f, current);
+  let fenced = false;
+  b.ch.on('close', () => (fenced = true));
+
+  // on a channel of its own, as notifyDestination retries it
+  const own = await resolveOnOwnChannel(f, { migrationId: stale, outcome: 'rolled-back', epoch: 4 });
+  t.same(own, { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' });
+  const done = await resolveOnOwnChannel(f, { migrationId: stale, outcome: 'completed', epoch: 9 });
+  t.match(done, { known: false, code: 'ERR_MIGRATION_ID_MISMATCH' }, 'nor is a stale completed taken');
+  // on the migration channel itself
+  await b.ch.send({ type: 'control', body: { kind: 'resolve', migrationId: stale, vm: 'vm1', outcome: 'rolled-back', epoch: 4 } });
+  await waitUntil(() => b.received.length > 0);
+  t.match(b.received[0], {
+    type: 'control',
+    body: { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' },
   });
 
-  const { reply } = await prepare(f, { vm: 'vm1', deviceModel: digest });
-  t.match(reply, { type: 'abort', code: 'ERR_PEER_VM_BUSY' });
-  t.equal(fs.readFileSync(pidFile, 'utf8').trim(), String(fakePid), 'no second QEMU was started');
-  process.kill(fakePid, 'SIGKILL');
+  await sleep(100);
+  t.notOk(fenced, 'the current migration was not fenced: its channel is open');
+  t.ok(alive(b.fakePid), "the current migration's QEMU runs on");
+  t.match(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total 3$/m, 'each stale answer counted');
+
+  // the control: the same answer with the current id fences this migration
+  const mine = await resolveOnOwnChannel(f, { migrationId: current, outcome: 'rolled-back', epoch: 0 });
+  t.same(mine, { kind: 'resolved', migrationId: current, known: true });
+  await waitUntil(() => fenced);
+  t.pass('the answer naming the current migration fenced it');
+});
+
+t.test('with no migration of the VM here, a resolve is unknown', async (t) => {
+  const f = await destination(t);
+  const r = await resolveOnOwnChannel(f, { migrationId: newMigrationId(), outcome: 'rolled-back', epoch: 1 });
+  t.match(r, { kind: 'resolved', known: false, code: 'ERR_NO_MIGRATION' });
+  t.notMatch(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total [1-9]/m, 'not counted as stale');
+});
+
+t.test("a sidecar restarted during the completion handshake waits for its own migration's answer only", async (t) => {
+  const current = newMigrationId();
+  const qmpCommands: string[] = [];
+  let fakePid = 0;
+  let vmDir = '';
+  const f = await destination(t, async (host, dir) => {
+    // What the dead sidecar left: the VM's record, its marker (format 2, with the id), the
+    // completion request it recorded, and its incoming "QEMU" - a process whose command line
+    // names the VM's RAM file, with a QMP socket that answers every command.
+    const file = path.join(host.vmConfigDir, 'vm1.yaml');
+    fs.writeFileSync(file, 'name: vm1\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n');
+    const vm = new VmInstance(host, loadVmConfig(file), nullLogger);
+    await vm.prepareDirs();
+    vmDir = vm.dir;
+    const fake = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1e9)', `mem-path=${qemuOptValue(vm.ramFile)},share=on`], {
+      argv0: 'qemu-system-x86_64',
+      stdio: 'ignore',
+    });
+    fakePid = fake.pid!;
+    t.teardown(() => fake.kill('SIGKILL'));
+    const qmp = net.createServer((s) => {
+      s.on('error', () => {});
+      s.write(JSON.stringify({ QMP: { version: { qemu: { micro: 0, minor: 2, major: 7 }, package: '' }, capabilities: [] } }) + '\r\n');
+      let buf = '';
+      s.on('data', (d) => {
+        buf += d.toString();
+        for (let nl = buf.indexOf('\n'); nl !== -1; nl = buf.indexOf('\n')) {
+          const cmd = JSON.parse(buf.slice(0, nl)) as { execute: string; id?: unknown };
+          buf = buf.slice(nl + 1);
+          qmpCommands.push(cmd.execute);
+          s.write(JSON.stringify({ return: {}, id: cmd.id }) + '\r\n');
+        }
+      });
+    });
+    await new Promise<void>((r) => qmp.listen(vm.qmpSocket, r));
+    t.teardown(() => qmp.close());
+    const rec = { config: vm.config, sendConfiguration: true, pid: fakePid };
+    fs.writeFileSync(path.join(vm.dir, 'vm.json'), encodeStateFile('TETHER-VM', rec));
+    const marker = {
+      role: 'destination',
+      migrationId: current,
+      qemuPid: fakePid,
+      peer: '127.0.0.1:1',
+      startedAt: new Date().toISOString(),
+    };
+    fs.writeFileSync(path.join(vm.dir, 'migration.json'), encodeStateFile('TETHER-MIGRATION', marker, MARKER_VERSION));
+    await writeCompletingRecord(completingRecordPath(vm), 5);
+  });
+  const status = async () => (await callDaemon(f.host.controlSocket, 'status', { vm: 'vm1' })) as Record<string, any>;
+  t.match(await status(), { state: 'migrating-in', migration: { role: 'destination', id: current, phase: 'completing', finalEpoch: 5 } });
+  t.same(qmpCommands, ['qmp_capabilities', 'stop'], 'adopted and paused');
+
+  const stale = newMigrationId();
+  for (const answer of [
+    { outcome: 'rolled-back', epoch: 2 },
+    { outcome: 'completed', epoch: 5 }, // even the right final epoch: the id decides
+  ]) {
+    const r = await resolveOnOwnChannel(f, { migrationId: stale, ...answer });
+    t.same(r, { kind: 'resolved', migrationId: stale, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' }, `stale ${answer.outcome}`);
+  }
+  await sleep(100);
+  t.match(await status(), { state: 'migrating-in', migration: { id: current } }, 'still waiting for its own answer');
+  t.same(qmpCommands, ['qmp_capabilities', 'stop'], 'the guest was neither resumed nor killed');
+  t.ok(alive(fakePid), 'its QEMU runs on');
+  t.ok(fs.existsSync(path.join(vmDir, 'completing.json')), 'the completion request is still recorded');
+  t.match(f.daemon.metrics.registry.render(), /^tether_stale_resolves_total 2$/m);
+
+  // the control: its own answer is acted on
+  const mine = await resolveOnOwnChannel(f, { migrationId: current, outcome: 'completed', epoch: 5 });
+  t.same(mine, { kind: 'resolved', migrationId: current, known: true });
+  await waitUntil(() => qmpCommands.includes('cont'));
+  t.pass('the answer naming its migration resumed the guest');
+});
+
+t.test('tether abort --migration stops only the migration it names', async (t) => {
+  const f = await destination(t);
+  const current = newMigrationId();
+  const b = await stuckIncoming(t, f, current);
+  let fenced = false;
+  b.ch.on('close', () => (fenced = true));
+  const abort = (params: Record<string, unknown>) => callDaemon(f.host.controlSocket, 'abort', { vm: 'vm1', ...params });
+  await t.rejects(abort({ migration: newMigrationId() }), { code: 'ERR_MIGRATION_ID_MISMATCH' }, 'another migration of the VM');
+  await t.rejects(abort({ migration: 'vm1' }), { code: 'ERR_USAGE' }, 'not a migration id');
+  await sleep(100);
+  t.notOk(fenced, 'nothing aborted');
+  t.same(await abort({ migration: current }), { aborted: 'vm1', role: 'destination', migrationId: current });
+  await waitUntil(() => fenced);
 });

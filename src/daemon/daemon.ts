@@ -9,12 +9,14 @@ import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
 import { isTetherError, TetherError } from '../errors.ts';
-import { completingRecordPath, DestinationMigration } from '../migrate/destination.ts';
+import { completingRecordPath, DestinationMigration, staleResolve } from '../migrate/destination.ts';
+import type { ResolveAnswer } from '../migrate/destination.ts';
 import { parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { notifyDestination, resumeRestored, SourceMigration } from '../migrate/source.ts';
+import { notifyDestination } from '../migrate/notify.ts';
+import { resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { settleStandbys } from '../migrate/standby.ts';
-import { asPeerControl } from '../peer/control.ts';
+import { asPeerControl, isMigrationId } from '../peer/control.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
@@ -48,7 +50,7 @@ export class Daemon {
   readonly #outgoing = new Map<string, SourceMigration>();
   readonly #incoming = new Map<string, DestinationMigration>();
   /** Incoming VMs whose completion request was pending when the sidecar restarted. */
-  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number }>();
+  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number; migrationId: string }>();
   /** Each VM's NIC ports on this host (TAP + gate + QEMU socket), in nics order. */
   readonly #nics = new Map<string, NicPort[]>();
   #control: net.Server | undefined;
@@ -148,16 +150,16 @@ export class Daemon {
         const all = pids.sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
         let keepMarker = false;
         if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
-          await this.#recoverCompleted(vm, all, marker.peer, log);
+          await this.#recoverCompleted(vm, all, marker, log);
           keepMarker = true;
         } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
-          await this.#recoverCompleting(vm, all, marker.qemuPid, log);
+          await this.#recoverCompleting(vm, all, marker, log);
           keepMarker = true;
         } else if (marker?.role === 'destination') {
           for (const p of all) await killPid(p);
           await vm.removeRam();
           vm.place = 'fenced';
-          log.warn('incoming migration interrupted by a sidecar restart: fenced');
+          log.warn('incoming migration interrupted by a sidecar restart: fenced', { migrationId: marker.migrationId });
         } else if (marker?.role === 'source') {
           // A QEMU other than the one that was migrating was started by a rollback
           // that finished: it runs the VM now, so it is adopted, never restored over.
@@ -168,7 +170,7 @@ export class Daemon {
             vm.place = 'running';
             log.warn('sidecar restarted after a rollback had finished: adopted the restored QEMU', { pid: newer[0] });
           } else {
-            await this.#recoverSource(vm, all[0] ?? null, marker.peer, log);
+            await this.#recoverSource(vm, all[0] ?? null, marker, log);
           }
         } else if (all.length > 0) {
           for (const p of all.slice(1)) await killPid(p);
@@ -198,17 +200,19 @@ export class Daemon {
    * destination, whatever state the channel was in. Never resume it here; drop this host's
    * copy and repeat the answer until the destination confirms (it waits with its guest paused).
    */
-  async #recoverCompleted(vm: VmInstance, pids: number[], peer: string, log: Logger): Promise<void> {
+  async #recoverCompleted(vm: VmInstance, pids: number[], marker: MigrationMarker, log: Logger): Promise<void> {
+    const { migrationId } = marker;
     const finalEpoch = (await CheckpointStore.readCompleted(vm.checkpointDir))!;
     for (const p of pids) await killPid(p);
     await fs.rm(vm.ramFile, { force: true });
     vm.place = 'gone';
-    vm.lastMigration = { outcome: 'completed', reason: 'sidecar-restart', finalEpoch, handover: 'pending' };
+    vm.lastMigration = { migrationId, outcome: 'completed', reason: 'sidecar-restart', finalEpoch, handover: 'pending' };
     this.metrics.migrations.inc({ role: 'source', outcome: 'completed' });
-    log.warn('sidecar restarted after the migration completed: the VM is not resumed here', { finalEpoch });
+    log.warn('sidecar restarted after the migration completed: the VM is not resumed here', { migrationId, finalEpoch });
     void notifyDestination({
       psk: this.host.peer.key,
-      to: parseHostPort(peer),
+      to: parseHostPort(marker.peer),
+      migrationId,
       vm: vm.name,
       outcome: 'completed',
       epoch: finalEpoch,
@@ -227,32 +231,56 @@ export class Daemon {
    * source's answer arrives (#servePeer). Between SIGCONT and QMP stop the guest runs for a
    * moment with its devices' backends gone: nothing it emits can leave the host.
    */
-  async #recoverCompleting(vm: VmInstance, pids: number[], migrating: number | null, log: Logger): Promise<void> {
+  async #recoverCompleting(vm: VmInstance, pids: number[], marker: MigrationMarker, log: Logger): Promise<void> {
     const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
+    const { migrationId, qemuPid: migrating } = marker;
     const pid = pids.find((p) => p === migrating) ?? null;
     for (const p of pids) if (p !== pid) await killPid(p);
     if (pid === null) {
       await vm.removeRam();
       await fs.rm(completingRecordPath(vm), { force: true });
       vm.place = 'fenced';
-      log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { finalEpoch: epoch });
+      log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { migrationId, finalEpoch: epoch });
       return;
     }
     process.kill(pid, 'SIGCONT');
     await vm.adopt(pid);
     await vm.qemu!.qmp.execute('stop');
     vm.place = 'migrating-in';
-    this.#awaitingAnswer.set(vm.name, { vm, epoch });
-    log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', { finalEpoch: epoch });
+    this.#awaitingAnswer.set(vm.name, { vm, epoch, migrationId });
+    log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', {
+      migrationId,
+      finalEpoch: epoch,
+    });
   }
 
-  /** The source's answer for a VM recovered by #recoverCompleting; false if none waits for it. */
-  #answerRecovered(name: string, outcome: 'completed' | 'rolled-back', epoch: number): boolean {
+  /**
+   * The source's answer for a VM recovered by #recoverCompleting; known=false if none waits
+   * for it, and never acted on when it names another migration than the one that waits (a
+   * retried answer to an earlier migration of the VM: ERR_MIGRATION_ID_MISMATCH).
+   */
+  #answerRecovered(c: { vm: string; migrationId: string; outcome: 'completed' | 'rolled-back'; epoch: number }): ResolveAnswer {
+    const { vm: name, outcome, epoch } = c;
     const w = this.#awaitingAnswer.get(name);
-    if (!w || (outcome === 'completed' && epoch !== w.epoch)) return false;
+    if (!w) return { known: false, code: 'ERR_NO_MIGRATION', message: `VM ${name} is not migrating in to ${this.host.name}` };
+    const stale = staleResolve(w.migrationId, c.migrationId);
+    if (stale) {
+      this.metrics.staleResolves.inc();
+      this.log.warn('ignored an answer for another migration of this VM', {
+        vm: name,
+        migrationId: w.migrationId,
+        answerFor: c.migrationId,
+        outcome,
+        epoch,
+      });
+      return stale;
+    }
+    if (outcome === 'completed' && epoch !== w.epoch) {
+      return { known: false, code: 'ERR_NO_MIGRATION', message: `no completion request of final epoch ${epoch}` };
+    }
     this.#awaitingAnswer.delete(name);
     const { vm } = w;
-    const log = this.log.child({ vm: name });
+    const log = this.log.child({ vm: name, migrationId: w.migrationId });
     void (async () => {
       if (outcome === 'completed') {
         await vm.qemu!.qmp.execute('cont');
@@ -267,10 +295,11 @@ export class Daemon {
       await fs.rm(completingRecordPath(vm), { force: true });
       await vm.setMigrationMarker(null);
     })().catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
-    return true;
+    return { known: true };
   }
 
-  async #recoverSource(vm: VmInstance, pid: number | null, peer: string, log: Logger): Promise<void> {
+  async #recoverSource(vm: VmInstance, pid: number | null, marker: MigrationMarker, log: Logger): Promise<void> {
+    const { migrationId } = marker;
     // A persisted stage is re-applied whole: its disk extents too.
     const sink = vm.config.disk ? new ImageSink(vm.config.disk.image) : undefined;
     const store = new CheckpointStore({
@@ -303,8 +332,8 @@ export class Daemon {
       const st = (await q.execute('query-status')) as { status: string };
       if (st.status !== 'running') await q.execute('cont');
       vm.place = 'running';
-      vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: null } };
-      log.warn('migration interrupted before switchover by a sidecar restart: cancelled, VM kept');
+      vm.lastMigration = { migrationId, outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: null } };
+      log.warn('migration interrupted before switchover by a sidecar restart: cancelled, VM kept', { migrationId });
       return;
     }
     if (pid) await killPid(pid);
@@ -313,13 +342,14 @@ export class Daemon {
     await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
     await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
     vm.place = 'running';
-    vm.lastMigration = { outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
+    vm.lastMigration = { migrationId, outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
     this.metrics.rollbacks.inc({ reason: 'sidecar-restart' });
-    log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { epoch: last.epoch });
+    log.warn('migration interrupted by a sidecar restart: resumed from the last applied checkpoint', { migrationId, epoch: last.epoch });
     // The destination may have asked to complete and be waiting, paused, for the answer.
     void notifyDestination({
       psk: this.host.peer.key,
-      to: parseHostPort(peer),
+      to: parseHostPort(marker.peer),
+      migrationId,
       vm: vm.name,
       outcome: 'rolled-back',
       epoch: last.epoch,
@@ -525,15 +555,27 @@ export class Daemon {
       }
       case 'abort': {
         const name = vmName();
+        // Optional `migration`: abort only that migration (an operator's abort typed while
+        // looking at one migration must not stop the next one of the VM).
+        if (p.migration !== undefined && !isMigrationId(p.migration)) {
+          throw new TetherError('ERR_USAGE', 'parameter migration must be a migration id (as tether status shows it)');
+        }
         const out = this.#outgoing.get(name);
+        const inc = out ? undefined : this.#incoming.get(name);
+        const current = out?.id ?? inc?.id;
+        if (current !== undefined && p.migration !== undefined && p.migration !== current) {
+          throw new TetherError(
+            'ERR_MIGRATION_ID_MISMATCH',
+            `VM ${name} is in migration ${current}, not ${String(p.migration)}: nothing aborted`,
+          );
+        }
         if (out) {
           out.abort('operator-abort');
-          return { aborted: name, role: 'source' };
+          return { aborted: name, role: 'source', migrationId: out.id };
         }
-        const inc = this.#incoming.get(name);
         if (inc) {
           await inc.fence('operator-abort');
-          return { aborted: name, role: 'destination' };
+          return { aborted: name, role: 'destination', migrationId: inc.id };
         }
         throw new TetherError('ERR_NO_MIGRATION', `VM ${name} is not migrating on this host`);
       }
@@ -551,6 +593,7 @@ export class Daemon {
   #status(vm: VmInstance): Record<string, unknown> {
     const out = this.#outgoing.get(vm.name);
     const inc = this.#incoming.get(vm.name);
+    const awaiting = this.#awaitingAnswer.get(vm.name);
     return {
       vm: vm.name,
       host: this.host.name,
@@ -560,10 +603,12 @@ export class Daemon {
       serialLog: vm.serialLog,
       ramFile: vm.ramFile,
       migration: out
-        ? { role: 'source', phase: out.phase.state, appliedEpoch: out.appliedEpoch }
+        ? { role: 'source', id: out.id, phase: out.phase.state, appliedEpoch: out.appliedEpoch }
         : inc
-          ? { role: 'destination', phase: inc.phase.state, ackedEpoch: inc.ackedEpoch }
-          : null,
+          ? { role: 'destination', id: inc.id, phase: inc.phase.state, ackedEpoch: inc.ackedEpoch }
+          : awaiting
+            ? { role: 'destination', id: awaiting.migrationId, phase: 'completing', finalEpoch: awaiting.epoch }
+            : null,
       lastMigration: vm.lastMigration ?? null,
     };
   }
@@ -597,9 +642,19 @@ export class Daemon {
           // let the source close.
           answered = true;
           const inc = this.#incoming.get(c.vm);
-          const known = inc ? inc.resolve(c.outcome, c.epoch) : this.#answerRecovered(c.vm, c.outcome, c.epoch);
-          this.log.info('completion answer from the source', { vm: c.vm, outcome: c.outcome, epoch: c.epoch, known });
-          ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
+          // Either checks the migration id first: a stale answer (to an earlier migration of
+          // the VM) is refused with ERR_MIGRATION_ID_MISMATCH and changes nothing.
+          const a = inc ? inc.resolve(c) : this.#answerRecovered(c);
+          this.log.info('completion answer from the source', {
+            vm: c.vm,
+            migrationId: c.migrationId,
+            outcome: c.outcome,
+            epoch: c.epoch,
+            known: a.known,
+            ...(a.known ? {} : { code: a.code, why: a.message }),
+          });
+          const body = { kind: 'resolved', migrationId: c.migrationId, known: a.known, ...(a.known ? {} : { code: a.code }) };
+          ch.send({ type: 'control', body }).catch(() => {});
           setTimeout(() => ch.close(), 5000).unref();
           return;
         }
@@ -623,6 +678,7 @@ export class Daemon {
         dest = new DestinationMigration({
           host: this.host,
           channel: ch,
+          migrationId: c.migrationId,
           vmConfig: cfg,
           sendConfiguration: c.sendConfiguration,
           ...(c.window !== undefined ? { sourceWindow: c.window } : {}),
@@ -630,16 +686,18 @@ export class Daemon {
           faults: this.#faults,
           outputs: composeOutputs(ports.map((p) => p.gate)),
           onInstance: (vm) => this.vms.set(vm.name, vm),
+          onStaleResolve: () => this.metrics.staleResolves.inc(),
           onQemuStarted: (vm) => this.#openNics(vm, ports),
         });
         this.#incoming.set(cfg.name, dest);
+        this.log.info('incoming migration accepted', { vm: cfg.name, migrationId: c.migrationId, from: ch.remote });
         const d = dest;
         void d.run();
         void d.done.promise.then(async (phase) => {
           if (phase === 'fenced') await this.#closeNics(cfg.name, true);
           this.#incoming.delete(cfg.name);
           this.metrics.migrations.inc({ role: 'destination', outcome: phase });
-          this.log.info('incoming migration ended', { vm: cfg.name, phase });
+          this.log.info('incoming migration ended', { vm: cfg.name, migrationId: d.id, phase });
         });
       } catch (e) {
         this.log.warn('incoming migration refused', { error: errorFields(e) });

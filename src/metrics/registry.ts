@@ -112,6 +112,12 @@ export class TetherMetrics {
   readonly registry = new Registry();
   readonly migrations = this.registry.add(new Counter('tether_migrations_total', 'Migrations that ended, by role and outcome.'));
   readonly rollbacks = this.registry.add(new Counter('tether_rollbacks_total', 'Rollbacks on the source, by reason.'));
+  readonly staleResolves = this.registry.add(
+    new Counter(
+      'tether_stale_resolves_total',
+      'Source answers (resolve) this host refused, unacted on, because they name another migration of the VM than the one it holds.',
+    ),
+  );
   readonly checkpointsApplied = this.registry.add(
     new Counter('tether_checkpoints_applied_total', 'Checkpoints applied and acknowledged by this host as a source.'),
   );

@@ -7,6 +7,7 @@ import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 import { createTracker } from '../memory/tracker.ts';
 import type { DirtyTracker } from '../memory/tracker.ts';
 import type { PeerChannel } from '../peer/channel.ts';
@@ -46,6 +47,8 @@ const PAGES_PER_MESSAGE = 1024;
 export interface DestinationOptions {
   host: HostConfig;
   channel: PeerChannel;
+  /** The migration's id, from the source's `prepare` (control.ts MIGRATION_ID_RE). */
+  migrationId: string;
   vmConfig: VmConfig;
   /** False when the source QEMU's stream carries no configuration section. */
   sendConfiguration: boolean;
@@ -64,6 +67,27 @@ export interface DestinationOptions {
   onQemuStarted?: (vm: VmInstance) => Promise<void>;
   /** Called once the VM instance exists on this host (for status), and when it ends. */
   onInstance?: (vm: VmInstance) => void;
+  /** Called for each answer (resolve) refused because it names another migration. */
+  onStaleResolve?: () => void;
+}
+
+/** The destination's reply to a resolve: RESOLVED's `known` and, when refused, why. */
+export type ResolveAnswer = { known: true } | ResolveRefusal;
+export type ResolveRefusal = { known: false; code: ErrorCode; message: string };
+
+/**
+ * The refusal of a resolve that names another migration than `current` (the one this host
+ * holds for the VM; null: none): a stale answer, retried for minutes, to an earlier migration
+ * of the same VM. Null when the ids match. Shared by the running destination and by a sidecar
+ * restarted during the completion handshake.
+ */
+export function staleResolve(current: string | null, asked: string): ResolveRefusal | null {
+  if (current === asked) return null;
+  return {
+    known: false,
+    code: 'ERR_MIGRATION_ID_MISMATCH',
+    message: `the answer is for migration ${asked}; this host holds ${current ?? 'none'} of the VM`,
+  };
 }
 
 /**
@@ -78,6 +102,8 @@ export interface DestinationOptions {
 export class DestinationMigration {
   readonly phase: StateMachine<DestPhase>;
   readonly vm: VmInstance;
+  /** The source's id of this migration: a resolve naming another one is never acted on. */
+  readonly id: string;
   readonly #opts: DestinationOptions;
   readonly #ch: PeerChannel;
   #outputs: ReturnType<typeof latchOutputs>;
@@ -119,9 +145,10 @@ export class DestinationMigration {
   constructor(opts: DestinationOptions) {
     this.#opts = opts;
     this.#ch = opts.channel;
+    this.id = opts.migrationId;
     this.#outputs = latchOutputs(opts.outputs ?? noOutputs);
     this.vm = new VmInstance(opts.host, opts.vmConfig, opts.log);
-    this.#log = this.vm.log.child({ role: 'destination' });
+    this.#log = this.vm.log.child({ role: 'destination', migrationId: this.id });
     this.phase = new StateMachine<DestPhase>('incoming migration', 'preparing', TRANSITIONS, this.#log);
     this.#table = Buffer.alloc((this.vm.ramBytes / PAGE_SIZE) * 8);
   }
@@ -154,8 +181,13 @@ export class DestinationMigration {
               this.#ch.close();
               return;
             }
-            const known = this.resolve(c.outcome, c.epoch);
-            this.#ch.send({ type: 'control', body: { kind: 'resolved', known } }).catch(() => {});
+            const a = this.resolve(c);
+            this.#ch
+              .send({
+                type: 'control',
+                body: { kind: 'resolved', migrationId: c.migrationId, known: a.known, ...(a.known ? {} : { code: a.code }) },
+              })
+              .catch(() => {});
           }
         } catch (e) {
           void this.fence('bad-control-message', e);
@@ -199,25 +231,40 @@ export class DestinationMigration {
 
   /**
    * The source's answer to this side's completion request (on the migration channel or on a
-   * new one). Returns false when it does not match this migration (known=false to the source).
+   * new one). known=false when it does not match this migration: above all when it names
+   * another migration id (a retried answer to an earlier migration of this VM), which is
+   * logged, counted and never acted on: it must not fence or complete this one.
    */
-  resolve(outcome: 'completed' | 'rolled-back', epoch: number): boolean {
+  resolve(c: { migrationId: string; outcome: 'completed' | 'rolled-back'; epoch: number }): ResolveAnswer {
+    const { outcome, epoch } = c;
+    const stale = staleResolve(this.id, c.migrationId);
+    if (stale) {
+      this.#log.warn('ignored an answer for another migration of this VM', {
+        code: stale.code,
+        answerFor: c.migrationId,
+        outcome,
+        epoch,
+      });
+      this.#opts.onStaleResolve?.();
+      return stale;
+    }
+    const unknown = (message: string): ResolveAnswer => ({ known: false, code: 'ERR_NO_MIGRATION', message });
     if (outcome === 'rolled-back') {
       if (this.phase.is('completed')) {
         this.#log.error('source says rolled back after it answered completed: ignored', { epoch });
-        return false;
+        return unknown('completed already');
       }
       this.#rolledBack = true;
       void this.fence('source-rolled-back');
-      return true;
+      return { known: true };
     }
-    if (this.phase.is('completed')) return this.#completing === epoch;
+    if (this.phase.is('completed')) return this.#completing === epoch ? { known: true } : unknown('completed with another final epoch');
     if (this.#completing === null || this.#completing !== epoch || this.#stopped) {
       this.#log.error('completion answer does not match this migration', { epoch, completing: this.#completing });
-      return false;
+      return unknown('no completion request of that final epoch');
     }
     void this.#finishCompleted(epoch);
-    return true;
+    return { known: true };
   }
 
   /** Silence or a lost channel during the handshake: stop the guest, keep QEMU and its RAM. */
@@ -251,6 +298,7 @@ export class DestinationMigration {
     this.#guard = QemuGuard.arm(vm.qemu!.pid);
     await vm.setMigrationMarker({
       role: 'destination',
+      migrationId: this.id,
       qemuPid: vm.qemu?.pid ?? null,
       peer: this.#ch.remote,
       startedAt: new Date().toISOString(),
@@ -451,7 +499,7 @@ export class DestinationMigration {
       this.#ch.close();
       return;
     }
-    await this.#ch.send({ type: 'control', body: { kind: 'complete', finalEpoch } }).catch(() => {});
+    await this.#ch.send({ type: 'control', body: { kind: 'complete', migrationId: this.id, finalEpoch } }).catch(() => {});
   }
 
   /** A failure outside the barrier (a send): the same end as a failed run(). */

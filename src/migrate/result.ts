@@ -19,6 +19,8 @@ export interface RollbackFigures {
 
 export interface MigrationResult {
   vm: string;
+  /** The migration's id (the source chose it at `prepare`; both hosts log it). */
+  migrationId: string;
   outcome: Outcome;
   reason?: string;
   error?: { code: string; message: string };

@@ -19,7 +19,8 @@ import { StreamingSummary } from '../util/summary.ts';
 import { deferred, nowMs, sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
-import { asPeerControl } from '../peer/control.ts';
+import { asPeerControl, newMigrationId } from '../peer/control.ts';
+import { notifyDestination, resolveMessage } from './notify.ts';
 import { CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
@@ -76,6 +77,13 @@ export interface SourceOptions {
  */
 export class SourceMigration {
   readonly phase: StateMachine<SourcePhase>;
+  /**
+   * This migration's id (control.ts MIGRATION_ID_RE), chosen here and sent in `prepare`: every
+   * answer and record about this migration names it, so none is taken for another of the VM.
+   */
+  readonly id = newMigrationId();
+  /** The VM's logger, every line naming this migration. */
+  readonly #log: Logger;
   readonly #opts: SourceOptions;
   #holdAcksUntil: number | undefined;
   readonly #vm: VmInstance;
@@ -110,7 +118,8 @@ export class SourceMigration {
   constructor(opts: SourceOptions) {
     this.#opts = opts;
     this.#vm = opts.vm;
-    this.phase = new StateMachine<SourcePhase>('migration', 'connecting', TRANSITIONS, this.#vm.log);
+    this.#log = this.#vm.log.child({ migrationId: this.id });
+    this.phase = new StateMachine<SourcePhase>('migration', 'connecting', TRANSITIONS, this.#log);
     const f = opts.faults ?? {};
     const failEpoch = f.failApplySticky ?? f.failApplyEpoch;
     const disk = this.#vm.config.disk;
@@ -154,7 +163,7 @@ export class SourceMigration {
     }
     this.#decided = true;
     this.#stopTimers();
-    this.#vm.log.warn('sidecar shutting down mid-migration: left for recovery at the next start', { phase: this.phase.state });
+    this.#log.warn('sidecar shutting down mid-migration: left for recovery at the next start', { phase: this.phase.state });
     await this.#applyChain;
     this.#channel?.close();
     this.#result.reject(
@@ -183,6 +192,7 @@ export class SourceMigration {
     await fs.rm(vm.checkpointDir, { recursive: true, force: true });
     await vm.setMigrationMarker({
       role: 'source',
+      migrationId: this.id,
       qemuPid: qemu.pid,
       peer: `${this.#opts.to.host}:${this.#opts.to.port}`,
       startedAt: new Date().toISOString(),
@@ -209,6 +219,7 @@ export class SourceMigration {
       type: 'control',
       body: {
         kind: 'prepare',
+        migrationId: this.id,
         vm: vm.name,
         deviceModel: deviceModelDigest(vm.config),
         sendConfiguration: vm.sendConfiguration,
@@ -218,7 +229,7 @@ export class SourceMigration {
     });
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
-    vm.log.info('destination ready', { uri: ready.uri });
+    this.#log.info('destination ready', { uri: ready.uri });
     this.#progress({ phase: 'precopy', destination: ready.uri });
 
     const qmp = qemu.qmp;
@@ -302,6 +313,14 @@ export class SourceMigration {
           this.#lastPauseMs = c.pauseMs;
           this.#tracker = c.tracker;
         } else if (c.kind === 'complete') {
+          if (c.migrationId !== this.id) {
+            // Only this migration's destination speaks on this channel: anything else is a protocol fault.
+            void this.rollback(
+              'bad-control-message',
+              new TetherError('ERR_MIGRATION_ID_MISMATCH', `completion request for migration ${c.migrationId}, not ${this.id}`),
+            );
+            return;
+          }
           void this.#onCompleteRequest(c.finalEpoch);
         } else if (c.kind === 'ready') {
           this.#ready = true;
@@ -318,7 +337,7 @@ export class SourceMigration {
         else void this.rollback('destination-abort', remoteError(m.code, m.reason), 0);
         return;
       default:
-        this.#vm.log.warn('unexpected message from destination', { type: m.type });
+        this.#log.warn('unexpected message from destination', { type: m.type });
     }
   }
 
@@ -359,7 +378,7 @@ export class SourceMigration {
     const t0 = nowMs();
     try {
       await this.#store.apply(ckpt);
-      this.#vm.log.debug('checkpoint applied', { epoch: ckpt.epoch, pages: ckpt.pfns.length, applyMs: +(nowMs() - t0).toFixed(2) });
+      this.#log.debug('checkpoint applied', { epoch: ckpt.epoch, pages: ckpt.pfns.length, applyMs: +(nowMs() - t0).toFixed(2) });
     } catch (e) {
       void this.rollback('apply-failed', e);
       return;
@@ -381,7 +400,7 @@ export class SourceMigration {
       this.#holdAcksUntil ??= nowMs() + f.holdAcksMs;
       const wait = this.#holdAcksUntil - nowMs();
       if (wait > 0) {
-        this.#vm.log.warn('fault injection: holding ACK', { epoch: ckpt.epoch, ms: Math.round(wait) });
+        this.#log.warn('fault injection: holding ACK', { epoch: ckpt.epoch, ms: Math.round(wait) });
         await sleep(wait);
       }
     }
@@ -411,13 +430,13 @@ export class SourceMigration {
     await this.#applyChain;
     if (this.#completedEpoch !== null) {
       // asked again: the answer was lost and the channel survived
-      this.#channel?.send(resolveMessage(this.#vm.name, 'completed', this.#completedEpoch)).catch(() => {});
+      this.#channel?.send(resolveMessage(this.id, this.#vm.name, 'completed', this.#completedEpoch)).catch(() => {});
       return;
     }
     if (this.#decided) return; // rolling back: the ABORT (and a resolve on a new channel) answer it
     const faults = this.#opts.faults ?? {};
     if (faults.cutCompletion === CUT_COMPLETION.beforeRecord) {
-      this.#vm.log.warn('fault injection: dropping the channel before recording completion', { finalEpoch });
+      this.#log.warn('fault injection: dropping the channel before recording completion', { finalEpoch });
       this.#channel?.close();
       return;
     }
@@ -436,19 +455,20 @@ export class SourceMigration {
     this.phase.to('completed', { finalEpoch });
     this.#vm.place = 'gone';
     if (faults.cutCompletion === CUT_COMPLETION.afterRecord) {
-      this.#vm.log.warn('fault injection: dropping the channel after recording completion', { finalEpoch });
+      this.#log.warn('fault injection: dropping the channel after recording completion', { finalEpoch });
       this.#channel?.close();
     } else if (faults.cutCompletion === CUT_COMPLETION.crashAfterRecord) {
-      this.#vm.log.warn('fault injection: sidecar dies after recording completion', { finalEpoch });
+      this.#log.warn('fault injection: sidecar dies after recording completion', { finalEpoch });
       process.kill(process.pid, 'SIGKILL');
     }
     const confirmed = notifyDestination({
       psk: this.#opts.host.peer.key,
       to: this.#opts.to,
+      migrationId: this.id,
       vm: this.#vm.name,
       outcome: 'completed',
       epoch: finalEpoch,
-      log: this.#vm.log,
+      log: this.#log,
       ...(this.#channel ? { channel: this.#channel } : {}),
     });
     // The outcome is decided; `tether migrate` waits a little for the hand-over to be confirmed.
@@ -477,7 +497,7 @@ export class SourceMigration {
     if (this.#decided) return;
     this.#decided = true;
     this.#stopTimers();
-    this.#vm.log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    this.#log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
     this.phase.to('refused', { code: err.code });
     this.#channel?.close();
     for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
@@ -504,7 +524,7 @@ export class SourceMigration {
     const detect = detectMs ?? tDecide - this.#lastHeard;
     this.#stopTimers();
     const vm = this.#vm;
-    vm.log.warn('rolling back', { reason, ...(err ? { error: errorFields(err) } : {}) });
+    this.#log.warn('rolling back', { reason, ...(err ? { error: errorFields(err) } : {}) });
     this.phase.to('rolling-back', { reason });
     vm.place = 'rolling-back';
     this.#progress({ phase: 'rolling-back', reason });
@@ -561,16 +581,17 @@ export class SourceMigration {
         void notifyDestination({
           psk: this.#opts.host.peer.key,
           to: this.#opts.to,
+          migrationId: this.id,
           vm: vm.name,
           outcome: 'rolled-back',
           epoch: figures.epoch ?? 0,
-          log: vm.log,
+          log: this.#log,
           giveUpAfterMs: ROLLED_BACK_NOTIFY_MS,
         });
       }
       this.#finish({ outcome: 'rolled-back', reason, err, rollback: figures });
     } catch (e) {
-      vm.log.error('rollback failed: the VM is not running', { error: errorFields(e) });
+      this.#log.error('rollback failed: the VM is not running', { error: errorFields(e) });
       // never leave the wedged source QEMU (or a half-restored one) behind a 'failed'
       await vm.killQemu().catch(() => {});
       vm.place = 'stopped';
@@ -584,7 +605,7 @@ export class SourceMigration {
     if (this.#decided) return;
     this.#decided = true;
     this.#stopTimers();
-    this.#vm.log.warn('destination not reached: nothing was migrated', { error: errorFields(e) });
+    this.#log.warn('destination not reached: nothing was migrated', { error: errorFields(e) });
     this.phase.to('unreached');
     this.#vm.place = 'running';
     await this.#vm.setMigrationMarker(null).catch(() => {});
@@ -626,6 +647,7 @@ export class SourceMigration {
     const err = p.err as { code?: string; message?: string } | undefined;
     this.#result.resolve({
       vm: this.#vm.name,
+      migrationId: this.id,
       outcome: p.outcome,
       ...(p.reason ? { reason: p.reason } : {}),
       ...(err ? { error: { code: err.code ?? 'ERR_UNKNOWN', message: err.message ?? String(err) } } : {}),
@@ -678,7 +700,7 @@ export class SourceMigration {
   }
 
   #progress(p: Record<string, unknown>): void {
-    this.#opts.onProgress?.({ t: round(nowMs() - this.#t0), ...p });
+    this.#opts.onProgress?.({ t: round(nowMs() - this.#t0), migrationId: this.id, ...p });
   }
 
   #waitControl(kind: PeerControl['kind'], timeoutMs: number): Promise<PeerControl> {
@@ -747,74 +769,4 @@ export async function resumeRestored(vm: VmInstance, connectNics: () => Promise<
   );
   await vm.qemu!.qmp.execute('cont');
   await waitRunning(vm, timeoutMs);
-}
-
-function resolveMessage(vm: string, outcome: 'completed' | 'rolled-back', epoch: number): Message {
-  return { type: 'control', body: { kind: 'resolve', vm, outcome, epoch } };
-}
-
-export interface NotifyOptions {
-  psk: Buffer;
-  /** The destination daemon's peer address (what `tether migrate --to` named). */
-  to: { host: string; port: number };
-  vm: string;
-  outcome: 'completed' | 'rolled-back';
-  epoch: number;
-  log: Logger;
-  /** The migration channel, tried first while it is open. */
-  channel?: PeerChannel;
-  /** Stop retrying after this long (default: never, for an answer of 'completed'). */
-  giveUpAfterMs?: number;
-}
-
-/**
- * Delivers the source's answer to a completion request (RESOLVE) until the destination
- * confirms it (RESOLVED): first on the migration channel, then on channels opened to the
- * destination's peer port for this alone. Resolves 'confirmed', 'unknown' (the destination
- * has no such migration: it fenced, or was restarted) or 'gave-up'.
- */
-export async function notifyDestination(o: NotifyOptions): Promise<'confirmed' | 'unknown' | 'gave-up'> {
-  const deadline = o.giveUpAfterMs === undefined ? Infinity : nowMs() + o.giveUpAfterMs;
-  let ch = o.channel && !o.channel.closed ? o.channel : undefined;
-  for (let attempt = 0; nowMs() < deadline; attempt++) {
-    const own = ch === undefined;
-    try {
-      ch ??= await PeerChannel.connect(o.to.host, o.to.port, { psk: o.psk, connectTimeoutMs: 2000 });
-      const known = await askResolved(ch, resolveMessage(o.vm, o.outcome, o.epoch), 3000);
-      if (!known) o.log.error('the destination does not know this migration', { outcome: o.outcome, epoch: o.epoch });
-      else o.log.info('destination confirmed the answer to its completion request', { outcome: o.outcome, epoch: o.epoch });
-      return known ? 'confirmed' : 'unknown';
-    } catch (e) {
-      if (attempt === 0 || attempt % 10 === 0) {
-        o.log.warn('answer to the completion request not confirmed yet; retrying', { outcome: o.outcome, error: errorFields(e) });
-      }
-    } finally {
-      if (own) ch?.close();
-      ch = undefined;
-    }
-    await sleep(Math.min(250 * 2 ** attempt, 5000));
-  }
-  o.log.error('gave up telling the destination the migration outcome', { outcome: o.outcome });
-  return 'gave-up';
-}
-
-function askResolved(ch: PeerChannel, msg: Message, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve, reject) => {
-    const done = (f: () => void) => {
-      clearTimeout(timer);
-      ch.off('message', onMessage);
-      ch.off('close', onClose);
-      f();
-    };
-    const timer = setTimeout(() => done(() => reject(new TetherError('ERR_PEER_TIMEOUT', 'no RESOLVED'))), timeoutMs);
-    const onMessage = (m: Message) => {
-      if (m.type !== 'control' || m.body.kind !== 'resolved') return;
-      done(() => resolve(m.body.known === true));
-    };
-    const onClose = () => done(() => reject(new TetherError('ERR_PEER_CLOSED', 'channel closed before RESOLVED')));
-    ch.on('message', onMessage);
-    ch.on('close', onClose);
-    ch.start();
-    ch.send(msg).catch(() => {});
-  });
 }

@@ -1,15 +1,34 @@
+import { randomUUID } from 'node:crypto';
 import { isValidName } from '../config/load.ts';
-import { TetherError } from '../errors.ts';
+import { isErrorCode, TetherError } from '../errors.ts';
+import type { ErrorCode } from '../errors.ts';
 import { DIGEST_RE } from '../vm/device-model.ts';
 import { MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
 
 /**
- * CONTROL bodies on the peer channel (JSON). `kind` discriminates.
- *   S -> D  prepare        {vm, deviceModel,       start an incoming QEMU for the VM named `vm`, built
- *                           sendConfiguration,     from D's own <vmConfigDir>/<vm>.yaml, whose device-model
- *                           failoverTimeoutMs,     digest (sha256 hex) must equal `deviceModel`; expecting the
- *                           window?}               stream's configuration section or not; D's fenceTimeoutMs
- *                                                  must be below S's failoverTimeoutMs; D keeps at most
+ * A migration's id: chosen by the source at `prepare`, a random (version 4) UUID in its
+ * canonical lower-case form, 36 characters. Every message that names a migration outside
+ * its own channel carries it: a VM migrates many times, and an answer retried for minutes
+ * (`resolve`) must never be taken for a later migration of the same VM (docs/completion.md).
+ */
+export const MIGRATION_ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+export function newMigrationId(): string {
+  return randomUUID();
+}
+
+export function isMigrationId(v: unknown): v is string {
+  return typeof v === 'string' && v.length === 36 && MIGRATION_ID_RE.test(v);
+}
+
+/**
+ * CONTROL bodies on the peer channel (JSON). `kind` discriminates. `migrationId` is always
+ * a MIGRATION_ID_RE string; a body with a missing or malformed one is refused (ERR_PEER_CONTROL).
+ *   S -> D  prepare        {migrationId, vm,       start an incoming QEMU for the VM named `vm`, built
+ *                           deviceModel,           from D's own <vmConfigDir>/<vm>.yaml, whose device-model
+ *                           sendConfiguration,     digest (sha256 hex) must equal `deviceModel`; expecting the
+ *                           failoverTimeoutMs,     stream's configuration section or not; D's fenceTimeoutMs
+ *                           window?}               must be below S's failoverTimeoutMs; D keeps at most
  *                                                  `window` checkpoints unacknowledged (absent: 1, an integer
  *                                                  in [1, 16] otherwise). D answers ready, or
  *                                                  ABORT with ERR_PEER_UNKNOWN_VM / ERR_PEER_DEVICE_MODEL /
@@ -17,16 +36,26 @@ import { MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
  *   D -> S  ready          {uri}                   where S's QEMU sends the migration stream
  *   S -> D  hashes-done    {pages}                 all HASHES sent (checkpoint 0 baseline)
  *   D -> S  epoch-stats    {epoch, pauseMs, ...}   figures of checkpoint `epoch`, after its COMMIT
- *   D -> S  complete       {finalEpoch}            post-copy completed and the final checkpoint is acked:
- *                                                  D asks to own the VM (completion handshake, docs/completion.md)
- *   S -> D  resolve        {vm, outcome, epoch}    S's answer: 'completed' once completed.json is durable
- *                                                  (epoch = final epoch), or 'rolled-back' (epoch = the one
+ *   D -> S  complete       {migrationId,           post-copy completed and the final checkpoint is acked:
+ *                           finalEpoch}            D asks to own the VM (completion handshake, docs/completion.md)
+ *   S -> D  resolve        {migrationId, vm,       S's answer: 'completed' once completed.json is durable
+ *                           outcome, epoch}        (epoch = final epoch), or 'rolled-back' (epoch = the one
  *                                                  S resumed from). On the migration channel or, when that is
  *                                                  gone, on a channel S opens to D's peer port for it alone.
- *   D -> S  resolved       {known}                 D acted on the answer (known=false: D has no such migration)
+ *                                                  D acts on it only if migrationId is the migration it holds
+ *   D -> S  resolved       {migrationId, known,    D acted on the answer (known=false: D has no such migration;
+ *                           code?}                 code ERR_MIGRATION_ID_MISMATCH: D holds another one of the VM)
  */
 export type PeerControl =
-  | { kind: 'prepare'; vm: string; deviceModel: string; sendConfiguration: boolean; failoverTimeoutMs: number; window?: number }
+  | {
+      kind: 'prepare';
+      migrationId: string;
+      vm: string;
+      deviceModel: string;
+      sendConfiguration: boolean;
+      failoverTimeoutMs: number;
+      window?: number;
+    }
   | { kind: 'ready'; uri: string }
   | { kind: 'hashes-done'; pages: number }
   | {
@@ -39,9 +68,9 @@ export type PeerControl =
       saveMs: number;
       tracker: string;
     }
-  | { kind: 'complete'; finalEpoch: number }
-  | { kind: 'resolve'; vm: string; outcome: 'completed' | 'rolled-back'; epoch: number }
-  | { kind: 'resolved'; known: boolean };
+  | { kind: 'complete'; migrationId: string; finalEpoch: number }
+  | { kind: 'resolve'; migrationId: string; vm: string; outcome: 'completed' | 'rolled-back'; epoch: number }
+  | { kind: 'resolved'; migrationId: string; known: boolean; code?: ErrorCode };
 
 export function asPeerControl(body: Record<string, unknown>): PeerControl {
   const kind = body.kind;
@@ -50,8 +79,14 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
       throw new TetherError('ERR_PEER_CONTROL', `control ${String(kind)}: field ${k} must be a number`);
     }
   };
+  const id = () => {
+    if (!isMigrationId(body.migrationId)) {
+      throw new TetherError('ERR_PEER_CONTROL', `control ${String(kind)}: migrationId must be a lower-case UUID (36 characters)`);
+    }
+  };
   switch (kind) {
     case 'prepare':
+      id();
       // The name becomes a file name on D: only a valid VM name, never a path.
       if (!isValidName(body.vm)) throw new TetherError('ERR_PEER_CONTROL', 'prepare: vm must be a VM name');
       if (typeof body.deviceModel !== 'string' || !DIGEST_RE.test(body.deviceModel)) {
@@ -76,17 +111,23 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
       for (const k of ['epoch', 'pauseMs', 'pages', 'bytes', 'collectMs', 'saveMs']) num(k);
       break;
     case 'complete':
+      id();
       num('finalEpoch');
       break;
     case 'resolve':
-      if (typeof body.vm !== 'string') throw new TetherError('ERR_PEER_CONTROL', 'resolve: vm missing');
+      id();
+      if (!isValidName(body.vm)) throw new TetherError('ERR_PEER_CONTROL', 'resolve: vm must be a VM name');
       if (body.outcome !== 'completed' && body.outcome !== 'rolled-back') {
         throw new TetherError('ERR_PEER_CONTROL', 'resolve: outcome must be completed or rolled-back');
       }
       num('epoch');
       break;
     case 'resolved':
+      id();
       if (typeof body.known !== 'boolean') throw new TetherError('ERR_PEER_CONTROL', 'resolved: known missing');
+      if (body.code !== undefined && !(typeof body.code === 'string' && isErrorCode(body.code))) {
+        throw new TetherError('ERR_PEER_CONTROL', 'resolved: code must be a catalogued error code');
+      }
       break;
     default:
       throw new TetherError('ERR_PEER_CONTROL', `unknown control kind ${String(kind)}`);

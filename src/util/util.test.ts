@@ -31,17 +31,18 @@ t.test('host:port parsing', async (t) => {
 });
 
 t.test('peer control messages are validated', async (t) => {
-  t.same(asPeerControl({ kind: 'complete', finalEpoch: 3 }), { kind: 'complete', finalEpoch: 3 });
-  t.throws(() => asPeerControl({ kind: 'complete' }), { code: 'ERR_PEER_CONTROL' });
+  const migrationId = '0b7c2f3e-5d1a-4c8e-9f00-1234567890ab';
+  t.same(asPeerControl({ kind: 'complete', migrationId, finalEpoch: 3 }), { kind: 'complete', migrationId, finalEpoch: 3 });
+  t.throws(() => asPeerControl({ kind: 'complete', migrationId }), { code: 'ERR_PEER_CONTROL' });
   t.throws(() => asPeerControl({ kind: 'done', finalEpoch: 3 }), { code: 'ERR_PEER_CONTROL' }, 'no one-way completion any more');
-  const answer = { kind: 'resolve', vm: 'vm1', outcome: 'completed', epoch: 7 };
+  const answer = { kind: 'resolve', migrationId, vm: 'vm1', outcome: 'completed', epoch: 7 };
   t.same(asPeerControl(answer), answer);
   t.throws(() => asPeerControl({ ...answer, outcome: 'maybe' }), { code: 'ERR_PEER_CONTROL' });
   t.throws(() => asPeerControl({ ...answer, vm: 1 }), { code: 'ERR_PEER_CONTROL' });
   t.throws(() => asPeerControl({ ...answer, epoch: 'x' }), { code: 'ERR_PEER_CONTROL' });
-  t.same(asPeerControl({ kind: 'resolved', known: false }), { kind: 'resolved', known: false });
-  t.throws(() => asPeerControl({ kind: 'resolved' }), { code: 'ERR_PEER_CONTROL' });
-  t.throws(() => asPeerControl({ kind: 'prepare', vm: {} }), { code: 'ERR_PEER_CONTROL' }, 'sendConfiguration required');
+  t.same(asPeerControl({ kind: 'resolved', migrationId, known: false }), { kind: 'resolved', migrationId, known: false });
+  t.throws(() => asPeerControl({ kind: 'resolved', migrationId }), { code: 'ERR_PEER_CONTROL' });
+  t.throws(() => asPeerControl({ kind: 'prepare', migrationId, vm: {} }), { code: 'ERR_PEER_CONTROL' }, 'vm required');
   t.throws(() => asPeerControl({ kind: 'nope' }), { code: 'ERR_PEER_CONTROL' });
   t.throws(() => asPeerControl({ kind: 'epoch-stats', epoch: 1, pauseMs: 'x' }), { code: 'ERR_PEER_CONTROL' });
 });

@@ -1,7 +1,8 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
-import { TetherError } from '../errors.ts';
+import { isTetherError, TetherError } from '../errors.ts';
+import { isMigrationId } from '../peer/control.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
@@ -12,6 +13,12 @@ import { decodeStateFile, encodeStateFile } from './state-file.ts';
 /** Kinds of the state files (see state-file.ts): <dir>/vm.json and <dir>/migration.json. */
 const VM_MAGIC = 'TETHER-VM';
 const MARKER_MAGIC = 'TETHER-MIGRATION';
+/**
+ * Format of the migration marker's body. 2: `migrationId` added. A marker of format 1 (written
+ * before migration ids) cannot tell which migration a peer's answer is for: it is refused
+ * (ERR_STATE_FILE_VERSION, the VM left unrecovered) rather than matched to any answer.
+ */
+export const MARKER_VERSION = 2;
 
 export interface PersistedVm {
   config: VmConfig;
@@ -21,6 +28,8 @@ export interface PersistedVm {
 
 export interface MigrationMarker {
   role: 'source' | 'destination';
+  /** The migration's id (control.ts MIGRATION_ID_RE): recovery answers, or waits for, that one only. */
+  migrationId: string;
   /** The QEMU that was migrating: after a restart, any other QEMU on the RAM file is a newer one. */
   qemuPid: number | null;
   peer: string;
@@ -226,7 +235,7 @@ export class VmInstance {
   async setMigrationMarker(m: MigrationMarker | null): Promise<void> {
     const file = path.join(this.dir, 'migration.json');
     if (m === null) await fs.rm(file, { force: true });
-    else await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, m));
+    else await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, m, MARKER_VERSION));
   }
 
   /**
@@ -260,11 +269,25 @@ export class VmInstance {
     const file = path.join(dir, 'migration.json');
     const raw = await readOptional(file);
     if (raw === null) return null;
-    const m = decodeStateFile(MARKER_MAGIC, raw, file) as Partial<MigrationMarker> | null;
+    let m: Partial<MigrationMarker> | null;
+    try {
+      m = decodeStateFile(MARKER_MAGIC, raw, file, MARKER_VERSION) as Partial<MigrationMarker> | null;
+    } catch (e) {
+      if (isTetherError(e, 'ERR_STATE_FILE_VERSION') && e.details?.['version'] === 1) {
+        throw new TetherError(
+          'ERR_STATE_FILE_VERSION',
+          `${file} was written by a tether without migration ids (format 1): the migration it records cannot be ` +
+            "matched to its peer's answer; resolve it by hand (see docs/completion.md)",
+          { file, version: 1 },
+        );
+      }
+      throw e;
+    }
     if (
       typeof m !== 'object' ||
       m === null ||
       (m.role !== 'source' && m.role !== 'destination') ||
+      !isMigrationId(m.migrationId) ||
       !(m.qemuPid === null || Number.isInteger(m.qemuPid)) ||
       typeof m.peer !== 'string' ||
       typeof m.startedAt !== 'string'

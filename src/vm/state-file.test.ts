@@ -8,6 +8,8 @@ import type { HostConfig, VmConfig } from '../config/types.ts';
 import { VmInstance } from './instance.ts';
 import { decodeStateFile, encodeStateFile } from './state-file.ts';
 
+const ID = '0b7c2f3e-5d1a-4c8e-9f00-1234567890ab';
+
 const record = { role: 'source', qemuPid: 4242, peer: '10.0.0.2:7700', startedAt: '2026-11-27T05:00:00.000Z' };
 
 t.test('a state file round-trips and a human can still read it', async (t) => {
@@ -52,10 +54,12 @@ t.test('VmInstance: a missing marker is "no migration", a damaged one is an erro
   t.equal(await VmInstance.readMarker(vm.dir), null, 'no marker: no migration');
   fs.writeFileSync(path.join(dir, 'control.sock'), '');
   t.equal(await VmInstance.readPersisted(path.join(dir, 'control.sock')), null, 'a file in stateDir is no VM (not an error)');
-  await vm.setMigrationMarker({ role: 'destination', qemuPid: null, peer: 'p', startedAt: 'now' });
-  t.same(await VmInstance.readMarker(vm.dir), { role: 'destination', qemuPid: null, peer: 'p', startedAt: 'now' });
+  const marker = { role: 'destination' as const, migrationId: ID, qemuPid: null, peer: 'p', startedAt: 'now' };
+  await vm.setMigrationMarker(marker);
+  t.same(await VmInstance.readMarker(vm.dir), marker);
   const file = path.join(vm.dir, 'migration.json');
   const good = fs.readFileSync(file);
+  t.match(good.toString('latin1'), /^TETHER-MIGRATION 2 /, 'the marker is format 2 (with the migration id)');
   for (let i = 0; i < good.length; i++) {
     const bad = Buffer.from(good);
     bad[i]! ^= 0x04;
@@ -68,4 +72,28 @@ t.test('VmInstance: a missing marker is "no migration", a damaged one is an erro
   await t.rejects(VmInstance.readPersisted(vm.dir), { code: 'ERR_STATE_FILE_CORRUPT' }, 'bare JSON vm.json');
   fs.writeFileSync(path.join(vm.dir, 'vm.json'), encodeStateFile('TETHER-VM', { config: {}, sendConfiguration: 'yes', pid: null }));
   await t.rejects(VmInstance.readPersisted(vm.dir), { code: 'ERR_STATE_FILE_CORRUPT' }, 'well-formed but not a VM record');
+});
+
+t.test('VmInstance: a marker without a valid migration id, or of format 1, is refused', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-state-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const host = { stateDir: dir, ramDir: path.join(dir, 'ram') } as HostConfig;
+  const vm = new VmInstance(host, { name: 'vm1', memoryMiB: 16 } as VmConfig, nullLogger);
+  await vm.prepareDirs();
+  const file = path.join(vm.dir, 'migration.json');
+  const base = { role: 'source', qemuPid: 1, peer: 'p', startedAt: 'now' };
+  for (const migrationId of [undefined, '', ID.toUpperCase(), ID + '0', ID.replace(/-/g, ''), '../../x', 42]) {
+    fs.writeFileSync(file, encodeStateFile('TETHER-MIGRATION', { ...base, migrationId }, 2));
+    await t.rejects(VmInstance.readMarker(vm.dir), { code: 'ERR_STATE_FILE_CORRUPT' }, `migrationId ${String(migrationId)}`);
+  }
+  // written by a tether before migration ids: it cannot say which migration an answer is for
+  fs.writeFileSync(file, encodeStateFile('TETHER-MIGRATION', base, 1));
+  await t.rejects(VmInstance.readMarker(vm.dir), { code: 'ERR_STATE_FILE_VERSION', message: /without migration ids/ });
+  // vm.json keeps format 1
+  await vm.setMigrationMarker(null);
+  fs.writeFileSync(
+    path.join(vm.dir, 'vm.json'),
+    encodeStateFile('TETHER-VM', { config: { name: 'vm1' }, sendConfiguration: true, pid: null }),
+  );
+  t.match(await VmInstance.readPersisted(vm.dir), { pid: null });
 });
