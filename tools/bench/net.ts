@@ -58,19 +58,26 @@ import { barsSpec, markdownTable, writeSvg, type Figure } from './report.ts';
 const quick = process.argv.includes('--quick');
 const num = arg;
 const list = (name: string, def: string): string[] => str(name, def).split(',').filter(Boolean);
+const only = new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate'));
+/** `--only rtt`: the gate cluster's ping RTT alone (no TCP, no tap clusters). */
+const rttOnly = only.has('rtt');
+if (rttOnly) only.add('gate');
 const opt = {
   quick,
-  pingCount: num('ping-count', quick ? 25 : 100),
+  pingCount: num('ping-count', quick ? 25 : rttOnly ? 400 : 100),
   pingIntervalMs: num('ping-interval-ms', 20),
   tcpSeconds: num('tcp-seconds', quick ? 1 : 3),
-  gatedPingCount: num('gated-ping-count', quick ? 25 : 50),
+  gatedPingCount: num('gated-ping-count', quick ? 50 : 400),
+  pingChunk: num('ping-chunk', quick ? 25 : 50),
+  warmupEpochs: num('warmup-epochs', 5),
   gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
   gatedSizes: list('gated-sizes', '65536').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
   bandwidthMiB: num('bandwidth-mib', quick ? 16 : 8),
   guestMiB: num('guest-mib', 256),
-  only: new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate')),
+  rttOnly,
+  only,
 };
 for (const v of [...opt.sizes, ...opt.intervals])
   if (!Number.isInteger(v) || v <= 0) throw new Error('--sizes/--intervals: positive integers');
@@ -110,6 +117,20 @@ interface PingStats {
   p50: number | null;
   p99: number | null;
   max: number | null;
+  /** Every reply's RTT in order, ms (kept in the JSON for a later look). */
+  rtts: number[];
+}
+
+function pingStats(count: number, rtts: number[], missing: number[]): PingStats {
+  return {
+    sent: count,
+    received: rtts.length,
+    missing,
+    p50: rtts.length ? r2(percentile(rtts, 50)) : null,
+    p99: rtts.length ? r2(percentile(rtts, 99)) : null,
+    max: rtts.length ? r2(Math.max(...rtts)) : null,
+    rtts,
+  };
 }
 
 /** busybox ping from the client namespace; RTTs from its per-reply lines (ms, 3 decimals). */
@@ -137,14 +158,11 @@ async function ping(c: Cluster, count: number, intervalMs: number): Promise<Ping
   const replies = [...r.stdout.matchAll(/seq=(\d+) .*time=([\d.]+) ms/g)].map((m) => ({ seq: Number(m[1]), ms: Number(m[2]) }));
   const rtts = replies.map((x) => x.ms);
   const got = new Set(replies.map((x) => x.seq));
-  return {
-    sent: count,
-    received: rtts.length,
-    missing: Array.from({ length: count }, (_, i) => i).filter((i) => !got.has(i)),
-    p50: rtts.length ? r2(percentile(rtts, 50)) : null,
-    p99: rtts.length ? r2(percentile(rtts, 99)) : null,
-    max: rtts.length ? r2(Math.max(...rtts)) : null,
-  };
+  return pingStats(
+    count,
+    rtts,
+    Array.from({ length: count }, (_, i) => i).filter((i) => !got.has(i)),
+  );
 }
 
 interface TcpResult {
@@ -236,24 +254,27 @@ interface SampleSpec {
   sizes: number[];
   tcpSeconds: number;
 }
-const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.sizes, tcpSeconds: opt.tcpSeconds });
-/** In the post-copy window: shorter, so that it fits in the window; request-sized transfers only (bulk crawls). */
-const GATED = (): SampleSpec => ({ pingCount: opt.gatedPingCount, sizes: opt.gatedSizes, tcpSeconds: opt.gatedTcpSeconds });
+const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.rttOnly ? [] : opt.sizes, tcpSeconds: opt.tcpSeconds });
 
-async function sample(c: Cluster, h: Host, label: string, spec: SampleSpec = FULL()): Promise<Sample> {
-  const t0 = now();
-  const p = await ping(c, spec.pingCount, opt.pingIntervalMs);
-  log(`${label}: ping p50 ${p.p50} ms p99 ${p.p99} ms (${p.received}/${p.sent})`);
+async function tcpSamples(c: Cluster, h: Host, label: string, sizes: number[], seconds: number): Promise<TcpResult[]> {
   const t: TcpResult[] = [];
   for (const dir of ['g2c', 'c2g'] as const) {
-    for (const size of spec.sizes) {
-      const res = await withCpu(c, h, () => tcp(c, dir, size, spec.tcpSeconds));
+    for (const size of sizes) {
+      const res = await withCpu(c, h, () => tcp(c, dir, size, seconds));
       log(
         `${label}: tcp ${dir} ${size} B: ${res.mbitPerS ?? res.error} Mbit/s (CPU: QEMU ${res.cpu.qemuPct}%, sidecar ${res.cpu.sidecarPct}%)`,
       );
       t.push(res);
     }
   }
+  return t;
+}
+
+async function sample(c: Cluster, h: Host, label: string, spec: SampleSpec = FULL()): Promise<Sample> {
+  const t0 = now();
+  const p = await ping(c, spec.pingCount, opt.pingIntervalMs);
+  log(`${label}: ping p50 ${p.p50} ms p99 ${p.p99} ms (${p.received}/${p.sent})`);
+  const t = await tcpSamples(c, h, label, spec.sizes, spec.tcpSeconds);
   return { label, ping: p, tcp: t, ms: r2(now() - t0) };
 }
 
@@ -346,15 +367,47 @@ function keepLogs(c: Cluster, label: string): void {
   }
 }
 
-interface GatedSample extends Sample {
+/** p50/p99 of a list (null when empty), 2 decimals. */
+function dist(v: number[]): { p50: number | null; p99: number | null; n: number } {
+  return { p50: v.length ? r2(percentile(v, 50)) : null, p99: v.length ? r2(percentile(v, 99)) : null, n: v.length };
+}
+
+interface GatedSample {
+  label: string;
   intervalMs: number;
-  /** The post-copy window stayed open for the whole sample. */
+  /** Replies to requests of the chunks that ended with the window still open: the figure. */
+  ping: PingStats;
+  /** The first chunk after the wait, not counted: it faults in the reply path's pages. */
+  warmup: PingStats | null;
+  /** Requests of a chunk that ended after the window had closed: discarded, not counted. */
+  discarded: number;
+  /** The window stayed open until the last counted chunk ended (else fewer samples than asked). */
   windowOpen: boolean;
-  appliedEpochs: { before: number | null; after: number | null };
-  /** Destination checkpoint pauses while sampling (daemon log), ms. */
+  /** Wall-clock span of the counted chunks, ms. */
+  sampleMs: number;
+  /** TCP transfers right after the ping, in the window too (not in --only rtt). */
+  tcp: TcpResult[];
+  tcpWindowOpen: boolean | null;
+  /** Destination checkpoints taken during the counted chunks (daemon logs). */
+  epochs: number;
+  /** VM paused for the checkpoint, ms. */
   pauseMs: { p50: number | null; p99: number | null; n: number };
-  /** Time from one checkpoint to the next on the destination, p50 (the interval plus what stretches it), ms. */
+  /** Checkpoint taken → fully sent to the source, after the pause, ms. */
+  sendMs: { p50: number | null; p99: number | null; n: number };
+  /** Checkpoint sent (D's log) → applied on the source, whose ACK follows at once (S's log), ms. */
+  ackMs: { p50: number | null; p99: number | null; n: number };
+  /** Time from one checkpoint to the next on the destination (interval + pause + what stretches it), ms. */
   epochPeriodMs: number | null;
+  /**
+   * What the gate alone adds: a reply leaves at the ACK of its epoch, so it waits for the
+   * rest of its epoch (interval/2 on average, the whole interval at worst), the checkpoint
+   * pause, the send and the ACK round trip. p50 ≈ interval/2 + p50s; bound ≈ interval + p99s.
+   */
+  floorMs: { p50: number | null; bound: number | null };
+  /** Replies later than the gate's bound (its wait alone cannot explain them). */
+  aboveBound: { n: number; pct: number | null };
+  /** Pages the destination faulted on and asked the source for during the counted chunks (QEMU postcopy-requests). */
+  postcopyRequests: number | null;
   outcome: string | null;
   migrateTotalMs: number | null;
   /** Post-copy window: switchover → completion (completing run only), ms. */
@@ -369,47 +422,178 @@ interface GateRun {
   error?: string;
 }
 
+/** Wait until the destination has had `epoch` checkpoints acknowledged (so the window has settled). */
+async function waitAcked(c: Cluster, epoch: number, migrating: Promise<unknown>): Promise<void> {
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before checkpoint ${epoch} was acknowledged: ${JSON.stringify(await migrating)}`);
+    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= epoch;
+  }, `checkpoint ${epoch} acknowledged on the destination`);
+}
+
+/**
+ * Ping in chunks while the post-copy window is open. A chunk counts when the source
+ * still reports phase postcopy after its last reply: every reply of it then left the
+ * destination through the gated gate (completion switches the gate to pass-through only
+ * after the source has recorded it). The chunk during which the window closed is dropped.
+ */
+async function windowPing(
+  c: Cluster,
+  ended: () => boolean,
+): Promise<{ ping: PingStats; warmup: PingStats | null; discarded: number; open: boolean; from: number | null; to: number | null }> {
+  const rtts: number[] = [];
+  const missing: number[] = [];
+  let sent = 0;
+  let warmup: PingStats | null = null;
+  let discarded = 0;
+  let open = true;
+  let from: number | null = null;
+  let to: number | null = null;
+  while (sent < opt.gatedPingCount) {
+    const n = warmup ? Math.min(opt.pingChunk, opt.gatedPingCount - sent) : opt.pingChunk;
+    const t0 = Date.now();
+    const p = await ping(c, n, opt.pingIntervalMs);
+    const t1 = Date.now();
+    if (ended() || (await migStatus(c, c.src)).phase !== 'postcopy') {
+      discarded += n;
+      open = false;
+      break;
+    }
+    if (!warmup) {
+      warmup = p;
+      continue;
+    }
+    rtts.push(...p.rtts);
+    missing.push(...p.missing.map((i) => i + sent));
+    sent += n;
+    from ??= t0;
+    to = t1;
+  }
+  return { ping: pingStats(sent, rtts, missing), warmup, discarded, open, from, to };
+}
+
+/** Checkpoint timings of the destination during [from, to] (wall clock), from both daemons' logs. */
+function epochTimings(c: Cluster, dstFrom: number, srcFrom: number, from: number, to: number) {
+  const sent = records(c.dst.daemonLog, dstFrom).filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number');
+  const applied = new Map(
+    records(c.src.daemonLog, srcFrom)
+      .filter((r) => r.msg === 'checkpoint applied')
+      .map((r) => [Number(r.epoch), Date.parse(String(r.t))]),
+  );
+  const inSample = sent.filter((r) => {
+    const t = Date.parse(String(r.t));
+    return t >= from && t <= to;
+  });
+  const at = inSample.map((r) => Date.parse(String(r.t)));
+  const acks = inSample.flatMap((r) => {
+    const a = applied.get(Number(r.epoch));
+    return a === undefined ? [] : [a - Date.parse(String(r.t))];
+  });
+  return {
+    epochs: inSample.length,
+    pauseMs: dist(inSample.map((r) => Number(r.pauseMs))),
+    sendMs: dist(inSample.map((r) => Number(r.sendMs ?? 0))),
+    ackMs: dist(acks),
+    epochPeriodMs:
+      at.length > 1
+        ? r2(
+            percentile(
+              at.slice(1).map((t, i) => t - at[i]!),
+              50,
+            ),
+          )
+        : null,
+  };
+}
+
+/**
+ * Post-copy page requests between two wall-clock times, from the source's progress
+ * records (every 500 ms, `t` in ms since its start). Their clock is placed on the wall
+ * clock by the first record, printed right after S logs 'destination ready'.
+ */
+function postcopyRequestsBetween(c: Cluster, srcFrom: number, progress: Record<string, any>[], from: number, to: number): number | null {
+  const ready = records(c.src.daemonLog, srcFrom).find((r) => r.msg === 'destination ready');
+  const first = progress.find((p) => p.destination !== undefined);
+  if (!ready || !first) return null;
+  const base = Date.parse(String(ready.t)) - Number(first.t);
+  const req = progress.filter((p) => typeof p.ram?.postcopyRequests === 'number');
+  const at = (wall: number): number | null => {
+    const before = req.filter((p) => base + Number(p.t) <= wall).at(-1);
+    return before ? Number(before.ram.postcopyRequests) : null;
+  };
+  const a = at(from);
+  const b = at(to);
+  return b === null ? null : b - (a ?? 0);
+}
+
 async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
   const out: GateRun = { bootMs, gated: [] };
   try {
     out.before = await sample(c, c.src, 'gate before migration');
     for (const [i, interval] of opt.intervals.entries()) {
       const last = i === opt.intervals.length - 1;
+      const label = `gate in window ${interval} ms`;
       setCheckpointInterval(c, c.dst, interval);
       const dstFrom = fileSize(c.dst.daemonLog);
+      const srcFrom = fileSize(c.src.daemonLog);
       log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
       const t0 = now();
       const migrating = c.migrate();
-      await waitApplied(c, 2, migrating);
-      const before = await migStatus(c, c.src);
-      const s = await sample(c, c.dst, `gate gated ${interval} ms`, GATED());
-      const after = await migStatus(c, c.src);
-      const windowOpen = before.phase === 'postcopy' && after.phase === 'postcopy';
-      const sent = records(c.dst.daemonLog, dstFrom).filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number');
-      const pauses = sent.map((r) => Number(r.pauseMs));
-      const at = sent.map((r) => Date.parse(String(r.t)));
-      const periods = at.slice(1).map((t, i) => t - at[i]!);
-      if (!last) {
+      let ended = false;
+      void migrating.finally(() => (ended = true));
+      await waitAcked(c, opt.warmupEpochs, migrating);
+      const w = await windowPing(c, () => ended);
+      log(
+        `${label}: ping p50 ${w.ping.p50} ms p99 ${w.ping.p99} ms (n=${w.ping.received}/${w.ping.sent} in window, ` +
+          `${w.discarded} discarded, warm-up p50 ${w.warmup?.p50 ?? '–'} ms)`,
+      );
+      let tcpRes: TcpResult[] = [];
+      let tcpWindowOpen: boolean | null = null;
+      if (!opt.rttOnly && w.open) {
+        tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds);
+        tcpWindowOpen = !ended && (await migStatus(c, c.src)).phase === 'postcopy';
+      }
+      if (!last && !ended) {
         const a = await c.tether(c.src, ['abort', c.vmName]);
         if (a.code !== 0) log(`abort: ${a.stderr}`);
       }
       const mig = await migrating;
       const outcome = (mig.result?.outcome as string | undefined) ?? null;
-      log(`gate: interval ${interval} ms -> ${outcome} (window open during the sample: ${windowOpen})`);
+      const ep = w.from !== null && w.to !== null ? epochTimings(c, dstFrom, srcFrom, w.from, w.to) : null;
+      const sum = (...v: (number | null | undefined)[]): number | null =>
+        v.some((x) => x === null || x === undefined) ? null : r2(v.reduce<number>((s, x) => s + (x as number), 0));
+      const floorMs = {
+        p50: sum(interval / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
+        bound: sum(interval, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
+      };
+      const above = floorMs.bound === null ? 0 : w.ping.rtts.filter((x) => x > floorMs.bound!).length;
       const g: GatedSample = {
-        ...s,
+        label,
         intervalMs: interval,
-        windowOpen,
-        appliedEpochs: { before: before.appliedEpoch ?? null, after: after.appliedEpoch ?? null },
-        pauseMs: {
-          p50: pauses.length ? r2(percentile(pauses, 50)) : null,
-          p99: pauses.length ? r2(percentile(pauses, 99)) : null,
-          n: pauses.length,
-        },
-        epochPeriodMs: periods.length ? r2(percentile(periods, 50)) : null,
+        ping: w.ping,
+        warmup: w.warmup,
+        discarded: w.discarded,
+        windowOpen: w.open,
+        sampleMs: w.from !== null && w.to !== null ? w.to - w.from : 0,
+        tcp: tcpRes,
+        tcpWindowOpen,
+        epochs: ep?.epochs ?? 0,
+        pauseMs: ep?.pauseMs ?? dist([]),
+        sendMs: ep?.sendMs ?? dist([]),
+        ackMs: ep?.ackMs ?? dist([]),
+        epochPeriodMs: ep?.epochPeriodMs ?? null,
+        floorMs,
+        aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
+        postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
         outcome,
         migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
       };
+      log(
+        `${label}: -> ${outcome}; gate floor p50 ≈ ${floorMs.p50} ms, bound ${floorMs.bound} ms, ${g.aboveBound.pct}% above; ` +
+          `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
+          `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms`,
+      );
       if (last) {
         const sw = mig.progress.find((p) => p.phase === 'postcopy');
         g.windowMs = sw && mig.result?.totalMs ? r2(Number(mig.result.totalMs) - Number(sw.t)) : null;
@@ -453,22 +637,44 @@ function figures(res: Results): Figure[] {
   const tap = res.taps.tap?.sample;
   const novnet = res.taps['tap-novnet']?.sample;
   const g = res.gate;
-  const pingFig = (name: string, s: Sample | undefined, note = ''): void => {
+  const pingFig = (name: string, s: { ping: PingStats } | undefined, note = ''): void => {
     const loss = s ? `${s.ping.received}/${s.ping.sent} replies` : '';
     F.push({ name: `${name}: ping RTT p50`, value: s?.ping.p50 ?? null, unit: 'ms', note: [loss, note].filter(Boolean).join('; ') });
     F.push({ name: `${name}: ping RTT p99`, value: s?.ping.p99 ?? null, unit: 'ms' });
   };
-  pingFig('QEMU tap (vanilla)', tap);
+  if (opt.only.has('tap')) pingFig('QEMU tap (vanilla)', tap);
   if (novnet) pingFig('QEMU tap, vnet_hdr=off', novnet);
   pingFig('gate, before migration (pass-through)', g?.before);
   for (const s of g?.gated ?? []) {
+    const name = `gate, post-copy window, interval ${s.intervalMs} ms (gated)`;
     pingFig(
-      `gate, post-copy window, interval ${s.intervalMs} ms (gated)`,
+      name,
       s,
-      `epoch period p50 ${s.epochPeriodMs ?? '–'} ms, checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} ms${s.windowOpen ? '' : '; WINDOW CLOSED during the sample'}`,
+      `n=${s.ping.received} in window over ${(s.sampleMs / 1000).toFixed(1)} s` +
+        `${s.discarded ? `, ${s.discarded} discarded (window closed)` : ''}; warm-up chunk p50 ${s.warmup?.p50 ?? '–'} ms not counted` +
+        `${s.windowOpen ? '' : `; WINDOW CLOSED: fewer than ${opt.gatedPingCount} samples`}`,
     );
+    F.push({
+      name: `${name}: gate floor p50 (expected)`,
+      value: s.floorMs.p50,
+      unit: 'ms',
+      note: `interval/2 + checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} + send p50 ${s.sendMs.p50 ?? '–'} + ACK p50 ${s.ackMs.p50 ?? '–'} ms (${s.epochs} checkpoints in the sample; epoch period p50 ${s.epochPeriodMs ?? '–'} ms)`,
+    });
+    F.push({
+      name: `${name}: gate bound`,
+      value: s.floorMs.bound,
+      unit: 'ms',
+      note: `interval + pause p99 ${s.pauseMs.p99 ?? '–'} + send p99 ${s.sendMs.p99 ?? '–'} + ACK p99 ${s.ackMs.p99 ?? '–'} ms: the longest the gate alone holds a reply`,
+    });
+    F.push({
+      name: `${name}: replies later than the gate bound`,
+      value: s.aboveBound.pct,
+      unit: '%',
+      note: `${s.aboveBound.n} of ${s.ping.received}: delayed by something else (post-copy faults: ${s.postcopyRequests ?? '–'} page requests during the sample)`,
+    });
   }
   pingFig('gate, after completion (pass-through)', g?.after);
+  if (opt.rttOnly) return F;
   for (const dir of ['g2c', 'c2g'] as const) {
     for (const size of opt.sizes) {
       const what = `TCP ${dirName(dir)}, ${sizeName(size)} transfers`;
@@ -507,7 +713,10 @@ function figures(res: Results): Figure[] {
           name: `${what}: gated, interval ${s.intervalMs} ms`,
           value: tr?.mbitPerS ?? null,
           unit: 'Mbit/s',
-          note: [tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error, s.windowOpen ? '' : 'WINDOW CLOSED during the sample']
+          note: [
+            tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error,
+            s.tcpWindowOpen ? '' : 'WINDOW CLOSED during the sample',
+          ]
             .filter(Boolean)
             .join('; '),
         });
@@ -515,6 +724,41 @@ function figures(res: Results): Figure[] {
     }
   }
   return F;
+}
+
+/**
+ * The closing note's RTT table: each phase's ping RTT beside what the gate alone explains
+ * (its floor and bound, from the checkpoint timings of the same seconds).
+ */
+function rttTable(res: Results): string[] {
+  const g = res.gate;
+  if (!g) return [];
+  const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '–' : `${v}`);
+  const rows = [
+    '| ping RTT client → guest | n | p50 ms | p99 ms | gate floor p50 ms | gate bound ms | later than the bound | post-copy page requests |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
+  ];
+  const plain = (name: string, s: Sample | undefined): void => {
+    if (s) rows.push(`| ${name} | ${s.ping.received} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | – | – | – | – |`);
+  };
+  plain('before migration (pass-through)', g.before);
+  for (const s of g.gated)
+    rows.push(
+      `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} in window${s.discarded ? ` (${s.discarded} discarded)` : ''} | ` +
+        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.floorMs.p50)} | ${ms(s.floorMs.bound)} | ` +
+        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} %`} | ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s |`,
+    );
+  plain('after completion (pass-through)', g.after);
+  return [
+    ...rows,
+    '',
+    'Gate floor p50 ≈ interval/2 + checkpoint pause p50 + send p50 + ACK p50 (a reply waits for the rest of its epoch, ' +
+      'the checkpoint and its ACK); gate bound ≈ interval + the p99s. A reply later than the bound was delayed by something ' +
+      "else than the gate (a post-copy page fault blocking QEMU, the guest's own scheduling). Samples: chunks of " +
+      `${opt.pingChunk} pings every ${opt.pingIntervalMs} ms from checkpoint ${opt.warmupEpochs} acknowledged on; the first chunk is a ` +
+      'warm-up (not counted), a chunk during which the window closed is discarded.',
+    '',
+  ];
 }
 
 function summaryMarkdown(res: Results, command: string): string {
@@ -531,6 +775,7 @@ function summaryMarkdown(res: Results, command: string): string {
       `${last?.windowMs ? ` (post-copy window of the completing run ${(last.windowMs / 1000).toFixed(1)} s)` : ''}; ` +
       `${os.cpus().length} CPUs, load average ${load} at the end (other work may share this machine: figures are indicative).`,
     '',
+    ...rttTable(res),
     markdownTable(figures(res)),
     '',
     'PASS/MISS compare this run with the target of issue 6 (gate pass-through ≥ 0.8× QEMU tap); findings, not test failures.',
@@ -548,11 +793,12 @@ async function writePlots(dir: string, res: Results): Promise<string[]> {
     }
   };
   const g = res.gate;
-  const samples: [string, Sample | undefined][] = [
+  type Sampled = { ping: PingStats; tcp: TcpResult[] };
+  const samples: [string, Sampled | undefined][] = [
     ['QEMU tap', res.taps.tap?.sample],
     ['tap vnet_hdr=off', res.taps['tap-novnet']?.sample],
     ['gate before', g?.before],
-    ...(g?.gated ?? []).map((s): [string, Sample] => [`gated ${s.intervalMs} ms`, s]),
+    ...(g?.gated ?? []).map((s): [string, Sampled] => [`gated ${s.intervalMs} ms`, s]),
     ['gate after', g?.after],
   ];
   const rtt = samples.flatMap(([series, s]) =>
