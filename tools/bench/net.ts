@@ -70,11 +70,12 @@ const opt = {
   gatedPingCount: num('gated-ping-count', quick ? 50 : 400),
   pingChunk: num('ping-chunk', quick ? 25 : 50),
   warmupEpochs: num('warmup-epochs', 5),
+  warmupChunks: num('warmup-chunks', quick ? 1 : 2),
   gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
   gatedSizes: list('gated-sizes', '65536').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
-  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 8),
+  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 4),
   guestMiB: num('guest-mib', 256),
   rttOnly,
   only,
@@ -397,17 +398,22 @@ interface GatedSample {
   /** Checkpoint sent (D's log) → applied on the source, whose ACK follows at once (S's log), ms. */
   ackMs: { p50: number | null; p99: number | null; n: number };
   /** Time from one checkpoint to the next on the destination (interval + pause + what stretches it), ms. */
-  epochPeriodMs: number | null;
+  periodMs: { p50: number | null; p99: number | null; n: number };
   /**
-   * What the gate alone adds: a reply leaves at the ACK of its epoch, so it waits for the
-   * rest of its epoch (interval/2 on average, the whole interval at worst), the checkpoint
-   * pause, the send and the ACK round trip. p50 ≈ interval/2 + p50s; bound ≈ interval + p99s.
+   * What the gate alone adds: a request arrives at a uniform point of the epoch period P
+   * (the guest runs `interval`, then pauses for the checkpoint; a request arriving in the
+   * pause is answered when the guest runs again); the reply leaves at the ACK of the epoch
+   * it was produced in. So it waits until the next seal (P/2 on average, P at worst), then
+   * the checkpoint pause, the send and the ACK round trip.
+   * p50 ≈ P50/2 + pause p50 + send p50 + ACK p50; bound ≈ P99 + pause p99 + send p99 + ACK p99.
    */
   floorMs: { p50: number | null; bound: number | null };
   /** Replies later than the gate's bound (its wait alone cannot explain them). */
   aboveBound: { n: number; pct: number | null };
   /** Pages the destination faulted on and asked the source for during the counted chunks (QEMU postcopy-requests). */
   postcopyRequests: number | null;
+  /** The same over the whole migration. */
+  postcopyRequestsTotal: number | null;
   outcome: string | null;
   migrateTotalMs: number | null;
   /** Post-copy window: switchover → completion (completing run only), ms. */
@@ -445,6 +451,7 @@ async function windowPing(
   const rtts: number[] = [];
   const missing: number[] = [];
   let sent = 0;
+  const warm: { rtts: number[]; sent: number; missing: number[] } = { rtts: [], sent: 0, missing: [] };
   let warmup: PingStats | null = null;
   let discarded = 0;
   let open = true;
@@ -461,7 +468,10 @@ async function windowPing(
       break;
     }
     if (!warmup) {
-      warmup = p;
+      warm.rtts.push(...p.rtts);
+      warm.missing.push(...p.missing.map((i) => i + warm.sent));
+      warm.sent += n;
+      if (warm.sent >= opt.warmupChunks * opt.pingChunk) warmup = pingStats(warm.sent, warm.rtts, warm.missing);
       continue;
     }
     rtts.push(...p.rtts);
@@ -495,15 +505,7 @@ function epochTimings(c: Cluster, dstFrom: number, srcFrom: number, from: number
     pauseMs: dist(inSample.map((r) => Number(r.pauseMs))),
     sendMs: dist(inSample.map((r) => Number(r.sendMs ?? 0))),
     ackMs: dist(acks),
-    epochPeriodMs:
-      at.length > 1
-        ? r2(
-            percentile(
-              at.slice(1).map((t, i) => t - at[i]!),
-              50,
-            ),
-          )
-        : null,
+    periodMs: dist(at.slice(1).map((t, i) => t - at[i]!)),
   };
 }
 
@@ -564,8 +566,8 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
       const sum = (...v: (number | null | undefined)[]): number | null =>
         v.some((x) => x === null || x === undefined) ? null : r2(v.reduce<number>((s, x) => s + (x as number), 0));
       const floorMs = {
-        p50: sum(interval / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
-        bound: sum(interval, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
+        p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
+        bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
       };
       const above = floorMs.bound === null ? 0 : w.ping.rtts.filter((x) => x > floorMs.bound!).length;
       const g: GatedSample = {
@@ -582,17 +584,20 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
         pauseMs: ep?.pauseMs ?? dist([]),
         sendMs: ep?.sendMs ?? dist([]),
         ackMs: ep?.ackMs ?? dist([]),
-        epochPeriodMs: ep?.epochPeriodMs ?? null,
+        periodMs: ep?.periodMs ?? dist([]),
         floorMs,
         aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
         postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
+        postcopyRequestsTotal:
+          (mig.progress.filter((p) => typeof p.ram?.postcopyRequests === 'number').at(-1)?.ram.postcopyRequests as number | undefined) ??
+          null,
         outcome,
         migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
       };
       log(
         `${label}: -> ${outcome}; gate floor p50 ≈ ${floorMs.p50} ms, bound ${floorMs.bound} ms, ${g.aboveBound.pct}% above; ` +
           `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
-          `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms`,
+          `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms (${g.postcopyRequestsTotal} in the migration)`,
       );
       if (last) {
         const sw = mig.progress.find((p) => p.phase === 'postcopy');
@@ -651,20 +656,20 @@ function figures(res: Results): Figure[] {
       name,
       s,
       `n=${s.ping.received} in window over ${(s.sampleMs / 1000).toFixed(1)} s` +
-        `${s.discarded ? `, ${s.discarded} discarded (window closed)` : ''}; warm-up chunk p50 ${s.warmup?.p50 ?? '–'} ms not counted` +
+        `${s.discarded ? `, ${s.discarded} discarded (window closed)` : ''}; warm-up (not counted) p50 ${s.warmup?.p50 ?? '–'} ms, ${s.warmup?.received ?? 0}/${s.warmup?.sent ?? 0} replies` +
         `${s.windowOpen ? '' : `; WINDOW CLOSED: fewer than ${opt.gatedPingCount} samples`}`,
     );
     F.push({
       name: `${name}: gate floor p50 (expected)`,
       value: s.floorMs.p50,
       unit: 'ms',
-      note: `interval/2 + checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} + send p50 ${s.sendMs.p50 ?? '–'} + ACK p50 ${s.ackMs.p50 ?? '–'} ms (${s.epochs} checkpoints in the sample; epoch period p50 ${s.epochPeriodMs ?? '–'} ms)`,
+      note: `epoch period p50 ${s.periodMs.p50 ?? '–'}/2 + checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} + send p50 ${s.sendMs.p50 ?? '–'} + ACK p50 ${s.ackMs.p50 ?? '–'} ms (${s.epochs} checkpoints in the sample)`,
     });
     F.push({
       name: `${name}: gate bound`,
       value: s.floorMs.bound,
       unit: 'ms',
-      note: `interval + pause p99 ${s.pauseMs.p99 ?? '–'} + send p99 ${s.sendMs.p99 ?? '–'} + ACK p99 ${s.ackMs.p99 ?? '–'} ms: the longest the gate alone holds a reply`,
+      note: `epoch period p99 ${s.periodMs.p99 ?? '–'} + pause p99 ${s.pauseMs.p99 ?? '–'} + send p99 ${s.sendMs.p99 ?? '–'} + ACK p99 ${s.ackMs.p99 ?? '–'} ms: the longest the gate alone holds a reply`,
     });
     F.push({
       name: `${name}: replies later than the gate bound`,
@@ -752,10 +757,10 @@ function rttTable(res: Results): string[] {
   return [
     ...rows,
     '',
-    'Gate floor p50 ≈ interval/2 + checkpoint pause p50 + send p50 + ACK p50 (a reply waits for the rest of its epoch, ' +
-      'the checkpoint and its ACK); gate bound ≈ interval + the p99s. A reply later than the bound was delayed by something ' +
+    'Gate floor p50 ≈ epoch period p50/2 + checkpoint pause p50 + send p50 + ACK p50 (a request arrives at a uniform ' +
+      'point of the epoch period; its reply waits for the next seal, the checkpoint and its ACK); gate bound ≈ the p99s summed, the period whole. A reply later than the bound was delayed by something ' +
       "else than the gate (a post-copy page fault blocking QEMU, the guest's own scheduling). Samples: chunks of " +
-      `${opt.pingChunk} pings every ${opt.pingIntervalMs} ms from checkpoint ${opt.warmupEpochs} acknowledged on; the first chunk is a ` +
+      `${opt.pingChunk} pings every ${opt.pingIntervalMs} ms from checkpoint ${opt.warmupEpochs} acknowledged on; the first ${opt.warmupChunks} chunk(s) are a ` +
       'warm-up (not counted), a chunk during which the window closed is discarded.',
     '',
   ];
