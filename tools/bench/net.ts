@@ -20,27 +20,36 @@
  *   before   VM on the source, gate in pass-through (compared with the tap cluster)
  *   gated    for each --intervals value: migrate with that checkpoint interval (written
  *            into the destination's VM config, which is what the destination runs), wait
- *            until checkpoint 2 is applied, sample while the post-copy window is open
- *            (a slow QEMU max-bandwidth, --bandwidth-mib, keeps it open), then
- *            `tether abort` (rollback to the source) — except the last interval, whose
- *            migration completes
+ *            until D has had checkpoint --warmup-epochs acknowledged, then ping in chunks
+ *            while the post-copy window is open (a slow QEMU max-bandwidth, --bandwidth-mib,
+ *            keeps it open ~20 s for a 256 MiB guest): the first --warmup-chunks chunks are
+ *            a warm-up (the guest faults its working set in), a chunk counts only if the
+ *            source still reports post-copy after it, so every counted reply left through
+ *            the gated gate; then `tether abort` (rollback to the source) — except the last
+ *            interval, whose migration completes
  *   after    VM on the destination after completion, gate in pass-through
- * A sample is flagged when the window closed while it ran (phase no longer postcopy).
+ * Beside each in-window RTT: the gate's expected floor and bound from the checkpoint
+ * timings of the same seconds (both daemons' logs), the share of replies later than the
+ * bound and the post-copy page requests QEMU counted meanwhile (the faults' share).
  *
  * Prints figures beside targets (PASS/MISS are findings, not test failures) and writes
  * bench-results/net-<time>/ (net.json, summary.md, SVG plots, logs/) and the latest run
  * at bench-results/net.json and net.md.
  *
  * Options (defaults; --quick in brackets, for the CI smoke bench):
- *   --ping-count 100 [25]      pings per sample, every --ping-interval-ms 20
+ *   --ping-count 400 [25]      pings per sample outside the window, every --ping-interval-ms 20
+ *   --gated-ping-count 400 [50]  counted pings per in-window sample, in chunks of
+ *                              --ping-chunk 50 [25], after --warmup-chunks 2 [1] and
+ *                              --warmup-epochs 5 (D's ackedEpoch)
  *   --tcp-seconds 3 [1]        per direction and size
- *   --gated-ping-count 50 [25], --gated-tcp-seconds 2 [1], --gated-sizes 65536
- *                              the same inside the post-copy window (it must fit in it)
+ *   --gated-tcp-seconds 2 [1], --gated-sizes 65536
+ *                              TCP inside the post-copy window, after the ping (flagged if it closed)
  *   --sizes 65536,4194304 [4194304]   bytes per transfer (64 KiB: request-sized, 4 MiB: bulk)
  *   --intervals 25,50,100 [50] checkpoint intervals of the gated samples
- *   --bandwidth-mib 8 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
+ *   --bandwidth-mib 4 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
- *   --only tap,tap-novnet,gate [tap,gate]   run a subset
+ *   --only tap,tap-novnet,gate [tap,gate]   run a subset; `--only rtt`: the gate cluster's
+ *                              ping RTT alone (no TCP), about 2 minutes
  */
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -64,7 +73,7 @@ const rttOnly = only.has('rtt');
 if (rttOnly) only.add('gate');
 const opt = {
   quick,
-  pingCount: num('ping-count', quick ? 25 : rttOnly ? 400 : 100),
+  pingCount: num('ping-count', quick ? 25 : 400),
   pingIntervalMs: num('ping-interval-ms', 20),
   tcpSeconds: num('tcp-seconds', quick ? 1 : 3),
   gatedPingCount: num('gated-ping-count', quick ? 50 : 400),
@@ -740,28 +749,36 @@ function rttTable(res: Results): string[] {
   if (!g) return [];
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '–' : `${v}`);
   const rows = [
-    '| ping RTT client → guest | n | p50 ms | p99 ms | gate floor p50 ms | gate bound ms | later than the bound | post-copy page requests |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|',
+    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | gate floor p50 ms | p50 − floor ms | gate bound ms | later than the bound | post-copy page requests | warm-up p50 ms (not counted) |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ];
   const plain = (name: string, s: Sample | undefined): void => {
-    if (s) rows.push(`| ${name} | ${s.ping.received} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | – | – | – | – |`);
+    if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | | |`);
   };
   plain('before migration (pass-through)', g.before);
-  for (const s of g.gated)
+  for (const s of g.gated) {
+    const excess = s.ping.p50 !== null && s.floorMs.p50 !== null ? r2(s.ping.p50 - s.floorMs.p50) : null;
     rows.push(
-      `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} in window${s.discarded ? ` (${s.discarded} discarded)` : ''} | ` +
-        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.floorMs.p50)} | ${ms(s.floorMs.bound)} | ` +
-        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} %`} | ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s |`,
+      `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} / ${s.ping.sent} in window` +
+        `${s.discarded ? ` (${s.discarded} discarded)` : ''}${s.windowOpen ? '' : ' WINDOW CLOSED'} | ` +
+        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.floorMs.p50)} | ${ms(excess)} | ${ms(s.floorMs.bound)} | ` +
+        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} %`} | ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s | ` +
+        `${ms(s.warmup?.p50)} |`,
     );
+  }
   plain('after completion (pass-through)', g.after);
   return [
     ...rows,
     '',
-    'Gate floor p50 ≈ epoch period p50/2 + checkpoint pause p50 + send p50 + ACK p50 (a request arrives at a uniform ' +
-      'point of the epoch period; its reply waits for the next seal, the checkpoint and its ACK); gate bound ≈ the p99s summed, the period whole. A reply later than the bound was delayed by something ' +
-      "else than the gate (a post-copy page fault blocking QEMU, the guest's own scheduling). Samples: chunks of " +
-      `${opt.pingChunk} pings every ${opt.pingIntervalMs} ms from checkpoint ${opt.warmupEpochs} acknowledged on; the first ${opt.warmupChunks} chunk(s) are a ` +
-      'warm-up (not counted), a chunk during which the window closed is discarded.',
+    `In-window samples: chunks of ${opt.pingChunk} pings every ${opt.pingIntervalMs} ms, from checkpoint ${opt.warmupEpochs} ` +
+      `acknowledged on; the first ${opt.warmupChunks} chunk(s) are a warm-up (not counted: the guest faults its working set ` +
+      'in); a chunk counts only if the source still reports post-copy after its last reply, a chunk during which the window ' +
+      'closed is discarded. A reply missing after 3 s counts as lost (requests − replies). ' +
+      'Gate floor p50 ≈ epoch period p50/2 + checkpoint pause p50 + send p50 + ACK p50: a request arrives at a uniform ' +
+      'point of the epoch period, its reply waits for the next seal, the checkpoint and its ACK (the gate releases an ' +
+      "epoch's frames on its ACK). Gate bound ≈ epoch period p99 + pause p99 + send p99 + ACK p99: a reply later than that " +
+      "was delayed by something other than the gate, mostly post-copy page faults blocking the guest's QEMU (the page " +
+      "requests QEMU counted while sampling are in the table). Timings from both daemons' logs over the same seconds.",
     '',
   ];
 }
