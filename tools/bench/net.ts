@@ -315,7 +315,6 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
 
 async function boot(c: Cluster, what: string): Promise<number> {
   const t0 = now();
-  await c.up();
   const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
   if (r.code !== 0) throw new Error(`${what}: tether vm start failed: ${r.stderr}`);
   await waitReachable(c, `${what}: the guest answers ping`);
@@ -858,6 +857,9 @@ async function main(): Promise<void> {
   try {
     // Booted side by side (the boots are not measured); all stay up until the end, so
     // every sample runs beside the same idle guests.
+    // The clusters' daemons start one cluster after another: six sidecars starting at once
+    // on two cores can miss the harness's wait for their control sockets.
+    for (const c of [...taps.map((x) => x.c), ...(gateC ? [gateC] : [])]) await c.up();
     const boots = await Promise.all([...taps.map(({ k, c }) => boot(c, k)), gateC ? boot(gateC, 'gate') : 0]);
     await sleep(1000); // let the boots' tail (udev, memcheck's first pass) settle
     for (const [i, { k, c }] of taps.entries()) {
