@@ -81,6 +81,7 @@ const opt = {
   pingChunk: num('ping-chunk', quick ? 25 : 100),
   warmupEpochs: num('warmup-epochs', 5),
   warmupChunks: num('warmup-chunks', 1),
+  warmupMaxChunks: num('warmup-max-chunks', quick ? 1 : 4),
   gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
   // TCP in the window is opt-in: it lengthens the in-window part beyond what the window lasts
   gatedSizes: list('gated-sizes', '').map(Number),
@@ -302,6 +303,8 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
   return new Cluster({
     guestNet,
     tapVnetHdr,
+    // the gate's release log (docs/network.md): when each epoch's frames left, for gateModel
+    ...(guestNet === 'gate' ? { env: { TETHER_GATE_LOG: '1' } } : {}),
     vm: {
       // a light memcheck: the guest's CPU goes to the network, memory still changes
       memcheckMiB: 4,
@@ -418,8 +421,15 @@ interface GatedSample {
    * p50 ≈ P50/2 + pause p50 + send p50 + ACK p50; bound ≈ P99 + pause p99 + send p99 + ACK p99.
    */
   floorMs: { p50: number | null; bound: number | null };
-  /** Replies later than the gate's bound (its wait alone cannot explain them). */
+  /** The gate's hold replayed from the logs (gateModel): its share of the RTT. */
+  model: { p50: number | null; p99: number | null; max: number | null; n: number; releasesLogged: number } | null;
+  /** model.max + the pass-through p99 before migration: a reply later than this was held by something else. */
+  boundMs: number | null;
+  /** Replies later than boundMs. */
   aboveBound: { n: number; pct: number | null };
+  /** The warm-up before the counted chunks: how long, and the page requests meanwhile. */
+  warmupMs: number;
+  warmupPostcopyRequests: number | null;
   /** Pages the destination faulted on and asked the source for during the counted chunks (QEMU postcopy-requests). */
   postcopyRequests: number | null;
   /** The same over the whole migration. */
@@ -457,7 +467,15 @@ async function waitAcked(c: Cluster, epoch: number, migrating: Promise<unknown>)
 async function windowPing(
   c: Cluster,
   ended: () => boolean,
-): Promise<{ ping: PingStats; warmup: PingStats | null; discarded: number; open: boolean; from: number | null; to: number | null }> {
+): Promise<{
+  ping: PingStats;
+  warmup: PingStats | null;
+  warmupFrom: number;
+  discarded: number;
+  open: boolean;
+  from: number | null;
+  to: number | null;
+}> {
   const rtts: number[] = [];
   const missing: number[] = [];
   let sent = 0;
@@ -467,6 +485,7 @@ async function windowPing(
   let open = true;
   let from: number | null = null;
   let to: number | null = null;
+  const warmupFrom = Date.now();
   while (sent < opt.gatedPingCount) {
     const n = warmup ? Math.min(opt.pingChunk, opt.gatedPingCount - sent) : opt.pingChunk;
     const t0 = Date.now();
@@ -481,7 +500,11 @@ async function windowPing(
       warm.rtts.push(...p.rtts);
       warm.missing.push(...p.missing.map((i) => i + warm.sent));
       warm.sent += n;
-      if (warm.sent >= opt.warmupChunks * opt.pingChunk) warmup = pingStats(warm.sent, warm.rtts, warm.missing);
+      // The warm-up lasts its minimum, then until a chunk is answered in full (the first
+      // seconds after the switchover the guest stalls on post-copy faults), at most its maximum.
+      const chunks = warm.sent / opt.pingChunk;
+      if (chunks >= opt.warmupChunks && (p.received === n || chunks >= opt.warmupMaxChunks))
+        warmup = pingStats(warm.sent, warm.rtts, warm.missing);
       continue;
     }
     rtts.push(...p.rtts);
@@ -490,7 +513,7 @@ async function windowPing(
     from ??= t0;
     to = t1;
   }
-  return { ping: pingStats(sent, rtts, missing), warmup, discarded, open, from, to };
+  return { ping: pingStats(sent, rtts, missing), warmup, warmupFrom, discarded, open, from, to };
 }
 
 /** Checkpoint timings of the destination during [from, to] (wall clock), from both daemons' logs. */
@@ -539,6 +562,55 @@ function postcopyRequestsBetween(c: Cluster, srcFrom: number, progress: Record<s
   return b === null ? null : b - (a ?? 0);
 }
 
+/**
+ * The gate's own hold, replayed from the logs of the same seconds: a request arriving at
+ * time t is answered at once if the guest runs, or when it resumes if it is paused for a
+ * checkpoint; the reply belongs to the epoch open at that moment (epoch k: from the seal
+ * of k-1 to the seal of k, the VM stopped) and leaves when the gate releases k (its
+ * release log; the source's 'checkpoint applied', just before its ACK, when k released
+ * nothing). hold(t) = release(k) − t for t every --ping-interval-ms over the sample.
+ * This is what a guest answering instantly would see: the gate's share of the RTT.
+ */
+function gateModel(
+  c: Cluster,
+  dstFrom: number,
+  srcFrom: number,
+  releaseLog: Rec[],
+  from: number,
+  to: number,
+): { p50: number | null; p99: number | null; max: number | null; n: number; releasesLogged: number } {
+  const ckpts = records(c.dst.daemonLog, dstFrom)
+    .filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number')
+    .map((r) => {
+      const cont = Date.parse(String(r.t)) - Number(r.sendMs ?? 0);
+      // pauseMs runs from the stop request to the VM running again; the seal comes once it is stopped
+      return { k: Number(r.epoch), seal: cont - Number(r.pauseMs) + Number(r.stopMs ?? 0), cont };
+    })
+    .sort((a, b) => a.k - b.k);
+  const applied = new Map(
+    records(c.src.daemonLog, srcFrom)
+      .filter((r) => r.msg === 'checkpoint applied')
+      .map((r) => [Number(r.epoch), Date.parse(String(r.t))]),
+  );
+  const released = new Map<number, number>();
+  for (const r of releaseLog) if (r.t === 'release' && typeof r.at === 'number') released.set(Number(r.epoch), r.at);
+  const holds: number[] = [];
+  let logged = 0;
+  for (let t = from; t <= to; t += opt.pingIntervalMs) {
+    const i = ckpts.findIndex((x) => x.cont > t);
+    if (i < 0) break;
+    const ck = ckpts[i]!;
+    const epoch = ck.seal <= t ? ck.k + 1 : ck.k;
+    const produced = ck.seal <= t ? ck.cont : t;
+    const rel = released.get(epoch) ?? applied.get(epoch);
+    if (rel === undefined) continue;
+    if (released.has(epoch)) logged++;
+    holds.push(Math.max(rel, produced) - t);
+  }
+  const d = dist(holds);
+  return { p50: d.p50, p99: d.p99, max: holds.length ? r2(Math.max(...holds)) : null, n: holds.length, releasesLogged: logged };
+}
+
 async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
   const out: GateRun = { bootMs, gated: [] };
   try {
@@ -551,11 +623,14 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
       const srcFrom = fileSize(c.src.daemonLog);
       log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
       const t0 = now();
+      const startWall = Date.now();
       const migrating = c.migrate();
       let ended = false;
       void migrating.finally(() => (ended = true));
       await waitAcked(c, opt.warmupEpochs, migrating);
       const w = await windowPing(c, () => ended);
+      // read now: a rollback removes the destination's VM directory
+      const releaseLog = records(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl')).filter((r) => Number(r.at) >= startWall);
       log(
         `${label}: ping p50 ${w.ping.p50} ms p99 ${w.ping.p99} ms (n=${w.ping.received}/${w.ping.sent} in window, ` +
           `${w.discarded} discarded, warm-up p50 ${w.warmup?.p50 ?? '–'} ms)`,
@@ -579,7 +654,10 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
         p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
         bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
       };
-      const above = floorMs.bound === null ? 0 : w.ping.rtts.filter((x) => x > floorMs.bound!).length;
+      const model = w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
+      // a reply later than the gate's longest hold plus the pass-through p99 was held by something else
+      const boundMs = model?.max != null ? r2(model.max + (out.before?.ping.p99 ?? 0)) : null;
+      const above = boundMs === null ? 0 : w.ping.rtts.filter((x) => x > boundMs).length;
       const g: GatedSample = {
         label,
         intervalMs: interval,
@@ -596,6 +674,10 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
         ackMs: ep?.ackMs ?? dist([]),
         periodMs: ep?.periodMs ?? dist([]),
         floorMs,
+        model,
+        boundMs,
+        warmupMs: (w.from ?? Date.now()) - w.warmupFrom,
+        warmupPostcopyRequests: postcopyRequestsBetween(c, srcFrom, mig.progress, w.warmupFrom, w.from ?? Date.now()),
         aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
         postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
         postcopyRequestsTotal:
@@ -605,7 +687,9 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
         migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
       };
       log(
-        `${label}: -> ${outcome}; gate floor p50 ≈ ${floorMs.p50} ms, bound ${floorMs.bound} ms, ${g.aboveBound.pct}% above; ` +
+        `${label}: -> ${outcome}; gate hold p50 ${model?.p50} p99 ${model?.p99} max ${model?.max} ms ` +
+          `(${model?.releasesLogged}/${model?.n} from the release log; formula p50 ≈ ${floorMs.p50} ms), ${g.aboveBound.pct}% above ${boundMs} ms; ` +
+          `warm-up ${g.warmupMs} ms (${g.warmupPostcopyRequests} page requests); ` +
           `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
           `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms (${g.postcopyRequestsTotal} in the migration)`,
       );
@@ -674,22 +758,21 @@ function figures(res: Results): Figure[] {
         `${s.windowOpen ? '' : `; WINDOW CLOSED: fewer than ${opt.gatedPingCount} samples`}`,
     );
     F.push({
-      name: `${name}: gate floor p50 (expected)`,
-      value: s.floorMs.p50,
+      name: `${name}: gate hold p50 (replayed from the logs)`,
+      value: s.model?.p50 ?? null,
       unit: 'ms',
-      note: `epoch period p50 ${s.periodMs.p50 ?? '–'}/2 + checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} + send p50 ${s.sendMs.p50 ?? '–'} + ACK p50 ${s.ackMs.p50 ?? '–'} ms (${s.epochs} checkpoints in the sample)`,
+      note:
+        `p99 ${s.model?.p99 ?? '–'}, max ${s.model?.max ?? '–'} ms; ${s.epochs} checkpoints in the sample: epoch period p50 ${s.periodMs.p50 ?? '–'}, ` +
+        `pause p50 ${s.pauseMs.p50 ?? '–'}, send p50 ${s.sendMs.p50 ?? '–'}, ACK p50 ${s.ackMs.p50 ?? '–'} ms ` +
+        `(period/2 + pause + send + ACK ≈ ${s.floorMs.p50 ?? '–'} ms)`,
     });
     F.push({
-      name: `${name}: gate bound`,
-      value: s.floorMs.bound,
-      unit: 'ms',
-      note: `epoch period p99 ${s.periodMs.p99 ?? '–'} + pause p99 ${s.pauseMs.p99 ?? '–'} + send p99 ${s.sendMs.p99 ?? '–'} + ACK p99 ${s.ackMs.p99 ?? '–'} ms: the longest the gate alone holds a reply`,
-    });
-    F.push({
-      name: `${name}: replies later than the gate bound`,
+      name: `${name}: replies later than the gate explains`,
       value: s.aboveBound.pct,
       unit: '%',
-      note: `${s.aboveBound.n} of ${s.ping.received}: delayed by something else (post-copy faults: ${s.postcopyRequests ?? '–'} page requests during the sample)`,
+      note:
+        `${s.aboveBound.n} of ${s.ping.received} above ${s.boundMs ?? '–'} ms (longest gate hold + pass-through p99); ` +
+        `post-copy page requests: ${s.postcopyRequests ?? '–'} in the sample, ${s.warmupPostcopyRequests ?? '–'} in the ${(s.warmupMs / 1000).toFixed(1)} s warm-up`,
     });
   }
   pingFig('gate, after completion (pass-through)', g?.after);
@@ -754,21 +837,23 @@ function rttTable(res: Results): string[] {
   if (!g) return [];
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '–' : `${v}`);
   const rows = [
-    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | gate floor p50 ms | p50 − floor ms | gate bound ms | later than the bound | post-copy page requests | warm-up p50 ms (not counted) |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | gate hold p50 / p99 ms | p50 − gate p50 ms | later than the gate explains | warm-up (not counted) | post-copy page requests: warm-up / sample |',
+    '|---|---:|---:|---:|---:|---:|---:|---|---:|',
   ];
   const plain = (name: string, s: Sample | undefined): void => {
-    if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | | |`);
+    if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | |`);
   };
   plain('before migration (pass-through)', g.before);
   for (const s of g.gated) {
-    const excess = s.ping.p50 !== null && s.floorMs.p50 !== null ? r2(s.ping.p50 - s.floorMs.p50) : null;
+    const excess = s.ping.p50 !== null && s.model?.p50 != null ? r2(s.ping.p50 - s.model.p50) : null;
+    const wu = s.warmup;
     rows.push(
       `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} / ${s.ping.sent} in window` +
         `${s.discarded ? ` (${s.discarded} discarded)` : ''}${s.windowOpen ? '' : ' WINDOW CLOSED'} | ` +
-        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.floorMs.p50)} | ${ms(excess)} | ${ms(s.floorMs.bound)} | ` +
-        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} %`} | ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s | ` +
-        `${ms(s.warmup?.p50)} |`,
+        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.model?.p50)} / ${ms(s.model?.p99)} | ${ms(excess)} | ` +
+        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} % (> ${s.boundMs} ms)`} | ` +
+        `${(s.warmupMs / 1000).toFixed(1)} s, ${wu?.received ?? 0} / ${wu?.sent ?? 0} replies, max ${ms(wu?.max)} ms | ` +
+        `${s.warmupPostcopyRequests ?? '–'} / ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s |`,
     );
   }
   plain('after completion (pass-through)', g.after);
@@ -776,15 +861,16 @@ function rttTable(res: Results): string[] {
     ...rows,
     '',
     `In-window samples: chunks of ${opt.pingChunk} pings every ${opt.pingIntervalMs} ms, from checkpoint ${opt.warmupEpochs} ` +
-      `acknowledged on; the first ${opt.warmupChunks} chunk(s) are a warm-up (not counted: the guest faults its working set ` +
-      'in); a chunk counts only if the source still reports post-copy after its last reply, a chunk during which the window ' +
-      'closed is discarded. Requests − replies: replies not back when busybox ping stopped waiting (twice the slowest RTT ' +
-      'it had seen, after the last request of a chunk): the tail of a stall, the gate drops nothing; p99 leaves them out. ' +
-      'Gate floor p50 ≈ epoch period p50/2 + checkpoint pause p50 + send p50 + ACK p50: a request arrives at a uniform ' +
-      'point of the epoch period, its reply waits for the next seal, the checkpoint and its ACK (the gate releases an ' +
-      "epoch's frames on its ACK). Gate bound ≈ epoch period p99 + pause p99 + send p99 + ACK p99: a reply later than that " +
-      "was delayed by something other than the gate, mostly post-copy page faults blocking the guest's QEMU (the page " +
-      "requests QEMU counted while sampling are in the table). Timings from both daemons' logs over the same seconds.",
+      `acknowledged on. Warm-up (not counted): at least ${opt.warmupChunks} chunk(s), then until a chunk is answered in full ` +
+      `(at most ${opt.warmupMaxChunks}): in the first seconds after the switchover the guest stalls while it faults its working set in. ` +
+      'A chunk counts only if the source still reports post-copy after its last reply (so every counted reply left through ' +
+      'the gated gate); a chunk during which the window closed is discarded. Requests − replies: replies not back when ' +
+      'busybox ping stopped waiting (twice the slowest RTT it had seen, after the last request of a chunk), i.e. a stall; ' +
+      "the gate drops nothing; p99 leaves them out. Gate hold: the gate's share, replayed from the logs of the same seconds " +
+      '(a request every ping interval, answered at once or when the guest resumes from its checkpoint pause, released with ' +
+      "its epoch per the gate's release log). Later than the gate explains: RTT above the longest replayed hold plus the " +
+      "pass-through p99: held by something else, mostly post-copy faults blocking the guest's QEMU (page requests QEMU " +
+      'counted in the same seconds in the last column).',
     '',
   ];
 }
