@@ -81,13 +81,13 @@ const opt = {
   pingChunk: num('ping-chunk', quick ? 25 : 100),
   warmupEpochs: num('warmup-epochs', 5),
   warmupChunks: num('warmup-chunks', 1),
-  warmupMaxChunks: num('warmup-max-chunks', quick ? 1 : 4),
+  warmupMaxChunks: num('warmup-max-chunks', quick ? 1 : 3),
   gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
   // TCP in the window is opt-in: it lengthens the in-window part beyond what the window lasts
   gatedSizes: list('gated-sizes', '').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
-  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 4),
+  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 3),
   guestMiB: num('guest-mib', 256),
   rttOnly,
   only,
@@ -422,7 +422,7 @@ interface GatedSample {
    */
   floorMs: { p50: number | null; bound: number | null };
   /** The gate's hold replayed from the logs (gateModel): its share of the RTT. */
-  model: { p50: number | null; p99: number | null; max: number | null; n: number; releasesLogged: number } | null;
+  model: ReturnType<typeof gateModel> | null;
   /** model.max + the pass-through p99 before migration: a reply later than this was held by something else. */
   boundMs: number | null;
   /** Replies later than boundMs. */
@@ -578,7 +578,15 @@ function gateModel(
   releaseLog: Rec[],
   from: number,
   to: number,
-): { p50: number | null; p99: number | null; max: number | null; n: number; releasesLogged: number } {
+): {
+  p50: number | null;
+  p99: number | null;
+  max: number | null;
+  n: number;
+  releasesLogged: number;
+  /** Per checkpoint of the sample, ms after its start: seal, resume, applied on S, released by the gate. */
+  epochs: { k: number; seal: number; cont: number; applied: number | null; released: number | null }[];
+} {
   const ckpts = records(c.dst.daemonLog, dstFrom)
     .filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number')
     .map((r) => {
@@ -608,7 +616,23 @@ function gateModel(
     holds.push(Math.max(rel, produced) - t);
   }
   const d = dist(holds);
-  return { p50: d.p50, p99: d.p99, max: holds.length ? r2(Math.max(...holds)) : null, n: holds.length, releasesLogged: logged };
+  const rel = (v: number | undefined): number | null => (v === undefined ? null : r2(v - from));
+  return {
+    p50: d.p50,
+    p99: d.p99,
+    max: holds.length ? r2(Math.max(...holds)) : null,
+    n: holds.length,
+    releasesLogged: logged,
+    epochs: ckpts
+      .filter((x) => x.cont >= from && x.seal <= to)
+      .map((x) => ({
+        k: x.k,
+        seal: r2(x.seal - from),
+        cont: r2(x.cont - from),
+        applied: rel(applied.get(x.k)),
+        released: rel(released.get(x.k)),
+      })),
+  };
 }
 
 async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
