@@ -90,6 +90,8 @@ const opt = {
   bandwidthMiB: num('bandwidth-mib', quick ? 16 : 3),
   guestMiB: num('guest-mib', 256),
   rttOnly,
+  /** Also sample each window with the gate forced open (default with --only rtt; --no-control skips it). */
+  control: rttOnly && !process.argv.includes('--no-control'),
   only,
 };
 for (const v of [...opt.sizes, ...opt.intervals])
@@ -435,6 +437,8 @@ interface GatedSample {
   /** The same over the whole migration. */
   postcopyRequestsTotal: number | null;
   outcome: string | null;
+  /** The migrate CLI's stderr tail when the outcome is not the expected one. */
+  migrateError?: string;
   migrateTotalMs: number | null;
   /** Post-copy window: switchover → completion (completing run only), ms. */
   windowMs?: number | null;
@@ -444,6 +448,8 @@ interface GateRun {
   bootMs: number;
   before?: Sample;
   gated: GatedSample[];
+  /** The same in-window samples with the destination's gate forced open (--control). */
+  control: GatedSample[];
   after?: Sample;
   error?: string;
 }
@@ -635,95 +641,120 @@ function gateModel(
   };
 }
 
+/**
+ * One migration with `interval`: wait for D's progress, ping in the window, then abort
+ * (unless `last`) and gather what the logs say about the same seconds. `control`: the
+ * destination runs with TETHER_FAULTS=gate-open, so the same window without the gate's hold.
+ */
+async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: number, control: boolean): Promise<GatedSample> {
+  const label = control ? `gate forced open (control) ${interval} ms` : `gate in window ${interval} ms`;
+  setCheckpointInterval(c, c.dst, interval);
+  const dstFrom = fileSize(c.dst.daemonLog);
+  const srcFrom = fileSize(c.src.daemonLog);
+  log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
+  const t0 = now();
+  const startWall = Date.now();
+  const migrating = c.migrate();
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitAcked(c, opt.warmupEpochs, migrating);
+  const w = await windowPing(c, () => ended);
+  // read now: a rollback removes the destination's VM directory
+  const releaseLog = records(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl')).filter((r) => Number(r.at) >= startWall);
+  log(
+    `${label}: ping p50 ${w.ping.p50} ms p99 ${w.ping.p99} ms (n=${w.ping.received}/${w.ping.sent} in window, ` +
+      `${w.discarded} discarded, warm-up p50 ${w.warmup?.p50 ?? '–'} ms)`,
+  );
+  let tcpRes: TcpResult[] = [];
+  let tcpWindowOpen: boolean | null = null;
+  if (!opt.rttOnly && opt.gatedSizes.length && w.open) {
+    tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds);
+    tcpWindowOpen = !ended && (await migStatus(c, c.src)).phase === 'postcopy';
+  }
+  if (!last && !ended) {
+    const a = await c.tether(c.src, ['abort', c.vmName]);
+    if (a.code !== 0) log(`abort: ${a.stderr}`);
+  }
+  const mig = await migrating;
+  const outcome = (mig.result?.outcome as string | undefined) ?? null;
+  const ep = w.from !== null && w.to !== null ? epochTimings(c, dstFrom, srcFrom, w.from, w.to) : null;
+  const sum = (...v: (number | null | undefined)[]): number | null =>
+    v.some((x) => x === null || x === undefined) ? null : r2(v.reduce<number>((s, x) => s + (x as number), 0));
+  const floorMs = {
+    p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
+    bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
+  };
+  const model = w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
+  // a reply later than the gate's longest hold plus the pass-through p99 was held by something else
+  const boundMs = model?.max != null ? r2(model.max + slackMs) : null;
+  const above = boundMs === null ? 0 : w.ping.rtts.filter((x) => x > boundMs).length;
+  const g: GatedSample = {
+    label,
+    intervalMs: interval,
+    ping: w.ping,
+    warmup: w.warmup,
+    discarded: w.discarded,
+    windowOpen: w.open,
+    sampleMs: w.from !== null && w.to !== null ? w.to - w.from : 0,
+    tcp: tcpRes,
+    tcpWindowOpen,
+    epochs: ep?.epochs ?? 0,
+    pauseMs: ep?.pauseMs ?? dist([]),
+    sendMs: ep?.sendMs ?? dist([]),
+    ackMs: ep?.ackMs ?? dist([]),
+    periodMs: ep?.periodMs ?? dist([]),
+    floorMs,
+    model,
+    boundMs,
+    warmupMs: (w.from ?? Date.now()) - w.warmupFrom,
+    warmupPostcopyRequests: postcopyRequestsBetween(c, srcFrom, mig.progress, w.warmupFrom, w.from ?? Date.now()),
+    aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
+    postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
+    postcopyRequestsTotal:
+      (mig.progress.filter((p) => typeof p.ram?.postcopyRequests === 'number').at(-1)?.ram.postcopyRequests as number | undefined) ?? null,
+    outcome,
+    ...(outcome === (last ? 'completed' : 'rolled-back') ? {} : { migrateError: mig.stderr.slice(-1500) }),
+    migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
+  };
+  log(
+    `${label}: -> ${outcome}; gate hold p50 ${model?.p50} p99 ${model?.p99} max ${model?.max} ms ` +
+      `(${model?.releasesLogged}/${model?.n} from the release log; formula p50 ≈ ${floorMs.p50} ms), ${g.aboveBound.pct}% above ${boundMs} ms; ` +
+      `warm-up ${g.warmupMs} ms (${g.warmupPostcopyRequests} page requests); ` +
+      `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
+      `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms (${g.postcopyRequestsTotal} in the migration)`,
+  );
+  if (last) {
+    const sw = mig.progress.find((p) => p.phase === 'postcopy');
+    g.windowMs = sw && mig.result?.totalMs ? r2(Number(mig.result.totalMs) - Number(sw.t)) : null;
+  }
+  return g;
+}
+
 async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
-  const out: GateRun = { bootMs, gated: [] };
+  const out: GateRun = { bootMs, gated: [], control: [] };
   try {
     out.before = await sample(c, c.src, 'gate before migration');
+    const slack = out.before.ping.p99 ?? 0;
+    if (opt.control) {
+      // The same windows with the destination's gate forced open: everything but the gate's hold.
+      await c.termDaemon(c.dst);
+      await c.restartDaemon(c.dst, { faults: 'gate-open' });
+      for (const interval of opt.intervals) {
+        const g = await windowRun(c, interval, false, slack, true);
+        out.control.push(g);
+        if (g.outcome !== 'rolled-back') throw new Error(`control: abort did not roll back (${g.outcome})`);
+        await waitReachable(c, 'the guest answers on the source after the rollback');
+      }
+      await c.termDaemon(c.dst);
+      await c.restartDaemon(c.dst, { faults: undefined });
+    }
     for (const [i, interval] of opt.intervals.entries()) {
       const last = i === opt.intervals.length - 1;
-      const label = `gate in window ${interval} ms`;
-      setCheckpointInterval(c, c.dst, interval);
-      const dstFrom = fileSize(c.dst.daemonLog);
-      const srcFrom = fileSize(c.src.daemonLog);
-      log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
-      const t0 = now();
-      const startWall = Date.now();
-      const migrating = c.migrate();
-      let ended = false;
-      void migrating.finally(() => (ended = true));
-      await waitAcked(c, opt.warmupEpochs, migrating);
-      const w = await windowPing(c, () => ended);
-      // read now: a rollback removes the destination's VM directory
-      const releaseLog = records(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl')).filter((r) => Number(r.at) >= startWall);
-      log(
-        `${label}: ping p50 ${w.ping.p50} ms p99 ${w.ping.p99} ms (n=${w.ping.received}/${w.ping.sent} in window, ` +
-          `${w.discarded} discarded, warm-up p50 ${w.warmup?.p50 ?? '–'} ms)`,
-      );
-      let tcpRes: TcpResult[] = [];
-      let tcpWindowOpen: boolean | null = null;
-      if (!opt.rttOnly && opt.gatedSizes.length && w.open) {
-        tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds);
-        tcpWindowOpen = !ended && (await migStatus(c, c.src)).phase === 'postcopy';
-      }
-      if (!last && !ended) {
-        const a = await c.tether(c.src, ['abort', c.vmName]);
-        if (a.code !== 0) log(`abort: ${a.stderr}`);
-      }
-      const mig = await migrating;
-      const outcome = (mig.result?.outcome as string | undefined) ?? null;
-      const ep = w.from !== null && w.to !== null ? epochTimings(c, dstFrom, srcFrom, w.from, w.to) : null;
-      const sum = (...v: (number | null | undefined)[]): number | null =>
-        v.some((x) => x === null || x === undefined) ? null : r2(v.reduce<number>((s, x) => s + (x as number), 0));
-      const floorMs = {
-        p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
-        bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
-      };
-      const model = w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
-      // a reply later than the gate's longest hold plus the pass-through p99 was held by something else
-      const boundMs = model?.max != null ? r2(model.max + (out.before?.ping.p99 ?? 0)) : null;
-      const above = boundMs === null ? 0 : w.ping.rtts.filter((x) => x > boundMs).length;
-      const g: GatedSample = {
-        label,
-        intervalMs: interval,
-        ping: w.ping,
-        warmup: w.warmup,
-        discarded: w.discarded,
-        windowOpen: w.open,
-        sampleMs: w.from !== null && w.to !== null ? w.to - w.from : 0,
-        tcp: tcpRes,
-        tcpWindowOpen,
-        epochs: ep?.epochs ?? 0,
-        pauseMs: ep?.pauseMs ?? dist([]),
-        sendMs: ep?.sendMs ?? dist([]),
-        ackMs: ep?.ackMs ?? dist([]),
-        periodMs: ep?.periodMs ?? dist([]),
-        floorMs,
-        model,
-        boundMs,
-        warmupMs: (w.from ?? Date.now()) - w.warmupFrom,
-        warmupPostcopyRequests: postcopyRequestsBetween(c, srcFrom, mig.progress, w.warmupFrom, w.from ?? Date.now()),
-        aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
-        postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
-        postcopyRequestsTotal:
-          (mig.progress.filter((p) => typeof p.ram?.postcopyRequests === 'number').at(-1)?.ram.postcopyRequests as number | undefined) ??
-          null,
-        outcome,
-        migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
-      };
-      log(
-        `${label}: -> ${outcome}; gate hold p50 ${model?.p50} p99 ${model?.p99} max ${model?.max} ms ` +
-          `(${model?.releasesLogged}/${model?.n} from the release log; formula p50 ≈ ${floorMs.p50} ms), ${g.aboveBound.pct}% above ${boundMs} ms; ` +
-          `warm-up ${g.warmupMs} ms (${g.warmupPostcopyRequests} page requests); ` +
-          `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
-          `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms (${g.postcopyRequestsTotal} in the migration)`,
-      );
-      if (last) {
-        const sw = mig.progress.find((p) => p.phase === 'postcopy');
-        g.windowMs = sw && mig.result?.totalMs ? r2(Number(mig.result.totalMs) - Number(sw.t)) : null;
-      }
+      const g = await windowRun(c, interval, last, slack, false);
+      const outcome = g.outcome;
       out.gated.push(g);
       if (last || outcome === 'completed') {
-        if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${mig.stderr.slice(-1500)}`);
+        if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${g.migrateError}`);
         // A window that closed before the abort: the VM is on the destination now, so the
         // remaining intervals cannot be measured in this run (their rows stay empty).
         if (!last) log(`gate: the migration completed before the abort; intervals after ${interval} ms not measured`);
@@ -731,7 +762,7 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
         out.after = await sample(c, c.dst, 'gate after completion');
         break;
       } else {
-        if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${mig.stderr.slice(-1500)}`);
+        if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${g.migrateError}`);
         await waitReachable(c, 'the guest answers on the source after the rollback');
       }
     }
@@ -861,20 +892,25 @@ function rttTable(res: Results): string[] {
   if (!g) return [];
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '–' : `${v}`);
   const rows = [
-    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | gate hold p50 / p99 ms | p50 − gate p50 ms | later than the gate explains | warm-up (not counted) | post-copy page requests: warm-up / sample |',
+    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | same window, gate forced open: p50 / p99 ms | gate hold replayed: p50 / p99 ms | later than the gate explains | warm-up (not counted) | post-copy page requests: warm-up / sample |',
     '|---|---:|---:|---:|---:|---:|---:|---|---:|',
   ];
   const plain = (name: string, s: Sample | undefined): void => {
     if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | |`);
   };
+  const ctl = (s: GatedSample): string => {
+    const k = g.control.find((x) => x.intervalMs === s.intervalMs);
+    if (!k) return '–';
+    const n = `${k.ping.received} / ${k.ping.sent}${k.windowOpen ? '' : ' WINDOW CLOSED'}`;
+    return `${ms(k.ping.p50)} / ${ms(k.ping.p99)} (n ${n})`;
+  };
   plain('before migration (pass-through)', g.before);
   for (const s of g.gated) {
-    const excess = s.ping.p50 !== null && s.model?.p50 != null ? r2(s.ping.p50 - s.model.p50) : null;
     const wu = s.warmup;
     rows.push(
       `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} / ${s.ping.sent} in window` +
         `${s.discarded ? ` (${s.discarded} discarded)` : ''}${s.windowOpen ? '' : ' WINDOW CLOSED'} | ` +
-        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ms(s.model?.p50)} / ${ms(s.model?.p99)} | ${ms(excess)} | ` +
+        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ctl(s)} | ${ms(s.model?.p50)} / ${ms(s.model?.p99)} | ` +
         `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} % (> ${s.boundMs} ms)`} | ` +
         `${(s.warmupMs / 1000).toFixed(1)} s, ${wu?.received ?? 0} / ${wu?.sent ?? 0} replies, max ${ms(wu?.max)} ms | ` +
         `${s.warmupPostcopyRequests ?? '–'} / ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s |`,
@@ -892,7 +928,9 @@ function rttTable(res: Results): string[] {
       'busybox ping stopped waiting (twice the slowest RTT it had seen, after the last request of a chunk), i.e. a stall; ' +
       "the gate drops nothing; p99 leaves them out. Gate hold: the gate's share, replayed from the logs of the same seconds " +
       '(a request every ping interval, answered at once or when the guest resumes from its checkpoint pause, released with ' +
-      "its epoch per the gate's release log). Later than the gate explains: RTT above the longest replayed hold plus the " +
+      "its epoch per the gate's release log). Gate forced open: the same migration and window with the destination's " +
+      'gate in pass-through (TETHER_FAULTS=gate-open), measured first: checkpoint pauses, post-copy faults and the guest ' +
+      "without the gate's hold. Later than the gate explains: RTT above the longest replayed hold plus the " +
       "pass-through p99: held by something else, mostly post-copy faults blocking the guest's QEMU (page requests QEMU " +
       'counted in the same seconds in the last column).',
     '',
