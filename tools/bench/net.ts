@@ -684,7 +684,8 @@ async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: n
     p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
     bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
   };
-  const model = w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
+  // with the gate forced open nothing is held: no replay
+  const model = !control && w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
   // a reply later than the gate's longest hold plus the pass-through p99 was held by something else
   const boundMs = model?.max != null ? r2(model.max + slackMs) : null;
   const above = boundMs === null ? 0 : w.ping.rtts.filter((x) => x > boundMs).length;
