@@ -50,7 +50,10 @@
  *   --bandwidth-mib 4 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
  *   --only tap,tap-novnet,gate [tap,gate]   run a subset; `--only rtt`: the gate cluster's
- *                              ping RTT alone (no TCP), about 2 minutes
+ *                              ping RTT alone (no TCP), each interval first with the
+ *                              destination's gate forced open (TETHER_FAULTS=gate-open: the
+ *                              window without the gate's hold), then gated; about 3 minutes
+ *   --no-control               --only rtt without the forced-open migrations
  */
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
