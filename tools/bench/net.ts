@@ -20,27 +20,40 @@
  *   before   VM on the source, gate in pass-through (compared with the tap cluster)
  *   gated    for each --intervals value: migrate with that checkpoint interval (written
  *            into the destination's VM config, which is what the destination runs), wait
- *            until checkpoint 2 is applied, sample while the post-copy window is open
- *            (a slow QEMU max-bandwidth, --bandwidth-mib, keeps it open), then
- *            `tether abort` (rollback to the source) — except the last interval, whose
- *            migration completes
+ *            until D has had checkpoint --warmup-epochs acknowledged, then ping in chunks
+ *            while the post-copy window is open (a slow QEMU max-bandwidth, --bandwidth-mib,
+ *            keeps it open ~20 s for a 256 MiB guest): the first --warmup-chunks chunks are
+ *            a warm-up (the guest faults its working set in), a chunk counts only if the
+ *            source still reports post-copy after it, so every counted reply left through
+ *            the gated gate; then `tether abort` (rollback to the source) — except the last
+ *            interval, whose migration completes
  *   after    VM on the destination after completion, gate in pass-through
- * A sample is flagged when the window closed while it ran (phase no longer postcopy).
+ * Beside each in-window RTT: the gate's expected floor and bound from the checkpoint
+ * timings of the same seconds (both daemons' logs), the share of replies later than the
+ * bound and the post-copy page requests QEMU counted meanwhile (the faults' share).
  *
  * Prints figures beside targets (PASS/MISS are findings, not test failures) and writes
  * bench-results/net-<time>/ (net.json, summary.md, SVG plots, logs/) and the latest run
  * at bench-results/net.json and net.md.
  *
  * Options (defaults; --quick in brackets, for the CI smoke bench):
- *   --ping-count 100 [25]      pings per sample, every --ping-interval-ms 20
+ *   --ping-count 400 [25]      pings per sample outside the window, every --ping-interval-ms 20
+ *   --gated-ping-count 400 [50]  counted pings per in-window sample, in chunks of
+ *                              --ping-chunk 100 [25], after --warmup-chunks 1 and
+ *                              --warmup-epochs 5 (D's ackedEpoch)
  *   --tcp-seconds 3 [1]        per direction and size
- *   --gated-ping-count 50 [25], --gated-tcp-seconds 2 [1], --gated-sizes 65536
- *                              the same inside the post-copy window (it must fit in it)
+ *   --gated-sizes (none), --gated-tcp-seconds 2 [1]
+ *                              opt-in TCP inside the post-copy window, after the ping, e.g.
+ *                              --gated-sizes 65536 (flagged if the window closed meanwhile)
  *   --sizes 65536,4194304 [4194304]   bytes per transfer (64 KiB: request-sized, 4 MiB: bulk)
  *   --intervals 25,50,100 [50] checkpoint intervals of the gated samples
- *   --bandwidth-mib 8 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
+ *   --bandwidth-mib 4 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
- *   --only tap,tap-novnet,gate [tap,gate]   run a subset
+ *   --only tap,tap-novnet,gate [tap,gate]   run a subset; `--only rtt`: the gate cluster's
+ *                              ping RTT alone (no TCP), each interval first with the
+ *                              destination's gate forced open (TETHER_FAULTS=gate-open: the
+ *                              window without the gate's hold), then gated; about 3 minutes
+ *   --no-control               --only rtt without the forced-open migrations
  */
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -58,19 +71,31 @@ import { barsSpec, markdownTable, writeSvg, type Figure } from './report.ts';
 const quick = process.argv.includes('--quick');
 const num = arg;
 const list = (name: string, def: string): string[] => str(name, def).split(',').filter(Boolean);
+const only = new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate'));
+/** `--only rtt`: the gate cluster's ping RTT alone (no TCP, no tap clusters). */
+const rttOnly = only.has('rtt');
+if (rttOnly) only.add('gate');
 const opt = {
   quick,
-  pingCount: num('ping-count', quick ? 25 : 100),
+  pingCount: num('ping-count', quick ? 25 : 400),
   pingIntervalMs: num('ping-interval-ms', 20),
   tcpSeconds: num('tcp-seconds', quick ? 1 : 3),
-  gatedPingCount: num('gated-ping-count', quick ? 25 : 50),
+  gatedPingCount: num('gated-ping-count', quick ? 50 : 400),
+  pingChunk: num('ping-chunk', quick ? 25 : 100),
+  warmupEpochs: num('warmup-epochs', 5),
+  warmupChunks: num('warmup-chunks', 1),
+  warmupMaxChunks: num('warmup-max-chunks', quick ? 1 : 3),
   gatedTcpSeconds: num('gated-tcp-seconds', quick ? 1 : 2),
-  gatedSizes: list('gated-sizes', '65536').map(Number),
+  // TCP in the window is opt-in: it lengthens the in-window part beyond what the window lasts
+  gatedSizes: list('gated-sizes', '').map(Number),
   sizes: list('sizes', quick ? '4194304' : '65536,4194304').map(Number),
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
-  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 8),
+  bandwidthMiB: num('bandwidth-mib', quick ? 16 : 3),
   guestMiB: num('guest-mib', 256),
-  only: new Set(list('only', quick ? 'tap,gate' : 'tap,tap-novnet,gate')),
+  rttOnly,
+  /** Also sample each window with the gate forced open (default with --only rtt; --no-control skips it). */
+  control: rttOnly && !process.argv.includes('--no-control'),
+  only,
 };
 for (const v of [...opt.sizes, ...opt.intervals])
   if (!Number.isInteger(v) || v <= 0) throw new Error('--sizes/--intervals: positive integers');
@@ -110,6 +135,20 @@ interface PingStats {
   p50: number | null;
   p99: number | null;
   max: number | null;
+  /** Every reply's RTT in order, ms (kept in the JSON for a later look). */
+  rtts: number[];
+}
+
+function pingStats(count: number, rtts: number[], missing: number[]): PingStats {
+  return {
+    sent: count,
+    received: rtts.length,
+    missing,
+    p50: rtts.length ? r2(percentile(rtts, 50)) : null,
+    p99: rtts.length ? r2(percentile(rtts, 99)) : null,
+    max: rtts.length ? r2(Math.max(...rtts)) : null,
+    rtts,
+  };
 }
 
 /** busybox ping from the client namespace; RTTs from its per-reply lines (ms, 3 decimals). */
@@ -137,14 +176,11 @@ async function ping(c: Cluster, count: number, intervalMs: number): Promise<Ping
   const replies = [...r.stdout.matchAll(/seq=(\d+) .*time=([\d.]+) ms/g)].map((m) => ({ seq: Number(m[1]), ms: Number(m[2]) }));
   const rtts = replies.map((x) => x.ms);
   const got = new Set(replies.map((x) => x.seq));
-  return {
-    sent: count,
-    received: rtts.length,
-    missing: Array.from({ length: count }, (_, i) => i).filter((i) => !got.has(i)),
-    p50: rtts.length ? r2(percentile(rtts, 50)) : null,
-    p99: rtts.length ? r2(percentile(rtts, 99)) : null,
-    max: rtts.length ? r2(Math.max(...rtts)) : null,
-  };
+  return pingStats(
+    count,
+    rtts,
+    Array.from({ length: count }, (_, i) => i).filter((i) => !got.has(i)),
+  );
 }
 
 interface TcpResult {
@@ -236,24 +272,27 @@ interface SampleSpec {
   sizes: number[];
   tcpSeconds: number;
 }
-const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.sizes, tcpSeconds: opt.tcpSeconds });
-/** In the post-copy window: shorter, so that it fits in the window; request-sized transfers only (bulk crawls). */
-const GATED = (): SampleSpec => ({ pingCount: opt.gatedPingCount, sizes: opt.gatedSizes, tcpSeconds: opt.gatedTcpSeconds });
+const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.rttOnly ? [] : opt.sizes, tcpSeconds: opt.tcpSeconds });
 
-async function sample(c: Cluster, h: Host, label: string, spec: SampleSpec = FULL()): Promise<Sample> {
-  const t0 = now();
-  const p = await ping(c, spec.pingCount, opt.pingIntervalMs);
-  log(`${label}: ping p50 ${p.p50} ms p99 ${p.p99} ms (${p.received}/${p.sent})`);
+async function tcpSamples(c: Cluster, h: Host, label: string, sizes: number[], seconds: number): Promise<TcpResult[]> {
   const t: TcpResult[] = [];
   for (const dir of ['g2c', 'c2g'] as const) {
-    for (const size of spec.sizes) {
-      const res = await withCpu(c, h, () => tcp(c, dir, size, spec.tcpSeconds));
+    for (const size of sizes) {
+      const res = await withCpu(c, h, () => tcp(c, dir, size, seconds));
       log(
         `${label}: tcp ${dir} ${size} B: ${res.mbitPerS ?? res.error} Mbit/s (CPU: QEMU ${res.cpu.qemuPct}%, sidecar ${res.cpu.sidecarPct}%)`,
       );
       t.push(res);
     }
   }
+  return t;
+}
+
+async function sample(c: Cluster, h: Host, label: string, spec: SampleSpec = FULL()): Promise<Sample> {
+  const t0 = now();
+  const p = await ping(c, spec.pingCount, opt.pingIntervalMs);
+  log(`${label}: ping p50 ${p.p50} ms p99 ${p.p99} ms (${p.received}/${p.sent})`);
+  const t = await tcpSamples(c, h, label, spec.sizes, spec.tcpSeconds);
   return { label, ping: p, tcp: t, ms: r2(now() - t0) };
 }
 
@@ -269,6 +308,8 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
   return new Cluster({
     guestNet,
     tapVnetHdr,
+    // the gate's release log (docs/network.md): when each epoch's frames left, for gateModel
+    ...(guestNet === 'gate' ? { env: { TETHER_GATE_LOG: '1' } } : {}),
     vm: {
       // a light memcheck: the guest's CPU goes to the network, memory still changes
       memcheckMiB: 4,
@@ -284,7 +325,6 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
 
 async function boot(c: Cluster, what: string): Promise<number> {
   const t0 = now();
-  await c.up();
   const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
   if (r.code !== 0) throw new Error(`${what}: tether vm start failed: ${r.stderr}`);
   await waitReachable(c, `${what}: the guest answers ping`);
@@ -346,16 +386,62 @@ function keepLogs(c: Cluster, label: string): void {
   }
 }
 
-interface GatedSample extends Sample {
+/** p50/p99 of a list (null when empty), 2 decimals. */
+function dist(v: number[]): { p50: number | null; p99: number | null; n: number } {
+  return { p50: v.length ? r2(percentile(v, 50)) : null, p99: v.length ? r2(percentile(v, 99)) : null, n: v.length };
+}
+
+interface GatedSample {
+  label: string;
   intervalMs: number;
-  /** The post-copy window stayed open for the whole sample. */
+  /** Replies to requests of the chunks that ended with the window still open: the figure. */
+  ping: PingStats;
+  /** The first chunk after the wait, not counted: it faults in the reply path's pages. */
+  warmup: PingStats | null;
+  /** Requests of a chunk that ended after the window had closed: discarded, not counted. */
+  discarded: number;
+  /** The window stayed open until the last counted chunk ended (else fewer samples than asked). */
   windowOpen: boolean;
-  appliedEpochs: { before: number | null; after: number | null };
-  /** Destination checkpoint pauses while sampling (daemon log), ms. */
+  /** Wall-clock span of the counted chunks, ms. */
+  sampleMs: number;
+  /** TCP transfers right after the ping, in the window too (not in --only rtt). */
+  tcp: TcpResult[];
+  tcpWindowOpen: boolean | null;
+  /** Destination checkpoints taken during the counted chunks (daemon logs). */
+  epochs: number;
+  /** VM paused for the checkpoint, ms. */
   pauseMs: { p50: number | null; p99: number | null; n: number };
-  /** Time from one checkpoint to the next on the destination, p50 (the interval plus what stretches it), ms. */
-  epochPeriodMs: number | null;
+  /** Checkpoint taken → fully sent to the source, after the pause, ms. */
+  sendMs: { p50: number | null; p99: number | null; n: number };
+  /** Checkpoint sent (D's log) → applied on the source, whose ACK follows at once (S's log), ms. */
+  ackMs: { p50: number | null; p99: number | null; n: number };
+  /** Time from one checkpoint to the next on the destination (interval + pause + what stretches it), ms. */
+  periodMs: { p50: number | null; p99: number | null; n: number };
+  /**
+   * What the gate alone adds: a request arrives at a uniform point of the epoch period P
+   * (the guest runs `interval`, then pauses for the checkpoint; a request arriving in the
+   * pause is answered when the guest runs again); the reply leaves at the ACK of the epoch
+   * it was produced in. So it waits until the next seal (P/2 on average, P at worst), then
+   * the checkpoint pause, the send and the ACK round trip.
+   * p50 ≈ P50/2 + pause p50 + send p50 + ACK p50; bound ≈ P99 + pause p99 + send p99 + ACK p99.
+   */
+  floorMs: { p50: number | null; bound: number | null };
+  /** The gate's hold replayed from the logs (gateModel): its share of the RTT. */
+  model: ReturnType<typeof gateModel> | null;
+  /** model.max + the pass-through p99 before migration: a reply later than this was held by something else. */
+  boundMs: number | null;
+  /** Replies later than boundMs. */
+  aboveBound: { n: number; pct: number | null };
+  /** The warm-up before the counted chunks: how long, and the page requests meanwhile. */
+  warmupMs: number;
+  warmupPostcopyRequests: number | null;
+  /** Pages the destination faulted on and asked the source for during the counted chunks (QEMU postcopy-requests). */
+  postcopyRequests: number | null;
+  /** The same over the whole migration. */
+  postcopyRequestsTotal: number | null;
   outcome: string | null;
+  /** The migrate CLI's stderr tail when the outcome is not the expected one. */
+  migrateError?: string;
   migrateTotalMs: number | null;
   /** Post-copy window: switchover → completion (completing run only), ms. */
   windowMs?: number | null;
@@ -365,62 +451,322 @@ interface GateRun {
   bootMs: number;
   before?: Sample;
   gated: GatedSample[];
+  /** The same in-window samples with the destination's gate forced open (--control). */
+  control: GatedSample[];
   after?: Sample;
   error?: string;
 }
 
+/** Wait until the destination has had `epoch` checkpoints acknowledged (so the window has settled). */
+async function waitAcked(c: Cluster, epoch: number, migrating: Promise<unknown>): Promise<void> {
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before checkpoint ${epoch} was acknowledged: ${JSON.stringify(await migrating)}`);
+    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= epoch;
+  }, `checkpoint ${epoch} acknowledged on the destination`);
+}
+
+/**
+ * Ping in chunks while the post-copy window is open. A chunk counts when the source
+ * still reports phase postcopy after its last reply: every reply of it then left the
+ * destination through the gated gate (completion switches the gate to pass-through only
+ * after the source has recorded it). The chunk during which the window closed is dropped.
+ */
+async function windowPing(
+  c: Cluster,
+  ended: () => boolean,
+): Promise<{
+  ping: PingStats;
+  warmup: PingStats | null;
+  warmupFrom: number;
+  discarded: number;
+  open: boolean;
+  from: number | null;
+  to: number | null;
+}> {
+  const rtts: number[] = [];
+  const missing: number[] = [];
+  let sent = 0;
+  const warm: { rtts: number[]; sent: number; missing: number[] } = { rtts: [], sent: 0, missing: [] };
+  let warmup: PingStats | null = null;
+  let discarded = 0;
+  let open = true;
+  let from: number | null = null;
+  let to: number | null = null;
+  const warmupFrom = Date.now();
+  while (sent < opt.gatedPingCount) {
+    const n = warmup ? Math.min(opt.pingChunk, opt.gatedPingCount - sent) : opt.pingChunk;
+    const t0 = Date.now();
+    const p = await ping(c, n, opt.pingIntervalMs);
+    const t1 = Date.now();
+    if (ended() || (await migStatus(c, c.src)).phase !== 'postcopy') {
+      discarded += n;
+      open = false;
+      break;
+    }
+    if (!warmup) {
+      warm.rtts.push(...p.rtts);
+      warm.missing.push(...p.missing.map((i) => i + warm.sent));
+      warm.sent += n;
+      // The warm-up lasts its minimum, then until a chunk is answered in full (the first
+      // seconds after the switchover the guest stalls on post-copy faults), at most its maximum.
+      const chunks = warm.sent / opt.pingChunk;
+      if (chunks >= opt.warmupChunks && (p.received === n || chunks >= opt.warmupMaxChunks))
+        warmup = pingStats(warm.sent, warm.rtts, warm.missing);
+      continue;
+    }
+    rtts.push(...p.rtts);
+    missing.push(...p.missing.map((i) => i + sent));
+    sent += n;
+    from ??= t0;
+    to = t1;
+  }
+  return { ping: pingStats(sent, rtts, missing), warmup, warmupFrom, discarded, open, from, to };
+}
+
+/** Checkpoint timings of the destination during [from, to] (wall clock), from both daemons' logs. */
+function epochTimings(c: Cluster, dstFrom: number, srcFrom: number, from: number, to: number) {
+  const sent = records(c.dst.daemonLog, dstFrom).filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number');
+  const applied = new Map(
+    records(c.src.daemonLog, srcFrom)
+      .filter((r) => r.msg === 'checkpoint applied')
+      .map((r) => [Number(r.epoch), Date.parse(String(r.t))]),
+  );
+  const inSample = sent.filter((r) => {
+    const t = Date.parse(String(r.t));
+    return t >= from && t <= to;
+  });
+  const at = inSample.map((r) => Date.parse(String(r.t)));
+  const acks = inSample.flatMap((r) => {
+    const a = applied.get(Number(r.epoch));
+    return a === undefined ? [] : [a - Date.parse(String(r.t))];
+  });
+  return {
+    epochs: inSample.length,
+    pauseMs: dist(inSample.map((r) => Number(r.pauseMs))),
+    sendMs: dist(inSample.map((r) => Number(r.sendMs ?? 0))),
+    ackMs: dist(acks),
+    periodMs: dist(at.slice(1).map((t, i) => t - at[i]!)),
+  };
+}
+
+/**
+ * Post-copy page requests between two wall-clock times, from the source's progress
+ * records (every 500 ms, `t` in ms since its start). Their clock is placed on the wall
+ * clock by the first record, printed right after S logs 'destination ready'.
+ */
+function postcopyRequestsBetween(c: Cluster, srcFrom: number, progress: Record<string, any>[], from: number, to: number): number | null {
+  const ready = records(c.src.daemonLog, srcFrom).find((r) => r.msg === 'destination ready');
+  const first = progress.find((p) => p.destination !== undefined);
+  if (!ready || !first) return null;
+  const base = Date.parse(String(ready.t)) - Number(first.t);
+  const req = progress.filter((p) => typeof p.ram?.postcopyRequests === 'number');
+  const at = (wall: number): number | null => {
+    const before = req.filter((p) => base + Number(p.t) <= wall).at(-1);
+    return before ? Number(before.ram.postcopyRequests) : null;
+  };
+  const a = at(from);
+  const b = at(to);
+  return b === null ? null : b - (a ?? 0);
+}
+
+/**
+ * The gate's own hold, replayed from the logs of the same seconds: a request arriving at
+ * time t is answered at once if the guest runs, or when it resumes if it is paused for a
+ * checkpoint; the reply belongs to the epoch open at that moment (epoch k: from the seal
+ * of k-1 to the seal of k, the VM stopped) and leaves when the gate releases k (its
+ * release log; the source's 'checkpoint applied', just before its ACK, when k released
+ * nothing). hold(t) = release(k) − t for t every --ping-interval-ms over the sample.
+ * This is what a guest answering instantly would see: the gate's share of the RTT.
+ */
+function gateModel(
+  c: Cluster,
+  dstFrom: number,
+  srcFrom: number,
+  releaseLog: Rec[],
+  from: number,
+  to: number,
+): {
+  p50: number | null;
+  p99: number | null;
+  max: number | null;
+  n: number;
+  releasesLogged: number;
+  /** Per checkpoint of the sample, ms after its start: seal, resume, applied on S, released by the gate. */
+  epochs: { k: number; seal: number; cont: number; applied: number | null; released: number | null }[];
+} {
+  const ckpts = records(c.dst.daemonLog, dstFrom)
+    .filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number')
+    .map((r) => {
+      const cont = Date.parse(String(r.t)) - Number(r.sendMs ?? 0);
+      // pauseMs runs from the stop request to the VM running again; the seal comes once it is stopped
+      return { k: Number(r.epoch), seal: cont - Number(r.pauseMs) + Number(r.stopMs ?? 0), cont };
+    })
+    .sort((a, b) => a.k - b.k);
+  const applied = new Map(
+    records(c.src.daemonLog, srcFrom)
+      .filter((r) => r.msg === 'checkpoint applied')
+      .map((r) => [Number(r.epoch), Date.parse(String(r.t))]),
+  );
+  const released = new Map<number, number>();
+  for (const r of releaseLog) if (r.t === 'release' && typeof r.at === 'number') released.set(Number(r.epoch), r.at);
+  const holds: number[] = [];
+  let logged = 0;
+  for (let t = from; t <= to; t += opt.pingIntervalMs) {
+    const i = ckpts.findIndex((x) => x.cont > t);
+    if (i < 0) break;
+    const ck = ckpts[i]!;
+    const epoch = ck.seal <= t ? ck.k + 1 : ck.k;
+    const produced = ck.seal <= t ? ck.cont : t;
+    const rel = released.get(epoch) ?? applied.get(epoch);
+    if (rel === undefined) continue;
+    if (released.has(epoch)) logged++;
+    holds.push(Math.max(rel, produced) - t);
+  }
+  const d = dist(holds);
+  const rel = (v: number | undefined): number | null => (v === undefined ? null : r2(v - from));
+  return {
+    p50: d.p50,
+    p99: d.p99,
+    max: holds.length ? r2(Math.max(...holds)) : null,
+    n: holds.length,
+    releasesLogged: logged,
+    epochs: ckpts
+      .filter((x) => x.cont >= from && x.seal <= to)
+      .map((x) => ({
+        k: x.k,
+        seal: r2(x.seal - from),
+        cont: r2(x.cont - from),
+        applied: rel(applied.get(x.k)),
+        released: rel(released.get(x.k)),
+      })),
+  };
+}
+
+/**
+ * One migration with `interval`: wait for D's progress, ping in the window, then abort
+ * (unless `last`) and gather what the logs say about the same seconds. `control`: the
+ * destination runs with TETHER_FAULTS=gate-open, so the same window without the gate's hold.
+ */
+async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: number, control: boolean): Promise<GatedSample> {
+  const label = control ? `gate forced open (control) ${interval} ms` : `gate in window ${interval} ms`;
+  setCheckpointInterval(c, c.dst, interval);
+  const dstFrom = fileSize(c.dst.daemonLog);
+  const srcFrom = fileSize(c.src.daemonLog);
+  log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
+  const t0 = now();
+  const startWall = Date.now();
+  const migrating = c.migrate();
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitAcked(c, opt.warmupEpochs, migrating);
+  const w = await windowPing(c, () => ended);
+  // read now: a rollback removes the destination's VM directory
+  const releaseLog = records(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl')).filter((r) => Number(r.at) >= startWall);
+  log(
+    `${label}: ping p50 ${w.ping.p50} ms p99 ${w.ping.p99} ms (n=${w.ping.received}/${w.ping.sent} in window, ` +
+      `${w.discarded} discarded, warm-up p50 ${w.warmup?.p50 ?? '–'} ms)`,
+  );
+  let tcpRes: TcpResult[] = [];
+  let tcpWindowOpen: boolean | null = null;
+  if (!opt.rttOnly && opt.gatedSizes.length && w.open) {
+    tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds);
+    tcpWindowOpen = !ended && (await migStatus(c, c.src)).phase === 'postcopy';
+  }
+  if (!last && !ended) {
+    const a = await c.tether(c.src, ['abort', c.vmName]);
+    if (a.code !== 0) log(`abort: ${a.stderr}`);
+  }
+  const mig = await migrating;
+  const outcome = (mig.result?.outcome as string | undefined) ?? null;
+  const ep = w.from !== null && w.to !== null ? epochTimings(c, dstFrom, srcFrom, w.from, w.to) : null;
+  const sum = (...v: (number | null | undefined)[]): number | null =>
+    v.some((x) => x === null || x === undefined) ? null : r2(v.reduce<number>((s, x) => s + (x as number), 0));
+  const floorMs = {
+    p50: sum(ep?.periodMs.p50 == null ? null : ep.periodMs.p50 / 2, ep?.pauseMs.p50, ep?.sendMs.p50, ep?.ackMs.p50),
+    bound: sum(ep?.periodMs.p99, ep?.pauseMs.p99, ep?.sendMs.p99, ep?.ackMs.p99),
+  };
+  // with the gate forced open nothing is held: no replay
+  const model = !control && w.from !== null && w.to !== null ? gateModel(c, dstFrom, srcFrom, releaseLog, w.from, w.to) : null;
+  // a reply later than the gate's longest hold plus the pass-through p99 was held by something else
+  const boundMs = model?.max != null ? r2(model.max + slackMs) : null;
+  const above = boundMs === null ? 0 : w.ping.rtts.filter((x) => x > boundMs).length;
+  const g: GatedSample = {
+    label,
+    intervalMs: interval,
+    ping: w.ping,
+    warmup: w.warmup,
+    discarded: w.discarded,
+    windowOpen: w.open,
+    sampleMs: w.from !== null && w.to !== null ? w.to - w.from : 0,
+    tcp: tcpRes,
+    tcpWindowOpen,
+    epochs: ep?.epochs ?? 0,
+    pauseMs: ep?.pauseMs ?? dist([]),
+    sendMs: ep?.sendMs ?? dist([]),
+    ackMs: ep?.ackMs ?? dist([]),
+    periodMs: ep?.periodMs ?? dist([]),
+    floorMs,
+    model,
+    boundMs,
+    warmupMs: (w.from ?? Date.now()) - w.warmupFrom,
+    warmupPostcopyRequests: postcopyRequestsBetween(c, srcFrom, mig.progress, w.warmupFrom, w.from ?? Date.now()),
+    aboveBound: { n: above, pct: w.ping.rtts.length ? r2((above / w.ping.rtts.length) * 100) : null },
+    postcopyRequests: w.from !== null && w.to !== null ? postcopyRequestsBetween(c, srcFrom, mig.progress, w.from, w.to) : null,
+    postcopyRequestsTotal:
+      (mig.progress.filter((p) => typeof p.ram?.postcopyRequests === 'number').at(-1)?.ram.postcopyRequests as number | undefined) ?? null,
+    outcome,
+    ...(outcome === (last ? 'completed' : 'rolled-back') ? {} : { migrateError: mig.stderr.slice(-1500) }),
+    migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
+  };
+  log(
+    `${label}: -> ${outcome}; gate hold p50 ${model?.p50} p99 ${model?.p99} max ${model?.max} ms ` +
+      `(${model?.releasesLogged}/${model?.n} from the release log; formula p50 ≈ ${floorMs.p50} ms), ${g.aboveBound.pct}% above ${boundMs} ms; ` +
+      `warm-up ${g.warmupMs} ms (${g.warmupPostcopyRequests} page requests); ` +
+      `${g.epochs} checkpoints (pause p50 ${g.pauseMs.p50}, send p50 ${g.sendMs.p50}, ACK p50 ${g.ackMs.p50} ms), ` +
+      `${g.postcopyRequests} post-copy page requests in ${g.sampleMs} ms (${g.postcopyRequestsTotal} in the migration)`,
+  );
+  if (last) {
+    const sw = mig.progress.find((p) => p.phase === 'postcopy');
+    g.windowMs = sw && mig.result?.totalMs ? r2(Number(mig.result.totalMs) - Number(sw.t)) : null;
+  }
+  return g;
+}
+
 async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
-  const out: GateRun = { bootMs, gated: [] };
+  const out: GateRun = { bootMs, gated: [], control: [] };
   try {
     out.before = await sample(c, c.src, 'gate before migration');
+    const slack = out.before.ping.p99 ?? 0;
+    if (opt.control) {
+      // The same windows with the destination's gate forced open: everything but the gate's hold.
+      await c.termDaemon(c.dst);
+      await c.restartDaemon(c.dst, { faults: 'gate-open' });
+      for (const interval of opt.intervals) {
+        const g = await windowRun(c, interval, false, slack, true);
+        out.control.push(g);
+        if (g.outcome !== 'rolled-back') throw new Error(`control: abort did not roll back (${g.outcome})`);
+        await waitReachable(c, 'the guest answers on the source after the rollback');
+      }
+      await c.termDaemon(c.dst);
+      await c.restartDaemon(c.dst, { faults: undefined });
+    }
     for (const [i, interval] of opt.intervals.entries()) {
       const last = i === opt.intervals.length - 1;
-      setCheckpointInterval(c, c.dst, interval);
-      const dstFrom = fileSize(c.dst.daemonLog);
-      log(`gate: migrating with interval ${interval} ms${last ? ' (completes)' : ' (aborted after sampling)'}`);
-      const t0 = now();
-      const migrating = c.migrate();
-      await waitApplied(c, 2, migrating);
-      const before = await migStatus(c, c.src);
-      const s = await sample(c, c.dst, `gate gated ${interval} ms`, GATED());
-      const after = await migStatus(c, c.src);
-      const windowOpen = before.phase === 'postcopy' && after.phase === 'postcopy';
-      const sent = records(c.dst.daemonLog, dstFrom).filter((r) => r.msg === 'checkpoint sent' && typeof r.pauseMs === 'number');
-      const pauses = sent.map((r) => Number(r.pauseMs));
-      const at = sent.map((r) => Date.parse(String(r.t)));
-      const periods = at.slice(1).map((t, i) => t - at[i]!);
-      if (!last) {
-        const a = await c.tether(c.src, ['abort', c.vmName]);
-        if (a.code !== 0) log(`abort: ${a.stderr}`);
-      }
-      const mig = await migrating;
-      const outcome = (mig.result?.outcome as string | undefined) ?? null;
-      log(`gate: interval ${interval} ms -> ${outcome} (window open during the sample: ${windowOpen})`);
-      const g: GatedSample = {
-        ...s,
-        intervalMs: interval,
-        windowOpen,
-        appliedEpochs: { before: before.appliedEpoch ?? null, after: after.appliedEpoch ?? null },
-        pauseMs: {
-          p50: pauses.length ? r2(percentile(pauses, 50)) : null,
-          p99: pauses.length ? r2(percentile(pauses, 99)) : null,
-          n: pauses.length,
-        },
-        epochPeriodMs: periods.length ? r2(percentile(periods, 50)) : null,
-        outcome,
-        migrateTotalMs: (mig.result?.totalMs as number | undefined) ?? r2(now() - t0),
-      };
-      if (last) {
-        const sw = mig.progress.find((p) => p.phase === 'postcopy');
-        g.windowMs = sw && mig.result?.totalMs ? r2(Number(mig.result.totalMs) - Number(sw.t)) : null;
-      }
+      const g = await windowRun(c, interval, last, slack, false);
+      const outcome = g.outcome;
       out.gated.push(g);
-      if (last) {
-        if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${mig.stderr.slice(-1500)}`);
+      if (last || outcome === 'completed') {
+        if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${g.migrateError}`);
+        // A window that closed before the abort: the VM is on the destination now, so the
+        // remaining intervals cannot be measured in this run (their rows stay empty).
+        if (!last) log(`gate: the migration completed before the abort; intervals after ${interval} ms not measured`);
         await waitReachable(c, 'the guest answers on the destination');
         out.after = await sample(c, c.dst, 'gate after completion');
+        break;
       } else {
-        if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${mig.stderr.slice(-1500)}`);
+        if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${g.migrateError}`);
         await waitReachable(c, 'the guest answers on the source after the rollback');
       }
     }
@@ -453,22 +799,43 @@ function figures(res: Results): Figure[] {
   const tap = res.taps.tap?.sample;
   const novnet = res.taps['tap-novnet']?.sample;
   const g = res.gate;
-  const pingFig = (name: string, s: Sample | undefined, note = ''): void => {
+  const pingFig = (name: string, s: { ping: PingStats } | undefined, note = ''): void => {
     const loss = s ? `${s.ping.received}/${s.ping.sent} replies` : '';
     F.push({ name: `${name}: ping RTT p50`, value: s?.ping.p50 ?? null, unit: 'ms', note: [loss, note].filter(Boolean).join('; ') });
     F.push({ name: `${name}: ping RTT p99`, value: s?.ping.p99 ?? null, unit: 'ms' });
   };
-  pingFig('QEMU tap (vanilla)', tap);
+  if (opt.only.has('tap')) pingFig('QEMU tap (vanilla)', tap);
   if (novnet) pingFig('QEMU tap, vnet_hdr=off', novnet);
   pingFig('gate, before migration (pass-through)', g?.before);
   for (const s of g?.gated ?? []) {
+    const name = `gate, post-copy window, interval ${s.intervalMs} ms (gated)`;
     pingFig(
-      `gate, post-copy window, interval ${s.intervalMs} ms (gated)`,
+      name,
       s,
-      `epoch period p50 ${s.epochPeriodMs ?? '–'} ms, checkpoint pause p50 ${s.pauseMs.p50 ?? '–'} ms${s.windowOpen ? '' : '; WINDOW CLOSED during the sample'}`,
+      `n=${s.ping.received} in window over ${(s.sampleMs / 1000).toFixed(1)} s` +
+        `${s.discarded ? `, ${s.discarded} discarded (window closed)` : ''}; warm-up (not counted) p50 ${s.warmup?.p50 ?? '–'} ms, ${s.warmup?.received ?? 0}/${s.warmup?.sent ?? 0} replies` +
+        `${s.windowOpen ? '' : `; WINDOW CLOSED: fewer than ${opt.gatedPingCount} samples`}`,
     );
+    F.push({
+      name: `${name}: gate hold p50 (replayed from the logs)`,
+      value: s.model?.p50 ?? null,
+      unit: 'ms',
+      note:
+        `p99 ${s.model?.p99 ?? '–'}, max ${s.model?.max ?? '–'} ms; ${s.epochs} checkpoints in the sample: epoch period p50 ${s.periodMs.p50 ?? '–'}, ` +
+        `pause p50 ${s.pauseMs.p50 ?? '–'}, send p50 ${s.sendMs.p50 ?? '–'}, ACK p50 ${s.ackMs.p50 ?? '–'} ms ` +
+        `(period/2 + pause + send + ACK ≈ ${s.floorMs.p50 ?? '–'} ms)`,
+    });
+    F.push({
+      name: `${name}: replies later than the gate explains`,
+      value: s.aboveBound.pct,
+      unit: '%',
+      note:
+        `${s.aboveBound.n} of ${s.ping.received} above ${s.boundMs ?? '–'} ms (longest gate hold + pass-through p99); ` +
+        `post-copy page requests: ${s.postcopyRequests ?? '–'} in the sample, ${s.warmupPostcopyRequests ?? '–'} in the ${(s.warmupMs / 1000).toFixed(1)} s warm-up`,
+    });
   }
   pingFig('gate, after completion (pass-through)', g?.after);
+  if (opt.rttOnly) return F;
   for (const dir of ['g2c', 'c2g'] as const) {
     for (const size of opt.sizes) {
       const what = `TCP ${dirName(dir)}, ${sizeName(size)} transfers`;
@@ -507,7 +874,10 @@ function figures(res: Results): Figure[] {
           name: `${what}: gated, interval ${s.intervalMs} ms`,
           value: tr?.mbitPerS ?? null,
           unit: 'Mbit/s',
-          note: [tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error, s.windowOpen ? '' : 'WINDOW CLOSED during the sample']
+          note: [
+            tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error,
+            s.tcpWindowOpen ? '' : 'WINDOW CLOSED during the sample',
+          ]
             .filter(Boolean)
             .join('; '),
         });
@@ -515,6 +885,60 @@ function figures(res: Results): Figure[] {
     }
   }
   return F;
+}
+
+/**
+ * The closing note's RTT table: each phase's ping RTT beside what the gate alone explains
+ * (its floor and bound, from the checkpoint timings of the same seconds).
+ */
+function rttTable(res: Results): string[] {
+  const g = res.gate;
+  if (!g) return [];
+  const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '–' : `${v}`);
+  const rows = [
+    '| ping RTT client → guest | replies / requests | p50 ms | p99 ms | same window, gate forced open: p50 / p99 ms | gate hold replayed: p50 / p99 ms | later than the gate explains | warm-up (not counted) | post-copy page requests: warm-up / sample |',
+    '|---|---:|---:|---:|---:|---:|---:|---|---:|',
+  ];
+  const plain = (name: string, s: Sample | undefined): void => {
+    if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | |`);
+  };
+  const ctl = (s: GatedSample): string => {
+    const k = g.control.find((x) => x.intervalMs === s.intervalMs);
+    if (!k) return '–';
+    const n = `${k.ping.received} / ${k.ping.sent}${k.windowOpen ? '' : ' WINDOW CLOSED'}`;
+    return `${ms(k.ping.p50)} / ${ms(k.ping.p99)} (n ${n})`;
+  };
+  plain('before migration (pass-through)', g.before);
+  for (const s of g.gated) {
+    const wu = s.warmup;
+    rows.push(
+      `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} / ${s.ping.sent} in window` +
+        `${s.discarded ? ` (${s.discarded} discarded)` : ''}${s.windowOpen ? '' : ' WINDOW CLOSED'} | ` +
+        `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ctl(s)} | ${ms(s.model?.p50)} / ${ms(s.model?.p99)} | ` +
+        `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} % (> ${s.boundMs} ms)`} | ` +
+        `${(s.warmupMs / 1000).toFixed(1)} s, ${wu?.received ?? 0} / ${wu?.sent ?? 0} replies, max ${ms(wu?.max)} ms | ` +
+        `${s.warmupPostcopyRequests ?? '–'} / ${s.postcopyRequests ?? '–'} in ${(s.sampleMs / 1000).toFixed(1)} s |`,
+    );
+  }
+  plain('after completion (pass-through)', g.after);
+  return [
+    ...rows,
+    '',
+    `In-window samples: chunks of ${opt.pingChunk} pings every ${opt.pingIntervalMs} ms, from checkpoint ${opt.warmupEpochs} ` +
+      `acknowledged on. Warm-up (not counted): at least ${opt.warmupChunks} chunk(s), then until a chunk is answered in full ` +
+      `(at most ${opt.warmupMaxChunks}): in the first seconds after the switchover the guest stalls while it faults its working set in. ` +
+      'A chunk counts only if the source still reports post-copy after its last reply (so every counted reply left through ' +
+      'the gated gate); a chunk during which the window closed is discarded. Requests − replies: replies not back when ' +
+      'busybox ping stopped waiting (twice the slowest RTT it had seen, after the last request of a chunk), i.e. a stall; ' +
+      "the gate drops nothing; p99 leaves them out. Gate hold: the gate's share, replayed from the logs of the same seconds " +
+      '(a request every ping interval, answered at once or when the guest resumes from its checkpoint pause, released with ' +
+      "its epoch per the gate's release log). Gate forced open: the same migration and window with the destination's " +
+      'gate in pass-through (TETHER_FAULTS=gate-open), measured first: checkpoint pauses, post-copy faults and the guest ' +
+      "without the gate's hold. Later than the gate explains: RTT above the longest replayed hold plus the " +
+      "pass-through p99: held by something else, mostly post-copy faults blocking the guest's QEMU (page requests QEMU " +
+      'counted in the same seconds in the last column).',
+    '',
+  ];
 }
 
 function summaryMarkdown(res: Results, command: string): string {
@@ -531,6 +955,7 @@ function summaryMarkdown(res: Results, command: string): string {
       `${last?.windowMs ? ` (post-copy window of the completing run ${(last.windowMs / 1000).toFixed(1)} s)` : ''}; ` +
       `${os.cpus().length} CPUs, load average ${load} at the end (other work may share this machine: figures are indicative).`,
     '',
+    ...rttTable(res),
     markdownTable(figures(res)),
     '',
     'PASS/MISS compare this run with the target of issue 6 (gate pass-through ≥ 0.8× QEMU tap); findings, not test failures.',
@@ -548,11 +973,12 @@ async function writePlots(dir: string, res: Results): Promise<string[]> {
     }
   };
   const g = res.gate;
-  const samples: [string, Sample | undefined][] = [
+  type Sampled = { ping: PingStats; tcp: TcpResult[] };
+  const samples: [string, Sampled | undefined][] = [
     ['QEMU tap', res.taps.tap?.sample],
     ['tap vnet_hdr=off', res.taps['tap-novnet']?.sample],
     ['gate before', g?.before],
-    ...(g?.gated ?? []).map((s): [string, Sample] => [`gated ${s.intervalMs} ms`, s]),
+    ...(g?.gated ?? []).map((s): [string, Sampled] => [`gated ${s.intervalMs} ms`, s]),
     ['gate after', g?.after],
   ];
   const rtt = samples.flatMap(([series, s]) =>
@@ -590,6 +1016,9 @@ async function main(): Promise<void> {
   try {
     // Booted side by side (the boots are not measured); all stay up until the end, so
     // every sample runs beside the same idle guests.
+    // The clusters' daemons start one cluster after another: six sidecars starting at once
+    // on two cores can miss the harness's wait for their control sockets.
+    for (const c of [...taps.map((x) => x.c), ...(gateC ? [gateC] : [])]) await c.up();
     const boots = await Promise.all([...taps.map(({ k, c }) => boot(c, k)), gateC ? boot(gateC, 'gate') : 0]);
     await sleep(1000); // let the boots' tail (udev, memcheck's first pass) settle
     for (const [i, { k, c }] of taps.entries()) {
