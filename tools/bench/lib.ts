@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Cluster, memcheck, type Host } from '../../netns-tests/harness.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
-import { hashFile, PAGE_SIZE } from '../../src/memory/native.ts';
+import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/memory/native.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { buildQemuArgs, type QemuIncoming } from '../../src/qemu/cmdline.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
@@ -245,7 +245,7 @@ export async function killVanilla(q: VQemu | undefined): Promise<void> {
 export interface HashFloor {
   bytes: number;
   threads: number;
-  /** Median of 3 native hashFile passes over a populated file of the guest's size. */
+  /** Median of 3 native hashFile passes over a populated file of the guest's size (tmpfs, mapped). */
   ms: number;
 }
 
@@ -267,10 +267,17 @@ export async function hashFloor(guestMiB: number): Promise<HashFloor> {
     const table = Buffer.alloc(pages * 8);
     const threads = os.cpus().length;
     const times: number[] = [];
-    for (let i = 0; i < 3; i++) {
-      const t0 = now();
-      await hashFile(fd, pages, table, threads);
-      times.push(now() - t0);
+    // The floor reads the bytes the cheapest way this code knows, the way the scan does:
+    // through a mapping of the file (mapRam), all cores.
+    const map = mapRam(fd, pages);
+    try {
+      for (let i = 0; i < 3; i++) {
+        const t0 = now();
+        await hashFile(fd, pages, table, threads, map);
+        times.push(now() - t0);
+      }
+    } finally {
+      if (map) unmapRam(map);
     }
     return { bytes, threads, ms: r2(percentile(times, 50)) };
   } finally {
