@@ -75,13 +75,19 @@ export interface LogDigest {
   }[];
   /** State-machine transitions on both hosts, ms since `t0` (wall clock). */
   phases: { host: string; atMs: number; msg: string }[];
+  /**
+   * QEMU's own times (QMP event timestamps, ms since `t0`) of the source's switchover STOP
+   * and the destination's RESUME: the switchover blackout, measured like vanilla's.
+   */
+  qemuStopAt: number | null;
+  qemuResumeAt: number | null;
   /** warn/error messages on both hosts, counted. */
   warnings: Record<string, number>;
   fences: { host: string; reason: string }[];
 }
 
 export function digestLogs(c: Cluster, offsets: { src: number; dst: number }, t0Wall: number): LogDigest {
-  const d: LogDigest = { checkpoints: [], phases: [], warnings: {}, fences: [] };
+  const d: LogDigest = { checkpoints: [], phases: [], qemuStopAt: null, qemuResumeAt: null, warnings: {}, fences: [] };
   for (const [h, from] of [
     [c.src, offsets.src],
     [c.dst, offsets.dst],
@@ -102,6 +108,8 @@ export function digestLogs(c: Cluster, offsets: { src: number; dst: number }, t0
         });
       }
       if (typeof r.msg === 'string' && / -> /.test(r.msg)) d.phases.push({ host: h.name, atMs: at, msg: r.msg });
+      if (typeof r.qemuStopAt === 'number' && d.qemuStopAt === null) d.qemuStopAt = r.qemuStopAt - t0Wall;
+      if (typeof r.qemuResumeAt === 'number' && d.qemuResumeAt === null) d.qemuResumeAt = r.qemuResumeAt - t0Wall;
       if (r.level === 'warn' || r.level === 'error') {
         const k = `${h.name} ${r.level}: ${r.msg}`;
         d.warnings[k] = (d.warnings[k] ?? 0) + 1;
