@@ -21,24 +21,20 @@ import { isErrorCode, TetherError } from '../errors.ts';
 
 export const PAGE_SIZE = 4096;
 
+/** The addon's scanDirty/scanCopy signature (they differ only in what they resolve with). */
+type ScanCall<T> = (
+  fd: number,
+  pages: number,
+  table: Uint8Array,
+  candidates: Uint32Array | null,
+  threads?: number,
+  map?: RamMap | null,
+) => Promise<T>;
+
 export interface NativeBinding {
   hashFile(fd: number, pages: number, out: Uint8Array, threads?: number, map?: RamMap | null): Promise<void>;
-  scanDirty(
-    fd: number,
-    pages: number,
-    table: Uint8Array,
-    candidates: Uint32Array | null,
-    threads?: number,
-    map?: RamMap | null,
-  ): Promise<Uint32Array>;
-  scanCopy(
-    fd: number,
-    pages: number,
-    table: Uint8Array,
-    candidates: Uint32Array | null,
-    threads?: number,
-    map?: RamMap | null,
-  ): Promise<DirtyPages>;
+  scanDirty: ScanCall<Uint32Array>;
+  scanCopy: ScanCall<DirtyPages>;
   mapRam(fd: number, pages: number): RamMap | null;
   unmapRam(map: RamMap): void;
   hashBuffer(buf: Uint8Array): Buffer;
