@@ -217,6 +217,12 @@ export class SourceMigration {
         window: vm.config.checkpoint.window,
       },
     });
+    // The hot standby starts while D starts its QEMU, so that neither QEMU's start (~170 ms
+    // of CPU) competes with the switchover; it stays idle until a rollback. A standby would
+    // take the NICs' stream sockets (QEMU re-binds a listening path at start) from the
+    // running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
+    const nics = vm.config.nics?.length ?? 0;
+    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     vm.log.info('destination ready', { uri: ready.uri });
@@ -235,11 +241,6 @@ export class SourceMigration {
     if (bw > 0) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
-    // Started now so that it is up by switchover; it stays idle until a rollback.
-    // A standby would take the NICs' stream sockets (QEMU re-binds a listening path at start)
-    // from the running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
-    const nics = vm.config.nics?.length ?? 0;
-    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
@@ -490,6 +491,7 @@ export class SourceMigration {
     this.#decided = true;
     this.#stopTimers();
     this.#vm.log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    await this.#standby?.discard();
     this.phase.to('refused', { code: err.code });
     this.#channel?.close();
     for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
