@@ -1,11 +1,24 @@
 import t from 'tap';
-import { closeSync, openSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isTetherError } from '../errors.ts';
-import { hashBuffer, hashFile, readPages, scanDirty, softDirtyProbe, xxh64, zeroMask, zeroPageHash } from './native.ts';
+import {
+  hashBuffer,
+  hashFile,
+  mapRam,
+  readPages,
+  scanCopy,
+  scanDirty,
+  unmapRam,
+  softDirtyProbe,
+  xxh64,
+  zeroMask,
+  zeroPageHash,
+} from './native.ts';
 import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './test-util.ts';
 
 const dir = scratchDir();
+const TMPFS_MAGIC = 0x01021994;
 t.teardown(() => removeDir(dir));
 
 function hashAt(table: Buffer, pfn: number): bigint {
@@ -255,4 +268,66 @@ t.test('softDirtyProbe reports a functional result', async (t) => {
   if (!p.supported && p.clearRefsErrno === 0 && p.pagemapErrno === 0) {
     t.equal(p.after & (1n << 55n), 0n, 'kernel accepted clear_refs but never set bit 55');
   }
+});
+
+t.test('tmpfs (mapped) and other filesystems (pread) give the same hashes and dirty pages', async (t) => {
+  // RAM files on tmpfs are hashed through a read-only mapping, anything else through pread;
+  // a directory under the project is on a disk filesystem (here and in CI).
+  const diskDir = mkdtempSync(join(process.cwd(), '.tether-mem-test-'));
+  t.teardown(() => removeDir(diskDir));
+  const pages = 2500;
+  const files = [sparseFile(dir, 'same.ram', pages), sparseFile(diskDir, 'same.ram', pages)];
+  t.teardown(() => files.forEach((f) => f.close()));
+  t.equal(statfsSync(dir).type, TMPFS_MAGIC, 'scratch dir is tmpfs');
+  t.not(statfsSync(diskDir).type, TMPFS_MAGIC, 'the other dir is not');
+  for (let pfn = 0; pfn < pages; pfn += 7) for (const f of files) f.write(pfn, page(pfn));
+  const tables = [Buffer.alloc(pages * 8), Buffer.alloc(pages * 8)];
+  for (let i = 0; i < 2; i++) await hashFile(files[i]!.fd, pages, tables[i]!, 2);
+  t.ok(tables[0]!.equals(tables[1]!), 'same baseline hashes');
+  for (const pfn of [0, 3, 700, 1299, pages - 1]) for (const f of files) f.write(pfn, page(pfn + 50_000));
+  const alloc0 = files[0]!.allocated();
+  const map = mapRam(files[0]!.fd, pages);
+  t.ok(map, 'tmpfs file mapped');
+  t.equal(mapRam(files[1]!.fd, pages), null, 'a file elsewhere is not mapped: pread');
+  t.teardown(() => unmapRam(map!));
+  const dirty = await Promise.all([0, 1].map((i) => scanCopy(files[i]!.fd, pages, tables[i]!, null, 2, i === 0 ? map : null)));
+  t.same([...dirty[0]!.pfns], [0, 3, 700, 1299, pages - 1], 'dirty pages found through the mapping');
+  t.same([...dirty[1]!.pfns], [...dirty[0]!.pfns], 'and the same through pread');
+  t.ok(dirty[0]!.data.equals(dirty[1]!.data), 'with the same bytes');
+  t.ok(tables[0]!.equals(tables[1]!), 'same tables after the scan');
+  t.equal(files[0]!.allocated(), alloc0, 'the mapped scan allocated no hole');
+});
+
+t.test('mapRam handles: checked against the file, released after the scan that reads them', async (t) => {
+  const pages = 4096;
+  const f = sparseFile(dir, 'map.ram', pages);
+  const g = sparseFile(dir, 'other.ram', pages);
+  t.teardown(() => [f, g].forEach((x) => x.close()));
+  for (let pfn = 0; pfn < pages; pfn += 3) f.write(pfn, page(pfn));
+  const expected = Buffer.alloc(pages * 8);
+  await hashFile(f.fd, pages, expected, 1);
+  const map = mapRam(f.fd, pages)!;
+  t.ok(map);
+  const viaMap = Buffer.alloc(pages * 8);
+  await hashFile(f.fd, pages, viaMap, 2, map);
+  t.ok(viaMap.equals(expected), 'hashFile through the mapping = through pread');
+  throwsCode(t, () => void scanDirty(g.fd, pages, Buffer.from(expected), null, 1, map), 'ERR_MEM_NATIVE_ARGS', 'map of another file');
+  throwsCode(
+    t,
+    () => void scanDirty(f.fd, pages + 1, Buffer.alloc((pages + 1) * 8), null, 1, map),
+    'ERR_MEM_NATIVE_ARGS',
+    'longer than the map',
+  );
+  throwsCode(t, () => void scanDirty(f.fd, pages, Buffer.from(expected), null, 1, {} as never), 'ERR_MEM_NATIVE_ARGS', 'not a handle');
+  // unmapped while a scan runs: the scan finishes on the mapping, later calls are refused
+  f.write(7, page(70_007));
+  const table = Buffer.from(expected);
+  const running = scanCopy(f.fd, pages, table, null, 2, map);
+  unmapRam(map);
+  const got = await running;
+  t.same([...got.pfns], [7], 'the scan in flight completed');
+  t.ok(got.data.equals(page(70_007)), 'with the page bytes');
+  throwsCode(t, () => void scanDirty(f.fd, pages, table, null, 1, map), 'ERR_MEM_NATIVE_ARGS', 'after unmapRam');
+  unmapRam(map); // idempotent
+  t.equal(mapRam(f.fd, 0), null, 'nothing to map');
 });

@@ -5,7 +5,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { scanCopy, scanDirty, type DirtyPages } from './native.ts';
+import { mapRam, scanCopy, scanDirty, unmapRam, type DirtyPages, type RamMap } from './native.ts';
 import { openRam, ramPages } from './ram.ts';
 import type { DirtyTracker, TrackerOptions } from './tracker.ts';
 
@@ -52,6 +52,8 @@ export class ScanTracker implements DirtyTracker {
     readonly pages: number,
     private readonly threads: number | undefined,
     reason: string,
+    /** The RAM file mapped for the tracker's life (tmpfs), or null: scans pread. */
+    private readonly map: RamMap | null,
   ) {
     this.reason = reason;
   }
@@ -59,7 +61,19 @@ export class ScanTracker implements DirtyTracker {
   static async open(opts: TrackerOptions, reason = 'requested'): Promise<ScanTracker> {
     const pages = ramPages(opts.ramBytes);
     const fh = await openRam(opts.ramPath, opts.ramBytes);
-    return new ScanTracker(fh, pages, opts.threads, reason);
+    let map: RamMap | null;
+    try {
+      map = mapRam(fh.fd, pages);
+    } catch (e) {
+      await fh.close();
+      throw e;
+    }
+    return new ScanTracker(fh, pages, opts.threads, reason, map);
+  }
+
+  /** Whether scans read the RAM file through a mapping (else pread). */
+  get mapped(): boolean {
+    return this.map !== null;
   }
 
   /**
@@ -72,17 +86,18 @@ export class ScanTracker implements DirtyTracker {
 
   async collect(): Promise<Uint32Array> {
     const table = this.state.started();
-    return await scanDirty(this.fh.fd, this.pages, table, null, this.threads);
+    return await scanDirty(this.fh.fd, this.pages, table, null, this.threads, this.map);
   }
 
   async collectPages(): Promise<DirtyPages> {
     const table = this.state.started();
-    return await scanCopy(this.fh.fd, this.pages, table, null, this.threads);
+    return await scanCopy(this.fh.fd, this.pages, table, null, this.threads, this.map);
   }
 
   async close(): Promise<void> {
     if (this.state.closed) return;
     this.state.closed = true;
+    if (this.map) unmapRam(this.map);
     await this.fh.close();
   }
 }

@@ -28,7 +28,7 @@ t.test('hashRamFile', async (t) => {
   t.ok(table.equals(hashBuffer(content)));
   t.ok((await hashRamFile(f.path, 100 * PAGE, { threads: 1 })).equals(table));
   await rejectsCode(t, hashRamFile(join(dir, 'missing'), PAGE), 'ERR_MEM_RAM_FILE', 'missing file');
-  await rejectsCode(t, hashRamFile(f.path, 101 * PAGE), 'ERR_MEM_NATIVE_ARGS', 'file too small');
+  await rejectsCode(t, hashRamFile(f.path, 101 * PAGE), 'ERR_MEM_RAM_FILE', 'file too small');
   await rejectsCode(t, hashRamFile(f.path, 100), 'ERR_MEM_RAM_SIZE', 'size not page multiple');
 });
 

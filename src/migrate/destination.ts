@@ -1,3 +1,4 @@
+import { qmpTimeMs, type QmpTimestamp } from '../qmp/codec.ts';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { checkpointMessages } from '../checkpoint/assembler.ts';
@@ -14,7 +15,7 @@ import type { PeerChannel } from '../peer/channel.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
-import { deferred, nowMs, sleep } from '../util/time.ts';
+import { deferred, Nap, nowMs, sleep } from '../util/time.ts';
 import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from '../peer/control.ts';
@@ -319,9 +320,9 @@ export class DestinationMigration {
     await this.#ch.send({ type: 'control', body: { kind: 'ready', uri } });
 
     // Switchover: from the first instant the VM runs here, outputs are held (epoch 1).
-    await this.#waitRunning();
+    const qemuResumeAt = await this.#waitRunning();
     if (this.#stopped) return;
-    this.phase.to('running');
+    this.phase.to('running', qemuResumeAt === undefined ? {} : { qemuResumeAt });
     this.#lastHeard = nowMs();
     this.#fenceTimer = setInterval(() => this.#checkFence(), 50);
     // Heartbeats keep the source's lease alive between checkpoints (and while the
@@ -393,12 +394,30 @@ export class DestinationMigration {
     });
   }
 
-  async #waitRunning(): Promise<void> {
+  /**
+   * Until QEMU runs the guest here: polls query-status, woken at once by the RESUME event.
+   * Returns QEMU's own time of that RESUME (QMP timestamp), the end of the switchover
+   * blackout, when the event was seen.
+   */
+  async #waitRunning(): Promise<number | undefined> {
     const qmp = this.vm.qemu!.qmp;
-    while (!this.#stopped) {
-      const s = (await qmp.execute('query-status')) as { status: string };
-      if (s.status === 'running') return;
-      await sleep(10);
+    let resumedAt: number | undefined;
+    const nap = new Nap();
+    const onEvent = (name: string, _d: unknown, ts: QmpTimestamp | undefined) => {
+      if (name !== 'RESUME') return;
+      if (resumedAt === undefined && ts) resumedAt = qmpTimeMs(ts);
+      nap.wake();
+    };
+    qmp.on('event', onEvent);
+    try {
+      while (!this.#stopped) {
+        const s = (await qmp.execute('query-status')) as { status: string };
+        if (s.status === 'running') return resumedAt;
+        await nap.nap(10);
+      }
+      return undefined;
+    } finally {
+      qmp.off('event', onEvent);
     }
   }
 

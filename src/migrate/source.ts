@@ -1,3 +1,4 @@
+import { qmpTimeMs, type QmpTimestamp } from '../qmp/codec.ts';
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -16,7 +17,7 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { StreamingSummary } from '../util/summary.ts';
-import { deferred, nowMs, sleep } from '../util/time.ts';
+import { deferred, Nap, nowMs, sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl, newMigrationId } from '../peer/control.ts';
@@ -227,6 +228,12 @@ export class SourceMigration {
         window: vm.config.checkpoint.window,
       },
     });
+    // The hot standby starts while D starts its QEMU, so that neither QEMU's start (~170 ms
+    // of CPU) competes with the switchover; it stays idle until a rollback. A standby would
+    // take the NICs' stream sockets (QEMU re-binds a listening path at start) from the
+    // running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
+    const nics = vm.config.nics?.length ?? 0;
+    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     this.#log.info('destination ready', { uri: ready.uri });
@@ -237,26 +244,32 @@ export class SourceMigration {
       capabilities: [
         { capability: 'postcopy-ram', state: true },
         { capability: 'pause-before-switchover', state: true },
+        // MIGRATION events: the pause before switchover is seen at once, not at the next poll
+        { capability: 'events', state: true },
       ],
     });
     const bw = vm.config.migration.maxBandwidth;
     if (bw > 0) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
-    // Started now so that it is up by switchover; it stays idle until a rollback.
-    // A standby would take the NICs' stream sockets (QEMU re-binds a listening path at start)
-    // from the running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
-    const nics = vm.config.nics?.length ?? 0;
-    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
     if (this.#decided) return;
-    await qmp.execute('migrate-start-postcopy');
-
-    await this.#waitMigrationStatus('pre-switchover');
+    // QEMU's own time of the stop that starts the switchover blackout (QMP event timestamp).
+    let qemuStopAt: number | undefined;
+    const onStop = (name: string, _d: unknown, ts: QmpTimestamp | undefined) => {
+      if (name === 'STOP' && qemuStopAt === undefined && ts) qemuStopAt = qmpTimeMs(ts);
+    };
+    qmp.on('event', onStop);
+    try {
+      await qmp.execute('migrate-start-postcopy');
+      await this.#waitMigrationStatus('pre-switchover');
+    } finally {
+      qmp.off('event', onStop);
+    }
     if (this.#decided) return;
-    this.phase.to('switchover');
+    this.phase.to('switchover', qemuStopAt === undefined ? {} : { qemuStopAt });
     // Checkpoint 0: the source's own state, saved while paused before switchover.
     const tmp = path.join(vm.dir, 'checkpoint0.devstate.tmp');
     await qmp.execute('xen-save-devices-state', { filename: tmp, live: false });
@@ -498,6 +511,7 @@ export class SourceMigration {
     this.#decided = true;
     this.#stopTimers();
     this.#log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    await this.#standby?.discard();
     this.phase.to('refused', { code: err.code });
     this.#channel?.close();
     for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
@@ -717,16 +731,29 @@ export class SourceMigration {
     });
   }
 
+  /**
+   * Polls query-migrate until `want`; a MIGRATION event (capability `events`) cuts the wait
+   * short, so the switchover's stop is acted on at once rather than up to a poll later.
+   */
   async #waitMigrationStatus(want: string): Promise<void> {
     const q = this.#vm.qemu!;
-    for (;;) {
-      if (this.#decided) return;
-      const m = (await q.qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
-      if (m.status === want) return;
-      if (m.status === 'failed' || m.status === 'cancelled') {
-        throw new TetherError('ERR_QEMU_MIGRATION_FAILED', `source QEMU migration ${m.status}: ${m['error-desc'] ?? ''}`);
+    const nap = new Nap();
+    const onEvent = (name: string) => {
+      if (name === 'MIGRATION') nap.wake();
+    };
+    q.qmp.on('event', onEvent);
+    try {
+      for (;;) {
+        if (this.#decided) return;
+        const m = (await q.qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+        if (m.status === want) return;
+        if (m.status === 'failed' || m.status === 'cancelled') {
+          throw new TetherError('ERR_QEMU_MIGRATION_FAILED', `source QEMU migration ${m.status}: ${m['error-desc'] ?? ''}`);
+        }
+        await nap.nap(10);
       }
-      await sleep(10);
+    } finally {
+      q.qmp.off('event', onEvent);
     }
   }
 

@@ -21,6 +21,11 @@ export interface QmpTimestamp {
   microseconds: number;
 }
 
+/** A QMP event timestamp (QEMU's gettimeofday) in milliseconds since the epoch. */
+export function qmpTimeMs(ts: QmpTimestamp): number {
+  return ts.seconds * 1000 + ts.microseconds / 1000;
+}
+
 export interface QmpGreeting {
   type: 'greeting';
   version: { qemu: { major: number; minor: number; micro: number }; package: string };

@@ -20,3 +20,34 @@ export function deferred<T>(): { promise: Promise<T>; resolve: (v: T) => void; r
   });
   return { promise, resolve, reject };
 }
+
+/**
+ * A sleep an event can cut short: `nap(ms)` resolves after `ms`, or at `wake()`. A wake
+ * while nobody naps makes the next nap return at once, so an event that lands between
+ * two naps (while the caller polls) is not lost.
+ */
+export class Nap {
+  #wake: (() => void) | undefined;
+  #pending = false;
+
+  nap(ms: number): Promise<void> {
+    if (this.#pending) {
+      this.#pending = false;
+      return Promise.resolve();
+    }
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        if (this.#wake === done) this.#wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#wake = done;
+    });
+  }
+
+  wake(): void {
+    if (this.#wake) this.#wake();
+    else this.#pending = true;
+  }
+}

@@ -2,7 +2,7 @@ import t from 'tap';
 import { parseHostPort } from '../daemon/daemon.ts';
 import { asPeerControl } from '../peer/control.ts';
 import { StateMachine } from './state.ts';
-import { percentile } from './time.ts';
+import { Nap, percentile } from './time.ts';
 
 t.test('state machine: checked transitions, listeners see old and new', async (t) => {
   const seen: string[] = [];
@@ -56,4 +56,23 @@ t.test('killAndWait: the process is gone when it resolves', async (t) => {
   await exited;
   t.throws(() => process.kill(child.pid!, 0), 'no such process any more');
   t.equal(await killAndWait(child.pid!), true, 'an absent process counts as gone');
+});
+
+t.test('Nap: a nap ends at its time or at wake(); a wake between naps is kept for the next', async (t) => {
+  const nap = new Nap();
+  let ended = false;
+  const long = nap.nap(60_000).then(() => (ended = true));
+  await Promise.resolve();
+  t.notOk(ended, 'napping');
+  nap.wake();
+  await long;
+  t.ok(ended, 'woken long before its time');
+  await nap.nap(1); // ends by its timer
+  nap.wake(); // nobody naps: the next nap returns at once
+  const t0 = Date.now();
+  await nap.nap(60_000);
+  t.ok(Date.now() - t0 < 60_000, 'the pending wake ended the next nap');
+  const order: string[] = [];
+  await Promise.all([nap.nap(5).then(() => order.push('timer')), Promise.resolve().then(() => order.push('tick'))]);
+  t.same(order, ['tick', 'timer'], 'the pending wake was used once');
 });

@@ -181,7 +181,7 @@ async function benchTetherComplete(): Promise<TetherComplete> {
     exitCode: null,
     cliWallMs: 0,
     result: null,
-    digest: { checkpoints: [], phases: [], warnings: {}, fences: [] },
+    digest: { checkpoints: [], phases: [], qemuStopAt: null, qemuResumeAt: null, warnings: {}, fences: [] },
     passesAfter: [],
     memcheck: [],
   };

@@ -11,7 +11,7 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { join } from 'node:path';
-import { hashFile, PAGE_SIZE, readPages, scanDirty, zeroMask } from '../../src/memory/native.ts';
+import { hashFile, mapRam, PAGE_SIZE, readPages, scanCopy, scanDirty, unmapRam, zeroMask } from '../../src/memory/native.ts';
 import { arg } from './args.ts';
 
 const MIB = 1024 * 1024;
@@ -128,6 +128,30 @@ async function main(): Promise<void> {
         const d = await scanDirty(fd, pages, table, null, threads);
         if (d.length !== 0) throw new Error(`expected 0 dirty, got ${d.length}`);
       });
+    }
+    // What a checkpoint's collect does: one pass that hashes and copies the dirty pages,
+    // reading through pread, and through the tracker's mapping of the file (mapRam).
+    const map = mapRam(fd, pages);
+    try {
+      for (const [how, m] of [
+        ['pread', null],
+        ['mapped', map],
+      ] as const) {
+        for (const threads of [1, 2]) {
+          await measure(
+            `scanCopy ${how}, ${dirtyMiB} MiB dirty`,
+            threads,
+            ramBytes,
+            async () => {
+              const d = await scanCopy(fd, pages, table, null, threads, m);
+              if (d.pfns.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.pfns.length}`);
+            },
+            makeDirty,
+          );
+        }
+      }
+    } finally {
+      if (map) unmapRam(map);
     }
     for (const threads of [1, 2]) {
       await measure(

@@ -122,9 +122,9 @@ const GUEST_DEFAULT_MIB = quick ? 256 : 512;
 
 const BLACKOUT_NOTE =
   'switchover blackout = guest not running on either host around switchover. vanilla: QMP STOP event of the source → ' +
-  'RESUME event of the destination (QEMU timestamps, same host clock). tether: the source daemon logging "-> switchover" ' +
-  '(its 10 ms query-migrate poll saw QEMU stopped in pre-switchover) → the destination daemon logging "-> running" ' +
-  '(10 ms query-status poll); wall-clock log timestamps, ms resolution, so up to ~10 ms short of the true stop.';
+  'RESUME event of the destination (QEMU timestamps, same host clock). tether: the same two events, which the sidecars ' +
+  'log (qemuStopAt on the source\'s "-> switchover", qemuResumeAt on the destination\'s "-> running"); it includes ' +
+  'saving checkpoint 0 (device state, durably) while the source is paused before switchover.';
 const TRULY_DIRTIED_NOTE =
   'truly dirtied = per epoch (one checkpoint stop to the next; the first from the destination running), the distinct ' +
   "pages memcheck wrote, from the guest's own progress lines (pass/page position, timestamped as they reach the serial " +
@@ -507,7 +507,10 @@ async function runTether(cell: Cell, repeat: number): Promise<Run> {
     const sw = phaseAt(d, 'host-s', '-> switchover');
     const running = phaseAt(d, 'host-d', '-> running');
     const done = phaseAt(d, 'host-s', '-> completed');
-    if (sw !== null && running !== null) run.blackoutMs = running - sw;
+    // QEMU's STOP (source) → RESUME (destination) timestamps, as for vanilla; the sidecars'
+    // phase log lines (which trail them by a poll or an event delivery) only as a fallback.
+    if (d.qemuStopAt !== null && d.qemuResumeAt !== null) run.blackoutMs = r2(d.qemuResumeAt - d.qemuStopAt);
+    else if (sw !== null && running !== null) run.blackoutMs = running - sw;
     if (running !== null && done !== null) {
       run.postcopyWindowMs = done - running;
       if (isMemcheck(cell.workload)) {
