@@ -4,7 +4,8 @@
  * Strategies side by side, each migration in its own two-namespace Cluster (netns-tests/
  * harness.ts: real QEMU TCG, a tether daemon per namespace), the migration link veth shaped
  * with tbf in both directions:
- *   vanilla-precopy    QEMU pre-copy, started directly in the namespaces (no tether)
+ *   vanilla-precopy    QEMU pre-copy, started directly in the namespaces (no tether); guest
+ *                      RAM 8 KiB over the stated size (PRECOPY_NOTE: QEMU 7.2 loses TCG dirty bits)
  *   vanilla-postcopy   QEMU post-copy (migrate, then migrate-start-postcopy at once)
  *   tether-25/50/100   tether at that checkpoint interval (ms)
  * Workloads: idle (the guest sleeps), mc25 / mc75 (memcheck over 25 % / 75 % of RAM at
