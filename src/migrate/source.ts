@@ -52,6 +52,15 @@ const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
 const HASH_CHUNK_PAGES = 65536;
 const HEARTBEAT_MS = 200;
 const PROGRESS_MS = 500;
+/**
+ * QEMU max-bandwidth (bytes/s) while a TCG migration with `precopyMs: 0` waits for its
+ * switchover: QEMU allows max-bandwidth / 10 bytes per 100 ms window, which the migration
+ * setup's own bytes already exceed, so no RAM page goes before the stop (measured:
+ * ram.transferred 0 at pre-switchover). The price: the migration thread sleeps out that
+ * window before it sees migrate-start-postcopy, ~100 ms of pre-copy with the guest running.
+ */
+const PRECOPY_TRICKLE = 10;
+
 /** How long an answer of 'rolled-back' is retried: a destination that asked to complete waits paused for it. */
 const ROLLED_BACK_NOTIFY_MS = 10 * 60_000;
 
@@ -249,7 +258,13 @@ export class SourceMigration {
       ],
     });
     const bw = vm.config.migration.maxBandwidth;
-    if (bw > 0) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw });
+    const params: Record<string, number> = bw > 0 ? { 'max-bandwidth': bw, 'max-postcopy-bandwidth': bw } : {};
+    // No pre-copy wanted, under TCG: let QEMU send no RAM before the switchover. QEMU before
+    // 9.0 loses, under TCG, the dirty bit of a page the guest rewrites after pre-copy sent it
+    // (upstream fix 03bfc2188f, see docs/design.md), and such a page would reach the
+    // destination stale. Post-copy then runs at max-postcopy-bandwidth (0 = unlimited).
+    if (vm.config.migration.precopyMs === 0 && vm.config.qemu.accel === 'tcg') params['max-bandwidth'] = PRECOPY_TRICKLE;
+    if (Object.keys(params).length > 0) await qmp.execute('migrate-set-parameters', params);
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri: ready.uri });
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
@@ -258,18 +273,22 @@ export class SourceMigration {
     if (this.#decided) return;
     // QEMU's own time of the stop that starts the switchover blackout (QMP event timestamp).
     let qemuStopAt: number | undefined;
+    let precopyBytes: number | undefined;
     const onStop = (name: string, _d: unknown, ts: QmpTimestamp | undefined) => {
       if (name === 'STOP' && qemuStopAt === undefined && ts) qemuStopAt = qmpTimeMs(ts);
     };
     qmp.on('event', onStop);
     try {
       await qmp.execute('migrate-start-postcopy');
-      await this.#waitMigrationStatus('pre-switchover');
+      precopyBytes = (await this.#waitMigrationStatus('pre-switchover')).ram?.transferred;
     } finally {
       qmp.off('event', onStop);
     }
     if (this.#decided) return;
-    this.phase.to('switchover', qemuStopAt === undefined ? {} : { qemuStopAt });
+    this.phase.to('switchover', {
+      ...(qemuStopAt === undefined ? {} : { qemuStopAt }),
+      ...(precopyBytes === undefined ? {} : { precopyBytes }),
+    });
     // Checkpoint 0: the source's own state, saved while paused before switchover.
     const tmp = path.join(vm.dir, 'checkpoint0.devstate.tmp');
     await qmp.execute('xen-save-devices-state', { filename: tmp, live: false });
@@ -735,7 +754,7 @@ export class SourceMigration {
    * Polls query-migrate until `want`; a MIGRATION event (capability `events`) cuts the wait
    * short, so the switchover's stop is acted on at once rather than up to a poll later.
    */
-  async #waitMigrationStatus(want: string): Promise<void> {
+  async #waitMigrationStatus(want: string): Promise<{ status?: string; ram?: { transferred?: number } }> {
     const q = this.#vm.qemu!;
     const nap = new Nap();
     const onEvent = (name: string) => {
@@ -744,9 +763,9 @@ export class SourceMigration {
     q.qmp.on('event', onEvent);
     try {
       for (;;) {
-        if (this.#decided) return;
-        const m = (await q.qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
-        if (m.status === want) return;
+        if (this.#decided) return {};
+        const m = (await q.qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string; ram?: { transferred?: number } };
+        if (m.status === want) return m;
         if (m.status === 'failed' || m.status === 'cancelled') {
           throw new TetherError('ERR_QEMU_MIGRATION_FAILED', `source QEMU migration ${m.status}: ${m['error-desc'] ?? ''}`);
         }
