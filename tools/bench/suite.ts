@@ -138,9 +138,10 @@ const PRECOPY_NOTE =
   "resetting TCG's TLB, so guest stores through TLB entries cached before the sync are never marked dirty, the " +
   'destination keeps stale pages, and its guest panics (list corruption) right after a pre-copy completes. With the ' +
   'odd size QEMU takes its per-page path, which resets the TLB for each dirty page: correct, but a sync costs more ' +
-  "than in a fixed QEMU, so vanilla pre-copy's figures are a little pessimistic. Post-copy and tether are not " +
-  "affected: QEMU pre-copies while the guest runs only for tether's migration.precopyMs (default 0), and pages sent " +
-  'after the source stopped carry their final content.';
+  "than in a fixed QEMU, so vanilla pre-copy's figures are a little pessimistic. Vanilla post-copy calls " +
+  'migrate-start-postcopy at once; tether under TCG also holds max-bandwidth to a trickle until the switchover, so ' +
+  'no RAM page leaves before the stop (its source logs precopyBytes: 0), and pages sent after the stop carry their ' +
+  'final content.';
 /** See PRECOPY_NOTE: RAM 8 KiB (-m rounds up to 8 KiB) over a multiple of QEMU's 256 KiB fast-sync chunk. */
 const PRECOPY_RAM_PAD_MIB = 8 / 1024;
 const PROGRESS_NOTE =
