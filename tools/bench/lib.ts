@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, type Host } from '../../netns-tests/harness.ts';
+import { Cluster, memcheck, sh, type Host } from '../../netns-tests/harness.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
 import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/memory/native.ts';
@@ -291,5 +291,41 @@ export async function hashFloor(guestMiB: number): Promise<HashFloor> {
   } finally {
     fs.closeSync(fd);
     fs.rmSync(file, { force: true });
+  }
+}
+
+/** The migration link settings the benchmarks shape with tbf. */
+export type Link = '1gbit' | '200mbit';
+export const LINKS: Record<Link, { rate: string; burst: string; mbit: number }> = {
+  // burst ≥ rate / HZ (250) so tbf can reach its rate; latency bounds the queue
+  '1gbit': { rate: '1gbit', burst: '1mb', mbit: 1000 },
+  '200mbit': { rate: '200mbit', burst: '256kb', mbit: 200 },
+};
+
+/** Shapes the migration link (veth ends in both namespaces) with tbf, both directions. */
+export function shapeLink(c: Cluster, link: Link): void {
+  const l = LINKS[link];
+  for (const [ns, dev] of [
+    [c.src.ns, `${c.id}a`],
+    [c.dst.ns, `${c.id}b`],
+  ] as const) {
+    sh('ip', [
+      'netns',
+      'exec',
+      ns,
+      'tc',
+      'qdisc',
+      'replace',
+      'dev',
+      dev,
+      'root',
+      'tbf',
+      'rate',
+      l.rate,
+      'burst',
+      l.burst,
+      'latency',
+      '50ms',
+    ]);
   }
 }

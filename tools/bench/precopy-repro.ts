@@ -13,14 +13,15 @@
  */
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, sh, waitFor, waitPasses } from '../../netns-tests/harness.ts';
+import { Cluster, memcheck, waitFor, waitPasses } from '../../netns-tests/harness.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
-import { killVanilla, log, MiB, startVanillaQemu, type Rec, type VQemu } from './lib.ts';
+import { killVanilla, LINKS, log, MiB, shapeLink, startVanillaQemu, type Link, type Rec, type VQemu } from './lib.ts';
 import { num, str } from './args.ts';
 
 const ramMiB = num('ram', 512);
 const workload = str('workload', 'mc25');
 const link = str('link', '1gbit');
+if (link !== 'none' && !(link in LINKS)) throw new Error(`--link must be none or one of ${Object.keys(LINKS).join(', ')}`);
 const postcopy = process.argv.includes('--postcopy');
 const rate = num('rate', 64);
 const watchS = num('watch-s', 20);
@@ -28,7 +29,6 @@ const extraCaps = str('caps', '')
   .split(',')
   .filter((s) => s !== '');
 const oddSize = process.argv.includes('--odd-size');
-const BURST: Record<string, string> = { '1gbit': '1mb', '200mbit': '256kb' };
 
 const c = new Cluster({
   vm: {
@@ -44,31 +44,7 @@ let dst: VQemu | undefined;
 let code = 1;
 try {
   await c.up();
-  if (link !== 'none') {
-    for (const [ns, dev] of [
-      [c.src.ns, `${c.id}a`],
-      [c.dst.ns, `${c.id}b`],
-    ] as const) {
-      sh('ip', [
-        'netns',
-        'exec',
-        ns,
-        'tc',
-        'qdisc',
-        'replace',
-        'dev',
-        dev,
-        'root',
-        'tbf',
-        'rate',
-        link,
-        'burst',
-        BURST[link]!,
-        'latency',
-        '50ms',
-      ]);
-    }
-  }
+  if (link !== 'none') shapeLink(c, link as Link);
   const vm = loadVmConfig(c.vmConfig);
   // --odd-size: RAM 8 KiB (-m rounds up to 8 KiB) over a multiple of 256 KiB, so QEMU 7.2's dirty-bitmap sync takes
   // its per-page slow path (which resets the TCG TLB's dirty state) instead of the

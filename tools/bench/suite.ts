@@ -71,15 +71,18 @@ import {
   digestLogs,
   hashFloor,
   killVanilla,
+  LINKS,
   log,
   MiB,
   now,
   r2,
+  shapeLink,
   startVanillaQemu,
   timelineOf,
   withTimeout,
   type CorruptCheck,
   type HashFloor,
+  type Link,
   type LogDigest,
   type Rec,
   type VQemu,
@@ -152,12 +155,6 @@ const PROGRESS_NOTE =
 
 type Strategy = 'vanilla-precopy' | 'vanilla-postcopy' | 'tether-25' | 'tether-50' | 'tether-100';
 type Workload = 'idle' | 'mc25' | 'mc75' | 'net' | 'disk';
-type Link = '1gbit' | '200mbit';
-const LINKS: Record<Link, { rate: string; burst: string; mbit: number }> = {
-  // burst ≥ rate / HZ (250) so tbf can reach its rate; latency bounds the queue
-  '1gbit': { rate: '1gbit', burst: '1mb', mbit: 1000 },
-  '200mbit': { rate: '200mbit', burst: '256kb', mbit: 200 },
-};
 const STRATEGIES: Strategy[] = ['vanilla-precopy', 'vanilla-postcopy', 'tether-25', 'tether-50', 'tether-100'];
 
 interface Cell {
@@ -243,33 +240,6 @@ class HeldScraper {
   }
   stop(): void {
     this.#proc.kill('SIGKILL');
-  }
-}
-
-function shapeLink(c: Cluster, link: Link): void {
-  const l = LINKS[link];
-  for (const [ns, dev] of [
-    [c.src.ns, `${c.id}a`],
-    [c.dst.ns, `${c.id}b`],
-  ] as const) {
-    sh('ip', [
-      'netns',
-      'exec',
-      ns,
-      'tc',
-      'qdisc',
-      'replace',
-      'dev',
-      dev,
-      'root',
-      'tbf',
-      'rate',
-      l.rate,
-      'burst',
-      l.burst,
-      'latency',
-      '50ms',
-    ]);
   }
 }
 
