@@ -329,3 +329,23 @@ export function shapeLink(c: Cluster, link: Link): void {
     ]);
   }
 }
+
+/**
+ * Copies a cluster's daemon and serial logs (and `extra` [from, name] pairs) into `dir`,
+ * which must exist; a file the run never created is skipped.
+ */
+export function copyClusterLogs(c: Cluster, dir: string, extra: [string, string][] = []): void {
+  for (const [from, name] of [
+    [c.src.daemonLog, 'daemon-s.log'],
+    [c.dst.daemonLog, 'daemon-d.log'],
+    [c.serialLog(c.src), 'serial-s.log'],
+    [c.serialLog(c.dst), 'serial-d.log'],
+    ...extra,
+  ]) {
+    try {
+      fs.copyFileSync(from!, path.join(dir, name!));
+    } catch {
+      /* not created in this run */
+    }
+  }
+}

@@ -50,6 +50,7 @@ import { loadVmConfig } from '../../src/config/load.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { percentile } from '../../src/util/time.ts';
 import {
+  copyClusterLogs,
   corruptCheck,
   digestLogs,
   hashFloor,
@@ -119,20 +120,11 @@ function keepLogs(c: Cluster, label: string, extra: string[] = []): void {
   const dir = path.join(LOG_DIR, label);
   if (label !== 'vanilla') fs.rmSync(dir, { recursive: true, force: true }); // vanilla/ holds the QEMU files
   fs.mkdirSync(dir, { recursive: true });
-  const files: [string, string][] = [
-    [c.src.daemonLog, 'daemon-s.log'],
-    [c.dst.daemonLog, 'daemon-d.log'],
-    [c.serialLog(c.src), 'serial-s.log'],
-    [c.serialLog(c.dst), 'serial-d.log'],
-    ...extra.map((f): [string, string] => [f, path.relative(c.dir, f).replaceAll('/', '_')]),
-  ];
-  for (const [from, name] of files) {
-    try {
-      fs.copyFileSync(from, path.join(dir, name));
-    } catch {
-      /* not created in this scenario */
-    }
-  }
+  copyClusterLogs(
+    c,
+    dir,
+    extra.map((f): [string, string] => [f, path.relative(c.dir, f).replaceAll('/', '_')]),
+  );
 }
 
 async function bootVm(c: Cluster): Promise<number> {

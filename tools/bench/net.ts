@@ -65,6 +65,7 @@ import { waitApplied } from '../../netns-tests/scenarios.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
 import { barsSpec, markdownTable, writeSvg, type Figure } from './report.ts';
+import { copyClusterLogs } from './lib.ts';
 
 // ------------------------------------------------------------------ options
 
@@ -372,18 +373,7 @@ function setCheckpointInterval(c: Cluster, h: Host, intervalMs: number): void {
 function keepLogs(c: Cluster, label: string): void {
   const dir = path.join(LOG_DIR, label);
   fs.mkdirSync(dir, { recursive: true });
-  for (const [from, name] of [
-    [c.src.daemonLog, 'daemon-s.log'],
-    [c.dst.daemonLog, 'daemon-d.log'],
-    [c.serialLog(c.src), 'serial-s.log'],
-    [c.serialLog(c.dst), 'serial-d.log'],
-  ] as const) {
-    try {
-      fs.copyFileSync(from, path.join(dir, name));
-    } catch {
-      /* not created in this run */
-    }
-  }
+  copyClusterLogs(c, dir);
 }
 
 /** p50/p99 of a list (null when empty), 2 decimals. */

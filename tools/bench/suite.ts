@@ -67,6 +67,7 @@ import { loadVmConfig } from '../../src/config/load.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { percentile } from '../../src/util/time.ts';
 import {
+  copyClusterLogs,
   corruptCheck,
   digestLogs,
   hashFloor,
@@ -347,18 +348,7 @@ function keepLogs(c: Cluster, label: string): void {
       }
     }
   }
-  for (const [from, name] of [
-    [c.src.daemonLog, 'daemon-s.log'],
-    [c.dst.daemonLog, 'daemon-d.log'],
-    [c.serialLog(c.src), 'serial-s.log'],
-    [c.serialLog(c.dst), 'serial-d.log'],
-  ] as const) {
-    try {
-      fs.copyFileSync(from, path.join(dir, name));
-    } catch {
-      /* not created in this scenario */
-    }
-  }
+  copyClusterLogs(c, dir);
 }
 
 // ------------------------------------------------------------------ one migration
