@@ -12,7 +12,12 @@
  *
  * Every pass writes <writes-per-pass> records (default 16) with O_DIRECT to random blocks,
  * each with the next global sequence number, sleeping <delay-ms> (default 0) between them;
- * seq[b] is updated when pwrite returns. Then it reads every block back (O_DIRECT, so
+ * seq[b] is updated when pwrite returns. The block is drawn from a generator kept in RAM
+ * mixed with the monotonic clock: a guest resumed from a checkpoint replays this program
+ * from the checkpoint's memory, and a purely deterministic stream would rewrite exactly the
+ * blocks the lost epochs wrote, with the same contents, before reading them back, so a
+ * disk holding the lost writes would pass. With the clock mixed in, the resumed run writes
+ * other blocks and reads the lost writes back. Then it reads every block back (O_DIRECT, so
  * from the device, never the page cache) and compares it word for word with
  * content(b, seq[b]). A rollback that resumes memory from checkpoint k over a disk that
  * holds a write of a later epoch (or lacks one of an earlier epoch) leaves some block
@@ -103,6 +108,12 @@ static int64_t found_seq(const uint64_t *w, uint64_t block) {
     return -1;
 }
 
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 static int open_dev(const char *dev) {
     /* virtio_blk may bind a moment after insmod returns: wait up to ~10 s. */
     for (int i = 0; i < 100; i++) {
@@ -162,7 +173,7 @@ int main(int argc, char **argv) {
     uint64_t rng = 0x9e3779b97f4a7c15ULL, next_seq = 0, total_bad = 0;
     for (uint64_t pass = 1;; pass++) {
         for (unsigned i = 0; i < per_pass; i++) {
-            uint64_t b = xs_next(&rng) % blocks;
+            uint64_t b = (xs_next(&rng) ^ splitmix64(now_ns())) % blocks;
             uint64_t s = ++next_seq;
             fill(wbuf, b, s);
             if (pwrite_all(fd, wbuf, BLOCK, (off_t)(b * BLOCK)) < 0) {
