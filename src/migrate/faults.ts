@@ -15,6 +15,7 @@ import { TetherError } from '../errors.ts';
  *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
  *                                it applies (heartbeats go on; keep N below failoverTimeoutMs or the destination fences);
  *                                the destination takes up to checkpoint.window checkpoints, then waits, outputs held
+ *                                (a decision of the source, e.g. a rollback, ends the hold at once)
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   hold-acks-trigger            the hold arms only once the file <stateDir>/<vm>/hold-acks.trigger exists (a test
  *                                creates it when the destination's guest has shown it runs), at the next checkpoint

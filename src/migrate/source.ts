@@ -96,6 +96,8 @@ export class SourceMigration {
   readonly #log: Logger;
   readonly #opts: SourceOptions;
   #holdAcksUntil: number | undefined;
+  /** The ACK hold's sleep (fault injection); a decision cuts it short. */
+  #holdAcksNap = new Nap();
   readonly #vm: VmInstance;
   readonly #store: CheckpointStore;
   /** Where checkpoint DISK extents go: this side writes the shared image until completion. */
@@ -433,7 +435,7 @@ export class SourceMigration {
       const wait = this.#holdAcksUntil - nowMs();
       if (wait > 0) {
         this.#log.warn('fault injection: holding ACK', { epoch: ckpt.epoch, ms: Math.round(wait) });
-        await sleep(wait);
+        await this.#holdAcksNap.nap(wait);
       }
     }
     // Never ack once the rollback is decided: D must not release this epoch's outputs.
@@ -783,6 +785,7 @@ export class SourceMigration {
   #stopTimers(): void {
     for (const t of this.#timers) clearInterval(t);
     this.#timers = [];
+    this.#holdAcksNap.wake();
   }
 }
 
