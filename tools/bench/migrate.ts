@@ -70,7 +70,7 @@ import {
   type VQemu,
 } from './lib.ts';
 import { num, str } from './args.ts';
-import { barsSpec, markdownTable, timelineSpec, writeSvg, type Figure, type TimelineInput } from './report.ts';
+import { barsSpec, markdownTable, timelineSpec, plotDir, type Figure, type TimelineInput } from './report.ts';
 
 // ------------------------------------------------------------------ options
 
@@ -811,15 +811,7 @@ function summaryMarkdown(res: Results, command: string, started: string): string
 
 /** The plots of one run; returns their file names (relative to `dir`). */
 async function writePlots(dir: string, res: Results): Promise<string[]> {
-  const files: string[] = [];
-  const put = async (name: string, spec: Parameters<typeof writeSvg>[1]): Promise<void> => {
-    try {
-      await writeSvg(path.join(dir, name), spec);
-      files.push(name);
-    } catch (e) {
-      log(`plot ${name} failed: ${(e as Error).message}`);
-    }
-  };
+  const { files, put } = plotDir(dir, log);
   if (res.tether?.timeline) await put('timeline-tether.svg', timelineSpec(res.tether.timeline));
   for (const [i, r] of (res.rollback?.runs ?? []).entries()) {
     if (r.timeline) await put(`timeline-rollback-${String(i + 1).padStart(2, '0')}-${r.standby}-${r.kind}.svg`, timelineSpec(r.timeline));

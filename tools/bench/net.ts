@@ -64,7 +64,7 @@ import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host } 
 import { waitApplied } from '../../netns-tests/scenarios.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
-import { barsSpec, markdownTable, writeSvg, type Figure } from './report.ts';
+import { barsSpec, markdownTable, plotDir, type Figure } from './report.ts';
 import { copyClusterLogs } from './lib.ts';
 
 // ------------------------------------------------------------------ options
@@ -953,15 +953,7 @@ function summaryMarkdown(res: Results, command: string): string {
 }
 
 async function writePlots(dir: string, res: Results): Promise<string[]> {
-  const files: string[] = [];
-  const put = async (name: string, spec: Parameters<typeof writeSvg>[1]): Promise<void> => {
-    try {
-      await writeSvg(path.join(dir, name), spec);
-      files.push(name);
-    } catch (e) {
-      log(`plot ${name} failed: ${(e as Error).message}`);
-    }
-  };
+  const { files, put } = plotDir(dir, log);
   const g = res.gate;
   type Sampled = { ping: PingStats; tcp: TcpResult[] };
   const samples: [string, Sampled | undefined][] = [

@@ -66,6 +66,27 @@ export async function writeSvg(file: string, spec: TopLevelSpec): Promise<void> 
   fs.writeFileSync(file, await renderSvg(spec));
 }
 
+/**
+ * The plots of one run into `dir`: `put` renders one, `files` names those written
+ * (relative to `dir`). A plot that fails is reported through `log` and left out, so the
+ * figures of a run are never lost to a plot.
+ */
+export function plotDir(
+  dir: string,
+  log: (s: string) => void,
+): { files: string[]; put: (name: string, spec: TopLevelSpec) => Promise<void> } {
+  const files: string[] = [];
+  const put = async (name: string, spec: TopLevelSpec): Promise<void> => {
+    try {
+      await writeSvg(path.join(dir, name), spec);
+      files.push(name);
+    } catch (e) {
+      log(`plot ${name} failed: ${(e as Error).message}`);
+    }
+  };
+  return { files, put };
+}
+
 export interface TimelineInput {
   title: string;
   /** RAM the migration stream had sent, over time (s since the migration started). */

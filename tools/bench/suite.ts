@@ -90,7 +90,7 @@ import {
 } from './lib.ts';
 import { ProgressTail } from './progress.ts';
 import { num, str } from './args.ts';
-import { barsSpec, markdownTable, timelineSpec, writeSvg, type Figure, type TimelineInput } from './report.ts';
+import { barsSpec, markdownTable, timelineSpec, plotDir, type Figure, type TimelineInput } from './report.ts';
 
 // ------------------------------------------------------------------ options
 
@@ -933,15 +933,7 @@ function microFigures(name: string, j: Rec | null, fresh: boolean): string[] {
 // ------------------------------------------------------------------ plots
 
 async function writePlots(all: CellStats[], runs: Run[], x: Extras): Promise<string[]> {
-  const files: string[] = [];
-  const put = async (name: string, spec: Parameters<typeof writeSvg>[1]): Promise<void> => {
-    try {
-      await writeSvg(path.join(RUN_DIR, name), spec);
-      files.push(name);
-    } catch (e) {
-      log(`plot ${name} failed: ${(e as Error).message}`);
-    }
-  };
+  const { files, put } = plotDir(RUN_DIR, log);
   for (const r of runs) if (r.timeline) await put(`timeline-${r.key}-r${r.repeat}.svg`, timelineSpec(r.timeline));
   const grid = all.filter((s) => s.cell.workload === (quick ? 'mc25' : 'mc25') && s.cell.ramMiB === GUEST_DEFAULT_MIB);
   const bars = (pick: (s: CellStats) => number | null, cells: CellStats[], group: (s: CellStats) => string) =>
