@@ -175,7 +175,8 @@ export async function assertConversationContinues(t: Test, client: NetClient, wh
  * the harness, so only the interruption ends the migration.
  */
 export const HOLD_MS = 3500;
-export const HOLD_FAULT = `hold-acks-ms=${HOLD_MS},hold-acks-epoch=1,hold-acks-trigger`;
+export const holdFault = (ms: number): string => `hold-acks-ms=${ms},hold-acks-epoch=1,hold-acks-trigger`;
+export const HOLD_FAULT = holdFault(HOLD_MS);
 /** How far into the hold the interruption lands: the guest has answered some requests by then. */
 export const INTERRUPT_AFTER_MS = 1500;
 /** Settle time for frames already released (written to the TAP) to reach the client. */
@@ -194,6 +195,7 @@ export async function interruptDuringHold(
   c: Cluster,
   client: NetClient,
   interrupt: () => void | Promise<void>,
+  opts: { answersInHold?: number } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number; holdEpoch: number }> {
   const migrating = c.migrate();
   let ended = false;
@@ -224,6 +226,15 @@ export async function interruptDuringHold(
   await new Promise((r) => setTimeout(r, RELEASE_DELIVERY_MS));
   const holdSeen = Date.now();
   await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
+  // Only a gate forced open lets answers out during the hold; a control waits for them,
+  // however slow the machine (its hold must outlast the wait).
+  const want = opts.answersInHold ?? 0;
+  if (want > 0) {
+    await waitFor(() => {
+      if (ended) throw new Error('the migration ended during the hold');
+      return client.answers(holdSeen).length >= want;
+    }, `${want} answers from the destination's guest during the hold`);
+  }
   await interrupt();
   const heldAnswers = client.answers(holdSeen).length;
   return { mig: await migrating, heldAnswers, holdEpoch };
