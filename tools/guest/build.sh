@@ -65,6 +65,7 @@ KEY="$(
         sha256sum "$HERE/netcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/diskcheck.c" | cut -d' ' -f1
         sha256sum "$HERE/diskbench.c" | cut -d' ' -f1
+        sha256sum "$HERE/guest.h" | cut -d' ' -f1
         sha256sum "$HERE/fsload" | cut -d' ' -f1
         sha256sum "$HERE/init" | cut -d' ' -f1
         sha256sum "$HERE/build.sh" | cut -d' ' -f1

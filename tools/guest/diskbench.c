@@ -36,39 +36,12 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include "guest.h"
 
 #define BLOCK 4096u
 #define MAX_DEPTH 16u
 /* what the host writes at the start of the device's last 4 KiB block to start a triggered run */
 #define TRIGGER_MAGIC "tether-diskbench-go"
-
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    if ((size_t)n > sizeof buf - 2) n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(1, p, (size_t)n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return;
-        }
-        p += w;
-        n -= (int)w;
-    }
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static int fd;
 static uint64_t span_blocks;

@@ -42,35 +42,13 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include "guest.h"
 
 #define BLOCK 4096u
 #define WORDS (BLOCK / 8u)
 #define MAGIC 0x7465746864736b63ULL /* "tethdskc" */
 #define READ_BLOCKS 64u
 #define MAX_REPORTS 20u
-
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-#include <stdarg.h>
-static void say(const char *fmt, ...) {
-    char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    if ((size_t)n > sizeof buf - 2) n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(1, p, (size_t)n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return;
-        }
-        p += w;
-        n -= (int)w;
-    }
-}
 
 static inline uint64_t splitmix64(uint64_t x) {
     x += 0x9e3779b97f4a7c15ULL;
@@ -106,12 +84,6 @@ static int64_t found_seq(const uint64_t *w, uint64_t block) {
     if (w[0] == MAGIC && w[1] == block && w[3] == (MAGIC ^ w[1] ^ w[2]) && w[WORDS - 1] == fnv(w, WORDS - 1))
         return (int64_t)w[2];
     return -1;
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 static int open_dev(const char *dev) {

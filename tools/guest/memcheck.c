@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include "guest.h"
 
 #define PAGE_BYTES 4096u
 #define WORDS (PAGE_BYTES / 8u)
@@ -119,12 +120,6 @@ static int verify_and_rewrite(uint64_t *pg, uint64_t pass, uint64_t index, int64
         pg[w] = xs_next(&sn);
     }
     return first_bad;
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 /* Throttle: called every 256 pages (1 MiB); keeps the average at <= rate MB/s. */
