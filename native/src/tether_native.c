@@ -26,6 +26,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,13 +123,35 @@ static void throw_coded(napi_env env, const char *code, int err, const char *sys
   napi_throw(env, error);
 }
 
-static void throw_args(napi_env env, const char *fmt, ...) {
+static void vthrow_args(napi_env env, const char *fmt, va_list ap) {
   char msg[256];
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  throw_coded(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, msg);
+}
+
+static void throw_args(napi_env env, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
+  vthrow_args(env, fmt, ap);
   va_end(ap);
-  throw_coded(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, msg);
+}
+
+/*
+ * The call's arguments into argv[0..max) (N-API fills those not passed with undefined).
+ * Returns how many were passed, or -1 after throwing ERR_MEM_NATIVE_ARGS with the
+ * usage message when fewer than `min` were.
+ */
+static ptrdiff_t get_args(napi_env env, napi_callback_info info, napi_value *argv, size_t max, size_t min, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static ptrdiff_t get_args(napi_env env, napi_callback_info info, napi_value *argv, size_t max, size_t min, const char *fmt, ...) {
+  size_t argc = max;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) argc = 0;
+  if (argc >= min) return (ptrdiff_t)argc;
+  va_list ap;
+  va_start(ap, fmt);
+  vthrow_args(env, fmt, ap);
+  va_end(ap);
+  return -1;
 }
 
 static void throw_io(napi_env env, int err, const char *syscall, const char *what) {
@@ -540,13 +563,8 @@ static void ram_map_finalize(napi_env env, void *data, void *hint) {
 
 /* mapRam(fd, pages) → handle | null: maps the first pages of a RAM file on tmpfs (null elsewhere). */
 static napi_value js_map_ram(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2], result;
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 2) {
-    throw_args(env, "mapRam(fd, pages) needs 2 arguments");
-    return NULL;
-  }
+  if (get_args(env, info, argv, 2, 2, "mapRam(fd, pages) needs 2 arguments") < 0) return NULL;
   int fd;
   uint32_t pages;
   if (!arg_fd(env, argv[0], &fd) || !arg_pages(env, argv[1], &pages)) return NULL;
@@ -580,12 +598,11 @@ static napi_value js_map_ram(napi_env env, napi_callback_info info) {
 
 /* unmapRam(handle): no scan reads it after this; unmapped now, or when the running one ends. */
 static napi_value js_unmap_ram(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (get_args(env, info, argv, 1, 1, "unmapRam(handle) needs a handle from mapRam") < 0) return NULL;
   napi_valuetype t;
   void *data = NULL;
-  if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external ||
+  if (napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external ||
       napi_get_value_external(env, argv[0], &data) != napi_ok || !data) {
     throw_args(env, "unmapRam(handle) needs a handle from mapRam");
     return NULL;
@@ -823,13 +840,9 @@ static int job_take_map(napi_env env, job_t *job, napi_value v, int fd, uint32_t
 
 /* hashFile(fd, pages, out: Buffer(8*pages), threads?, map?) → Promise<void> */
 static napi_value js_hash_file(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) {
-    throw_args(env, "hashFile(fd, pages, out, threads?, map?) needs at least 3 arguments");
-    return NULL;
-  }
+  ptrdiff_t argc = get_args(env, info, argv, 5, 3, "hashFile(fd, pages, out, threads?, map?) needs at least 3 arguments");
+  if (argc < 0) return NULL;
   int fd, threads = DEFAULT_THREADS;
   uint32_t pages;
   uint8_t *out;
@@ -875,13 +888,9 @@ static int cmp_u32(const void *a, const void *b) {
  */
 static napi_value scan_common(napi_env env, napi_callback_info info, int copy) {
   const char *what = copy ? "scanCopy" : "scanDirty";
-  size_t argc = 6;
   napi_value argv[6];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) {
-    throw_args(env, "%s(fd, pages, table, candidates?, threads?, map?) needs at least 3 arguments", what);
-    return NULL;
-  }
+  ptrdiff_t argc = get_args(env, info, argv, 6, 3, "%s(fd, pages, table, candidates?, threads?, map?) needs at least 3 arguments", what);
+  if (argc < 0) return NULL;
   int fd, threads = DEFAULT_THREADS;
   uint32_t pages;
   uint8_t *table;
@@ -969,13 +978,8 @@ static napi_value js_scan_copy(napi_env env, napi_callback_info info) { return s
 /* hashBuffer(buf) → Buffer(8 * buf.length / 4096) */
 /* The single-Buffer argument of hashBuffer/xxh64; 0 (with a JS error thrown) if absent. */
 static int one_buffer_arg(napi_env env, napi_callback_info info, const char *fname, uint8_t **buf, size_t *len) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 1) {
-    throw_args(env, "%s(buf) needs 1 argument", fname);
-    return 0;
-  }
+  if (get_args(env, info, argv, 1, 1, "%s(buf) needs 1 argument", fname) < 0) return 0;
   return arg_bytes(env, argv[0], "buf", buf, len);
 }
 
@@ -1007,13 +1011,8 @@ static napi_value js_xxh64(napi_env env, napi_callback_info info) {
 
 /* readPages(fd, pfns: Uint32Array, out: Buffer(>= 4096 * pfns.length)) */
 static napi_value js_read_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) {
-    throw_args(env, "readPages(fd, pfns, out) needs 3 arguments");
-    return NULL;
-  }
+  if (get_args(env, info, argv, 3, 3, "readPages(fd, pfns, out) needs 3 arguments") < 0) return NULL;
   int fd;
   uint32_t *pfns;
   size_t n;
@@ -1051,13 +1050,8 @@ static napi_value js_read_pages(napi_env env, napi_callback_info info) {
 
 /* zeroMask(buf, out: Uint8Array(>= pages)) → number of zero pages; out[i] = 1 if page i is all zero. */
 static napi_value js_zero_mask(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 2) {
-    throw_args(env, "zeroMask(buf, out) needs 2 arguments");
-    return NULL;
-  }
+  if (get_args(env, info, argv, 2, 2, "zeroMask(buf, out) needs 2 arguments") < 0) return NULL;
   uint8_t *buf, *out;
   size_t len, outlen;
   if (!arg_bytes(env, argv[0], "buf", &buf, &len) || !arg_bytes(env, argv[1], "out", &out, &outlen)) return NULL;
@@ -1151,13 +1145,8 @@ void tap_register(napi_env env, napi_value exports); /* tap.c */
  * on the image, no data moves.
  */
 static napi_value js_fallocate(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 4) {
-    throw_args(env, "fallocate(fd, mode, offset, length)");
-    return NULL;
-  }
+  if (get_args(env, info, argv, 4, 4, "fallocate(fd, mode, offset, length)") < 0) return NULL;
   int fd;
   double mode, off, len;
   if (!arg_fd(env, argv[0], &fd)) return NULL;
@@ -1183,13 +1172,8 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
  * loop on the disk. A short count is returned as is: the caller finishes the rest.
  */
 static napi_value js_pio_nowait(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 4) {
-    throw_args(env, "pioNowait(write, fd, buf, offset)");
-    return NULL;
-  }
+  if (get_args(env, info, argv, 4, 4, "pioNowait(write, fd, buf, offset)") < 0) return NULL;
   bool write;
   if (napi_get_value_bool(env, argv[0], &write) != napi_ok) {
     throw_args(env, "write must be a boolean");
