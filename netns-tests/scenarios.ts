@@ -240,6 +240,43 @@ export async function interruptDuringHold(
   return { mig: await migrating, heldAnswers, holdEpoch };
 }
 
+/**
+ * The disk kill -9 scenario (disk.test.ts, and its control disk-control.test.ts): a 1 s
+ * checkpoint interval, and an ACK hold long enough for two diskcheck passes on the
+ * destination; the destination must not fence itself during it. The rollback cuts it short.
+ */
+const DISK_HOLD_MS = 20_000;
+export const DISK_HOLD = {
+  vm: { intervalMs: 1000, fenceTimeoutMs: DISK_HOLD_MS + 5000, failoverTimeoutMs: DISK_HOLD_MS + 10_000 },
+  source: holdFault(DISK_HOLD_MS),
+};
+
+/**
+ * Migrate; once the destination's guest writes, arm the source's ACK hold (DISK_HOLD) and
+ * kill -9 the destination's QEMU after its guest completed a diskcheck pass that began
+ * after the held checkpoint was taken. So the epochs that die with it hold writes on a
+ * machine of any speed, and the source resumes from exactly the held checkpoint.
+ */
+export async function killDuringDiskHold(t: Test, c: Cluster): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number }> {
+  const migrating = c.migrate();
+  await waitApplied(c, 3, migrating);
+  // The guest is writing on the destination (a pass completed there since switchover).
+  await waitDiskPasses(c.serialLog(c.dst), 0, 1, 'on the destination');
+  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
+  fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
+  await waitApplied(c, before + 1, migrating);
+  const held = (await c.status(c.src)).migration?.appliedEpoch as number;
+  // Every line the destination's serial log gets from here on was printed after checkpoint
+  // `held` was taken: the pass after the next completed one wrote only in later epochs.
+  const fromDst = fileSize(c.serialLog(c.dst));
+  await waitDiskPasses(c.serialLog(c.dst), fromDst, 2, 'on the destination while the ACK is held');
+  t.equal((await c.status(c.src)).migration?.appliedEpoch, held, `the source still holds at checkpoint ${held}`);
+  const d = await c.status(c.dst);
+  t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
+  process.kill(d.pid, 'SIGKILL');
+  return { mig: await migrating, held };
+}
+
 /** Boot a VM with a disk (diskcheck or fsload in the guest) on the source and wait until its check is live. */
 export async function bootDiskCluster(t: Test, opts: ClusterOptions & { disk: NonNullable<ClusterOptions['disk']> }): Promise<Cluster> {
   const c = new Cluster(opts);

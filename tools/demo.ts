@@ -65,7 +65,7 @@ async function main(): Promise<number> {
     const r = mig.result;
     line(`tether migrate exited ${mig.code}: outcome ${r?.outcome}, reason ${r?.reason}`);
     line(
-      `resumed from checkpoint ${r?.rollback?.epoch}: detected in ${r?.rollback?.detectMs} ms, restored in ${r?.rollback?.restoreMs} ms`,
+      `resumed from checkpoint ${r?.rollback?.epoch}: detected in ${r?.rollback?.detectMs} ms, restored in ${r?.rollback?.restoreMs} ms (${r?.rollback?.hot ? 'hot standby' : 'fresh QEMU'})`,
     );
     const from = fileSize(serialS);
     const after = await waitPasses(serialS, from, 2, 'after the rollback');

@@ -240,11 +240,8 @@ export class SourceMigration {
       },
     });
     // The hot standby starts while D starts its QEMU, so that neither QEMU's start (~170 ms
-    // of CPU) competes with the switchover; it stays idle until a rollback. A standby would
-    // take the NICs' stream sockets (QEMU re-binds a listening path at start) from the
-    // running QEMU: VMs with NICs restore cold until the standby has sockets of its own.
-    const nics = vm.config.nics?.length ?? 0;
-    if (vm.config.migration.hotStandby && nics === 0 && !this.#decided) this.#standby = HotStandby.start(vm);
+    // of CPU) competes with the switchover; it stays idle until a rollback.
+    if (vm.config.migration.hotStandby && !this.#decided) this.#standby = HotStandby.start(vm);
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
     this.#log.info('destination ready', { uri: ready.uri });
@@ -592,7 +589,8 @@ export class SourceMigration {
         const t2 = nowMs();
         figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
         if (figures.hot) {
-          await waitRunning(vm);
+          if (this.#standby?.hasNics) await resumeRestored(vm, () => this.#opts.nics?.resume());
+          else await waitRunning(vm);
         } else {
           await exited;
           await vm.restoreFrom(last.devstatePath);

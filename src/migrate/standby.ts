@@ -28,9 +28,10 @@
  *    never got state ({@link settleStandbys});
  *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
  *
- * Every unix socket QEMU listens on must get a standby path of its own here and be renamed
- * on promotion: QEMU unlinks a listening socket's path before binding it, so a standby
- * sharing a path would steal it from the running QEMU.
+ * Every unix socket QEMU listens on (QMP, the NICs' stream sockets) has a standby path of
+ * its own here and is renamed on promotion: QEMU unlinks a listening socket's path before
+ * binding it, so a standby sharing a path would steal it from the running QEMU. The disk's
+ * NBD socket is the sidecar's (QEMU connects), so the standby shares it.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -51,6 +52,11 @@ export function standbySocket(vm: VmInstance): string {
   return path.join(vm.dir, STANDBY_QMP);
 }
 
+/** The standby's NIC stream sockets (it listens on them as the VM's QEMU does on net<i>.sock; as long a name, so the same length check covers them). */
+export function standbyNicSockets(vm: VmInstance): string[] {
+  return vm.nicSockets.map((_, i) => path.join(vm.dir, `sbn${i}.sock`));
+}
+
 export class HotStandby {
   readonly #vm: VmInstance;
   readonly #log: Logger;
@@ -58,6 +64,8 @@ export class HotStandby {
   #state: 'starting' | 'ready' | 'promoted' | 'discarded' = 'starting';
   /** Spawn → QMP up, ms (null until ready or when the start failed). */
   startMs: number | null = null;
+  /** A VM with NICs: the promoted standby stays paused until the caller connects them and says `cont`. */
+  readonly hasNics: boolean;
 
   /** Starts the standby in the background. Never rejects: a failed start means no standby. */
   static start(vm: VmInstance): HotStandby {
@@ -67,17 +75,25 @@ export class HotStandby {
   private constructor(vm: VmInstance) {
     this.#vm = vm;
     this.#log = vm.log.child({ standby: true });
+    this.hasNics = vm.nicSockets.length > 0;
     const t0 = nowMs();
     const cfg = vm.config;
+    // The device-state file carries no configuration section (see cmdline.ts exec-file).
+    // With NICs, -S: the loaded VM stays paused until the sidecar has connected them
+    // (QEMU 7.2's stream netdev crashes when the guest sends before a peer is connected).
+    const extra = ['-global', 'migration.send-configuration=off', ...(this.hasNics ? ['-S'] : [])];
     this.#ready = QemuProcess.start({
-      // The device-state file carries no configuration section (see cmdline.ts exec-file).
-      vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, '-global', 'migration.send-configuration=off'] } },
+      vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, ...extra] } },
       ramFile: vm.ramFile,
       qmpSocket: standbySocket(vm),
       // The serial chardev opens the log for appending; a standby writes nothing to it
       // until it runs, and from then on it is the VM's console.
       serialLog: vm.serialLog,
       logFile: path.join(vm.dir, STANDBY_LOG),
+      // NIC sockets of its own, renamed onto the VM's on promotion; the disk's NBD server
+      // takes it as a second client, which issues no request until the guest runs.
+      nicSockets: standbyNicSockets(vm),
+      ...(cfg.disk ? { nbdSocket: vm.nbdSocket } : {}),
       incoming: { kind: 'defer' },
     }).then(
       (q) => {
@@ -111,9 +127,10 @@ export class HotStandby {
   }
 
   /**
-   * Make the standby the VM's QEMU, running from `devstatePath`. The caller has killed
-   * the VM's previous QEMU. Returns false — having changed nothing the cold path needs —
-   * when there is no usable standby.
+   * Make the standby the VM's QEMU, running from `devstatePath` (paused, with NICs: see
+   * `hasNics`). The caller has killed the VM's previous QEMU and suspended its NIC ports.
+   * Returns false — having changed nothing the cold path needs — when there is no usable
+   * standby.
    */
   async promote(devstatePath: string): Promise<boolean> {
     if (this.#state === 'discarded' || this.#state === 'promoted') return false;
@@ -128,12 +145,14 @@ export class HotStandby {
       const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
       if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
       q.renameSocket(this.#vm.qmpSocket);
+      // The dead QEMU's NIC socket files are replaced: the ports reconnect to the standby.
+      standbyNicSockets(this.#vm).forEach((s, i) => fs.renameSync(s, this.#vm.nicSockets[i]!));
       this.#state = 'promoted';
       const t1 = nowMs();
       await this.#vm.adoptStandby(q); // vm.json names it before it gets state
       const t2 = nowMs();
       await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
-      await q.waitForStatus('running', 60_000, 2);
+      await q.waitForStatus(this.hasNics ? 'paused' : 'running', 60_000, 2);
       const ms = (a: number, b: number): number => Math.round((b - a) * 100) / 100;
       this.#log.info('hot standby promoted', { pid: q.pid, checkMs: ms(t0, t1), persistMs: ms(t1, t2), loadMs: ms(t2, nowMs()) });
       return true;

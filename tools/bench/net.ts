@@ -318,7 +318,8 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
       memoryMiB: opt.guestMiB,
       intervalMs,
       maxBandwidth: Math.round(opt.bandwidthMiB * MiB),
-      // rollbacks restore cold: a NIC's VM has no hot standby (it would take the NIC's socket)
+      // no hot standby: this bench measures no restore, and a standby QEMU's start would share
+      // the two cores with the window it measures
       hotStandby: false,
     },
   });
