@@ -185,6 +185,18 @@ const RELEASE_DELIVERY_MS = 250;
 const LIVE_ANSWERS = 3;
 
 /**
+ * Arm the source's ACK hold (a hold-acks-trigger fault) and return the checkpoint it holds.
+ * The hold arms at a checkpoint applied after the trigger file exists; applies wait
+ * behind it, so the applied epoch stays there while it lasts.
+ */
+async function armAckHold(c: Cluster, migrating: Promise<unknown>): Promise<number> {
+  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
+  fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
+  await waitApplied(c, before + 1, migrating);
+  return (await c.status(c.src)).migration?.appliedEpoch as number;
+}
+
+/**
  * Migrate; once the destination's guest is seen answering (right after switchover it waits
  * seconds for post-copy page faults and answers nothing, and a hold then would test
  * nothing), arm the source's ACK hold, wait until it holds, let the destination's guest
@@ -209,12 +221,7 @@ export async function interruptDuringHold(
     if (ended) throw new Error("the migration ended before the destination's guest answered");
     return client.answers(onDest).length >= LIVE_ANSWERS;
   }, `${LIVE_ANSWERS} answers from the destination's guest`);
-  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
-  fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
-  // The hold arms at a checkpoint applied after the file exists; applies wait behind it,
-  // so the applied epoch stays there while it lasts.
-  await waitApplied(c, before + 1, migrating);
-  const holdEpoch = (await c.status(c.src)).migration?.appliedEpoch as number;
+  const holdEpoch = await armAckHold(c, migrating);
   // With checkpoints pipelined, the source applies the held checkpoint right after it sent
   // the previous ACK: the frames the destination released on that ACK may still be on
   // their way. Count from the moment the destination has processed it, plus the delivery
@@ -262,10 +269,7 @@ export async function killDuringDiskHold(t: Test, c: Cluster): Promise<{ mig: Aw
   await waitApplied(c, 3, migrating);
   // The guest is writing on the destination (a pass completed there since switchover).
   await waitDiskPasses(c.serialLog(c.dst), 0, 1, 'on the destination');
-  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
-  fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
-  await waitApplied(c, before + 1, migrating);
-  const held = (await c.status(c.src)).migration?.appliedEpoch as number;
+  const held = await armAckHold(c, migrating);
   // Every line the destination's serial log gets from here on was printed after checkpoint
   // `held` was taken: the pass after the next completed one wrote only in later epochs.
   const fromDst = fileSize(c.serialLog(c.dst));
