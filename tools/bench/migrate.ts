@@ -35,6 +35,9 @@
  *   --standby both           rollback runs with the hot standby: on, off or both (side by side)
  *   --rollback-repeats 4     interrupted migrations per standby mode (one VM, one after another)
  *   --rollback-kinds abort,kill-destination-qemu   interrupts, used in turn (also: link-down)
+ *   --rollback-vm plain      the interrupted VM: plain (memcheck only) or io (also a NIC through
+ *                            the packet gate and a diskcheck disk through the journal, as the
+ *                            demo's: its restore reconnects the NIC before the guest runs)
  *   --guest-mib 512          guest RAM (the checkpoint scan is compared with the hashing floor of
  *                            the same bytes: native hashFile over a file that size, all cores)
  *   --quick                  CI smoke (a few minutes): memcheck 64 MB, unthrottled completing
@@ -89,8 +92,10 @@ const opt = {
   standby: str('standby', 'both'),
   rollbackRepeats: num('rollback-repeats', quick ? 1 : 4),
   rollbackKinds: str('rollback-kinds', quick ? 'abort' : 'abort,kill-destination-qemu').split(','),
+  rollbackVm: str('rollback-vm', 'plain'),
 };
 if (!['on', 'off', 'both'].includes(opt.standby)) throw new Error('--standby must be on, off or both');
+if (!['plain', 'io'].includes(opt.rollbackVm)) throw new Error('--rollback-vm must be plain or io');
 for (const k of opt.rollbackKinds) {
   if (!['abort', 'kill-destination-qemu', 'link-down'].includes(k)) throw new Error(`unknown --rollback-kinds entry ${k}`);
 }
@@ -103,8 +108,13 @@ const VANILLA_PORT = 49_200;
 /** Deadlines only keep a broken run from hanging; they are not performance limits. */
 const MIGRATE_DEADLINE_MS = 900_000;
 
-function clusterOpts(bandwidthMiB: number, hotStandby = true) {
+function rollbackVmNote(): string {
+  return opt.rollbackVm === 'io' ? 'VM with a gate NIC and a journaled disk' : 'VM without NIC or disk';
+}
+
+function clusterOpts(bandwidthMiB: number, hotStandby = true, io = false) {
   return {
+    ...(io ? { guestNet: 'gate' as const, disk: { guest: 'diskcheck' as const } } : {}),
     vm: {
       memcheckMiB: opt.memcheckMB,
       memcheckMBps: opt.memcheckRate,
@@ -112,6 +122,8 @@ function clusterOpts(bandwidthMiB: number, hotStandby = true) {
       maxBandwidth: Math.round(bandwidthMiB * MiB),
       hotStandby,
       memoryMiB: opt.guestMiB,
+      // with a disk the guest's main program is diskcheck: memcheck runs beside it
+      ...(io ? { appendExtra: `tether.bg=memcheck:${opt.memcheckMB}:${opt.memcheckRate}` } : {}),
     },
   };
 }
@@ -497,7 +509,7 @@ async function benchRollback(): Promise<RollbackBench> {
   const out: RollbackBench = { checkpointConfig: null, runs: [], stats: [], memcheck: [] };
   const modes: StandbyMode[] = opt.standby === 'both' ? ['hot', 'cold'] : opt.standby === 'on' ? ['hot'] : ['cold'];
   for (const mode of modes) {
-    const c = new Cluster(clusterOpts(opt.rollbackBandwidthMiB, mode === 'hot'));
+    const c = new Cluster(clusterOpts(opt.rollbackBandwidthMiB, mode === 'hot', opt.rollbackVm === 'io'));
     try {
       log(`rollback/${mode}: booting the VM`);
       const bootMs = await bootVm(c);
@@ -590,7 +602,10 @@ function report(res: { tether?: TetherComplete; vanilla?: VanillaResult; rollbac
   }
   const rb = res.rollback;
   if (rb) {
-    L.push('', `Rollback mid post-copy (${bwNote(opt.rollbackBandwidthMiB)}; interrupt once checkpoint ≥ ${opt.interruptEpoch} applied)`);
+    L.push(
+      '',
+      `Rollback mid post-copy (${rollbackVmNote()}; ${bwNote(opt.rollbackBandwidthMiB)}; interrupt once checkpoint ≥ ${opt.interruptEpoch} applied)`,
+    );
     L.push(
       `  ${'interrupt'.padEnd(28)} ${['outcome', 'reason', 'ckpt@int', 'resumed', 'detect', 'restore', 'kill', 'start', 'announce', 'int→result'].map((s) => s.padStart(12)).join(' ')}`,
     );
@@ -781,7 +796,7 @@ function figures(res: Results): Figure[] {
     // per-run digests the suite keeps: `npm run bench` reports them.
   }
   for (const st of res.rollback?.stats ?? []) {
-    const what = st.standby === 'hot' ? 'hot standby' : 'fresh QEMU (cold)';
+    const what = `${st.standby === 'hot' ? 'hot standby' : 'fresh QEMU (cold)'}${opt.rollbackVm === 'io' ? ', VM with NIC and disk' : ''}`;
     const note = `n=${st.n}, hot standby used ${st.hot}×; medians: kill ${st.killMs ?? '-'} ms, start/load ${st.startMs ?? '-'} ms`;
     F.push({ name: `restore p50, ${what}`, value: st.restoreMs?.p50 ?? null, unit: 'ms', target: { op: '<=', value: 60 }, note });
     F.push({ name: `restore p99, ${what}`, value: st.restoreMs?.p99 ?? null, unit: 'ms' });
