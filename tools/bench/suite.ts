@@ -1072,6 +1072,9 @@ async function main(): Promise<void> {
           '32',
           '--guest-mib',
           '256',
+          // the smoke's one rollback takes the NIC + disk path of the hot standby
+          '--rollback-vm',
+          'io',
         ]
       : ['--only', 'rollback', '--rollback-repeats', String(opt.rollbackRepeats), '--passes', '1'];
     const j = await childBench('migrate', args, path.join(OUT_DIR, 'migrate.json'));
