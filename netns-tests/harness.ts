@@ -23,6 +23,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { callDaemon } from '../src/control/client.ts';
 import type { TetherError } from '../src/errors.ts';
+import { HOLD_COMPLETION_RELEASE } from '../src/migrate/faults.ts';
 import { WireCapture } from './wirecap.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -73,6 +74,12 @@ export interface ClusterOptions {
   gate?: { maxBytes?: number; maxFrames?: number };
   /** TETHER_FAULTS for each daemon. */
   faults?: { source?: string; destination?: string };
+  /**
+   * The destination's sidecar runs with the fault hold-completion (src/migrate/faults.ts),
+   * on every start, whatever else its TETHER_FAULTS say: a migration cannot end before
+   * the test interrupts it, however fast the machine, until releaseCompletion().
+   */
+  holdCompletion?: boolean;
   /** Give the destination a different peer key than the source (an impostor). */
   mismatchedKeys?: boolean;
   /** Overrides merged into the VM YAML. */
@@ -126,6 +133,13 @@ export interface RunResult {
   stdout: string;
   stderr: string;
 }
+
+/**
+ * TETHER_TEST_FAST=1: make every scenario's machine effectively faster, to show that no
+ * scenario depends on the machine being slow: the migration link unshaped (maxBandwidth 0)
+ * and a 256 MiB guest, unless the test sets them itself.
+ */
+const FAST = process.env.TETHER_TEST_FAST === '1';
 
 let counter = 0;
 const live = new Set<Cluster>();
@@ -285,7 +299,7 @@ export class Cluster {
       [src, dst],
       [
         `name: ${this.vmName}`,
-        `memoryMiB: ${v.memoryMiB ?? 512}`,
+        `memoryMiB: ${v.memoryMiB ?? (FAST ? 256 : 512)}`,
         `kernel: ${path.join(GUEST, 'vmlinuz')}`,
         `initrd: ${path.join(GUEST, 'initrd.img')}`,
         `append: "console=ttyS0 quiet panic=-1 tether.run=${run}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
@@ -295,7 +309,7 @@ export class Cluster {
         `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 8000}`,
         `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
         `migration:`,
-        `  maxBandwidth: ${v.maxBandwidth ?? 16 * 1024 * 1024}`,
+        `  maxBandwidth: ${v.maxBandwidth ?? (FAST ? 0 : 16 * 1024 * 1024)}`,
         `  hotStandby: ${v.hotStandby ?? true}`,
         ...(v.extraYaml ?? []),
         ...diskYaml,
@@ -430,17 +444,24 @@ export class Cluster {
 
   #startDaemon(h: Host): void {
     const log = fs.openSync(h.daemonLog, 'a');
-    const faults = this.#faults.has(h)
-      ? this.#faults.get(h)
-      : h.role === 'source'
-        ? this.opts.faults?.source
-        : this.opts.faults?.destination;
+    let faults = this.#faults.has(h) ? this.#faults.get(h) : h.role === 'source' ? this.opts.faults?.source : this.opts.faults?.destination;
+    if (this.opts.holdCompletion && h.role === 'destination') faults = faults ? `${faults},hold-completion` : 'hold-completion';
     h.daemon = spawn('ip', ['netns', 'exec', h.ns, process.execPath, TETHER, 'daemon', '--config', h.config], {
       stdio: ['ignore', log, log],
       detached: true,
       env: { ...process.env, ...this.opts.env, ...(faults ? { TETHER_FAULTS: faults } : {}) },
     });
     fs.closeSync(log);
+  }
+
+  /**
+   * With opts.holdCompletion: let the destination ask to complete once QEMU's stream is
+   * done (from its next checkpoint on, for this and every later migration).
+   */
+  releaseCompletion(): void {
+    const dir = path.join(this.dst.stateDir, this.vmName);
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, HOLD_COMPLETION_RELEASE), '');
   }
 
   /** Run the tether CLI against a host's daemon. */

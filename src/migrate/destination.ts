@@ -19,7 +19,8 @@ import { deferred, Nap, nowMs, sleep } from '../util/time.ts';
 import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from '../peer/control.ts';
-import { CUT_COMPLETION } from './faults.ts';
+import { existsSync } from 'node:fs';
+import { CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from './faults.ts';
 import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';
 import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
@@ -452,8 +453,9 @@ export class DestinationMigration {
       // needs nothing more from its QEMU, and everything the guest does from here on stays
       // held until the source has recorded completion (docs/completion.md). With none taken
       // yet, this barrier's checkpoint is the final one.
-      if (this.#qemuCompleted && window.lastTaken >= 1) break;
-      const final = this.#qemuCompleted;
+      const streamDone = this.#qemuCompleted && !this.#completionHeld();
+      if (streamDone && window.lastTaken >= 1) break;
+      const final = streamDone;
 
       const t0 = nowMs();
       this.#barrierSince = t0;
@@ -519,6 +521,16 @@ export class DestinationMigration {
       return;
     }
     await this.#ch.send({ type: 'control', body: { kind: 'complete', migrationId: this.id, finalEpoch } }).catch(() => {});
+  }
+
+  #completionHeldLogged = false;
+
+  /** Fault injection (hold-completion): the stream is complete, but the test has not released the completion yet. */
+  #completionHeld(): boolean {
+    if (!this.#opts.faults.holdCompletion || existsSync(path.join(this.vm.dir, HOLD_COMPLETION_RELEASE))) return false;
+    if (!this.#completionHeldLogged) this.#log.warn('fault injection: holding the completion request', { file: HOLD_COMPLETION_RELEASE });
+    this.#completionHeldLogged = true;
+    return true;
   }
 
   /** A failure outside the barrier (a send): the same end as a failed run(). */

@@ -19,6 +19,10 @@ import { TetherError } from '../errors.ts';
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   hold-acks-trigger            the hold arms only once the file <stateDir>/<vm>/hold-acks.trigger exists (a test
  *                                creates it when the destination's guest has shown it runs), at the next checkpoint
+ *   hold-completion              the destination keeps taking checkpoints after QEMU's stream completed and does not
+ *                                ask the source to complete until the file <stateDir>/<vm>/hold-completion.release
+ *                                exists: a test's interruption point cannot come after the migration ended, however
+ *                                fast the machine (the test creates the file when it wants the migration to complete)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -31,6 +35,7 @@ export interface Faults {
   holdAcksMs?: number;
   holdAcksEpoch?: number;
   holdAcksTrigger?: boolean;
+  holdCompletion?: boolean;
   gateOpen?: boolean;
   failApplyEpoch?: number;
   failApplySticky?: number;
@@ -56,13 +61,17 @@ export const CUT_COMPLETION = {
 /** File name, in the VM's state dir, that arms hold-acks-trigger. */
 export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger';
+/** File name, in the VM's state dir on the destination, that releases hold-completion. */
+export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
+
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
   'hold-acks-trigger': 'holdAcksTrigger',
+  'hold-completion': 'holdCompletion',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
