@@ -20,6 +20,7 @@ t.test('journal forced to write through: diskcheck detects the split disk after 
     disk: { guest: 'diskcheck' },
     vm: DISK_HOLD.vm,
     faults: { destination: 'journal-write-through', source: DISK_HOLD.source },
+    holdCompletion: true,
   });
   const { mig, held } = await killDuringDiskHold(t, c);
   t.equal(mig.result?.outcome, 'rolled-back', `rolled back: ${mig.stderr.slice(-1000)}`);

@@ -23,7 +23,7 @@ t.test('diskcheck stays consistent across a completed migration', async (t) => {
 
 t.test('kill -9 of the destination QEMU: disk and memory roll back together', async (t) => {
   // The control test's scenario (disk-control.test.ts) with the journal on.
-  const c = await bootDiskCluster(t, { disk, vm: DISK_HOLD.vm, faults: { source: DISK_HOLD.source } });
+  const c = await bootDiskCluster(t, { disk, vm: DISK_HOLD.vm, faults: { source: DISK_HOLD.source }, holdCompletion: true });
   const { mig, held } = await killDuringDiskHold(t, c);
   t.equal(mig.result?.rollback?.epoch, held, `resumed from the held checkpoint ${held}`);
   t.equal(mig.result?.rollback?.hot, true, 'restored on the hot standby (a second NBD client of the disk until then)');
@@ -31,7 +31,7 @@ t.test('kill -9 of the destination QEMU: disk and memory roll back together', as
 });
 
 t.test('migration link cut: disk and memory roll back together', async (t) => {
-  const c = await bootDiskCluster(t, { disk });
+  const c = await bootDiskCluster(t, { disk, holdCompletion: true });
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   c.linkDown();
@@ -39,7 +39,7 @@ t.test('migration link cut: disk and memory roll back together', async (t) => {
 });
 
 t.test('tether abort: disk and memory roll back together', async (t) => {
-  const c = await bootDiskCluster(t, { disk });
+  const c = await bootDiskCluster(t, { disk, holdCompletion: true });
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const a = await c.tether(c.src, ['abort', c.vmName]);

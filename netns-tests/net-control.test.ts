@@ -16,10 +16,15 @@ t.test('CONTROL: with the gate forced open, kill -9 of the destination QEMU brea
       // the destination must not fence itself during the hold
       vm: { fenceTimeoutMs: HOLD_MS + 5000, failoverTimeoutMs: HOLD_MS + 10_000 },
       faults: { source: holdFault(HOLD_MS), ...(NET_MODE === 'gate' ? { destination: 'gate-open' } : {}) },
+      holdCompletion: true,
     },
     true,
   );
-  const { mig, heldAnswers, holdEpoch } = await interruptDuringHold(
+  const {
+    mig,
+    answersInHold: heldAnswers,
+    holdEpoch,
+  } = await interruptDuringHold(
     c,
     client,
     async () => {

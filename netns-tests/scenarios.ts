@@ -171,88 +171,162 @@ export async function assertConversationContinues(t: Test, client: NetClient, wh
  * Faults for the network rollback scenarios: once the test creates the trigger file, the
  * source withholds the ACK of the next checkpoint it applies (and later ones) for HOLD_MS,
  * so the destination's guest runs on with all of its output held by the gate; the
- * interruption lands inside that hold. The hold stays below the 4000 ms fence timeout of
- * the harness, so only the interruption ends the migration.
+ * interruption lands inside that hold. The destination never asks to complete
+ * (holdCompletion), so the migration is still open whenever the test gets there. The
+ * hold is long, so that a slow machine reaches the interruption inside it: the
+ * interruption ends it (a decision of the source wakes it). The destination fences a
+ * checkpoint unacknowledged for failoverTimeoutMs, so that stays above the hold (the
+ * source's lease, which detects a link cut, is the same timeout).
  */
-export const HOLD_MS = 3500;
+export const HOLD_MS = 20_000;
 export const holdFault = (ms: number): string => `hold-acks-ms=${ms},hold-acks-epoch=1,hold-acks-trigger`;
-export const HOLD_FAULT = holdFault(HOLD_MS);
-/** How far into the hold the interruption lands: the guest has answered some requests by then. */
-export const INTERRUPT_AFTER_MS = 1500;
-/** Settle time for frames already released (written to the TAP) to reach the client. */
-const RELEASE_DELIVERY_MS = 250;
+export const NET_HOLD: ClusterOptions = {
+  vm: { failoverTimeoutMs: HOLD_MS + 5000 },
+  faults: { source: holdFault(HOLD_MS) },
+  holdCompletion: true,
+};
 /** Answers from the destination's guest, released on ACKs, seen before the hold is armed. */
 const LIVE_ANSWERS = 3;
+/** Frames the destination's gate holds in the held epochs (the guest's answers) before the interruption. */
+export const HELD_FRAMES = 3;
 
 /**
- * Arm the source's ACK hold (a hold-acks-trigger fault) and return the checkpoint it holds.
- * The hold arms at a checkpoint applied after the trigger file exists; applies wait
- * behind it, so the applied epoch stays there while it lasts.
+ * Arm the source's ACK hold (a hold-acks-trigger fault) and return the checkpoint it holds:
+ * the one the source names in its log line when the hold arms (the first it applied after
+ * the trigger file existed). Applies wait behind it, so the applied epoch stays there
+ * while it lasts.
  */
 async function armAckHold(c: Cluster, migrating: Promise<unknown>): Promise<number> {
-  const before = (await c.status(c.src)).migration?.appliedEpoch ?? 0;
+  const from = fileSize(c.src.daemonLog);
   fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
-  await waitApplied(c, before + 1, migrating);
-  return (await c.status(c.src)).migration?.appliedEpoch as number;
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  let epoch: number | undefined;
+  await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before the ACK hold armed: ${JSON.stringify(await migrating)}`);
+    epoch = holdLine(c.src.daemonLog, from)?.epoch;
+    return epoch !== undefined;
+  }, "the source's ACK hold armed");
+  return epoch!;
+}
+
+/** The source's "fault injection: holding ACK" log record after byte `from`. */
+function holdLine(log: string, from: number): { epoch: number } | undefined {
+  const text = fs.readFileSync(log).subarray(from).toString('utf8');
+  for (const l of text.split('\n')) {
+    if (!l.includes('fault injection: holding ACK')) continue;
+    try {
+      return JSON.parse(l) as { epoch: number };
+    } catch {
+      /* a line still being written */
+    }
+  }
+  return undefined;
+}
+
+/** Frames the destination's gate of net0 holds now (its metrics). */
+function heldFrames(c: Cluster): number {
+  const m = /^tether_gate_held_frames\{[^}]*nic="net0"[^}]*\} (\d+)$/m.exec(c.metrics(c.dst));
+  return m ? Number(m[1]) : 0;
 }
 
 /**
- * Migrate; once the destination's guest is seen answering (right after switchover it waits
- * seconds for post-copy page faults and answers nothing, and a hold then would test
- * nothing), arm the source's ACK hold, wait until it holds, let the destination's guest
- * answer for a while, then `interrupt`. Returns the migration result, the checkpoint whose
- * ACK was held, and the answers the client received while it was held.
+ * Migrate (with NET_HOLD); once the destination's guest is seen answering (right after
+ * switchover it waits seconds for post-copy page faults and answers nothing, and a hold
+ * then would test nothing), arm the source's ACK hold and wait until the destination has
+ * processed the last ACK before it: from then on every frame its gate holds belongs to a
+ * held epoch. Then wait until the guest has answered in those epochs — HELD_FRAMES frames
+ * held by the gate, or with the gate forced open (`answersInHold`, a control) that many
+ * answers at the client — and `interrupt`. Returns the migration result and the checkpoint
+ * whose ACK was held; assertHoldKept checks afterwards, from the gate's log, that nothing
+ * of the held epochs left.
  */
 export async function interruptDuringHold(
   c: Cluster,
   client: NetClient,
   interrupt: () => void | Promise<void>,
   opts: { answersInHold?: number } = {},
-): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; heldAnswers: number; holdEpoch: number }> {
+): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; holdEpoch: number; answersInHold: number }> {
   const migrating = c.migrate();
   let ended = false;
   void migrating.finally(() => (ended = true));
+  const notEnded = (what: string) => {
+    if (ended) throw new Error(`the migration ended ${what}`);
+  };
   await waitFor(async () => {
-    if (ended) throw new Error(`the migration ended before the hold: ${JSON.stringify(await migrating)}`);
+    notEnded('before the first checkpoint was acknowledged');
     return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= 1;
   }, 'the first checkpoint acknowledged');
   const onDest = Date.now();
   await waitFor(() => {
-    if (ended) throw new Error("the migration ended before the destination's guest answered");
+    notEnded("before the destination's guest answered");
     return client.answers(onDest).length >= LIVE_ANSWERS;
   }, `${LIVE_ANSWERS} answers from the destination's guest`);
   const holdEpoch = await armAckHold(c, migrating);
-  // With checkpoints pipelined, the source applies the held checkpoint right after it sent
-  // the previous ACK: the frames the destination released on that ACK may still be on
-  // their way. Count from the moment the destination has processed it, plus the delivery
-  // of what it released then.
   await waitFor(
-    async () => ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= holdEpoch - 1,
+    async () => {
+      notEnded('during the hold');
+      return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= holdEpoch - 1;
+    },
     `ACK(${holdEpoch - 1}) processed on the destination`,
   );
-  await new Promise((r) => setTimeout(r, RELEASE_DELIVERY_MS));
-  const holdSeen = Date.now();
-  await new Promise((r) => setTimeout(r, INTERRUPT_AFTER_MS));
-  // Only a gate forced open lets answers out during the hold; a control waits for them,
-  // however slow the machine (its hold must outlast the wait).
+  const from = Date.now();
   const want = opts.answersInHold ?? 0;
   if (want > 0) {
+    // a control: the gate forced open lets answers out during the hold
     await waitFor(() => {
-      if (ended) throw new Error('the migration ended during the hold');
-      return client.answers(holdSeen).length >= want;
+      notEnded('during the hold');
+      return client.answers(from).length >= want;
     }, `${want} answers from the destination's guest during the hold`);
+  } else if (NET_MODE === 'gate') {
+    await waitFor(() => {
+      notEnded('during the hold');
+      return heldFrames(c) >= HELD_FRAMES;
+    }, `${HELD_FRAMES} frames of the held epochs in the destination's gate`);
+  } else {
+    // the ungated baseline: the guest answers straight to the client
+    await waitFor(() => client.answers(from).length >= HELD_FRAMES, `${HELD_FRAMES} answers during the hold`);
   }
+  const answersInHold = client.answers(from).length;
   await interrupt();
-  const heldAnswers = client.answers(holdSeen).length;
-  return { mig: await migrating, heldAnswers, holdEpoch };
+  return { mig: await migrating, holdEpoch, answersInHold };
+}
+
+/**
+ * After a rollback from interruptDuringHold (gate mode, with the gate's log and the
+ * capture on): the hold as the destination's gate recorded it. No epoch from `holdEpoch`
+ * on was ever released, the frames the guest produced in them (at least HELD_FRAMES) were
+ * discarded by the fence, and every frame of the destination on the wire is one the gate
+ * released for an earlier, acknowledged epoch: no answer of the held epochs reached the
+ * client.
+ */
+export function assertHoldKept(t: Test, c: Cluster, wire: WireCapture | undefined, holdEpoch: number, what: string): void {
+  if (NET_MODE !== 'gate') return;
+  const log = readGateLog(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl'));
+  const releasedHeld = log.filter((r) => r.t === 'release' && r.epoch >= holdEpoch);
+  t.same(releasedHeld, [], `the gate released nothing from the held checkpoint ${holdEpoch} on`);
+  const discarded = log
+    .filter((r) => r.t === 'discard' && r.epoch >= holdEpoch)
+    .reduce((n, r) => n + (r.t === 'discard' ? r.frames : 0), 0);
+  t.ok(discarded >= HELD_FRAMES, `the fence discarded the ${discarded} frames of the held epochs`);
+  const check = assertWireClean(t, c, wire, what);
+  if (!check || !wire) return;
+  const frames = wire.frames().filter((f) => f.port === SWITCH_PORT_D);
+  const epochOf = new Map<string, number>();
+  for (const r of log) if (r.t === 'release') for (const h of r.hashes) epochOf.set(h, Math.max(epochOf.get(h) ?? 0, r.epoch));
+  const late = frames.filter((f) => (epochOf.get(f.hash) ?? 0) >= holdEpoch);
+  t.same(late, [], 'no frame of a held epoch reached the client');
+  t.ok(check.released > 0, `frames the destination released on ACKs before the hold were captured (${check.released})`);
 }
 
 /**
  * The disk kill -9 scenario (disk.test.ts, and its control disk-control.test.ts): a 1 s
  * checkpoint interval, and an ACK hold long enough for two diskcheck passes on the
- * destination; the destination must not fence itself during it. The rollback cuts it short.
+ * destination on a slow machine; the destination must not fence itself during it. The
+ * cluster needs holdCompletion: the destination must not ask to complete before the
+ * kill. The kill cuts the hold short.
  */
-const DISK_HOLD_MS = 20_000;
+const DISK_HOLD_MS = 60_000;
 export const DISK_HOLD = {
   vm: { intervalMs: 1000, fenceTimeoutMs: DISK_HOLD_MS + 5000, failoverTimeoutMs: DISK_HOLD_MS + 10_000 },
   source: holdFault(DISK_HOLD_MS),
