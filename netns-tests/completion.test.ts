@@ -51,7 +51,8 @@ t.test('answer lost (destination drops it with the channel): completed, answered
   // the destination holds no VM after the rollback: a restart of its sidecar sets the fault
   await assertNotRunningOn(t, c, c.dst);
   t.equal(await c.termDaemon(c.dst), 0, 'the destination sidecar stopped for this scenario');
-  await c.restartDaemon(c.dst, { faults: 'cut-completion=5' });
+  // hold-completion: the migration is still under way when the stale answer arrives; released after it
+  await c.restartDaemon(c.dst, { faults: 'cut-completion=5,hold-completion' });
   // The first migration's answer, rolled-back, retried late: it reaches the destination while
   // this second migration of the same VM is under way there, and must not fence it.
   const stale = c.resolveSender(c.src, c.dst, { migrationId: firstId, vm: c.vmName, outcome: 'rolled-back', epoch: 0 });
@@ -61,6 +62,7 @@ t.test('answer lost (destination drops it with the channel): completed, answered
   t.not(current, firstId, 'the second migration has an id of its own');
   t.equal(await stale.send(), 'unknown', 'the destination refused the stale answer');
   t.match(c.metrics(c.dst), /^tether_stale_resolves_total 1$/m, 'refused as naming another migration, and counted');
+  c.releaseCompletion();
   const mig = await migrating;
   t.equal(mig.result?.migrationId, current);
   t.equal(mig.code, 0, `migrate exits 0: ${mig.stderr.slice(-1500)}`);

@@ -11,7 +11,7 @@ import { bootDiskCluster, waitApplied } from './scenarios.ts';
 const disk = { guest: 'fsload' as const, mib: 64 };
 
 t.test('ext4 is clean after a rollback (kill -9 of the destination QEMU)', async (t) => {
-  const c = await bootDiskCluster(t, { disk });
+  const c = await bootDiskCluster(t, { disk, holdCompletion: true });
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   process.kill((await c.status(c.dst)).pid, 'SIGKILL');

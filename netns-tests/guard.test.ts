@@ -7,7 +7,7 @@ import { fileSize, qemuAlive, waitFor, waitPasses } from './harness.ts';
 import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 t.test('destination sidecar killed mid post-copy and never restarted: its QEMU dies, the source resumes', async (t) => {
-  const c = await bootCluster(t);
+  const c = await bootCluster(t, { holdCompletion: true });
   const migrating = c.migrate();
   await waitApplied(c, 3, migrating);
   const d = await c.status(c.dst);

@@ -16,7 +16,8 @@ import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scena
  */
 let c: Cluster;
 t.before(async () => {
-  c = await bootCluster(t, { faults: { source: 'fail-apply-epoch=3' } });
+  // the destination does not ask to complete before the injected failure hits a checkpoint
+  c = await bootCluster(t, { faults: { source: 'fail-apply-epoch=3' }, holdCompletion: true });
 });
 
 t.test('apply of a checkpoint k >= 3 fails halfway once: the stage is finished, the VM resumes from checkpoint k', async (t) => {

@@ -27,7 +27,8 @@ t.test('the destination runs only its own VM config: unknown VM and other device
   fs.rmSync(dstYaml);
   await refused('no config on the destination', 'ERR_PEER_UNKNOWN_VM');
 
-  fs.writeFileSync(dstYaml, yaml.replace('memoryMiB: 512', 'memoryMiB: 256'));
+  const mem = Number(/^memoryMiB: (\d+)$/m.exec(yaml)?.[1]);
+  fs.writeFileSync(dstYaml, yaml.replace(/^memoryMiB: \d+$/m, `memoryMiB: ${mem * 2}`));
   await refused('another memory size on the destination', 'ERR_PEER_DEVICE_MODEL');
 
   // The guest never noticed, and with the right config the migration goes through.

@@ -26,6 +26,18 @@ function sha(file: string, start = 0, end?: number): string {
     .digest('hex');
 }
 
+/** sha of the first MiB of `file`, read alone (the RAM file is hundreds of MiB). */
+function shaLow(file: string): string {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(MiB);
+    const n = fs.readSync(fd, b, 0, MiB, 0);
+    return createHash('sha256').update(b.subarray(0, n)).digest('hex');
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function srcRam(c: Cluster): string {
   return path.join(c.src.ramDir, `${c.vmName}.ram`);
 }
@@ -55,7 +67,8 @@ async function standbyUp(c: Cluster): Promise<number> {
  */
 let c: Cluster;
 t.before(async () => {
-  c = await bootCluster(t);
+  // the destination does not ask to complete before a scenario interrupts the migration
+  c = await bootCluster(t, { holdCompletion: true });
 });
 
 t.test('a dead standby means a cold start: the rollback still restores the VM', async (t) => {
@@ -110,6 +123,7 @@ t.test('rollback hands the standby the last checkpoint; a second migration compl
   const vmJson = await VmInstance.readPersisted(path.join(c.src.stateDir, c.vmName));
   t.equal(vmJson?.pid, sb, 'vm.json records it');
 
+  c.releaseCompletion();
   const again = await c.migrate();
   t.equal(again.code, 0, `second migration completes: ${again.stderr.slice(-1500)}`);
   t.same(sourceQemus(c).all, [], 'no QEMU left on the source: VM and standby both gone');
@@ -151,7 +165,8 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
   const sbPid = await sb.pid();
   t.ok(sbPid, 'the standby started');
   t.not(sbPid, first.pid, 'a second QEMU');
-  await new Promise((r) => setTimeout(r, 1500)); // anything QEMU does at start is done by now
+  // QMP answers from QEMU's main loop, which starts after its whole start-up (machine
+  // init and reset): anything it does at start is done by now, however fast or slow.
   t.equal(await sb.status(), 'inmigrate', 'the standby waits, vCPUs not running');
   t.equal(sha(vm.ramFile, 0, MiB), before.low, 'first MiB (real-mode RAM, VGA hole, option-ROM and BIOS shadow) unchanged');
   t.equal(sha(vm.ramFile), before.all, 'whole RAM file unchanged by the standby start');
@@ -174,6 +189,7 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
   // CONTROL: the hash does see start-up writes — a QEMU that boots (no -incoming) over the
   // same file changes it at once (firmware writes its shadow and low RAM).
   const quiet = sha(vm.ramFile);
+  const quietLow = shaLow(vm.ramFile);
   const boot = await QemuProcess.start({
     vm: cfg,
     ramFile: vm.ramFile,
@@ -181,7 +197,8 @@ t.test('a standby leaves the RAM file unchanged until it is handed device state,
     serialLog: path.join(dir, 'control-serial.log'),
     dieWithParent: true,
   });
-  await new Promise((r) => setTimeout(r, 1500));
+  // Until the firmware has written low RAM (it runs in the vCPU: no fixed wait fits every machine).
+  await waitFor(() => shaLow(vm.ramFile) !== quietLow, 'the booting QEMU writing low RAM', 120_000);
   await boot.qmp.execute('stop');
   t.not(sha(vm.ramFile), quiet, 'CONTROL: a booting QEMU changes the RAM file, and the hash shows it');
   await boot.kill();

@@ -509,7 +509,9 @@ async function benchRollback(): Promise<RollbackBench> {
   const out: RollbackBench = { checkpointConfig: null, runs: [], stats: [], memcheck: [] };
   const modes: StandbyMode[] = opt.standby === 'both' ? ['hot', 'cold'] : opt.standby === 'on' ? ['hot'] : ['cold'];
   for (const mode of modes) {
-    const c = new Cluster(clusterOpts(opt.rollbackBandwidthMiB, mode === 'hot', opt.rollbackVm === 'io'));
+    // hold-completion on the destination: every run reaches its interrupt point, however
+    // fast the machine (the migration cannot complete first); nothing else changes
+    const c = new Cluster({ ...clusterOpts(opt.rollbackBandwidthMiB, mode === 'hot', opt.rollbackVm === 'io'), holdCompletion: true });
     try {
       log(`rollback/${mode}: booting the VM`);
       const bootMs = await bootVm(c);
