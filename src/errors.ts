@@ -58,6 +58,8 @@ export const ERRORS = {
   ERR_PEER_DEVICE_MODEL: "the destination's VM configuration builds a different device model than the source's",
   ERR_PEER_TIMEOUTS: "the destination's fence timeout is not below the source's failover timeout",
   ERR_PEER_VM_BUSY: 'the destination already has this VM running or incoming',
+  ERR_PEER_MIGRATION_URI:
+    "the destination named a migration URI other than tcp:<the address the source's peer channel reached>:<port>; refused before any QMP command, nothing changed",
   ERR_PROTO_BAD_MAGIC: 'a frame does not start with the protocol magic',
   ERR_PROTO_UNSUPPORTED_VERSION: 'a frame has a protocol version this build does not speak',
   ERR_PROTO_UNKNOWN_TYPE: 'a frame has an unknown message type',

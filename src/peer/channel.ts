@@ -73,6 +73,11 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
     return `${this.#sock.remoteAddress}:${this.#sock.remotePort}`;
   }
 
+  /** The IP address this channel's socket is connected to (as the kernel reports it). */
+  get remoteAddress(): string | undefined {
+    return this.#sock.remoteAddress;
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
