@@ -157,6 +157,12 @@ export class TetherMetrics {
   readonly gateOverBoundFrames = this.registry.add(
     new Counter('tether_gate_over_bound_frames_total', 'Frames a NIC gate held beyond gate.maxFrames (held anyway), by vm and nic.'),
   );
+  readonly nicDropped = this.registry.add(
+    new Counter(
+      'tether_nic_frames_dropped_total',
+      'Guest frames a NIC dropped instead of passing them on, by vm, nic and reason: runt (shorter than an Ethernet header), framing (the stream netdev lost its framing; the connection is reset), tap_error (the TAP refused a write).',
+    ),
+  );
   readonly vms: Gauge;
 
   /** The counters one NIC's gate and port report into. */
@@ -171,6 +177,7 @@ export class TetherMetrics {
     // present (0) from the start: an operator alerts on it becoming non-zero
     this.gateOverBoundBytes.inc(l, 0);
     this.gateOverBoundFrames.inc(l, 0);
+    for (const reason of ['runt', 'framing', 'tap_error']) this.nicDropped.inc({ ...l, reason }, 0);
     return {
       held: (bytes, frames) => {
         this.gateHeldBytes.set(l, bytes);
@@ -189,6 +196,7 @@ export class TetherMetrics {
       toGuest: (f, b) => count('to_guest', f, b),
       toGuestDropped: (f) => count('to_guest_dropped', f),
       tapRetry: (f) => count('tap_retried', f),
+      dropped: (reason, f) => this.nicDropped.inc({ ...l, reason }, f),
     };
   }
 
