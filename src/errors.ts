@@ -10,6 +10,7 @@ export const ERRORS = {
   ERR_CONFIG_INVALID: 'a configuration field has a wrong value; details.field names it',
   ERR_CONFIG_READ: 'a configuration file cannot be read',
   ERR_CONFIG_YAML: 'a configuration file is not valid YAML',
+  ERR_CONFIG_KEY_MODE: 'peer.keyFile is readable or writable by group or others (like ssh, refused: chmod 600 it)',
   ERR_FAULTS_INVALID: 'TETHER_FAULTS names an unknown fault or a bad value',
 
   // --- CLI and control socket (src/cli, src/control)

@@ -128,18 +128,18 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
 t.test('host: peer.keyFile raw bytes and base64 text, relative to baseDir', async (t) => {
   const dir = tmpdir(t);
   const raw = Buffer.from(Array.from({ length: 40 }, (_, i) => (i * 37) & 0xff));
-  fs.writeFileSync(path.join(dir, 'raw.key'), raw);
-  fs.writeFileSync(path.join(dir, 'b64.key'), `${KEY32.toString('base64')}\n`);
+  fs.writeFileSync(path.join(dir, 'raw.key'), raw, { mode: 0o600 });
+  fs.writeFileSync(path.join(dir, 'b64.key'), `${KEY32.toString('base64')}\n`, { mode: 0o600 });
   const mk = (keyFile: string): Record<string, unknown> => ({ ...minimalHost(), peer: { listen: '1.2.3.4:1', keyFile } });
   t.ok(parseHostConfig(mk('raw.key'), { baseDir: dir }).peer.key.equals(raw));
   t.ok(parseHostConfig(mk('b64.key'), { baseDir: dir }).peer.key.equals(KEY32));
 
-  fs.writeFileSync(path.join(dir, 'short.key'), Buffer.alloc(31, 1));
+  fs.writeFileSync(path.join(dir, 'short.key'), Buffer.alloc(31, 1), { mode: 0o600 });
   t.match(
     err(() => parseHostConfig(mk('short.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
   );
-  fs.writeFileSync(path.join(dir, 'shortb64.key'), Buffer.alloc(20, 1).toString('base64'));
+  fs.writeFileSync(path.join(dir, 'shortb64.key'), Buffer.alloc(20, 1).toString('base64'), { mode: 0o600 });
   t.match(
     err(() => parseHostConfig(mk('shortb64.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
@@ -147,6 +147,33 @@ t.test('host: peer.keyFile raw bytes and base64 text, relative to baseDir', asyn
   t.match(
     err(() => parseHostConfig(mk('missing.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_READ', field: 'peer.keyFile' },
+  );
+});
+
+t.test('host: a key file that group or others may read or write is refused, like ssh', async (t) => {
+  const dir = tmpdir(t);
+  const file = path.join(dir, 'peer.key');
+  fs.writeFileSync(file, `${KEY32.toString('base64')}\n`);
+  const mk = (): Record<string, unknown> => ({ ...minimalHost(), peer: { listen: '1.2.3.4:1', keyFile: 'peer.key' } });
+  for (const mode of [0o644, 0o640, 0o604, 0o620, 0o602, 0o660, 0o666, 0o777, 0o610, 0o601]) {
+    fs.chmodSync(file, mode);
+    t.match(
+      err(() => parseHostConfig(mk(), { baseDir: dir })),
+      { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
+      `mode 0${mode.toString(8)} refused`,
+    );
+  }
+  for (const mode of [0o600, 0o400]) {
+    fs.chmodSync(file, mode);
+    t.ok(parseHostConfig(mk(), { baseDir: dir }).peer.key.equals(KEY32), `mode 0${mode.toString(8)} accepted`);
+  }
+  // through the file entry point too: the error keeps its code and field
+  fs.chmodSync(file, 0o644);
+  const yaml = path.join(dir, 'host.yaml');
+  fs.writeFileSync(yaml, 'name: h\nstateDir: ./state\npeer:\n  listen: "127.0.0.1:7000"\n  keyFile: peer.key\n');
+  t.match(
+    err(() => loadHostConfig(yaml)),
+    { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
   );
 });
 
@@ -440,7 +467,7 @@ t.test('files: unreadable, YAML syntax, duplicate keys, invalid field with file 
 t.test('files: relative paths resolve against the YAML file directory, not cwd', async (t) => {
   const dir = tmpdir(t);
   fs.mkdirSync(path.join(dir, 'etc'));
-  fs.writeFileSync(path.join(dir, 'etc', 'peer.key'), Buffer.alloc(32, 9));
+  fs.writeFileSync(path.join(dir, 'etc', 'peer.key'), Buffer.alloc(32, 9), { mode: 0o600 });
   fs.writeFileSync(
     path.join(dir, 'etc', 'host.yaml'),
     'name: h\nstateDir: ../state\npeer:\n  listen: "127.0.0.1:7000"\n  keyFile: peer.key\n',

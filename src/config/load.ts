@@ -150,15 +150,30 @@ function readPeerKey(peer: Obj, baseDir: string): Buffer {
     return key;
   }
   let raw: Buffer;
+  let fd: number | undefined;
   try {
-    raw = fs.readFileSync(file!);
+    fd = fs.openSync(file!, 'r');
+    // Like ssh with a private key: a key others can read is no secret. Checked on the open
+    // file, so the mode and the bytes are of the same file.
+    const mode = fs.fstatSync(fd).mode & 0o777;
+    if ((mode & 0o077) !== 0) {
+      throw new TetherError(
+        'ERR_CONFIG_KEY_MODE',
+        `peer.keyFile: ${file} has mode ${mode.toString(8).padStart(4, '0')}: group or others may read or write it; chmod 600 it`,
+        { field: 'peer.keyFile', file, mode: `0${mode.toString(8)}` },
+      );
+    }
+    raw = fs.readFileSync(fd);
   } catch (e) {
+    if (e instanceof TetherError) throw e;
     const err = e as NodeJS.ErrnoException;
     throw new TetherError('ERR_CONFIG_READ', `peer.keyFile: cannot read ${file}: ${err.message}`, {
       field: 'peer.keyFile',
       file,
       errno: err.code,
     });
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
   const decoded = decodeBase64(raw.toString('latin1'));
   if (decoded !== undefined && decoded.length >= MIN_KEY_BYTES) return decoded;
