@@ -74,12 +74,13 @@ export class Daemon {
   async start(): Promise<void> {
     await fs.mkdir(this.host.stateDir, { recursive: true, mode: 0o700 });
     await fs.mkdir(this.host.ramDir, { recursive: true, mode: 0o700 });
-    await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true });
+    // The control socket is born with its final mode (listenPrivate), in a directory only
+    // this user enters when tether creates it: never a moment when another user can connect.
+    await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true, mode: 0o700 });
     await fs.rm(this.host.controlSocket, { force: true });
     await this.#recover();
     this.#control = net.createServer((s) => this.#serveControl(s));
-    await listen(this.#control, { path: this.host.controlSocket });
-    await fs.chmod(this.host.controlSocket, 0o600);
+    await listenPrivate(this.#control, this.host.controlSocket);
     this.#peer = net.createServer((s) => void this.#servePeer(s));
     await listen(this.#peer, { host: this.host.peer.listen.host, port: this.host.peer.listen.port });
     if (this.host.metrics) {
@@ -781,6 +782,20 @@ function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {
     );
     server.listen(opts, () => resolve());
   });
+}
+
+/**
+ * Listen on a unix socket that is 0600 from the moment it exists: the umask is narrowed
+ * around listen(), whose bind() runs synchronously inside the call (a chmod after listen
+ * would leave a window in which any local user could connect and drive the daemon).
+ */
+function listenPrivate(server: net.Server, socketPath: string): Promise<void> {
+  const old = process.umask(0o177);
+  try {
+    return listen(server, { path: socketPath });
+  } finally {
+    process.umask(old);
+  }
 }
 
 export function parseHostPort(s: string): { host: string; port: number } {
