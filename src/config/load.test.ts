@@ -95,7 +95,7 @@ t.test('host defaults', async (t) => {
     ramDir: '/dev/shm/tether/a',
     controlSocket: '/etc/tether/state/control.sock',
     vmConfigDir: '/etc/tether/vms',
-    peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32 },
+    peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32, handshakeTimeoutMs: 3000, maxUnauthenticated: 16 },
     migration: { listenHost: '10.0.0.1', portRange: [49152, 49215] },
     logLevel: 'info',
   });
@@ -109,7 +109,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
       ramDir: 'ram',
       controlSocket: '/run/t.sock',
       vmConfigDir: 'vms',
-      peer: { listen: '[fd00::1]:7700', key: KEY_B64 },
+      peer: { listen: '[fd00::1]:7700', key: KEY_B64, handshakeTimeoutMs: 500, maxUnauthenticated: 2 },
       migration: { listenHost: 'fd00::1', portRange: [50000, 50000] },
       metrics: 'localhost:9100',
       logLevel: null,
@@ -120,6 +120,8 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
   t.equal(h.controlSocket, '/run/t.sock');
   t.equal(h.vmConfigDir, '/etc/tether/vms', 'relative to the file');
   t.same(h.peer.listen, { host: 'fd00::1', port: 7700 });
+  t.equal(h.peer.handshakeTimeoutMs, 500);
+  t.equal(h.peer.maxUnauthenticated, 2);
   t.same(h.migration.portRange, [50000, 50000]);
   t.same(h.metrics, { host: 'localhost', port: 9100 });
   t.equal(h.logLevel, 'info');
@@ -203,6 +205,13 @@ t.test('host: bad fields', async (t) => {
     ['peer.key', Buffer.alloc(31).toString('base64'), 'peer.key'],
     ['peer.keyFile', 'k', 'peer'], // both key and keyFile
     ['peer.extra', 1, 'peer.extra'],
+    ['peer.handshakeTimeoutMs', 99, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', 60_001, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', 1.5e3 + 0.5, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', '3000', 'peer.handshakeTimeoutMs'],
+    ['peer.maxUnauthenticated', 0, 'peer.maxUnauthenticated'],
+    ['peer.maxUnauthenticated', 1025, 'peer.maxUnauthenticated'],
+    ['peer.maxUnauthenticated', -1, 'peer.maxUnauthenticated'],
     ['migration', [], 'migration'],
     ['migration.portRange', [1], 'migration.portRange'],
     ['migration.portRange', [2, 1], 'migration.portRange'],

@@ -38,6 +38,12 @@ const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
 const MIN_KEY_BYTES = 32;
+/**
+ * Peer port defaults: an honest peer's handshake is one round trip and two HMACs; a
+ * connection that has not authenticated by then only holds a slot. 16 slots leave room
+ * for a few sources migrating in at once and their retried answers (notify.ts).
+ */
+export const PEER_DEFAULTS = { handshakeTimeoutMs: 3000, maxUnauthenticated: 16 } as const;
 /** Linux interface names: IFNAMSIZ 16 including the NUL; no '/', ':' or whitespace. */
 const IFNAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
@@ -98,9 +104,11 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
 
   const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
 
-  const peerObj = root.obj('peer', ['listen', 'key', 'keyFile']);
+  const peerObj = root.obj('peer', ['listen', 'key', 'keyFile', 'handshakeTimeoutMs', 'maxUnauthenticated']);
   const listen = peerObj.hostPort('listen');
   const key = readPeerKey(peerObj, opts.baseDir);
+  const handshakeTimeoutMs = peerObj.optInt('handshakeTimeoutMs', 100, 60_000) ?? PEER_DEFAULTS.handshakeTimeoutMs;
+  const maxUnauthenticated = peerObj.optInt('maxUnauthenticated', 1, 1024) ?? PEER_DEFAULTS.maxUnauthenticated;
 
   const migObj = root.optObj('migration', ['listenHost', 'portRange']);
   let listenHost = migObj?.optString('listenHost');
@@ -121,7 +129,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     ramDir,
     controlSocket,
     vmConfigDir,
-    peer: { listen, key },
+    peer: { listen, key, handshakeTimeoutMs, maxUnauthenticated },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),
     logLevel,

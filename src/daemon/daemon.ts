@@ -2,7 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { loadVmConfig, parseVmConfig } from '../config/load.ts';
+import { loadVmConfig, parseVmConfig, PEER_DEFAULTS } from '../config/load.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
@@ -57,6 +57,8 @@ export class Daemon {
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
   readonly #clients = new Set<net.Socket>();
+  /** Connections to the peer port still in their handshake. */
+  #unauthenticated = 0;
   /** VM names whose vm.json was damaged at start: never booted over until resolved by hand. */
   readonly #damaged = new Set<string>();
   readonly metrics = new TetherMetrics((set) => {
@@ -618,12 +620,30 @@ export class Daemon {
 
   async #servePeer(sock: net.Socket): Promise<void> {
     sock.on('error', () => {});
+    // Nobody unauthenticated makes this daemon allocate or act: at most maxUnauthenticated
+    // connections handshake at once (more are closed at accept), each for at most
+    // handshakeTimeoutMs, and before AUTH no frame may exceed the handshake's own size
+    // (channel.ts, codec.ts HANDSHAKE_MAX_FRAME). Every refusal is counted.
+    const cap = this.host.peer.maxUnauthenticated ?? PEER_DEFAULTS.maxUnauthenticated;
+    if (this.#unauthenticated >= cap) {
+      this.metrics.peerRefused.inc({ reason: 'unauthenticated_cap' });
+      this.log.warn('peer connection refused: too many unauthenticated connections', { remote: sock.remoteAddress, cap });
+      sock.destroy();
+      return;
+    }
+    this.#unauthenticated++;
     let ch: PeerChannel;
     try {
-      ch = await PeerChannel.accept(sock, { psk: this.host.peer.key });
+      ch = await PeerChannel.accept(sock, {
+        psk: this.host.peer.key,
+        handshakeTimeoutMs: this.host.peer.handshakeTimeoutMs ?? PEER_DEFAULTS.handshakeTimeoutMs,
+      });
     } catch (e) {
+      this.metrics.peerRefused.inc({ reason: refusalReason(e) });
       this.log.warn('peer rejected', { remote: sock.remoteAddress, error: errorFields(e) });
       return;
+    } finally {
+      this.#unauthenticated--;
     }
     let dest: DestinationMigration | undefined;
     let answered = false;
@@ -782,6 +802,16 @@ function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {
     );
     server.listen(opts, () => resolve());
   });
+}
+
+/** The metric label of a peer connection that failed its handshake. */
+function refusalReason(e: unknown): string {
+  if (!(e instanceof TetherError)) return 'handshake_error';
+  if (e.code === 'ERR_PROTO_FRAME_TOO_LARGE') return 'frame_too_large';
+  if (e.code === 'ERR_PEER_AUTH' || e.code === 'ERR_PROTO_BAD_AUTH') return 'auth_failed';
+  if (e.code === 'ERR_PEER_HANDSHAKE' && e.details?.timeout !== undefined) return 'handshake_timeout';
+  if (e.code === 'ERR_PEER_HANDSHAKE' && e.details?.closed === true) return 'closed';
+  return 'handshake_error';
 }
 
 /**

@@ -157,6 +157,12 @@ export class TetherMetrics {
   readonly gateOverBoundFrames = this.registry.add(
     new Counter('tether_gate_over_bound_frames_total', 'Frames a NIC gate held beyond gate.maxFrames (held anyway), by vm and nic.'),
   );
+  readonly peerRefused = this.registry.add(
+    new Counter(
+      'tether_peer_refused_total',
+      'Connections to the peer port closed before authentication, by reason: unauthenticated_cap (peer.maxUnauthenticated connections were already authenticating), handshake_timeout (not authenticated within peer.handshakeTimeoutMs), frame_too_large (a frame larger than the handshake allows), auth_failed (wrong key), closed (the client left), handshake_error (anything else out of protocol).',
+    ),
+  );
   readonly nicDropped = this.registry.add(
     new Counter(
       'tether_nic_frames_dropped_total',
