@@ -107,6 +107,16 @@ export class Registry {
   }
 }
 
+/** Labels of tether_peer_refused_total (see its help text). */
+export const PEER_REFUSAL_REASONS = [
+  'unauthenticated_cap',
+  'handshake_timeout',
+  'frame_too_large',
+  'auth_failed',
+  'closed',
+  'handshake_error',
+] as const;
+
 /** tether's metrics, one set per daemon. */
 export class TetherMetrics {
   readonly registry = new Registry();
@@ -208,5 +218,7 @@ export class TetherMetrics {
 
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
     this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
+    // present (0) from the start: an operator alerts on them rising
+    for (const reason of PEER_REFUSAL_REASONS) this.peerRefused.inc({ reason }, 0);
   }
 }
