@@ -10,6 +10,7 @@ export const ERRORS = {
   ERR_CONFIG_INVALID: 'a configuration field has a wrong value; details.field names it',
   ERR_CONFIG_READ: 'a configuration file cannot be read',
   ERR_CONFIG_YAML: 'a configuration file is not valid YAML',
+  ERR_CONFIG_KEY_MODE: 'peer.keyFile is readable or writable by group or others (like ssh, refused: chmod 600 it)',
   ERR_FAULTS_INVALID: 'TETHER_FAULTS names an unknown fault or a bad value',
 
   // --- CLI and control socket (src/cli, src/control)
@@ -58,6 +59,8 @@ export const ERRORS = {
   ERR_PEER_DEVICE_MODEL: "the destination's VM configuration builds a different device model than the source's",
   ERR_PEER_TIMEOUTS: "the destination's fence timeout is not below the source's failover timeout",
   ERR_PEER_VM_BUSY: 'the destination already has this VM running or incoming',
+  ERR_PEER_MIGRATION_URI:
+    "the destination named a migration URI other than tcp:<the address the source's peer channel reached>:<port>; refused before any QMP command, nothing changed",
   ERR_PROTO_BAD_MAGIC: 'a frame does not start with the protocol magic',
   ERR_PROTO_UNSUPPORTED_VERSION: 'a frame has a protocol version this build does not speak',
   ERR_PROTO_UNKNOWN_TYPE: 'a frame has an unknown message type',

@@ -53,6 +53,14 @@ export const DIGEST_SIZE = 32;
 export const FLAG_MAC = 0x0001;
 /** Smallest PSK accepted (matches the config contract: >= 32 bytes). */
 export const MIN_PSK_SIZE = 32;
+/**
+ * Largest payload before authentication: the handshake's own messages, HELLO (role byte +
+ * nonce, 33 bytes) and AUTH (the MAC, 32 bytes). A peer that has not proven the key can
+ * make a decoder hold at most one header plus this (49 bytes), whatever length it announces.
+ */
+export const HANDSHAKE_MAX_PAYLOAD = Math.max(1 + NONCE_SIZE, MAC_SIZE);
+/** Largest handshake frame (header + HELLO); one side's whole handshake is HELLO + AUTH, 97 bytes. */
+export const HANDSHAKE_MAX_FRAME = HEADER_SIZE + HANDSHAKE_MAX_PAYLOAD;
 
 export const MESSAGE_TYPE_CODES = {
   hello: 0x01,
@@ -535,6 +543,13 @@ export interface DecoderOptions {
    * network-facing decoder must not accept anything but HELLO/AUTH before the key exists.
    */
   allowUnauthenticated?: boolean;
+  /**
+   * Handshake mode (the peer channel): until `authenticated()` is called, every frame is
+   * limited to HANDSHAKE_MAX_PAYLOAD whatever `maxPayload` says, and parsing stops after
+   * an AUTH frame (what follows it stays buffered, unparsed) so that the caller can check
+   * the AUTH before any larger frame is admitted.
+   */
+  handshake?: boolean;
 }
 
 interface PendingFrame {
@@ -559,6 +574,10 @@ export class Decoder {
   /** Parser state: waiting for a header (null) or for the body of this frame. */
   private pending: PendingFrame | null = null;
   private poison: TetherError | null = null;
+  /** Handshake mode: not yet authenticated (see DecoderOptions.handshake). */
+  private preAuth: boolean;
+  /** Handshake mode: an AUTH was returned; nothing more is parsed until authenticated(). */
+  private authSeen = false;
 
   constructor(opts: DecoderOptions) {
     if (!Number.isSafeInteger(opts.maxPayload) || opts.maxPayload < 0) {
@@ -566,7 +585,18 @@ export class Decoder {
     }
     this.maxPayload = Math.min(opts.maxPayload, TWO_32 - 1);
     this.allowUnauthenticated = opts.allowUnauthenticated ?? false;
+    this.preAuth = opts.handshake ?? false;
     if (opts.key !== undefined) this.setKey(opts.key);
+  }
+
+  /**
+   * Handshake mode: the peer's AUTH checked out. Lifts the pre-authentication frame limit
+   * and returns the messages that followed the AUTH in what was already pushed.
+   */
+  authenticated(): Message[] {
+    this.preAuth = false;
+    this.authSeen = false;
+    return this.push(Buffer.alloc(0));
   }
 
   /** From now on every frame but AUTH must carry a valid MAC; seq restarts at 0. */
@@ -609,6 +639,7 @@ export class Decoder {
     }
     const out: Message[] = [];
     for (;;) {
+      if (this.preAuth && this.authSeen) return out;
       if (this.pending === null) {
         if (this.buffered < HEADER_SIZE) return out;
         this.pending = this.parseHeader(this.take(HEADER_SIZE));
@@ -619,7 +650,9 @@ export class Decoder {
       const payload = this.take(p.length);
       const mac = p.mac ? this.take(MAC_SIZE) : undefined;
       this.pending = null;
-      out.push(this.finishFrame(p, payload, mac));
+      const m = this.finishFrame(p, payload, mac);
+      out.push(m);
+      if (m.type === 'auth') this.authSeen = true;
     }
   }
 
@@ -634,11 +667,13 @@ export class Decoder {
       throw new TetherError('ERR_PROTO_UNSUPPORTED_VERSION', `frame version ${version} unsupported`, { version });
     }
     const length = header.readUInt32BE(8);
-    if (length > this.maxPayload) {
-      throw new TetherError('ERR_PROTO_FRAME_TOO_LARGE', `payload of ${length} bytes exceeds maxPayload`, {
-        length,
-        maxPayload: this.maxPayload,
-      });
+    const max = this.preAuth ? Math.min(this.maxPayload, HANDSHAKE_MAX_PAYLOAD) : this.maxPayload;
+    if (length > max) {
+      throw new TetherError(
+        'ERR_PROTO_FRAME_TOO_LARGE',
+        `payload of ${length} bytes exceeds ${this.preAuth ? 'the pre-authentication limit' : 'maxPayload'}`,
+        { length, maxPayload: max, ...(this.preAuth ? { preAuth: true } : {}) },
+      );
     }
     const code = header[5]!;
     const type = TYPE_BY_CODE.get(code);

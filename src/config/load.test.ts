@@ -95,7 +95,7 @@ t.test('host defaults', async (t) => {
     ramDir: '/dev/shm/tether/a',
     controlSocket: '/etc/tether/state/control.sock',
     vmConfigDir: '/etc/tether/vms',
-    peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32 },
+    peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32, handshakeTimeoutMs: 3000, maxUnauthenticated: 16 },
     migration: { listenHost: '10.0.0.1', portRange: [49152, 49215] },
     logLevel: 'info',
   });
@@ -109,7 +109,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
       ramDir: 'ram',
       controlSocket: '/run/t.sock',
       vmConfigDir: 'vms',
-      peer: { listen: '[fd00::1]:7700', key: KEY_B64 },
+      peer: { listen: '[fd00::1]:7700', key: KEY_B64, handshakeTimeoutMs: 500, maxUnauthenticated: 2 },
       migration: { listenHost: 'fd00::1', portRange: [50000, 50000] },
       metrics: 'localhost:9100',
       logLevel: null,
@@ -120,6 +120,8 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
   t.equal(h.controlSocket, '/run/t.sock');
   t.equal(h.vmConfigDir, '/etc/tether/vms', 'relative to the file');
   t.same(h.peer.listen, { host: 'fd00::1', port: 7700 });
+  t.equal(h.peer.handshakeTimeoutMs, 500);
+  t.equal(h.peer.maxUnauthenticated, 2);
   t.same(h.migration.portRange, [50000, 50000]);
   t.same(h.metrics, { host: 'localhost', port: 9100 });
   t.equal(h.logLevel, 'info');
@@ -128,18 +130,18 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
 t.test('host: peer.keyFile raw bytes and base64 text, relative to baseDir', async (t) => {
   const dir = tmpdir(t);
   const raw = Buffer.from(Array.from({ length: 40 }, (_, i) => (i * 37) & 0xff));
-  fs.writeFileSync(path.join(dir, 'raw.key'), raw);
-  fs.writeFileSync(path.join(dir, 'b64.key'), `${KEY32.toString('base64')}\n`);
+  fs.writeFileSync(path.join(dir, 'raw.key'), raw, { mode: 0o600 });
+  fs.writeFileSync(path.join(dir, 'b64.key'), `${KEY32.toString('base64')}\n`, { mode: 0o600 });
   const mk = (keyFile: string): Record<string, unknown> => ({ ...minimalHost(), peer: { listen: '1.2.3.4:1', keyFile } });
   t.ok(parseHostConfig(mk('raw.key'), { baseDir: dir }).peer.key.equals(raw));
   t.ok(parseHostConfig(mk('b64.key'), { baseDir: dir }).peer.key.equals(KEY32));
 
-  fs.writeFileSync(path.join(dir, 'short.key'), Buffer.alloc(31, 1));
+  fs.writeFileSync(path.join(dir, 'short.key'), Buffer.alloc(31, 1), { mode: 0o600 });
   t.match(
     err(() => parseHostConfig(mk('short.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
   );
-  fs.writeFileSync(path.join(dir, 'shortb64.key'), Buffer.alloc(20, 1).toString('base64'));
+  fs.writeFileSync(path.join(dir, 'shortb64.key'), Buffer.alloc(20, 1).toString('base64'), { mode: 0o600 });
   t.match(
     err(() => parseHostConfig(mk('shortb64.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_INVALID', field: 'peer.keyFile' },
@@ -147,6 +149,33 @@ t.test('host: peer.keyFile raw bytes and base64 text, relative to baseDir', asyn
   t.match(
     err(() => parseHostConfig(mk('missing.key'), { baseDir: dir })),
     { code: 'ERR_CONFIG_READ', field: 'peer.keyFile' },
+  );
+});
+
+t.test('host: a key file that group or others may read or write is refused, like ssh', async (t) => {
+  const dir = tmpdir(t);
+  const file = path.join(dir, 'peer.key');
+  fs.writeFileSync(file, `${KEY32.toString('base64')}\n`);
+  const mk = (): Record<string, unknown> => ({ ...minimalHost(), peer: { listen: '1.2.3.4:1', keyFile: 'peer.key' } });
+  for (const mode of [0o644, 0o640, 0o604, 0o620, 0o602, 0o660, 0o666, 0o777, 0o610, 0o601]) {
+    fs.chmodSync(file, mode);
+    t.match(
+      err(() => parseHostConfig(mk(), { baseDir: dir })),
+      { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
+      `mode 0${mode.toString(8)} refused`,
+    );
+  }
+  for (const mode of [0o600, 0o400]) {
+    fs.chmodSync(file, mode);
+    t.ok(parseHostConfig(mk(), { baseDir: dir }).peer.key.equals(KEY32), `mode 0${mode.toString(8)} accepted`);
+  }
+  // through the file entry point too: the error keeps its code and field
+  fs.chmodSync(file, 0o644);
+  const yaml = path.join(dir, 'host.yaml');
+  fs.writeFileSync(yaml, 'name: h\nstateDir: ./state\npeer:\n  listen: "127.0.0.1:7000"\n  keyFile: peer.key\n');
+  t.match(
+    err(() => loadHostConfig(yaml)),
+    { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
   );
 });
 
@@ -176,6 +205,13 @@ t.test('host: bad fields', async (t) => {
     ['peer.key', Buffer.alloc(31).toString('base64'), 'peer.key'],
     ['peer.keyFile', 'k', 'peer'], // both key and keyFile
     ['peer.extra', 1, 'peer.extra'],
+    ['peer.handshakeTimeoutMs', 99, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', 60_001, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', 1.5e3 + 0.5, 'peer.handshakeTimeoutMs'],
+    ['peer.handshakeTimeoutMs', '3000', 'peer.handshakeTimeoutMs'],
+    ['peer.maxUnauthenticated', 0, 'peer.maxUnauthenticated'],
+    ['peer.maxUnauthenticated', 1025, 'peer.maxUnauthenticated'],
+    ['peer.maxUnauthenticated', -1, 'peer.maxUnauthenticated'],
     ['migration', [], 'migration'],
     ['migration.portRange', [1], 'migration.portRange'],
     ['migration.portRange', [2, 1], 'migration.portRange'],
@@ -440,7 +476,7 @@ t.test('files: unreadable, YAML syntax, duplicate keys, invalid field with file 
 t.test('files: relative paths resolve against the YAML file directory, not cwd', async (t) => {
   const dir = tmpdir(t);
   fs.mkdirSync(path.join(dir, 'etc'));
-  fs.writeFileSync(path.join(dir, 'etc', 'peer.key'), Buffer.alloc(32, 9));
+  fs.writeFileSync(path.join(dir, 'etc', 'peer.key'), Buffer.alloc(32, 9), { mode: 0o600 });
   fs.writeFileSync(
     path.join(dir, 'etc', 'host.yaml'),
     'name: h\nstateDir: ../state\npeer:\n  listen: "127.0.0.1:7000"\n  keyFile: peer.key\n',

@@ -38,6 +38,12 @@ const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
 const MIN_KEY_BYTES = 32;
+/**
+ * Peer port defaults: an honest peer's handshake is one round trip and two HMACs; a
+ * connection that has not authenticated by then only holds a slot. 16 slots leave room
+ * for a few sources migrating in at once and their retried answers (notify.ts).
+ */
+export const PEER_DEFAULTS = { handshakeTimeoutMs: 3000, maxUnauthenticated: 16 } as const;
 /** Linux interface names: IFNAMSIZ 16 including the NUL; no '/', ':' or whitespace. */
 const IFNAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
@@ -98,9 +104,11 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
 
   const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
 
-  const peerObj = root.obj('peer', ['listen', 'key', 'keyFile']);
+  const peerObj = root.obj('peer', ['listen', 'key', 'keyFile', 'handshakeTimeoutMs', 'maxUnauthenticated']);
   const listen = peerObj.hostPort('listen');
   const key = readPeerKey(peerObj, opts.baseDir);
+  const handshakeTimeoutMs = peerObj.optInt('handshakeTimeoutMs', 100, 60_000) ?? PEER_DEFAULTS.handshakeTimeoutMs;
+  const maxUnauthenticated = peerObj.optInt('maxUnauthenticated', 1, 1024) ?? PEER_DEFAULTS.maxUnauthenticated;
 
   const migObj = root.optObj('migration', ['listenHost', 'portRange']);
   let listenHost = migObj?.optString('listenHost');
@@ -121,7 +129,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     ramDir,
     controlSocket,
     vmConfigDir,
-    peer: { listen, key },
+    peer: { listen, key, handshakeTimeoutMs, maxUnauthenticated },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),
     logLevel,
@@ -150,15 +158,30 @@ function readPeerKey(peer: Obj, baseDir: string): Buffer {
     return key;
   }
   let raw: Buffer;
+  let fd: number | undefined;
   try {
-    raw = fs.readFileSync(file!);
+    fd = fs.openSync(file!, 'r');
+    // Like ssh with a private key: a key others can read is no secret. Checked on the open
+    // file, so the mode and the bytes are of the same file.
+    const mode = fs.fstatSync(fd).mode & 0o777;
+    if ((mode & 0o077) !== 0) {
+      throw new TetherError(
+        'ERR_CONFIG_KEY_MODE',
+        `peer.keyFile: ${file} has mode ${mode.toString(8).padStart(4, '0')}: group or others may read or write it; chmod 600 it`,
+        { field: 'peer.keyFile', file, mode: `0${mode.toString(8)}` },
+      );
+    }
+    raw = fs.readFileSync(fd);
   } catch (e) {
+    if (e instanceof TetherError) throw e;
     const err = e as NodeJS.ErrnoException;
     throw new TetherError('ERR_CONFIG_READ', `peer.keyFile: cannot read ${file}: ${err.message}`, {
       field: 'peer.keyFile',
       file,
       errno: err.code,
     });
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
   const decoded = decodeBase64(raw.toString('latin1'));
   if (decoded !== undefined && decoded.length >= MIN_KEY_BYTES) return decoded;

@@ -21,6 +21,13 @@ export interface HostConfig {
     listen: { host: string; port: number };
     /** Pre-shared key (>= 32 bytes) authenticating peers; read from keyFile or given inline (base64). */
     key: Buffer;
+    /**
+     * How long a connection to the peer port may take to authenticate before it is dropped,
+     * and the most connections that may be unauthenticated at once (more are closed at
+     * accept). The loader always fills both; literal configs may omit them (PEER_DEFAULTS).
+     */
+    handshakeTimeoutMs?: number;
+    maxUnauthenticated?: number;
   };
   migration: {
     /** Address peers' QEMU connect to for the incoming migration stream on this host. */

@@ -2,7 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { loadVmConfig, parseVmConfig } from '../config/load.ts';
+import { loadVmConfig, parseVmConfig, PEER_DEFAULTS } from '../config/load.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
@@ -57,6 +57,8 @@ export class Daemon {
   #peer: net.Server | undefined;
   #http: http.Server | undefined;
   readonly #clients = new Set<net.Socket>();
+  /** Connections to the peer port still in their handshake. */
+  #unauthenticated = 0;
   /** VM names whose vm.json was damaged at start: never booted over until resolved by hand. */
   readonly #damaged = new Set<string>();
   readonly metrics = new TetherMetrics((set) => {
@@ -74,12 +76,13 @@ export class Daemon {
   async start(): Promise<void> {
     await fs.mkdir(this.host.stateDir, { recursive: true, mode: 0o700 });
     await fs.mkdir(this.host.ramDir, { recursive: true, mode: 0o700 });
-    await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true });
+    // The control socket is born with its final mode (listenPrivate), in a directory only
+    // this user enters when tether creates it: never a moment when another user can connect.
+    await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true, mode: 0o700 });
     await fs.rm(this.host.controlSocket, { force: true });
     await this.#recover();
     this.#control = net.createServer((s) => this.#serveControl(s));
-    await listen(this.#control, { path: this.host.controlSocket });
-    await fs.chmod(this.host.controlSocket, 0o600);
+    await listenPrivate(this.#control, this.host.controlSocket);
     this.#peer = net.createServer((s) => void this.#servePeer(s));
     await listen(this.#peer, { host: this.host.peer.listen.host, port: this.host.peer.listen.port });
     if (this.host.metrics) {
@@ -617,12 +620,30 @@ export class Daemon {
 
   async #servePeer(sock: net.Socket): Promise<void> {
     sock.on('error', () => {});
+    // Nobody unauthenticated makes this daemon allocate or act: at most maxUnauthenticated
+    // connections handshake at once (more are closed at accept), each for at most
+    // handshakeTimeoutMs, and before AUTH no frame may exceed the handshake's own size
+    // (channel.ts, codec.ts HANDSHAKE_MAX_FRAME). Every refusal is counted.
+    const cap = this.host.peer.maxUnauthenticated ?? PEER_DEFAULTS.maxUnauthenticated;
+    if (this.#unauthenticated >= cap) {
+      this.metrics.peerRefused.inc({ reason: 'unauthenticated_cap' });
+      this.log.warn('peer connection refused: too many unauthenticated connections', { remote: sock.remoteAddress, cap });
+      sock.destroy();
+      return;
+    }
+    this.#unauthenticated++;
     let ch: PeerChannel;
     try {
-      ch = await PeerChannel.accept(sock, { psk: this.host.peer.key });
+      ch = await PeerChannel.accept(sock, {
+        psk: this.host.peer.key,
+        handshakeTimeoutMs: this.host.peer.handshakeTimeoutMs ?? PEER_DEFAULTS.handshakeTimeoutMs,
+      });
     } catch (e) {
+      this.metrics.peerRefused.inc({ reason: refusalReason(e) });
       this.log.warn('peer rejected', { remote: sock.remoteAddress, error: errorFields(e) });
       return;
+    } finally {
+      this.#unauthenticated--;
     }
     let dest: DestinationMigration | undefined;
     let answered = false;
@@ -781,6 +802,30 @@ function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {
     );
     server.listen(opts, () => resolve());
   });
+}
+
+/** The metric label of a peer connection that failed its handshake. */
+function refusalReason(e: unknown): string {
+  if (!(e instanceof TetherError)) return 'handshake_error';
+  if (e.code === 'ERR_PROTO_FRAME_TOO_LARGE') return 'frame_too_large';
+  if (e.code === 'ERR_PEER_AUTH' || e.code === 'ERR_PROTO_BAD_AUTH') return 'auth_failed';
+  if (e.code === 'ERR_PEER_HANDSHAKE' && e.details?.timeout !== undefined) return 'handshake_timeout';
+  if (e.code === 'ERR_PEER_HANDSHAKE' && e.details?.closed === true) return 'closed';
+  return 'handshake_error';
+}
+
+/**
+ * Listen on a unix socket that is 0600 from the moment it exists: the umask is narrowed
+ * around listen(), whose bind() runs synchronously inside the call (a chmod after listen
+ * would leave a window in which any local user could connect and drive the daemon).
+ */
+function listenPrivate(server: net.Server, socketPath: string): Promise<void> {
+  const old = process.umask(0o177);
+  try {
+    return listen(server, { path: socketPath });
+  } finally {
+    process.umask(old);
+  }
 }
 
 export function parseHostPort(s: string): { host: string; port: number } {

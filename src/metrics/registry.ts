@@ -107,6 +107,16 @@ export class Registry {
   }
 }
 
+/** Labels of tether_peer_refused_total (see its help text). */
+export const PEER_REFUSAL_REASONS = [
+  'unauthenticated_cap',
+  'handshake_timeout',
+  'frame_too_large',
+  'auth_failed',
+  'closed',
+  'handshake_error',
+] as const;
+
 /** tether's metrics, one set per daemon. */
 export class TetherMetrics {
   readonly registry = new Registry();
@@ -157,6 +167,18 @@ export class TetherMetrics {
   readonly gateOverBoundFrames = this.registry.add(
     new Counter('tether_gate_over_bound_frames_total', 'Frames a NIC gate held beyond gate.maxFrames (held anyway), by vm and nic.'),
   );
+  readonly peerRefused = this.registry.add(
+    new Counter(
+      'tether_peer_refused_total',
+      'Connections to the peer port closed before authentication, by reason: unauthenticated_cap (peer.maxUnauthenticated connections were already authenticating), handshake_timeout (not authenticated within peer.handshakeTimeoutMs), frame_too_large (a frame larger than the handshake allows), auth_failed (wrong key), closed (the client left), handshake_error (anything else out of protocol).',
+    ),
+  );
+  readonly nicDropped = this.registry.add(
+    new Counter(
+      'tether_nic_frames_dropped_total',
+      'Guest frames a NIC dropped instead of passing them on, by vm, nic and reason: runt (shorter than an Ethernet header), framing (the stream netdev lost its framing; the connection is reset), tap_error (the TAP refused a write).',
+    ),
+  );
   readonly vms: Gauge;
 
   /** The counters one NIC's gate and port report into. */
@@ -171,6 +193,7 @@ export class TetherMetrics {
     // present (0) from the start: an operator alerts on it becoming non-zero
     this.gateOverBoundBytes.inc(l, 0);
     this.gateOverBoundFrames.inc(l, 0);
+    for (const reason of ['runt', 'framing', 'tap_error']) this.nicDropped.inc({ ...l, reason }, 0);
     return {
       held: (bytes, frames) => {
         this.gateHeldBytes.set(l, bytes);
@@ -189,10 +212,13 @@ export class TetherMetrics {
       toGuest: (f, b) => count('to_guest', f, b),
       toGuestDropped: (f) => count('to_guest_dropped', f),
       tapRetry: (f) => count('tap_retried', f),
+      dropped: (reason, f) => this.nicDropped.inc({ ...l, reason }, f),
     };
   }
 
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
     this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
+    // present (0) from the start: an operator alerts on them rising
+    for (const reason of PEER_REFUSAL_REASONS) this.peerRefused.inc({ reason }, 0);
   }
 }

@@ -26,6 +26,7 @@ import { BlockJournal } from '../disk/journal.ts';
 import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
 import { CheckpointWindow } from './window.ts';
+import { migrationUri } from './uri.ts';
 import type { DirtyPages } from '../memory/native.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
@@ -382,7 +383,7 @@ export class DestinationMigration {
     const qmp = this.vm.qemu!.qmp;
     let lastErr: unknown;
     for (let port = portRange[0]; port <= portRange[1]; port++) {
-      const uri = `tcp:${listenHost}:${port}`;
+      const uri = migrationUri(listenHost, port); // the only form the source accepts (uri.ts)
       try {
         await qmp.execute('migrate-incoming', { uri });
         return uri;

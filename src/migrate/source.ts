@@ -28,6 +28,7 @@ import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
 import { HotStandby, untilCannotRun } from './standby.ts';
 import { checkSourceWindow } from './window.ts';
+import { checkMigrationUri } from './uri.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
@@ -244,8 +245,17 @@ export class SourceMigration {
     if (vm.config.migration.hotStandby && !this.#decided) this.#standby = HotStandby.start(vm);
     const ready = await this.#waitControl('ready', 60_000);
     if (ready.kind !== 'ready') throw new Error('unreachable');
-    this.#log.info('destination ready', { uri: ready.uri });
-    this.#progress({ phase: 'precopy', destination: ready.uri });
+    // Never execute what the peer names: only tcp:<the address this channel reached>:<port>,
+    // rebuilt here (uri.ts). Anything else is refused before any QMP command.
+    let uri: string;
+    try {
+      uri = checkMigrationUri(ready.uri, ch.remoteAddress);
+    } catch (e) {
+      await this.#refused(e as TetherError, { tellDestination: true });
+      return;
+    }
+    this.#log.info('destination ready', { uri });
+    this.#progress({ phase: 'precopy', destination: uri });
 
     const qmp = qemu.qmp;
     await qmp.execute('migrate-set-capabilities', {
@@ -265,7 +275,7 @@ export class SourceMigration {
     if (vm.config.migration.precopyMs === 0 && vm.config.qemu.accel === 'tcg') params['max-bandwidth'] = PRECOPY_TRICKLE;
     if (Object.keys(params).length > 0) await qmp.execute('migrate-set-parameters', params);
     this.phase.to('precopy');
-    await qmp.execute('migrate', { uri: ready.uri });
+    await qmp.execute('migrate', { uri });
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
 
     await sleep(vm.config.migration.precopyMs);
@@ -521,21 +531,33 @@ export class SourceMigration {
   }
 
   /**
-   * The destination refused `prepare`: QEMU was never asked to migrate, so the VM
+   * The destination refused `prepare`, or this side refused the destination's answer to it
+   * (`tellDestination`: a migration URI it will not use; D is told with an ABORT naming the
+   * code, so it does not wait for a stream): QEMU was never asked to migrate, so the VM
    * simply goes on running here; the refusal (a typed error) is the result.
    */
-  async #refused(err: TetherError): Promise<void> {
+  async #refused(err: TetherError, opts: { tellDestination?: boolean } = {}): Promise<void> {
     if (this.#decided) return;
     this.#decided = true;
     this.#stopTimers();
-    this.#log.warn('destination refused the migration; nothing was started', { error: errorFields(err) });
+    this.#log.warn(
+      opts.tellDestination ? "destination's answer refused; nothing was started" : 'destination refused the migration; nothing was started',
+      {
+        error: errorFields(err),
+      },
+    );
     await this.#standby?.discard();
     this.phase.to('refused', { code: err.code });
-    this.#channel?.close();
+    const ch = this.#channel;
+    if (opts.tellDestination && ch && !ch.closed) {
+      await Promise.race([ch.send({ type: 'abort', code: err.code, reason: err.message }).catch(() => {}), sleep(200)]);
+    }
+    ch?.close();
     for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
     this.#controlWaiters.clear();
     this.#vm.place = 'running';
     await this.#vm.setMigrationMarker(null).catch(() => {});
+    await fs.rm(this.#vm.checkpointDir, { recursive: true, force: true }).catch(() => {});
     this.#opts.metrics?.migrations.inc({ role: 'source', outcome: 'refused' });
     this.#result.reject(err);
   }

@@ -28,11 +28,24 @@ const MAX_TO_GUEST_QUEUE = 1 << 20;
 /** Reconnect delay: short first (a rollback's fresh QEMU must get its NIC back quickly), then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
 
+/** Shortest frame the TAP takes: an Ethernet header (tun answers EINVAL to anything shorter). */
+export const MIN_FRAME_BYTES = 14;
+
+/**
+ * Guest frames dropped by the sidecar, never passed on: `runt` shorter than an Ethernet
+ * header; `framing` the stream lost its framing (an empty or oversized frame: the
+ * connection is dropped and QEMU re-listens); `tap_error` the TAP refused a write with an
+ * error other than EAGAIN/ENOBUFS (the batch is dropped, counted whole).
+ */
+export type NicDropReason = 'runt' | 'framing' | 'tap_error';
+
 export interface NicCounters extends GateCounters {
   toGuest(frames: number, bytes: number): void;
   toGuestDropped(frames: number): void;
   /** Frames written to the TAP on a retry, after it had refused them (EAGAIN/ENOBUFS). */
   tapRetry(frames: number): void;
+  /** Guest frames dropped as malformed or refused by the TAP (see NicDropReason). */
+  dropped?(reason: NicDropReason, frames: number): void;
 }
 
 export interface NicPortOptions {
@@ -70,6 +83,8 @@ export class NicPort {
   #tapBacklog: Buffer[] = [];
   #tapRetry: NodeJS.Timeout | undefined;
   #tapRetries = 0;
+  /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
+  readonly #drops: Record<NicDropReason, number> = { runt: 0, framing: 0, tap_error: 0 };
 
   constructor(o: NicPortOptions) {
     this.#o = o;
@@ -171,10 +186,17 @@ export class NicPort {
       } catch (e) {
         // framing lost: drop this connection; QEMU re-listens and we start clean
         this.#log.error('stream netdev framing error: reconnecting', { error: errorFields(e) });
+        this.#o.counters?.dropped?.('framing', 1);
         sock.destroy();
         return;
       }
-      this.gate.fromGuest(frames);
+      // A guest can send anything: a frame the TAP would refuse never enters the gate.
+      if (frames.some((f) => f.length < MIN_FRAME_BYTES)) {
+        const ok = frames.filter((f) => f.length >= MIN_FRAME_BYTES);
+        this.#dropped('runt', frames.length - ok.length);
+        frames = ok;
+      }
+      if (frames.length > 0) this.gate.fromGuest(frames);
     });
     sock.on('error', () => {});
     sock.on('close', () => {
@@ -204,7 +226,7 @@ export class NicPort {
       this.#tapBacklog.push(...frames);
       return;
     }
-    const n = tap.write(frames);
+    const n = this.#tapWrite(tap, frames);
     if (n === frames.length) return;
     this.#tapBacklog = frames.slice(n);
     this.#tapRetries = 0;
@@ -220,7 +242,7 @@ export class NicPort {
           this.#tapBacklog = [];
           return;
         }
-        const n = tap.write(this.#tapBacklog);
+        const n = this.#tapWrite(tap, this.#tapBacklog);
         this.#tapBacklog = this.#tapBacklog.slice(n);
         this.#o.counters?.tapRetry(n);
         if (this.#tapBacklog.length > 0) {
@@ -230,6 +252,30 @@ export class NicPort {
       },
       Math.min(64, 2 ** this.#tapRetries),
     );
+  }
+
+  /**
+   * TapDevice.write, never throwing: a write error other than EAGAIN/ENOBUFS drops the
+   * batch (counted; how much of it went out before the error is unknown) and returns its
+   * length, as if written. A handler must never throw: it would take the sidecar down.
+   */
+  #tapWrite(tap: TapDevice, frames: readonly Buffer[]): number {
+    try {
+      return tap.write(frames);
+    } catch (e) {
+      this.#dropped('tap_error', frames.length, e);
+      return frames.length;
+    }
+  }
+
+  #dropped(reason: NicDropReason, frames: number, err?: unknown): void {
+    this.#o.counters?.dropped?.(reason, frames);
+    // Logged at 1, 2, 4, 8 ... drops of a kind: a guest sending garbage cannot flood the log.
+    const before = this.#drops[reason];
+    const after = (this.#drops[reason] = before + frames);
+    if (Math.floor(Math.log2(after)) !== Math.floor(Math.log2(Math.max(1, before))) || before === 0) {
+      this.#log.warn('guest frames dropped', { reason, frames, total: after, ...(err ? { error: errorFields(err) } : {}) });
+    }
   }
 
   #toGuest(frames: Buffer[]): void {

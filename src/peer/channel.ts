@@ -73,6 +73,11 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
     return `${this.#sock.remoteAddress}:${this.#sock.remotePort}`;
   }
 
+  /** The IP address this channel's socket is connected to (as the kernel reports it). */
+  get remoteAddress(): string | undefined {
+    return this.#sock.remoteAddress;
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
@@ -162,7 +167,8 @@ export class PeerChannel extends EventEmitter<{ message: [Message]; close: [Erro
  */
 function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<PeerChannel> {
   return new Promise((resolve, reject) => {
-    const decoder = new Decoder({ maxPayload: opts.maxPayload ?? DEFAULT_MAX_PAYLOAD });
+    // Until the peer's AUTH checks out, no frame larger than the handshake's own is taken.
+    const decoder = new Decoder({ maxPayload: opts.maxPayload ?? DEFAULT_MAX_PAYLOAD, handshake: true });
     let hs: Handshake;
     try {
       hs = new Handshake({ psk: opts.psk, role });
@@ -172,9 +178,10 @@ function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<
       return;
     }
     let helloSeen = false;
+    const timeoutMs = opts.handshakeTimeoutMs ?? 5000;
     const timer = setTimeout(
-      () => fail(new TetherError('ERR_PEER_HANDSHAKE', `peer handshake not done within ${opts.handshakeTimeoutMs ?? 5000} ms`)),
-      opts.handshakeTimeoutMs ?? 5000,
+      () => fail(new TetherError('ERR_PEER_HANDSHAKE', `peer handshake not done within ${timeoutMs} ms`, { timeout: timeoutMs })),
+      timeoutMs,
     );
     const fail = (e: Error) => {
       clearTimeout(timer);
@@ -211,22 +218,29 @@ function handshake(sock: net.Socket, role: Role, opts: ChannelOptions): Promise<
           return;
         }
         let keys: DirectionKeys;
+        let leftover: Message[];
         try {
           keys = hs.onAuth(m);
         } catch {
           fail(new TetherError('ERR_PEER_AUTH', 'peer failed authentication (wrong key?)'));
           return;
         }
+        try {
+          // the frames that followed AUTH in the same chunk, parsed (and MAC-checked) only now
+          leftover = decoder.authenticated();
+        } catch (e) {
+          fail(e as Error);
+          return;
+        }
         clearTimeout(timer);
         sock.removeListener('data', onData);
-        // frames that followed AUTH in the same chunk were already MAC-checked
-        resolve(new PeerChannel(sock, new Encoder({ key: keys.send }), decoder, msgs));
+        resolve(new PeerChannel(sock, new Encoder({ key: keys.send }), decoder, leftover));
         return;
       }
     };
     sock.on('data', onData);
     sock.once('error', (e) => fail(new TetherError('ERR_PEER_HANDSHAKE', `peer socket error during handshake: ${e.message}`)));
-    sock.once('close', () => fail(new TetherError('ERR_PEER_HANDSHAKE', 'peer closed during handshake')));
+    sock.once('close', () => fail(new TetherError('ERR_PEER_HANDSHAKE', 'peer closed during handshake', { closed: true })));
     if (role === 'source') for (const b of encode(hs.hello)) sock.write(b);
   });
 }
