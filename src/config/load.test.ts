@@ -81,8 +81,9 @@ t.test('example configs load', async (t) => {
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
       window: 3,
     },
+    disk: { image: '/srv/shared/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
-    nics: [],
+    nics: [{ mac: '52:54:00:12:34:56', bridge: 'br-guest', tap: 'tap-vm1-0' }],
     gate: { maxBytes: 16777216, maxFrames: 32768 },
   });
 });
