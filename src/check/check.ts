@@ -78,6 +78,11 @@ export interface CheckEnv {
   bindProbe(host: string): Promise<string | null>;
   /** Authenticated peer handshake; throws the TetherError of the failure. */
   peerProbe?(host: string, port: number, key: Buffer): Promise<void>;
+  /**
+   * How the daemon would start QEMU (src/qemu/scope.ts resolveScope): the slice when in
+   * scopes, null (with the reason) when not; throws ERR_QEMU_SCOPE for scope always without them.
+   */
+  scope(cfg: HostConfig['systemd']): Promise<{ slice: string | null; why: string }>;
   /** /proc/sys/vm/unprivileged_userfaultfd, null when absent. */
   readSysctl(name: string): string | null;
   euid: number;
@@ -157,6 +162,7 @@ export async function runChecks(opts: CheckOptions, env: CheckEnv): Promise<Chec
   out.push(...(await checkBridges(vms, env)));
   out.push(...checkKernel(vms, env));
   for (const vm of vms) if (vm.disk) out.push(...checkImage(vm, env));
+  out.push(await checkScope(host, env));
   for (const p of opts.peers ?? []) out.push(await checkPeer(host, p, env));
   return out;
 }
@@ -454,6 +460,17 @@ function checkImage(vm: VmConfig, env: CheckEnv): CheckResult[] {
   if (lock === null || lock === 'EAGAIN' || lock === 'EACCES') out.push(ok(lname, `${img}: the file system supports locks`));
   else out.push(fail(lname, 'ERR_CHECK_LOCK', `${img}: a lock probe failed with ${lock} (shared storage without a lock manager?)`));
   return out;
+}
+
+/** Where the daemon would start QEMU: its own systemd scope, or a session of its own under the sidecar. */
+async function checkScope(host: HostConfig, env: CheckEnv): Promise<CheckResult> {
+  const name = 'qemu scope';
+  try {
+    const r = await env.scope(host.systemd);
+    return ok(name, r.slice !== null ? `each QEMU in a transient systemd scope in ${r.slice}` : `no systemd scope: ${r.why}`);
+  } catch (e) {
+    return fromError(name, e);
+  }
 }
 
 async function checkPeer(host: HostConfig, peer: string, env: CheckEnv): Promise<CheckResult> {

@@ -13,6 +13,8 @@ import { TetherError } from '../errors.ts';
 import { loadNative, softDirtyProbe } from '../memory/native.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { QmpClient } from '../qmp/client.ts';
+import { realScopeEnv, resolveScope } from '../qemu/scope.ts';
+import { createLogger } from '../util/log.ts';
 import type { CheckEnv, PathInfo, QemuProbe, QemuVersion } from './check.ts';
 
 const run = promisify(execFile);
@@ -69,6 +71,14 @@ export function realCheckEnv(): CheckEnv {
     async peerProbe(host, port, key) {
       const ch = await PeerChannel.connect(host, port, { psk: key, connectTimeoutMs: 3000, handshakeTimeoutMs: 3000 });
       ch.close();
+    },
+    async scope(cfg) {
+      let why = '';
+      const capture = createLogger({}, 'debug', (line) => {
+        why = (JSON.parse(line) as { msg: string }).msg;
+      });
+      const l = await resolveScope(cfg, realScopeEnv, capture);
+      return { slice: l?.slice ?? null, why };
     },
     readSysctl(name) {
       try {

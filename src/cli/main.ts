@@ -135,6 +135,9 @@ async function runDaemon(config: string | undefined): Promise<number> {
   // Imported here: the client commands (status, migrate, ...) need none of the daemon's
   // modules, and loading them through tsx costs every CLI call about 0.3 s of CPU.
   const { Daemon } = await import('../daemon/daemon.ts');
+  // QEMU out of the sidecar's cgroup under systemd (docs/deploy.md): decided once, before any QEMU starts.
+  const { realScopeEnv, resolveScope, useScope } = await import('../qemu/scope.ts');
+  useScope(await resolveScope(host.systemd, realScopeEnv, log));
   const d = new Daemon(host, log);
   await d.start();
   await new Promise<void>((resolve) => {
