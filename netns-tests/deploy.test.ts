@@ -1,4 +1,5 @@
 import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
@@ -15,6 +16,7 @@ import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses } from './harne
  *    process group does not reach the guest, and the next sidecar adopts it.
  */
 const UNIT = path.join(ROOT, 'deploy', 'tether.service');
+const TETHER = path.join(ROOT, 'bin', 'tether.mjs');
 
 function unitProps(text: string): Map<string, string[]> {
   const m = new Map<string, string[]>();
@@ -106,6 +108,25 @@ t.test('QEMU in a scope via systemd-run; its own process group; the fallback war
   const log = () => fs.readFileSync(c.src.daemonLog, 'utf8');
   t.match(log(), /"level":"warn".*systemd is not PID 1/, 'the fallback is logged as a warning');
   t.notOk(fs.existsSync(calls), 'auto does not try systemd-run without systemd');
+
+  // tether check --peer: an authenticated handshake with the other sidecar.
+  const peerCheck = (config: string) => {
+    const r = spawnSync(
+      'ip',
+      ['netns', 'exec', c.dst.ns, process.execPath, TETHER, 'check', '--config', config, '--peer', `${c.src.addr}:7700`, '--json'],
+      {
+        encoding: 'utf8',
+      },
+    );
+    const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as { checks: { name: string; status: string; code?: string }[] };
+    return out.checks.find((x) => x.name === `peer ${c.src.addr}:7700`);
+  };
+  t.match(peerCheck(c.dst.config), { status: 'ok' }, 'check --peer reaches the source sidecar, same key');
+  const otherKey = path.join(dir, 'other.key');
+  fs.writeFileSync(otherKey, randomBytes(32).toString('base64'), { mode: 0o600 });
+  const impostor = path.join(dir, 'impostor.yaml');
+  fs.writeFileSync(impostor, fs.readFileSync(c.dst.config, 'utf8').replace(/^ {2}keyFile: .*$/m, `  keyFile: ${otherKey}`));
+  t.match(peerCheck(impostor), { status: 'fail', code: 'ERR_PEER_AUTH' }, 'another key: ERR_PEER_AUTH');
 
   // systemd.scope: always — the daemon probes, then starts QEMU through systemd-run.
   t.equal(await c.termDaemon(c.src), 0);
