@@ -395,3 +395,24 @@ t.test('QMP_COMMANDS is every QMP command tether sends (no command goes unchecke
   for (const f of files) for (const m of fs.readFileSync(f, 'utf8').matchAll(/capability: '([a-z-]+)'/g)) caps.add(m[1]!);
   t.same([...caps].sort(), [...MIGRATION_CAPABILITIES].sort());
 });
+
+t.test('a probe that throws fails its own group, not the run', async (t) => {
+  const s = setup(t);
+  const rs = await runChecks(
+    { config: s.host },
+    fakeEnv(s, {
+      lockProbe: () => {
+        throw new TetherError('ERR_MEM_NATIVE_MISSING', 'the native addon is not built');
+      },
+      linkKind: async () => Promise.reject(new Error('spawn ip ENOENT')),
+    }),
+  );
+  t.same(failures(rs), [
+    { name: 'bridges', code: 'ERR_INTERNAL' },
+    { name: 'vm vm1: disk image', code: 'ERR_MEM_NATIVE_MISSING' },
+  ]);
+  t.ok(
+    rs.some((r) => r.name === 'qemu scope'),
+    'later checks still ran',
+  );
+});

@@ -152,18 +152,28 @@ export async function runChecks(opts: CheckOptions, env: CheckEnv): Promise<Chec
     return out; // nothing else can be checked without it
   }
 
+  // A probe that throws (a tool missing, a race with the file system) fails its group of
+  // checks, never the whole run.
+  const group = async (name: string, fn: () => CheckResult[] | CheckResult | Promise<CheckResult[] | CheckResult>): Promise<void> => {
+    try {
+      const r = await fn();
+      out.push(...(Array.isArray(r) ? r : [r]));
+    } catch (e) {
+      out.push(fromError(name, e));
+    }
+  };
   const vms = loadVms(host, opts.vmFiles ?? [], env, out);
-  out.push(...checkDirs(host, env));
-  out.push(checkKeyFile(opts.config, env));
-  out.push(...(await checkListen(host, env)));
-  out.push(...checkRamSpace(host, vms, env));
-  for (const vm of vms) out.push(...checkVmFiles(vm, env));
-  out.push(...(await checkQemu(vms, env)));
-  out.push(...(await checkBridges(vms, env)));
-  out.push(...checkKernel(vms, env));
-  for (const vm of vms) if (vm.disk) out.push(...checkImage(vm, env));
-  out.push(await checkScope(host, env));
-  for (const p of opts.peers ?? []) out.push(await checkPeer(host, p, env));
+  await group('directories', () => checkDirs(host, env));
+  await group('peer key file', () => checkKeyFile(opts.config, env));
+  await group('listen', () => checkListen(host, env));
+  await group('ramDir space', () => checkRamSpace(host, vms, env));
+  for (const vm of vms) await group(`vm ${vm.name}: files`, () => checkVmFiles(vm, env));
+  await group('qemu', () => checkQemu(vms, env));
+  await group('bridges', () => checkBridges(vms, env));
+  await group('kernel', () => checkKernel(vms, env));
+  for (const vm of vms) if (vm.disk) await group(`vm ${vm.name}: disk image`, () => checkImage(vm, env));
+  await group('qemu scope', () => checkScope(host, env));
+  for (const p of opts.peers ?? []) await group(`peer ${p}`, () => checkPeer(host, p, env));
   return out;
 }
 
