@@ -77,6 +77,7 @@ t.test("deploy/tether.service keeps what guests depend on, and nothing that hide
     'MemoryDenyWriteExecute',
     'SystemCallFilter',
     'RestrictAddressFamilies',
+    'RuntimeDirectory',
   ])
     t.equal(p.get(forbidden), undefined, `no ${forbidden}`);
 });
