@@ -46,6 +46,7 @@ export const ERRORS = {
   ERR_QEMU_ADOPT: 'a running QEMU cannot be adopted after a sidecar restart',
   ERR_QEMU_STATUS_TIMEOUT: 'QEMU did not reach the expected run state in time',
   ERR_QEMU_MIGRATION_FAILED: "QEMU's own migration stream failed",
+  ERR_QEMU_SCOPE: 'QEMU cannot be started in a transient systemd scope (host config systemd.scope: always, or systemd-run failed)',
 
   // --- peer channel and checkpoint wire protocol (src/peer, src/checkpoint/codec.ts)
   ERR_PEER_CONNECT: 'the peer daemon cannot be reached',
@@ -162,6 +163,18 @@ export const ERRORS = {
   ERR_JOURNAL_DISCARDED: 'a disk request after the destination fenced and dropped its journal (never reaches the image)',
   ERR_JOURNAL_WRITEBACK: 'writing the journal into the image after the final ACK failed',
   ERR_QEMU_ARGS: "QEMU's command line cannot be built from the configuration",
+
+  // --- host prerequisites (tether check, src/check)
+  ERR_CHECK_PATH: 'a file or directory a configuration names is missing, of the wrong kind, or not readable/writable',
+  ERR_CHECK_RAM_DIR: 'ramDir is not on tmpfs (guest RAM files must be shared memory)',
+  ERR_CHECK_SPACE: "ramDir's file system has less free room than the RAM files and checkpoint stages of its VMs need",
+  ERR_CHECK_BRIDGE: 'a bridge a VM NIC names does not exist on this host, or is not a bridge',
+  ERR_CHECK_IMAGE: 'a disk image is missing, not a file or block device, or not readable and writable',
+  ERR_CHECK_LOCK: "a disk image's file system does not support locks (ENOLCK, EOPNOTSUPP)",
+  ERR_CHECK_QEMU: 'the QEMU binary is missing, does not run, or is older than 7.2',
+  ERR_CHECK_QMP: 'QEMU lacks a QMP command or migration capability tether uses',
+  ERR_CHECK_KERNEL: 'the kernel lacks a feature tether needs (userfaultfd for post-copy, TUN, KVM)',
+  ERR_CHECK_KEY_FILE: 'the peer key file is readable or writable by others than its owner',
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;

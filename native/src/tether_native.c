@@ -1160,6 +1160,38 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
 }
 
 
+/*
+ * ofdLockProbe(fd, offset) -> errno of a non-blocking OFD read lock on the one byte at
+ * `offset` (0: granted, and released again at once). `tether check` uses it to learn
+ * whether a disk image's file system supports locks without disturbing anyone: a read
+ * lock on a byte nobody else locks (QEMU's image locking uses bytes 100..~300) conflicts
+ * with no lock and no later lock attempt. EAGAIN/EACCES (someone holds a write lock
+ * there) still proves locking works; ENOLCK/EOPNOTSUPP/EINVAL mean it does not.
+ */
+static napi_value js_ofd_lock_probe(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, argv, 2, 2, "ofdLockProbe(fd, offset)") < 0) return NULL;
+  int fd;
+  double off;
+  if (!arg_fd(env, argv[0], &fd)) return NULL;
+  if (!arg_integer(env, argv[1], "offset", 0, 9007199254740991.0, &off)) return NULL;
+  struct flock fl = {0};
+  fl.l_type = F_RDLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)off;
+  fl.l_len = 1;
+  int err = 0;
+  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+    err = errno;
+  } else {
+    fl.l_type = F_UNLCK;
+    if (fcntl(fd, F_OFD_SETLK, &fl) != 0) err = errno;
+  }
+  napi_value v;
+  napi_create_int32(env, err, &v);
+  return v;
+}
+
 /* ---------- non-blocking positional I/O (disk images) ---------- */
 
 /*
@@ -1216,6 +1248,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"xxh64", NULL, js_xxh64, NULL, NULL, NULL, napi_enumerable, NULL},
       {"softDirtyProbe", NULL, js_soft_dirty_probe, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdLockProbe", NULL, js_ofd_lock_probe, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pioNowait", NULL, js_pio_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -8,6 +8,10 @@ import { createLogger } from '../util/log.ts';
 
 const USAGE = `usage:
   tether daemon --config <host.yaml>
+  tether check --config <host.yaml> [<vm.yaml>...] [--peer <host:port>]... [--json]
+                                      check the host config, every VM config (its vmConfigDir's
+                                      and those given) and this host's prerequisites; exit 0 only
+                                      if every check passes
   tether vm start <vm.yaml>           start a VM on the local daemon
   tether vm stop <vm>                 stop the VM's QEMU (a daemon restart or SIGTERM never does)
   tether migrate <vm> --to <host:port> [--json]
@@ -33,6 +37,7 @@ export async function main(argv: string[]): Promise<number> {
         socket: { type: 'string' },
         to: { type: 'string' },
         migration: { type: 'string' },
+        peer: { type: 'string', multiple: true },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -49,6 +54,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     const [cmd, a1, a2] = pos;
     if (cmd === 'daemon') return await runDaemon(opts.config);
+    if (cmd === 'check') return await runCheck(opts.config, pos.slice(1), opts.peer ?? [], opts.json);
     const socket = await socketPath(opts.config, opts.socket);
     switch (cmd) {
       case 'vm':
@@ -129,6 +135,9 @@ async function runDaemon(config: string | undefined): Promise<number> {
   // Imported here: the client commands (status, migrate, ...) need none of the daemon's
   // modules, and loading them through tsx costs every CLI call about 0.3 s of CPU.
   const { Daemon } = await import('../daemon/daemon.ts');
+  // QEMU out of the sidecar's cgroup under systemd (docs/deploy.md): decided once, before any QEMU starts.
+  const { realScopeEnv, resolveScope, useScope } = await import('../qemu/scope.ts');
+  useScope(await resolveScope(host.systemd, realScopeEnv, log));
   const d = new Daemon(host, log);
   await d.start();
   await new Promise<void>((resolve) => {
@@ -146,6 +155,22 @@ async function runDaemon(config: string | undefined): Promise<number> {
     process.once('SIGINT', () => stop('SIGINT'));
   });
   return 0;
+}
+
+/** `tether check`: one line per check (or one JSON object with --json); exit 0 only if none failed. */
+async function runCheck(config: string | undefined, vmFiles: string[], peers: string[], json: boolean): Promise<number> {
+  if (!config) throw new TetherError('ERR_USAGE', 'tether check needs --config <host.yaml>');
+  const { runChecks, formatResult, allPassed } = await import('../check/check.ts');
+  const { realCheckEnv } = await import('../check/env.ts');
+  const results = await runChecks({ config, vmFiles, peers }, realCheckEnv());
+  const passed = allPassed(results);
+  if (json) process.stdout.write(JSON.stringify({ ok: passed, checks: results }) + '\n');
+  else {
+    for (const r of results) process.stdout.write(formatResult(r) + '\n');
+    const failed = results.filter((r) => r.status === 'fail').length;
+    process.stdout.write(passed ? `all ${results.length} checks passed\n` : `${failed} of ${results.length} checks FAILED\n`);
+  }
+  return passed ? 0 : 1;
 }
 
 const MiB = 1024 * 1024;

@@ -81,8 +81,9 @@ t.test('example configs load', async (t) => {
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
       window: 3,
     },
+    disk: { image: '/srv/shared/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
-    nics: [],
+    nics: [{ mac: '52:54:00:12:34:56', bridge: 'br-guest', tap: 'tap-vm1-0' }],
     gate: { maxBytes: 16777216, maxFrames: 32768 },
   });
 });
@@ -488,4 +489,25 @@ t.test('files: relative paths resolve against the YAML file directory, not cwd',
   const v = loadVmConfig(path.join(dir, 'etc', 'vm.yaml'));
   t.equal(v.kernel, path.join(dir, 'guest', 'vmlinuz'));
   t.equal(v.initrd, path.join(dir, 'etc', 'initrd.img'));
+});
+
+t.test('host: systemd scope and slice (absent: the daemon uses auto, machine.slice)', async (t) => {
+  t.equal(parseHostConfig(minimalHost(), base).systemd, undefined);
+  t.same(parseHostConfig({ ...minimalHost(), systemd: {} }, base).systemd, { scope: 'auto', slice: 'machine.slice' });
+  t.same(parseHostConfig({ ...minimalHost(), systemd: { scope: 'always', slice: 'tether.slice' } }, base).systemd, {
+    scope: 'always',
+    slice: 'tether.slice',
+  });
+  const cases: Array<[string, unknown]> = [
+    ['systemd.scope', 'yes'],
+    ['systemd.slice', 'machine'],
+    ['systemd.slice', 'a b.slice'],
+    ['systemd.slice', 3],
+    ['systemd.other', 1],
+  ];
+  for (const [field, value] of cases) {
+    const e = err(() => parseHostConfig(withField({ ...minimalHost(), systemd: {} }, field, value), base));
+    t.equal(e.code, 'ERR_CONFIG_INVALID', `${field}=${JSON.stringify(value)}`);
+    t.equal(e.field, field);
+  }
 });

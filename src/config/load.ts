@@ -93,7 +93,18 @@ function withFile<T>(file: string, parse: (obj: unknown, baseDir: string) => T):
 // ---------------------------------------------------------------- host
 
 export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
-  const root = new Obj(obj, '', ['name', 'stateDir', 'ramDir', 'controlSocket', 'vmConfigDir', 'peer', 'migration', 'metrics', 'logLevel']);
+  const root = new Obj(obj, '', [
+    'name',
+    'stateDir',
+    'ramDir',
+    'controlSocket',
+    'vmConfigDir',
+    'peer',
+    'migration',
+    'metrics',
+    'logLevel',
+    'systemd',
+  ]);
   const name = root.name('name');
   const stateDir = root.path('stateDir', opts.baseDir);
   const ramDir = root.optPath('ramDir', opts.baseDir) ?? path.join('/dev/shm/tether', name);
@@ -122,6 +133,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
 
   const metrics = root.optHostPort('metrics');
   const logLevel = root.optEnum('logLevel', LOG_LEVELS) ?? 'info';
+  const systemd = parseSystemd(root.optObj('systemd', ['scope', 'slice']));
 
   return {
     name,
@@ -133,7 +145,20 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),
     logLevel,
+    ...(systemd ? { systemd } : {}),
   };
+}
+
+const SCOPE_MODES = ['auto', 'always', 'never'] as const;
+/** systemd unit names: [A-Za-z0-9:_.\\-], a slice ends in .slice. */
+const SLICE_RE = /^[A-Za-z0-9:_.\\-]{1,200}\.slice$/;
+
+function parseSystemd(o: Obj | undefined): HostConfig['systemd'] {
+  if (o === undefined) return undefined;
+  const scope = o.optEnum('scope', SCOPE_MODES) ?? 'auto';
+  const slice = o.optString('slice') ?? 'machine.slice';
+  if (!SLICE_RE.test(slice)) invalid('systemd.slice', `must be a slice unit name such as machine.slice, got ${describe(slice)}`);
+  return { scope, slice };
 }
 
 function isWildcard(host: string): boolean {

@@ -37,6 +37,11 @@ export interface HostConfig {
   };
   /** Optional Prometheus metrics listener. */
   metrics?: { host: string; port: number };
+  /**
+   * QEMU in a transient systemd scope per VM (src/qemu/scope.ts, docs/deploy.md); absent:
+   * scope auto, slice machine.slice.
+   */
+  systemd?: { scope: 'auto' | 'always' | 'never'; slice: string };
   logLevel: 'debug' | 'info' | 'warn' | 'error';
 }
 

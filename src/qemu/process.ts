@@ -15,6 +15,7 @@ import type { VmConfig } from '../config/types.ts';
 import { TetherError, isTetherError } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { buildQemuArgs, type QemuIncoming } from './cmdline.ts';
+import { currentScope, scopeArgv, scopeUnitName, type ScopeLauncher } from './scope.ts';
 
 export interface QemuStartOptions {
   vm: VmConfig;
@@ -38,6 +39,11 @@ export interface QemuStartOptions {
    * because a production sidecar restart must not take the guest down.
    */
   dieWithParent?: boolean;
+  /**
+   * Run QEMU in a transient systemd scope of its own (src/qemu/scope.ts). Default: what
+   * the daemon chose at start (currentScope()); null: no scope.
+   */
+  scope?: ScopeLauncher | null;
 }
 
 export interface QemuExit {
@@ -96,9 +102,11 @@ export class QemuProcess {
     // Same for the NIC sockets: the sidecar must never connect to a dead QEMU's file.
     for (const s of opts.nicSockets ?? []) fs.rmSync(s, { force: true });
 
-    const argv = opts.dieWithParent
-      ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', vm.qemu.binary, ...args] // setpriv execs: same pid
-      : [vm.qemu.binary, ...args];
+    // systemd-run --scope and setpriv both exec: the pid is QEMU's.
+    const scope = opts.scope !== undefined ? opts.scope : currentScope();
+    const qemuArgv = [vm.qemu.binary, ...args];
+    const scoped = scope ? scopeArgv(scope, scopeUnitName(vm.name), `tether VM ${vm.name} (QEMU)`, qemuArgv) : qemuArgv;
+    const argv = opts.dieWithParent ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', ...scoped] : scoped;
     const qp = new QemuProcess(argv, args, qmpSocket, logFile, opts.dieWithParent ?? false);
     const t0 = Date.now();
     const ac = new AbortController();
