@@ -113,7 +113,7 @@ t.test('a broken host: each problem is reported with its code, exit 1', async (t
   fs.mkdirSync(vms);
   const key = path.join(dir, 'peer.key');
   fs.writeFileSync(key, Buffer.alloc(32, 3).toString('base64'));
-  fs.chmodSync(key, 0o644); // readable by everyone
+  fs.chmodSync(key, 0o600);
   // A QEMU too old for tether.
   const oldQemu = path.join(dir, 'qemu-old');
   fs.writeFileSync(oldQemu, '#!/bin/sh\necho "QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)"\n', { mode: 0o755 });
@@ -172,7 +172,6 @@ t.test('a broken host: each problem is reported with its code, exit 1', async (t
     failed.sort(),
     [
       ['ramDir', 'ERR_CHECK_RAM_DIR'],
-      ['peer key file', 'ERR_CHECK_KEY_FILE'],
       ['listen peer.listen', 'ERR_LISTEN'],
       [`vm config ${path.join(vms, 'vm3.yaml')}`, 'ERR_CONFIG_INVALID'],
       [`vm config ${path.join(vms, 'wrong-name.yaml')}`, 'ERR_CONFIG_INVALID'],
@@ -190,5 +189,13 @@ t.test('a broken host: each problem is reported with its code, exit 1', async (t
   t.equal(text.code, 1);
   t.match(text.stdout, /^FAIL {2}bridge br-missing: ERR_CHECK_BRIDGE /m);
   t.match(text.stdout, /^FAIL {2}ramDir: ERR_CHECK_RAM_DIR /m);
-  t.match(text.stdout, /11 of \d+ checks FAILED/);
+  t.match(text.stdout, /10 of \d+ checks FAILED/);
+  // A key file others can read: the host config itself is refused, by the loader's code.
+  fs.chmodSync(key, 0o644);
+  const keyed = inNs(ns, `${q(TETHER)} check --config ${q(path.join(dir, 'host.yaml'))} --json`);
+  t.equal(keyed.code, 1, 'exit 1');
+  t.same(
+    (keyed.json?.checks ?? []).filter((c) => c.status === 'fail').map((c) => [c.name, c.code]),
+    [['host config', 'ERR_CONFIG_KEY_MODE']],
+  );
 });

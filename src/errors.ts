@@ -10,7 +10,8 @@ export const ERRORS = {
   ERR_CONFIG_INVALID: 'a configuration field has a wrong value; details.field names it',
   ERR_CONFIG_READ: 'a configuration file cannot be read',
   ERR_CONFIG_YAML: 'a configuration file is not valid YAML',
-  ERR_CONFIG_KEY_MODE: 'peer.keyFile is readable or writable by group or others (like ssh, refused: chmod 600 it)',
+  ERR_CONFIG_KEY_MODE:
+    'peer.keyFile may be read or written by group or others, or is owned by another user (like ssh, refused: chown it, chmod 600 it)',
   ERR_FAULTS_INVALID: 'TETHER_FAULTS names an unknown fault or a bad value',
 
   // --- CLI and control socket (src/cli, src/control)
@@ -174,7 +175,6 @@ export const ERRORS = {
   ERR_CHECK_QEMU: 'the QEMU binary is missing, does not run, or is older than 7.2',
   ERR_CHECK_QMP: 'QEMU lacks a QMP command or migration capability tether uses',
   ERR_CHECK_KERNEL: 'the kernel lacks a feature tether needs (userfaultfd for post-copy, TUN, KVM)',
-  ERR_CHECK_KEY_FILE: 'the peer key file is readable or writable by others than its owner',
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;

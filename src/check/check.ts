@@ -164,7 +164,6 @@ export async function runChecks(opts: CheckOptions, env: CheckEnv): Promise<Chec
   };
   const vms = loadVms(host, opts.vmFiles ?? [], env, out);
   await group('directories', () => checkDirs(host, env));
-  await group('peer key file', () => checkKeyFile(opts.config, env));
   await group('listen', () => checkListen(host, env));
   await group('ramDir space', () => checkRamSpace(host, vms, env));
   for (const vm of vms) await group(`vm ${vm.name}: files`, () => checkVmFiles(vm, env));
@@ -274,28 +273,6 @@ function checkDirs(host: HostConfig, env: CheckEnv): CheckResult[] {
     ];
   }
   return [...out, ok('ramDir', `${host.ramDir} on tmpfs`)];
-}
-
-/** Like ssh: a key file others can read (or write) is refused. */
-function checkKeyFile(configFile: string, env: CheckEnv): CheckResult {
-  const name = 'peer key file';
-  let keyFile: unknown;
-  try {
-    const doc = YAML.parse(fs.readFileSync(configFile, 'utf8')) as { peer?: { keyFile?: unknown } };
-    keyFile = doc?.peer?.keyFile;
-  } catch {
-    keyFile = undefined; // the loader already accepted the file
-  }
-  if (typeof keyFile !== 'string') return skip(name, 'the key is inline (peer.key)');
-  const file = path.resolve(path.dirname(path.resolve(configFile)), keyFile);
-  const info = env.stat(file);
-  if (info === null) return fail(name, 'ERR_CHECK_PATH', `${file} does not exist`);
-  if ((info.mode & 0o077) !== 0) {
-    return fail(name, 'ERR_CHECK_KEY_FILE', `${file} has mode ${(info.mode & 0o777).toString(8).padStart(4, '0')}: chmod 600 it`);
-  }
-  if (info.uid !== env.euid && info.uid !== 0)
-    return fail(name, 'ERR_CHECK_KEY_FILE', `${file} is owned by uid ${info.uid}, not by this user or root`);
-  return ok(name, `${file} (mode ${(info.mode & 0o777).toString(8).padStart(4, '0')})`);
 }
 
 /** The addresses the daemon listens on must be this host's (bound at port 0: no conflict with a running daemon). */

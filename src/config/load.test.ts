@@ -178,6 +178,17 @@ t.test('host: a key file that group or others may read or write is refused, like
     err(() => loadHostConfig(yaml)),
     { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
   );
+  // someone else's key file, even 0600 (root may chown it; elsewhere the check cannot be staged)
+  if (process.geteuid?.() === 0) {
+    fs.chmodSync(file, 0o600);
+    fs.chownSync(file, 1001, 1001);
+    t.match(
+      err(() => parseHostConfig(mk(), { baseDir: dir })),
+      { code: 'ERR_CONFIG_KEY_MODE', field: 'peer.keyFile' },
+    );
+    fs.chownSync(file, 0, 0);
+    t.ok(parseHostConfig(mk(), { baseDir: dir }).peer.key.equals(KEY32), "root's own key file accepted");
+  }
 });
 
 t.test('host: bad fields', async (t) => {

@@ -188,13 +188,22 @@ function readPeerKey(peer: Obj, baseDir: string): Buffer {
     fd = fs.openSync(file!, 'r');
     // Like ssh with a private key: a key others can read is no secret. Checked on the open
     // file, so the mode and the bytes are of the same file.
-    const mode = fs.fstatSync(fd).mode & 0o777;
+    const st = fs.fstatSync(fd);
+    const mode = st.mode & 0o777;
     if ((mode & 0o077) !== 0) {
       throw new TetherError(
         'ERR_CONFIG_KEY_MODE',
         `peer.keyFile: ${file} has mode ${mode.toString(8).padStart(4, '0')}: group or others may read or write it; chmod 600 it`,
         { field: 'peer.keyFile', file, mode: `0${mode.toString(8)}` },
       );
+    }
+    const euid = process.geteuid?.();
+    if (euid !== undefined && st.uid !== euid && st.uid !== 0) {
+      throw new TetherError('ERR_CONFIG_KEY_MODE', `peer.keyFile: ${file} is owned by uid ${st.uid}, not by this user or root`, {
+        field: 'peer.keyFile',
+        file,
+        uid: st.uid,
+      });
     }
     raw = fs.readFileSync(fd);
   } catch (e) {
