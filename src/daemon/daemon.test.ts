@@ -24,6 +24,7 @@ import { writeCompletingRecord } from '../checkpoint/store.ts';
 import { callDaemon } from '../control/client.ts';
 import { completingRecordPath } from '../migrate/destination.ts';
 import { qemuOptValue } from '../qemu/cmdline.ts';
+import { procStartTime } from '../qemu/process.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { MARKER_VERSION } from '../vm/instance.ts';
 import { encodeStateFile } from '../vm/state-file.ts';
@@ -294,12 +295,13 @@ t.test("a sidecar restarted during the completion handshake waits for its own mi
     });
     await new Promise<void>((r) => qmp.listen(vm.qmpSocket, r));
     t.teardown(() => qmp.close());
-    const rec = { config: vm.config, sendConfiguration: true, pid: fakePid };
+    const rec = { config: vm.config, sendConfiguration: true, pid: fakePid, startTime: procStartTime(fakePid) };
     fs.writeFileSync(path.join(vm.dir, 'vm.json'), encodeStateFile('TETHER-VM', rec));
     const marker = {
       role: 'destination',
       migrationId: current,
       qemuPid: fakePid,
+      qemuStartTime: procStartTime(fakePid),
       peer: '127.0.0.1:1',
       startedAt: new Date().toISOString(),
     };
@@ -307,6 +309,7 @@ t.test("a sidecar restarted during the completion handshake waits for its own mi
     await writeCompletingRecord(completingRecordPath(vm), 5);
   });
   const status = async () => (await callDaemon(f.host.controlSocket, 'status', { vm: 'vm1' })) as Record<string, any>;
+  await f.daemon.recovered;
   t.match(await status(), { state: 'migrating-in', migration: { role: 'destination', id: current, phase: 'completing', finalEpoch: 5 } });
   t.same(qmpCommands, ['qmp_capabilities', 'stop'], 'adopted and paused');
 

@@ -19,6 +19,10 @@ import { TetherError } from '../errors.ts';
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   hold-acks-trigger            the hold arms only once the file <stateDir>/<vm>/hold-acks.trigger exists (a test
  *                                creates it when the destination's guest has shown it runs), at the next checkpoint
+" *   crash-cleanup-step=N         after a confirmed completion, the sidecar dies (SIGKILL of itself) right after step N
+ *                                of dropping its records (VmInstance.dropCompletedSource on the source: 1 vm.json,
+ *                                2 marker, 3 checkpoints and RAM; dropCompletingRecords on the destination: 1 marker,
+ *                                2 completion request)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -35,6 +39,7 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  crashCleanupStep?: number;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -74,7 +79,15 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'hold-acks-epoch': 'holdAcksEpoch',
   'fail-apply-epoch': 'failApplyEpoch',
   'fail-apply-sticky': 'failApplySticky',
+  'crash-cleanup-step': 'crashCleanupStep',
 };
+
+/** The `afterStep` hook of the post-completion clean-up (crash-cleanup-step=N). */
+export function cleanupCrashPoint(faults: Faults): (step: number) => void {
+  return (step) => {
+    if (faults.crashCleanupStep === step) process.kill(process.pid, 'SIGKILL');
+  };
+}
 
 export function parseFaults(spec: string | undefined): Faults {
   const out: Faults = {};
