@@ -6,6 +6,9 @@
  */
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { crc32 } from 'node:zlib';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -560,7 +563,7 @@ t.test('recovery runs per VM in parallel with the control socket open: a stuck V
     await leftRecords(host, 'vm-b', { qemu: { pid: fine.pid, startTime: procStartTime(fine.pid) } });
   });
   let aDone = false;
-  void f.daemon.recovered.then(() => (aDone = true));
+  void Promise.resolve(f.daemon.recovered).then(() => (aDone = true));
   // the daemon serves while vm-a is still being recovered
   const b = await (async () => {
     for (;;) {
@@ -580,3 +583,105 @@ t.test('recovery runs per VM in parallel with the control socket open: a stuck V
   t.match(await statusOf(f, 'vm-a'), { state: 'unrecovered', unrecovered: { code: 'ERR_QEMU_ADOPT' } });
   t.ok(alive(stuck!.pid), 'the stuck QEMU is left as it was');
 });
+
+/**
+ * Runs this host's sidecar as a process of its own (the daemon's own code, faults from
+ * TETHER_FAULTS as in production) so that a fault switch may SIGKILL it; resolves once it
+ * serves its control socket.
+ */
+async function sidecarProcess(t: Test, host: HostConfig, faults: string): Promise<ChildProcess> {
+  const script = path.join(path.dirname(host.stateDir), 'sidecar.mts');
+  const daemonTs = fileURLToPath(new URL('./daemon.ts', import.meta.url));
+  const logTs = fileURLToPath(new URL('../util/log.ts', import.meta.url));
+  fs.writeFileSync(
+    script,
+    `import { Daemon } from ${JSON.stringify(daemonTs)};\nimport { nullLogger } from ${JSON.stringify(logTs)};\n` +
+      `const h = JSON.parse(process.env.TETHER_TEST_HOST);\nh.peer.key = Buffer.from(h.peer.key, 'hex');\n` +
+      `await new Daemon(h, nullLogger).start();\n`,
+  );
+  const child = spawn(process.execPath, ['--import', 'tsx', script], {
+    env: {
+      ...process.env,
+      TETHER_FAULTS: faults,
+      TETHER_TEST_HOST: JSON.stringify({ ...host, peer: { ...host.peer, key: host.peer.key.toString('hex') } }),
+    },
+    stdio: 'ignore',
+  });
+  t.teardown(() => child.kill('SIGKILL'));
+  await waitUntil(() => fs.existsSync(host.controlSocket));
+  return child;
+}
+
+for (const step of [1, 2]) {
+  t.test(
+    `destination: a sidecar that dies at step ${step} of dropping the completion records never fences the VM at its restart`,
+    async (t) => {
+      let qemu: FakeQemu | undefined;
+      const f = await destination(t, async (host) => {
+        // What a sidecar restarted in the completion handshake finds: marker, completion request, its paused QEMU.
+        const vm = await leftRecords(host, 'vm1', {});
+        qemu = await fakeQemu(t, vm, true);
+        const id = { pid: qemu.pid, startTime: procStartTime(qemu.pid) };
+        const rec = await leftRecords(host, 'vm1', { qemu: id, marker: { role: 'destination', qemu: id } });
+        await writeCompletingRecord(completingRecordPath(rec), 5);
+        const migrationId = (await VmInstance.readMarker(rec.dir))!.migrationId;
+        // That sidecar waits for the source's answer, acts on it (the VM runs here, S drops its
+        // copy) and dies at `step` of dropping its records.
+        const child = await sidecarProcess(t, host, `crash-cleanup-step=${step}`);
+        const exited = new Promise((r) => child.once('exit', r));
+        await waitUntil(() => qemu!.commands.includes('stop'));
+        const ch = await PeerChannel.connect('127.0.0.1', host.peer.listen.port, { psk: host.peer.key });
+        ch.start();
+        await ch.send({ type: 'control', body: { kind: 'resolve', vm: 'vm1', migrationId, outcome: 'completed', epoch: 5 } });
+        await exited;
+        ch.close();
+        t.equal(qemu!.status, 'running', 'the VM ran here before the sidecar died');
+        fs.rmSync(host.controlSocket, { force: true });
+      });
+      // the restart (the fixture's daemon) over what the dead sidecar left
+      await f.daemon.recovered;
+      t.ok(alive(qemu!.pid), 'the only running copy was not killed');
+      t.match(await statusOf(f, 'vm1'), { state: 'running', pid: qemu!.pid });
+      t.equal(qemu!.status, 'running', 'nor paused');
+    },
+  );
+}
+
+for (const step of [1, 2, 3]) {
+  t.test(`source: a sidecar that dies at step ${step} of dropping its records after a completion never lists the VM again`, async (t) => {
+    const f = await destination(t, async (host) => {
+      // What a source sidecar restarted after recording completion finds: vm.json (its QEMU gone),
+      // the marker naming D, completed.json. D is this test: it confirms the answer.
+      const migrationId = newMigrationId();
+      const d = net.createServer((sock) => {
+        sock.on('error', () => {});
+        void PeerChannel.accept(sock, { psk: host.peer.key }).then(
+          (ch) => {
+            ch.on('message', (m) => {
+              if (m.type === 'control' && m.body.kind === 'resolve') {
+                void ch.send({ type: 'control', body: { kind: 'resolved', migrationId: m.body.migrationId, known: true } }).catch(() => {});
+              }
+            });
+            ch.start();
+          },
+          () => {},
+        );
+      });
+      await new Promise<void>((r) => d.listen(0, '127.0.0.1', r));
+      t.teardown(() => d.close());
+      const vm = await leftRecords(host, 'vm1', { marker: { role: 'source', qemu: null } });
+      const m = (await VmInstance.readMarker(vm.dir))!;
+      const marker = { ...m, migrationId, peer: `127.0.0.1:${(d.address() as net.AddressInfo).port}` };
+      fs.writeFileSync(path.join(vm.dir, 'migration.json'), encodeStateFile('TETHER-MIGRATION', marker, MARKER_VERSION));
+      fs.mkdirSync(vm.checkpointDir, { recursive: true });
+      const body = JSON.stringify({ format: 'tether-completed', version: 1, epoch: 5 });
+      fs.writeFileSync(path.join(vm.checkpointDir, 'completed.json'), `${body.slice(0, -1)},"crc32":${crc32(Buffer.from(body))}}\n`);
+      const child = await sidecarProcess(t, host, `crash-cleanup-step=${step}`);
+      await new Promise((r) => child.once('exit', r));
+      fs.rmSync(host.controlSocket, { force: true });
+    });
+    await f.daemon.recovered;
+    // the VM runs on D: this host must neither list it (stopped, bootable) nor try to recover it
+    await t.rejects(statusOf(f, 'vm1'), { code: 'ERR_NO_SUCH_VM' });
+  });
+}
