@@ -179,6 +179,8 @@ export class Daemon {
         await this.#recoverCompleted(vm, all, marker, log);
         keepMarker = true;
       } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
+        // vm.json names the incoming QEMU too; any other QEMU recorded for the VM is not it
+        if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
         await this.#recoverCompleting(vm, migrating, marker, log);
         keepMarker = true;
       } else if (marker?.role === 'destination') {
