@@ -19,7 +19,9 @@ import { TetherError } from '../errors.ts';
  *   hold-acks-epoch=K            first checkpoint whose ACK hold-acks-ms holds (default 3)
  *   hold-acks-trigger            the hold arms only once the file <stateDir>/<vm>/hold-acks.trigger exists (a test
  *                                creates it when the destination's guest has shown it runs), at the next checkpoint
-" *   crash-cleanup-step=N         after a confirmed completion, the sidecar dies (SIGKILL of itself) right after step N
+" *   crash-before-resume          the source's sidecar dies (SIGKILL of itself) in a rollback past switchover once the
+ *                                restored QEMU exists (recorded, loading or paused), before its NICs and `cont`
+ *   crash-cleanup-step=N         after a confirmed completion, the sidecar dies (SIGKILL of itself) right after step N
  *                                of dropping its records (VmInstance.dropCompletedSource on the source: 1 vm.json,
  *                                2 marker, 3 checkpoints and RAM; dropCompletingRecords on the destination: 1 marker,
  *                                2 completion request)
@@ -40,6 +42,7 @@ export interface Faults {
   failApplySticky?: number;
   journalWriteThrough?: boolean;
   crashCleanupStep?: number;
+  crashBeforeResume?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -61,13 +64,14 @@ export const CUT_COMPLETION = {
 /** File name, in the VM's state dir, that arms hold-acks-trigger. */
 export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'crashBeforeResume';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
   'hold-acks-trigger': 'holdAcksTrigger',
+  'crash-before-resume': 'crashBeforeResume',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
@@ -81,6 +85,13 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'fail-apply-sticky': 'failApplySticky',
   'crash-cleanup-step': 'crashCleanupStep',
 };
+
+/** crash-before-resume: the rollback's restored QEMU exists (recorded in vm.json), not yet resumed. */
+export function crashBeforeResume(faults: Faults | undefined, log: { warn(msg: string): void }): void {
+  if (!faults?.crashBeforeResume) return;
+  log.warn('fault injection: sidecar dies with the restored QEMU not yet resumed');
+  process.kill(process.pid, 'SIGKILL');
+}
 
 /** The `afterStep` hook of the post-completion clean-up (crash-cleanup-step=N). */
 export function cleanupCrashPoint(faults: Faults): (step: number) => void {

@@ -22,7 +22,7 @@ import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl, newMigrationId } from '../peer/control.ts';
 import { notifyDestination, resolveMessage } from './notify.ts';
-import { cleanupCrashPoint, CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
+import { cleanupCrashPoint, crashBeforeResume, CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
@@ -585,11 +585,13 @@ export class SourceMigration {
         const t2 = nowMs();
         figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
         if (figures.hot) {
+          crashBeforeResume(this.#opts.faults, this.#log);
           if (this.#standby?.hasNics) await resumeRestored(vm, () => this.#opts.nics?.resume());
           else await waitRunning(vm);
         } else {
           await exited;
           await vm.restoreFrom(last.devstatePath);
+          crashBeforeResume(this.#opts.faults, this.#log);
           await resumeRestored(vm, () => this.#opts.nics?.resume());
         }
         const t3 = nowMs();
