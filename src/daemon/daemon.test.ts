@@ -448,14 +448,17 @@ async function restart(t: Test, f: Fixture): Promise<Daemon> {
 
 const statusOf = async (f: Fixture, vm: string) => (await callDaemon(f.host.controlSocket, 'status', { vm })) as Record<string, any>;
 
-t.test('a forged process whose command line names the RAM file is neither killed (fence) nor adopted', async (t) => {
+t.test('a forged command line or a reused pid is neither killed (fence) nor adopted', async (t) => {
   let forgedFence: FakeQemu | undefined;
   let forgedAdopt: FakeQemu | undefined;
   const f = await destination(t, async (host) => {
     // vm1: an incoming migration interrupted before its QEMU was recorded; a forger's process
     // names vm1's RAM file. vm2: vm.json names pid P, but P is now another (forged) process.
-    const vm1 = await leftRecords(host, 'vm1', { marker: { role: 'destination', qemu: null } });
+    const vm1 = await leftRecords(host, 'vm1', {});
     forgedFence = await fakeQemu(t, vm1, false);
+    // ... and took the pid the marker names (its start time differs)
+    const other = { pid: forgedFence.pid, startTime: String(Number(procStartTime(forgedFence.pid)) - 1) };
+    await leftRecords(host, 'vm1', { qemu: other, marker: { role: 'destination', qemu: other } });
     const vm2 = await leftRecords(host, 'vm2', {});
     forgedAdopt = await fakeQemu(t, vm2, true);
     const real = procStartTime(forgedAdopt.pid)!;
