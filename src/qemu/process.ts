@@ -85,6 +85,8 @@ export function identityAlive(id: QemuIdentity): boolean {
 /**
  * SIGKILL the process `id` names and wait until it is gone; a pid now held by another
  * process (start time differs) is never signalled. Resolves false if it did not die in ~5 s.
+ * (Between the check and the signal the pid cannot be reused unless the process exited and
+ * was reaped in that instant, and all pids wrapped around since: not a practical race.)
  */
 export async function killIdentity(id: QemuIdentity): Promise<boolean> {
   if (!identityAlive(id)) return true;
@@ -93,11 +95,13 @@ export async function killIdentity(id: QemuIdentity): Promise<boolean> {
   } catch {
     return true;
   }
+  // Until it is reaped (gone from /proc), as callers and tools that probe the pid expect; a
+  // zombie whose reaper is slow is dead all the same.
   for (let i = 0; i < 500; i++) {
-    if (!identityAlive(id)) return true;
+    if (procStartTime(id.pid) !== id.startTime) return true;
     await sleep(10);
   }
-  return false;
+  return !identityAlive(id);
 }
 
 export interface QemuExit {
