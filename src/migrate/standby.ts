@@ -23,7 +23,8 @@
  *  - the standby is never `cont`ed and never handed device state before the rollback is
  *    decided, so the guest never runs twice: the wedged QEMU is dead before the standby
  *    gets its state;
- *  - the standby's pid is recorded in vm.json BEFORE it is handed device state, so a
+ *  - the standby's pid + start time are recorded in standby.json when it is spawned, and in
+ *    vm.json BEFORE it is handed device state, so a
  *    sidecar restart adopts a standby that may already run the VM and kills one that
  *    never got state ({@link settleStandbys});
  *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
