@@ -240,7 +240,8 @@ export class Daemon {
   async #runAdopted(vm: VmInstance, log: Logger): Promise<void> {
     const q = vm.qemu!;
     const { status } = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: QMP_RECOVERY_MS });
-    if (status !== 'running') {
+    // 'suspended': the guest put itself to sleep (ACPI S3); it runs as far as tether is concerned
+    if (status !== 'running' && status !== 'suspended') {
       if (vm.sendConfiguration || !['paused', 'inmigrate', 'prelaunch'].includes(status)) {
         throw new TetherError('ERR_RECOVERY', `QEMU pid ${q.pid} is ${status}, not running, and no record says why`, {
           pid: q.pid,
