@@ -445,8 +445,9 @@ class AdoptedChild extends EventEmitter {
     this.pid = id.pid;
     this.#id = id;
     this.#timer = setInterval(() => {
-      // gone, or the pid now belongs to another process: either way our QEMU exited
-      if (!identityAlive(id)) {
+      // reaped, or the pid now belongs to another process: either way our QEMU exited (as
+      // before, a zombie is waited out: whoever probes the pid next must find it gone)
+      if (procStartTime(id.pid) !== id.startTime) {
         clearInterval(this.#timer);
         this.emit('exit', null, null);
         this.emit('close');
