@@ -683,18 +683,18 @@ function waitExit(p: ChildProcess, ms: number): Promise<void> {
   });
 }
 
+/** Until the sidecar serves its control socket and has recovered every VM it found (none `recovering`). */
 async function waitForSocket(h: Host): Promise<void> {
   await waitFor(
-    () =>
-      new Promise<boolean>((resolve) => {
-        const s = net.createConnection(h.socket);
-        s.once('connect', () => {
-          s.destroy();
-          resolve(true);
-        });
-        s.once('error', () => resolve(false));
-      }),
-    `daemon ${h.name} control socket (log: ${h.daemonLog})`,
+    async () => {
+      try {
+        const st = (await callDaemon(h.socket, 'status', {})) as { vms: { state: string }[] };
+        return st.vms.every((v) => v.state !== 'recovering');
+      } catch {
+        return false;
+      }
+    },
+    `daemon ${h.name} control socket and recovery (log: ${h.daemonLog})`,
     30_000,
   );
 }

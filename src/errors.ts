@@ -34,6 +34,10 @@ export const ERRORS = {
   ERR_STATE_FILE_CORRUPT: 'a persisted VM state file (vm.json, migration marker) failed its magic/length/checksum check',
   ERR_STATE_FILE_VERSION: 'a persisted VM state file has a format version this build does not read',
   ERR_RECOVERY: 'a restarted sidecar cannot bring a VM back to a known state',
+  ERR_VM_RECOVERING: 'the restarted sidecar has not finished recovering this VM yet; retry in a moment',
+  ERR_VM_UNRECOVERED:
+    'the VM is unrecovered (details.cause says why): start, stop and migrations are refused until `tether vm adopt` or `tether vm forget`',
+  ERR_VM_QEMU_ALIVE: 'a QEMU this sidecar started for the VM still runs (details.pids); `tether vm forget --force` leaves it running',
 
   // --- QMP and QEMU processes (src/qmp, src/qemu)
   ERR_QMP_CONNECT: 'the QMP socket cannot be reached',

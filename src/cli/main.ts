@@ -14,6 +14,12 @@ const USAGE = `usage:
                                       if every check passes
   tether vm start <vm.yaml>           start a VM on the local daemon
   tether vm stop <vm>                 stop the VM's QEMU (a daemon restart or SIGTERM never does)
+  tether vm adopt <vm>                an unrecovered VM: accept what runs after checking it (the one
+                                      QEMU its records name becomes its QEMU, resumed if paused;
+                                      none: stopped)
+  tether vm forget <vm> [--force]     drop this host's records of a VM that does not run here
+                                      (unrecovered, stopped, gone, fenced); touches nothing else;
+                                      refused while a QEMU started for it runs, unless --force
   tether migrate <vm> --to <host:port> [--json]
                                       exit 0 completed, 3 rolled back (running on the source),
                                       4 the VM is not running anywhere, 1 error (e.g. no tether
@@ -39,6 +45,7 @@ export async function main(argv: string[]): Promise<number> {
         migration: { type: 'string' },
         peer: { type: 'string', multiple: true },
         json: { type: 'boolean', default: false },
+        force: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
     });
@@ -60,6 +67,28 @@ export async function main(argv: string[]): Promise<number> {
       case 'vm':
         if (a1 === 'start' && a2) return print(await callDaemon(socket, 'vm.start', { config: a2 }), opts.json);
         if (a1 === 'stop' && a2) return print(await callDaemon(socket, 'vm.stop', { vm: a2 }), opts.json);
+        if (a1 === 'adopt' && a2) {
+          const r = (await callDaemon(socket, 'vm.adopt', { vm: a2 })) as VmStatus & { adopted: number | null; resumed: boolean };
+          if (opts.json) return print(r, true);
+          process.stdout.write(
+            (r.adopted === null
+              ? `${a2}: no QEMU of it runs here; adopted as stopped\n`
+              : `${a2}: adopted QEMU pid ${r.adopted}${r.resumed ? ' (it was paused: resumed and announced)' : ''}\n`) +
+              formatStatus(r) +
+              '\n',
+          );
+          return 0;
+        }
+        if (a1 === 'forget' && a2) {
+          const r = (await callDaemon(socket, 'vm.forget', { vm: a2, force: opts.force })) as { leftRunning: number[] };
+          if (opts.json) return print(r, true);
+          process.stdout.write(
+            `${a2}: forgotten on this host (records dropped; RAM file, disk and TAPs untouched)` +
+              (r.leftRunning.length ? `; QEMU pid ${r.leftRunning.join(', ')} left running, unsupervised` : '') +
+              '\n',
+          );
+          return 0;
+        }
         break;
       case 'status': {
         const st = await callDaemon(socket, 'status', a1 ? { vm: a1 } : {});
@@ -101,6 +130,7 @@ interface VmStatus {
   serialLog: string;
   migration: { role: string; id: string; phase: string; appliedEpoch?: number | null; ackedEpoch?: number } | null;
   lastMigration: { migrationId?: string; outcome?: string; reason?: string; rollback?: { epoch: number | null } } | null;
+  unrecovered?: { code: string; message: string } | null;
 }
 
 function formatStatus(r: VmStatus): string {
@@ -119,6 +149,7 @@ function formatStatus(r: VmStatus): string {
         (r.lastMigration.migrationId ? ` (migration ${r.lastMigration.migrationId})` : ''),
     );
   }
+  if (r.unrecovered) parts.push(`unrecovered: ${r.unrecovered.code}: ${r.unrecovered.message} (tether vm adopt | forget)`);
   parts.push(`serial ${r.serialLog}`);
   return parts.join('  ');
 }

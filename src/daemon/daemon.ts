@@ -1,4 +1,3 @@
-import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -11,23 +10,23 @@ import { ImageSink } from '../disk/image-sink.ts';
 import { isTetherError, TetherError } from '../errors.ts';
 import { completingRecordPath, DestinationMigration, staleResolve } from '../migrate/destination.ts';
 import type { ResolveAnswer } from '../migrate/destination.ts';
-import { parseFaults } from '../migrate/faults.ts';
+import { cleanupCrashPoint, parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
 import { notifyDestination } from '../migrate/notify.ts';
-import { resumeRestored, SourceMigration } from '../migrate/source.ts';
+import { announceRestored, resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { settleStandbys } from '../migrate/standby.ts';
 import { asPeerControl, isMigrationId } from '../peer/control.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
-import { qemuOptValue } from '../qemu/cmdline.ts';
+import { identityAlive, killIdentity, procStartTime } from '../qemu/process.ts';
+import type { QemuIdentity } from '../qemu/process.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
-import { killAndWait } from '../util/process.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { VmInstance } from '../vm/instance.ts';
-import type { MigrationMarker } from '../vm/instance.ts';
+import type { MigrationMarker, PersistedVm } from '../vm/instance.ts';
 import { composeOutputs } from '../migrate/outputs.ts';
 import { NicPort } from '../net/nic.ts';
 import { gateDefaults, gateReserve } from '../gate/reserve.ts';
@@ -61,6 +60,8 @@ export class Daemon {
   #unauthenticated = 0;
   /** VM names whose vm.json was damaged at start: never booted over until resolved by hand. */
   readonly #damaged = new Set<string>();
+  /** Resolves once every VM found at start has been recovered (or left unrecovered). */
+  recovered: Promise<void> = Promise.resolve();
   readonly metrics = new TetherMetrics((set) => {
     const counts = new Map<string, number>();
     for (const vm of this.vms.values()) counts.set(vm.place, (counts.get(vm.place) ?? 0) + 1);
@@ -80,7 +81,7 @@ export class Daemon {
     // this user enters when tether creates it: never a moment when another user can connect.
     await fs.mkdir(path.dirname(this.host.controlSocket), { recursive: true, mode: 0o700 });
     await fs.rm(this.host.controlSocket, { force: true });
-    await this.#recover();
+    const pending = await this.#readRecords();
     this.#control = net.createServer((s) => this.#serveControl(s));
     await listenPrivate(this.#control, this.host.controlSocket);
     this.#peer = net.createServer((s) => void this.#servePeer(s));
@@ -94,6 +95,9 @@ export class Daemon {
       await listen(srv as unknown as net.Server, { host: this.host.metrics.host, port: this.host.metrics.port });
       this.#http = srv;
     }
+    // Every VM at once, the sockets already open: one stuck VM does not hold the others
+    // (their QEMUs give up on the NBD and NIC reconnects after ~15 s).
+    this.recovered = Promise.all(pending.map((p) => this.#recoverOne(p))).then(() => {});
     this.log.info('daemon ready', {
       control: this.host.controlSocket,
       peer: `${this.host.peer.listen.host}:${this.host.peer.listen.port}`,
@@ -102,100 +106,156 @@ export class Daemon {
   }
 
   /**
-   * After a sidecar restart: find this host's VMs again. A running QEMU is
-   * adopted (the guest does not notice). A migration that was in progress is
-   * resolved the only safe way: as a source past switchover, re-apply a
-   * persisted stage and resume from the last applied checkpoint (the old QEMU
-   * is wedged in post-copy); as a source before switchover, cancel and keep the
-   * VM; as a destination, fence (the source rolls back on its own).
+   * After a sidecar restart, step 1 (before the sockets open): read every VM record and list
+   * each VM as `recovering`. Reading only: nothing is touched here.
    */
-  async #recover(): Promise<void> {
+  async #readRecords(): Promise<Pending[]> {
     let names: string[];
     try {
       names = await fs.readdir(this.host.stateDir);
     } catch {
-      return;
+      return [];
     }
+    const out: Pending[] = [];
     for (const name of names) {
       const dir = path.join(this.host.stateDir, name);
       const log = this.log.child({ vm: name, recovery: true });
+      let vm: VmInstance;
       let saved: Awaited<ReturnType<typeof VmInstance.readPersisted>>;
       try {
         saved = await VmInstance.readPersisted(dir);
+        if (!saved) continue;
+        vm = new VmInstance(this.host, parseVmConfig(saved.config as unknown as Record<string, unknown>, { baseDir: '/' }), this.log);
+        if (vm.name !== name) throw new TetherError('ERR_STATE_FILE_CORRUPT', `${dir}/vm.json describes VM ${vm.name}`);
       } catch (e) {
         // Without its record the VM cannot be found again; it must not be booted over either.
         this.#damaged.add(name);
-        log.error('VM record damaged: not recovered, nothing touched; inspect and remove it to use the name again', {
+        log.error('VM record damaged: not recovered, nothing touched; inspect it, then `tether vm forget` it to use the name again', {
           dir,
           error: errorFields(e),
         });
         continue;
       }
-      if (!saved) continue;
-      try {
-        const cfg = parseVmConfig(saved.config as unknown as Record<string, unknown>, { baseDir: '/' });
-        const vm = new VmInstance(this.host, cfg, this.log);
-        vm.sendConfiguration = saved.sendConfiguration;
-        this.vms.set(vm.name, vm);
-        let marker: MigrationMarker | null;
-        try {
-          marker = await VmInstance.readMarker(dir);
-        } catch (e) {
-          vm.place = 'unrecovered';
-          log.error('migration marker damaged: VM left as it is (unrecovered); resolve it by hand', { error: errorFields(e) });
-          continue;
-        }
-        // Every QEMU on this VM's RAM file (the one vm.json names first), so that
-        // none is missed even if the sidecar died between spawning one and recording it.
-        // A hot standby that never got device state is not a VM's QEMU: killed first.
-        const pid = saved.pid;
-        const pids = await settleStandbys(vm, qemuPidsFor(vm.ramFile), pid, log);
-        const all = pids.sort((a, b) => (a === pid ? -1 : b === pid ? 1 : 0));
-        let keepMarker = false;
-        if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
-          await this.#recoverCompleted(vm, all, marker, log);
-          keepMarker = true;
-        } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
-          await this.#recoverCompleting(vm, all, marker, log);
-          keepMarker = true;
-        } else if (marker?.role === 'destination') {
-          for (const p of all) await killPid(p);
-          await vm.removeRam();
-          vm.place = 'fenced';
-          log.warn('incoming migration interrupted by a sidecar restart: fenced', { migrationId: marker.migrationId });
-        } else if (marker?.role === 'source') {
-          // A QEMU other than the one that was migrating was started by a rollback
-          // that finished: it runs the VM now, so it is adopted, never restored over.
-          const newer = all.filter((p) => p !== marker.qemuPid);
-          if (newer.length > 0) {
-            for (const p of all) if (p !== newer[0]) await killPid(p);
-            await vm.adopt(newer[0]!);
-            vm.place = 'running';
-            log.warn('sidecar restarted after a rollback had finished: adopted the restored QEMU', { pid: newer[0] });
-          } else {
-            await this.#recoverSource(vm, all[0] ?? null, marker, log);
-          }
-        } else if (all.length > 0) {
-          for (const p of all.slice(1)) await killPid(p);
-          await vm.adopt(all[0]!);
-          vm.place = 'running';
-        } else {
-          vm.place = 'stopped';
-          log.warn('VM was not running when the sidecar restarted');
-        }
-        if (!keepMarker) await vm.setMigrationMarker(null);
-        if (vm.place === 'running' && !this.#nics.has(vm.name)) {
-          // QEMU went back to listening when the old sidecar's connection died; the TAP
-          // is persistent and still in its bridge: reattach both.
-          const ports = this.#createNics(vm, 'pass');
-          await this.#openNics(vm, ports);
-        } else if (vm.place !== 'running') {
-          for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
-        }
-      } catch (e) {
-        log.error('recovery failed', { error: errorFields(e) });
-      }
+      vm.sendConfiguration = saved.sendConfiguration;
+      vm.place = 'recovering';
+      this.vms.set(vm.name, vm);
+      out.push({ vm, saved, dir, log });
     }
+    return out;
+  }
+
+  /**
+   * After a sidecar restart, step 2 (every VM at once, the sockets already open): find each VM
+   * again. A running QEMU is adopted (the guest does not notice). A migration that was in
+   * progress is resolved the only safe way: as a source past switchover, re-apply a persisted
+   * stage and resume from the last applied checkpoint (the old QEMU is wedged in post-copy); as
+   * a source before switchover, cancel and keep the VM; as a destination, fence (the source
+   * rolls back on its own). QEMUs are the ones the records name by pid + start time, nothing
+   * else. Whatever cannot be decided, or fails, leaves the VM `unrecovered` with its cause.
+   */
+  async #recoverOne({ vm, saved, dir, log }: Pending): Promise<void> {
+    try {
+      const cause = await VmInstance.readUnrecovered(dir);
+      if (cause) {
+        vm.place = 'unrecovered';
+        vm.unrecovered = cause;
+        log.error('VM left unrecovered by an earlier start: nothing touched; resolve with `tether vm adopt` or `tether vm forget`', {
+          cause: cause as unknown as Record<string, unknown>,
+        });
+        return;
+      }
+      const marker = await VmInstance.readMarker(dir);
+      if (saved.pid !== null && typeof saved.startTime !== 'string') {
+        throw new TetherError(
+          'ERR_RECOVERY',
+          `vm.json (written by an older tether) records QEMU pid ${saved.pid} without its start time: it cannot be told from a reused pid`,
+          { pid: saved.pid },
+        );
+      }
+      const recordedId = saved.pid !== null ? { pid: saved.pid, startTime: saved.startTime! } : null;
+      // A hot standby that never got device state is not a VM's QEMU: killed first.
+      const recorded = await settleStandbys(vm, recordedId && identityAlive(recordedId) ? recordedId : null, log);
+      const migrating = markerQemu(marker, recordedId);
+      const all = [recorded, migrating].filter((q, i, a): q is QemuIdentity => q !== null && a.findIndex((o) => o && same(o, q)) === i);
+      let keepMarker = false;
+      if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
+        await this.#recoverCompleted(vm, all, marker, log);
+        keepMarker = true;
+      } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
+        // vm.json names the incoming QEMU too; any other QEMU recorded for the VM is not it
+        if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
+        await this.#recoverCompleting(vm, migrating, marker, log);
+        keepMarker = true;
+      } else if (marker?.role === 'destination') {
+        for (const q of all) await killQemu(q);
+        await vm.removeRam();
+        vm.place = 'fenced';
+        log.warn('incoming migration interrupted by a sidecar restart: fenced', { migrationId: marker.migrationId });
+      } else if (marker?.role === 'source') {
+        // A QEMU other than the one that was migrating was started by a rollback
+        // that got as far as recording it: it runs the VM now (or is about to: it may still
+        // wait, paused, for its NICs and `cont`), so it is adopted, never restored over.
+        if (recorded && !(migrating && same(recorded, migrating))) {
+          if (migrating) await killQemu(migrating);
+          await vm.adopt(recorded);
+          await this.#runAdopted(vm, log);
+          log.warn('sidecar restarted after a rollback had restored the VM: adopted the restored QEMU', { pid: recorded.pid });
+        } else {
+          await this.#recoverSource(vm, migrating, marker, log);
+        }
+      } else if (recorded) {
+        await vm.adopt(recorded);
+        await this.#runAdopted(vm, log);
+      } else {
+        vm.place = 'stopped';
+        log.warn('VM was not running when the sidecar restarted');
+      }
+      if (!keepMarker) await vm.setMigrationMarker(null);
+      if (vm.place === 'running' && !this.#nics.has(vm.name)) {
+        // QEMU went back to listening when the old sidecar's connection died; the TAP
+        // is persistent and still in its bridge: reattach both.
+        const ports = this.#createNics(vm, 'pass');
+        await this.#openNics(vm, ports);
+      } else if (vm.place !== 'running' && vm.place !== 'migrating-in') {
+        for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
+      }
+    } catch (e) {
+      // Never `stopped`: a QEMU of this VM may still run, or its only copy may be elsewhere.
+      const err = e as TetherError;
+      await vm.qemu?.detach().catch(() => {});
+      vm.qemu = undefined;
+      await vm.stopDisk().catch(() => {});
+      await this.#closeNics(vm.name, false);
+      await vm.markUnrecovered(err.code ?? 'ERR_RECOVERY', err.message).catch(() => {
+        vm.place = 'unrecovered';
+        vm.unrecovered = { code: err.code ?? 'ERR_RECOVERY', message: err.message, at: new Date().toISOString() };
+      });
+      log.error('recovery failed: VM left unrecovered; resolve with `tether vm adopt` or `tether vm forget`', { error: errorFields(e) });
+    }
+  }
+
+  /**
+   * An adopted QEMU must be running before the VM is shown running. A restored or promoted
+   * QEMU (no configuration section: sendConfiguration false) found paused or still loading is
+   * resumed the way a live rollback does it - NICs connected, `cont`, MAC announcement;
+   * anything else not running is not guessed at (ERR_RECOVERY: the VM is left unrecovered).
+   */
+  async #runAdopted(vm: VmInstance, log: Logger): Promise<void> {
+    const q = vm.qemu!;
+    const { status } = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: QMP_RECOVERY_MS });
+    // 'suspended': the guest put itself to sleep (ACPI S3); it runs as far as tether is concerned
+    if (status !== 'running' && status !== 'suspended') {
+      if (vm.sendConfiguration || !['paused', 'inmigrate', 'prelaunch'].includes(status)) {
+        throw new TetherError('ERR_RECOVERY', `QEMU pid ${q.pid} is ${status}, not running, and no record says why`, {
+          pid: q.pid,
+          status,
+        });
+      }
+      await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
+      await announceRestored(vm);
+      log.warn('restored QEMU found paused after a sidecar restart: resumed and announced', { pid: q.pid, was: status });
+    }
+    vm.place = 'running';
   }
 
   /**
@@ -203,10 +263,10 @@ export class Daemon {
    * destination, whatever state the channel was in. Never resume it here; drop this host's
    * copy and repeat the answer until the destination confirms (it waits with its guest paused).
    */
-  async #recoverCompleted(vm: VmInstance, pids: number[], marker: MigrationMarker, log: Logger): Promise<void> {
+  async #recoverCompleted(vm: VmInstance, qemus: QemuIdentity[], marker: MigrationMarker, log: Logger): Promise<void> {
     const { migrationId } = marker;
     const finalEpoch = (await CheckpointStore.readCompleted(vm.checkpointDir))!;
-    for (const p of pids) await killPid(p);
+    for (const q of qemus) await killQemu(q);
     await fs.rm(vm.ramFile, { force: true });
     vm.place = 'gone';
     vm.lastMigration = { migrationId, outcome: 'completed', reason: 'sidecar-restart', finalEpoch, handover: 'pending' };
@@ -222,9 +282,7 @@ export class Daemon {
       log,
     }).then(async (handover) => {
       vm.lastMigration = { ...vm.lastMigration, handover };
-      await vm.removeRam().catch(() => {});
-      await vm.forget().catch(() => {});
-      await vm.setMigrationMarker(null).catch(() => {});
+      await vm.dropCompletedSource(cleanupCrashPoint(this.#faults)).catch(() => {});
     });
   }
 
@@ -234,21 +292,19 @@ export class Daemon {
    * source's answer arrives (#servePeer). Between SIGCONT and QMP stop the guest runs for a
    * moment with its devices' backends gone: nothing it emits can leave the host.
    */
-  async #recoverCompleting(vm: VmInstance, pids: number[], marker: MigrationMarker, log: Logger): Promise<void> {
+  async #recoverCompleting(vm: VmInstance, migrating: QemuIdentity | null, marker: MigrationMarker, log: Logger): Promise<void> {
     const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
-    const { migrationId, qemuPid: migrating } = marker;
-    const pid = pids.find((p) => p === migrating) ?? null;
-    for (const p of pids) if (p !== pid) await killPid(p);
-    if (pid === null) {
+    const { migrationId } = marker;
+    if (migrating === null) {
       await vm.removeRam();
       await fs.rm(completingRecordPath(vm), { force: true });
       vm.place = 'fenced';
       log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { migrationId, finalEpoch: epoch });
       return;
     }
-    process.kill(pid, 'SIGCONT');
-    await vm.adopt(pid);
-    await vm.qemu!.qmp.execute('stop');
+    if (identityAlive(migrating)) process.kill(migrating.pid, 'SIGCONT');
+    await vm.adopt(migrating);
+    await vm.qemu!.qmp.execute('stop', undefined, { timeoutMs: QMP_RECOVERY_MS });
     vm.place = 'migrating-in';
     this.#awaitingAnswer.set(vm.name, { vm, epoch, migrationId });
     log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', {
@@ -295,13 +351,12 @@ export class Daemon {
         vm.place = 'fenced';
         log.warn('the source answered rolled-back: fenced');
       }
-      await fs.rm(completingRecordPath(vm), { force: true });
-      await vm.setMigrationMarker(null);
+      await vm.dropCompletingRecords(cleanupCrashPoint(this.#faults));
     })().catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
     return { known: true };
   }
 
-  async #recoverSource(vm: VmInstance, pid: number | null, marker: MigrationMarker, log: Logger): Promise<void> {
+  async #recoverSource(vm: VmInstance, pid: QemuIdentity | null, marker: MigrationMarker, log: Logger): Promise<void> {
     const { migrationId } = marker;
     // A persisted stage is re-applied whole: its disk extents too.
     const sink = vm.config.disk ? new ImageSink(vm.config.disk.image) : undefined;
@@ -326,9 +381,9 @@ export class Daemon {
       if (!pid) throw new TetherError('ERR_RECOVERY', 'no checkpoint and no QEMU: the VM is lost');
       await vm.adopt(pid);
       const q = vm.qemu!.qmp;
-      await q.execute('migrate_cancel').catch(() => {});
+      await q.execute('migrate_cancel', undefined, { timeoutMs: QMP_RECOVERY_MS }).catch(() => {});
       for (let i = 0; i < 250; i++) {
-        const m = (await q.execute('query-migrate')) as { status?: string };
+        const m = (await q.execute('query-migrate', undefined, { timeoutMs: QMP_RECOVERY_MS })) as { status?: string };
         if (!['active', 'setup', 'cancelling', 'pre-switchover', 'device'].includes(m.status ?? '')) break;
         await new Promise((r) => setTimeout(r, 20));
       }
@@ -339,11 +394,11 @@ export class Daemon {
       log.warn('migration interrupted before switchover by a sidecar restart: cancelled, VM kept', { migrationId });
       return;
     }
-    if (pid) await killPid(pid);
+    if (pid) await killQemu(pid);
     await vm.restoreFrom(last.devstatePath);
     // NICs before the VM runs (and so before the announcement)
     await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
-    await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
+    await announceRestored(vm);
     vm.place = 'running';
     vm.lastMigration = { migrationId, outcome: 'rolled-back', reason: 'sidecar-restart', rollback: { epoch: last.epoch } };
     this.metrics.rollbacks.inc({ reason: 'sidecar-restart' });
@@ -485,6 +540,7 @@ export class Daemon {
           );
         }
         const existing = this.vms.get(cfg.name);
+        if (existing) this.#settled(existing);
         if (existing && existing.place !== 'stopped' && existing.place !== 'gone' && existing.place !== 'fenced') {
           throw new TetherError('ERR_VM_EXISTS', `VM ${cfg.name} is already ${existing.place} on this host`);
         }
@@ -505,23 +561,24 @@ export class Daemon {
         return this.#status(vm);
       }
       case 'vm.stop': {
-        const vm = this.#vm(vmName());
+        const vm = this.#settled(this.#vm(vmName()));
         if (this.#outgoing.has(vm.name)) throw new TetherError('ERR_VM_BUSY', `VM ${vm.name} is migrating; abort first`);
-        // Unrecovered: whatever QEMU runs on its RAM file is not supervised; stop means stop it.
-        if (vm.place === 'unrecovered') for (const pid of qemuPidsFor(vm.ramFile)) await killPid(pid);
-        if (vm.place === 'unrecovered') await vm.setMigrationMarker(null);
         vm.place = 'stopped';
         await vm.stopQemu();
         await this.#closeNics(vm.name, true);
         await vm.removeRam();
         return this.#status(vm);
       }
+      case 'vm.forget':
+        return this.#forget(vmName(), p.force === true);
+      case 'vm.adopt':
+        return this.#adoptByOperator(this.#vm(vmName()));
       case 'status': {
         if (p.vm === undefined) return { host: this.host.name, vms: [...this.vms.values()].map((v) => this.#status(v)) };
         return this.#status(this.#vm(vmName()));
       }
       case 'migrate': {
-        const vm = this.#vm(vmName());
+        const vm = this.#settled(this.#vm(vmName()));
         if (typeof p.to !== 'string') throw new TetherError('ERR_USAGE', 'parameter to (host:port of the destination daemon) is required');
         const to = parseHostPort(p.to);
         if (vm.place !== 'running') throw new TetherError('ERR_VM_NOT_RUNNING', `VM ${vm.name} is ${vm.place}, not running`);
@@ -587,6 +644,150 @@ export class Daemon {
     }
   }
 
+  /** `vm`, unless a restart has not finished recovering it (ERR_VM_RECOVERING) or left it unrecovered (ERR_VM_UNRECOVERED). */
+  #settled(vm: VmInstance): VmInstance {
+    if (vm.place === 'recovering') {
+      throw new TetherError('ERR_VM_RECOVERING', `VM ${vm.name} is still being recovered after the sidecar restart; retry`, {
+        vm: vm.name,
+      });
+    }
+    if (vm.place === 'unrecovered') {
+      const c = vm.unrecovered;
+      throw new TetherError(
+        'ERR_VM_UNRECOVERED',
+        `VM ${vm.name} is unrecovered (${c ? `${c.code}: ${c.message}` : 'cause unknown'}); ` +
+          'check its QEMU and the other host, then `tether vm adopt` or `tether vm forget` it',
+        { vm: vm.name, cause: c ?? null },
+      );
+    }
+    return vm;
+  }
+
+  /** Live QEMUs the VM's records name (vm.json, the marker, a standby), by pid + start time. */
+  async #recordedQemus(vm: VmInstance): Promise<QemuIdentity[]> {
+    const out: QemuIdentity[] = [];
+    const add = (q: QemuIdentity | null | undefined): void => {
+      if (q && identityAlive(q) && !out.some((o) => same(o, q))) out.push(q);
+    };
+    const saved = await VmInstance.readPersisted(vm.dir).catch(() => null);
+    // a record of an older build (no start time): the operator checked; the pid as it runs now
+    const legacy = (pid: number | null | undefined, st: string | null | undefined): QemuIdentity | null => {
+      if (pid === null || pid === undefined) return null;
+      const startTime = typeof st === 'string' ? st : procStartTime(pid);
+      return startTime === null ? null : { pid, startTime };
+    };
+    add(legacy(saved?.pid, saved?.startTime));
+    const marker = await VmInstance.readMarker(vm.dir).catch(() => null);
+    add(legacy(marker?.qemuPid, marker?.qemuStartTime));
+    add(await VmInstance.readStandby(vm.dir));
+    return out;
+  }
+
+  /**
+   * `tether vm forget <vm>`: drop this host's records of the VM (vm.json, marker, completion
+   * request, unrecovered cause) and nothing else: no process is signalled, no RAM file, disk or
+   * TAP is touched. Refused (ERR_VM_QEMU_ALIVE) while a QEMU the records name still runs,
+   * unless `force` (it then runs on, unsupervised). For a VM that is not running here only.
+   */
+  async #forget(name: string, force: boolean): Promise<Record<string, unknown>> {
+    const vm = this.vms.get(name);
+    const dir = path.join(this.host.stateDir, name);
+    if (!vm && !this.#damaged.has(name)) throw new TetherError('ERR_NO_SUCH_VM', `no VM named ${name} on host ${this.host.name}`);
+    if (vm?.place === 'recovering') this.#settled(vm);
+    if (vm && !['unrecovered', 'stopped', 'gone', 'fenced'].includes(vm.place)) {
+      throw new TetherError('ERR_VM_BUSY', `VM ${name} is ${vm.place} here: stop it (tether vm stop) instead of forgetting it`);
+    }
+    let alive: QemuIdentity[] = [];
+    if (vm) alive = await this.#recordedQemus(vm);
+    if (!vm && !force) {
+      throw new TetherError(
+        'ERR_VM_QEMU_ALIVE',
+        `VM ${name}'s record is damaged: whether a QEMU of it runs is unknown; check, then --force`,
+        {
+          vm: name,
+          pids: [],
+        },
+      );
+    }
+    if (alive.length > 0 && !force) {
+      throw new TetherError(
+        'ERR_VM_QEMU_ALIVE',
+        `VM ${name}: QEMU pid ${alive.map((q) => q.pid).join(', ')} started by this sidecar still runs; ` +
+          'stop it yourself, or forget with --force to leave it running unsupervised',
+        { vm: name, pids: alive.map((q) => q.pid) },
+      );
+    }
+    for (const f of ['vm.json', 'migration.json', 'completing.json', 'unrecovered.json', 'standby.json']) {
+      await fs.rm(path.join(dir, f), { force: true });
+    }
+    if (vm) {
+      await vm.qemu?.detach().catch(() => {});
+      await vm.stopDisk().catch(() => {});
+      await this.#closeNics(name, false);
+    }
+    this.vms.delete(name);
+    this.#damaged.delete(name);
+    this.#awaitingAnswer.delete(name);
+    this.log.warn('VM forgotten by the operator: its records are dropped, nothing else touched', {
+      vm: name,
+      leftRunning: alive.map((q) => q.pid),
+    });
+    return { vm: name, forgotten: true, leftRunning: alive.map((q) => q.pid) };
+  }
+
+  /**
+   * `tether vm adopt <vm>`: the operator checked an unrecovered VM and accepts what runs. The
+   * one live QEMU its records name becomes its QEMU (resumed and announced if it is paused:
+   * the operator says this copy is the VM); with none, the VM is stopped. Two live QEMUs are
+   * refused (ERR_VM_QEMU_ALIVE): the operator stops one first. The migration records go.
+   */
+  async #adoptByOperator(vm: VmInstance): Promise<Record<string, unknown>> {
+    if (vm.place !== 'unrecovered') this.#settled(vm);
+    if (vm.place !== 'unrecovered') throw new TetherError('ERR_USAGE', `VM ${vm.name} is ${vm.place}, not unrecovered: nothing to adopt`);
+    const alive = await this.#recordedQemus(vm);
+    if (alive.length > 1) {
+      throw new TetherError(
+        'ERR_VM_QEMU_ALIVE',
+        `VM ${vm.name}: ${alive.length} QEMUs run (pids ${alive.map((q) => q.pid).join(', ')}); stop all but the VM's, then adopt`,
+        { vm: vm.name, pids: alive.map((q) => q.pid) },
+      );
+    }
+    const log = this.log.child({ vm: vm.name });
+    vm.place = 'recovering';
+    let resumed = false;
+    try {
+      if (alive.length === 1) {
+        await vm.adopt(alive[0]!, QMP_RECOVERY_MS);
+        const { status } = await vm.qemu!.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: QMP_RECOVERY_MS });
+        if (status !== 'running') {
+          await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
+          await announceRestored(vm);
+          resumed = true;
+        }
+        vm.place = 'running';
+        if (!this.#nics.has(vm.name)) await this.#openNics(vm, this.#createNics(vm, 'pass'));
+      } else {
+        vm.place = 'stopped';
+      }
+    } catch (e) {
+      const err = e as TetherError;
+      await vm.qemu?.detach().catch(() => {});
+      vm.qemu = undefined;
+      await vm.stopDisk().catch(() => {});
+      await this.#closeNics(vm.name, false);
+      vm.place = 'unrecovered';
+      throw new TetherError(err.code ?? 'ERR_RECOVERY', `adopting VM ${vm.name} failed, it stays unrecovered: ${err.message}`, {
+        vm: vm.name,
+      });
+    }
+    await vm.setMigrationMarker(null);
+    await fs.rm(path.join(vm.dir, 'completing.json'), { force: true });
+    await vm.clearUnrecovered();
+    this.#awaitingAnswer.delete(vm.name);
+    log.warn('unrecovered VM adopted by the operator', { pid: alive[0]?.pid ?? null, resumed });
+    return { ...this.#status(vm), adopted: alive[0]?.pid ?? null, resumed };
+  }
+
   #vm(name: string): VmInstance {
     const vm = this.vms.get(name);
     if (!vm) throw new TetherError('ERR_NO_SUCH_VM', `no VM named ${name} on host ${this.host.name}`);
@@ -613,6 +814,7 @@ export class Daemon {
             ? { role: 'destination', id: awaiting.migrationId, phase: 'completing', finalEpoch: awaiting.epoch }
             : null,
       lastMigration: vm.lastMigration ?? null,
+      ...(vm.place === 'unrecovered' ? { unrecovered: vm.unrecovered ?? null } : {}),
     };
   }
 
@@ -687,6 +889,10 @@ export class Daemon {
           throw new TetherError('ERR_PEER_VM_BUSY', `VM ${cfg.name} is already migrating in to ${this.host.name}`);
         }
         const existing = this.vms.get(cfg.name);
+        if (this.#damaged.has(cfg.name)) {
+          throw new TetherError('ERR_STATE_FILE_CORRUPT', `VM ${cfg.name}'s record on ${this.host.name} is damaged`);
+        }
+        if (existing) this.#settled(existing);
         if (existing && !['stopped', 'gone', 'fenced'].includes(existing.place)) {
           throw new TetherError('ERR_PEER_VM_BUSY', `VM ${cfg.name} is already ${existing.place} on ${this.host.name}`);
         }
@@ -775,25 +981,42 @@ export class Daemon {
   }
 }
 
-/** Live QEMU processes whose command line names this RAM file. */
-function qemuPidsFor(ramFile: string): number[] {
-  const out: number[] = [];
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const argv = readFileSync(`/proc/${d}/cmdline`, 'latin1').split('\0');
-      if (/qemu-system/.test(argv[0] ?? '') && argv.some((a) => a.includes(`mem-path=${qemuOptValue(ramFile)},`))) out.push(Number(d));
-    } catch {
-      /* gone meanwhile */
-    }
-  }
-  return out;
+interface Pending {
+  vm: VmInstance;
+  saved: PersistedVm;
+  dir: string;
+  log: Logger;
 }
 
-/** SIGKILL a process we did not spawn and wait until it is gone. */
-async function killPid(pid: number): Promise<void> {
-  if (!(await killAndWait(pid))) throw new TetherError('ERR_RECOVERY', `QEMU pid ${pid} did not die`);
+const same = (a: QemuIdentity, b: QemuIdentity): boolean => a.pid === b.pid && a.startTime === b.startTime;
+
+/**
+ * The live QEMU the migration marker names (pid + start time), or null. A marker of an older
+ * build names a pid only: taken as vm.json's QEMU when it is that pid (vm.json has its start
+ * time), as gone when no such process exists, and refused (ERR_RECOVERY) otherwise.
+ */
+function markerQemu(marker: MigrationMarker | null, recorded: QemuIdentity | null): QemuIdentity | null {
+  if (!marker || marker.qemuPid === null) return null;
+  const pid = marker.qemuPid;
+  let id: QemuIdentity | null;
+  if (typeof marker.qemuStartTime === 'string') id = { pid, startTime: marker.qemuStartTime };
+  else if (recorded?.pid === pid) id = recorded;
+  else if (procStartTime(pid) === null) return null;
+  else {
+    throw new TetherError('ERR_RECOVERY', `the migration marker names QEMU pid ${pid} without its start time, and pid ${pid} runs`, {
+      pid,
+    });
+  }
+  return identityAlive(id) ? id : null;
 }
+
+/** SIGKILL a QEMU the records name (never a process that reused its pid) and wait until it is gone. */
+async function killQemu(id: QemuIdentity): Promise<void> {
+  if (!(await killIdentity(id))) throw new TetherError('ERR_RECOVERY', `QEMU pid ${id.pid} did not die`);
+}
+
+/** Bound on each QMP command of a recovery: one VM's silent QEMU must not hold the others. */
+const QMP_RECOVERY_MS = 5000;
 
 function listen(server: net.Server, opts: net.ListenOptions): Promise<void> {
   return new Promise((resolve, reject) => {

@@ -20,7 +20,7 @@ import { QemuGuard } from '../vm/guard.ts';
 import { VmInstance } from '../vm/instance.ts';
 import { asPeerControl } from '../peer/control.ts';
 import { existsSync } from 'node:fs';
-import { CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from './faults.ts';
+import { cleanupCrashPoint, CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from './faults.ts';
 import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';
 import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
@@ -657,8 +657,9 @@ export class DestinationMigration {
     this.#outputs.passThrough();
     this.#guard?.disarm();
     this.vm.place = 'running';
-    await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
-    void this.vm.setMigrationMarker(null).catch(() => {});
+    await this.vm
+      .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
+      .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
     setTimeout(() => this.#ch.close(), 5000).unref();
     this.done.resolve('completed');

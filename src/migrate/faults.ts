@@ -23,6 +23,12 @@ import { TetherError } from '../errors.ts';
  *                                ask the source to complete until the file <stateDir>/<vm>/hold-completion.release
  *                                exists: a test's interruption point cannot come after the migration ended, however
  *                                fast the machine (the test creates the file when it wants the migration to complete)
+ *   crash-before-resume          the source's sidecar dies (SIGKILL of itself) in a rollback past switchover once the
+ *                                restored QEMU exists (recorded, loading or paused), before its NICs and `cont`
+ *   crash-cleanup-step=N         after a confirmed completion, the sidecar dies (SIGKILL of itself) right after step N
+ *                                of dropping its records (VmInstance.dropCompletedSource on the source: 1 vm.json,
+ *                                2 marker, 3 checkpoints and RAM; dropCompletingRecords on the destination: 1 marker,
+ *                                2 completion request)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -40,6 +46,8 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  crashCleanupStep?: number;
+  crashBeforeResume?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -64,7 +72,7 @@ export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 /** File name, in the VM's state dir on the destination, that releases hold-completion. */
 export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
@@ -72,6 +80,7 @@ const FLAGS: Record<string, Flag> = {
   'journal-write-through': 'journalWriteThrough',
   'hold-acks-trigger': 'holdAcksTrigger',
   'hold-completion': 'holdCompletion',
+  'crash-before-resume': 'crashBeforeResume',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
@@ -83,7 +92,22 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'hold-acks-epoch': 'holdAcksEpoch',
   'fail-apply-epoch': 'failApplyEpoch',
   'fail-apply-sticky': 'failApplySticky',
+  'crash-cleanup-step': 'crashCleanupStep',
 };
+
+/** crash-before-resume: the rollback's restored QEMU exists (recorded in vm.json), not yet resumed. */
+export function crashBeforeResume(faults: Faults | undefined, log: { warn(msg: string): void }): void {
+  if (!faults?.crashBeforeResume) return;
+  log.warn('fault injection: sidecar dies with the restored QEMU not yet resumed');
+  process.kill(process.pid, 'SIGKILL');
+}
+
+/** The `afterStep` hook of the post-completion clean-up (crash-cleanup-step=N). */
+export function cleanupCrashPoint(faults: Faults): (step: number) => void {
+  return (step) => {
+    if (faults.crashCleanupStep === step) process.kill(process.pid, 'SIGKILL');
+  };
+}
 
 export function parseFaults(spec: string | undefined): Faults {
   const out: Faults = {};

@@ -22,7 +22,7 @@ import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl, newMigrationId } from '../peer/control.ts';
 import { notifyDestination, resolveMessage } from './notify.ts';
-import { CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
+import { cleanupCrashPoint, crashBeforeResume, CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
@@ -520,11 +520,7 @@ export class SourceMigration {
     // a restarted sidecar then answers again instead of resuming the VM here.
     await this.#vm.stopQemu().catch(() => {});
     await fs.rm(this.#vm.ramFile, { force: true }).catch(() => {});
-    const cleanup = async () => {
-      await this.#vm.removeRam().catch(() => {});
-      await this.#vm.forget().catch(() => {});
-      await this.#vm.setMigrationMarker(null).catch(() => {});
-    };
+    const cleanup = () => this.#vm.dropCompletedSource(cleanupCrashPoint(faults)).catch(() => {});
     if (answer === 'pending') void confirmed.then(cleanup);
     else await cleanup();
     this.#finish({ outcome: 'completed', handover: answer });
@@ -611,15 +607,17 @@ export class SourceMigration {
         const t2 = nowMs();
         figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
         if (figures.hot) {
+          crashBeforeResume(this.#opts.faults, this.#log);
           if (this.#standby?.hasNics) await resumeRestored(vm, () => this.#opts.nics?.resume());
           else await waitRunning(vm);
         } else {
           await exited;
           await vm.restoreFrom(last.devstatePath);
+          crashBeforeResume(this.#opts.faults, this.#log);
           await resumeRestored(vm, () => this.#opts.nics?.resume());
         }
         const t3 = nowMs();
-        await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
+        await announceRestored(vm);
         const t4 = nowMs();
         tRestored = t4;
         await exited; // the old QEMU's teardown may outlast the restore; not counted in it
@@ -831,6 +829,11 @@ async function waitStatus(vm: VmInstance, status: string, timeoutMs: number): Pr
  * frames in its transmit ring sends at once, and QEMU 7.2's stream netdev must have its
  * peer by then. A NIC that does not come back is logged; the VM runs regardless.
  */
+/** The MAC announcement of a restored VM once it runs (the live rollback and a restarted sidecar alike). */
+export async function announceRestored(vm: VmInstance): Promise<void> {
+  await vm.qemu!.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 });
+}
+
 export async function resumeRestored(vm: VmInstance, connectNics: () => Promise<void> | undefined, timeoutMs = 60_000): Promise<void> {
   await waitStatus(vm, 'paused', timeoutMs);
   await Promise.resolve(connectNics())?.catch((e: unknown) =>

@@ -23,7 +23,8 @@
  *  - the standby is never `cont`ed and never handed device state before the rollback is
  *    decided, so the guest never runs twice: the wedged QEMU is dead before the standby
  *    gets its state;
- *  - the standby's pid is recorded in vm.json BEFORE it is handed device state, so a
+ *  - the standby's pid + start time are recorded in standby.json when it is spawned, and in
+ *    vm.json BEFORE it is handed device state, so a
  *    sidecar restart adopts a standby that may already run the VM and kills one that
  *    never got state ({@link settleStandbys});
  *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
@@ -36,13 +37,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { QmpClient } from '../qmp/client.ts';
-import { QemuProcess } from '../qemu/process.ts';
-import { qemuOptValue, shellQuote } from '../qemu/cmdline.ts';
+import { identityAlive, killIdentity, QemuProcess } from '../qemu/process.ts';
+import type { QemuIdentity } from '../qemu/process.ts';
+import { shellQuote } from '../qemu/cmdline.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { nowMs } from '../util/time.ts';
-import type { VmInstance } from '../vm/instance.ts';
-import { killAndWait } from '../util/process.ts';
+import { VmInstance } from '../vm/instance.ts';
 
 /** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
 export const STANDBY_QMP = 'standby.sock';
@@ -95,6 +96,8 @@ export class HotStandby {
       nicSockets: standbyNicSockets(vm),
       ...(cfg.disk ? { nbdSocket: vm.nbdSocket } : {}),
       incoming: { kind: 'defer' },
+      // its identity on disk the moment it exists: a restarted sidecar finds it by that alone
+      onSpawned: (id) => vm.recordStandby(id),
     }).then(
       (q) => {
         this.startMs = Math.round((nowMs() - t0) * 100) / 100;
@@ -218,36 +221,21 @@ function allExiting(pid: number): boolean {
 }
 
 /**
- * Sidecar restart: among `pids` (the QEMUs on this VM's RAM file), kill every standby that
- * was never handed device state and return the rest. A standby that vm.json names
- * (`persistedPid`) was being promoted: kept if it got its device state (it may already
- * run the VM: restoring over it would run the guest twice), killed if it still waits with
- * no incoming migration (the restart then restores as without it).
+ * Sidecar restart: kill the hot standby the previous sidecar recorded (standby.json, by pid +
+ * start time) unless it was being promoted and got its device state, and return the QEMU to
+ * recover (`recorded`, the one vm.json names, or null). A standby that vm.json names was being
+ * promoted: kept if it got its device state (it may already run the VM: restoring over it
+ * would run the guest twice), killed if it still waits with no incoming migration (the restart
+ * then restores as without it). Nothing is found by its command line.
  */
-export async function settleStandbys(vm: VmInstance, pids: number[], persistedPid: number | null, log: Logger): Promise<number[]> {
-  const keep: number[] = [];
-  for (const pid of pids) {
-    if (!isStandbyPid(vm, pid)) {
-      keep.push(pid);
-      continue;
-    }
-    if (pid === persistedPid && (await gotDeviceState(vm.qmpSocket))) {
-      keep.push(pid);
-      continue;
-    }
-    log.warn('killing a hot standby left by the previous sidecar', { pid });
-    await killAndWait(pid);
-  }
-  return keep;
-}
-
-function isStandbyPid(vm: VmInstance, pid: number): boolean {
-  try {
-    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1').split('\0');
-    return argv.some((a) => a.includes(`path=${qemuOptValue(standbySocket(vm))},`));
-  } catch {
-    return false;
-  }
+export async function settleStandbys(vm: VmInstance, recorded: QemuIdentity | null, log: Logger): Promise<QemuIdentity | null> {
+  const sb = await VmInstance.readStandby(vm.dir);
+  if (!sb || !identityAlive(sb)) return recorded;
+  const isRecorded = recorded !== null && recorded.pid === sb.pid && recorded.startTime === sb.startTime;
+  if (isRecorded && (await gotDeviceState(vm.qmpSocket))) return recorded;
+  log.warn('killing a hot standby left by the previous sidecar', { pid: sb.pid });
+  await killIdentity(sb);
+  return isRecorded ? null : recorded;
 }
 
 /**

@@ -5,7 +5,8 @@ import os from 'node:os';
 import path from 'node:path';
 import type { VmConfig } from '../config/types.ts';
 import { isTetherError } from '../errors.ts';
-import { QemuProcess } from './process.ts';
+import { spawn } from 'node:child_process';
+import { identityAlive, killIdentity, procStartTime, QemuProcess } from './process.ts';
 
 function setup(t: Test, script: string): { dir: string; vm: VmConfig } {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-proc-'));
@@ -82,4 +83,19 @@ t.test('missing binary: ERR_QEMU_START', async (t) => {
   );
   t.equal(e.code, 'ERR_QEMU_START');
   t.match(e.message, /ENOENT|could not be spawned/);
+});
+
+t.test('a QEMU is known by pid + start time: a process that reused the pid is neither alive nor killed', async (t) => {
+  const p = spawn('sleep', ['60'], { stdio: 'ignore' });
+  t.teardown(() => p.kill('SIGKILL'));
+  const st = procStartTime(p.pid!);
+  t.type(st, 'string');
+  t.ok(identityAlive({ pid: p.pid!, startTime: st! }), 'the recorded identity');
+  const reused = { pid: p.pid!, startTime: String(Number(st) - 1) };
+  t.notOk(identityAlive(reused), 'same pid, another start time: not our QEMU');
+  t.ok(await killIdentity(reused), 'nothing of ours to kill');
+  t.equal(p.exitCode, null);
+  t.equal(p.signalCode, null, 'the process holding the pid was not signalled');
+  t.ok(await killIdentity({ pid: p.pid!, startTime: st! }));
+  t.equal(procStartTime(p.pid!), null, 'killed and reaped');
 });

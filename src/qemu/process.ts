@@ -44,6 +44,70 @@ export interface QemuStartOptions {
    * the daemon chose at start (currentScope()); null: no scope.
    */
   scope?: ScopeLauncher | null;
+  /**
+   * Called once QEMU is spawned, before QMP is awaited, with its identity: the caller
+   * records it durably (vm.json) so a restarted sidecar finds this QEMU by pid + start
+   * time and by nothing else. A rejection kills the new QEMU and fails the start.
+   */
+  onSpawned?: (id: QemuIdentity) => Promise<void>;
+}
+
+/**
+ * What identifies a QEMU this sidecar started: its pid plus the process's start time
+ * (field 22 of /proc/<pid>/stat, clock ticks since boot). A pid alone may be reused by
+ * any process after QEMU died; a command line can be forged by any local user. Neither
+ * is ever taken for "this VM's QEMU".
+ */
+export interface QemuIdentity {
+  pid: number;
+  startTime: string;
+}
+
+/** Field 22 (starttime) of /proc/<pid>/stat, or null when there is no such process. */
+export function procStartTime(pid: number): string | null {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+  } catch {
+    return null;
+  }
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses; field 3 follows the last ') '
+  const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+  return f[19] ?? null; // fields 3.. → index 0 is field 3, so field 22 is index 19
+}
+
+/** Whether the process `id` names still runs (same pid AND same start time; a zombie counts as gone). */
+export function identityAlive(id: QemuIdentity): boolean {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${id.pid}/stat`, 'latin1');
+  } catch {
+    return false;
+  }
+  const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+  return f[19] === id.startTime && f[0] !== 'Z' && f[0] !== 'X';
+}
+
+/**
+ * SIGKILL the process `id` names and wait until it is gone; a pid now held by another
+ * process (start time differs) is never signalled. Resolves false if it did not die in ~5 s.
+ * (Between the check and the signal the pid cannot be reused unless the process exited and
+ * was reaped in that instant, and all pids wrapped around since: not a practical race.)
+ */
+export async function killIdentity(id: QemuIdentity): Promise<boolean> {
+  if (!identityAlive(id)) return true;
+  try {
+    process.kill(id.pid, 'SIGKILL');
+  } catch {
+    return true;
+  }
+  // Until it is reaped (gone from /proc), as callers and tools that probe the pid expect; a
+  // zombie whose reaper is slow is dead all the same.
+  for (let i = 0; i < 500; i++) {
+    if (procStartTime(id.pid) !== id.startTime) return true;
+    await sleep(10);
+  }
+  return !identityAlive(id);
 }
 
 export interface QemuExit {
@@ -71,6 +135,8 @@ function track(child: ChildProcess): void {
 
 export class QemuProcess {
   readonly pid: number;
+  /** /proc start time of `pid` (see QemuIdentity); '' when it could not be read (already gone). */
+  readonly startTime: string;
   readonly args: readonly string[];
   readonly logFile: string;
   /** Resolves once QEMU has exited and its QMP socket has been removed. Never rejects. */
@@ -108,6 +174,15 @@ export class QemuProcess {
     const scoped = scope ? scopeArgv(scope, scopeUnitName(vm.name), `tether VM ${vm.name} (QEMU)`, qemuArgv) : qemuArgv;
     const argv = opts.dieWithParent ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', ...scoped] : scoped;
     const qp = new QemuProcess(argv, args, qmpSocket, logFile, opts.dieWithParent ?? false);
+    if (opts.onSpawned && qp.pid > 0 && qp.startTime !== '') {
+      try {
+        await opts.onSpawned(qp.identity);
+      } catch (e) {
+        qp.child.kill('SIGKILL');
+        await qp.exited;
+        throw e;
+      }
+    }
     const t0 = Date.now();
     const ac = new AbortController();
     void qp.exited.then(() => ac.abort());
@@ -147,18 +222,29 @@ export class QemuProcess {
    * restarted; the guest must not notice). Its output keeps going to wherever
    * it went; exit is noticed by polling the pid.
    */
-  static async adopt(opts: { pid: number; qmpSocket: string; logFile: string }): Promise<QemuProcess> {
-    const qp = new QemuProcess({ adoptPid: opts.pid }, [], opts.qmpSocket, opts.logFile);
+  static async adopt(opts: { id: QemuIdentity; qmpSocket: string; logFile: string; timeoutMs?: number }): Promise<QemuProcess> {
+    const { pid } = opts.id;
+    if (!identityAlive(opts.id)) {
+      throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${pid}: no such process with that start time`, { pid });
+    }
+    const qp = new QemuProcess({ adopt: opts.id }, [], opts.qmpSocket, opts.logFile);
     try {
-      qp.qmpClient = await QmpClient.connect(opts.qmpSocket, { timeoutMs: 5000 });
+      qp.qmpClient = await QmpClient.connect(opts.qmpSocket, { timeoutMs: opts.timeoutMs ?? 5000 });
     } catch (e) {
-      throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${opts.pid}: ${(e as Error).message}`, { pid: opts.pid });
+      await qp.detach();
+      throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${pid}: ${(e as Error).message}`, { pid });
     }
     qp.transition('running');
     return qp;
   }
 
-  private constructor(argv: string[] | { adoptPid: number }, args: string[], qmpSocket: string, logFile: string, killWithParent = false) {
+  private constructor(
+    argv: string[] | { adopt: QemuIdentity },
+    args: string[],
+    qmpSocket: string,
+    logFile: string,
+    killWithParent = false,
+  ) {
     this.args = args;
     this.qmpSocket = qmpSocket;
     this.logFile = logFile;
@@ -174,8 +260,8 @@ export class QemuProcess {
         this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
       });
     } else {
-      log.write(`=== ${new Date().toISOString()} tether: adopted running pid ${argv.adoptPid}\n`);
-      this.child = new AdoptedChild(argv.adoptPid) as unknown as ChildProcess;
+      log.write(`=== ${new Date().toISOString()} tether: adopted running pid ${argv.adopt.pid}\n`);
+      this.child = new AdoptedChild(argv.adopt) as unknown as ChildProcess;
     }
     const onOutput = (chunk: Buffer): void => {
       log.write(chunk);
@@ -186,6 +272,7 @@ export class QemuProcess {
     this.outputDone = new Promise((resolve) => this.child.once('close', () => resolve()));
     this.logFlushed = new Promise((resolve) => log.once('close', () => resolve()));
     this.pid = this.child.pid ?? -1;
+    this.startTime = Array.isArray(argv) ? (this.pid > 0 ? (procStartTime(this.pid) ?? '') : '') : argv.adopt.startTime;
     if (this.child.pid !== undefined && killWithParent) track(this.child);
 
     this.exited = new Promise<QemuExit>((resolve) => {
@@ -206,6 +293,11 @@ export class QemuProcess {
         if (this.child.pid === undefined) void finish({ code: null, signal: null });
       });
     });
+  }
+
+  /** Pid + start time: what vm.json records, and the only way a restarted sidecar finds this QEMU. */
+  get identity(): QemuIdentity {
+    return { pid: this.pid, startTime: this.startTime };
   }
 
   /** The QMP connection; valid once start() resolved, closed once QEMU exited. */
@@ -352,16 +444,18 @@ export class QemuProcess {
 /** The part of ChildProcess that QemuProcess uses, for a QEMU we did not spawn. */
 class AdoptedChild extends EventEmitter {
   readonly pid: number;
+  readonly #id: QemuIdentity;
   readonly stdout = new EventEmitter();
   readonly stderr = new EventEmitter();
   readonly #timer: NodeJS.Timeout;
-  constructor(pid: number) {
+  constructor(id: QemuIdentity) {
     super();
-    this.pid = pid;
+    this.pid = id.pid;
+    this.#id = id;
     this.#timer = setInterval(() => {
-      try {
-        process.kill(pid, 0);
-      } catch {
+      // reaped, or the pid now belongs to another process: either way our QEMU exited (as
+      // before, a zombie is waited out: whoever probes the pid next must find it gone)
+      if (procStartTime(id.pid) !== id.startTime) {
         clearInterval(this.#timer);
         this.emit('exit', null, null);
         this.emit('close');
@@ -372,6 +466,7 @@ class AdoptedChild extends EventEmitter {
     clearInterval(this.#timer);
   }
   kill(signal: NodeJS.Signals): boolean {
+    if (!identityAlive(this.#id)) return false; // never signal a process that reused the pid
     try {
       process.kill(this.pid, signal);
       return true;

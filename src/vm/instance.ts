@@ -7,12 +7,15 @@ import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { QemuProcess } from '../qemu/process.ts';
+import type { QemuIdentity } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
 import { decodeStateFile, encodeStateFile } from './state-file.ts';
 
 /** Kinds of the state files (see state-file.ts): <dir>/vm.json and <dir>/migration.json. */
 const VM_MAGIC = 'TETHER-VM';
 const MARKER_MAGIC = 'TETHER-MIGRATION';
+const UNRECOVERED_MAGIC = 'TETHER-UNRECOVERED';
+const STANDBY_MAGIC = 'TETHER-STANDBY';
 /**
  * Format of the migration marker's body. 2: `migrationId` added. A marker of format 1 (written
  * before migration ids) cannot tell which migration a peer's answer is for: it is refused
@@ -24,6 +27,19 @@ export interface PersistedVm {
   config: VmConfig;
   sendConfiguration: boolean;
   pid: number | null;
+  /**
+   * /proc start time of `pid` (QemuIdentity), recorded when the QEMU was spawned. Absent in
+   * records of older builds: such a pid cannot be told from a reused one, so recovery leaves
+   * the VM unrecovered instead of guessing.
+   */
+  startTime?: string | null;
+}
+
+/** Why a restarted sidecar left a VM unrecovered (<dir>/unrecovered.json): kept until an operator resolves it. */
+export interface UnrecoveredCause {
+  code: string;
+  message: string;
+  at: string;
 }
 
 export interface MigrationMarker {
@@ -32,6 +48,8 @@ export interface MigrationMarker {
   migrationId: string;
   /** The QEMU that was migrating: after a restart, any other QEMU on the RAM file is a newer one. */
   qemuPid: number | null;
+  /** /proc start time of qemuPid (filled in by setMigrationMarker); absent in older markers. */
+  qemuStartTime?: string | null;
   peer: string;
   startedAt: string;
 }
@@ -59,11 +77,16 @@ async function writeFileAtomic(file: string, data: Buffer): Promise<void> {
  *   rolling-back   resuming here from the last acknowledged checkpoint
  *   fenced         was arriving here, the source kept it: QEMU and RAM gone
  *   gone           completed a migration away: this host holds no copy
- *   unrecovered    a restarted sidecar found a damaged migration marker and cannot tell;
- *                  it touched nothing (its QEMU, if any, runs on unsupervised) and refuses
- *                  everything but `tether vm stop`
+ *   recovering     a restarted sidecar has not finished finding this VM again: requests on it
+ *                  get ERR_VM_RECOVERING
+ *   unrecovered    a restarted sidecar could not bring it to a known state (a damaged marker,
+ *                  a failed restore, a QEMU it cannot identify or reach): it left what it found
+ *                  as it was, recorded the cause (unrecovered.json, kept across restarts) and
+ *                  refuses start, stop, migrations in and out (ERR_VM_UNRECOVERED) until an
+ *                  operator runs `tether vm adopt` or `tether vm forget`
  */
-export type VmPlace = 'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone' | 'unrecovered';
+export type VmPlace =
+  'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone' | 'recovering' | 'unrecovered';
 
 /**
  * One VM on this host: its files and its current QEMU process. The RAM file
@@ -107,6 +130,8 @@ export class VmInstance {
   diskDevice: (image: FileBlockDevice) => BlockDevice = (image) => image;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
+  /** Set while place is 'unrecovered': why (persisted in unrecovered.json). */
+  unrecovered: UnrecoveredCause | undefined;
 
   constructor(host: HostConfig, config: VmConfig, log: Logger) {
     this.name = config.name;
@@ -142,6 +167,7 @@ export class VmInstance {
   /** Fresh boot: a new RAM file, a new QEMU. */
   async boot(): Promise<void> {
     await this.prepareDirs();
+    await this.#dropStaleRecords();
     await fs.rm(this.ramFile, { force: true });
     await this.#start(undefined);
     this.place = 'running';
@@ -150,6 +176,7 @@ export class VmInstance {
   /** Destination side: QEMU waiting for `migrate-incoming`. */
   async startIncoming(sendConfiguration = true): Promise<void> {
     await this.prepareDirs();
+    await this.#dropStaleRecords();
     await fs.rm(this.ramFile, { force: true });
     this.sendConfiguration = sendConfiguration;
     await this.#start({ kind: 'defer' });
@@ -160,6 +187,17 @@ export class VmInstance {
   async restoreFrom(devstatePath: string): Promise<void> {
     this.sendConfiguration = false;
     await this.#start({ kind: 'exec-file', file: devstatePath });
+  }
+
+  /**
+   * Before a new QEMU of this VM starts here: records an earlier migration left behind (a
+   * marker, a completion request or record whose clean-up a crash cut short) must never be
+   * read by a later recovery as this QEMU's: they would make it kill or pause a VM that runs.
+   */
+  async #dropStaleRecords(): Promise<void> {
+    await this.setMigrationMarker(null);
+    await fs.rm(path.join(this.dir, 'completing.json'), { force: true });
+    await fs.rm(this.checkpointDir, { recursive: true, force: true });
   }
 
   /**
@@ -194,6 +232,8 @@ export class VmInstance {
       ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
+      // recorded the moment it exists: a sidecar dying during QEMU's start-up still finds it
+      onSpawned: (id) => this.#persist(id),
     });
     this.log.info('qemu started', { pid: this.qemu.pid, incoming: incoming?.kind ?? 'none' });
     await this.#persist();
@@ -201,12 +241,13 @@ export class VmInstance {
   }
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
-  async adopt(pid: number): Promise<void> {
+  async adopt(id: QemuIdentity, timeoutMs?: number): Promise<void> {
     // The adopted QEMU is reconnecting to nbd.sock (reconnect-delay): serve it again first.
     await this.startDisk();
-    this.qemu = await QemuProcess.adopt({ pid, qmpSocket: this.qmpSocket, logFile: this.qemuLog });
-    this.log.info('qemu adopted', { pid });
+    this.qemu = await QemuProcess.adopt({ id, qmpSocket: this.qmpSocket, logFile: this.qemuLog, ...(timeoutMs ? { timeoutMs } : {}) });
+    this.log.info('qemu adopted', { pid: id.pid });
     this.#watch(this.qemu);
+    await this.#persist();
   }
 
   #watch(q: QemuProcess): void {
@@ -221,9 +262,65 @@ export class VmInstance {
   }
 
   /** What a restarted sidecar needs to find this VM again. */
-  async #persist(): Promise<void> {
-    const rec: PersistedVm = { config: this.config, sendConfiguration: this.sendConfiguration, pid: this.qemu?.pid ?? null };
+  async #persist(id: QemuIdentity | undefined = this.qemu?.identity): Promise<void> {
+    const rec: PersistedVm = {
+      config: this.config,
+      sendConfiguration: this.sendConfiguration,
+      pid: id?.pid ?? null,
+      startTime: id?.startTime ?? null,
+    };
     await writeFileAtomic(path.join(this.dir, 'vm.json'), encodeStateFile(VM_MAGIC, rec));
+  }
+
+  /** Record a hot standby the moment it is spawned (<dir>/standby.json): a restarted sidecar kills it by this identity. */
+  async recordStandby(id: QemuIdentity): Promise<void> {
+    await writeFileAtomic(path.join(this.dir, 'standby.json'), encodeStateFile(STANDBY_MAGIC, id));
+  }
+
+  /** The last hot standby recorded for `dir` (null: none, or an unreadable record). */
+  static async readStandby(dir: string): Promise<QemuIdentity | null> {
+    const file = path.join(dir, 'standby.json');
+    try {
+      const raw = await readOptional(file);
+      if (raw === null) return null;
+      const v = decodeStateFile(STANDBY_MAGIC, raw, file) as Partial<QemuIdentity> | null;
+      return v && Number.isInteger(v.pid) && typeof v.startTime === 'string' ? (v as QemuIdentity) : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** Leave the VM unrecovered for `cause`, durably: a restart keeps it so until an operator resolves it. */
+  async markUnrecovered(code: string, message: string): Promise<void> {
+    this.place = 'unrecovered';
+    this.unrecovered = { code, message, at: new Date().toISOString() };
+    await writeFileAtomic(path.join(this.dir, 'unrecovered.json'), encodeStateFile(UNRECOVERED_MAGIC, this.unrecovered));
+  }
+
+  /** The operator resolved it (tether vm adopt / forget). */
+  async clearUnrecovered(): Promise<void> {
+    this.unrecovered = undefined;
+    await fs.rm(path.join(this.dir, 'unrecovered.json'), { force: true });
+  }
+
+  /** unrecovered.json of `dir`: null when none; a damaged one still means unrecovered (its cause unreadable). */
+  static async readUnrecovered(dir: string): Promise<UnrecoveredCause | null> {
+    const file = path.join(dir, 'unrecovered.json');
+    let raw: Buffer | null;
+    try {
+      raw = await readOptional(file);
+    } catch (e) {
+      return { code: 'ERR_STATE_FILE_CORRUPT', message: (e as Error).message, at: '' };
+    }
+    if (raw === null) return null;
+    try {
+      const v = decodeStateFile(UNRECOVERED_MAGIC, raw, file) as Partial<UnrecoveredCause> | null;
+      if (v && typeof v.code === 'string' && typeof v.message === 'string')
+        return { code: v.code, message: v.message, at: String(v.at ?? '') };
+    } catch {
+      /* below */
+    }
+    return { code: 'ERR_STATE_FILE_CORRUPT', message: `${file} is damaged (the VM was left unrecovered earlier)`, at: '' };
   }
 
   /** The VM left this host for good: a restarted sidecar must not list it. */
@@ -231,11 +328,49 @@ export class VmInstance {
     await fs.rm(path.join(this.dir, 'vm.json'), { force: true });
   }
 
+  /**
+   * The source, once the destination confirmed a completed migration: drop this host's records
+   * of the VM in the one safe order. vm.json first (a restart no longer lists the VM), then the
+   * marker, then the checkpoints with completed.json and the RAM file: at no step can a restart
+   * find a source marker without the completion record (it would try to resume the VM here)
+   * or a VM listed `stopped` here while it runs on the destination. `afterStep(n)` is the fault
+   * seam (crash-cleanup-step).
+   */
+  async dropCompletedSource(afterStep: (n: number) => void = () => {}): Promise<void> {
+    await this.forget();
+    afterStep(1);
+    await this.setMigrationMarker(null);
+    afterStep(2);
+    await this.removeRam();
+    afterStep(3);
+  }
+
+  /**
+   * The destination, once the VM runs here after the source's `completed`: the marker goes
+   * before the completion request. A restart that finds the request without the marker adopts
+   * the VM; one that found the marker without the request would fence (kill) the only running
+   * copy - days later, if the marker's removal had failed. If removing the marker fails, the
+   * request stays (a restart then waits, paused, rather than kills).
+   */
+  async dropCompletingRecords(afterStep: (n: number) => void = () => {}): Promise<void> {
+    await this.setMigrationMarker(null);
+    afterStep(1);
+    await fs.rm(path.join(this.dir, 'completing.json'), { force: true });
+    afterStep(2);
+  }
+
   /** Marks a migration in progress: a sidecar restarted before it ends must resolve it. */
   async setMigrationMarker(m: MigrationMarker | null): Promise<void> {
     const file = path.join(this.dir, 'migration.json');
-    if (m === null) await fs.rm(file, { force: true });
-    else await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, m, MARKER_VERSION));
+    if (m === null) {
+      await fs.rm(file, { force: true });
+      return;
+    }
+    // The migrating QEMU is named by pid + start time: a restarted sidecar never takes a
+    // process that reused the pid for it.
+    const q = this.qemu;
+    const rec = m.qemuPid !== null && q && q.pid === m.qemuPid && q.startTime ? { ...m, qemuStartTime: q.startTime } : m;
+    await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, rec, MARKER_VERSION));
   }
 
   /**
@@ -253,7 +388,8 @@ export class VmInstance {
       typeof v.config !== 'object' ||
       v.config === null ||
       typeof v.sendConfiguration !== 'boolean' ||
-      !(v.pid === null || Number.isInteger(v.pid))
+      !(v.pid === null || Number.isInteger(v.pid)) ||
+      !(v.startTime === undefined || v.startTime === null || typeof v.startTime === 'string')
     ) {
       throw new TetherError('ERR_STATE_FILE_CORRUPT', `${file} does not hold a VM record`, { file });
     }
@@ -289,6 +425,7 @@ export class VmInstance {
       (m.role !== 'source' && m.role !== 'destination') ||
       !isMigrationId(m.migrationId) ||
       !(m.qemuPid === null || Number.isInteger(m.qemuPid)) ||
+      !(m.qemuStartTime === undefined || m.qemuStartTime === null || typeof m.qemuStartTime === 'string') ||
       typeof m.peer !== 'string' ||
       typeof m.startedAt !== 'string'
     ) {
