@@ -137,7 +137,13 @@ export class DestinationMigration {
   #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
   #heartbeatTimer: NodeJS.Timeout | undefined;
-  /** When the current barrier (stop … cont) began; null between barriers. */
+  /**
+   * Since when the barrier has been waiting on QEMU (`stop`, the device-state save, `cont`);
+   * null between barriers and during the dirty-page scan. Only a QEMU command can hang on the
+   * source (a vCPU stuck on a page post-copy can no longer fetch): the scan reads allocated
+   * pages of this host's RAM file only, off the main thread, and always ends, however long it
+   * takes on a large VM, so it never silences the heartbeat.
+   */
   #barrierSince: number | null = null;
   #tracker: DirtyTracker | undefined;
   #stopped = false;
@@ -328,8 +334,8 @@ export class DestinationMigration {
     // Heartbeats keep the source's lease alive between checkpoints (and while the
     // first one waits for the baseline hashes).
     this.#heartbeatTimer = setInterval(() => {
-      // A barrier that does not finish (a vCPU stuck on a page the source can no
-      // longer send) silences the heartbeat, so the source's lease runs out.
+      // A barrier stuck in QEMU (a vCPU stuck on a page the source can no longer send)
+      // silences the heartbeat, so the source's lease runs out. The scan does not count.
       const stuck = this.#barrierSince !== null && nowMs() - this.#barrierSince > vm.config.checkpoint.fenceTimeoutMs / 2;
       if (!this.#stopped && !this.#ch.closed && !stuck) {
         this.#ch.send({ type: 'heartbeat', epoch: this.#window?.lastTaken ?? 0, sentAt: Date.now() }).catch(() => {});
@@ -459,9 +465,15 @@ export class DestinationMigration {
       this.#barrierSince = t0;
       await qmp.execute('stop');
       const tStopped = nowMs();
-      // One native pass: the changed pages and their bytes (no second read of RAM).
-      const pages = await this.#tracker!.collectPages();
+      // One native pass: the changed pages and their bytes (no second read of RAM). Local
+      // work that always ends: the heartbeat goes on however long it takes.
+      this.#barrierSince = null;
+      const f = this.#opts.faults;
+      const slow = f.slowScanMs && epoch === (f.slowScanEpoch ?? 1) ? f.slowScanMs : undefined;
+      if (slow) this.#log.warn('fault injection: slow dirty-page scan', { epoch, ms: slow });
+      const pages = await this.#tracker!.collectPages(slow ? { faultDelayMs: slow } : undefined);
       const t1 = nowMs();
+      this.#barrierSince = t1;
       await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
       const disk = await this.#outputs.seal(epoch);
       // the VM is stopped: exactly what the guest wrote here up to barrier k

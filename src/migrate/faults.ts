@@ -22,6 +22,9 @@ import { TetherError } from '../errors.ts';
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
+ *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
+ *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
+ *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -35,6 +38,8 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  slowScanMs?: number;
+  slowScanEpoch?: number;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -74,6 +79,8 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'hold-acks-epoch': 'holdAcksEpoch',
   'fail-apply-epoch': 'failApplyEpoch',
   'fail-apply-sticky': 'failApplySticky',
+  'slow-scan-ms': 'slowScanMs',
+  'slow-scan-epoch': 'slowScanEpoch',
 };
 
 export function parseFaults(spec: string | undefined): Faults {
