@@ -9,7 +9,8 @@ import { TetherError } from '../errors.ts';
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
  *   fail-apply-epoch=K           the source's page writes of the first checkpoint >= K that has pages fail
  *                                (EIO) halfway, once: the rollback must finish the persisted stage before resuming
- *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it and fails (exit 4)
+ *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it; the source gives the
+ *                                rollback up and the VM continues on the (reachable) destination (exit 5)
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
  *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
