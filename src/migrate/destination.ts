@@ -154,6 +154,8 @@ export class DestinationMigration {
    * takes on a large VM, so it never silences the heartbeat.
    */
   #barrierSince: number | null = null;
+  /** Resolves when the current (or last) barrier has ended with `cont`, or the loop failed. */
+  #barrierEnd = deferred<void>();
   #tracker: DirtyTracker | undefined;
   #stopped = false;
   readonly done = deferred<DestPhase>();
@@ -320,9 +322,11 @@ export class DestinationMigration {
   }
 
   async run(): Promise<void> {
+    this.#barrierEnd.resolve(); // no barrier yet
     try {
       await this.#run();
     } catch (e) {
+      this.#barrierEnd.resolve();
       if (!this.#stopped) {
         this.#log.error('incoming migration failed', { error: errorFields(e) });
         await this.#ch
@@ -499,6 +503,7 @@ export class DestinationMigration {
 
       const t0 = nowMs();
       this.#barrierSince = t0;
+      this.#barrierEnd = deferred<void>();
       await qmp.execute('stop');
       const tStopped = nowMs();
       // One native pass: the changed pages and their bytes (no second read of RAM). Local
@@ -518,6 +523,7 @@ export class DestinationMigration {
       await qmp.execute('cont');
       const tCont = nowMs();
       this.#barrierSince = null;
+      this.#barrierEnd.resolve();
       // Read after cont: only the next barrier rewrites the file.
       const devstate = await fs.readFile(devPath);
       const pauseMs = tCont - t0;
@@ -683,9 +689,11 @@ export class DestinationMigration {
     clearInterval(this.#fenceTimer);
     clearInterval(this.#heartbeatTimer);
     // After a hold the epoch loop may wait for room no ACK will make: end it (run() ignores
-    // the failure once stopped).
+    // the failure once stopped). A barrier under way ends first (its `cont`, its seal), so
+    // the guest is not left stopped and pass-through comes after the last seal.
     this.#window?.fail(new TetherError('ERR_MIGRATION_ENDED', 'the source gave the rollback up'));
     this.#hashesDone.resolve();
+    await this.#barrierEnd.promise;
     void this.#tracker?.close();
     this.phase.to('completed', { finalEpoch: epoch });
     if (this.#pausedForAnswer) {

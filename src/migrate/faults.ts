@@ -26,6 +26,9 @@ import { TetherError } from '../errors.ts';
  *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
  *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
  *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
+ *   fail-restore-load            the source's standby QEMUs are handed a device-state path that does not exist, so
+ *                                their load fails in QEMU: the rollback cannot prove it can restore (with the
+ *                                destination reachable, the VM continues there)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -41,6 +44,7 @@ export interface Faults {
   journalWriteThrough?: boolean;
   slowScanMs?: number;
   slowScanEpoch?: number;
+  failRestoreLoad?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -62,13 +66,14 @@ export const CUT_COMPLETION = {
 /** File name, in the VM's state dir, that arms hold-acks-trigger. */
 export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'failRestoreLoad';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
   'hold-acks-trigger': 'holdAcksTrigger',
+  'fail-restore-load': 'failRestoreLoad',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {

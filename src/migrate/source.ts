@@ -626,7 +626,11 @@ export class SourceMigration {
       } else {
         let last: AppliedCheckpoint;
         try {
-          last = await this.#proveRestorable();
+          const proof = await this.#proveRestorable();
+          last = proof.last;
+          // No standby could load it: with the destination gone, the cold path (a fresh QEMU
+          // after the kill) is still worth its try; with it reachable, that is no proof.
+          if (proof.standbyError !== undefined && !this.#destinationGone && ch && !ch.closed) throw proof.standbyError;
         } catch (e) {
           if (this.#destinationGone || !ch || ch.closed) throw e;
           // It cannot be restored here, and the destination still runs the VM, all outputs
@@ -696,27 +700,34 @@ export class SourceMigration {
    * resume it: applies settle (the one under way completes, unacked), a half-applied checkpoint
    * is finished from its stage, the applied record and its device-state file verify from disk,
    * and — with the hot standby — a standby QEMU has loaded that device state and waits paused
-   * (a fresh one is started if the first is gone). Throws ERR_CKPT_HALF_APPLIED,
-   * ERR_CKPT_*_CORRUPT or ERR_RESTORE_UNAVAILABLE when it cannot.
+   * (a fresh one is started if the first is gone). Throws ERR_CKPT_HALF_APPLIED or
+   * ERR_CKPT_*_CORRUPT when the checkpoint is not whole; returns the standby's failure
+   * (ERR_RESTORE_UNAVAILABLE) as `standbyError`.
    */
-  async #proveRestorable(): Promise<AppliedCheckpoint> {
+  async #proveRestorable(): Promise<{ last: AppliedCheckpoint; standbyError?: unknown }> {
     await this.#applyChain; // an apply under way completes (but is not acked)
     // A failed apply may have left part of its checkpoint in the RAM file: finish it from
     // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
     await this.#store.repair();
     const last = await this.#store.verifyApplied();
-    if (!this.#vm.config.migration.hotStandby) return last; // the cold path starts its QEMU after the kill
+    if (!this.#vm.config.migration.hotStandby) return { last }; // the cold path starts its QEMU after the kill
     const sb = this.#standby;
+    // fault injection: a path QEMU cannot read, so the load itself fails in QEMU
+    const devstate = this.#opts.faults?.failRestoreLoad ? `${last.devstatePath}.fault-missing` : last.devstatePath;
     try {
       if (!sb) throw new TetherError('ERR_RESTORE_UNAVAILABLE', 'no hot standby was started');
-      await sb.load(last.devstatePath);
+      await sb.load(devstate);
     } catch (e) {
       this.#log.warn('hot standby unusable: starting another one to load the device state', { error: errorFields(e) });
       await sb?.discard();
       this.#standby = HotStandby.start(this.#vm);
-      await this.#standby.load(last.devstatePath);
+      try {
+        await this.#standby.load(devstate);
+      } catch (e2) {
+        return { last, standbyError: e2 };
+      }
     }
-    return last;
+    return { last };
   }
 
   /** Tell the destination to fence (NACK first if a checkpoint was bad, then ABORT) and close. Idempotent. */
