@@ -2,8 +2,8 @@
  * Restore before fence (docs/design.md): a source that decides to roll back while the
  * destination is reachable tells it to hold, and fences it only once a standby QEMU has
  * loaded the last checkpoint. Here no standby can load it (the fault switch
- * fail-restore-load hands the standbys a device-state path QEMU cannot read, so the load
- * fails in QEMU itself): the operator's abort must leave the VM running on the destination,
+ * fail-restore-load hands the standbys a device-state file that is no migration stream, so
+ * the load fails in QEMU itself): the operator's abort must leave the VM running on the destination,
  * every page verified, instead of fencing it and then failing to restore (before: the ABORT
  * went out first, and the VM ended on neither host).
  *

@@ -26,9 +26,9 @@ import { TetherError } from '../errors.ts';
  *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
  *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
  *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
- *   fail-restore-load            the source's standby QEMUs are handed a device-state path that does not exist, so
- *                                their load fails in QEMU: the rollback cannot prove it can restore (with the
- *                                destination reachable, the VM continues there)
+ *   fail-restore-load            the source's standby QEMUs are handed a device-state file that is no migration
+ *                                stream, so their load fails in QEMU: the rollback cannot prove it can restore
+ *                                (with the destination reachable, the VM continues there)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;

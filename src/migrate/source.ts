@@ -712,8 +712,13 @@ export class SourceMigration {
     const last = await this.#store.verifyApplied();
     if (!this.#vm.config.migration.hotStandby) return { last }; // the cold path starts its QEMU after the kill
     const sb = this.#standby;
-    // fault injection: a path QEMU cannot read, so the load itself fails in QEMU
-    const devstate = this.#opts.faults?.failRestoreLoad ? `${last.devstatePath}.fault-missing` : last.devstatePath;
+    // fault injection: a device-state file QEMU refuses ("not a migration stream"), so the
+    // load itself fails in QEMU
+    let devstate = last.devstatePath;
+    if (this.#opts.faults?.failRestoreLoad) {
+      devstate = `${last.devstatePath}.fault`;
+      await fs.writeFile(devstate, 'fault injection: not a migration stream\n');
+    }
     try {
       if (!sb) throw new TetherError('ERR_RESTORE_UNAVAILABLE', 'no hot standby was started');
       await sb.load(devstate);

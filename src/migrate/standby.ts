@@ -51,6 +51,8 @@ import { killAndWait } from '../util/process.ts';
 /** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
 export const STANDBY_QMP = 'standby.sock';
 export const STANDBY_LOG = 'qemu-standby.log';
+/** How long load() waits for the standby to have loaded the device state. */
+const LOAD_TIMEOUT_MS = 15_000;
 
 export function standbySocket(vm: VmInstance): string {
   return path.join(vm.dir, STANDBY_QMP);
@@ -156,7 +158,9 @@ export class HotStandby {
       const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
       if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
       await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
-      await q.waitForStatus('paused', 60_000, 2);
+      // ~20-35 ms normally; a bad file makes QEMU exit at once, but a stream that never
+      // starts (QEMU 7.2 waits for its exec channel to become readable) would wait forever
+      await q.waitForStatus('paused', LOAD_TIMEOUT_MS, 2);
       this.#state = 'loaded';
       this.#log.info('hot standby loaded the device state', { pid: q.pid, loadMs: Math.round((nowMs() - t0) * 100) / 100 });
     } catch (e) {
