@@ -99,6 +99,8 @@ export const ERRORS = {
   ERR_CKPT_APPLIED_CORRUPT: 'the applied-epoch record is damaged',
   ERR_CKPT_DEVSTATE_CORRUPT: 'a persisted device-state file is damaged',
   ERR_CKPT_RAM_FILE: 'the RAM file the store applies to is missing or of the wrong size',
+  ERR_CKPT_RAM_RESERVE:
+    'the source could not allocate its whole RAM file before migrating (its tmpfs is too full): checkpoint pages could not be written; nothing was started',
   ERR_CKPT_IO: 'the store failed to read or write its files',
   ERR_CKPT_COMPLETED: 'the migration completed: no checkpoint is applied after the completion record',
   ERR_CKPT_COMPLETED_CORRUPT: 'the completion record (completed.json) is damaged',
@@ -139,6 +141,10 @@ export const ERRORS = {
   ERR_DEST_QEMU_EXITED: "the destination's QEMU exited during the migration",
   ERR_SOURCE_QEMU_EXITED: "the source's QEMU exited during the migration",
   ERR_RESTORE_FAILED: 'the rollback could not bring the VM back on the source',
+  ERR_RESTORE_UNAVAILABLE:
+    'the source cannot restore the VM (its last checkpoint is not whole, or no standby QEMU loaded it): it does not fence a destination it can reach',
+  ERR_ROLLBACK_IMPOSSIBLE:
+    'the source gave up a rollback it could not carry out and recorded so durably: the VM continues on the destination',
   ERR_COMPLETE_EPOCH: 'the destination asked to complete at a checkpoint other than the one the source applied last',
   ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
   ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',

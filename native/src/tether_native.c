@@ -37,6 +37,7 @@
 #include <sys/vfs.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <stdbool.h>
 #include <unistd.h>
 
@@ -637,6 +638,8 @@ typedef struct {
   /* scanCopy: every worker's page bytes in pfn order, merged off the JS thread */
   uint8_t *data;
   size_t ndata;
+  /* Fault injection (TETHER_FAULTS slow-scan-ms): the job sleeps this long on its worker thread. */
+  uint32_t delay_ms;
   work_t ws[MAX_THREADS];
 } job_t;
 
@@ -662,6 +665,12 @@ static void job_execute(napi_env env, void *data) {
   for (int t = 0; t < job->nt; t++) {
     job->ws[t].fd = job->fd;
     job->ws[t].map = map;
+  }
+  if (job->delay_ms > 0) {
+    /* on the libuv worker thread that runs the scan's first share, as a slow scan of a large RAM would */
+    struct timespec ts = {.tv_sec = job->delay_ms / 1000, .tv_nsec = (long)(job->delay_ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
   }
   job->failed = run_work(job->ws, job->nt);
   if (job->failed >= 0 || !job->want_copy) return;
@@ -888,8 +897,9 @@ static int cmp_u32(const void *a, const void *b) {
  */
 static napi_value scan_common(napi_env env, napi_callback_info info, int copy) {
   const char *what = copy ? "scanCopy" : "scanDirty";
-  napi_value argv[6];
-  ptrdiff_t argc = get_args(env, info, argv, 6, 3, "%s(fd, pages, table, candidates?, threads?, map?) needs at least 3 arguments", what);
+  napi_value argv[7];
+  ptrdiff_t argc =
+      get_args(env, info, argv, 7, 3, "%s(fd, pages, table, candidates?, threads?, map?, delayMs?) needs at least 3 arguments", what);
   if (argc < 0) return NULL;
   int fd, threads = DEFAULT_THREADS;
   uint32_t pages;
@@ -928,6 +938,13 @@ static napi_value scan_common(napi_env env, napi_callback_info info, int copy) {
   if (argc > 5 && !job_take_map(env, job, argv[5], fd, pages)) {
     job_free(env, job);
     return NULL;
+  }
+  if (argc > 6 && !is_missing(env, argv[6])) {
+    if (napi_get_value_uint32(env, argv[6], &job->delay_ms) != napi_ok || job->delay_ms > 600000) {
+      job_free(env, job);
+      throw_args(env, "%s: delayMs must be an integer in 0..600000", what);
+      return NULL;
+    }
   }
   /* Sorted, duplicate-free private copy of the candidates (the caller's array may change meanwhile). */
   uint32_t *cand = NULL;

@@ -137,7 +137,7 @@ t.test('init0 and two checkpoints', async (t) => {
   const last = store.lastApplied();
   t.same(last, { epoch: 2, devstatePath: path.join(dir, 'devstate-2.bin') });
   t.ok((await readFile(last.devstatePath)).equals(C2.devstate));
-  t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin'], 'no stage, no old device state');
+  t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin', 'reserve.bin'], 'no stage, no old device state');
   const record = JSON.parse(await readFile(path.join(dir, 'applied.json'), 'utf8'));
   t.match(record, { epoch: 2, devstate: 'devstate-2.bin', devstateBytes: C2.devstate.length, crc32: Number });
   t.same(
@@ -232,7 +232,7 @@ t.test('crash after the stage was persisted: recover re-applies it', async (t) =
   });
   t.ok((await readFile(ramPath)).equals(expectedRam(C1, C2)));
   t.ok((await readFile(path.join(dir, 'devstate-2.bin'))).equals(C2.devstate));
-  t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin']);
+  t.same((await readdir(dir)).sort(), ['applied.json', 'devstate-2.bin', 'reserve.bin']);
   t.same(disk.writes.slice(-2), [
     [100, 'HE'],
     [4096, 'world'],
@@ -475,4 +475,56 @@ t.test('injected page-write failure (TETHER_FAULTS fail-apply-*): once is repair
       t.ok((await readFile(ramPath)).equals(expectedRam(C1, C2)), 'RAM holds checkpoint 2 whole');
     }
   }
+});
+
+t.test('a full tmpfs never half-applies, and the give-up record still lands (reserve)', enospcOpts, async (t) => {
+  const root = await mkdtemp(path.join(os.tmpdir(), 'tether-store-full-'));
+  const mnt = path.join(root, 'ram');
+  await mkdir(mnt);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', mnt]);
+  t.teardown(async () => {
+    execFileSync('umount', ['-l', mnt]);
+    await rm(root, { recursive: true, force: true });
+  });
+  // the source's layout: RAM file and checkpoint directory on one tmpfs, the RAM file
+  // fallocated before the migration (source.ts), so page writes need no new room
+  const ramPath = path.join(mnt, 'vm.ram');
+  await writeFile(ramPath, '');
+  execFileSync('fallocate', ['-l', String(RAM_BYTES), ramPath]);
+  const dir = path.join(mnt, 'vm.ckpt');
+  const store = new CheckpointStore({ dir, ramPath, ramBytes: RAM_BYTES });
+  await store.init0(Buffer.from('d0'));
+  t.ok((await readdir(dir)).includes('reserve.bin'), 'init0 keeps a reserve');
+  // another tenant of the tmpfs takes every page left
+  const filler = path.join(mnt, 'filler');
+  await writeFile(filler, '');
+  for (;;) {
+    try {
+      await writeFile(filler, Buffer.alloc(PAGE_SIZE, 7), { flag: 'a' });
+    } catch {
+      break;
+    }
+  }
+  const ramBefore = await readFile(ramPath);
+  t.equal(await code(store.apply(C1)), 'ERR_CKPT_IO', 'apply of checkpoint 1 fails on the full tmpfs');
+  t.ok((await readFile(ramPath)).equals(ramBefore), 'before any page was written');
+  t.equal(store.lastApplied().epoch, 0, 'checkpoint 0 stays a whole restore point (the store is not broken)');
+  t.equal((await store.verifyApplied()).epoch, 0, 'and verifies from disk');
+  t.equal(await store.recordGaveUp(), 0, 'the give-up record is written with the reserve');
+  t.equal(await CheckpointStore.readCompleted(dir), 0, 'durably');
+});
+
+t.test('verifyApplied checks the device state on disk; recordGaveUp works on a broken store', async (t) => {
+  const { ramPath, dir } = await setup(t);
+  const store = new CheckpointStore({ dir, ramPath, ramBytes: RAM_BYTES, failPages: { epoch: 2, sticky: true } });
+  await store.init0(Buffer.from('d0'));
+  await store.apply(C1);
+  t.equal((await store.verifyApplied()).epoch, 1);
+  await writeFile(path.join(dir, 'devstate-1.bin'), 'damaged');
+  t.equal(await code(store.verifyApplied()), 'ERR_CKPT_DEVSTATE_CORRUPT', 'a damaged device-state file is no restore point');
+  t.equal(await code(store.apply(C2)), 'ERR_CKPT_IO');
+  t.equal(await code(store.verifyApplied()), 'ERR_CKPT_STORE_BROKEN', 'a half-applied store is none either');
+  t.equal(await store.recordGaveUp(), 1, 'giving up is recorded at the applied epoch');
+  t.equal(await CheckpointStore.readCompleted(dir), 1);
+  t.equal(await code(store.apply(C2)), 'ERR_CKPT_STORE_BROKEN');
 });

@@ -10,13 +10,21 @@
  *   completed.json        the completion record: {format, version, epoch, crc32} (crc32 as in
  *                         applied.json). Once it exists the migration is over: the VM belongs to
  *                         the destination, nothing is applied and the source never resumes.
+ *   reserve.bin           RESERVE_BYTES of zeros written by init0: room on the RAM file's tmpfs kept
+ *                         for the small records. A record write that meets ENOSPC removes it and
+ *                         retries once, so a tmpfs that runs full (another VM's RAM growing)
+ *                         cannot stop applied.json or completed.json from being written.
  *   *.tmp                 files being written; never trusted, removed by recover()
  * Every file is replaced by tmp + fsync + rename + fsync(dir), so at every instant
  * applied.json names a complete device-state file of the epoch it records.
  *
- * apply(k): stage.bin → RAM file pages (fdatasync) → disk extents (flush) → devstate-k.bin
+ * apply(k): stage.bin → devstate-k.bin → RAM file pages (fdatasync) → disk extents (flush)
  * → applied.json(k) → remove stage.bin and devstate-(k-1).bin. A crash after the stage is
  * persisted is repaired by recover(), which re-applies the stage (every step is idempotent).
+ * Everything that needs new room on the tmpfs (stage, device state) is written before the
+ * first page: a full tmpfs fails the apply while the previous checkpoint is still whole. The
+ * page writes need none (the source fallocates its RAM file before it migrates), and the
+ * applied record has the reserve.
  */
 import { constants as fsc } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
@@ -68,6 +76,9 @@ export interface RecoverReport extends AppliedCheckpoint {
 const STAGE = 'stage.bin';
 const APPLIED = 'applied.json';
 const COMPLETED = 'completed.json';
+const RESERVE = 'reserve.bin';
+/** Room kept for the records (a few 4 KiB tmpfs pages each, tmp and final at once). */
+export const RESERVE_BYTES = 64 * 1024;
 const DEVSTATE_RE = /^devstate-(\d+)\.bin$/;
 const IOV_MAX = 1024;
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
@@ -134,6 +145,33 @@ async function writeAtomic(file: string, bufs: Buffer[]): Promise<void> {
   }
   await rename(tmp, file);
   await fsyncDir(path.dirname(file));
+}
+
+/**
+ * writeAtomic for the small records: on ENOSPC the reserve file in the same directory is
+ * removed (its room freed) and the write retried once.
+ */
+async function writeRecord(file: string, bufs: Buffer[]): Promise<void> {
+  try {
+    await writeAtomic(file, bufs);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException)?.code !== 'ENOSPC') throw e;
+    const dir = path.dirname(file);
+    await rm(`${file}.tmp`, { force: true });
+    await rm(path.join(dir, RESERVE), { force: true });
+    await writeAtomic(file, bufs);
+  }
+}
+
+/** (Re)creates the reserve file when it is missing; best effort (a full tmpfs just has none). */
+async function ensureReserve(dir: string): Promise<void> {
+  const file = path.join(dir, RESERVE);
+  try {
+    if ((await stat(file)).size === RESERVE_BYTES) return;
+  } catch {
+    /* missing */
+  }
+  await writeAtomic(file, [Buffer.alloc(RESERVE_BYTES)]).catch(() => rm(`${file}.tmp`, { force: true }).catch(() => undefined));
 }
 
 function recordBody(r: AppliedRecord, devstateBytes: number, devstateCrc32: number): string {
@@ -237,6 +275,8 @@ export async function readCompletingRecord(file: string): Promise<number | null>
   return decodeCompleted(text, 'tether-completing');
 }
 
+const devstateName = (epoch: number): string => `devstate-${epoch}.bin`;
+
 function isEnoent(e: unknown): boolean {
   return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
 }
@@ -326,7 +366,8 @@ export class CheckpointStore {
         this.completed = null;
         const record: AppliedRecord = { epoch: 0, devstate: 'devstate-0.bin' };
         await writeAtomic(path.join(this.dir, record.devstate), [devstate]);
-        await writeAtomic(path.join(this.dir, APPLIED), [encodeRecord(record, devstate)]);
+        await writeRecord(path.join(this.dir, APPLIED), [encodeRecord(record, devstate)]);
+        await ensureReserve(this.dir);
         this.applied = record;
         this.broken = false;
         await this.removeUnreferenced();
@@ -361,16 +402,68 @@ export class CheckpointStore {
       try {
         await this.checkRamFile();
         await writeAtomic(path.join(this.dir, STAGE), encodeStage(ckpt));
+        // Before any page: a device-state file no record names yet (a full tmpfs fails here,
+        // with the previous checkpoint whole).
+        await writeAtomic(path.join(this.dir, devstateName(ckpt.epoch)), [ckpt.devstate]);
       } catch (e) {
-        // Nothing but a tmp file (or an unreferenced stage) may have changed.
+        // Nothing but a tmp file, an unreferenced stage or device state may have changed.
+        for (const f of [STAGE, `${STAGE}.tmp`, `${devstateName(ckpt.epoch)}.tmp`]) {
+          await rm(path.join(this.dir, f), { force: true }).catch(() => undefined);
+        }
         throw ioError('persisting stage', e);
       }
       try {
-        await this.applyStaged(ckpt);
+        await this.applyStaged(ckpt, true);
       } catch (e) {
         this.broken = true;
         throw ioError(`applying checkpoint ${ckpt.epoch}`, e);
       }
+      await ensureReserve(this.dir);
+    });
+  }
+
+  /**
+   * Proof, from stable storage, that lastApplied() can be restored: the applied record on disk
+   * decodes, names the epoch this store holds, and its device-state file is whole (length and
+   * CRC-32 as recorded). Throws ERR_CKPT_STORE_BROKEN, ERR_CKPT_APPLIED_CORRUPT or
+   * ERR_CKPT_DEVSTATE_CORRUPT otherwise.
+   */
+  verifyApplied(): Promise<AppliedCheckpoint> {
+    return this.exclusive(async () => {
+      const last = this.lastApplied();
+      let text: string;
+      try {
+        text = await readFile(path.join(this.dir, APPLIED), 'utf8');
+      } catch (e) {
+        throw corruptRecord(`unreadable: ${(e as Error).message}`);
+      }
+      const record = decodeRecord(text);
+      if (record.epoch !== last.epoch || record.devstate !== this.applied!.devstate) {
+        throw corruptRecord(`names checkpoint ${record.epoch}, the store applied ${last.epoch}`);
+      }
+      await this.checkDevstate(record);
+      return last;
+    });
+  }
+
+  /**
+   * The source gives up a rollback it cannot carry out (docs/design.md "Restore before fence"):
+   * recorded durably as completion at the last applied epoch, the same commit point as a
+   * completed migration — from now on this host never resumes the VM, not even after a restart
+   * of its sidecar. Written even when the store is broken (a half-applied checkpoint is exactly
+   * when it is needed), with the reserve's room if the tmpfs is full.
+   */
+  recordGaveUp(): Promise<number> {
+    return this.exclusive(async () => {
+      const applied = this.applied;
+      if (applied === null) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', 'give up before init0/recover');
+      try {
+        await writeRecord(path.join(this.dir, COMPLETED), [encodeCompleted(applied.epoch)]);
+      } catch (e) {
+        throw ioError('recording that the rollback was given up', e);
+      }
+      this.completed = applied.epoch;
+      return applied.epoch;
     });
   }
 
@@ -415,7 +508,7 @@ export class CheckpointStore {
         });
       }
       try {
-        await writeAtomic(path.join(this.dir, COMPLETED), [encodeCompleted(finalEpoch)]);
+        await writeRecord(path.join(this.dir, COMPLETED), [encodeCompleted(finalEpoch)]);
       } catch (e) {
         throw ioError('recording completion', e);
       }
@@ -499,16 +592,19 @@ export class CheckpointStore {
     return { action: 'reapplied', epoch: ckpt.epoch };
   }
 
-  /** Steps (b)–(f) of apply; idempotent, so recover() can repeat them. */
-  private async applyStaged(ckpt: Checkpoint): Promise<void> {
+  /**
+   * Steps (b)–(f) of apply; idempotent, so recover() can repeat them. `devstateWritten`: apply()
+   * wrote devstate-k.bin already (before the first page).
+   */
+  private async applyStaged(ckpt: Checkpoint, devstateWritten = false): Promise<void> {
+    const record: AppliedRecord = { epoch: ckpt.epoch, devstate: devstateName(ckpt.epoch) };
+    if (!devstateWritten) await writeAtomic(path.join(this.dir, record.devstate), [ckpt.devstate]);
     await this.writePages(ckpt);
     if (this.disk !== undefined && ckpt.disk.length > 0) {
       for (const d of ckpt.disk) await this.disk.pwrite(d.offset, d.data);
       await this.disk.flush();
     }
-    const record: AppliedRecord = { epoch: ckpt.epoch, devstate: `devstate-${ckpt.epoch}.bin` };
-    await writeAtomic(path.join(this.dir, record.devstate), [ckpt.devstate]);
-    await writeAtomic(path.join(this.dir, APPLIED), [encodeRecord(record, ckpt.devstate)]);
+    await writeRecord(path.join(this.dir, APPLIED), [encodeRecord(record, ckpt.devstate)]);
     this.applied = record;
     // Best effort from here: losing these unlinks is harmless (recover() discards a stage that
     // is not newer and removes device-state files the record does not name).

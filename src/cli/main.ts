@@ -240,11 +240,17 @@ async function migrate(socket: string, vm: string, to: string, json: boolean): P
         `rolled back (${r.reason}): ${vm} runs on this host again from checkpoint ${r.rollback?.epoch ?? 'none (before switchover)'}; ` +
           `detected in ${r.rollback?.detectMs} ms, restored in ${r.rollback?.restoreMs} ms`,
       );
+    else if (r.outcome === 'continued-on-destination')
+      out(
+        `ROLLBACK IMPOSSIBLE (${r.reason}): this host could not restore ${vm} (${r.error?.code ?? ''}: ${r.error?.message ?? ''}); ` +
+          `it continues on ${to}`,
+      );
     else out(`FAILED (${r.reason}): ${vm} is not running anywhere: ${r.error?.message ?? ''}`);
   }
   return r_exit(result);
 }
 
 function r_exit(r: MigrationResult): number {
+  if (r.outcome === 'continued-on-destination') return EXIT.continuedOnDestination;
   return r.outcome === 'completed' ? EXIT.completed : r.outcome === 'rolled-back' ? EXIT.rolledBack : EXIT.failed;
 }

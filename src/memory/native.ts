@@ -29,6 +29,7 @@ type ScanCall<T> = (
   candidates: Uint32Array | null,
   threads?: number,
   map?: RamMap | null,
+  delayMs?: number,
 ) => Promise<T>;
 
 export interface NativeBinding {
@@ -178,6 +179,9 @@ export function scanDirty(
  * scanDirty, and in the same pass the bytes of every dirty page (the very bytes that were
  * hashed into the table): one read of each page instead of a scan and then a re-read. Zero
  * pages are flagged, not copied. Runs off the main thread like scanDirty.
+ * `delayMs` is fault injection only (TETHER_FAULTS slow-scan-ms): the job first sleeps that
+ * long on the worker thread that then runs the scan's first share, as the scan of a very
+ * large RAM would take; the JS thread is as free as during a real scan.
  */
 export function scanCopy(
   fd: number,
@@ -186,8 +190,9 @@ export function scanCopy(
   candidates: Uint32Array | null = null,
   threads?: number,
   map?: RamMap | null,
+  delayMs?: number,
 ): Promise<DirtyPages> {
-  return callAsync((b) => b.scanCopy(fd, pages, table, candidates, threads, map));
+  return callAsync((b) => b.scanCopy(fd, pages, table, candidates, threads, map, delayMs));
 }
 
 /** The 8-byte hash of each 4 KiB page of `buf` (length a multiple of 4096). */

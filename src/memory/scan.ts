@@ -89,9 +89,9 @@ export class ScanTracker implements DirtyTracker {
     return await scanDirty(this.fh.fd, this.pages, table, null, this.threads, this.map);
   }
 
-  async collectPages(): Promise<DirtyPages> {
+  async collectPages(opts?: { faultDelayMs?: number }): Promise<DirtyPages> {
     const table = this.state.started();
-    return await scanCopy(this.fh.fd, this.pages, table, null, this.threads, this.map);
+    return await scanCopy(this.fh.fd, this.pages, table, null, this.threads, this.map, opts?.faultDelayMs);
   }
 
   async close(): Promise<void> {

@@ -89,9 +89,9 @@ export class SoftDirtyTracker implements DirtyTracker {
     );
   }
 
-  async collectPages(): Promise<DirtyPages> {
+  async collectPages(opts?: { faultDelayMs?: number }): Promise<DirtyPages> {
     return this.#collect(
-      (fd, pages, table, cand, threads) => scanCopy(fd, pages, table, cand, threads),
+      (fd, pages, table, cand, threads) => scanCopy(fd, pages, table, cand, threads, null, opts?.faultDelayMs),
       (d) => d.pfns.length,
     );
   }

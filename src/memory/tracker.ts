@@ -26,9 +26,10 @@ export interface DirtyTracker {
   collect(): Promise<Uint32Array>;
   /**
    * As collect(), with the dirty pages' bytes read in the same pass (the checkpoint's
-   * PAGES payload): call it instead of collect(), not after it.
+   * PAGES payload): call it instead of collect(), not after it. `faultDelayMs`: fault
+   * injection only (slow-scan-ms), a sleep inside the native scan job.
    */
-  collectPages(): Promise<DirtyPages>;
+  collectPages(opts?: { faultDelayMs?: number }): Promise<DirtyPages>;
   close(): Promise<void>;
 }
 

@@ -34,7 +34,9 @@ export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'c
 const TRANSITIONS: Record<DestPhase, readonly DestPhase[]> = {
   preparing: ['incoming', 'fenced'],
   incoming: ['running', 'fenced'],
-  running: ['completing', 'fenced'],
+  // running -> completed: the source gave a rollback up that it could not carry out (hold, then
+  // resolve completed): the VM continues here.
+  running: ['completing', 'completed', 'fenced'],
   // Asked the source to complete: only the source's answer ends this phase.
   completing: ['completed', 'fenced'],
   completed: [],
@@ -122,6 +124,13 @@ export class DestinationMigration {
   #pausedForAnswer = false;
   /** The source answered rolled-back: the one case in which a completing destination fences. */
   #rolledBack = false;
+  /**
+   * The source has decided to roll back and checks it can restore before fencing this side
+   * (`hold`, docs/design.md "Restore before fence"). As while completing, this side then never
+   * fences by kill on its own: only ABORT / resolve rolled-back fences, resolve completed means
+   * the source gave the rollback up and the VM continues here; silence or a lost channel pauses.
+   */
+  #held = false;
   #answerDropped = false;
   /** Kills the incoming QEMU if this sidecar dies before the migration window ends. */
   #guard: QemuGuard | undefined;
@@ -139,8 +148,16 @@ export class DestinationMigration {
   #lastHeard = nowMs();
   #fenceTimer: NodeJS.Timeout | undefined;
   #heartbeatTimer: NodeJS.Timeout | undefined;
-  /** When the current barrier (stop … cont) began; null between barriers. */
+  /**
+   * Since when the barrier has been waiting on QEMU (`stop`, the device-state save, `cont`);
+   * null between barriers and during the dirty-page scan. Only a QEMU command can hang on the
+   * source (a vCPU stuck on a page post-copy can no longer fetch): the scan reads allocated
+   * pages of this host's RAM file only, off the main thread, and always ends, however long it
+   * takes on a large VM, so it never silences the heartbeat.
+   */
   #barrierSince: number | null = null;
+  /** Resolves when the current (or last) barrier has ended with `cont`, or the loop failed. */
+  #barrierEnd = deferred<void>();
   #tracker: DirtyTracker | undefined;
   #stopped = false;
   readonly done = deferred<DestPhase>();
@@ -173,6 +190,7 @@ export class DestinationMigration {
         try {
           const c = asPeerControl(m.body);
           if (c.kind === 'hashes-done') this.#hashesDone.resolve();
+          else if (c.kind === 'hold') this.#onHold(c.migrationId);
           else if (c.kind === 'resolve') {
             if (this.#opts.faults.cutCompletion === CUT_COMPLETION.crashOnAnswer) {
               this.#log.warn('fault injection: sidecar dies on the source answer, before acting on it');
@@ -211,8 +229,8 @@ export class DestinationMigration {
         void this.fence('nack', remoteError(m.code, m.message));
         return;
       case 'abort':
-        // S sends ABORT only when it rolls back: during the handshake that is its answer.
-        if (this.#completing !== null) this.#rolledBack = true;
+        // S sends ABORT only when it rolls back: during the handshake (or a hold) that is its answer.
+        if (this.#waitsForSource) this.#rolledBack = true;
         void this.fence('source-abort', remoteError(m.code, m.reason));
         return;
       case 'heartbeat':
@@ -222,9 +240,27 @@ export class DestinationMigration {
     }
   }
 
+  /** Waiting for the source's word (completion handshake, or a hold): never fence by kill on its own. */
+  get #waitsForSource(): boolean {
+    return this.#completing !== null || this.#held;
+  }
+
+  /** The source decided to roll back and first checks it can restore: see #held. */
+  #onHold(migrationId: string): void {
+    if (migrationId !== this.id || this.#stopped) {
+      this.#log.warn('ignored a hold for another migration', { holdFor: migrationId });
+      return;
+    }
+    this.#held = true;
+    this.#log.warn('the source holds this migration (it decided to roll back and checks it can restore): outputs held');
+    // The source may give the rollback up and leave the VM here: this sidecar's death must
+    // freeze this QEMU, not destroy it.
+    this.#guard?.pauseOnly();
+  }
+
   /** Channel to the source is gone: no ACK can come any more. */
   onChannelClosed(err: Error | undefined): void {
-    if (this.#completing !== null && !this.#stopped) {
+    if (this.#waitsForSource && !this.#stopped) {
       // The answer may still come, on a channel the source opens to this host's peer port.
       void this.#pauseForAnswer('peer-channel-closed');
       return;
@@ -261,7 +297,15 @@ export class DestinationMigration {
       void this.fence('source-rolled-back');
       return { known: true };
     }
-    if (this.phase.is('completed')) return this.#completing === epoch ? { known: true } : unknown('completed with another final epoch');
+    if (this.phase.is('completed'))
+      return this.#completing === epoch || this.#held ? { known: true } : unknown('completed with another final epoch');
+    if (this.#held && !this.#stopped) {
+      // The source gave up a rollback it could not carry out, recorded durably (its completed.json
+      // at its last applied epoch): it never resumes the VM, which continues here.
+      this.#log.warn('the source could not restore and gave the rollback up: the VM continues here', { epoch });
+      void this.#finishCompleted(epoch);
+      return { known: true };
+    }
     if (this.#completing === null || this.#completing !== epoch || this.#stopped) {
       this.#log.error('completion answer does not match this migration', { epoch, completing: this.#completing });
       return unknown('no completion request of that final epoch');
@@ -280,9 +324,11 @@ export class DestinationMigration {
   }
 
   async run(): Promise<void> {
+    this.#barrierEnd.resolve(); // no barrier yet
     try {
       await this.#run();
     } catch (e) {
+      this.#barrierEnd.resolve();
       if (!this.#stopped) {
         this.#log.error('incoming migration failed', { error: errorFields(e) });
         await this.#ch
@@ -330,8 +376,8 @@ export class DestinationMigration {
     // Heartbeats keep the source's lease alive between checkpoints (and while the
     // first one waits for the baseline hashes).
     this.#heartbeatTimer = setInterval(() => {
-      // A barrier that does not finish (a vCPU stuck on a page the source can no
-      // longer send) silences the heartbeat, so the source's lease runs out.
+      // A barrier stuck in QEMU (a vCPU stuck on a page the source can no longer send)
+      // silences the heartbeat, so the source's lease runs out. The scan does not count.
       const stuck = this.#barrierSince !== null && nowMs() - this.#barrierSince > vm.config.checkpoint.fenceTimeoutMs / 2;
       if (!this.#stopped && !this.#ch.closed && !stuck) {
         this.#ch.send({ type: 'heartbeat', epoch: this.#window?.lastTaken ?? 0, sentAt: Date.now() }).catch(() => {});
@@ -460,11 +506,18 @@ export class DestinationMigration {
 
       const t0 = nowMs();
       this.#barrierSince = t0;
+      this.#barrierEnd = deferred<void>();
       await qmp.execute('stop');
       const tStopped = nowMs();
-      // One native pass: the changed pages and their bytes (no second read of RAM).
-      const pages = await this.#tracker!.collectPages();
+      // One native pass: the changed pages and their bytes (no second read of RAM). Local
+      // work that always ends: the heartbeat goes on however long it takes.
+      this.#barrierSince = null;
+      const f = this.#opts.faults;
+      const slow = f.slowScanMs && epoch === (f.slowScanEpoch ?? 1) ? f.slowScanMs : undefined;
+      if (slow) this.#log.warn('fault injection: slow dirty-page scan', { epoch, ms: slow });
+      const pages = await this.#tracker!.collectPages(slow ? { faultDelayMs: slow } : undefined);
       const t1 = nowMs();
+      this.#barrierSince = t1;
       await qmp.execute('xen-save-devices-state', { filename: devPath, live: false });
       const disk = await this.#outputs.seal(epoch);
       // the VM is stopped: exactly what the guest wrote here up to barrier k
@@ -473,6 +526,7 @@ export class DestinationMigration {
       await qmp.execute('cont');
       const tCont = nowMs();
       this.#barrierSince = null;
+      this.#barrierEnd.resolve();
       // Read after cont: only the next barrier rewrites the file.
       const devstate = await fs.readFile(devPath);
       const pauseMs = tCont - t0;
@@ -624,7 +678,7 @@ export class DestinationMigration {
     const now = nowMs();
     const cfg = this.vm.config.checkpoint;
     const silent = now - this.#lastHeard;
-    if (this.#completing !== null) {
+    if (this.#waitsForSource) {
       // Paused before the source may decide anything on its lease (fence < failover timeout).
       if (silent > cfg.fenceTimeoutMs) void this.#pauseForAnswer('silence');
       return;
@@ -647,6 +701,12 @@ export class DestinationMigration {
     this.#stopped = true;
     clearInterval(this.#fenceTimer);
     clearInterval(this.#heartbeatTimer);
+    // After a hold the epoch loop may wait for room no ACK will make: end it (run() ignores
+    // the failure once stopped). A barrier under way ends first (its `cont`, its seal), so
+    // the guest is not left stopped and pass-through comes after the last seal.
+    this.#window?.fail(new TetherError('ERR_MIGRATION_ENDED', 'the source gave the rollback up'));
+    this.#hashesDone.resolve();
+    await this.#barrierEnd.promise;
     void this.#tracker?.close();
     this.phase.to('completed', { finalEpoch: epoch });
     if (this.#pausedForAnswer) {
@@ -668,8 +728,9 @@ export class DestinationMigration {
   /** Stop the VM here for good and drop every held output; the source owns the VM. */
   async fence(reason: string, err?: unknown): Promise<void> {
     if (this.#stopped) return;
-    if (this.#completing !== null && !this.#rolledBack) {
-      // The source may have recorded completion already: killing here could lose the VM.
+    if (this.#waitsForSource && !this.#rolledBack) {
+      // The source may have recorded completion (or given a rollback up) already: killing
+      // here could lose the VM.
       this.#log.warn('not fencing during the completion handshake; pausing until the source answers', { reason });
       await this.#pauseForAnswer(reason);
       if (reason === 'operator-abort') {

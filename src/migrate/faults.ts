@@ -9,7 +9,8 @@ import { TetherError } from '../errors.ts';
  *   truncate-epoch=K             the destination sends checkpoint K up to half of its DEVSTATE frame, then drops the channel
  *   fail-apply-epoch=K           the source's page writes of the first checkpoint >= K that has pages fail
  *                                (EIO) halfway, once: the rollback must finish the persisted stage before resuming
- *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it and fails (exit 4)
+ *   fail-apply-sticky=K          the same on every attempt: the rollback cannot finish it; the source gives the
+ *                                rollback up and the VM continues on the (reachable) destination (exit 5)
  *   cut-completion=N             cut the channel at step N of the completion handshake (CUT_COMPLETION; set it on the
  *                                side that acts at that step)
  *   hold-acks-ms=N               the source holds back ACKs for N ms from the first checkpoint >= hold-acks-epoch
@@ -32,6 +33,12 @@ import { TetherError } from '../errors.ts';
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
+ *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
+ *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
+ *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
+ *   fail-restore-load            the source's standby QEMUs are handed a device-state file that is no migration
+ *                                stream, so their load fails in QEMU: the rollback cannot prove it can restore
+ *                                (with the destination reachable, the VM continues there)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -48,6 +55,9 @@ export interface Faults {
   journalWriteThrough?: boolean;
   crashCleanupStep?: number;
   crashBeforeResume?: boolean;
+  slowScanMs?: number;
+  slowScanEpoch?: number;
+  failRestoreLoad?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -72,7 +82,7 @@ export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 /** File name, in the VM's state dir on the destination, that releases hold-completion. */
 export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume' | 'failRestoreLoad';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
@@ -81,6 +91,7 @@ const FLAGS: Record<string, Flag> = {
   'hold-acks-trigger': 'holdAcksTrigger',
   'hold-completion': 'holdCompletion',
   'crash-before-resume': 'crashBeforeResume',
+  'fail-restore-load': 'failRestoreLoad',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
@@ -93,6 +104,8 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'fail-apply-epoch': 'failApplyEpoch',
   'fail-apply-sticky': 'failApplySticky',
   'crash-cleanup-step': 'crashCleanupStep',
+  'slow-scan-ms': 'slowScanMs',
+  'slow-scan-epoch': 'slowScanEpoch',
 };
 
 /** crash-before-resume: the rollback's restored QEMU exists (recorded in vm.json), not yet resumed. */

@@ -1,6 +1,11 @@
 import type { StreamingSummary } from '../util/summary.ts';
 
-export type Outcome = 'completed' | 'rolled-back' | 'failed';
+/**
+ * continued-on-destination: the source decided to roll back but could not restore (its last
+ * checkpoint not whole, no standby QEMU could load it); the destination was reachable, so the
+ * source gave the rollback up (recorded durably) and the VM continues there.
+ */
+export type Outcome = 'completed' | 'rolled-back' | 'failed' | 'continued-on-destination';
 
 export interface RollbackFigures {
   reason: string;
@@ -48,4 +53,4 @@ export function summarize(s: StreamingSummary): { p50: number; p99: number; max:
 export const round = (v: number, digits = 2): number => Math.round(v * 10 ** digits) / 10 ** digits;
 
 /** Exit codes of `tether migrate`: the contract scripts rely on. */
-export const EXIT = { completed: 0, usage: 2, rolledBack: 3, failed: 4 } as const;
+export const EXIT = { completed: 0, usage: 2, rolledBack: 3, failed: 4, continuedOnDestination: 5 } as const;

@@ -1,4 +1,5 @@
 import { qmpTimeMs, type QmpTimestamp } from '../qmp/codec.ts';
+import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -7,6 +8,7 @@ import type { Checkpoint } from '../checkpoint/assembler.ts';
 import type { Message } from '../checkpoint/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import { CheckpointStore } from '../checkpoint/store.ts';
+import type { AppliedCheckpoint } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
 import type { HostConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
@@ -32,7 +34,17 @@ import { checkMigrationUri } from './uri.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
-  'connecting' | 'unreached' | 'refused' | 'precopy' | 'switchover' | 'postcopy' | 'completed' | 'rolling-back' | 'rolled-back' | 'failed';
+  | 'connecting'
+  | 'unreached'
+  | 'refused'
+  | 'precopy'
+  | 'switchover'
+  | 'postcopy'
+  | 'completed'
+  | 'rolling-back'
+  | 'rolled-back'
+  | 'failed'
+  | 'continued-on-destination';
 
 const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   // unreached: no tether peer answered; refused: the destination refused `prepare`.
@@ -42,7 +54,10 @@ const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   precopy: ['switchover', 'rolling-back'],
   switchover: ['postcopy', 'rolling-back'],
   postcopy: ['completed', 'rolling-back'],
-  'rolling-back': ['rolled-back', 'failed'],
+  // continued-on-destination: the rollback could not restore here and the destination was
+  // reachable: given up (recorded durably), the VM continues there.
+  'rolling-back': ['rolled-back', 'failed', 'continued-on-destination'],
+  'continued-on-destination': [],
   completed: [],
   'rolled-back': [],
   failed: [],
@@ -64,6 +79,13 @@ const PRECOPY_TRICKLE = 10;
 
 /** How long an answer of 'rolled-back' is retried: a destination that asked to complete waits paused for it. */
 const ROLLED_BACK_NOTIFY_MS = 10 * 60_000;
+
+/**
+ * Rollback reasons after which the destination cannot be asked anything: it ended the
+ * migration itself (its ABORT: it fenced), the channel is gone, or it went silent. Restoring
+ * here is then the only option, whether or not it can be proven first.
+ */
+const DESTINATION_GONE = new Set(['destination-abort', 'peer-channel-closed', 'lease-expired']);
 
 export interface SourceOptions {
   host: HostConfig;
@@ -127,6 +149,12 @@ export class SourceMigration {
   #lastPauseMs: number | null = null;
   /** A QEMU waiting (-incoming defer) to take over on rollback; see standby.ts. */
   #standby: HotStandby | undefined;
+  /** After the decision to roll back: the destination ended the migration itself or the channel is gone. */
+  #destinationGone = false;
+  /** A NACK for a bad checkpoint, sent with the ABORT that fences the destination (not before). */
+  #nack: Message | undefined;
+  /** The ABORT went out (or the channel was closed): the destination fences. */
+  #fenced = false;
 
   constructor(opts: SourceOptions) {
     this.#opts = opts;
@@ -200,6 +228,17 @@ export class SourceMigration {
         void this.rollback('source-qemu-exited', new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited'));
       }
     });
+    // Every page of the RAM file allocated before anything starts: a checkpoint's page writes
+    // then never need room on the tmpfs, so a tmpfs that runs full (another VM growing) cannot
+    // half-apply a checkpoint. Refused here, with nothing changed, when the room is not there.
+    try {
+      await allocateRamFile(vm.ramFile, vm.ramBytes);
+    } catch (e) {
+      await this.#refused(
+        new TetherError('ERR_CKPT_RAM_RESERVE', `cannot allocate ${vm.ramFile} (${vm.ramBytes} bytes): ${(e as Error).message}`),
+      );
+      return;
+    }
     // Old checkpoints go before the marker appears: a sidecar restarted in between must
     // never find a marker next to a previous migration's applied record.
     await fs.rm(vm.checkpointDir, { recursive: true, force: true });
@@ -222,7 +261,8 @@ export class SourceMigration {
     this.#channel = ch;
     ch.on('message', (m) => this.#onMessage(m));
     ch.on('close', (err) => {
-      if (!this.#decided && !this.phase.is('completed')) void this.rollback('peer-channel-closed', err);
+      if (this.#decided) this.#destinationGone = true;
+      else if (!this.phase.is('completed')) void this.rollback('peer-channel-closed', err);
     });
     ch.start();
     if (ch.closed) throw new TetherError('ERR_PEER_CLOSED', 'peer closed the channel right after the handshake');
@@ -374,6 +414,8 @@ export class SourceMigration {
         return;
       }
       case 'abort':
+        // After the decision: the destination gave up by itself (it fenced), nobody to ask any more.
+        if (this.#decided) this.#destinationGone = true;
         if (!this.#ready) void this.#refused(remoteError(m.code, m.reason));
         else void this.rollback('destination-abort', remoteError(m.code, m.reason), 0);
         return;
@@ -403,9 +445,8 @@ export class SourceMigration {
       ckpt = this.#assembler.accept(m as never);
     } catch (e) {
       const err = e as TetherError;
-      this.#channel
-        ?.send({ type: 'nack', epoch: 'epoch' in m ? m.epoch : -1, code: err.code ?? 'ERR_CKPT', message: err.message })
-        .catch(() => {});
+      // Sent with the ABORT once this side knows it can restore: a NACK fences the destination.
+      this.#nack = { type: 'nack', epoch: 'epoch' in m ? m.epoch : -1, code: err.code ?? 'ERR_CKPT', message: err.message };
       void this.rollback('bad-checkpoint', e);
       return;
     }
@@ -578,13 +619,21 @@ export class SourceMigration {
     this.phase.to('rolling-back', { reason });
     vm.place = 'rolling-back';
     this.#progress({ phase: 'rolling-back', reason });
-    const ch = this.#channel;
-    if (ch && !ch.closed) {
-      await Promise.race([ch.send({ type: 'abort', code: 'ERR_ROLLBACK', reason }).catch(() => {}), sleep(200)]);
-      ch.close();
-    }
     for (const w of this.#controlWaiters.values()) w({ kind: 'hashes-done', pages: -1 });
     this.#controlWaiters.clear();
+    if (DESTINATION_GONE.has(reason)) this.#destinationGone = true;
+    const ch = this.#channel;
+    // Restore before fence (docs/design.md): past switchover, a destination this side can
+    // reach is told to hold — keep its VM, hold every output, fence on nothing but this
+    // side's word — and kept alive by heartbeats while this side proves it can restore.
+    if (this.#continued && !this.#destinationGone && ch && !ch.closed) {
+      await ch.send({ type: 'control', body: { kind: 'hold', migrationId: this.id } }).catch(() => {});
+      this.#every(HEARTBEAT_MS, () => {
+        if (!ch.closed && !this.#fenced) ch.send({ type: 'heartbeat', epoch: this.#appliedEpoch ?? 0, sentAt: Date.now() }).catch(() => {});
+      });
+    } else if (!this.#continued) {
+      await this.#fenceDestination(reason);
+    }
 
     const figures: RollbackFigures = { reason, epoch: null, detectMs: round(detect), restoreMs: 0, killMs: 0, startMs: 0, announceMs: 0 };
     let tRestored: number | null = null;
@@ -593,23 +642,35 @@ export class SourceMigration {
         // Before switchover the source QEMU still owns the VM: cancel and carry on.
         await this.#cancelPrecopy();
       } else {
-        await this.#applyChain; // an apply under way completes (but is not acked)
-        // A failed apply may have left part of its checkpoint in the RAM file: finish it from
-        // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
-        await this.#store.repair();
-        const last = this.#store.lastApplied();
+        let last: AppliedCheckpoint;
+        try {
+          const proof = await this.#proveRestorable();
+          last = proof.last;
+          // No standby could load it: with the destination gone, the cold path (a fresh QEMU
+          // after the kill) is still worth its try; with it reachable, that is no proof.
+          if (proof.standbyError !== undefined && !this.#destinationGone && ch && !ch.closed) throw proof.standbyError;
+        } catch (e) {
+          if (this.#destinationGone || !ch || ch.closed) throw e;
+          // It cannot be restored here, and the destination still runs the VM, all outputs
+          // held: give the rollback up instead of losing the VM on both hosts.
+          await this.#giveUp(reason, e);
+          return;
+        }
         figures.epoch = last.epoch;
+        // Only now: the destination stops its VM and drops what it holds.
+        await this.#fenceDestination(reason);
         const t1 = nowMs();
         this.#opts.nics?.suspend();
         const exited = vm.killQemu();
-        // A standby may load while the old QEMU's teardown finishes, once that can no longer run.
-        await (this.#standby ? untilCannotRun(vm.qemu, exited) : exited);
+        const loaded = this.#standby?.loaded ?? false;
+        // A loaded standby may take over while the old QEMU's teardown finishes, once that can no longer run.
+        await (loaded ? untilCannotRun(vm.qemu, exited) : exited);
         const t2 = nowMs();
-        figures.hot = (await this.#standby?.promote(last.devstatePath)) ?? false;
-        if (figures.hot) {
+        figures.hot = loaded;
+        if (loaded) {
+          await this.#standby!.takeOver();
           crashBeforeResume(this.#opts.faults, this.#log);
-          if (this.#standby?.hasNics) await resumeRestored(vm, () => this.#opts.nics?.resume());
-          else await waitRunning(vm);
+          await resumeRestored(vm, () => this.#opts.nics?.resume());
         } else {
           await exited;
           await vm.restoreFrom(last.devstatePath);
@@ -645,11 +706,123 @@ export class SourceMigration {
       this.#finish({ outcome: 'rolled-back', reason, err, rollback: figures });
     } catch (e) {
       this.#log.error('rollback failed: the VM is not running', { error: errorFields(e) });
+      await this.#fenceDestination(reason);
       // never leave the wedged source QEMU (or a half-restored one) behind a 'failed'
       await vm.killQemu().catch(() => {});
       vm.place = 'stopped';
       this.phase.to('failed');
       this.#finish({ outcome: 'failed', reason, err: e, rollback: figures });
+    }
+  }
+
+  /**
+   * Everything that can show, while the destination may still run the VM, that this side can
+   * resume it: applies settle (the one under way completes, unacked), a half-applied checkpoint
+   * is finished from its stage, the applied record and its device-state file verify from disk,
+   * and — with the hot standby — a standby QEMU has loaded that device state and waits paused
+   * (a fresh one is started if the first is gone). Throws ERR_CKPT_HALF_APPLIED or
+   * ERR_CKPT_*_CORRUPT when the checkpoint is not whole; returns the standby's failure
+   * (ERR_RESTORE_UNAVAILABLE) as `standbyError`.
+   */
+  async #proveRestorable(): Promise<{ last: AppliedCheckpoint; standbyError?: unknown }> {
+    await this.#applyChain; // an apply under way completes (but is not acked)
+    // A failed apply may have left part of its checkpoint in the RAM file: finish it from
+    // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
+    await this.#store.repair();
+    const last = await this.#store.verifyApplied();
+    if (!this.#vm.config.migration.hotStandby) return { last }; // the cold path starts its QEMU after the kill
+    const sb = this.#standby;
+    // fault injection: a device-state file QEMU refuses ("not a migration stream"), so the
+    // load itself fails in QEMU
+    let devstate = last.devstatePath;
+    if (this.#opts.faults?.failRestoreLoad) {
+      devstate = `${last.devstatePath}.fault`;
+      await fs.writeFile(devstate, 'fault injection: not a migration stream\n');
+    }
+    try {
+      if (!sb) throw new TetherError('ERR_RESTORE_UNAVAILABLE', 'no hot standby was started');
+      await sb.load(devstate);
+    } catch (e) {
+      this.#log.warn('hot standby unusable: starting another one to load the device state', { error: errorFields(e) });
+      await sb?.discard();
+      this.#standby = HotStandby.start(this.#vm);
+      try {
+        await this.#standby.load(devstate);
+      } catch (e2) {
+        return { last, standbyError: e2 };
+      }
+    }
+    return { last };
+  }
+
+  /** Tell the destination to fence (NACK first if a checkpoint was bad, then ABORT) and close. Idempotent. */
+  async #fenceDestination(reason: string): Promise<void> {
+    if (this.#fenced) return;
+    this.#fenced = true;
+    this.#stopTimers();
+    const ch = this.#channel;
+    if (ch && !ch.closed) {
+      if (this.#nack) await Promise.race([ch.send(this.#nack).catch(() => {}), sleep(200)]);
+      await Promise.race([ch.send({ type: 'abort', code: 'ERR_ROLLBACK', reason }).catch(() => {}), sleep(200)]);
+      ch.close();
+    }
+  }
+
+  /**
+   * The rollback cannot be carried out here (`cause`) while the destination runs the VM, all
+   * its outputs held: the VM stays there. The destination still pulls pages from this side's
+   * QEMU, so this waits until the post-copy stream has sent everything; then records durably
+   * that it never resumes the VM (completed.json at the last applied epoch: the commit point of
+   * docs/completion.md, which a restarted sidecar honours) and only then tells the destination,
+   * which releases its outputs and goes on. Throws (the caller fences and reports failed) when
+   * the stream cannot finish or the record cannot be written.
+   */
+  async #giveUp(reason: string, cause: unknown): Promise<void> {
+    const vm = this.#vm;
+    this.#log.error('cannot restore here while the destination runs the VM: giving the rollback up', { error: errorFields(cause) });
+    await this.#standby?.discard();
+    await this.#waitStreamSent();
+    const epoch = await this.#store.recordGaveUp();
+    this.#completedEpoch = epoch;
+    this.#fenced = true; // never ABORT from here on
+    this.phase.to('continued-on-destination', { epoch, code: (cause as TetherError).code });
+    vm.place = 'gone';
+    const confirmed = notifyDestination({
+      psk: this.#opts.host.peer.key,
+      to: this.#opts.to,
+      migrationId: this.id,
+      vm: vm.name,
+      outcome: 'completed',
+      epoch,
+      log: this.#log,
+      ...(this.#channel ? { channel: this.#channel } : {}),
+    });
+    const answer = await Promise.race([confirmed, sleep(vm.config.checkpoint.failoverTimeoutMs).then(() => 'pending' as const)]);
+    this.#stopTimers();
+    this.#channel?.close();
+    await vm.stopQemu().catch(() => {});
+    await fs.rm(vm.ramFile, { force: true }).catch(() => {});
+    const cleanup = async () => {
+      await vm.removeRam().catch(() => {});
+      await vm.forget().catch(() => {});
+      await vm.setMigrationMarker(null).catch(() => {});
+    };
+    if (answer === 'pending') void confirmed.then(cleanup);
+    else await cleanup();
+    this.#finish({ outcome: 'continued-on-destination', reason, err: cause, handover: answer });
+  }
+
+  /** Until this side's QEMU has sent the destination every page (query-migrate 'completed'). */
+  async #waitStreamSent(): Promise<void> {
+    const q = this.#vm.qemu;
+    for (;;) {
+      if (!q || q.hasExited) throw new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU exited before the destination had every page');
+      const m = (await q.qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+      if (m.status === 'completed') return;
+      if (m.status === 'failed' || m.status === 'cancelled' || m.status === 'postcopy-paused') {
+        throw new TetherError('ERR_QEMU_MIGRATION_FAILED', `source QEMU migration ${m.status} before the destination had every page`);
+      }
+      await sleep(20);
     }
   }
 
@@ -805,6 +978,20 @@ export class SourceMigration {
     this.#timers = [];
     this.#holdAcksNap.wake();
   }
+}
+
+/**
+ * fallocate(2) of the whole file (mode 0: holes become allocated zero pages, data is kept), with
+ * util-linux's fallocate: Node has no binding for it. A fixed system binary and this host's own
+ * path, nothing a peer names.
+ */
+function allocateRamFile(file: string, bytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile('fallocate', ['-l', String(bytes), file], { timeout: 120_000 }, (err, _out, stderr) => {
+      if (err) reject(new Error(String(stderr).trim() || err.message));
+      else resolve();
+    });
+  });
 }
 
 export async function waitRunning(vm: VmInstance, timeoutMs = 60_000): Promise<void> {

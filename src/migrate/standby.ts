@@ -20,13 +20,17 @@
  *    the bound inode), so the promoted standby's QMP socket is renamed to the VM's.
  *
  * Guarantees:
- *  - the standby is never `cont`ed and never handed device state before the rollback is
- *    decided, so the guest never runs twice: the wedged QEMU is dead before the standby
- *    gets its state;
- *  - the standby's pid + start time are recorded in standby.json when it is spawned, and in
- *    vm.json BEFORE it is handed device state, so a
- *    sidecar restart adopts a standby that may already run the VM and kills one that
- *    never got state ({@link settleStandbys});
+ *  - the standby is never handed device state before the rollback is decided, and never
+ *    `cont`ed before the wedged QEMU is dead, so the guest never runs twice. It starts with
+ *    `-S`: {@link HotStandby.load} hands it the state while the wedged QEMU still serves
+ *    post-copy and the destination may still run (the rollback proves it can restore before
+ *    it fences the destination, docs/design.md "Restore before fence"); loaded, it waits
+ *    `paused`;
+ *  - the standby's pid + start time are recorded in standby.json the moment it is spawned
+ *    (it is never found by its command line), and in vm.json only when it takes over
+ *    ({@link HotStandby.takeOver}, after the wedged QEMU is dead) and BEFORE it runs, so a
+ *    sidecar restart adopts a standby that may run the VM and kills one that never took
+ *    over, loaded or not ({@link settleStandbys});
  *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
  *
  * Every unix socket QEMU listens on (QMP, the NICs' stream sockets) has a standby path of
@@ -43,11 +47,14 @@ import { shellQuote } from '../qemu/cmdline.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { nowMs } from '../util/time.ts';
+import { TetherError } from '../errors.ts';
 import { VmInstance } from '../vm/instance.ts';
 
 /** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
 export const STANDBY_QMP = 'standby.sock';
 export const STANDBY_LOG = 'qemu-standby.log';
+/** How long load() waits for the standby to have loaded the device state. */
+const LOAD_TIMEOUT_MS = 15_000;
 
 export function standbySocket(vm: VmInstance): string {
   return path.join(vm.dir, STANDBY_QMP);
@@ -62,11 +69,13 @@ export class HotStandby {
   readonly #vm: VmInstance;
   readonly #log: Logger;
   readonly #ready: Promise<QemuProcess | null>;
-  #state: 'starting' | 'ready' | 'promoted' | 'discarded' = 'starting';
+  #state: 'starting' | 'ready' | 'loaded' | 'promoted' | 'discarded' = 'starting';
   /** Spawn → QMP up, ms (null until ready or when the start failed). */
   startMs: number | null = null;
   /** A VM with NICs: the promoted standby stays paused until the caller connects them and says `cont`. */
   readonly hasNics: boolean;
+  /** The process, once up (tests and load/takeOver). */
+  #q: QemuProcess | null = null;
 
   /** Starts the standby in the background. Never rejects: a failed start means no standby. */
   static start(vm: VmInstance): HotStandby {
@@ -80,9 +89,10 @@ export class HotStandby {
     const t0 = nowMs();
     const cfg = vm.config;
     // The device-state file carries no configuration section (see cmdline.ts exec-file).
-    // With NICs, -S: the loaded VM stays paused until the sidecar has connected them
-    // (QEMU 7.2's stream netdev crashes when the guest sends before a peer is connected).
-    const extra = ['-global', 'migration.send-configuration=off', ...(this.hasNics ? ['-S'] : [])];
+    // -S: the loaded VM stays paused until the wedged QEMU is dead (it is loaded before the
+    // destination is fenced) and, with NICs, until the sidecar has connected them (QEMU
+    // 7.2's stream netdev crashes when the guest sends before a peer is connected).
+    const extra = ['-global', 'migration.send-configuration=off', '-S'];
     this.#ready = QemuProcess.start({
       vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, ...extra] } },
       ramFile: vm.ramFile,
@@ -106,6 +116,7 @@ export class HotStandby {
           return null;
         }
         this.#state = 'ready';
+        this.#q = q;
         this.#log.info('hot standby ready', { pid: q.pid, startMs: this.startMs });
         return q;
       },
@@ -114,6 +125,11 @@ export class HotStandby {
         return null;
       },
     );
+  }
+
+  /** Whether load() handed it the device state (it waits paused for takeOver). */
+  get loaded(): boolean {
+    return this.#state === 'loaded';
   }
 
   /** The standby's pid once it is up (null while starting, or when there is none). */
@@ -130,45 +146,82 @@ export class HotStandby {
   }
 
   /**
-   * Make the standby the VM's QEMU, running from `devstatePath` (paused, with NICs: see
-   * `hasNics`). The caller has killed the VM's previous QEMU and suspended its NIC ports.
-   * Returns false — having changed nothing the cold path needs — when there is no usable
-   * standby.
+   * Hand the standby the device state of `devstatePath` while the VM's wedged QEMU may still
+   * run: it loads it and waits `paused` (-S), never running the guest. This is the rollback's
+   * proof that it can restore, taken before the destination is fenced. Throws (and kills the
+   * standby) when there is no live standby or the load fails.
    */
-  async promote(devstatePath: string): Promise<boolean> {
-    if (this.#state === 'discarded' || this.#state === 'promoted') return false;
+  async load(devstatePath: string): Promise<void> {
     const q = await this.#ready;
-    if (!q || q.hasExited || this.#state !== 'ready') {
-      this.#log.warn('no live hot standby: starting a fresh QEMU');
-      return false;
+    if (this.#state !== 'ready' || !q || q.hasExited) {
+      throw new TetherError('ERR_RESTORE_UNAVAILABLE', `no live hot standby to load the device state (${this.#state})`);
     }
     const t0 = nowMs();
     try {
       // Never handed anything yet: it must still wait in 'inmigrate' with no incoming migration.
       const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
       if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
-      q.renameSocket(this.#vm.qmpSocket);
-      // The dead QEMU's NIC socket files are replaced: the ports reconnect to the standby.
-      standbyNicSockets(this.#vm).forEach((s, i) => fs.renameSync(s, this.#vm.nicSockets[i]!));
-      this.#state = 'promoted';
-      const t1 = nowMs();
-      await this.#vm.adoptStandby(q); // vm.json names it before it gets state
-      const t2 = nowMs();
       await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
-      await q.waitForStatus(this.hasNics ? 'paused' : 'running', 60_000, 2);
-      const ms = (a: number, b: number): number => Math.round((b - a) * 100) / 100;
-      this.#log.info('hot standby promoted', { pid: q.pid, checkMs: ms(t0, t1), persistMs: ms(t1, t2), loadMs: ms(t2, nowMs()) });
-      return true;
+      // ~20-35 ms normally; a bad file makes QEMU exit at once, but a stream that never
+      // starts (QEMU 7.2 waits for its exec channel to become readable) would wait forever
+      await q.waitForStatus('paused', LOAD_TIMEOUT_MS, 2);
+      this.#state = 'loaded';
+      this.#log.info('hot standby loaded the device state', { pid: q.pid, loadMs: Math.round((nowMs() - t0) * 100) / 100 });
+    } catch (e) {
+      this.#state = 'discarded';
+      await q.kill();
+      throw new TetherError('ERR_RESTORE_UNAVAILABLE', `the hot standby could not load ${devstatePath}: ${(e as Error).message}`, {
+        cause: errorFields(e),
+      });
+    }
+  }
+
+  /**
+   * The loaded standby becomes the VM's QEMU: its QMP and NIC sockets take the VM's paths and
+   * vm.json names it. It stays paused: the caller connects the NICs and says `cont`. The caller
+   * has killed the VM's previous QEMU (its threads can no longer run) and suspended its ports.
+   */
+  async takeOver(): Promise<void> {
+    const q = this.#q;
+    if (this.#state !== 'loaded' || !q || q.hasExited) {
+      throw new TetherError('ERR_RESTORE_FAILED', `the hot standby cannot take over (${this.#state})`);
+    }
+    q.renameSocket(this.#vm.qmpSocket);
+    // The dead QEMU's NIC socket files are replaced: the ports reconnect to the standby.
+    standbyNicSockets(this.#vm).forEach((s, i) => fs.renameSync(s, this.#vm.nicSockets[i]!));
+    this.#state = 'promoted';
+    await this.#vm.adoptStandby(q); // vm.json names it before it runs
+    this.#log.info('hot standby took over', { pid: q.pid });
+  }
+
+  /**
+   * load + takeOver, and `cont` for a VM without NICs (with NICs it waits paused: see
+   * `hasNics`). The caller has killed the VM's previous QEMU and suspended its NIC ports.
+   * Returns false when there is no usable standby (nothing the cold path needs was changed).
+   */
+  async promote(devstatePath: string): Promise<boolean> {
+    if (this.#state !== 'ready' && this.#state !== 'starting') return false;
+    try {
+      await this.load(devstatePath);
     } catch (e) {
       this.#log.warn('hot standby promotion failed: starting a fresh QEMU', { error: errorFields(e) });
-      await q.kill();
       return false;
     }
+    await this.takeOver();
+    if (!this.hasNics) {
+      await this.#q!.qmp.execute('cont');
+      await this.#q!.waitForStatus('running', 60_000, 2);
+    }
+    return true;
   }
 
   /** Kill the standby unless it was promoted. Idempotent. */
   async discard(): Promise<void> {
-    if (this.#state === 'promoted' || this.#state === 'discarded') return;
+    if (this.#state === 'promoted') return;
+    if (this.#state === 'discarded') {
+      await this.#q?.kill();
+      return;
+    }
     this.#state = 'discarded';
     const q = await this.#ready;
     if (q) {

@@ -10,6 +10,7 @@ const bodies: Record<string, Record<string, unknown>> = {
   complete: { kind: 'complete', migrationId: ID, finalEpoch: 7 },
   resolve: { kind: 'resolve', migrationId: ID, vm: 'vm1', outcome: 'rolled-back', epoch: 3 },
   resolved: { kind: 'resolved', migrationId: ID, known: false, code: 'ERR_MIGRATION_ID_MISMATCH' },
+  hold: { kind: 'hold', migrationId: ID },
 };
 
 const badIds: unknown[] = [

@@ -45,6 +45,12 @@ export function isMigrationId(v: unknown): v is string {
  *                                                  D acts on it only if migrationId is the migration it holds
  *   D -> S  resolved       {migrationId, known,    D acted on the answer (known=false: D has no such migration;
  *                           code?}                 code ERR_MIGRATION_ID_MISMATCH: D holds another one of the VM)
+ *   S -> D  hold           {migrationId}           S decided to roll back and checks it can restore before it
+ *                                                  fences D: no ACK comes any more; D keeps its VM and holds
+ *                                                  every output, never fences by kill on silence or an unacked
+ *                                                  checkpoint (it pauses), and waits for ABORT / resolve
+ *                                                  rolled-back (fence) or resolve completed (S gave the rollback
+ *                                                  up, recorded durably: the VM continues on D). docs/design.md
  */
 export type PeerControl =
   | {
@@ -70,7 +76,8 @@ export type PeerControl =
     }
   | { kind: 'complete'; migrationId: string; finalEpoch: number }
   | { kind: 'resolve'; migrationId: string; vm: string; outcome: 'completed' | 'rolled-back'; epoch: number }
-  | { kind: 'resolved'; migrationId: string; known: boolean; code?: ErrorCode };
+  | { kind: 'resolved'; migrationId: string; known: boolean; code?: ErrorCode }
+  | { kind: 'hold'; migrationId: string };
 
 export function asPeerControl(body: Record<string, unknown>): PeerControl {
   const kind = body.kind;
@@ -121,6 +128,9 @@ export function asPeerControl(body: Record<string, unknown>): PeerControl {
         throw new TetherError('ERR_PEER_CONTROL', 'resolve: outcome must be completed or rolled-back');
       }
       num('epoch');
+      break;
+    case 'hold':
+      id();
       break;
     case 'resolved':
       id();
