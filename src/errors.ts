@@ -143,8 +143,6 @@ export const ERRORS = {
   ERR_RESTORE_FAILED: 'the rollback could not bring the VM back on the source',
   ERR_RESTORE_UNAVAILABLE:
     'the source cannot restore the VM (its last checkpoint is not whole, or no standby QEMU loaded it): it does not fence a destination it can reach',
-  ERR_ROLLBACK_IMPOSSIBLE:
-    'the source gave up a rollback it could not carry out and recorded so durably: the VM continues on the destination',
   ERR_COMPLETE_EPOCH: 'the destination asked to complete at a checkpoint other than the one the source applied last',
   ERR_COMPLETING: 'the destination is in the completion handshake: it neither fences nor aborts until the source answers',
   ERR_OUTPUTS_DISCARDED: 'release or pass-through asked of outputs that were already discarded (fenced)',
