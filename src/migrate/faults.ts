@@ -22,6 +22,11 @@ import { TetherError } from '../errors.ts';
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
+ *   hold-migrate-trigger         the source sets up the stream's credentials, then waits to send QMP `migrate` until
+ *                                the file <stateDir>/<vm>/migrate.trigger exists (a test connects to the destination's
+ *                                port first)
+ *   plain-stream                 this side's QEMU migration stream goes without TLS (control tests and the benchmark's
+ *                                plain column; set on both sides, or D's QEMU refuses S's stream)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -35,6 +40,8 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  plainStream?: boolean;
+  holdMigrateTrigger?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -53,16 +60,21 @@ export const CUT_COMPLETION = {
   crashOnAnswer: 6,
 } as const;
 
+/** File name, in the VM's state dir, that lets a source held by hold-migrate-trigger send `migrate`. */
+export const MIGRATE_TRIGGER = 'migrate.trigger';
+
 /** File name, in the VM's state dir, that arms hold-acks-trigger. */
 export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'plainStream' | 'holdMigrateTrigger';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
   'hold-acks-trigger': 'holdAcksTrigger',
+  'plain-stream': 'plainStream',
+  'hold-migrate-trigger': 'holdMigrateTrigger',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
