@@ -673,7 +673,7 @@ export class DestinationMigration {
     this.#outputs.passThrough();
     this.#guard?.disarm();
     this.vm.place = 'running';
-    await this.#tls?.tearDown();
+    void this.#tls?.tearDown(); // not awaited: nothing below may wait on QMP
     await fs.rm(completingRecordPath(this.vm), { force: true }).catch(() => {});
     void this.vm.setMigrationMarker(null).catch(() => {});
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
