@@ -43,8 +43,8 @@
  *   --quick                  CI smoke (a few minutes): memcheck 64 MB, unthrottled completing
  *                            runs, one pass, 1 interrupt per standby mode
  *   --only tls               instead: the migration stream with TLS vs plain, side by side at two link
- *                            speeds (tools/bench/tls.ts; --tls-links 1gbit,200mbit --tls-repeats 3,
- *                            --memcheck-mb 64 unless given); writes bench-results/migrate-tls.json
+ *                            speeds (tools/bench/tls.ts; --tls-links 1gbit,200mbit --tls-repeats 4,
+ *                            --memcheck-mb 64 --memcheck-rate 8 unless given); writes bench-results/migrate-tls.json
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -674,8 +674,9 @@ async function main(): Promise<void> {
   if (opt.only.size === 1 && opt.only.has('tls')) {
     await benchStreamTls({
       links: str('tls-links', '1gbit,200mbit').split(',') as Link[],
-      repeats: num('tls-repeats', 3),
+      repeats: num('tls-repeats', 4),
       memcheckMB: num('memcheck-mb', 64),
+      memcheckRate: num('memcheck-rate', 8),
       guestMiB: opt.guestMiB,
       outDir: OUT_DIR,
       runDir: RUN_DIR,

@@ -14,7 +14,7 @@
  * TLS/plain ratio, beside the decision rule (TLS stays configurable only if it costs more
  * than COST_LIMIT of the total time); JSON to bench-results/migrate-tls.json and the run dir.
  *
- * Options: --tls-links 1gbit,200mbit  --tls-repeats 3  --memcheck-mb 64  --guest-mib 512
+ * Options: --tls-links 1gbit,200mbit  --tls-repeats 4  --memcheck-mb 64  --memcheck-rate 8  --guest-mib 512
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -31,6 +31,8 @@ export interface TlsOptions {
   links: Link[];
   repeats: number;
   memcheckMB: number;
+  /** memcheck MB/s (0: unthrottled). A throttled guest keeps the checkpoints, which share the link, small. */
+  memcheckRate: number;
   guestMiB: number;
   outDir: string;
   runDir: string;
@@ -62,7 +64,7 @@ const med = (v: (number | null)[]): number | null => {
 async function one(o: TlsOptions, link: Link, mode: Mode, n: number): Promise<TlsRun> {
   const c = new Cluster({
     ...(mode === 'plain' ? { faults: { source: 'plain-stream', destination: 'plain-stream' } } : {}),
-    vm: { memcheckMiB: o.memcheckMB, memcheckMBps: 0, maxBandwidth: 0, memoryMiB: o.guestMiB },
+    vm: { memcheckMiB: o.memcheckMB, memcheckMBps: o.memcheckRate, maxBandwidth: 0, memoryMiB: o.guestMiB },
   });
   const run: TlsRun = { link, mode, n, exitCode: null, totalMs: null, postcopyMs: null, blackoutMs: null, checkpoints: null, memcheck: [] };
   try {
@@ -118,6 +120,7 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
       postcopyMs: med(of(mode).map((r) => r.postcopyMs)),
       blackoutMs: med(of(mode).map((r) => r.blackoutMs)),
       checkpoints: med(of(mode).map((r) => r.checkpoints)),
+      totalRangeMs: of(mode).length ? [Math.min(...of(mode).map((r) => r.totalMs!)), Math.max(...of(mode).map((r) => r.totalMs!))] : null,
     });
     const tls = m('tls');
     const plain = m('plain');
@@ -131,7 +134,7 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
       : `TLS costs up to ${(worst * 100).toFixed(1)} % of the total time (limit ${COST_LIMIT * 100} %): keep it configurable, default on`;
   const L: string[] = [];
   L.push(
-    `QEMU migration stream: TLS-PSK vs plain (medians of ${o.repeats} per cell; ${o.guestMiB} MiB guest, memcheck ${o.memcheckMB} MB unthrottled)`,
+    `QEMU migration stream: TLS-PSK vs plain (medians of ${o.repeats} per cell; ${o.guestMiB} MiB guest, memcheck ${o.memcheckMB} MB at ${o.memcheckRate || 'unthrottled'} MB/s)`,
   );
   L.push(
     `  ${'link'.padEnd(9)} ${'mode'.padEnd(6)} ${'ok'.padStart(3)} ${'total ms'.padStart(10)} ${'post-copy ms'.padStart(13)} ${'blackout ms'.padStart(12)} ${'ckpts'.padStart(6)}`,
@@ -160,7 +163,14 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
         date: started,
         durationMs: r2(now() - t0),
         host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, kernel: os.release(), node: process.version, loadavg: os.loadavg() },
-        options: { links: o.links, repeats: o.repeats, memcheckMB: o.memcheckMB, guestMiB: o.guestMiB, costLimit: COST_LIMIT },
+        options: {
+          links: o.links,
+          repeats: o.repeats,
+          memcheckMB: o.memcheckMB,
+          memcheckRate: o.memcheckRate,
+          guestMiB: o.guestMiB,
+          costLimit: COST_LIMIT,
+        },
         notes: [
           'total = tether totalMs; post-copy = totalMs - switchoverMs; blackout = source QEMU STOP to destination QEMU RESUME (QMP event times)',
           'plain = fault plain-stream on both daemons; every run on a freshly booted cluster; QEMU max-bandwidth unlimited, the link shaped with tbf',
