@@ -13,3 +13,4 @@ t.same(parseFaults('hold-acks-ms=3000,hold-acks-epoch=4'), { holdAcksMs: 3000, h
 t.same(parseFaults('journal-write-through,corrupt-epoch=2'), { journalWriteThrough: true, corruptEpoch: 2 });
 t.throws(() => parseFaults('journal-write-through=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('gate-open,journal-write-through'), { gateOpen: true, journalWriteThrough: true });
+t.same(parseFaults('plain-stream,hold-migrate-trigger'), { plainStream: true, holdMigrateTrigger: true });
