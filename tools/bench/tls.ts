@@ -124,7 +124,7 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
     });
     const tls = m('tls');
     const plain = m('plain');
-    const cost = tls.totalMs !== null && plain.totalMs ? r2((tls.totalMs - plain.totalMs) / plain.totalMs) : null;
+    const cost = tls.totalMs !== null && plain.totalMs ? Math.round(((tls.totalMs - plain.totalMs) / plain.totalMs) * 1000) / 1000 : null;
     return { link, mbit: LINKS[link].mbit, tls, plain, totalCost: cost };
   });
   const worst = Math.max(...stats.map((s) => s.totalCost ?? Infinity));
@@ -147,8 +147,10 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
         `  ${s.link.padEnd(9)} ${mode.padEnd(6)} ${String(x.n).padStart(3)} ${f(x.totalMs).padStart(10)} ${f(x.postcopyMs).padStart(13)} ${f(x.blackoutMs).padStart(12)} ${f(x.checkpoints).padStart(6)}`,
       );
     }
+    const range = (m: Mode) => (s[m].totalRangeMs ? `${s[m].totalRangeMs![0]}-${s[m].totalRangeMs![1]} ms` : '-');
     L.push(
-      `  ${s.link.padEnd(9)} TLS/plain total: ${s.totalCost === null ? '-' : `${s.totalCost >= 0 ? '+' : ''}${(s.totalCost * 100).toFixed(1)} %`}`,
+      `  ${s.link.padEnd(9)} TLS/plain total: ${s.totalCost === null ? '-' : `${s.totalCost >= 0 ? '+' : ''}${(s.totalCost * 100).toFixed(1)} %`}` +
+        ` (range of the runs: tls ${range('tls')}, plain ${range('plain')})`,
     );
   }
   L.push(`decision: ${decision}`);
