@@ -706,7 +706,7 @@ export class DestinationMigration {
       await q.kill().catch(() => {});
     }
     this.#guard?.disarm();
-    await this.#tls?.tearDown(); // the files; the object went with the QEMU
+    await this.#tls?.removeKeys(); // the object went with the QEMU
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';
