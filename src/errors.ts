@@ -132,6 +132,9 @@ export const ERRORS = {
   ERR_MIGRATION_ID_MISMATCH:
     'a resolve (from the peer) or an abort (from the operator) names another migration of the VM than the one this host holds: nothing done',
   ERR_NO_MIGRATION_PORT: 'no free port for an incoming QEMU migration stream',
+  ERR_STREAM_TLS: "the QEMU migration stream's TLS credentials could not be set up (key files or QMP object-add)",
+  ERR_INCOMING_STALLED:
+    "the destination's QEMU stopped answering before its stream was established (a connection holding its TLS handshake): fenced before the switchover",
   ERR_MIGRATION_ENDED: 'the migration ended while a step waited on it',
   ERR_LEASE_EXPIRED: 'nothing heard from the destination within the failover timeout',
   ERR_WINDOW: 'the checkpoint window was used out of order, beyond its bound, or after it failed',

@@ -27,6 +27,7 @@ import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
 import { CheckpointWindow } from './window.ts';
 import { migrationUri } from './uri.ts';
+import { StreamTls, streamPsk } from './stream-tls.ts';
 import type { DirtyPages } from '../memory/native.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
@@ -139,6 +140,8 @@ export class DestinationMigration {
   #qemuCompleted = false;
   /** Checkpoints taken and not yet acknowledged (created when the epoch loop starts). */
   #window: CheckpointWindow | undefined;
+  /** TLS credentials of the incoming stream (stream-tls.ts). */
+  #tls: StreamTls | undefined;
 
   /** Highest epoch the source has acknowledged (its outputs are released); 0 before any. */
   get ackedEpoch(): number {
@@ -363,6 +366,16 @@ export class DestinationMigration {
       }
     });
     await qemu.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+    // Before the port opens: QEMU accepts no stream that does not prove this migration's key.
+    if (!this.#opts.faults.plainStream) {
+      this.#tls = await StreamTls.setUp({
+        qmp: qemu.qmp,
+        vmDir: vm.dir,
+        endpoint: 'server',
+        psk: streamPsk(this.#opts.host.peer.key, this.id),
+        log: this.#log,
+      });
+    } else this.#log.warn('fault injection: the incoming migration stream goes without TLS');
     const uri = await this.#listen();
     this.phase.to('incoming', { uri });
     await this.#ch.send({ type: 'control', body: { kind: 'ready', uri } });
@@ -371,6 +384,8 @@ export class DestinationMigration {
     const qemuResumeAt = await this.#waitRunning();
     if (this.#stopped) return;
     this.phase.to('running', qemuResumeAt === undefined ? {} : { qemuResumeAt });
+    // The stream's handshake is over (the VM runs on what it carried): the key file goes.
+    void this.#tls?.removeKeys();
     this.#lastHeard = nowMs();
     this.#fenceTimer = setInterval(() => this.#checkFence(), 50);
     // Heartbeats keep the source's lease alive between checkpoints (and while the
@@ -446,9 +461,19 @@ export class DestinationMigration {
    * Until QEMU runs the guest here: polls query-status, woken at once by the RESUME event.
    * Returns QEMU's own time of that RESUME (QMP timestamp), the end of the switchover
    * blackout, when the event was seen.
+   *
+   * QEMU 7.2 runs the incoming TLS handshake on a blocking socket in its main loop: a
+   * client that connects to the port and then stays silent freezes this QEMU (QMP too)
+   * until it goes away, and the source's QEMU with it once it connects. Measured: QMP
+   * unanswered for as long as such a connection stays open. So a QMP silence of
+   * fenceTimeoutMs before the VM runs here is ERR_INCOMING_STALLED: this side aborts
+   * and fences (kills its QEMU, which also frees the source's QEMU from its handshake),
+   * and the source, which still runs the VM, rolls back. (A connection that sends
+   * anything but the key's handshake is refused by QEMU at once; the port stays open.)
    */
   async #waitRunning(): Promise<number | undefined> {
     const qmp = this.vm.qemu!.qmp;
+    const stallMs = this.vm.config.checkpoint.fenceTimeoutMs;
     let resumedAt: number | undefined;
     const nap = new Nap();
     const onEvent = (name: string, _d: unknown, ts: QmpTimestamp | undefined) => {
@@ -459,7 +484,11 @@ export class DestinationMigration {
     qmp.on('event', onEvent);
     try {
       while (!this.#stopped) {
-        const s = (await qmp.execute('query-status')) as { status: string };
+        const s = (await qmp.execute('query-status', undefined, { timeoutMs: stallMs }).catch((e: unknown) => {
+          throw (e as TetherError).code === 'ERR_QMP_TIMEOUT' && !this.#stopped
+            ? new TetherError('ERR_INCOMING_STALLED', `the incoming QEMU did not answer QMP for ${stallMs} ms before the switchover`)
+            : e;
+        })) as { status: string };
         if (s.status === 'running') return resumedAt;
         await nap.nap(10);
       }
@@ -717,6 +746,7 @@ export class DestinationMigration {
     this.#outputs.passThrough();
     this.#guard?.disarm();
     this.vm.place = 'running';
+    void this.#tls?.tearDown(); // not awaited: nothing below may wait on QMP
     await this.vm
       .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
       .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));
@@ -751,6 +781,7 @@ export class DestinationMigration {
       await q.kill().catch(() => {});
     }
     this.#guard?.disarm();
+    await this.#tls?.removeKeys(); // the object went with the QEMU
     await this.#tracker?.close().catch(() => {});
     await this.vm.removeRam().catch(() => {});
     this.vm.place = 'fenced';

@@ -17,3 +17,4 @@ t.same(parseFaults('hold-completion,cut-completion=5'), { holdCompletion: true, 
 t.throws(() => parseFaults('hold-completion=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('slow-scan-ms=5000,slow-scan-epoch=2'), { slowScanMs: 5000, slowScanEpoch: 2 });
 t.same(parseFaults('fail-restore-load'), { failRestoreLoad: true });
+t.same(parseFaults('plain-stream,hold-migrate-trigger'), { plainStream: true, holdMigrateTrigger: true });

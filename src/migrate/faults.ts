@@ -39,6 +39,11 @@ import { TetherError } from '../errors.ts';
  *   fail-restore-load            the source's standby QEMUs are handed a device-state file that is no migration
  *                                stream, so their load fails in QEMU: the rollback cannot prove it can restore
  *                                (with the destination reachable, the VM continues there)
+ *   hold-migrate-trigger         the source sets up the stream's credentials, then waits to send QMP `migrate` until
+ *                                the file <stateDir>/<vm>/migrate.trigger exists (a test connects to the destination's
+ *                                port first)
+ *   plain-stream                 this side's QEMU migration stream goes without TLS (control tests and the benchmark's
+ *                                plain column; set on both sides, or D's QEMU refuses S's stream)
  */
 export interface Faults {
   delayFirstCheckpointMs?: number;
@@ -58,6 +63,8 @@ export interface Faults {
   slowScanMs?: number;
   slowScanEpoch?: number;
   failRestoreLoad?: boolean;
+  plainStream?: boolean;
+  holdMigrateTrigger?: boolean;
 }
 
 /** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
@@ -76,13 +83,16 @@ export const CUT_COMPLETION = {
   crashOnAnswer: 6,
 } as const;
 
+/** File name, in the VM's state dir, that lets a source held by hold-migrate-trigger send `migrate`. */
+export const MIGRATE_TRIGGER = 'migrate.trigger';
+
 /** File name, in the VM's state dir, that arms hold-acks-trigger. */
 export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 
 /** File name, in the VM's state dir on the destination, that releases hold-completion. */
 export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume' | 'failRestoreLoad';
+type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume' | 'failRestoreLoad' | 'plainStream' | 'holdMigrateTrigger';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
@@ -92,6 +102,8 @@ const FLAGS: Record<string, Flag> = {
   'hold-completion': 'holdCompletion',
   'crash-before-resume': 'crashBeforeResume',
   'fail-restore-load': 'failRestoreLoad',
+  'plain-stream': 'plainStream',
+  'hold-migrate-trigger': 'holdMigrateTrigger',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {

@@ -24,13 +24,14 @@ import { deviceModelDigest } from '../vm/device-model.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { asPeerControl, newMigrationId } from '../peer/control.ts';
 import { notifyDestination, resolveMessage } from './notify.ts';
-import { cleanupCrashPoint, crashBeforeResume, CUT_COMPLETION, HOLD_ACKS_TRIGGER } from './faults.ts';
+import { cleanupCrashPoint, crashBeforeResume, CUT_COMPLETION, HOLD_ACKS_TRIGGER, MIGRATE_TRIGGER } from './faults.ts';
 import type { Faults } from './faults.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { round, summarize } from './result.ts';
 import { HotStandby, untilCannotRun } from './standby.ts';
 import { checkSourceWindow } from './window.ts';
 import { checkMigrationUri } from './uri.ts';
+import { StreamTls, streamPsk } from './stream-tls.ts';
 import type { MigrationResult, RollbackFigures } from './result.ts';
 
 export type SourcePhase =
@@ -155,6 +156,8 @@ export class SourceMigration {
   #nack: Message | undefined;
   /** The ABORT went out (or the channel was closed): the destination fences. */
   #fenced = false;
+  /** TLS credentials of the migration stream on this QEMU (stream-tls.ts). */
+  #tls: StreamTls | undefined;
 
   constructor(opts: SourceOptions) {
     this.#opts = opts;
@@ -314,6 +317,21 @@ export class SourceMigration {
     // destination stale. Post-copy then runs at max-postcopy-bandwidth (0 = unlimited).
     if (vm.config.migration.precopyMs === 0 && vm.config.qemu.accel === 'tcg') params['max-bandwidth'] = PRECOPY_TRICKLE;
     if (Object.keys(params).length > 0) await qmp.execute('migrate-set-parameters', params);
+    // The stream is TLS with this migration's key: the destination's QEMU refuses it otherwise.
+    if (!this.#opts.faults?.plainStream) {
+      this.#tls = await StreamTls.setUp({
+        qmp,
+        vmDir: vm.dir,
+        endpoint: 'client',
+        psk: streamPsk(this.#opts.host.peer.key, this.id),
+        log: this.#log,
+      });
+    } else this.#log.warn('fault injection: the migration stream goes without TLS');
+    if (this.#opts.faults?.holdMigrateTrigger) {
+      this.#log.warn('fault injection: migrate waits for its trigger file');
+      while (!this.#decided && !existsSync(path.join(vm.dir, MIGRATE_TRIGGER))) await sleep(50);
+      if (this.#decided) return;
+    }
     this.phase.to('precopy');
     await qmp.execute('migrate', { uri });
     this.#every(PROGRESS_MS, () => void this.#reportProgress());
@@ -851,6 +869,8 @@ export class SourceMigration {
     }
     const s = (await q.qmp.execute('query-status')) as { status: string };
     if (s.status !== 'running') await q.qmp.execute('cont');
+    // This QEMU goes on running the VM: the next migration adds credentials of its own.
+    await this.#tls?.tearDown();
   }
 
   #finish(p: {
@@ -861,6 +881,7 @@ export class SourceMigration {
     handover?: MigrationResult['handover'];
   }): void {
     void this.#standby?.discard(); // a no-op once promoted
+    void this.#tls?.tearDown(); // key files gone already; the object goes with a killed QEMU
     void this.#applyChain.then(() => this.#diskSink?.close()).catch(() => {});
     // a completion keeps its marker until the destination confirmed (see #onCompleteRequest)
     if (p.outcome !== 'completed') void this.#vm.setMigrationMarker(null).catch(() => {});

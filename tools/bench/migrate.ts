@@ -42,6 +42,9 @@
  *                            the same bytes: native hashFile over a file that size, all cores)
  *   --quick                  CI smoke (a few minutes): memcheck 64 MB, unthrottled completing
  *                            runs, one pass, 1 interrupt per standby mode
+ *   --only tls               instead: the migration stream with TLS vs plain, side by side at two link
+ *                            speeds (tools/bench/tls.ts; --tls-links 1gbit,200mbit --tls-repeats 4,
+ *                            --memcheck-mb 64 --memcheck-rate 8 unless given); writes bench-results/migrate-tls.json
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -73,6 +76,8 @@ import {
   type VQemu,
 } from './lib.ts';
 import { num, str } from './args.ts';
+import { benchStreamTls } from './tls.ts';
+import type { Link } from './lib.ts';
 import { barsSpec, markdownTable, timelineSpec, plotDir, type Figure, type TimelineInput } from './report.ts';
 
 // ------------------------------------------------------------------ options
@@ -668,6 +673,18 @@ async function main(): Promise<void> {
   }
   log(`options ${JSON.stringify({ ...opt, only: [...opt.only] })}`);
   fs.mkdirSync(OUT_DIR, { recursive: true });
+  if (opt.only.size === 1 && opt.only.has('tls')) {
+    await benchStreamTls({
+      links: str('tls-links', '1gbit,200mbit').split(',') as Link[],
+      repeats: num('tls-repeats', 4),
+      memcheckMB: num('memcheck-mb', 64),
+      memcheckRate: num('memcheck-rate', 8),
+      guestMiB: opt.guestMiB,
+      outDir: OUT_DIR,
+      runDir: RUN_DIR,
+    });
+    return;
+  }
   fs.mkdirSync(LOG_DIR, { recursive: true });
   const res: Results = { memcheck: [] };
   if (opt.only.has('tether')) res.tether = await benchTetherComplete();
