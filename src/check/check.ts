@@ -115,6 +115,8 @@ export const QMP_COMMANDS = [
   'migrate-set-capabilities',
   'migrate-set-parameters',
   'migrate-start-postcopy',
+  'object-add',
+  'object-del',
   'query-migrate',
   'query-status',
   'quit',

@@ -92,7 +92,15 @@ export const HOLD_ACKS_TRIGGER = 'hold-acks.trigger';
 /** File name, in the VM's state dir on the destination, that releases hold-completion. */
 export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 
-type Flag = 'gateOpen' | 'journalWriteThrough' | 'holdAcksTrigger' | 'holdCompletion' | 'crashBeforeResume' | 'failRestoreLoad' | 'plainStream' | 'holdMigrateTrigger';
+type Flag =
+  | 'gateOpen'
+  | 'journalWriteThrough'
+  | 'holdAcksTrigger'
+  | 'holdCompletion'
+  | 'crashBeforeResume'
+  | 'failRestoreLoad'
+  | 'plainStream'
+  | 'holdMigrateTrigger';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
