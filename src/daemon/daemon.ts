@@ -222,10 +222,7 @@ export class Daemon {
     } catch (e) {
       // Never `stopped`: a QEMU of this VM may still run, or its only copy may be elsewhere.
       const err = e as TetherError;
-      await vm.qemu?.detach().catch(() => {});
-      vm.qemu = undefined;
-      await vm.stopDisk().catch(() => {});
-      await this.#closeNics(vm.name, false);
+      await this.#letGo(vm);
       await vm.markUnrecovered(err.code ?? 'ERR_RECOVERY', err.message).catch(() => {
         vm.place = 'unrecovered';
         vm.unrecovered = { code: err.code ?? 'ERR_RECOVERY', message: err.message, at: new Date().toISOString() };
@@ -472,6 +469,14 @@ export class Daemon {
     for (const p of ports) await p.open();
     await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
     if (ports.length) vm.log.info('NICs connected', { nics: ports.map((p) => p.name) });
+  }
+
+  /** Let go of a VM whose recovery or adoption failed: detach its QEMU (never signalled), close its disk and NIC ports. */
+  async #letGo(vm: VmInstance): Promise<void> {
+    await vm.qemu?.detach().catch(() => {}); // a QMP connection already gone: nothing to detach
+    vm.qemu = undefined;
+    await vm.stopDisk().catch(() => {}); // the export may never have started
+    await this.#closeNics(vm.name, false);
   }
 
   async #closeNics(vm: string, remove: boolean): Promise<void> {
@@ -771,10 +776,7 @@ export class Daemon {
       }
     } catch (e) {
       const err = e as TetherError;
-      await vm.qemu?.detach().catch(() => {});
-      vm.qemu = undefined;
-      await vm.stopDisk().catch(() => {});
-      await this.#closeNics(vm.name, false);
+      await this.#letGo(vm);
       vm.place = 'unrecovered';
       throw new TetherError(err.code ?? 'ERR_RECOVERY', `adopting VM ${vm.name} failed, it stays unrecovered: ${err.message}`, {
         vm: vm.name,
