@@ -34,7 +34,7 @@ t.test('CONTROL: with the gate forced open, kill -9 of the destination QEMU brea
   );
   // The VM itself survives (memory is checkpointed either way); only its outputs leaked.
   await assertSurvivedOnSource(t, c, mig, (e) => e >= holdEpoch);
-  if (NET_MODE === 'gate') t.ok(heldAnswers > 0, `the open gate let answers out while the ACK was held (${heldAnswers})`);
+  if (NET_MODE === 'gate') t.ok(heldAnswers > 0, `the open gate let out answers to queries sent while the ACK was held (${heldAnswers})`);
   const v = await client.waitEvent((e) => e.ev === 'violation', 'the client reporting a violation');
   t.pass(`the client reported: ${JSON.stringify(v)} (answers received during the hold: ${heldAnswers})`);
   if (wire) {

@@ -273,11 +273,15 @@ export async function interruptDuringHold(
   const from = Date.now();
   const want = opts.answersInHold ?? 0;
   if (want > 0) {
-    // a control: the gate forced open lets answers out during the hold
+    // A control: the gate forced open lets answers out during the hold. Only answers to
+    // queries the client sent after `from` count: the held checkpoint had been taken by
+    // then (the source applied it), so the guest answered them in a later epoch, which the
+    // rollback takes back. An answer of the held epoch itself is consistent with the
+    // checkpoint the source resumes from and could not show a violation.
     await waitFor(() => {
       notEnded('during the hold');
-      return client.answers(from).length >= want;
-    }, `${want} answers from the destination's guest during the hold`);
+      return answersToQueriesSince(client, from) >= want;
+    }, `${want} answers from the destination's guest to queries sent during the hold`);
   } else if (NET_MODE === 'gate') {
     await waitFor(() => {
       notEnded('during the hold');
@@ -287,9 +291,14 @@ export async function interruptDuringHold(
     // the ungated baseline: the guest answers straight to the client
     await waitFor(() => client.answers(from).length >= HELD_FRAMES, `${HELD_FRAMES} answers during the hold`);
   }
-  const answersInHold = client.answers(from).length;
+  const answersInHold = want > 0 ? answersToQueriesSince(client, from) : client.answers(from).length;
   await interrupt();
   return { mig: await migrating, holdEpoch, answersInHold };
+}
+
+/** Answers to queries the client sent at or after `since` (an answer's event time less its round trip). */
+function answersToQueriesSince(client: NetClient, since: number): number {
+  return client.answers(since).filter((e) => e.t - Number(e.rttMs ?? Infinity) >= since).length;
 }
 
 /**
