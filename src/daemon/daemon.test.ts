@@ -32,6 +32,7 @@ import { VmInstance } from '../vm/instance.ts';
 import { MARKER_VERSION } from '../vm/instance.ts';
 import { encodeStateFile } from '../vm/state-file.ts';
 import { Daemon } from './daemon.ts';
+import { alive, freePort } from './daemon.test-util.ts';
 
 /** Polls `fn`; a wait that never ends fails the test (after 30 s) instead of hanging it. */
 async function waitUntil(fn: () => boolean): Promise<void> {
@@ -40,14 +41,6 @@ async function waitUntil(fn: () => boolean): Promise<void> {
     if (Date.now() > deadline) throw new Error('waited 30 s in vain');
     await sleep(10);
   }
-}
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
 }
 
 interface Fixture {
@@ -203,15 +196,6 @@ async function resolveOnOwnChannel(f: Fixture, body: Record<string, unknown>): P
     ch.close();
   }
 }
-
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 t.test('a second prepare of a VM already incoming is refused with ERR_PEER_VM_BUSY', async (t) => {
   const f = await destination(t);

@@ -19,14 +19,7 @@ import { FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_MAX_PAYLOAD, HEADER_SIZE } from '
 import { PeerChannel } from '../peer/channel.ts';
 import { nullLogger } from '../util/log.ts';
 import { Daemon } from './daemon.ts';
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
+import { freePort } from './daemon.test-util.ts';
 
 async function hostConfig(t: Test, extra: Partial<HostConfig> = {}): Promise<{ dir: string; host: HostConfig }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-exposure-'));

@@ -19,6 +19,7 @@ import { Daemon } from '../daemon/daemon.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
+import { alive } from '../daemon/daemon.test-util.ts';
 
 async function waitUntil(fn: () => boolean, what: string): Promise<void> {
   const deadline = Date.now() + 30_000;
@@ -27,15 +28,6 @@ async function waitUntil(fn: () => boolean, what: string): Promise<void> {
     await sleep(10);
   }
 }
-
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 /** A QEMU stand-in: QMP on the socket its command line names; every command logged as "<pid> <command> <args>". */
 function fakeQemu(dir: string, log: string): string {
