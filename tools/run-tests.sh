@@ -40,8 +40,15 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ] && [ "${TETHER_SKIP_BENCH:-0}" != 1 ]; the
     status=1
   fi
 fi
+# A failure's lines and the YAML diagnostics under them, again at the end: the tail of a
+# CI log is often all that is kept, and a failure is what must be in it.
+if grep -Eq '^\s*not ok [0-9]+' "$out"; then
+  echo "== failures (each 'not ok' with the 24 lines after it)"
+  grep -En -A24 '^\s*not ok [0-9]+' "$out" | cut -c1-300 | head -400
+fi
 # Count leaf test points (indented "ok"/"not ok" lines inside subtests are the asserts).
 pass=$(grep -Ec '^\s*ok [0-9]+' "$out")
 fail=$(grep -Ec '^\s*not ok [0-9]+' "$out")
+grep -E '^# \{ total' "$out" | sed 's/^/phase summary: /'
 echo "$pass passed, $fail failed"
 [ "$status" = 0 ] && [ "$fail" = 0 ]
