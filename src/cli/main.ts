@@ -163,6 +163,9 @@ async function runDaemon(config: string | undefined): Promise<number> {
   if (!config) throw new TetherError('ERR_USAGE', 'tether daemon needs --config <host.yaml>');
   const host = await loadHostConfig(config);
   const log = createLogger({ host: host.name }, host.logLevel);
+  // An error no code owns ends the sidecar at once, guests untouched (src/daemon/crash.ts).
+  const { installCrashPolicy } = await import('../daemon/crash.ts');
+  installCrashPolicy(log);
   // Imported here: the client commands (status, migrate, ...) need none of the daemon's
   // modules, and loading them through tsx costs every CLI call about 0.3 s of CPU.
   const { Daemon } = await import('../daemon/daemon.ts');
