@@ -368,7 +368,10 @@ t.test('QMP_COMMANDS is every QMP command tether sends (no command goes unchecke
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       const p = path.join(d, e.name);
       if (e.isDirectory()) walk(p);
-      else if (e.name.endsWith('.ts') && !e.name.endsWith('.test.ts') && !p.includes(`${path.sep}check${path.sep}`)) files.push(p);
+      // Relative to src/: the clone's own path may contain a "check" directory (CI clones
+      // into /check/...), which must not exclude every file.
+      else if (e.name.endsWith('.ts') && !e.name.endsWith('.test.ts') && path.relative(SRC, p).split(path.sep)[0] !== 'check')
+        files.push(p);
     }
   };
   walk(SRC);
