@@ -6,11 +6,12 @@
  * its own pthreads, and the call returns a Promise, so the event loop (peer
  * heartbeats, lease and fence timers) keeps running while a large RAM file is
  * hashed. The other calls are synchronous and small. Guest RAM is
- * read with pread() only, never mapped: on the destination, pages that
- * post-copy has not placed yet are holes in the RAM file, and a fault on a hole
- * through a shared mapping would allocate a page behind QEMU's back. pread() of
- * a hole returns zeros without allocating, and SEEK_DATA/SEEK_HOLE lets us skip
- * holes entirely.
+ * read in place through a read-only mapping of the RAM file on tmpfs (mapRam,
+ * below), else with pread(). Either way only what SEEK_DATA reports as data is
+ * touched: on the destination, pages that post-copy has not placed yet are holes
+ * in the RAM file, and a read fault on a hole through a shared mapping would
+ * allocate a page behind QEMU's back (a pread() of a hole returns zeros without
+ * allocating).
  *
  * Errors are thrown as JS Errors with a `code` property:
  *   ERR_MEM_NATIVE_ARGS  bad argument (type, size, fd, pfn out of range)
