@@ -108,6 +108,9 @@ const MiB = 1024 * 1024;
  */
 export const QMP_COMMANDS = [
   'announce-self',
+  'blockdev-add',
+  'blockdev-del',
+  'blockdev-reopen',
   'cont',
   'migrate',
   'migrate-continue',
@@ -118,6 +121,7 @@ export const QMP_COMMANDS = [
   'object-add',
   'object-del',
   'query-migrate',
+  'query-named-block-nodes',
   'query-status',
   'quit',
   'stop',

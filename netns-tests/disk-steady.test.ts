@@ -1,0 +1,86 @@
+/**
+ * Steady state is QEMU's own file node (docs/disk.md): outside a destination's post-copy
+ * window no byte of the guest's disk I/O passes through the sidecar.
+ * - kill -9 of the sidecar of a running, not migrating VM: diskcheck goes on, with no
+ *   error and no MISMATCH, while the sidecar is dead (with the disk on the sidecar's NBD
+ *   export the guest's I/O would wait for it, then fail: no pass would complete);
+ * - after a completed migration the destination's QEMU has no NBD node left (QEMU's own
+ *   query-named-block-nodes, through `tether status`), and diskcheck stays consistent.
+ */
+import fs from 'node:fs';
+import t from 'tap';
+import { callDaemon } from '../src/control/client.ts';
+import type { Cluster, Host } from './harness.ts';
+import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
+import { bootDiskCluster } from './scenarios.ts';
+
+const disk = { guest: 'diskcheck' as const };
+
+async function diskNodes(c: Cluster, h: Host): Promise<{ window: boolean; nodes: string[] | null }> {
+  const st = (await callDaemon(h.socket, 'status', { vm: c.vmName })) as { disk?: { window: boolean; nodes: string[] | null } };
+  return st.disk ?? { window: false, nodes: null };
+}
+
+/** diskcheck's MISMATCH and error lines, and the guest kernel's block I/O errors, in the serial log from `from`. */
+function ioErrors(serialLog: string, from: number): string[] {
+  const lines = fs.readFileSync(serialLog).subarray(from).toString('latin1').split(/\r?\n/);
+  return diskcheck(serialLog, from).mismatch.concat(lines.filter((l) => /I\/O error|blk_update_request|Buffer I\/O/.test(l)));
+}
+
+t.test('kill -9 of the sidecar of a running VM: the guest disk carries on untouched', async (t) => {
+  const c = await bootDiskCluster(t, { disk });
+  const before = await diskNodes(c, c.src);
+  t.equal(before.window, false, 'no disk window on a VM started with vm start');
+  t.ok(before.nodes?.includes('f0:file') && before.nodes.includes('disk0:raw'), `QEMU's own file node: ${before.nodes}`);
+  t.notOk(
+    before.nodes?.some((n) => n.endsWith(':nbd')),
+    'no NBD node',
+  );
+  const pid = (await c.status(c.src)).pid as number;
+  const log = c.serialLog(c.src);
+  const from = fileSize(log);
+  await c.killDaemon(c.src);
+  // By construction: these passes run while the sidecar is dead.
+  const rep = await waitDiskPasses(log, from, 3, 'with the sidecar dead');
+  t.ok(qemuAlive(pid), 'QEMU runs on');
+  t.same(rep.mismatch, [], 'no MISMATCH or diskcheck error while the sidecar is dead');
+  t.same(ioErrors(log, from), [], 'no I/O error in the guest');
+  await c.restartDaemon(c.src);
+  const s = await c.status(c.src);
+  t.equal(s.state, 'running', 'the restarted sidecar adopted the VM');
+  t.equal(s.pid, pid, 'the same QEMU');
+  const after = await diskNodes(c, c.src);
+  t.equal(after.window, false, 'the restarted sidecar serves no disk');
+  t.notOk(
+    after.nodes?.some((n) => n.endsWith(':nbd')),
+    `still no NBD node: ${after.nodes}`,
+  );
+  const more = await waitDiskPasses(log, fileSize(log), 2, 'after the restart');
+  t.same(more.mismatch, [], 'no MISMATCH after the restart');
+});
+
+t.test('completed migration: the destination QEMU ends on its own file node, no NBD node left', async (t) => {
+  const c = await bootDiskCluster(t, { disk });
+  const mig = await c.migrate();
+  t.equal(mig.result?.outcome, 'completed', `completed: ${mig.stderr.slice(-1500)}`);
+  // The switch follows the source's answer: wait for QEMU to report the nodes of a running VM.
+  let d = await diskNodes(c, c.dst);
+  await waitFor(
+    async () => {
+      d = await diskNodes(c, c.dst);
+      return !d.window && d.nodes !== null;
+    },
+    'the destination disk window closed',
+    60_000,
+  );
+  t.ok(d.nodes?.includes('f0:file') && d.nodes.includes('disk0:raw'), `file node under disk0: ${d.nodes}`);
+  t.notOk(
+    d.nodes?.some((n) => n.endsWith(':nbd')),
+    'no NBD node on the destination QEMU',
+  );
+  const log = c.serialLog(c.dst);
+  const rep = await waitDiskPasses(log, fileSize(log), 2, 'on the destination after the switch');
+  t.same(rep.mismatch, [], 'no MISMATCH on the destination after the switch');
+  t.same(ioErrors(log, 0), [], 'no I/O error in the guest on the destination');
+  t.same(diskcheck(log).mismatch, [], 'no MISMATCH anywhere in the destination serial log');
+});
