@@ -9,17 +9,10 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import { callDaemon } from '../src/control/client.ts';
-import type { Cluster, Host } from './harness.ts';
 import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
-import { bootDiskCluster } from './scenarios.ts';
+import { bootDiskCluster, diskNodes, waitDiskWindowClosed } from './scenarios.ts';
 
 const disk = { guest: 'diskcheck' as const };
-
-async function diskNodes(c: Cluster, h: Host): Promise<{ window: boolean; nodes: string[] | null }> {
-  const st = (await callDaemon(h.socket, 'status', { vm: c.vmName })) as { disk?: { window: boolean; nodes: string[] | null } };
-  return st.disk ?? { window: false, nodes: null };
-}
 
 /** diskcheck's MISMATCH and error lines, and the guest kernel's block I/O errors, in the serial log from `from`. */
 function ioErrors(serialLog: string, from: number): string[] {
@@ -63,16 +56,7 @@ t.test('completed migration: the destination QEMU ends on its own file node, no 
   const c = await bootDiskCluster(t, { disk });
   const mig = await c.migrate();
   t.equal(mig.result?.outcome, 'completed', `completed: ${mig.stderr.slice(-1500)}`);
-  // The switch follows the source's answer: wait for QEMU to report the nodes of a running VM.
-  let d = await diskNodes(c, c.dst);
-  await waitFor(
-    async () => {
-      d = await diskNodes(c, c.dst);
-      return !d.window && d.nodes !== null;
-    },
-    'the destination disk window closed',
-    60_000,
-  );
+  const d = await waitDiskWindowClosed(c);
   t.ok(d.nodes?.includes('f0:file') && d.nodes.includes('disk0:raw'), `file node under disk0: ${d.nodes}`);
   t.notOk(
     d.nodes?.some((n) => n.endsWith(':nbd')),
