@@ -5,14 +5,26 @@
  *   error and no MISMATCH, while the sidecar is dead (with the disk on the sidecar's NBD
  *   export the guest's I/O would wait for it, then fail: no pass would complete);
  * - after a completed migration the destination's QEMU has no NBD node left (QEMU's own
- *   query-named-block-nodes, through `tether status`), and diskcheck stays consistent.
+ *   query-named-block-nodes, through `tether status`), and diskcheck stays consistent;
+ * - in both, QEMU's image locking still refuses a second writer (qemu-io on the image).
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import t from 'tap';
 import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
 import { bootDiskCluster, diskNodes, waitDiskWindowClosed } from './scenarios.ts';
 
 const disk = { guest: 'diskcheck' as const };
+
+/**
+ * A second writer opening the image (qemu-io, read-write, no force-share) while the VM's QEMU
+ * runs: QEMU's image locking must refuse it at open, before any I/O (`quit` is its only command).
+ */
+function secondWriter(image: string): { refused: boolean; output: string } {
+  const r = spawnSync('qemu-io', ['-f', 'raw', '-c', 'quit', image], { encoding: 'utf8', timeout: 30_000 });
+  const output = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+  return { refused: r.status !== 0 && /lock/i.test(output), output };
+}
 
 /** diskcheck's MISMATCH and error lines, and the guest kernel's block I/O errors, in the serial log from `from`. */
 function ioErrors(serialLog: string, from: number): string[] {
@@ -29,6 +41,8 @@ t.test('kill -9 of the sidecar of a running VM: the guest disk carries on untouc
     before.nodes?.some((n) => n.endsWith(':nbd')),
     'no NBD node',
   );
+  const w = secondWriter(c.diskImage);
+  t.ok(w.refused, `QEMU's lock refuses a second writer in steady state: ${w.output.trim()}`);
   const pid = (await c.status(c.src)).pid as number;
   const log = c.serialLog(c.src);
   const from = fileSize(log);
@@ -62,6 +76,8 @@ t.test('completed migration: the destination QEMU ends on its own file node, no 
     d.nodes?.some((n) => n.endsWith(':nbd')),
     'no NBD node on the destination QEMU',
   );
+  const w = secondWriter(c.diskImage);
+  t.ok(w.refused, `D's QEMU took the image's lock at the switch: a second writer is refused: ${w.output.trim()}`);
   const log = c.serialLog(c.dst);
   const rep = await waitDiskPasses(log, fileSize(log), 2, 'on the destination after the switch');
   t.same(rep.mismatch, [], 'no MISMATCH on the destination after the switch');
