@@ -6,7 +6,7 @@
  */
 import t from 'tap';
 import { e2fsck, fileSize, waitFsRounds } from './harness.ts';
-import { bootDiskCluster, waitApplied } from './scenarios.ts';
+import { bootDiskCluster, waitApplied, waitDiskWindowClosed } from './scenarios.ts';
 
 const disk = { guest: 'fsload' as const, mib: 64 };
 
@@ -28,7 +28,12 @@ t.test('ext4 is clean after a completed migration', async (t) => {
   const c = await bootDiskCluster(t, { disk });
   const mig = await c.migrate();
   t.equal(mig.result?.outcome, 'completed', `completed: ${mig.stderr.slice(-1000)}`);
-  await waitFsRounds(c.serialLog(c.dst), fileSize(c.serialLog(c.dst)), 2, 'on the destination after completion');
+  const d = await waitDiskWindowClosed(c);
+  t.notOk(
+    d.nodes?.some((n) => n.endsWith(':nbd')),
+    `the destination QEMU has no NBD node left: ${d.nodes}`,
+  );
+  await waitFsRounds(c.serialLog(c.dst), fileSize(c.serialLog(c.dst)), 2, 'on the destination after the switch to its file node');
   const stop = await c.tether(c.dst, ['vm', 'stop', c.vmName]);
   t.equal(stop.code, 0, `vm stop: ${stop.stderr}`);
   const r = e2fsck(c.diskImage);

@@ -115,9 +115,9 @@ export interface ClusterOptions {
     /** diskbench waits for triggerDiskbench() before its run (the image must exceed the span). */
     benchTrigger?: boolean;
     /**
-     * Benchmark baseline: QEMU opens the raw image itself (a file blockdev under the same
-     * virtio-blk-pci, via qemu.extraArgs) instead of the sidecar serving it over NBD; the
-     * VM config then has no disk section. Not with guestNet 'qemu-tap'.
+     * Benchmark baseline: plain QEMU on the raw image (a file blockdev, cache.direct=on, under
+     * the same virtio-blk-pci, via qemu.extraArgs) instead of tether's disk section; the VM
+     * config then has no disk section. Not with guestNet 'qemu-tap'.
      */
     direct?: boolean;
     mib?: number;
@@ -272,7 +272,7 @@ export class Cluster {
         'qemu:',
         '  extraArgs:',
         '    - "-blockdev"',
-        `    - "driver=file,node-name=disk0,filename=${this.diskImage},discard=unmap"`,
+        `    - "driver=file,node-name=disk0,filename=${this.diskImage},cache.direct=on,discard=unmap"`,
         '    - "-device"',
         '    - "virtio-blk-pci,drive=disk0,id=vda"',
       );

@@ -18,6 +18,7 @@ import {
   waitFsRounds,
   waitPasses,
 } from './harness.ts';
+import { callDaemon } from '../src/control/client.ts';
 import { HOLD_ACKS_TRIGGER } from '../src/migrate/faults.ts';
 import { checkAgainstGate, readGateLog } from './wirecap.ts';
 import type { GateCheck, WireCapture } from './wirecap.ts';
@@ -402,4 +403,28 @@ export async function assertDiskSurvivedOnSource(
   t.same(diskcheck(c.serialLog(c.src)).mismatch, [], 'no MISMATCH anywhere in the source serial log');
   t.same(diskcheck(c.serialLog(c.dst)).mismatch, [], 'no MISMATCH in the destination serial log');
   await assertNotRunningOn(t, c, c.dst);
+}
+
+/** The VM's disk on host `h` as `tether status <vm>` shows it: `window` (served by the sidecar) and QEMU's block nodes (node:driver). */
+export async function diskNodes(c: Cluster, h: Host): Promise<{ window: boolean; nodes: string[] | null }> {
+  const st = (await callDaemon(h.socket, 'status', { vm: c.vmName })) as { disk?: { window: boolean; nodes: string[] | null } };
+  return st.disk ?? { window: false, nodes: null };
+}
+
+/**
+ * After a completed migration: the destination's switch to QEMU's own file node follows the
+ * source's answer, which `migrate` does not wait for; wait until QEMU reports the nodes of a
+ * VM that runs there with its window closed.
+ */
+export async function waitDiskWindowClosed(c: Cluster): Promise<{ window: boolean; nodes: string[] | null }> {
+  let d = await diskNodes(c, c.dst);
+  await waitFor(
+    async () => {
+      d = await diskNodes(c, c.dst);
+      return !d.window && d.nodes !== null;
+    },
+    'the destination disk window closed',
+    60_000,
+  );
+  return d;
 }

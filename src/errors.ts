@@ -174,7 +174,6 @@ export const ERRORS = {
   ERR_JOURNAL_STATE: 'the journal was sealed or switched in the wrong mode or for an epoch that is not the open one',
   ERR_JOURNAL_DISCARDED: 'a disk request after the destination fenced and dropped its journal (never reaches the image)',
   ERR_JOURNAL_WRITEBACK: 'writing the journal into the image after the final ACK failed',
-  ERR_QEMU_ARGS: "QEMU's command line cannot be built from the configuration",
 
   // --- host prerequisites (tether check, src/check)
   ERR_CHECK_PATH: 'a file or directory a configuration names is missing, of the wrong kind, or not readable/writable',

@@ -101,6 +101,7 @@ function fakeEnv(s: Setup, o: Partial<CheckEnv> & { paths?: Record<string, PathI
     linkKind: async () => 'bridge',
     openDevice: () => null,
     lockProbe: () => null,
+    directProbe: () => null,
     qemuVersion: async () => ({ major: 7, minor: 2, micro: 22, package: 'Debian' }),
     qemuQmp: async () => ({
       commands: [...QMP_COMMANDS, 'query-commands'],
@@ -323,6 +324,11 @@ t.test('disk image: missing, not writable, empty, a directory; locks unsupported
   t.same(await f({ paths: { [s.image]: { ...file(), kind: 'block' } } }), [], 'a block device');
   t.same(await f({ lockProbe: () => 'ENOLCK' }), [{ name: 'vm vm1: disk image locks', code: 'ERR_CHECK_LOCK' }]);
   t.same(await f({ lockProbe: () => 'EAGAIN' }), [], 'someone holds a conflicting lock: locks work');
+  t.same(
+    await f({ directProbe: () => 'EINVAL' }),
+    [{ name: 'vm vm1: disk image O_DIRECT', code: 'ERR_CHECK_IMAGE' }],
+    'no O_DIRECT (tmpfs)',
+  );
 });
 
 t.test('qemu scope: always without scopes fails with ERR_QEMU_SCOPE', async (t) => {

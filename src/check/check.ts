@@ -68,6 +68,8 @@ export interface CheckEnv {
   openDevice(p: string): string | null;
   /** errno code of the non-blocking OFD read-lock probe on a disk image (see ofdLockProbe), null when granted. */
   lockProbe(p: string): string | null;
+  /** errno code of opening a disk image read-only with O_DIRECT (then closed), null when it opened. */
+  directProbe(p: string): string | null;
   /** `binary --version`, parsed; throws with the reason it could not run or parse it. */
   qemuVersion(binary: string): Promise<QemuVersion>;
   /** A throwaway `-machine none -incoming defer` QEMU asked over QMP; throws with the reason it could not. */
@@ -108,6 +110,9 @@ const MiB = 1024 * 1024;
  */
 export const QMP_COMMANDS = [
   'announce-self',
+  'blockdev-add',
+  'blockdev-del',
+  'blockdev-reopen',
   'cont',
   'migrate',
   'migrate-continue',
@@ -118,6 +123,7 @@ export const QMP_COMMANDS = [
   'object-add',
   'object-del',
   'query-migrate',
+  'query-named-block-nodes',
   'query-status',
   'quit',
   'stop',
@@ -448,6 +454,12 @@ function checkImage(vm: VmConfig, env: CheckEnv): CheckResult[] {
   const lname = `vm ${vm.name}: disk image locks`;
   if (lock === null || lock === 'EAGAIN' || lock === 'EACCES') out.push(ok(lname, `${img}: the file system supports locks`));
   else out.push(fail(lname, 'ERR_CHECK_LOCK', `${img}: a lock probe failed with ${lock} (shared storage without a lock manager?)`));
+  // QEMU opens the image with cache.direct=on (docs/disk.md): a file system without O_DIRECT
+  // (tmpfs) would make every QEMU of the VM fail to start.
+  const direct = env.directProbe(img);
+  const dname = `vm ${vm.name}: disk image O_DIRECT`;
+  if (direct === null) out.push(ok(dname, `${img}: opens with O_DIRECT (QEMU's cache.direct=on)`));
+  else out.push(fail(dname, 'ERR_CHECK_IMAGE', `${img}: open with O_DIRECT failed with ${direct}; QEMU opens it with cache.direct=on`));
   return out;
 }
 

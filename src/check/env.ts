@@ -50,6 +50,14 @@ export function realCheckEnv(): CheckEnv {
       }
     },
     lockProbe,
+    directProbe(p) {
+      try {
+        fs.closeSync(fs.openSync(p, fs.constants.O_RDONLY | fs.constants.O_DIRECT | fs.constants.O_NONBLOCK));
+        return null;
+      } catch (e) {
+        return (e as NodeJS.ErrnoException).code ?? 'EIO';
+      }
+    },
     qemuVersion,
     qemuQmp,
     softDirty() {

@@ -103,6 +103,6 @@ export interface DiskConfig {
   image: string;
   /** Bound of journaled write bytes on the destination before guest writes are delayed. */
   journalMaxBytes: number;
-  /** QEMU's NBD reconnect-delay: how long guest I/O waits for a restarted sidecar before failing, seconds. */
+  /** D's NBD reconnect-delay inside the post-copy window (the only time QEMU reads the disk through the sidecar), seconds. */
   reconnectDelaySec: number;
 }

@@ -239,6 +239,7 @@ export class Daemon {
    */
   async #runAdopted(vm: VmInstance, log: Logger): Promise<void> {
     const q = vm.qemu!;
+    await closeAdoptedWindow(vm, log);
     const { status } = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: QMP_RECOVERY_MS });
     // 'suspended': the guest put itself to sleep (ACPI S3); it runs as far as tether is concerned
     if (status !== 'running' && status !== 'suspended') {
@@ -342,6 +343,7 @@ export class Daemon {
         await vm.qemu!.qmp.execute('cont');
         vm.place = 'running';
         log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
+        await closeAdoptedWindow(vm, log);
       } else {
         await vm.killQemu();
         await vm.removeRam();
@@ -580,7 +582,8 @@ export class Daemon {
         return this.#adoptByOperator(this.#vm(vmName()));
       case 'status': {
         if (p.vm === undefined) return { host: this.host.name, vms: [...this.vms.values()].map((v) => this.#status(v)) };
-        return this.#status(this.#vm(vmName()));
+        const vm = this.#vm(vmName());
+        return { ...this.#status(vm), ...(vm.config.disk ? { disk: await diskStatus(vm) } : {}) };
       }
       case 'migrate': {
         const vm = this.#settled(this.#vm(vmName()));
@@ -763,6 +766,7 @@ export class Daemon {
     try {
       if (alive.length === 1) {
         await vm.adopt(alive[0]!, QMP_RECOVERY_MS);
+        await closeAdoptedWindow(vm, log);
         const { status } = await vm.qemu!.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: QMP_RECOVERY_MS });
         if (status !== 'running') {
           await resumeRestored(vm, () => this.#openNics(vm, this.#createNics(vm, 'pass')));
@@ -1058,4 +1062,35 @@ export function parseHostPort(s: string): { host: string; port: number } {
   const port = m ? Number(m[2]) : NaN;
   if (!m || port < 1 || port > 65535) throw new TetherError('ERR_USAGE', `'${s}' is not host:port`);
   return { host: m[1]!.replace(/^\[(.*)\]$/, '$1'), port };
+}
+
+/**
+ * An adopted QEMU that owns its VM but still reads its disk through this sidecar (its
+ * sidecar died inside the window, after the source's `completed`): the journal it had died
+ * with the sidecar, so the restarted one serves the image (VmInstance.adopt) only until the
+ * switch to QEMU's own file node, done here. A failure leaves the disk on the sidecar.
+ */
+async function closeAdoptedWindow(vm: VmInstance, log: Logger): Promise<void> {
+  if (!vm.nbd) return;
+  await vm
+    .detachDiskWindow()
+    .catch((e) => log.error('closing the disk window of an adopted QEMU failed: the disk stays on the sidecar', { error: errorFields(e) }));
+}
+
+/**
+ * A VM's disk as `tether status <vm>` shows it: `window` while the sidecar serves it (a
+ * destination's post-copy window), and QEMU's own answer (query-named-block-nodes: node and
+ * driver, e.g. disk0:raw, f0:file) while the VM simply runs here; null while it migrates,
+ * so a status poll never adds a QMP command to a migration's.
+ */
+async function diskStatus(vm: VmInstance): Promise<{ image: string; window: boolean; nodes: string[] | null }> {
+  const q = vm.qemu;
+  let nodes: string[] | null = null;
+  if (q && !q.hasExited && vm.place === 'running') {
+    nodes = await q.qmp
+      .execute<{ 'node-name'?: string; drv?: string }[]>('query-named-block-nodes', { flat: true }, { timeoutMs: 1000 })
+      .then((list) => list.map((n) => `${n['node-name'] ?? '?'}:${n.drv ?? '?'}`))
+      .catch(() => null);
+  }
+  return { image: vm.config.disk!.image, window: vm.nbd !== undefined, nodes };
 }

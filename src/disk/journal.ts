@@ -306,6 +306,14 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#drain = drain;
   }
 
+  /**
+   * Resolves once passThrough()'s write-back has reached the image durably (at once when none
+   * runs); rejects when it failed. The destination's disk switch waits for it (docs/disk.md).
+   */
+  drained(): Promise<void> {
+    return this.#drain ?? Promise.resolve();
+  }
+
   async #writeBack(): Promise<void> {
     let bytes = 0;
     for (const e of this.#epochs) {

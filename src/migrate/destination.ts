@@ -750,9 +750,31 @@ export class DestinationMigration {
     await this.vm
       .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
       .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));
+    await this.#closeDiskWindow();
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
     setTimeout(() => this.#ch.close(), 5000).unref();
     this.done.resolve('completed');
+  }
+
+  /**
+   * The VM is this host's: its disk leaves the sidecar for QEMU's own file node (docs/disk.md,
+   * "The switch"). Only after the journal's write-back is durable in the image — the file node
+   * reads the image, and nothing may still be held in the sidecar — and after the source has
+   * recorded completion (this runs on its answer), so the source's QEMU, a post-copy source that
+   * inactivated its image at switchover, holds no lock the reopen could conflict with. A failure
+   * leaves the disk on the journal's NBD export in pass-through: the guest keeps its disk.
+   */
+  async #closeDiskWindow(): Promise<void> {
+    if (!this.#journal || !this.vm.nbd) return;
+    const t0 = nowMs();
+    try {
+      await this.#journal.drained();
+      const drainMs = Math.round((nowMs() - t0) * 100) / 100;
+      const r = await this.vm.detachDiskWindow();
+      this.#log.info('disk detached at completion', { drainMs, ...r });
+    } catch (e) {
+      this.#log.error('closing the disk window failed: the disk stays on the sidecar (pass-through)', { error: errorFields(e) });
+    }
   }
 
   /** Stop the VM here for good and drop every held output; the source owns the VM. */

@@ -101,10 +101,10 @@ export class HotStandby {
       // until it runs, and from then on it is the VM's console.
       serialLog: vm.serialLog,
       logFile: path.join(vm.dir, STANDBY_LOG),
-      // NIC sockets of its own, renamed onto the VM's on promotion; the disk's NBD server
-      // takes it as a second client, which issues no request until the guest runs.
+      // NIC sockets of its own, renamed onto the VM's on promotion. The disk is QEMU's own file
+      // node, as in steady state: an incoming QEMU opens its image inactive (no lock, no I/O)
+      // until it runs, and by then the QEMU it replaces is dead (docs/disk.md, lock order).
       nicSockets: standbyNicSockets(vm),
-      ...(cfg.disk ? { nbdSocket: vm.nbdSocket } : {}),
       incoming: { kind: 'defer' },
       // its identity on disk the moment it exists: a restarted sidecar finds it by that alone
       onSpawned: (id) => vm.recordStandby(id),

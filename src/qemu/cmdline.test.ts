@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { VmConfig } from '../config/types.ts';
-import { buildQemuArgs, qemuOptValue, shellQuote } from './cmdline.ts';
+import { buildQemuArgs, fileNodeOptions, rawNodeOptions, qemuOptValue, shellQuote } from './cmdline.ts';
 
 function vm(over: Partial<VmConfig> = {}): VmConfig {
   return {
@@ -128,16 +128,46 @@ t.test('NICs: QEMU is the stream server on the per-NIC socket; virtio-net with t
   t.notOk(buildQemuArgs(vm(), paths).includes('-netdev'), 'no NIC, no netdev');
 });
 
-t.test('disk: NBD blockdev on the sidecar socket under virtio-blk', async (t) => {
-  const disk = { image: '/srv/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
-  const args = buildQemuArgs(vm({ disk }), { ...paths, nbdSocket: '/run/t,x/nbd.sock' });
+t.test("disk, steady state: a raw node over QEMU's own file node (O_DIRECT) under virtio-blk", async (t) => {
+  const disk = { image: '/srv/a,b.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
+  const args = buildQemuArgs(vm({ disk }), paths);
   const i = args.indexOf('-blockdev');
-  t.same(args.slice(i, i + 4), [
+  t.same(args.slice(i, i + 6), [
     '-blockdev',
-    'driver=nbd,node-name=disk0,server.type=unix,server.path=/run/t,,x/nbd.sock,export=vm1,reconnect-delay=30,discard=unmap',
+    'driver=file,node-name=f0,filename=/srv/a,,b.img,cache.direct=on,discard=unmap',
+    '-blockdev',
+    'driver=raw,node-name=disk0,file=f0,discard=unmap',
     '-device',
     'virtio-blk-pci,drive=disk0,id=vda',
   ]);
+  t.notOk(
+    args.some((a) => a.includes('nbd')),
+    'no NBD outside the window',
+  );
   t.notOk(buildQemuArgs(vm(), paths).includes('-blockdev'), 'no disk, no blockdev');
-  t.throws(() => buildQemuArgs(vm({ disk }), paths), { code: 'ERR_QEMU_ARGS' });
+  // the same nodes, as the switch at completion adds and reopens them over QMP
+  t.same(fileNodeOptions('/srv/a,b.img'), {
+    driver: 'file',
+    'node-name': 'f0',
+    filename: '/srv/a,b.img',
+    cache: { direct: true },
+    discard: 'unmap',
+  });
+  t.same(rawNodeOptions('f0'), { driver: 'raw', 'node-name': 'disk0', file: 'f0', discard: 'unmap' });
+});
+
+t.test("disk, destination window: the same raw node and device over the sidecar's NBD export", async (t) => {
+  const disk = { image: '/srv/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
+  const args = buildQemuArgs(vm({ disk }), { ...paths, nbdSocket: '/run/t,x/nbd.sock' }, { kind: 'defer' });
+  const i = args.indexOf('-blockdev');
+  t.same(args.slice(i, i + 6), [
+    '-blockdev',
+    'driver=nbd,node-name=nbd0,server.type=unix,server.path=/run/t,,x/nbd.sock,export=vm1,reconnect-delay=30,discard=unmap',
+    '-blockdev',
+    'driver=raw,node-name=disk0,file=nbd0,discard=unmap',
+    '-device',
+    'virtio-blk-pci,drive=disk0,id=vda',
+  ]);
+  const steady = buildQemuArgs(vm({ disk }), paths);
+  t.equal(args[args.lastIndexOf('-device') + 1], steady[steady.lastIndexOf('-device') + 1], 'guest-visible device identical');
 });

@@ -17,7 +17,11 @@ export interface QemuPaths {
   serialLog: string;
   /** Stream-netdev socket of NIC i (QEMU listens on it, the sidecar connects). */
   nicSockets?: readonly string[];
-  /** The sidecar's NBD server for the VM's disk (required when the VM has one). */
+  /**
+   * The disk's post-copy window on the destination (docs/disk.md): QEMU reads and writes the
+   * disk through the sidecar's NBD server on this socket (its block-write journal). Absent:
+   * QEMU opens the image itself (a `file` node), the VM's steady state.
+   */
   nbdSocket?: string;
 }
 
@@ -115,27 +119,67 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
   return args;
 }
 
-/** The node name of the guest disk's NBD block node. */
+/** The guest disk's top node (raw format): the device's drive=, the same on every QEMU of the VM. */
 export const DISK_NODE = 'disk0';
+/** Its protocol child in steady state: QEMU's own file I/O on the image. */
+export const FILE_NODE = 'f0';
+/** Its protocol child inside the destination's post-copy window: the sidecar's NBD server. */
+export const NBD_NODE = 'nbd0';
 
 /**
- * The guest disk: QEMU's own NBD client on the sidecar's unix socket, under a
- * virtio-blk-pci device. `reconnect-delay` makes QEMU hold the guest's I/O while the
- * sidecar restarts (the connection is re-established on the same path) instead of
- * failing it; the export name is the VM's name. No format driver sits on top: the NBD
- * export is the raw disk. `discard=unmap` passes the guest's discards on as NBD TRIM.
+ * Options of the steady-state protocol node, as -blockdev keys; the destination's switch at
+ * completion (VmInstance.detachDiskWindow) adds the same node over QMP. `cache.direct`: O_DIRECT,
+ * no host page cache between QEMU and the shared image (another host, or this host's sidecar,
+ * writes it between two QEMUs of the VM); the raw format above it caches nothing either.
+ */
+export function fileNodeOptions(image: string): {
+  driver: 'file';
+  'node-name': string;
+  filename: string;
+  cache: { direct: true };
+  discard: 'unmap';
+} {
+  return { driver: 'file', 'node-name': FILE_NODE, filename: image, cache: { direct: true }, discard: 'unmap' };
+}
+
+/** The raw node over `child` (FILE_NODE or NBD_NODE), as blockdev-reopen takes it. */
+export function rawNodeOptions(child: string): { driver: 'raw'; 'node-name': string; file: string; discard: 'unmap' } {
+  return { driver: 'raw', 'node-name': DISK_NODE, file: child, discard: 'unmap' };
+}
+
+/**
+ * The guest disk: a raw node `disk0` under a virtio-blk-pci device, over one of two
+ * protocol nodes:
+ *   steady state   `f0`, driver=file on the image with cache.direct=on: QEMU's own I/O, no
+ *                  byte through the sidecar (a sidecar restart changes nothing the guest sees)
+ *   window (D)     `nbd0`, QEMU's NBD client on the sidecar's unix socket (the block-write
+ *                  journal); `reconnect-delay` holds the guest's I/O while the sidecar
+ *                  restarts. The export name is the VM's name.
+ * The device and its drive= are the same in both, so S (file) migrates to D (nbd); at
+ * completion D reopens disk0 over a file node and deletes nbd0. `discard=unmap` on every
+ * node passes the guest's discards on (NBD TRIM in the window, a hole punch on the file).
  */
 function diskArgs(vm: VmConfig, paths: QemuPaths): string[] {
   const disk = vm.disk!;
-  if (paths.nbdSocket === undefined) throw new TetherError('ERR_QEMU_ARGS', `VM ${vm.name} has a disk but no NBD socket path`);
-  const blockdev = [
-    'driver=nbd',
+  let child: string;
+  if (paths.nbdSocket !== undefined) {
+    child = [
+      'driver=nbd',
+      `node-name=${NBD_NODE}`,
+      'server.type=unix',
+      `server.path=${qemuOptValue(paths.nbdSocket)}`,
+      `export=${qemuOptValue(vm.name)}`,
+      `reconnect-delay=${disk.reconnectDelaySec}`,
+      'discard=unmap',
+    ].join(',');
+  } else {
+    child = ['driver=file', `node-name=${FILE_NODE}`, `filename=${qemuOptValue(disk.image)}`, 'cache.direct=on', 'discard=unmap'].join(',');
+  }
+  const raw = [
+    'driver=raw',
     `node-name=${DISK_NODE}`,
-    'server.type=unix',
-    `server.path=${qemuOptValue(paths.nbdSocket)}`,
-    `export=${qemuOptValue(vm.name)}`,
-    `reconnect-delay=${disk.reconnectDelaySec}`,
+    `file=${paths.nbdSocket !== undefined ? NBD_NODE : FILE_NODE}`,
     'discard=unmap',
   ].join(',');
-  return ['-blockdev', blockdev, '-device', `virtio-blk-pci,drive=${DISK_NODE},id=vda`];
+  return ['-blockdev', child, '-blockdev', raw, '-device', `virtio-blk-pci,drive=${DISK_NODE},id=vda`];
 }

@@ -6,6 +6,7 @@ import { isMigrationId } from '../peer/control.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
+import { DISK_NODE, FILE_NODE, NBD_NODE, fileNodeOptions, rawNodeOptions } from '../qemu/cmdline.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
@@ -105,7 +106,7 @@ export class VmInstance {
   readonly qemuLog: string;
   /** Stream-netdev socket of NIC i: <dir>/net<i>.sock. */
   readonly nicSockets: readonly string[];
-  /** The sidecar's NBD server for the VM's disk: QEMU's -blockdev nbd connects here. */
+  /** The sidecar's NBD server for the VM's disk inside a destination's post-copy window: QEMU's -blockdev nbd connects here. */
   readonly nbdSocket: string;
   readonly log: Logger;
   place: VmPlace = 'stopped';
@@ -118,14 +119,18 @@ export class VmInstance {
    * section, so the next destination must not expect one either.
    */
   sendConfiguration = true;
-  /** Serves the VM's disk while a QEMU of this VM may run here (undefined: no disk, or not started). */
+  /**
+   * Serves the VM's disk only inside a destination's post-copy window (docs/disk.md): from
+   * before the incoming QEMU starts until the switch to QEMU's own file node at completion
+   * (detachDiskWindow). Undefined otherwise: in steady state QEMU opens the image itself.
+   */
   nbd: NbdServer | undefined;
-  /** The image opened pass-through; what `nbd` serves unless a journal was layered over it. */
+  /** The image as the sidecar opened it for the window (no locks taken: see docs/disk.md). */
   image: FileBlockDevice | undefined;
   /**
-   * Hook for what the NBD server serves when it starts: the image itself (pass-through,
-   * the default) or a device layered over it (the destination's block-write journal).
-   * Later swaps go through `nbd.setDevice()`.
+   * Hook for what the NBD server serves when it starts: the destination's block-write
+   * journal over the image; the image itself only for a QEMU adopted inside its window whose
+   * journal is gone (daemon recovery), until that QEMU is switched to its file node.
    */
   diskDevice: (image: FileBlockDevice) => BlockDevice = (image) => image;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
@@ -222,14 +227,18 @@ export class VmInstance {
             qemu: { ...this.config.qemu, extraArgs: [...this.config.qemu.extraArgs, '-global', 'migration.send-configuration=off'] },
           }
         : this.config;
-    await this.startDisk();
+    // The disk: QEMU's own file node, except for the destination's incoming QEMU, whose
+    // window (the journal's NBD server) the migration opened first (startDisk).
+    if (this.nbd && incoming?.kind !== 'defer') {
+      throw new TetherError('ERR_JOURNAL_STATE', `VM ${this.name}: the disk window is open; only an incoming QEMU may use it`);
+    }
     this.qemu = await QemuProcess.start({
       vm,
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
       nicSockets: this.nicSockets,
-      ...(this.config.disk ? { nbdSocket: this.nbdSocket } : {}),
+      ...(this.config.disk && this.nbd ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
       // recorded the moment it exists: a sidecar dying during QEMU's start-up still finds it
@@ -242,10 +251,11 @@ export class VmInstance {
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
   async adopt(id: QemuIdentity, timeoutMs?: number): Promise<void> {
-    // The adopted QEMU is reconnecting to nbd.sock (reconnect-delay): serve it again first.
-    await this.startDisk();
     this.qemu = await QemuProcess.adopt({ id, qmpSocket: this.qmpSocket, logFile: this.qemuLog, ...(timeoutMs ? { timeoutMs } : {}) });
-    this.log.info('qemu adopted', { pid: id.pid });
+    // A QEMU caught inside its disk window is reconnecting to nbd.sock (reconnect-delay):
+    // serve it again. Any other QEMU does its own disk I/O and needs nothing from this sidecar.
+    if (this.config.disk && (await this.diskWindowOpen())) await this.startDisk();
+    this.log.info('qemu adopted', { pid: id.pid, diskWindow: this.nbd !== undefined });
     this.#watch(this.qemu);
     await this.#persist();
   }
@@ -451,9 +461,50 @@ export class VmInstance {
     await q.stop();
   }
 
+  /** Whether this VM's QEMU reads its disk through the sidecar (an NBD node exists). */
+  async diskWindowOpen(): Promise<boolean> {
+    const q = this.qemu;
+    if (!q || !this.config.disk) return false;
+    const nodes = (await q.qmp.execute('query-named-block-nodes', { flat: true })) as { 'node-name'?: string }[];
+    return nodes.some((n) => n['node-name'] === NBD_NODE);
+  }
+
   /**
-   * Serve the disk (no-op without one, or when already serving): open the image and
-   * listen on nbd.sock before any QEMU of this VM starts, so that QEMU finds it.
+   * Close the destination's disk window: QEMU's raw node `disk0` moves from the sidecar's NBD
+   * export onto QEMU's own file node on the image, and the sidecar stops serving it. The
+   * caller guarantees the order (docs/disk.md): the journal is written back to the image
+   * (nothing is held any more) and the source has recorded completion (its QEMU, a post-copy
+   * source, inactivated its image at switchover: it holds no lock). blockdev-reopen drains
+   * disk0 first, so every request on nbd0 has completed before the first one reaches f0.
+   * Returns the reopen's duration (the guest's I/O is held by the drain meanwhile).
+   * On a failed reopen the file node is removed again and the disk stays on NBD.
+   */
+  async detachDiskWindow(): Promise<{ reopenMs: number; totalMs: number }> {
+    const q = this.qemu;
+    const disk = this.config.disk;
+    if (!q || !disk) throw new TetherError('ERR_JOURNAL_STATE', `VM ${this.name}: no QEMU or no disk to switch`);
+    const t0 = performance.now();
+    await q.qmp.execute('blockdev-add', fileNodeOptions(disk.image));
+    const t1 = performance.now();
+    try {
+      await q.qmp.execute('blockdev-reopen', { options: [rawNodeOptions(FILE_NODE)] });
+    } catch (e) {
+      await q.qmp.execute('blockdev-del', { 'node-name': FILE_NODE }).catch(() => {});
+      throw e;
+    }
+    const t2 = performance.now();
+    await q.qmp.execute('blockdev-del', { 'node-name': NBD_NODE });
+    // Writes the server acknowledged pass-through reached the page cache: durable before we let go.
+    await this.image?.flush();
+    await this.stopDisk();
+    const r = { reopenMs: round2(t2 - t1), totalMs: round2(performance.now() - t0) };
+    this.log.info('disk window closed: QEMU does its own I/O on the image', { node: DISK_NODE, file: FILE_NODE, ...r });
+    return r;
+  }
+
+  /**
+   * Open the destination's disk window (no-op without a disk, or when already open): open the
+   * image and listen on nbd.sock before the incoming QEMU starts, so that QEMU finds it.
    */
   async startDisk(): Promise<void> {
     if (!this.config.disk || this.nbd) return;
@@ -489,6 +540,10 @@ export class VmInstance {
     await fs.rm(this.ramFile, { force: true });
     await fs.rm(this.checkpointDir, { recursive: true, force: true });
   }
+}
+
+function round2(x: number): number {
+  return Math.round(x * 100) / 100;
 }
 
 /** The file's bytes, or null when it does not exist; any other failure is an error. */

@@ -4,8 +4,10 @@
  * `qemu-img bench` (QEMU's own block layer, the code a guest's virtio-blk requests go
  * through) against the same raw file three ways in one run:
  *   file         QEMU opens the raw file directly (cache=writeback, aio=threads)
- *   pass-through the sidecar's NbdServer over FileBlockDevice on a unix socket: the
- *                VM's normal life (nbd+unix://)
+ *   pass-through the sidecar's NbdServer over FileBlockDevice on a unix socket
+ *                (nbd+unix://): no longer a VM's normal life (that is QEMU's own file
+ *                node, docs/disk.md), only D's disk between the journal's write-back and
+ *                the switch to the file node; kept as the NBD server's own cost
  *   journaled    the same NbdServer over the production BlockJournal in journal mode,
  *                exactly as the destination serves the disk during post-copy
  *                (src/migrate/destination.ts): writes are kept per epoch, reads see
@@ -116,7 +118,7 @@ async function main(): Promise<void> {
   // Fully written (not sparse), so reads hit data, as on a used disk.
   fs.writeFileSync(image, Buffer.alloc(sizeMiB * MiB, 1));
 
-  // pass-through: what VmInstance.startDisk serves on the source
+  // pass-through: the NBD server alone (D's disk between write-back and the switch)
   const passDev = await FileBlockDevice.open(image);
   const passServer = new NbdServer({ device: passDev, exportName: 'bench', log: nullLogger });
   await passServer.listen(path.join(dir, 'pass.sock'));

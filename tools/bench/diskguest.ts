@@ -1,15 +1,21 @@
 /**
  * In-guest disk benchmark:
- *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-bw-mib 1 --only guest,journal,ckpt | --quick]
+ *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-bw-mib 1 --only steady,guest,journal,ckpt | --quick]
  *
- * Three parts, each in its own two-namespace Cluster (netns-tests/harness.ts), under real
- * QEMU (TCG) with the tether guest image:
+ * Four parts; the last three each in its own two-namespace Cluster (netns-tests/harness.ts),
+ * under real QEMU (TCG) with the tether guest image:
  *
+ * 0. steady: QEMU's block layer (`qemu-img bench`, O_DIRECT: -t none) on the node graph tether
+ *    gives a VM in steady state (src/qemu/cmdline.ts: raw over a file node) against plain QEMU
+ *    on the file (a file node alone), 4 KiB and 64 KiB, read and write, depth 1, on a filled
+ *    image; rounds alternate the two and the median counts. Target >= 0.95x.
  * 1. diskbench (tools/guest/diskbench.c) in the guest: 4 KiB O_DIRECT seq/rand write/read
  *    at queue depth 1 (latency) and rand at depth 16 (throughput) on /dev/vda, twice in
- *    the same run: the disk served by the sidecar's NBD server (the production launcher:
- *    QEMU's NBD client under virtio-blk-pci), and QEMU opening the same raw image file
- *    itself (harness `disk.direct`: a file blockdev under the same virtio-blk-pci).
+ *    the same run: the VM as `tether vm start` runs it (steady state: QEMU's own file node,
+ *    cache.direct=on, under a raw node and virtio-blk-pci), and plain QEMU opening the same
+ *    raw image file itself (harness `disk.direct`: a file blockdev, cache.direct=on, under
+ *    the same virtio-blk-pci); `--guest-rounds` (2 quick, else 3) alternating boots of each,
+ *    the median run per case. Target >= 0.95x.
  * 2. Journaled: the same diskbench run while the VM is on the destination during post-copy,
  *    its writes taken by the destination's block-write journal (checkpoints seal them, the
  *    source applies them to the image). diskbench waits for a trigger block in the image
@@ -26,7 +32,9 @@
  *    while the VM migrates (completing). The destination's 'checkpoint sent' log records
  *    carry each checkpoint's DISK payload and extent count and the bytes the guest had
  *    written through the journal up to that barrier; the checkpoint cost is payload +
- *    one DISK frame (header + epoch + offset + MAC) per extent.
+ *    one DISK frame (header + epoch + offset + MAC) per extent. The same completed
+ *    migration gives the detach gap: the destination's 'disk detached at completion'
+ *    record (journal write-back wait, blockdev-reopen, whole switch).
  *
  * Target: journaled writes >= 0.5x the raw file (issue 7).
  *
@@ -34,6 +42,7 @@
  * the guest slow: the ratios are the finding, not the absolute IOPS. Run it under the
  * machine-wide lock: flock /tmp/tether-qemu.lock npm run bench diskguest
  */
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -41,6 +50,7 @@ import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
 import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../netns-tests/harness.ts';
 import { arg } from './args.ts';
 import { markdownTable, type Figure } from './report.ts';
+import { FILE_NODE } from '../../src/qemu/cmdline.ts';
 
 const quick = process.argv.includes('--quick');
 const ops = arg('ops', quick ? 400 : 2000);
@@ -48,7 +58,10 @@ const spanMiB = arg('span-mib', quick ? 16 : 64);
 // QEMU max-bandwidth (and max-postcopy-bandwidth) of the journaled run's migration: low, so
 // the post-copy window outlasts diskbench's run on the destination.
 const journalBwMiB = arg('journal-bw-mib', 1);
-const only = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1]!.split(',') : ['guest', 'journal', 'ckpt'];
+const only = process.argv.includes('--only')
+  ? process.argv[process.argv.indexOf('--only') + 1]!.split(',')
+  : ['steady', 'guest', 'journal', 'ckpt'];
+const STEADY_TARGET = 0.95;
 const WRITE_TARGET = 0.5;
 const DISK_OVERHEAD = HEADER_SIZE + 16 + MAC_SIZE;
 const MB = 1e6;
@@ -87,6 +100,78 @@ async function guestRun(direct: boolean): Promise<DiskbenchCase[]> {
     return rep.cases;
   } finally {
     await c.cleanup();
+  }
+}
+
+/** Per case (name and depth), the run with the median IOPS. */
+function medianCases(runs: DiskbenchCase[][]): DiskbenchCase[] {
+  return runs[0]!.map((c0) => {
+    const all = runs
+      .map((r) => r.find((x) => x.case === c0.case && x.qd === c0.qd))
+      .filter((x): x is DiskbenchCase => x !== undefined)
+      .sort((a, b) => a.iops - b.iops);
+    return all[(all.length - 1) >> 1]!;
+  });
+}
+
+interface SteadyCase {
+  case: string;
+  plainIops: number;
+  tetherIops: number;
+  ratio: number;
+}
+
+/**
+ * Part 0: `qemu-img bench` -t none (O_DIRECT) with the node graph of cmdline.ts (raw `disk0`
+ * over file `f0`) vs a file node alone, on a filled image under the bench directory.
+ */
+function steadyRun(): SteadyCase[] {
+  const dir = fs.mkdtempSync(path.join(fs.existsSync('/var/tmp') ? '/var/tmp' : os.tmpdir(), 'tether-steady-'));
+  try {
+    const img = path.join(dir, 'disk.img');
+    const mib = quick ? 32 : 128;
+    execFileSync('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1M', `count=${mib}`, 'status=none']);
+    const plain = `driver=file,filename=${img},cache.direct=on`;
+    const tether = `driver=raw,node-name=disk0,file.driver=file,file.node-name=${FILE_NODE},file.filename=${img},file.cache.direct=on`;
+    const rounds = quick ? 3 : 5;
+    const out: SteadyCase[] = [];
+    for (const size of [4096, 65536]) {
+      for (const write of [false, true]) {
+        const count = Math.min(Math.floor((mib * 1024 * 1024) / size), quick ? 2000 : 8000);
+        const bench = (spec: string): number => {
+          const args = [
+            'bench',
+            '--image-opts',
+            '-t',
+            'none',
+            '-c',
+            String(count),
+            '-d',
+            '1',
+            '-s',
+            String(size),
+            ...(write ? ['-w', '--pattern=90'] : []),
+            spec,
+          ];
+          const m = /Run completed in ([\d.]+) seconds/.exec(execFileSync('qemu-img', args, { encoding: 'utf8' }));
+          if (!m) throw new Error('unexpected qemu-img bench output');
+          return count / Number(m[1]);
+        };
+        const p: number[] = [];
+        const t: number[] = [];
+        for (let r = 0; r < rounds; r++) {
+          p.push(bench(plain));
+          t.push(bench(tether));
+        }
+        const med = (a: number[]) => a.sort((x, y) => x - y)[a.length >> 1]!;
+        const plainIops = Math.round(med(p));
+        const tetherIops = Math.round(med(t));
+        out.push({ case: `${size / 1024} KiB ${write ? 'write' : 'read'} qd1`, plainIops, tetherIops, ratio: tetherIops / plainIops });
+      }
+    }
+    return out;
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -200,6 +285,8 @@ interface Ckpt {
   guestDiskBytes: number;
   ckptBytesPerMB: number;
   outcome: string;
+  /** The destination's switch to its file node at completion (null: no record). */
+  detach: { drainMs: number; reopenMs: number; totalMs: number } | null;
 }
 
 async function ckptRun(): Promise<Ckpt> {
@@ -214,7 +301,12 @@ async function ckptRun(): Promise<Ckpt> {
     const diskBytes = sent.reduce((n, x) => n + x.diskBytes, 0);
     const diskExtents = sent.reduce((n, x) => n + x.diskExtents, 0);
     const guestDiskBytes = Math.max(0, ...sent.map((x) => x.guestDiskBytes as number));
+    // the switch follows the source's answer, which `migrate` does not wait for
+    const detached = () => records(c.dst.daemonLog).find((x) => x.msg === 'disk detached at completion');
+    await waitFor(() => detached() !== undefined, 'the disk switch on the destination', 60_000).catch(() => {});
+    const d = detached();
     return {
+      detach: d ? { drainMs: Number(d.drainMs), reopenMs: Number(d.reopenMs), totalMs: Number(d.totalMs) } : null,
       checkpoints: sent.length,
       diskBytes,
       diskExtents,
@@ -236,17 +328,43 @@ const result: Rec = {
   ops,
   spanMiB,
 };
+if (only.includes('steady')) {
+  const st = steadyRun();
+  result.steady = st;
+  console.log('qemu-img bench -t none (O_DIRECT), depth 1: tether steady state (raw over file) vs plain QEMU (file)');
+  for (const x of st) {
+    console.log(
+      `${x.case.padEnd(18)} plain ${String(x.plainIops).padStart(7)}  tether ${String(x.tetherIops).padStart(7)}  ${x.ratio.toFixed(2)} x`,
+    );
+    figures.push({
+      name: `qemu-img ${x.case} tether steady state / plain QEMU file`,
+      value: x.ratio,
+      unit: 'x',
+      target: { op: '>=' as const, value: STEADY_TARGET },
+      note: `${x.tetherIops} vs ${x.plainIops} IOPS (median of alternating rounds)`,
+    });
+  }
+}
 if (only.includes('guest') || only.includes('journal')) {
   // the journaled ratio needs the file baseline of the same run
-  const nbd = only.includes('guest') ? await guestRun(false) : [];
-  const file = await guestRun(true);
+  // Rounds alternate plain QEMU and tether (a boot each), and each case takes its median:
+  // the two are the same QEMU I/O path, so what differs between single runs is host load.
+  const rounds = arg('guest-rounds', quick ? 2 : 3);
+  const plainRuns: DiskbenchCase[][] = [];
+  const tetherRuns: DiskbenchCase[][] = [];
+  for (let r = 0; r < rounds; r++) {
+    plainRuns.push(await guestRun(true));
+    if (only.includes('guest')) tetherRuns.push(await guestRun(false));
+  }
+  const file = medianCases(plainRuns);
+  const nbd = only.includes('guest') ? medianCases(tetherRuns) : [];
   const jr = only.includes('journal') ? await journaledRun() : undefined;
   result.guest = { nbd, file, ...(jr ? { journaled: jr, journalBwMiB } : {}) };
   const jcases = jr?.cases ?? [];
   const col = (v: string | number, w: number) => String(v).padStart(w);
   console.log(`diskbench in the guest (TCG), 4 KiB O_DIRECT, ${ops} requests per case over ${spanMiB} MiB`);
   console.log(
-    `${'case'.padEnd(16)}${col('file', 7)}${col('pass', 7)}${col('jrnl', 7)}${col('pass/file', 10)}${col('jrnl/file', 10)}   lat mean/p99 µs: file | pass | jrnl`,
+    `${'case'.padEnd(16)}${col('file', 7)}${col('tthr', 7)}${col('jrnl', 7)}${col('tthr/file', 10)}${col('jrnl/file', 10)}   lat mean/p99 µs: file | tether | jrnl`,
   );
   for (const f of file) {
     const n = nbd.find((x) => x.case === f.case && x.qd === f.qd);
@@ -258,9 +376,10 @@ if (only.includes('guest') || only.includes('journal')) {
     );
     if (n) {
       figures.push({
-        name: `guest ${name} NBD pass-through / file`,
+        name: `guest ${name} tether steady state / plain QEMU file`,
         value: n.iops / f.iops,
         unit: 'x',
+        target: { op: '>=' as const, value: STEADY_TARGET },
         note: `${n.iops} vs ${f.iops} IOPS; latency mean ${n.latMeanUs} vs ${f.latMeanUs} µs, p99 ${n.latP99Us} vs ${f.latP99Us} µs`,
       });
     }
@@ -310,6 +429,19 @@ if (only.includes('ckpt')) {
     value: k.ckptBytesPerMB / 1e3,
     unit: 'kB',
     note: `${k.checkpoints} checkpoints; payload + ${DISK_OVERHEAD} B per extent; overwrites within an epoch are sent once`,
+  });
+  if (k.detach) {
+    console.log(
+      `detach at completion: journal write-back wait ${k.detach.drainMs} ms, blockdev-reopen ${k.detach.reopenMs} ms (guest I/O held), whole switch ${k.detach.totalMs} ms`,
+    );
+  }
+  figures.push({
+    name: 'disk detach gap at completion (blockdev-reopen: guest I/O held)',
+    value: k.detach?.reopenMs ?? null,
+    unit: 'ms',
+    note: k.detach
+      ? `journal write-back wait ${k.detach.drainMs} ms before it; blockdev-add + reopen + blockdev-del + close ${k.detach.totalMs} ms`
+      : 'no detach record on the destination',
   });
 }
 const table = markdownTable(figures);
