@@ -283,14 +283,16 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
   }
 
-  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']);
+  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec', 'journalDir']);
   let disk: DiskConfig | undefined;
   if (d) {
     // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
     // never accept the write that waits for room.
     const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
     const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
-    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
+    // The destination's write-ahead logs (docs/journal.md); unset: <stateDir>/journal.
+    const journalDir = d.optPath('journalDir', opts.baseDir);
+    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec, ...(journalDir ? { journalDir } : {}) };
   }
 
   const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);

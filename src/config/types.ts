@@ -105,4 +105,9 @@ export interface DiskConfig {
   journalMaxBytes: number;
   /** QEMU's NBD reconnect-delay: how long guest I/O waits for a restarted sidecar before failing, seconds. */
   reconnectDelaySec: number;
+  /**
+   * Directory of the destination journal's write-ahead logs (one file per VM per
+   * migration, local storage of the destination host). Unset: <stateDir>/journal.
+   */
+  journalDir?: string;
 }
