@@ -104,6 +104,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     'metrics',
     'logLevel',
     'systemd',
+    'journalDir',
   ]);
   const name = root.name('name');
   const stateDir = root.path('stateDir', opts.baseDir);
@@ -114,6 +115,8 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
   }
 
   const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
+  // The destination journal's write-ahead logs (docs/journal.md): host-local storage.
+  const journalDir = root.optPath('journalDir', opts.baseDir) ?? path.join(stateDir, 'journal');
 
   const peerObj = root.obj('peer', ['listen', 'key', 'keyFile', 'handshakeTimeoutMs', 'maxUnauthenticated']);
   const listen = peerObj.hostPort('listen');
@@ -141,6 +144,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     ramDir,
     controlSocket,
     vmConfigDir,
+    journalDir,
     peer: { listen, key, handshakeTimeoutMs, maxUnauthenticated },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),
@@ -283,16 +287,14 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
   }
 
-  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec', 'journalDir']);
+  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']);
   let disk: DiskConfig | undefined;
   if (d) {
     // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
     // never accept the write that waits for room.
     const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
     const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
-    // The destination's write-ahead logs (docs/journal.md); unset: <stateDir>/journal.
-    const journalDir = d.optPath('journalDir', opts.baseDir);
-    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec, ...(journalDir ? { journalDir } : {}) };
+    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
   }
 
   const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);

@@ -16,6 +16,12 @@ export interface HostConfig {
    * QEMU's command line from its own file, never from what the peer sends. Default /etc/tether/vms
    */
   vmConfigDir: string;
+  /**
+   * Directory of the destination journal's write-ahead logs (one file per VM per
+   * migration), on storage local to this host. The loader fills it: default
+   * <stateDir>/journal (literal configs may omit it).
+   */
+  journalDir?: string;
   peer: {
     /** host:port the checkpoint/peer channel listens on. */
     listen: { host: string; port: number };
@@ -105,9 +111,4 @@ export interface DiskConfig {
   journalMaxBytes: number;
   /** QEMU's NBD reconnect-delay: how long guest I/O waits for a restarted sidecar before failing, seconds. */
   reconnectDelaySec: number;
-  /**
-   * Directory of the destination journal's write-ahead logs (one file per VM per
-   * migration, local storage of the destination host). Unset: <stateDir>/journal.
-   */
-  journalDir?: string;
 }

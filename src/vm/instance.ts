@@ -111,7 +111,7 @@ export class VmInstance {
   readonly nicSockets: readonly string[];
   /** The sidecar's NBD server for the VM's disk: QEMU's -blockdev nbd connects here. */
   readonly nbdSocket: string;
-  /** Where the destination journal's write-ahead logs of this VM live (disk.journalDir). */
+  /** Where the destination journal's write-ahead logs of this VM live (host journalDir). */
   readonly journalDir: string;
   readonly log: Logger;
   place: VmPlace = 'stopped';
@@ -143,7 +143,7 @@ export class VmInstance {
     this.name = config.name;
     this.config = config;
     this.dir = path.join(host.stateDir, config.name);
-    this.journalDir = config.disk?.journalDir ?? path.join(host.stateDir, 'journal');
+    this.journalDir = host.journalDir ?? path.join(host.stateDir, 'journal');
     this.ramFile = path.join(host.ramDir, `${config.name}.ram`);
     this.checkpointDir = path.join(host.ramDir, `${config.name}.ckpt`);
     // unix socket paths are limited to 107 bytes: keep the QMP socket short-named
