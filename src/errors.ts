@@ -174,6 +174,8 @@ export const ERRORS = {
   ERR_JOURNAL_STATE: 'the journal was sealed or switched in the wrong mode or for an epoch that is not the open one',
   ERR_JOURNAL_DISCARDED: 'a disk request after the destination fenced and dropped its journal (never reaches the image)',
   ERR_JOURNAL_WRITEBACK: 'writing the journal into the image after the final ACK failed',
+  ERR_JOURNAL_PENDING: "a destination journal's log of the VM is left from an unfinished migration: the disk is not served pass-through",
+  ERR_JOURNAL_LOG: "the destination journal's write-ahead log could not be written or read (the request is not acknowledged)",
 
   // --- host prerequisites (tether check, src/check)
   ERR_CHECK_PATH: 'a file or directory a configuration names is missing, of the wrong kind, or not readable/writable',

@@ -96,6 +96,7 @@ t.test('host defaults', async (t) => {
     ramDir: '/dev/shm/tether/a',
     controlSocket: '/etc/tether/state/control.sock',
     vmConfigDir: '/etc/tether/vms',
+    journalDir: '/etc/tether/state/journal',
     peer: { listen: { host: '10.0.0.1', port: 7700 }, key: KEY32, handshakeTimeoutMs: 3000, maxUnauthenticated: 16 },
     migration: { listenHost: '10.0.0.1', portRange: [49152, 49215] },
     logLevel: 'info',
@@ -110,6 +111,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
       ramDir: 'ram',
       controlSocket: '/run/t.sock',
       vmConfigDir: 'vms',
+      journalDir: '/var/lib/tether/journal',
       peer: { listen: '[fd00::1]:7700', key: KEY_B64, handshakeTimeoutMs: 500, maxUnauthenticated: 2 },
       migration: { listenHost: 'fd00::1', portRange: [50000, 50000] },
       metrics: 'localhost:9100',
@@ -120,6 +122,7 @@ t.test('host: explicit values, IPv6, null means default', async (t) => {
   t.equal(h.ramDir, '/etc/tether/ram');
   t.equal(h.controlSocket, '/run/t.sock');
   t.equal(h.vmConfigDir, '/etc/tether/vms', 'relative to the file');
+  t.equal(h.journalDir, '/var/lib/tether/journal');
   t.same(h.peer.listen, { host: 'fd00::1', port: 7700 });
   t.equal(h.peer.handshakeTimeoutMs, 500);
   t.equal(h.peer.maxUnauthenticated, 2);

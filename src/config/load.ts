@@ -104,6 +104,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     'metrics',
     'logLevel',
     'systemd',
+    'journalDir',
   ]);
   const name = root.name('name');
   const stateDir = root.path('stateDir', opts.baseDir);
@@ -114,6 +115,8 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
   }
 
   const vmConfigDir = root.optPath('vmConfigDir', opts.baseDir) ?? '/etc/tether/vms';
+  // The destination journal's write-ahead logs (docs/journal.md): host-local storage.
+  const journalDir = root.optPath('journalDir', opts.baseDir) ?? path.join(stateDir, 'journal');
 
   const peerObj = root.obj('peer', ['listen', 'key', 'keyFile', 'handshakeTimeoutMs', 'maxUnauthenticated']);
   const listen = peerObj.hostPort('listen');
@@ -141,6 +144,7 @@ export function parseHostConfig(obj: unknown, opts: ParseOptions): HostConfig {
     ramDir,
     controlSocket,
     vmConfigDir,
+    journalDir,
     peer: { listen, key, handshakeTimeoutMs, maxUnauthenticated },
     migration: { listenHost, portRange },
     ...(metrics ? { metrics } : {}),

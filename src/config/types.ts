@@ -16,6 +16,12 @@ export interface HostConfig {
    * QEMU's command line from its own file, never from what the peer sends. Default /etc/tether/vms
    */
   vmConfigDir: string;
+  /**
+   * Directory of the destination journal's write-ahead logs (one file per VM per
+   * migration), on storage local to this host. The loader fills it: default
+   * <stateDir>/journal (literal configs may omit it).
+   */
+  journalDir?: string;
   peer: {
     /** host:port the checkpoint/peer channel listens on. */
     listen: { host: string; port: number };

@@ -7,6 +7,10 @@ import { encodeLine, LineDecoder, parseRequest } from '../control/codec.ts';
 import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
+import { FileBlockDevice } from '../disk/file-device.ts';
+import type { BlockJournal } from '../disk/journal.ts';
+import { findJournalLogs } from '../disk/journal-log.ts';
+import { restartJournal } from '../disk/journal-restart.ts';
 import { isTetherError, TetherError } from '../errors.ts';
 import { completingRecordPath, DestinationMigration, staleResolve } from '../migrate/destination.ts';
 import type { ResolveAnswer } from '../migrate/destination.ts';
@@ -25,7 +29,7 @@ import http from 'node:http';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
-import { VmInstance } from '../vm/instance.ts';
+import { passThroughDevice, VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker, PersistedVm } from '../vm/instance.ts';
 import { composeOutputs } from '../migrate/outputs.ts';
 import { NicPort } from '../net/nic.ts';
@@ -49,7 +53,7 @@ export class Daemon {
   readonly #outgoing = new Map<string, SourceMigration>();
   readonly #incoming = new Map<string, DestinationMigration>();
   /** Incoming VMs whose completion request was pending when the sidecar restarted. */
-  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number; migrationId: string }>();
+  readonly #awaitingAnswer = new Map<string, { vm: VmInstance; epoch: number; migrationId: string; journal?: BlockJournal }>();
   /** Each VM's NIC ports on this host (TAP + gate + QEMU socket), in nics order. */
   readonly #nics = new Map<string, NicPort[]>();
   #control: net.Server | undefined;
@@ -165,6 +169,29 @@ export class Daemon {
         return;
       }
       const marker = await VmInstance.readMarker(dir);
+      // Before anything serves the disk: a journal log left by this host's destination
+      // side is written back (the log says completed), rebuilt (completion asked, outcome
+      // unknown) or dropped (fenced). Never the image pass-through while the outcome is open.
+      const completingEpoch = marker?.role === 'destination' ? await readCompletingRecord(completingRecordPath(vm)) : null;
+      let journal: BlockJournal | undefined;
+      if (vm.config.disk) {
+        const disk = vm.config.disk;
+        const jr = await restartJournal({
+          journalDir: vm.journalDir,
+          vm: vm.name,
+          completingEpoch,
+          migrationId: marker?.migrationId ?? null,
+          journal: { maxBytes: disk.journalMaxBytes, log },
+          openImage: () => FileBlockDevice.open(disk.image),
+          log,
+        });
+        if (jr.kind === 'journal') {
+          vm.diskDevice = (image) => {
+            journal = jr.device(image);
+            return journal;
+          };
+        }
+      }
       if (saved.pid !== null && typeof saved.startTime !== 'string') {
         throw new TetherError(
           'ERR_RECOVERY',
@@ -184,7 +211,7 @@ export class Daemon {
       } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
         // vm.json names the incoming QEMU too; any other QEMU recorded for the VM is not it
         if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
-        await this.#recoverCompleting(vm, migrating, marker, log);
+        await this.#recoverCompleting(vm, migrating, marker, log, () => journal);
         keepMarker = true;
       } else if (marker?.role === 'destination') {
         for (const q of all) await killQemu(q);
@@ -290,11 +317,19 @@ export class Daemon {
    * source's answer arrives (#servePeer). Between SIGCONT and QMP stop the guest runs for a
    * moment with its devices' backends gone: nothing it emits can leave the host.
    */
-  async #recoverCompleting(vm: VmInstance, migrating: QemuIdentity | null, marker: MigrationMarker, log: Logger): Promise<void> {
+  async #recoverCompleting(
+    vm: VmInstance,
+    migrating: QemuIdentity | null,
+    marker: MigrationMarker,
+    log: Logger,
+    journal: () => BlockJournal | undefined,
+  ): Promise<void> {
     const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
     const { migrationId } = marker;
     if (migrating === null) {
       await vm.removeRam();
+      for (const f of await findJournalLogs(vm.journalDir, vm.name)) await fs.rm(f, { force: true });
+      vm.diskDevice = passThroughDevice;
       await fs.rm(completingRecordPath(vm), { force: true });
       vm.place = 'fenced';
       log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { migrationId, finalEpoch: epoch });
@@ -304,7 +339,8 @@ export class Daemon {
     await vm.adopt(migrating);
     await vm.qemu!.qmp.execute('stop', undefined, { timeoutMs: QMP_RECOVERY_MS });
     vm.place = 'migrating-in';
-    this.#awaitingAnswer.set(vm.name, { vm, epoch, migrationId });
+    const j = journal();
+    this.#awaitingAnswer.set(vm.name, { vm, epoch, migrationId, ...(j ? { journal: j } : {}) });
     log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', {
       migrationId,
       finalEpoch: epoch,
@@ -336,15 +372,21 @@ export class Daemon {
       return { known: false, code: 'ERR_NO_MIGRATION', message: `no completion request of final epoch ${epoch}` };
     }
     this.#awaitingAnswer.delete(name);
-    const { vm } = w;
+    const { vm, journal } = w;
     const log = this.log.child({ vm: name, migrationId: w.migrationId });
     void (async () => {
       if (outcome === 'completed') {
+        // The rebuilt journal goes into the image (the log records the outcome first);
+        // writes of the resumed guest wait for that, reads see the journal meanwhile.
+        await journal?.markCompleted(epoch);
+        journal?.passThrough();
         await vm.qemu!.qmp.execute('cont');
         vm.place = 'running';
         log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
+        await journal?.drained();
         await closeAdoptedWindow(vm, log);
       } else {
+        journal?.discard();
         await vm.killQemu();
         await vm.removeRam();
         vm.place = 'fenced';

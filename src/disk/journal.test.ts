@@ -2,7 +2,11 @@ import fc from 'fast-check';
 import t from 'tap';
 import type { DiskExtent } from '../migrate/outputs.ts';
 import type { BlockDevice } from './block-device.ts';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { BlockJournal, MAX_DISK_EXTENT_BYTES } from './journal.ts';
+import { JournalLog, replayJournalLog } from './journal-log.ts';
 
 /** The image under the journal: a byte array that counts what reaches it. */
 class MemImage implements BlockDevice {
@@ -83,73 +87,116 @@ function pattern(length: number, fill: number, offset: number): Buffer {
 
 // `now` ops take the synchronous fast paths (writeNow/readNow, what the NBD server tries
 // first) where the image offers them: they must be indistinguishable from write/read.
-t.test('read-your-writes for every overlap pattern; the image holds exactly the acked epochs', async (t) => {
+// With the write-ahead log, the journal rebuilt from the log (after a crash in the middle of
+// appending one more, unacknowledged, write: its record cut at a random byte, or its bytes
+// garbled) must read exactly what the guest was acknowledged.
+t.test('read-your-writes for every overlap pattern; the image holds exactly the acked epochs; the log replays it', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'tether-wal-'));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  let run = 0;
+  const tail = fc.record({ cut: fc.double({ min: 0, max: 1, noNaN: true }), garble: fc.boolean(), fill: fc.integer({ min: 1, max: 255 }) });
   await fc.assert(
-    fc.asyncProperty(fc.array(opArb, { maxLength: 80 }), fc.integer({ min: 1, max: 3000 }), fc.boolean(), async (ops, maxExtent, fast) => {
-      const image = fast ? new FastMemImage(SIZE) : new MemImage(SIZE);
-      image.bytes.fill(7);
-      const model = Buffer.from(image.bytes); // what the guest must read
-      const j = new BlockJournal(image, { maxBytes: 1 << 30, maxExtentBytes: maxExtent });
-      j.journal(1);
-      let epoch = 1;
-      const sealed: { epoch: number; extents: DiskExtent[]; model: Buffer }[] = [];
-      const acked = Buffer.from(image.bytes); // initial image + acked epochs, as the source writes them
-      for (const o of ops) {
-        switch (o.op) {
-          case 'write': {
-            const data = pattern(o.length, o.fill, o.offset);
-            if (!(o.now && j.writeNow(o.offset, data))) await j.write(o.offset, data);
-            data.fill(0); // the journal must have copied it
-            pattern(o.length, o.fill, o.offset).copy(model, o.offset);
-            break;
-          }
-          case 'trim':
-          case 'zero':
-            if (o.op === 'trim') await j.trim(o.offset, o.length);
-            else await j.writeZeroes(o.offset, o.length);
-            model.fill(0, o.offset, o.offset + o.length);
-            break;
-          case 'read': {
-            const got = (o.now ? j.readNow(o.offset, o.length) : undefined) ?? (await j.read(o.offset, o.length));
-            if (o.now && fast && got.length !== o.length) throw new Error('readNow declined over a fast image');
-            if (!got.equals(model.subarray(o.offset, o.offset + o.length))) throw new Error(`read ${o.offset}+${o.length} differs`);
-            break;
-          }
-          case 'seal': {
-            const extents = await j.seal(epoch);
-            for (let i = 0; i < extents.length; i++) {
-              const e = extents[i]!;
-              if (e.data.length === 0 || e.data.length > maxExtent) throw new Error('extent size out of bounds');
-              if (i > 0 && extents[i - 1]!.offset + extents[i - 1]!.data.length > e.offset) throw new Error('extents overlap or unordered');
+    fc.asyncProperty(
+      fc.array(opArb, { maxLength: 80 }),
+      fc.integer({ min: 1, max: 3000 }),
+      fc.boolean(),
+      fc.option(tail),
+      async (ops, maxExtent, fast, withLog) => {
+        const image = fast ? new FastMemImage(SIZE) : new MemImage(SIZE);
+        image.bytes.fill(7);
+        const model = Buffer.from(image.bytes); // what the guest must read
+        const logFile = path.join(dir, `vm.m${run++}.wal`);
+        const wal = withLog ? await JournalLog.create(logFile, { vm: 'vm', migrationId: 'm', size: SIZE }) : undefined;
+        const j = new BlockJournal(image, { maxBytes: 1 << 30, maxExtentBytes: maxExtent, ...(wal ? { wal } : {}) });
+        j.journal(1);
+        let lastAcked = 0;
+        let epoch = 1;
+        const sealed: { epoch: number; extents: DiskExtent[]; model: Buffer }[] = [];
+        const acked = Buffer.from(image.bytes); // initial image + acked epochs, as the source writes them
+        for (const o of ops) {
+          switch (o.op) {
+            case 'write': {
+              const data = pattern(o.length, o.fill, o.offset);
+              if (!(o.now && j.writeNow(o.offset, data))) await j.write(o.offset, data);
+              data.fill(0); // the journal must have copied it
+              pattern(o.length, o.fill, o.offset).copy(model, o.offset);
+              break;
             }
-            sealed.push({ epoch, extents, model: Buffer.from(model) });
-            epoch++;
-            break;
+            case 'trim':
+            case 'zero':
+              if (o.op === 'trim') await j.trim(o.offset, o.length);
+              else await j.writeZeroes(o.offset, o.length);
+              model.fill(0, o.offset, o.offset + o.length);
+              break;
+            case 'read': {
+              const got = (o.now ? j.readNow(o.offset, o.length) : undefined) ?? (await j.read(o.offset, o.length));
+              if (o.now && fast && got.length !== o.length) throw new Error('readNow declined over a fast image');
+              if (!got.equals(model.subarray(o.offset, o.offset + o.length))) throw new Error(`read ${o.offset}+${o.length} differs`);
+              break;
+            }
+            case 'seal': {
+              const extents = await j.seal(epoch);
+              for (let i = 0; i < extents.length; i++) {
+                const e = extents[i]!;
+                if (e.data.length === 0 || e.data.length > maxExtent) throw new Error('extent size out of bounds');
+                if (i > 0 && extents[i - 1]!.offset + extents[i - 1]!.data.length > e.offset)
+                  throw new Error('extents overlap or unordered');
+              }
+              sealed.push({ epoch, extents, model: Buffer.from(model) });
+              epoch++;
+              break;
+            }
+            case 'ack': {
+              const s = sealed.shift();
+              if (!s) break;
+              applyExtents(image.bytes, s.extents); // the source, before ACK
+              applyExtents(acked, s.extents);
+              // The source's image after applying checkpoint k is the guest's disk at barrier k.
+              if (!image.bytes.equals(s.model)) throw new Error(`image after epoch ${s.epoch} is not the disk at its barrier`);
+              j.release(s.epoch);
+              lastAcked = s.epoch;
+              break;
+            }
           }
-          case 'ack': {
-            const s = sealed.shift();
-            if (!s) break;
-            applyExtents(image.bytes, s.extents); // the source, before ACK
-            applyExtents(acked, s.extents);
-            // The source's image after applying checkpoint k is the guest's disk at barrier k.
-            if (!image.bytes.equals(s.model)) throw new Error(`image after epoch ${s.epoch} is not the disk at its barrier`);
-            j.release(s.epoch);
-            break;
-          }
+          await j.flush(); // writes nothing to the image (syncs the log)
         }
-        await j.flush(); // completes at once, writes nothing
-      }
-      if (image.writes !== 0) throw new Error('journal mode wrote the shared image');
-      if (!image.bytes.equals(acked)) throw new Error('image differs from initial + acked epochs');
-      // Everything released and pending still reads back right; then write-through.
-      const all = await j.read(0, SIZE);
-      if (!all.equals(model)) throw new Error('full read differs');
-      j.passThrough();
-      await j.flush();
-      if (j.mode !== 'pass-through') throw new Error('not pass-through after drain');
-      if (!image.bytes.equals(model)) throw new Error('drained image differs from the guest view');
-      if (j.heldBytes !== 0) throw new Error('bytes still held');
-    }),
+        if (wal && withLog) {
+          // A crash while one more write is being appended: its record is torn.
+          const before = wal.size;
+          const extra = pattern(100, withLog.fill, 0);
+          await j.write(SIZE - 100, extra);
+          const full = wal.size - before;
+          const keep = Math.floor(withLog.cut * (full - 1));
+          if (withLog.garble) {
+            const fh = await fs.open(logFile, 'r+');
+            await fh.write(Buffer.alloc(full - keep, 0x5a), 0, full - keep, before + keep);
+            await fh.close();
+          } else await fs.truncate(logFile, before + keep);
+          const replay = await replayJournalLog(logFile, lastAcked);
+          if (replay.validEnd !== before) throw new Error(`replay ended at ${replay.validEnd}, the acked records end at ${before}`);
+          // The source holds epochs <= lastAcked (image.bytes); the rebuilt journal over it is the guest's disk.
+          const copy = new MemImage(SIZE);
+          image.bytes.copy(copy.bytes);
+          const r = BlockJournal.recover(copy, replay, { maxBytes: 1 << 30, nextEpoch: epoch });
+          if (!(await r.read(0, SIZE)).equals(model)) throw new Error('the journal rebuilt from the log differs from the acked state');
+          r.passThrough();
+          await r.drained();
+          if (!copy.bytes.equals(model)) throw new Error('the rebuilt journal written back differs from the acked state');
+          pattern(100, withLog.fill, 0).copy(model, SIZE - 100); // the live journal has the extra write
+        }
+        if (image.writes !== 0) throw new Error('journal mode wrote the shared image');
+        if (!image.bytes.equals(acked)) throw new Error('image differs from initial + acked epochs');
+        // Everything released and pending still reads back right; then write-through.
+        const all = await j.read(0, SIZE);
+        if (!all.equals(model)) throw new Error('full read differs');
+        j.passThrough();
+        await j.flush();
+        if (j.mode !== 'pass-through') throw new Error('not pass-through after drain');
+        if (!image.bytes.equals(model)) throw new Error('drained image differs from the guest view');
+        if (j.heldBytes !== 0) throw new Error('bytes still held');
+        if (wal && (await fs.stat(logFile).catch(() => null))) throw new Error('the log outlived the write-back');
+      },
+    ),
     { numRuns: 400 },
   );
 });
@@ -281,3 +328,134 @@ t.test('bad requests and options are typed errors', async (t) => {
   j.journal(1);
   t.throws(() => j.journal(1), { code: 'ERR_JOURNAL_STATE' });
 });
+
+/** Lets queued promise callbacks and I/O callbacks run. */
+async function settle(): Promise<void> {
+  for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+}
+
+t.test('unquiesce: when no barrier follows quiesce (the final loop iteration), the bound holds again', async (t) => {
+  const j = new BlockJournal(new MemImage(SIZE), { maxBytes: 1000 });
+  j.journal(1);
+  await j.write(0, Buffer.alloc(800, 1));
+  j.quiesce();
+  await j.write(1000, Buffer.alloc(300, 2));
+  t.equal(j.heldBytes, 1100, 'quiescing: admitted past the bound (QEMU stop drains it)');
+  j.unquiesce();
+  t.notOk(j.writeNow(2000, Buffer.alloc(10, 3)), 'the fast path declines again');
+  let done = false;
+  const w = j.write(2000, Buffer.alloc(10, 3)).then(() => (done = true));
+  await settle();
+  t.notOk(done, 'the bound is armed again without a seal');
+  t.equal(j.heldBytes, 1100);
+  j.passThrough(); // completion: the open epoch goes to the image, the write follows
+  await w;
+  t.ok(done);
+});
+
+/** A large device with no bytes behind it: only zero extents may be put on it. */
+class SizedImage implements BlockDevice {
+  readonly canTrim = true;
+  zeroed: [number, number][] = [];
+  constructor(readonly size: number) {}
+  read = async (_o: number, length: number): Promise<Buffer> => Buffer.alloc(length);
+  write = async (): Promise<void> => {
+    throw new Error('no data writes expected');
+  };
+  flush = async (): Promise<void> => {};
+  trim = async (): Promise<void> => {};
+  writeZeroes = async (offset: number, length: number): Promise<void> => void this.zeroed.push([offset, length]);
+  close = async (): Promise<void> => {};
+}
+
+t.test(
+  'TRIM and WRITE_ZEROES are zero extents: no buffer however long, counted at their length, sealed as views of one zero buffer',
+  async (t) => {
+    const GiB = 1024 * 1024 * 1024;
+    const image = new SizedImage(8 * GiB);
+    const j = new BlockJournal(image, { maxBytes: 4 * GiB });
+    j.journal(1);
+    const before = process.memoryUsage().arrayBuffers;
+    await j.trim(0, 2 * GiB);
+    await j.writeZeroes(3 * GiB, GiB);
+    t.equal(j.heldBytes, 3 * GiB, 'counted against journalMaxBytes at their length');
+    t.equal(j.epochs()[0]!.map.dataBytes, 0, 'no data held');
+    t.ok(process.memoryUsage().arrayBuffers - before < 64 * 1024 * 1024, 'nothing of their size allocated');
+    let done = false;
+    const w = j.writeZeroes(5 * GiB, 2 * GiB).then(() => (done = true));
+    await settle();
+    t.notOk(done, 'a TRIM waits for room like a write');
+    const ext = await j.seal(1);
+    t.equal(ext.length, 768, '3 GiB in extents of at most 4 MiB');
+    t.ok(
+      ext.every((e) => (e as { zero?: boolean }).zero === true && e.data.length <= MAX_DISK_EXTENT_BYTES),
+      'every extent marked zero',
+    );
+    t.equal(new Set(ext.map((e) => e.data.buffer)).size, 1, 'all views of one shared zero buffer');
+    t.ok(Buffer.from(ext[0]!.data.buffer).equals(Buffer.alloc(ext[0]!.data.buffer.byteLength)), 'the shared buffer is zeroes');
+    j.release(1);
+    await w;
+    const zeroRead = await j.read(5 * GiB, 8);
+    t.same([...zeroRead], [0, 0, 0, 0, 0, 0, 0, 0]);
+    j.passThrough();
+    await j.drained();
+    t.same(image.zeroed, [[5 * GiB, 2 * GiB]], 'written back as WRITE_ZEROES, not as bytes');
+  },
+);
+
+t.test(
+  'with the write-ahead log: a write completes once its record is written; FLUSH and FUA fdatasync; the log goes with the journal',
+  async (t) => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'tether-wal-'));
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+    const file = path.join(dir, 'vm.m1.wal');
+    const wal = await JournalLog.create(file, { vm: 'vm', migrationId: 'm1', size: SIZE });
+    const image = new MemImage(SIZE);
+    const j = new BlockJournal(image, { maxBytes: SIZE, wal });
+    j.journal(1);
+    t.ok(j.writeNow(0, Buffer.alloc(10, 1)), 'the fast path appends the record on the spot');
+    let r = await replayJournalLog(file);
+    t.same(
+      r.records.map((x) => [x.kind, x.epoch]),
+      [[1, 1]],
+      'the write is in the log once it completed',
+    );
+    const syncs = wal.stats.syncs;
+    await j.flush();
+    t.equal(wal.stats.syncs, syncs + 1, 'FLUSH: fdatasync of the log');
+    await j.write(100, Buffer.alloc(10, 2), { fua: true });
+    t.equal(wal.stats.syncs, syncs + 2, 'FUA: fdatasync of the log');
+    await j.seal(1);
+    await j.trim(200, 1000);
+    await j.writeZeroes(2000, 100, { fua: true });
+    t.equal(wal.stats.syncs, syncs + 3);
+    r = await replayJournalLog(file);
+    t.same(
+      r.records.map((x) => [x.kind, x.epoch, 'offset' in x ? x.offset : -1]),
+      [
+        [1, 1, 0],
+        [1, 1, 100],
+        [2, 2, 200],
+        [2, 2, 2000],
+      ],
+    );
+    t.equal(r.meta.migrationId, 'm1');
+    t.equal(image.writes, 0, 'the image is never written in journal mode');
+    await j.markCompleted(1);
+    t.equal((await replayJournalLog(file)).completed, 1, 'completion recorded in the log');
+    j.passThrough();
+    await j.drained();
+    await t.rejects(fs.stat(file), { code: 'ENOENT' }, 'written back: the log is removed');
+
+    const file2 = path.join(dir, 'vm.m2.wal');
+    const j2 = new BlockJournal(new MemImage(SIZE), {
+      maxBytes: SIZE,
+      wal: await JournalLog.create(file2, { vm: 'vm', migrationId: 'm2', size: SIZE }),
+    });
+    j2.journal(1);
+    await j2.write(0, Buffer.alloc(10, 1));
+    j2.discard();
+    await j2.drained();
+    await t.rejects(fs.stat(file2), { code: 'ENOENT' }, 'discarded: the log is removed');
+  },
+);

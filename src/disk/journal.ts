@@ -10,8 +10,10 @@
  *   journal       destination during post-copy, from before its QEMU can run:
  *                 writes of epoch k are kept in memory under k and never touch
  *                 the shared image; reads see the unreleased epochs over the
- *                 image; FLUSH/FUA complete at once (durability comes with the
- *                 checkpoint, as for memory). seal(k) hands epoch k's extents to
+ *                 image. With a write-ahead log (journal-log.ts) every write,
+ *                 TRIM and WRITE_ZEROES is appended to it before it completes,
+ *                 and FLUSH/FUA complete after the log's fdatasync: a restarted
+ *                 sidecar rebuilds the epochs from it (recover()). seal(k) hands epoch k's extents to
  *                 checkpoint k; the source writes them to the image before ACK(k);
  *                 release(k) then drops epochs <= k (the image holds them now).
  *   draining      passThrough() after the final ACK: the journal still held is
@@ -32,6 +34,7 @@ import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { ExtentMap } from './extent-map.ts';
+import { LogKind, type JournalLog, type Replay } from './journal-log.ts';
 
 /**
  * Largest DISK extent seal() hands out. A DISK frame carries 16 bytes of header
@@ -49,6 +52,12 @@ export interface JournalOptions {
   maxExtentBytes?: number;
   /** Fault injection (`journal-write-through`): journal() leaves the device writing through. */
   writeThrough?: boolean;
+  /**
+   * The write-ahead log: every journaled request is appended before it completes,
+   * FLUSH/FUA wait for its fdatasync. It is removed once the journal was written
+   * back (passThrough) or dropped (discard). Without it the journal is memory only.
+   */
+  wal?: JournalLog;
   log?: Logger;
 }
 
@@ -66,6 +75,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   readonly #maxExtent: number;
   readonly #writeThrough: boolean;
   readonly #log: Logger | undefined;
+  readonly #wal: JournalLog | undefined;
   #mode: JournalMode = 'pass-through';
   /** Unreleased epochs, oldest first; in journal mode the last one is open. */
   #epochs: Epoch[] = [];
@@ -73,6 +83,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   #quiescing = false;
   #waiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   #drain: Promise<void> | null = null;
+  /** discard()'s removal of the log. */
+  #removing: Promise<void> | undefined;
   /** Figures for status and benchmarks. */
   readonly stats = { journaledBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
 
@@ -90,6 +102,51 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#maxExtent = maxExtent;
     this.#writeThrough = opts.writeThrough ?? false;
     this.#log = opts.log;
+    this.#wal = opts.wal;
+  }
+
+  /**
+   * A restarted sidecar: the journal as the log left it, in journal mode. The replay's
+   * records (epochs after the last acknowledged one) are put back in log order, each
+   * epoch sealed but the last, which stays open (the guest's writes go on there). The
+   * bound is not applied to what is replayed: it was admitted before.
+   */
+  static recover(image: BlockDevice, replay: Replay, opts: JournalOptions & { nextEpoch: number }): BlockJournal {
+    const j = new BlockJournal(image, { ...opts, writeThrough: false });
+    let first = opts.nextEpoch;
+    for (const r of replay.records) if (r.kind !== LogKind.Completed && r.epoch < first) first = r.epoch;
+    j.#mode = 'journal';
+    j.#epochs = [{ epoch: first, map: new ExtentMap(), sealed: false }];
+    for (const r of replay.records) {
+      if (r.kind === LogKind.Completed) continue;
+      let open = j.#epochs[j.#epochs.length - 1]!;
+      while (open.epoch < r.epoch) {
+        open.sealed = true;
+        open = { epoch: open.epoch + 1, map: new ExtentMap(), sealed: false };
+        j.#epochs.push(open);
+      }
+      const before = open.map.bytes;
+      if (r.kind === LogKind.Write) open.map.put(r.offset, r.data);
+      else open.map.putZeroes(r.offset, r.length);
+      j.#held += open.map.bytes - before;
+    }
+    let open = j.#epochs[j.#epochs.length - 1]!;
+    while (open.epoch < opts.nextEpoch) {
+      open.sealed = true;
+      open = { epoch: open.epoch + 1, map: new ExtentMap(), sealed: false };
+      j.#epochs.push(open);
+    }
+    return j;
+  }
+
+  /** The epoch writes go to now (journal mode), or null. */
+  get openEpoch(): number | null {
+    return this.#mode === 'journal' ? this.#epochs[this.#epochs.length - 1]!.epoch : null;
+  }
+
+  /** The journal's content for tests and recovery checks: every unreleased epoch, oldest first. */
+  epochs(): { epoch: number; sealed: boolean; map: ExtentMap }[] {
+    return this.#epochs.map((e) => ({ ...e }));
   }
 
   get mode(): JournalMode {
@@ -137,6 +194,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
       data.length,
       () => copy(data),
       () => this.#image.write(offset, data, opts),
+      opts?.fua ?? false,
     );
   }
 
@@ -157,7 +215,11 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     if (this.#mode === 'journal') {
       if (this.#waiters.length > 0 || (!this.#quiescing && this.#held > 0 && this.#held + data.length > this.#maxBytes)) return false;
       this.#check(offset, data.length);
-      this.#put(offset, copy(data));
+      const d = copy(data);
+      // With a log the write completes only once its record is written: here when the
+      // log can append it on this thread, else write() does it.
+      if (this.#wal && !this.#wal.writeNow(this.openEpoch!, offset, d)) return false;
+      this.#put(offset, data.length, d);
       return true;
     }
     if (this.#mode === 'pass-through' && !this.#drain) return this.#image.writeNow?.(offset, data) ?? false;
@@ -167,19 +229,24 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   async flush(): Promise<void> {
     this.#usable();
     if (this.#drain) await this.#drain;
-    if (this.#mode === 'journal') return;
+    if (this.#mode === 'journal') {
+      // Every completed write's record was written; FLUSH makes them durable.
+      await this.#wal?.sync();
+      return;
+    }
     await this.#image.flush();
   }
 
   async trim(offset: number, length: number): Promise<void> {
     this.#check(offset, length);
-    // Journaled as zeroes: reads after a trim may return anything, zeroes included,
-    // and the source then applies exactly what the guest was shown.
+    // Journaled as a zero extent (no buffer): reads after a trim may return anything,
+    // zeroes included, and the source then applies exactly what the guest was shown.
     await this.#journalOr(
       offset,
       length,
-      () => Buffer.alloc(length),
+      () => null,
       () => this.#image.trim(offset, length),
+      false,
     );
   }
 
@@ -188,8 +255,9 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#journalOr(
       offset,
       length,
-      () => Buffer.alloc(length),
+      () => null,
       () => this.#image.writeZeroes(offset, length, opts),
+      opts?.fua ?? false,
     );
   }
 
@@ -198,12 +266,25 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#image.close();
   }
 
-  async #journalOr(offset: number, length: number, data: () => Buffer, through: () => Promise<void>): Promise<void> {
+  async #journalOr(offset: number, length: number, data: () => Buffer | null, through: () => Promise<void>, fua: boolean): Promise<void> {
     if (length === 0) return;
     if (this.#mode === 'journal') {
       await this.#admit(length);
       if (this.#mode === 'journal') {
-        this.#put(offset, data());
+        const d = data();
+        const wal = this.#wal;
+        if (d && wal?.writeNow(this.openEpoch!, offset, d)) {
+          this.#put(offset, length, d);
+          if (fua) await wal.sync();
+          return;
+        }
+        const epoch = this.#put(offset, length, d);
+        if (wal) {
+          // In the map at once (a read may see a write not yet acknowledged, as NBD
+          // allows); acknowledged only once the record is written (and synced for FUA).
+          await (d ? wal.write(epoch, offset, d) : wal.zeroes(epoch, offset, length));
+          if (fua) await wal.sync();
+        }
         return;
       }
     }
@@ -213,13 +294,16 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await through();
   }
 
-  #put(offset: number, data: Buffer): void {
+  /** Into the open epoch (returned); `null` data: the range reads as zeroes. */
+  #put(offset: number, length: number, data: Buffer | null): number {
     const open = this.#epochs[this.#epochs.length - 1]!;
     const before = open.map.bytes;
-    open.map.put(offset, data);
+    if (data) open.map.put(offset, data);
+    else open.map.putZeroes(offset, length);
     this.#held += open.map.bytes - before;
-    this.stats.journaledBytes += data.length;
+    this.stats.journaledBytes += length;
     if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
+    return open.epoch;
   }
 
   /** Waits until `length` more bytes fit (or nothing is held, or the barrier quiesces). */
@@ -260,6 +344,14 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#wake();
   }
 
+  /**
+   * The `stop` that quiesce() prepared for is not coming (the epoch loop ended without a
+   * barrier: the final checkpoint was taken already): the bound holds again at once.
+   */
+  unquiesce(): void {
+    this.#quiescing = false;
+  }
+
   async seal(epoch: number): Promise<DiskExtent[]> {
     this.#quiescing = false;
     if (this.#mode !== 'journal') return [];
@@ -290,7 +382,10 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     if (this.#mode !== 'journal') return;
     this.#mode = 'draining';
     this.#wake();
-    const drain = this.#writeBack().then(
+    const drain = (async () => {
+      await this.#writeBack();
+      await this.#wal?.remove();
+    })().then(
       () => {
         this.#epochs = [];
         this.#held = 0;
@@ -307,19 +402,27 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   }
 
   /**
-   * Resolves once passThrough()'s write-back has reached the image durably (at once when none
-   * runs); rejects when it failed. The destination's disk switch waits for it (docs/disk.md).
+   * The source recorded completion with `finalEpoch`: recorded durably in the log before
+   * passThrough() touches the image, so a sidecar restarted during the write-back knows
+   * the outcome from the log alone and finishes it (docs/journal.md).
    */
-  drained(): Promise<void> {
-    return this.#drain ?? Promise.resolve();
+  async markCompleted(finalEpoch: number): Promise<void> {
+    await this.#wal?.completed(finalEpoch);
+  }
+
+  /** Resolves once passThrough()'s write-back (or discard()'s removal of the log) is done; rejects if the write-back failed. */
+  async drained(): Promise<void> {
+    if (this.#drain) await this.#drain;
+    await this.#removing;
   }
 
   async #writeBack(): Promise<void> {
     let bytes = 0;
     for (const e of this.#epochs) {
       for (const x of e.map.extents()) {
-        await this.#image.write(x.offset, x.data);
-        bytes += x.data.length;
+        if (x.data) await this.#image.write(x.offset, x.data);
+        else await this.#image.writeZeroes(x.offset, x.length);
+        bytes += x.length;
       }
     }
     if (bytes > 0) await this.#image.flush();
@@ -330,6 +433,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#mode = 'discarded';
     this.#epochs = [];
     this.#held = 0;
+    // Nothing of it may ever reach the image: the log goes too.
+    this.#removing = this.#wal?.remove().catch((e: unknown) => this.#log?.error('removing the journal log failed', { error: e as Error }));
     const w = this.#waiters;
     this.#waiters = [];
     const err = new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced)');

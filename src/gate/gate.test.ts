@@ -180,6 +180,17 @@ t.test('quiesce: a full gate reads on until seal, so the barrier can stop QEMU; 
   t.same(r.pauses, [true, false, true, false]);
 });
 
+t.test('unquiesce: the barrier did not come (the final loop iteration), a full gate stops reading again', async (t) => {
+  const r = rig('gated', 10, 1000);
+  r.send('aaaaaaaaaa');
+  r.gate.quiesce();
+  t.same(r.pauses, [true, false]);
+  r.gate.unquiesce();
+  t.same(r.pauses, [true, false, true], 'the bound holds again without a seal');
+  r.gate.unquiesce();
+  t.same(r.pauses, [true, false, true], 'a second unquiesce changes nothing');
+});
+
 t.test('quiesce on a gate that is not full changes nothing; discard of a full gate reads on and drops', async (t) => {
   const r = rig('gated', 10, 1000);
   r.gate.quiesce();

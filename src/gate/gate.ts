@@ -211,6 +211,13 @@ export class PacketGate implements EpochOutputs {
     }
   }
 
+  /** The barrier quiesce() prepared for is not coming: pause again past the threshold. */
+  unquiesce(): void {
+    if (!this.#quiescing) return;
+    this.#quiescing = false;
+    this.#maybePause();
+  }
+
   /** Barrier, VM paused: close epoch k; frames from now on belong to k+1. */
   seal(epoch: number): Promise<DiskExtent[]> {
     if (this.mode.is('discarded')) return Promise.resolve([]);

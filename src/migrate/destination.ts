@@ -23,6 +23,7 @@ import { existsSync } from 'node:fs';
 import { cleanupCrashPoint, CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from './faults.ts';
 import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';
+import { JournalLog, journalLogPath } from '../disk/journal-log.ts';
 import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
 import type { DiskExtent, EpochOutputs } from './outputs.ts';
 import { CheckpointWindow } from './window.ts';
@@ -323,6 +324,9 @@ export class DestinationMigration {
     this.#pausedForAnswer = true;
     this.#log.warn('no answer to the completion request yet: guest paused, outputs held', { reason, finalEpoch: this.#completing });
     const q = this.vm.qemu;
+    // `stop` waits for in-flight block requests: a write waiting for room in a full
+    // journal (no release comes now) must be admitted, or the stop never returns.
+    this.#outputs.quiesce?.();
     if (q && !q.hasExited) await q.qmp.execute('stop').catch(() => {});
   }
 
@@ -423,17 +427,35 @@ export class DestinationMigration {
     const disk = this.vm.config.disk;
     if (!disk) return;
     let journal: BlockJournal | undefined;
+    const writeThrough = this.#opts.faults.journalWriteThrough ?? false;
+    // The write-ahead log: a restarted sidecar finds this migration's journal in it.
+    const wal = writeThrough
+      ? undefined
+      : await JournalLog.create(journalLogPath(this.vm.journalDir, this.vm.name, this.id), {
+          vm: this.vm.name,
+          migrationId: this.id,
+          size: (await fs.stat(disk.image)).size,
+        });
     this.vm.diskDevice = (image) => {
       journal = new BlockJournal(image, {
         maxBytes: disk.journalMaxBytes,
-        writeThrough: this.#opts.faults.journalWriteThrough ?? false,
+        writeThrough,
         log: this.#log,
+        ...(wal ? { wal } : {}),
       });
       journal.journal(1);
       return journal;
     };
-    await this.vm.startDisk();
-    if (!journal) throw new TetherError('ERR_JOURNAL_STATE', 'the disk was already served without a journal');
+    try {
+      await this.vm.startDisk();
+    } catch (e) {
+      await wal?.remove();
+      throw e;
+    }
+    if (!journal) {
+      await wal?.remove();
+      throw new TetherError('ERR_JOURNAL_STATE', 'the disk was already served without a journal');
+    }
     this.#journal = journal;
     // before anything reached the outputs: latch the composition of the gates and the journal
     this.#outputs = latchOutputs(composeOutputs([this.#opts.outputs ?? noOutputs, journal]));
@@ -530,7 +552,12 @@ export class DestinationMigration {
       // held until the source has recorded completion (docs/completion.md). With none taken
       // yet, this barrier's checkpoint is the final one.
       const streamDone = this.#qemuCompleted && !this.#completionHeld();
-      if (streamDone && window.lastTaken >= 1) break;
+      if (streamDone && window.lastTaken >= 1) {
+        // No barrier follows: the journal's and gates' bounds hold again for the
+        // whole completion phase (quiesce() had lifted them for a `stop`).
+        this.#outputs.unquiesce?.();
+        break;
+      }
       const final = streamDone;
 
       const t0 = nowMs();
@@ -743,10 +770,22 @@ export class DestinationMigration {
       if (q && !q.hasExited)
         await q.qmp.execute('cont').catch((e) => this.#log.error('cont after the answer failed', { error: errorFields(e) }));
     }
+    // In the log before the image is written: a sidecar restarted during the write-back
+    // finishes it from the log (docs/journal.md).
+    const marked = await this.#journal?.markCompleted(epoch).then(
+      () => true,
+      (e: unknown) => {
+        this.#log.error('recording completion in the journal log failed', { error: errorFields(e) });
+        return false;
+      },
+    );
     this.#outputs.passThrough();
     this.#guard?.disarm();
     this.vm.place = 'running';
     void this.#tls?.tearDown(); // not awaited: nothing below may wait on QMP
+    // The completion records go only once the journal is in the image (or the log says
+    // the outcome): until then a restart must not serve the image pass-through.
+    if (marked === false) await this.#journal?.drained().catch(() => {});
     await this.vm
       .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
       .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));

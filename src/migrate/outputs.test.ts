@@ -70,3 +70,13 @@ t.test('composeOutputs passes quiesce to the parts that have it', async (t) => {
   composeOutputs([recorder('gate', calls, 0), withQuiesce]).quiesce?.();
   t.same(calls, ['journal.quiesce']);
 });
+
+t.test('composeOutputs and latchOutputs pass unquiesce to the parts that have it, until discarded', async (t) => {
+  const calls: string[] = [];
+  const withUnquiesce = { ...recorder('journal', calls, 0), unquiesce: () => void calls.push('journal.unquiesce') };
+  const o = latchOutputs(composeOutputs([recorder('gate', calls, 0), withUnquiesce]));
+  o.unquiesce?.();
+  o.discard();
+  o.unquiesce?.();
+  t.same(calls, ['journal.unquiesce', 'gate.discard', 'journal.discard']);
+});

@@ -7,6 +7,8 @@ import { TetherError } from '../errors.ts';
  *                journal must be admitted now, and a full packet gate must read its
  *                NIC socket again (QEMU's main loop blocks writing to it), or the
  *                barrier never completes
+ *   unquiesce()  (optional) the barrier quiesce() prepared for is not coming (the loop
+ *                ended: the final checkpoint was taken already): the bounds hold again
  *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1;
  *                returns the disk extents written in epoch k (sent inside checkpoint k)
  *   release(k)   on ACK(k): everything of epochs <= k may leave the host
@@ -19,6 +21,7 @@ export type { DiskExtent };
 
 export interface EpochOutputs {
   quiesce?(): void;
+  unquiesce?(): void;
   seal(epoch: number): Promise<DiskExtent[]>;
   release(epoch: number): void;
   passThrough(): void;
@@ -42,6 +45,7 @@ export function composeOutputs(parts: readonly EpochOutputs[]): EpochOutputs {
   if (parts.length === 1) return parts[0]!;
   return {
     quiesce: () => parts.forEach((p) => p.quiesce?.()),
+    unquiesce: () => parts.forEach((p) => p.unquiesce?.()),
     async seal(epoch) {
       const all: DiskExtent[] = [];
       for (const p of parts) all.push(...(await p.seal(epoch)));
@@ -71,6 +75,9 @@ export function latchOutputs(inner: EpochOutputs): EpochOutputs & { readonly sta
     },
     quiesce: () => {
       if (state === 'holding') inner.quiesce?.();
+    },
+    unquiesce: () => {
+      if (state === 'holding') inner.unquiesce?.();
     },
     seal: (epoch) => (state === 'holding' ? inner.seal(epoch) : Promise.reject(refusal(`seal(${epoch})`))),
     release(epoch) {

@@ -3,6 +3,7 @@ import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { isTetherError, TetherError } from '../errors.ts';
 import { isMigrationId } from '../peer/control.ts';
+import { findJournalLogs } from '../disk/journal-log.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
@@ -42,6 +43,9 @@ export interface UnrecoveredCause {
   message: string;
   at: string;
 }
+
+/** The default diskDevice hook: the image itself, pass-through. */
+export const passThroughDevice = (image: FileBlockDevice): BlockDevice => image;
 
 export interface MigrationMarker {
   role: 'source' | 'destination';
@@ -108,6 +112,8 @@ export class VmInstance {
   readonly nicSockets: readonly string[];
   /** The sidecar's NBD server for the VM's disk inside a destination's post-copy window: QEMU's -blockdev nbd connects here. */
   readonly nbdSocket: string;
+  /** Where the destination journal's write-ahead logs of this VM live (host journalDir). */
+  readonly journalDir: string;
   readonly log: Logger;
   place: VmPlace = 'stopped';
   qemu: QemuProcess | undefined;
@@ -132,7 +138,7 @@ export class VmInstance {
    * journal over the image; the image itself only for a QEMU adopted inside its window whose
    * journal is gone (daemon recovery), until that QEMU is switched to its file node.
    */
-  diskDevice: (image: FileBlockDevice) => BlockDevice = (image) => image;
+  diskDevice: (image: FileBlockDevice) => BlockDevice = passThroughDevice;
   /** Free-form facts shown by `tether status` (last migration outcome and figures). */
   lastMigration: Record<string, unknown> | undefined;
   /** Set while place is 'unrecovered': why (persisted in unrecovered.json). */
@@ -142,6 +148,7 @@ export class VmInstance {
     this.name = config.name;
     this.config = config;
     this.dir = path.join(host.stateDir, config.name);
+    this.journalDir = host.journalDir ?? path.join(host.stateDir, 'journal');
     this.ramFile = path.join(host.ramDir, `${config.name}.ram`);
     this.checkpointDir = path.join(host.ramDir, `${config.name}.ckpt`);
     // unix socket paths are limited to 107 bytes: keep the QMP socket short-named
@@ -509,6 +516,16 @@ export class VmInstance {
   async startDisk(): Promise<void> {
     if (!this.config.disk || this.nbd) return;
     await this.prepareDirs();
+    if (this.diskDevice === passThroughDevice) {
+      // A destination journal's log of this VM is left (a restart whose recovery did not
+      // settle it): the image must not be served pass-through before its outcome is known.
+      const logs = await findJournalLogs(this.journalDir, this.name);
+      if (logs.length > 0) {
+        throw new TetherError('ERR_JOURNAL_PENDING', `VM ${this.name} has a journal log of an unfinished incoming migration: ${logs[0]}`, {
+          logs,
+        });
+      }
+    }
     const image = await FileBlockDevice.open(this.config.disk.image);
     try {
       const server = new NbdServer({ device: this.diskDevice(image), exportName: this.name, log: this.log });

@@ -15,13 +15,17 @@
  *                epoch and releases it (the source's apply runs on the other host and
  *                is not timed); its DISK extents give the checkpoint bytes added per
  *                MiB written.
+ *   journaled+wal the same with the write-ahead log (src/disk/journal-log.ts), as the
+ *                destination runs it: every write is appended to the log before its
+ *                reply (FLUSH/FUA: after fdatasync). The log lives in `--wal-dir`
+ *                (default: a directory next to the image, i.e. under os.tmpdir()).
  * Settings: 4 KiB at queue depth 1 (latency = run time / count) and 16 (throughput),
  * sequential and "random" (qemu-img bench has no random mode: the step is an odd
  * multiple of 4 KiB, 997 blocks, and offsets wrap around the image, which scatters them
  * over the whole file), and 64 KiB sequential at depth 16. Writes are not flushed
  * (guest cache semantics). Runs of the three columns alternate, so host noise hits all.
  *
- * Target (issue 7): journaled writes >= 0.5x the file. Prints a table and writes
+ * Target (issues 7 and 16): journaled writes, with and without the log, >= 0.5x the file. Prints a table and writes
  * bench-results/disk.json and disk.md. `--quick` (CI smoke, < 40 s): 64 MiB, 2000
  * requests per run. Run it under the machine-wide lock:
  *   flock /tmp/tether-qemu.lock npm run bench disk
@@ -34,9 +38,10 @@ import { promisify } from 'node:util';
 import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
 import { BlockJournal } from '../../src/disk/journal.ts';
+import { JournalLog } from '../../src/disk/journal-log.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { nullLogger } from '../../src/util/log.ts';
-import { arg } from './args.ts';
+import { arg, str } from './args.ts';
 import { markdownTable, verdict, type Figure } from './report.ts';
 
 const run = promisify(execFile);
@@ -76,8 +81,9 @@ const CASES: Case[] = [
   { name: 'seq write 64k qd16', write: true, size: 16 * KiB4, step: 16 * KiB4, depth: 16, count: Math.ceil(count / 4) },
 ];
 
-type Column = 'file' | 'pass-through' | 'journaled';
-const COLUMNS: Column[] = ['file', 'pass-through', 'journaled'];
+type Column = 'file' | 'pass-through' | 'journaled' | 'journaled+wal';
+const COLUMNS: Column[] = ['file', 'pass-through', 'journaled', 'journaled+wal'];
+const walDirArg = str('wal-dir', '') || undefined;
 
 interface Result {
   seconds: number;
@@ -128,9 +134,18 @@ async function main(): Promise<void> {
   journal.journal(1);
   const jServer = new NbdServer({ device: journal, exportName: 'bench', log: nullLogger });
   await jServer.listen(path.join(dir, 'journal.sock'));
+  // journaled+wal: the same, with the write-ahead log the destination keeps
+  const walDir = walDirArg ? fs.mkdtempSync(path.join(walDirArg, 'tether-bench-wal-')) : path.join(dir, 'wal');
+  const wal = await JournalLog.create(path.join(walDir, 'bench.m.wal'), { vm: 'bench', migrationId: 'm', size: sizeMiB * MiB });
+  const wImage = await FileBlockDevice.open(image);
+  const wJournal = new BlockJournal(wImage, { maxBytes: journalMaxBytes, log: nullLogger, wal });
+  wJournal.journal(1);
+  const wServer = new NbdServer({ device: wJournal, exportName: 'bench', log: nullLogger });
+  await wServer.listen(path.join(dir, 'wal.sock'));
   let epoch = 1;
   let ckptBytes = 0;
   let extents = 0;
+  let wEpoch = 1;
   const barrier = setInterval(() => {
     // The destination's barrier: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k).
     journal.quiesce();
@@ -139,12 +154,15 @@ async function main(): Promise<void> {
       extents += ext.length;
       journal.release(epoch++);
     });
+    wJournal.quiesce();
+    void wJournal.seal(wEpoch).then(() => wJournal.release(wEpoch++));
   }, epochMs);
 
   const targets: Record<Column, string> = {
     file: image,
     'pass-through': `nbd+unix:///bench?socket=${path.join(dir, 'pass.sock')}`,
     journaled: `nbd+unix:///bench?socket=${path.join(dir, 'journal.sock')}`,
+    'journaled+wal': `nbd+unix:///bench?socket=${path.join(dir, 'wal.sock')}`,
   };
   const rows: { case: Case; results: Record<Column, Result> }[] = [];
   let writtenThroughJournal = 0;
@@ -153,7 +171,7 @@ async function main(): Promise<void> {
       `qemu-img bench, ${sizeMiB} MiB image, ${count} requests per 4 KiB run (a quarter for 64 KiB); journal barrier every ${epochMs} ms`,
     );
     console.log(
-      `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)}  ${'lat file/pass/jrnl'.padStart(20)}`,
+      `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)} ${'wal IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)} ${'wal/file'.padStart(9)}  ${'lat file/pass/jrnl/wal'.padStart(24)}`,
     );
     for (const c of CASES) {
       const res = {} as Record<Column, Result>;
@@ -162,8 +180,9 @@ async function main(): Promise<void> {
       const lat = COLUMNS.map((col) => (res[col].latencyUs === null ? '-' : res[col].latencyUs!.toFixed(0))).join('/');
       const pr = res['pass-through'].iops / res.file.iops;
       const jr = res.journaled.iops / res.file.iops;
+      const wr = res['journaled+wal'].iops / res.file.iops;
       console.log(
-        `${c.name.padEnd(19)} ${res.file.iops.toFixed(0).padStart(9)} ${res['pass-through'].iops.toFixed(0).padStart(9)} ${res.journaled.iops.toFixed(0).padStart(9)}  ${pr.toFixed(2).padStart(9)} ${jr.toFixed(2).padStart(9)}  ${(lat + (c.depth === 1 ? ' us' : '')).padStart(20)}`,
+        `${c.name.padEnd(19)} ${res.file.iops.toFixed(0).padStart(9)} ${res['pass-through'].iops.toFixed(0).padStart(9)} ${res.journaled.iops.toFixed(0).padStart(9)} ${res['journaled+wal'].iops.toFixed(0).padStart(9)}  ${pr.toFixed(2).padStart(9)} ${jr.toFixed(2).padStart(9)} ${wr.toFixed(2).padStart(9)}  ${(lat + (c.depth === 1 ? ' us' : '')).padStart(24)}`,
       );
       rows.push({ case: c, results: res });
     }
@@ -173,8 +192,12 @@ async function main(): Promise<void> {
     for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
     extents += ext.length;
     await jServer.close();
+    await wServer.close();
     await passServer.close();
     await journal.close();
+    await wJournal.close();
+    await wal.remove();
+    if (walDirArg) fs.rmSync(walDir, { recursive: true, force: true });
     await passDev.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -182,13 +205,13 @@ async function main(): Promise<void> {
   const figures: Figure[] = [];
   for (const r of rows) {
     const f = r.results.file;
-    for (const col of ['journaled', 'pass-through'] as const) {
+    for (const col of ['journaled', 'journaled+wal', 'pass-through'] as const) {
       const x = r.results[col];
       figures.push({
         name: `${r.case.name} ${col} / file`,
         value: x.iops / f.iops,
         unit: 'x',
-        ...(r.case.write && col === 'journaled' ? { target: { op: '>=' as const, value: TARGET_RATIO } } : {}),
+        ...(r.case.write && col !== 'pass-through' ? { target: { op: '>=' as const, value: TARGET_RATIO } } : {}),
         note: `${x.iops.toFixed(0)} vs ${f.iops.toFixed(0)} IOPS${x.latencyUs !== null ? `, ${x.latencyUs.toFixed(0)} vs ${f.latencyUs!.toFixed(0)} µs` : ''}`,
       });
     }
@@ -216,6 +239,7 @@ async function main(): Promise<void> {
     requestsPerRun: count,
     epochMs,
     journalMaxBytes,
+    walDir: walDirArg ?? 'os.tmpdir()',
   };
   fs.writeFileSync(
     path.join(out, 'disk.json'),
