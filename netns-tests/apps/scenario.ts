@@ -29,7 +29,7 @@ const HELD_FRAMES = 2;
 
 /**
  * Migrate; once the destination's guest acknowledges commits, arm the source's ACK hold
- * and wait until the destination processed the ACK before it. Then, with the gate on,
+ * and wait until the destination processed the ACK before it (and call `duringHold`). Then, with the gate on,
  * wait until the gate holds HELD_FRAMES frames of the held epochs (the guest's answers to
  * the transaction in flight: the client sees no acknowledgement); with the gate forced open (`control`), wait
  * until a transaction sent after that point was acknowledged to the client. Then kill -9
@@ -39,7 +39,7 @@ export async function killDuringAppHold(
   t: Test,
   c: Cluster,
   w: PgWriter,
-  opts: { control?: boolean } = {},
+  opts: { control?: boolean; duringHold?: () => void } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number; ackedInHold: number }> {
   const migrating = c.migrate();
   let ended = false;
@@ -66,6 +66,7 @@ export async function killDuringAppHold(
   );
   const from = Date.now();
   const ackedBefore = w.acked.length;
+  opts.duringHold?.();
   if (opts.control) {
     await waitFor(() => {
       notEnded('during the hold');

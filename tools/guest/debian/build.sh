@@ -112,6 +112,9 @@ shared_buffers = 32MB
 max_connections = 20
 CONF
 echo 'host all all samenet trust' >>"$R/etc/postgresql/15/main/pg_hba.conf"
+# The download check pauses its reader while the VM migrates (to hold one connection
+# open across the switchover by construction): nginx must not give up on it meanwhile.
+echo 'send_timeout 600s;' >"$R/etc/nginx/conf.d/tether.conf"
 
 # nginx-light's default site serves /var/www/html; a large deterministic body for the
 # download check (its sha256 is also in the image and the manifest).
