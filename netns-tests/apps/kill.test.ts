@@ -15,7 +15,7 @@ import { bootDebianCluster, debianGuest } from './debian.ts';
 import { startMemcachedWriter, verifyKeys } from './memcached.ts';
 import { startDownload } from './nginx.ts';
 import { startWriter, verifyRows } from './pg.ts';
-import { APP_HOLD, killDuringAppHold } from './scenario.ts';
+import { APP_HOLD, interruptDuringAppHold, killQemu } from './scenario.ts';
 
 t.test('kill -9 of the destination QEMU in post-copy: every acknowledged commit, STORED key and downloaded byte survives', async (t) => {
   const g = debianGuest();
@@ -27,7 +27,7 @@ t.test('kill -9 of the destination QEMU in post-copy: every acknowledged commit,
   const dl = startDownload(t, c);
   await dl.waitBytes(1024 * 1024, 'before migrating');
   dl.pause();
-  const { mig, held } = await killDuringAppHold(t, c, w, { duringHold: () => dl.resume() });
+  const { mig, held } = await interruptDuringAppHold(t, c, w, killQemu, { duringHold: () => dl.resume() });
   t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
   t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
   t.equal(mig.result?.rollback?.epoch, held, `resumed from the held checkpoint ${held}`);

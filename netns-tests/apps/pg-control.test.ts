@@ -8,13 +8,13 @@
 import t from 'tap';
 import { bootDebianCluster } from './debian.ts';
 import { startWriter, verifyRows } from './pg.ts';
-import { APP_HOLD, killDuringAppHold } from './scenario.ts';
+import { APP_HOLD, interruptDuringAppHold, killQemu } from './scenario.ts';
 
 t.test('CONTROL: with the gate forced open, a commit acknowledged in post-copy is lost by the rollback', async (t) => {
   const c = await bootDebianCluster(t, { ...APP_HOLD, faults: { ...APP_HOLD.faults, destination: 'gate-open' } });
   const w = startWriter(t, c);
   await w.waitAcked(10, 'before migrating');
-  const { mig, held, ackedInHold } = await killDuringAppHold(t, c, w, { control: true });
+  const { mig, held, ackedInHold } = await interruptDuringAppHold(t, c, w, killQemu, { control: true });
   t.equal(mig.result?.outcome, 'rolled-back', `rolled back: ${mig.stderr.slice(-1000)}`);
   t.equal(mig.result?.rollback?.epoch, held, `resumed from the held checkpoint ${held}`);
   t.ok(ackedInHold > 0, `the open gate let out acknowledgements of commits sent during the hold (${ackedInHold})`);

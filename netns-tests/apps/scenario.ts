@@ -1,6 +1,7 @@
 /**
- * The interruption of the real-application scenarios: migrate the Debian VM and kill -9
- * the destination's QEMU in post-copy while the source withholds the ACK of a checkpoint
+ * The interruption of the real-application scenarios: migrate the Debian VM and interrupt
+ * the migration in post-copy (kill -9 of the destination's QEMU, a cut link, `tether
+ * abort`) while the source withholds the ACK of a checkpoint
  * (a hold-acks-trigger fault, as the network scenarios), so that the destination's
  * PostgreSQL has committed transactions in epochs the source never acknowledges.
  */
@@ -15,7 +16,7 @@ import type { PgWriter } from './pg.ts';
  * acknowledge) transactions in the held epochs on a slow machine; the kill cuts it short.
  * The destination must not fence itself during it, nor the source's lease expire.
  */
-const APP_HOLD_MS = 90_000;
+const APP_HOLD_MS = 30_000;
 export const APP_HOLD: ClusterOptions = {
   vm: { fenceTimeoutMs: APP_HOLD_MS + 5000, failoverTimeoutMs: APP_HOLD_MS + 10_000 },
   faults: { source: holdFault(APP_HOLD_MS) },
@@ -32,13 +33,14 @@ const HELD_FRAMES = 2;
  * and wait until the destination processed the ACK before it (and call `duringHold`). Then, with the gate on,
  * wait until the gate holds HELD_FRAMES frames of the held epochs (the guest's answers to
  * the transaction in flight: the client sees no acknowledgement); with the gate forced open (`control`), wait
- * until a transaction sent after that point was acknowledged to the client. Then kill -9
- * the destination's QEMU. Returns the migration's result and the held checkpoint.
+ * until a transaction sent after that point was acknowledged to the client. Then
+ * `interrupt` (given the destination's QEMU pid). Returns the migration's result and the held checkpoint.
  */
-export async function killDuringAppHold(
+export async function interruptDuringAppHold(
   t: Test,
   c: Cluster,
   w: PgWriter,
+  interrupt: (destinationQemu: number) => void | Promise<void>,
   opts: { control?: boolean; duringHold?: () => void } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number; ackedInHold: number }> {
   const migrating = c.migrate();
@@ -82,7 +84,12 @@ export async function killDuringAppHold(
   t.equal((await c.status(c.src)).migration?.appliedEpoch, held, `the source still holds at checkpoint ${held}`);
   const d = await c.status(c.dst);
   t.equal(d.state, 'migrating-in', 'destination VM is mid post-copy');
-  process.kill(d.pid, 'SIGKILL');
-  t.comment(`killed the destination's QEMU: ${w.acked.length - ackedBefore} acknowledgements during the hold`);
+  await interrupt(d.pid);
+  t.comment(`interrupted: ${w.acked.length - ackedBefore} acknowledgements during the hold`);
   return { mig: await migrating, held, ackedInHold };
 }
+
+/** kill -9 of the destination's QEMU. */
+export const killQemu = (pid: number): void => {
+  process.kill(pid, 'SIGKILL');
+};
