@@ -23,9 +23,10 @@ export interface DebianGuest {
 
 let built: DebianGuest | undefined;
 
-/** Build (or find cached) the Debian guest: tools/guest/debian/build.sh. */
+/** Install the host's tools and clients if missing (deps.sh), build or find the Debian guest (build.sh). */
 export function debianGuest(): DebianGuest {
   if (built) return built;
+  execFileSync(path.join(ROOT, 'tools', 'guest', 'debian', 'deps.sh'), { stdio: ['ignore', 'inherit', 'inherit'] });
   const out = execFileSync(path.join(ROOT, 'tools', 'guest', 'debian', 'build.sh'), {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],

@@ -1,6 +1,6 @@
 /**
  * PostgreSQL and memcached in the Debian guest across the other interruptions in post-copy
- * (docs/apps.md): the migration link cut, and `tether abort`, each landing while the source
+ * (docs/apps.md): the migration link cut, kill -9 of the destination's sidecar, and `tether abort`, each landing while the source
  * holds an ACK back (interruptDuringAppHold), so the destination's guest has committed and
  * stored in epochs the rollback takes back. The same checks as kill.test.ts: every
  * acknowledged commit and STORED key is there afterwards, on the same psql connection,
@@ -18,7 +18,8 @@ import { APP_HOLD, interruptDuringAppHold } from './scenario.ts';
 /**
  * `staged`: the source may resume from a checkpoint after the held one. With the link cut
  * it goes on applying the checkpoints it had received when its hold ends (their ACKs never
- * reach the destination, whose gate keeps their outputs).
+ * reach the destination, whose gate keeps their outputs); so it does when the destination's
+ * sidecar dies.
  */
 async function scenario(t: Test, interrupt: (c: Cluster) => void | Promise<void>, staged = false): Promise<void> {
   const c = await bootDebianCluster(t, APP_HOLD);
@@ -30,7 +31,7 @@ async function scenario(t: Test, interrupt: (c: Cluster) => void | Promise<void>
   t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
   t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
   const epoch = mig.result?.rollback?.epoch;
-  if (staged) t.ok(epoch >= held, `resumed from checkpoint ${epoch}, the held ${held} or one received before the cut`);
+  if (staged) t.ok(epoch >= held, `resumed from checkpoint ${epoch}, the held ${held} or one it had received before the interruption`);
   else t.equal(epoch, held, `resumed from the held checkpoint ${held}`);
   t.equal((await c.status(c.src)).state, 'running', 'VM is running on the source');
   const since = Date.now();
@@ -53,6 +54,11 @@ async function scenario(t: Test, interrupt: (c: Cluster) => void | Promise<void>
 }
 
 t.test('migration link cut in post-copy: every acknowledged commit and STORED key survives', (t) => scenario(t, (c) => c.linkDown(), true));
+
+t.test("kill -9 of the destination's sidecar in post-copy: every acknowledged commit and STORED key survives", (t) =>
+  // its QEMU's guard ends the guest there; the source's lease expires after its hold
+  scenario(t, (c) => c.killDaemon(c.dst), true),
+);
 
 t.test('tether abort in post-copy: every acknowledged commit and STORED key survives', (t) =>
   scenario(t, async (c) => {
