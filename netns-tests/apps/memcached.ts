@@ -30,8 +30,8 @@ function run(c: Cluster, args: string[]): { proc: ChildProcess; done: Promise<{ 
 }
 
 export class MemcachedWriter {
-  /** key -> value of every key whose set the server acknowledged (STORED), with its time. */
-  readonly stored = new Map<string, { value: string; t: number }>();
+  /** key -> value of every key whose set the server acknowledged (STORED), when memccp started and when it ended. */
+  readonly stored = new Map<string, { value: string; sent: number; t: number }>();
   readonly failed: string[] = [];
   readonly dir: string;
   #seq = 0;
@@ -50,10 +50,11 @@ export class MemcachedWriter {
       const value = randomBytes(24).toString('hex');
       const file = path.join(this.dir, key);
       fs.writeFileSync(file, value);
+      const sent = Date.now();
       const r = run(this.c, ['memccp', '--set', SERVERS, file]);
       this.#current = r.proc;
       const { code, err } = await r.done;
-      if (code === 0) this.stored.set(key, { value, t: Date.now() });
+      if (code === 0) this.stored.set(key, { value, sent, t: Date.now() });
       // A set without STORED (a timeout, a lost connection) is not acknowledged: it may or may not be there.
       else this.failed.push(`${key}: exit ${code}: ${err.trim().slice(0, 300)}`);
     }
@@ -62,6 +63,13 @@ export class MemcachedWriter {
   storedSince(since: number): number {
     let n = 0;
     for (const s of this.stored.values()) if (s.t >= since) n++;
+    return n;
+  }
+
+  /** Keys STORED whose memccp started at or after `since`. */
+  storedSentSince(since: number): number {
+    let n = 0;
+    for (const s of this.stored.values()) if (s.sent >= since) n++;
     return n;
   }
 

@@ -9,6 +9,7 @@ import type { Test } from 'tap';
 import type { Cluster, ClusterOptions } from '../harness.ts';
 import { waitFor } from '../harness.ts';
 import { armAckHold, heldFrames, holdFault } from '../scenarios.ts';
+import type { MemcachedWriter } from './memcached.ts';
 import type { PgWriter } from './pg.ts';
 
 /**
@@ -33,7 +34,8 @@ const HELD_FRAMES = 2;
  * and wait until the destination processed the ACK before it (and call `duringHold`). Then, with the gate on,
  * wait until the gate holds HELD_FRAMES frames of the held epochs (the guest's answers to
  * the transaction in flight: the client sees no acknowledgement); with the gate forced open (`control`), wait
- * until a transaction sent after that point was acknowledged to the client. Then
+ * until a transaction sent after that point was acknowledged to the client (and a memcached
+ * set STORED, with `memcached`). Then
  * `interrupt` (given the destination's QEMU pid). Returns the migration's result and the held checkpoint.
  */
 export async function interruptDuringAppHold(
@@ -41,7 +43,7 @@ export async function interruptDuringAppHold(
   c: Cluster,
   w: PgWriter,
   interrupt: (destinationQemu: number) => void | Promise<void>,
-  opts: { control?: boolean; duringHold?: () => void } = {},
+  opts: { control?: boolean; duringHold?: () => void; memcached?: MemcachedWriter } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number; ackedInHold: number }> {
   const migrating = c.migrate();
   let ended = false;
@@ -70,10 +72,13 @@ export async function interruptDuringAppHold(
   const ackedBefore = w.acked.length;
   opts.duringHold?.();
   if (opts.control) {
-    await waitFor(() => {
-      notEnded('during the hold');
-      return w.ackedSentSince(from) >= 1;
-    }, 'a commit sent during the hold acknowledged through the open gate');
+    await waitFor(
+      () => {
+        notEnded('during the hold');
+        return w.ackedSentSince(from) >= 1 && (opts.memcached?.storedSentSince(from) ?? 1) >= 1;
+      },
+      `a commit${opts.memcached ? ' and a memcached set' : ''} sent during the hold acknowledged through the open gate`,
+    );
   } else {
     await waitFor(() => {
       notEnded('during the hold');
