@@ -100,6 +100,12 @@ export interface ClusterOptions {
   /** Extra environment for both daemons. */
   env?: Record<string, string>;
   /**
+   * Boot this guest instead of the busybox one: its kernel, initrd and whole kernel command
+   * line (the Debian guest of netns-tests/apps/, with disk.guest 'os'). With guestNet,
+   * `tether.ip=GUEST_IP/24` is appended (no netcheck).
+   */
+  boot?: { kernel: string; initrd: string; append: string };
+  /**
    * Opt-in: give the VM a raw disk image in the cluster directory (which both
    * namespaces see: the shared storage of the disk's storage model) and run a disk
    * program in the guest instead of memcheck.
@@ -109,7 +115,9 @@ export interface ClusterOptions {
      * diskcheck: zeroed image, `diskcheck /dev/vda <blocks> <writesPerPass> <delayMs>`; fsload: ext4 image;
      * diskbench (benchmarks): zeroed image, `diskbench /dev/vda <benchSpanMiB> <benchOps>`.
      */
-    guest: 'diskcheck' | 'fsload' | 'diskbench';
+    guest: 'diskcheck' | 'fsload' | 'diskbench' | 'os';
+    /** With guest 'os': the image the VM boots from (root=/dev/vda), copied (sparse) as its disk. */
+    image?: string;
     benchSpanMiB?: number;
     benchOps?: number;
     /** diskbench waits for triggerDiskbench() before its run (the image must exceed the span). */
@@ -248,9 +256,16 @@ export class Cluster {
     const diskYaml: string[] = [];
     if (disk) {
       fs.mkdirSync(path.dirname(this.diskImage), { recursive: true });
-      fs.writeFileSync(this.diskImage, '');
-      fs.truncateSync(this.diskImage, (disk.mib ?? 16) * 1024 * 1024);
-      if (disk.guest === 'fsload') {
+      if (disk.guest === 'os') {
+        if (!disk.image) throw new Error("disk.guest 'os' needs disk.image");
+        sh('cp', ['--sparse=always', disk.image, this.diskImage]);
+      } else {
+        fs.writeFileSync(this.diskImage, '');
+        fs.truncateSync(this.diskImage, (disk.mib ?? 16) * 1024 * 1024);
+      }
+      if (disk.guest === 'os') {
+        // the guest runs what its own image starts
+      } else if (disk.guest === 'fsload') {
         sh('mkfs.ext4', ['-q', '-F', '-b', '4096', this.diskImage]);
         run = 'fsload:/dev/vda:8:64';
       } else if (disk.guest === 'diskbench') {
@@ -264,7 +279,8 @@ export class Cluster {
         diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
       }
     }
-    const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24 tether.netcheck=${NETCHECK_PORT}` : '';
+    const boot = this.opts.boot;
+    const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24${boot ? '' : ` tether.netcheck=${NETCHECK_PORT}`}` : '';
     const nic: string[] = [];
     if (disk?.direct) {
       if (this.opts.guestNet === 'qemu-tap') throw new Error('disk.direct and guestNet qemu-tap both need qemu.extraArgs');
@@ -300,9 +316,9 @@ export class Cluster {
       [
         `name: ${this.vmName}`,
         `memoryMiB: ${v.memoryMiB ?? (FAST ? 256 : 512)}`,
-        `kernel: ${path.join(GUEST, 'vmlinuz')}`,
-        `initrd: ${path.join(GUEST, 'initrd.img')}`,
-        `append: "console=ttyS0 quiet panic=-1 tether.run=${run}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
+        `kernel: ${boot?.kernel ?? path.join(GUEST, 'vmlinuz')}`,
+        `initrd: ${boot?.initrd ?? path.join(GUEST, 'initrd.img')}`,
+        `append: "${boot?.append ?? `console=ttyS0 quiet panic=-1 tether.run=${run}`}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
         ...nic,
         `checkpoint:`,
         `  intervalMs: ${v.intervalMs ?? 50}`,

@@ -197,7 +197,7 @@ export const HELD_FRAMES = 3;
  * the trigger file existed). Applies wait behind it, so the applied epoch stays there
  * while it lasts.
  */
-async function armAckHold(c: Cluster, migrating: Promise<unknown>): Promise<number> {
+export async function armAckHold(c: Cluster, migrating: Promise<unknown>): Promise<number> {
   const from = fileSize(c.src.daemonLog);
   fs.writeFileSync(path.join(c.src.stateDir, c.vmName, HOLD_ACKS_TRIGGER), '');
   let ended = false;
@@ -226,7 +226,7 @@ function holdLine(log: string, from: number): { epoch: number } | undefined {
 }
 
 /** Frames the destination's gate of net0 holds now (its metrics). */
-function heldFrames(c: Cluster): number {
+export function heldFrames(c: Cluster): number {
   const m = /^tether_gate_held_frames\{[^}]*nic="net0"[^}]*\} (\d+)$/m.exec(c.metrics(c.dst));
   return m ? Number(m[1]) : 0;
 }

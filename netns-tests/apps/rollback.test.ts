@@ -1,0 +1,68 @@
+/**
+ * PostgreSQL and memcached in the Debian guest across the other interruptions in post-copy
+ * (docs/apps.md): the migration link cut, kill -9 of the destination's sidecar, and `tether abort`, each landing while the source
+ * holds an ACK back (interruptDuringAppHold), so the destination's guest has committed and
+ * stored in epochs the rollback takes back. The same checks as kill.test.ts: every
+ * acknowledged commit and STORED key is there afterwards, on the same psql connection,
+ * and no row the client was not told about.
+ */
+import t from 'tap';
+import type { Test } from 'tap';
+import type { Cluster } from '../harness.ts';
+import { assertNotRunningOn } from '../scenarios.ts';
+import { bootDebianCluster } from './debian.ts';
+import { startMemcachedWriter, verifyKeys } from './memcached.ts';
+import { startWriter, verifyRows } from './pg.ts';
+import { APP_HOLD, interruptDuringAppHold } from './scenario.ts';
+
+/**
+ * `staged`: the source may resume from a checkpoint after the held one. With the link cut
+ * it goes on applying the checkpoints it had received when its hold ends (their ACKs never
+ * reach the destination, whose gate keeps their outputs); so it does when the destination's
+ * sidecar dies.
+ */
+async function scenario(t: Test, interrupt: (c: Cluster) => void | Promise<void>, staged = false): Promise<void> {
+  const c = await bootDebianCluster(t, APP_HOLD);
+  const w = startWriter(t, c);
+  const mc = startMemcachedWriter(t, c);
+  await w.waitAcked(10, 'before migrating');
+  await mc.waitStored(10, 'before migrating');
+  const { mig, held } = await interruptDuringAppHold(t, c, w, () => interrupt(c));
+  t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
+  t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
+  const epoch = mig.result?.rollback?.epoch;
+  if (staged) t.ok(epoch >= held, `resumed from checkpoint ${epoch}, the held ${held} or one it had received before the interruption`);
+  else t.equal(epoch, held, `resumed from the held checkpoint ${held}`);
+  t.equal((await c.status(c.src)).state, 'running', 'VM is running on the source');
+  const since = Date.now();
+  await w.waitAcked(10, 'on the source after the rollback', since);
+  await mc.waitStored(5, 'on the source after the rollback', since);
+  t.same(w.errors, [], 'psql reported no error');
+  await w.stop();
+  t.equal(w.proc.exitCode, 0, 'psql ended normally: one connection for the whole test');
+  const check = verifyRows(c, w);
+  t.same(check.lost, [], `no acknowledged commit lost (${check.acked} acknowledged, ${check.rows} rows)`);
+  t.same(check.phantom, [], 'no row the client was not told about');
+  await mc.stop();
+  const lost = await verifyKeys(c, mc);
+  t.same(
+    lost,
+    [],
+    `every STORED key reads back with its value on the source (${mc.stored.size} keys, ${mc.failed.length} sets unacknowledged)`,
+  );
+  await assertNotRunningOn(t, c, c.dst);
+}
+
+t.test('migration link cut in post-copy: every acknowledged commit and STORED key survives', (t) => scenario(t, (c) => c.linkDown(), true));
+
+t.test("kill -9 of the destination's sidecar in post-copy: every acknowledged commit and STORED key survives", (t) =>
+  // its QEMU's guard ends the guest there; the source's lease expires after its hold
+  scenario(t, (c) => c.killDaemon(c.dst), true),
+);
+
+t.test('tether abort in post-copy: every acknowledged commit and STORED key survives', (t) =>
+  scenario(t, async (c) => {
+    const a = await c.tether(c.src, ['abort', c.vmName]);
+    t.equal(a.code, 0, `abort accepted: ${a.stderr}`);
+  }),
+);
