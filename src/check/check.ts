@@ -109,6 +109,7 @@ const MiB = 1024 * 1024;
 export const QMP_COMMANDS = [
   'announce-self',
   'cont',
+  'chardev-remove',
   'migrate',
   'migrate-continue',
   'migrate-incoming',
