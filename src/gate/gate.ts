@@ -52,6 +52,7 @@ export interface GateCounters {
  *   {"t":"release","nic":"vm1/net0","epoch":3,"frames":2,"bytes":1128,"at":1764221000123.456,"mono":81234567.891,"hashes":["9f2c…",…]}
  *   {"t":"discard","nic":…,"epoch":4,"frames":7,"bytes":…,"at":…,"mono":…}       (held frames dropped by a fence)
  *   {"t":"mode","nic":…,"mode":"gated"|"pass"|"discarded","from":"gated","epoch":1,"at":…,"mono":…}
+ *   {"t":"announce","nic":…,"frames":1,"at":…,"mono":…,"hashes":[…]}   (QEMU's RARP, written by the relay, never held)
  * `at` is wall-clock milliseconds (Unix epoch, sub-ms fraction). `mono` is
  * CLOCK_MONOTONIC in milliseconds (process.hrtime): one clock for every process of
  * the machine, not stepped or slewed, so another process (a packet capture) can
@@ -64,6 +65,8 @@ export interface GateCounters {
 export type ReleaseRecord =
   | { t: 'release'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number; hashes: string[] }
   | { t: 'discard'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number }
+  /** QEMU's own announce (RARP), let out of the window at once by the relay (src/net/nic.ts), never held. */
+  | { t: 'announce'; nic: string; frames: number; at: number; mono: number; hashes: string[] }
   | { t: 'mode'; nic: string; mode: GateMode; from?: GateMode; epoch: number; at: number; mono: number };
 
 export const frameHash = (f: Buffer): string => createHash('sha256').update(f).digest('hex').slice(0, 16);

@@ -20,7 +20,7 @@ import { appendFileSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
 import type { NicConfig } from '../config/types.ts';
-import { PacketGate } from '../gate/gate.ts';
+import { frameHash, monoClockMs, PacketGate, wallClockMs } from '../gate/gate.ts';
 import type { GateCounters, ReleaseRecord } from '../gate/gate.ts';
 import { TetherError } from '../errors.ts';
 import { relayIds, type NicRelayPaths } from '../qemu/cmdline.ts';
@@ -85,6 +85,7 @@ export class NicPort {
   readonly gate: PacketGate;
   readonly #o: NicPortOptions;
   readonly #log: Logger;
+  readonly #releaseLog: ((r: ReleaseRecord) => void) | undefined;
   #conn: Conn | undefined;
   #connected = false;
   #connectWaiters: (() => void)[] = [];
@@ -104,6 +105,7 @@ export class NicPort {
     const logFile = o.releaseLogFile;
     if (logFile) mkdirSync(path.dirname(logFile), { recursive: true, mode: 0o700 });
     const releaseLog = logFile ? (r: ReleaseRecord) => appendFileSync(logFile, JSON.stringify(r) + '\n') : undefined;
+    this.#releaseLog = releaseLog;
     this.gate = new PacketGate({
       name: this.name,
       mode: o.mode,
@@ -205,6 +207,14 @@ export class NicPort {
           // QEMU's RARP, no guest state in it: it leaves at once (after what is already
           // batched for the gate, so the order of the guest's own frames is kept)
           this.#flush(frames);
+          this.#releaseLog?.({
+            t: 'announce',
+            nic: this.name,
+            frames: 1,
+            at: wallClockMs(),
+            mono: monoClockMs(),
+            hashes: [frameHash(r.frame)],
+          });
           this.#write([r.frame]);
           this.#o.counters?.announced?.(1);
           break;
