@@ -6,7 +6,7 @@ import { StateMachine } from '../util/state.ts';
 import type { GateReserve } from './reserve.ts';
 
 /**
- * The packet gate of one NIC: sits between the guest (QEMU's stream netdev) and the
+ * The packet gate of one NIC: sits between the guest (QEMU's filter-redirector, through the relay of src/net/nic.ts) and the
  * wire (the TAP), on the guest→wire direction only. Wire→guest frames never pass
  * through it (inbound traffic is not an output of the VM).
  *
@@ -196,6 +196,8 @@ export class PacketGate implements EpochOutputs {
   }
 
   /**
+   * (Written for the former stream netdev; the relay of src/net/nic.ts never stops reading
+   * and enforces the bound itself, so for it quiesce only lifts the pause threshold.)
    * The barrier is about to stop the VM. QEMU 7.2's stream netdev writes to its socket
    * in blocking mode from the main loop: while this side does not read, QEMU's main loop
    * (QMP included) is stuck in that write, so the barrier's query-migrate/`stop` would

@@ -88,8 +88,7 @@ export class HotStandby {
     const cfg = vm.config;
     // The device-state file carries no configuration section (see cmdline.ts exec-file).
     // -S: the loaded VM stays paused until the wedged QEMU is dead (it is loaded before the
-    // destination is fenced) and, with NICs, until the sidecar has connected them (QEMU
-    // 7.2's stream netdev crashes when the guest sends before a peer is connected).
+    // destination is fenced) and the sidecar says `cont`.
     const extra = ['-global', 'migration.send-configuration=off', '-S'];
     // Its own TAPs: the running QEMU holds the VM's single-queue ones (docs/network.md "Hot standby").
     this.#ready = claimNicTaps(cfg)
