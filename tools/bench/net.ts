@@ -55,6 +55,10 @@
  *                              destination's gate forced open (TETHER_FAULTS=gate-open: the
  *                              window without the gate's hold), then gated; about 3 minutes
  *   --no-control               --only rtt without the forced-open migrations
+ *   --control                  also sample each window with the gate forced open (the relay without the hold)
+ *   --hold-window              the destination asks to complete only after the last sample (hold-completion):
+ *                              with a fast --bandwidth-mib all RAM has moved, so the window is measured
+ *                              without post-copy faults (the relay and the gate's hold alone)
  */
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -96,7 +100,9 @@ const opt = {
   guestMiB: num('guest-mib', 256),
   rttOnly,
   /** Also sample each window with the gate forced open (default with --only rtt; --no-control skips it). */
-  control: rttOnly && !process.argv.includes('--no-control'),
+  control: (rttOnly && !process.argv.includes('--no-control')) || process.argv.includes('--control'),
+  /** The destination does not ask to complete until the last sample is taken: a fast link moves all RAM, then the window stays open without post-copy faults. */
+  holdWindow: process.argv.includes('--hold-window'),
   only,
 };
 for (const v of [...opt.sizes, ...opt.intervals])
@@ -312,6 +318,7 @@ function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, tapVnetHd
   return new Cluster({
     guestNet,
     tapVnetHdr,
+    ...(guestNet === 'gate' && opt.holdWindow ? { holdCompletion: true } : {}),
     // the gate's release log (docs/network.md): when each epoch's frames left, for gateModel
     ...(guestNet === 'gate' ? { env: { TETHER_GATE_LOG: '1' } } : {}),
     vm: {
@@ -672,6 +679,7 @@ async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: n
     const a = await c.tether(c.src, ['abort', c.vmName]);
     if (a.code !== 0) log(`abort: ${a.stderr}`);
   }
+  if (last && opt.holdWindow) c.releaseCompletion();
   const mig = await migrating;
   const outcome = (mig.result?.outcome as string | undefined) ?? null;
   const ep = w.from !== null && w.to !== null ? epochTimings(c, dstFrom, srcFrom, w.from, w.to) : null;
@@ -880,6 +888,15 @@ function figures(res: Results): Figure[] {
             .filter(Boolean)
             .join('; '),
         });
+        const ctl = g?.control.find((x) => x.intervalMs === s.intervalMs)?.tcp.find((x) => x.dir === dir && x.size === size);
+        if (ctl) {
+          F.push({
+            name: `${what}: in window, gate forced open (relay only), interval ${s.intervalMs} ms`,
+            value: ctl.mbitPerS ?? null,
+            unit: 'Mbit/s',
+          });
+          F.push({ name: `${what}: relay only / tap`, value: t && ctl.mbitPerS ? r2(ctl.mbitPerS / t) : null, unit: '×' });
+        }
         F.push({
           name: `${what}: gated, interval ${s.intervalMs} ms / tap`,
           value: t && tr?.mbitPerS ? r2(tr.mbitPerS / t) : null,
