@@ -93,8 +93,6 @@ export class NicPort {
   #detached = false;
   #timer: NodeJS.Timeout | undefined;
   #failures = 0;
-  /** The gate is at its pause threshold: new guest frames are refused (never: stop reading). */
-  #refusing = false;
   /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
   readonly #drops: Record<NicDropReason, number> = { runt: 0, malformed: 0, framing: 0, gate_full: 0, relay_error: 0 };
 
@@ -119,7 +117,9 @@ export class NicPort {
       ...(releaseLog ? { releaseLog } : {}),
       sinks: {
         toWire: (frames) => this.#toWire(frames),
-        pauseGuest: (paused) => (this.#refusing = paused),
+        // The gate's pause threshold (its bound less a 1-byte/1-frame reserve) and its
+        // hysteresis are not used: #flush refuses exactly what would not fit under the bound.
+        pauseGuest: () => {},
         onDiscard: () => {
           for (const t of tapCandidates(o.nic.tap)) void tapDown(t).catch(() => {}); // absent: nothing to take down
         },
@@ -237,13 +237,12 @@ export class NicPort {
     let bytes = 0;
     for (const f of frames) bytes += f.length;
     const { maxBytes, maxFrames } = this.#o.bounds;
-    if (g.mode.is('gated') && (this.#refusing || g.heldFrames + frames.length > maxFrames || g.heldBytes + bytes > maxBytes)) {
+    if (g.mode.is('gated') && (g.heldFrames + frames.length > maxFrames || g.heldBytes + bytes > maxBytes)) {
       // what still fits goes in, in order; the rest of the batch is refused
       let n = 0;
       let b = 0;
-      if (!this.#refusing)
-        while (n < frames.length && g.heldFrames + n + 1 <= maxFrames && g.heldBytes + b + frames[n]!.length <= maxBytes)
-          b += frames[n++]!.length;
+      while (n < frames.length && g.heldFrames + n + 1 <= maxFrames && g.heldBytes + b + frames[n]!.length <= maxBytes)
+        b += frames[n++]!.length;
       if (n > 0) g.fromGuest(frames.slice(0, n));
       this.#dropped('gate_full', frames.length - n);
     } else g.fromGuest(frames.slice());
