@@ -97,7 +97,7 @@ export interface CheckOptions {
   peers?: readonly string[];
 }
 
-/** QEMU's first release with what tether needs (stream netdev, the post-copy fixes it relies on). */
+/** QEMU's first release with what tether needs (the post-copy fixes it relies on; filter-redirector with vnet_hdr_support). */
 export const MIN_QEMU = { major: 7, minor: 2 } as const;
 const TMPFS_MAGIC = 0x01021994;
 const MiB = 1024 * 1024;
