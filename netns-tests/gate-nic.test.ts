@@ -150,6 +150,9 @@ t.test('in the post-copy window the destination gate releases on ACK; after kill
     'the destination released held frames on ACK',
   );
   t.ok(metric(c, c.dst, 'released') > 0, 'released frames counted');
+  // Not asserted (no timing thresholds): the bound of how long the relay left QEMU unread.
+  const eld = /^tether_event_loop_delay_max_ms (\S+)$/m.exec(c.metrics(c.dst))?.[1];
+  t.comment(`destination sidecar's longest event-loop stall so far (the relay's longest gap in reading QEMU): ${eld} ms`);
   t.equal(metric(c, c.dst, 'passed'), 0, 'nothing passed the destination gate unheld');
 
   const dpid = (await c.status(c.dst)).pid;

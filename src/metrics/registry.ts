@@ -3,6 +3,7 @@
  * gauges with labels, and summaries over a sliding window of observations.
  * Pure: the daemon serves `render()` over HTTP.
  */
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { NIC_DROP_REASONS, type NicCounters } from '../net/nic.ts';
 type Labels = Record<string, string>;
 
@@ -220,7 +221,23 @@ export class TetherMetrics {
     };
   }
 
+  /**
+   * The longest the sidecar's event loop went without running, ms, since start: how long a
+   * destination's relay can have left QEMU's out socket unread (QEMU stalls once its send
+   * buffer is full; docs/network.md "The relay never stops reading").
+   */
+  readonly eventLoopDelayMax: Gauge;
+
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
+    const eld = monitorEventLoopDelay({ resolution: 10 });
+    eld.enable();
+    this.eventLoopDelayMax = this.registry.add(
+      new Gauge(
+        'tether_event_loop_delay_max_ms',
+        "Longest stall of the sidecar's event loop since it started, ms (bounds how long a window's relay can leave QEMU unread).",
+        (set) => set({}, Math.round(eld.max / 1e4) / 100),
+      ),
+    );
     this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
     // present (0) from the start: an operator alerts on them rising
     for (const reason of PEER_REFUSAL_REASONS) this.peerRefused.inc({ reason }, 0);
