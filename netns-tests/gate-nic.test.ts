@@ -1,7 +1,9 @@
 /**
- * A guest NIC through the sidecar: virtio-net in the guest, QEMU's stream netdev to the
- * sidecar, the sidecar's TAP in a host bridge. The host pings the guest: ARP and ICMP
- * cross the gate both ways. The NIC survives a sidecar restart and a migration.
+ * A guest NIC: virtio-net in the guest, QEMU's tap backend (vnet_hdr) on the persistent
+ * TAP the sidecar created in a host bridge; on the destination, during the post-copy
+ * window only, QEMU's filter-redirectors send the guest's frames through the sidecar's
+ * relay and gate. The host pings the guest. The NIC survives a sidecar kill and a
+ * migration; after completion the destination's QEMU has no filter left.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -33,6 +35,26 @@ function link(h: Host, dev: string): string {
   return sh('ip', ['-n', h.ns, '-d', 'link', 'show', dev], { allowFail: true });
 }
 
+/**
+ * The relay sockets QEMU `pid` still has open (its fds matched with the unix socket table
+ * of its netns). QEMU refuses chardev-remove while a filter uses the chardev, so none left
+ * means both filter-redirectors are gone. (QMP is the sidecar's: QEMU's monitor socket
+ * takes one client.)
+ */
+function relaySockets(pid: number): string[] {
+  const inodes = new Set<string>();
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`, { encoding: 'utf8' }) ?? '');
+    if (m) inodes.add(m[1]!);
+  }
+  return fs
+    .readFileSync(`/proc/${pid}/net/unix`, 'utf8')
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .filter((f) => f.length >= 8 && inodes.has(f[6]!) && /\/r(in|out)\d+\.sock$/.test(f[7]!))
+    .map((f) => f[7]!);
+}
+
 function metric(c: Cluster, h: Host, action: string): number {
   const m = new RegExp(`^tether_gate_frames_total\\{action="${action}",nic="net0",vm="vm1"\\} (\\d+)`, 'm').exec(c.metrics(h));
   return m ? Number(m[1]) : 0;
@@ -58,21 +80,22 @@ async function boot(t: Test, vm: { maxBandwidth?: number } = {}, holdCompletion 
   return c;
 }
 
-t.test('frames flow both ways through the sidecar, also after a sidecar restart', async (t) => {
+t.test("QEMU's own tap with vnet_hdr in steady state: the guest answers with the sidecar dead and after its restart", async (t) => {
   const c = await boot(t);
   t.match(link(c.src, TAP), /master br0/, 'the TAP is in the bridge');
   t.match(link(c.src, TAP), /tun type tap/);
-  t.ok(metric(c, c.src, 'passed') > 0, 'guest frames passed the source gate');
-  t.ok(metric(c, c.src, 'to_guest') > 0, 'host frames reached the guest');
+  t.match(link(c.src, TAP), /vnet_hdr on/, "QEMU's tap backend opened it with the virtio-net header");
+  t.match(link(c.src, TAP), /persist on/, 'persistent');
+  t.equal(metric(c, c.src, 'passed'), 0, 'no guest frame passes through the source sidecar');
 
   const pid = (await c.status(c.src)).pid;
   await c.killDaemon(c.src);
   t.ok(qemuAlive(pid), 'QEMU survives the sidecar');
+  await waitFor(() => ping(c.src), 'the guest answers ping with the sidecar dead', 30_000);
   t.match(link(c.src, TAP), /master br0/, 'the persistent TAP stays in its bridge');
   await c.restartDaemon(c.src);
   t.equal((await c.status(c.src)).pid, pid, 'same QEMU adopted');
   await waitFor(() => ping(c.src), 'the guest answers ping after the sidecar restart', 30_000);
-  t.pass('NIC reconnected: QEMU went back to listening and the new sidecar connected');
 
   const r = await c.tether(c.src, ['vm', 'stop', c.vmName]);
   t.equal(r.code, 0, `vm stop: ${r.stderr}`);
@@ -96,7 +119,15 @@ t.test('after a completed migration the guest answers through the destination; t
     log.some((r) => r.t === 'mode' && r.mode === 'pass'),
     'and passes through after completion',
   );
-  t.ok(metric(c, c.dst, 'passed') > 0, 'frames passed through the destination gate after completion');
+  const dpid = (await c.status(c.dst)).pid;
+  await waitFor(() => relaySockets(dpid).length === 0, "the relay's chardevs (and so its filters) left D's QEMU", 10_000);
+  const before = metric(c, c.dst, 'passed') + metric(c, c.dst, 'released');
+  for (let i = 0; i < 3; i++) await waitFor(() => ping(c.dst), 'the guest answers ping after the detach', 30_000);
+  t.equal(
+    metric(c, c.dst, 'passed') + metric(c, c.dst, 'released'),
+    before,
+    'traffic flows without the sidecar: QEMU sends to the tap directly',
+  );
 });
 
 t.test('in the post-copy window the destination gate releases on ACK; after kill -9 of its QEMU the source NIC comes back', async (t) => {
@@ -107,6 +138,7 @@ t.test('in the post-copy window the destination gate releases on ACK; after kill
   await waitApplied(c, 2, migrating);
   // The guest runs on D now: its echo replies are held until their epoch is acked, then released.
   await waitFor(() => ping(c.dst), 'the guest answers ping through the gated destination', 30_000);
+  t.ok(relaySockets((await c.status(c.dst)).pid).length > 0, "inside the window D's QEMU has its relay sockets");
   const gateLog = (): Record<string, any>[] =>
     fs
       .readFileSync(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl'), 'utf8')
@@ -118,6 +150,9 @@ t.test('in the post-copy window the destination gate releases on ACK; after kill
     'the destination released held frames on ACK',
   );
   t.ok(metric(c, c.dst, 'released') > 0, 'released frames counted');
+  // Not asserted (no timing thresholds): the bound of how long the relay left QEMU unread.
+  const eld = /^tether_event_loop_delay_max_ms (\S+)$/m.exec(c.metrics(c.dst))?.[1];
+  t.comment(`destination sidecar's longest event-loop stall so far (the relay's longest gap in reading QEMU): ${eld} ms`);
   t.equal(metric(c, c.dst, 'passed'), 0, 'nothing passed the destination gate unheld');
 
   const dpid = (await c.status(c.dst)).pid;
@@ -125,7 +160,6 @@ t.test('in the post-copy window the destination gate releases on ACK; after kill
   const mig = await migrating;
   t.equal(mig.result?.outcome, 'rolled-back', `rolled back: ${mig.stderr.slice(-1500)}`);
   await waitFor(() => ping(c.src), 'the guest answers ping on the source after the rollback', 30_000);
-  t.pass("the port reconnected to the restored QEMU's socket");
   await waitFor(() => link(c.dst, TAP) === '', 'the fenced destination removed its TAP', 30_000);
   t.ok(
     gateLog().some((r) => r.t === 'mode' && r.mode === 'discarded'),

@@ -68,13 +68,14 @@ function pathDrops(c: Cluster): string {
 }
 
 // The guest floods UDP datagrams from the moment it runs on the destination; at
-// checkpoint HOLD_EPOCH the source withholds its ACKs for HOLD_MS. The destination's gate
-// fills up to its pause threshold (the bound minus the reserve) and stops reading QEMU's
-// socket; what a barrier reads on after that stays within the bound: the guest's transmit path blocks
-// (netcheck retries a datagram its full device queue refuses, see tools/guest/netcheck.c),
-// nothing is dropped. Once the ACKs come, every datagram reaches the client in order.
+// checkpoint HOLD_EPOCH the source withholds its ACKs for HOLD_MS. The destination's relay
+// never stops reading QEMU (QEMU's main loop and vCPUs would stall): what would take the
+// gate past its bound is refused and counted (`gate_full`), never held beyond it
+// (docs/network.md "Bounds"). So: the peak held stays within the bound, nothing is held
+// over it, every datagram that did not reach the client is one the relay counted as
+// refused, the migration completes and the TCP conversation stays verified.
 t.test(
-  'back-pressure: the guest floods while ACKs are held; the gate never holds more than its configured bound and loses nothing',
+  'bound: the guest floods while ACKs are held; the gate never holds more than its configured bound, and every frame it refused is counted',
   { skip: NET_MODE !== 'gate' ? 'needs the gate' : false },
   async (t) => {
     const { c, client } = await bootNetCluster(t, {
@@ -109,8 +110,10 @@ t.test(
     t.equal(mig.result?.outcome, 'completed', `migration completes: ${mig.stderr.slice(-1500)}`);
     const u = await client.waitEvent((e) => e.ev === 'udp', 'the flood to finish');
     const m = c.metrics(c.dst);
-    const pressure = metric(m, 'tether_gate_backpressure_total');
-    t.ok(pressure > 0, `the full gate stopped reading from the guest (${pressure} times)`);
+    const refused = Number(/^tether_nic_frames_dropped_total\{[^}]*reason="gate_full"[^}]*\} (\d+)$/m.exec(m)?.[1] ?? 0);
+    t.comment(
+      `the gate reached its pause threshold ${metric(m, 'tether_gate_backpressure_total')} times; ${refused} frames refused at the bound`,
+    );
     const peak = metric(m, 'tether_gate_held_bytes_max');
     const peakFrames = metric(m, 'tether_gate_held_frames_max');
     t.ok(peak <= MAX_BYTES, `peak held ${peak} bytes <= configured bound ${MAX_BYTES} (pause at ${MAX_BYTES - RESERVE.bytes})`);
@@ -118,14 +121,16 @@ t.test(
     t.equal(metric(m, 'tether_gate_over_bound_bytes_total'), 0, 'no byte held beyond the bound');
     t.equal(metric(m, 'tether_gate_over_bound_frames_total'), 0, 'no frame held beyond the bound');
     t.comment(
-      `released ${framesTotal(m, 'released')} frames, passed ${framesTotal(m, 'passed')}, tap_retried ${framesTotal(m, 'tap_retried')}`,
+      `released ${framesTotal(m, 'released')} frames, passed ${framesTotal(m, 'passed')}, announced ${framesTotal(m, 'announced')}`,
     );
     t.comment(`softnet backlog drops during the run: ${softnetDropped() - drops0}; ${pathDrops(c)}`);
     const serial = fs.readFileSync(c.serialLog(c.dst), 'latin1');
     t.comment(`guest: ${/netcheck udp seq=\S+ .*/.exec(serial)?.[0] ?? '(no udp line on the destination console)'}`);
     t.equal(u.sent, COUNT, 'the guest sent every datagram');
-    t.equal(u.received, COUNT, `every datagram reached the client (client socket drops: ${u.rcvbufErrors})`);
-    t.equal(u.gaps, 0, 'no gap in the sequence');
+    t.ok(
+      COUNT - u.received <= refused,
+      `every datagram lost (${COUNT - u.received}) is one the relay refused and counted (${refused}; client socket drops: ${u.rcvbufErrors})`,
+    );
     t.equal(u.reordered, 0, 'in order');
     await waitFor(() => client.answers(Date.now() - 1000).length > 0, 'answers after the flood');
     t.same(client.violations, [], 'the TCP conversation stayed verified');

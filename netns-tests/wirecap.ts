@@ -144,6 +144,7 @@ export class WireCapture {
 export type GateLogRecord =
   | { t: 'release'; epoch: number; mono: number; hashes: string[] }
   | { t: 'discard'; epoch: number; frames: number; mono: number }
+  | { t: 'announce'; mono: number; hashes: string[] }
   | { t: 'mode'; mode: 'pass' | 'gated' | 'discarded'; from?: string; epoch: number; mono: number };
 
 export function readGateLog(file: string): GateLogRecord[] {
@@ -176,10 +177,12 @@ export interface GateCheck {
 export function checkAgainstGate(frames: readonly CapturedFrame[], log: readonly GateLogRecord[]): GateCheck {
   const releases = new Map<string, { mono: number; epoch: number }[]>();
   for (const r of log) {
-    if (r.t !== 'release') continue;
+    // QEMU's own announce leaves the window at once (it carries no guest state): it is
+    // matched like a release, to the relay's line written before it went out
+    if (r.t !== 'release' && r.t !== 'announce') continue;
     for (const h of r.hashes) {
       const l = releases.get(h) ?? [];
-      l.push({ mono: r.mono, epoch: r.epoch });
+      l.push({ mono: r.mono, epoch: r.t === 'release' ? r.epoch : 0 });
       releases.set(h, l);
     }
   }

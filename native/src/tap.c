@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define TAP_MAX_FRAME 65553 /* MAX_FRAME_BYTES of src/gate/codec.ts */
@@ -358,6 +359,25 @@ static napi_value js_tap_stop_reader(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* sockOutq(fd): bytes this end of a socket sent that the peer has not read yet (TIOCOUTQ;
+ * on a unix stream socket the sent skbs stay charged to the sender until the receiver
+ * consumes them). The relay's detach waits for 0 on QEMU's in0 socket. */
+static napi_value js_sock_outq(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd;
+  if (argc < 1 || get_fd(env, argv[0], &fd)) return NULL;
+  int n = 0;
+  if (ioctl(fd, TIOCOUTQ, &n) < 0) {
+    tap_throw(env, "ERR_TAP", errno, "ioctl(TIOCOUTQ)", "sockOutq");
+    return NULL;
+  }
+  napi_value r;
+  napi_create_int32(env, n, &r);
+  return r;
+}
+
 void tap_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"tapOpen", NULL, js_tap_open, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -365,6 +385,7 @@ void tap_register(napi_env env, napi_value exports) {
       {"tapWriteBatch", NULL, js_tap_write_batch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"tapStartReader", NULL, js_tap_start_reader, NULL, NULL, NULL, napi_enumerable, NULL},
       {"tapStopReader", NULL, js_tap_stop_reader, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sockOutq", NULL, js_sock_outq, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

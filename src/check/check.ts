@@ -99,7 +99,7 @@ export interface CheckOptions {
   peers?: readonly string[];
 }
 
-/** QEMU's first release with what tether needs (stream netdev, the post-copy fixes it relies on). */
+/** QEMU's first release with what tether needs (the post-copy fixes it relies on; filter-redirector with vnet_hdr_support). */
 export const MIN_QEMU = { major: 7, minor: 2 } as const;
 const TMPFS_MAGIC = 0x01021994;
 const MiB = 1024 * 1024;
@@ -114,6 +114,7 @@ export const QMP_COMMANDS = [
   'blockdev-del',
   'blockdev-reopen',
   'cont',
+  'chardev-remove',
   'migrate',
   'migrate-continue',
   'migrate-incoming',

@@ -333,6 +333,8 @@ t.test('vm: nics and gate', async (t) => {
     [[{ ...nic, model: 'e1000' }], undefined, 'nics[0].model'],
     [[nic, { ...nic, tap: 'other' }], undefined, 'nics[1].mac'],
     [[nic, { ...nic, mac: '52:54:00:00:00:02', tap: 'vm1-0' }], undefined, 'nics[1].tap'],
+    [[nic, { ...nic, mac: '52:54:00:00:00:02', tap: 'vm1-0-b' }], undefined, 'nics[1].tap'],
+    [[{ ...nic, bridge: 'x-b', tap: 'x' }], undefined, 'nics[0].tap'],
     [undefined, { maxBytes: 100 }, 'gate.maxBytes'],
     [undefined, { maxBytes: 1 << 31 }, 'gate.maxBytes'],
     [undefined, { maxFrames: 1 << 21 }, 'gate.maxFrames'],

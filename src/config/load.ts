@@ -15,6 +15,7 @@ import { TetherError } from '../errors.ts';
 import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
 import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
 import { gateDefaults, gateMinimum, gateReserve } from '../gate/reserve.ts';
+import { altTapName, tapCandidates } from '../net/tap.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -375,12 +376,18 @@ function parseNics(list: unknown[] | undefined, vm: string): NicConfig[] {
     if (!IFNAME_RE.test(tap))
       invalid(`nics[${i}].tap`, `must be an interface name of 1-15 characters [A-Za-z0-9_.-], got ${describe(tap)}`);
     if (tap === bridge) invalid(`nics[${i}].tap`, `must differ from the bridge ${bridge}`);
+    if (altTapName(tap) === bridge)
+      invalid(`nics[${i}].tap`, `its second TAP ${altTapName(tap)} (a hot standby's) would be the bridge ${bridge}`);
     return { mac, bridge, tap };
   });
   for (let i = 0; i < nics.length; i++) {
     for (let j = 0; j < i; j++) {
       if (nics[j]!.mac === nics[i]!.mac) invalid(`nics[${i}].mac`, `duplicates nics[${j}].mac ${nics[i]!.mac}`);
       if (nics[j]!.tap === nics[i]!.tap) invalid(`nics[${i}].tap`, `duplicates nics[${j}].tap ${nics[i]!.tap}`);
+      // each NIC also has a second TAP for a hot standby (src/net/tap.ts): no name may be shared
+      const mine = tapCandidates(nics[i]!.tap);
+      if (tapCandidates(nics[j]!.tap).some((n) => mine.includes(n)))
+        invalid(`nics[${i}].tap`, `its TAPs ${mine.join(', ')} overlap those of nics[${j}] (${tapCandidates(nics[j]!.tap).join(', ')})`);
     }
   }
   return nics;

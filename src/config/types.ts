@@ -51,7 +51,7 @@ export interface HostConfig {
   logLevel: 'debug' | 'info' | 'warn' | 'error';
 }
 
-/** One guest NIC: virtio-net in QEMU, a stream socket to the sidecar, a TAP on the host bridge. */
+/** One guest NIC: virtio-net on QEMU's tap backend, on a TAP the sidecar creates in the host bridge. */
 export interface NicConfig {
   /** Guest MAC, lower-case "52:54:00:12:34:56"; identical on both hosts. */
   mac: string;
@@ -98,7 +98,7 @@ export interface VmConfig {
     /** Keep a standby QEMU ready on the source during a migration, for a fast rollback. */
     hotStandby: boolean;
   };
-  /** Guest NICs, in PCI order: NIC i is QEMU netdev net<i>, socket <stateDir>/<vm>/net<i>.sock. */
+  /** Guest NICs, in PCI order: NIC i is QEMU netdev net<i> (a tap; docs/network.md). */
   nics?: NicConfig[];
   /** Bound of frames held per NIC by the destination's gate (the loader always fills both; literal configs may omit them). */
   gate?: { maxBytes: number; maxFrames: number };

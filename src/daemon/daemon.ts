@@ -32,9 +32,8 @@ import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { passThroughDevice, VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker, PersistedVm } from '../vm/instance.ts';
 import { composeOutputs } from '../migrate/outputs.ts';
-import { NicPort } from '../net/nic.ts';
+import { dropStaleRelays, NicPort, removeNicTaps } from '../net/nic.ts';
 import { gateDefaults, gateReserve } from '../gate/reserve.ts';
-import { TapDevice } from '../net/tap.ts';
 
 /** How long a VM start or an incoming migration waits for QEMU's NIC sockets. */
 const NIC_CONNECT_MS = 10_000;
@@ -239,12 +238,14 @@ export class Daemon {
       }
       if (!keepMarker) await vm.setMigrationMarker(null);
       if (vm.place === 'running' && !this.#nics.has(vm.name)) {
-        // QEMU went back to listening when the old sidecar's connection died; the TAP
-        // is persistent and still in its bridge: reattach both.
+        // QEMU's tap backend never noticed the old sidecar die. A window's filters the old
+        // sidecar did not get to detach (it died right after completion) would cut the
+        // guest off: drop them.
+        if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0);
         const ports = this.#createNics(vm, 'pass');
         await this.#openNics(vm, ports);
       } else if (vm.place !== 'running' && vm.place !== 'migrating-in') {
-        for (const nic of vm.config.nics ?? []) await TapDevice.remove(nic.tap);
+        for (const nic of vm.config.nics ?? []) await removeNicTaps(nic.tap);
       }
     } catch (e) {
       // Never `stopped`: a QEMU of this VM may still run, or its only copy may be elsewhere.
@@ -472,8 +473,7 @@ export class Daemon {
     this.#http?.closeAllConnections();
     for (const m of this.#outgoing.values()) await m.detach().catch(() => {});
     for (const d of this.#incoming.values()) await d.fence('daemon-shutdown').catch(() => {});
-    // The NIC sockets close (QEMU goes back to listening, the guest keeps its NIC); the
-    // TAPs stay in their bridges for the next start to reattach.
+    // QEMU's tap backends keep the guests' NICs; the TAPs stay in their bridges.
     for (const vm of this.vms.values()) {
       await vm.detachQemu().catch(() => {});
       await this.#closeNics(vm.name, false);
@@ -487,7 +487,7 @@ export class Daemon {
   // ---- guest NICs ----
 
   /** NIC ports of `vm` (no I/O yet): their gates exist from here on. */
-  #createNics(vm: VmInstance, mode: 'pass' | 'gated'): NicPort[] {
+  #createNics(vm: VmInstance, mode: 'pass' | 'gated', relay = false): NicPort[] {
     const logOn = process.env.TETHER_GATE_LOG === '1';
     const ports = (vm.config.nics ?? []).map(
       (nic, i) =>
@@ -495,7 +495,7 @@ export class Daemon {
           vm: vm.name,
           index: i,
           nic,
-          socketPath: vm.nicSockets[i]!,
+          ...(relay ? { relay: vm.nicRelays[i]! } : {}),
           mode,
           bounds: vm.config.gate ?? gateDefaults(gateReserve(vm.config.checkpoint.window)),
           checkpointWindow: vm.config.checkpoint.window,
@@ -508,7 +508,7 @@ export class Daemon {
     return ports;
   }
 
-  /** TAPs up in their bridges, connected to QEMU's sockets (QEMU must be started). */
+  /** Relays (a destination's window) connected to QEMU's sockets (QEMU must be started); nothing else to do. */
   async #openNics(vm: VmInstance, ports: NicPort[]): Promise<void> {
     for (const p of ports) await p.open();
     await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
@@ -640,14 +640,6 @@ export class Daemon {
           onProgress: progress,
           metrics: this.metrics,
           faults: this.#faults,
-          nics: {
-            suspend: () => (this.#nics.get(vm.name) ?? []).forEach((p) => p.suspend()),
-            resume: async () => {
-              const ports = this.#nics.get(vm.name) ?? [];
-              ports.forEach((p) => p.resume());
-              await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
-            },
-          },
         });
         this.#outgoing.set(vm.name, mig);
         vm.place = 'migrating-out';
@@ -949,7 +941,7 @@ export class Daemon {
         const gateMode = this.#faults.gateOpen ? 'pass' : 'gated';
         if (this.#faults.gateOpen) this.log.warn('fault injection: destination gate forced open', { vm: cfg.name });
         const probe = new VmInstance(this.host, cfg, this.log);
-        const ports = this.#createNics(probe, gateMode);
+        const ports = this.#createNics(probe, gateMode, true);
         dest = new DestinationMigration({
           host: this.host,
           channel: ch,
@@ -963,6 +955,14 @@ export class Daemon {
           onInstance: (vm) => this.vms.set(vm.name, vm),
           onStaleResolve: () => this.metrics.staleResolves.inc(),
           onQemuStarted: (vm) => this.#openNics(vm, ports),
+          onCompleted: async (vm) => {
+            const q = vm.qemu;
+            if (!q) return;
+            for (const p of ports) {
+              const ms = await p.detach(q.qmp);
+              this.metrics.relayDetachMs.set({ vm: vm.name, nic: p.name }, ms);
+            }
+          },
         });
         this.#incoming.set(cfg.name, dest);
         this.log.info('incoming migration accepted', { vm: cfg.name, migrationId: c.migrationId, from: ch.remote });

@@ -6,7 +6,7 @@ import { StateMachine } from '../util/state.ts';
 import type { GateReserve } from './reserve.ts';
 
 /**
- * The packet gate of one NIC: sits between the guest (QEMU's stream netdev) and the
+ * The packet gate of one NIC: sits between the guest (QEMU's filter-redirector, through the relay of src/net/nic.ts) and the
  * wire (the TAP), on the guest→wire direction only. Wire→guest frames never pass
  * through it (inbound traffic is not an output of the VM).
  *
@@ -52,6 +52,7 @@ export interface GateCounters {
  *   {"t":"release","nic":"vm1/net0","epoch":3,"frames":2,"bytes":1128,"at":1764221000123.456,"mono":81234567.891,"hashes":["9f2c…",…]}
  *   {"t":"discard","nic":…,"epoch":4,"frames":7,"bytes":…,"at":…,"mono":…}       (held frames dropped by a fence)
  *   {"t":"mode","nic":…,"mode":"gated"|"pass"|"discarded","from":"gated","epoch":1,"at":…,"mono":…}
+ *   {"t":"announce","nic":…,"frames":1,"at":…,"mono":…,"hashes":[…]}   (QEMU's RARP, written by the relay, never held)
  * `at` is wall-clock milliseconds (Unix epoch, sub-ms fraction). `mono` is
  * CLOCK_MONOTONIC in milliseconds (process.hrtime): one clock for every process of
  * the machine, not stepped or slewed, so another process (a packet capture) can
@@ -64,6 +65,8 @@ export interface GateCounters {
 export type ReleaseRecord =
   | { t: 'release'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number; hashes: string[] }
   | { t: 'discard'; nic: string; epoch: number; frames: number; bytes: number; at: number; mono: number }
+  /** QEMU's own announce (RARP), let out of the window at once by the relay (src/net/nic.ts), never held. */
+  | { t: 'announce'; nic: string; frames: number; at: number; mono: number; hashes: string[] }
   | { t: 'mode'; nic: string; mode: GateMode; from?: GateMode; epoch: number; at: number; mono: number };
 
 export const frameHash = (f: Buffer): string => createHash('sha256').update(f).digest('hex').slice(0, 16);
@@ -193,6 +196,8 @@ export class PacketGate implements EpochOutputs {
   }
 
   /**
+   * (Written for the former stream netdev; the relay of src/net/nic.ts never stops reading
+   * and enforces the bound itself, so for it quiesce only lifts the pause threshold.)
    * The barrier is about to stop the VM. QEMU 7.2's stream netdev writes to its socket
    * in blocking mode from the main loop: while this side does not read, QEMU's main loop
    * (QMP included) is stuck in that write, so the barrier's query-migrate/`stop` would

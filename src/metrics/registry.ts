@@ -3,7 +3,8 @@
  * gauges with labels, and summaries over a sliding window of observations.
  * Pure: the daemon serves `render()` over HTTP.
  */
-import type { NicCounters } from '../net/nic.ts';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { NIC_DROP_REASONS, type NicCounters } from '../net/nic.ts';
 type Labels = Record<string, string>;
 
 const key = (labels: Labels): string =>
@@ -151,7 +152,7 @@ export class TetherMetrics {
   readonly gateFrames = this.registry.add(
     new Counter(
       'tether_gate_frames_total',
-      'Frames through a NIC, by vm, nic and action: passed (pass-through), released (held, then sent on ACK), discarded (dropped by a fence), to_guest, to_guest_dropped (QEMU not connected or its queue full), tap_retried (written to the TAP on a retry after EAGAIN/ENOBUFS).',
+      "Frames through a NIC, by vm, nic and action: passed (pass-through), released (held, then sent on ACK), discarded (dropped by a fence), announced (QEMU's own RARP announce, let out of the window at once).",
     ),
   );
   readonly gateBytes = this.registry.add(new Counter('tether_gate_bytes_total', 'Bytes of frames through a NIC, by vm, nic and action.'));
@@ -176,7 +177,13 @@ export class TetherMetrics {
   readonly nicDropped = this.registry.add(
     new Counter(
       'tether_nic_frames_dropped_total',
-      'Guest frames a NIC dropped instead of passing them on, by vm, nic and reason: runt (shorter than an Ethernet header), framing (the stream netdev lost its framing; the connection is reset), tap_error (the TAP refused a write).',
+      "Guest frames a NIC relay dropped instead of passing them on (destination window only), by vm, nic and reason: runt (shorter than an Ethernet header), malformed (a virtio-net header length other than 12), framing (the relay socket lost its framing; the connection is reset), gate_full (refused at the gate bound: the relay never stops reading QEMU), relay_error (QEMU's in socket could not take a released frame).",
+    ),
+  );
+  readonly relayDetachMs = this.registry.add(
+    new Gauge(
+      'tether_nic_relay_detach_ms',
+      'Duration of the last relay detach at completion (object-del of the capture filter to object-del of the reinjecting one), ms, by vm and nic.',
     ),
   );
   readonly vms: Gauge;
@@ -193,7 +200,7 @@ export class TetherMetrics {
     // present (0) from the start: an operator alerts on it becoming non-zero
     this.gateOverBoundBytes.inc(l, 0);
     this.gateOverBoundFrames.inc(l, 0);
-    for (const reason of ['runt', 'framing', 'tap_error']) this.nicDropped.inc({ ...l, reason }, 0);
+    for (const reason of NIC_DROP_REASONS) this.nicDropped.inc({ ...l, reason }, 0);
     return {
       held: (bytes, frames) => {
         this.gateHeldBytes.set(l, bytes);
@@ -209,14 +216,28 @@ export class TetherMetrics {
         if (b > 0) this.gateOverBoundBytes.inc(l, b);
         if (f > 0) this.gateOverBoundFrames.inc(l, f);
       },
-      toGuest: (f, b) => count('to_guest', f, b),
-      toGuestDropped: (f) => count('to_guest_dropped', f),
-      tapRetry: (f) => count('tap_retried', f),
+      announced: (f) => count('announced', f),
       dropped: (reason, f) => this.nicDropped.inc({ ...l, reason }, f),
     };
   }
 
+  /**
+   * The longest the sidecar's event loop went without running, ms, since start: how long a
+   * destination's relay can have left QEMU's out socket unread (QEMU stalls once its send
+   * buffer is full; docs/network.md "The relay never stops reading").
+   */
+  readonly eventLoopDelayMax: Gauge;
+
   constructor(collectVms: (set: (labels: Labels, v: number) => void) => void) {
+    const eld = monitorEventLoopDelay({ resolution: 10 });
+    eld.enable();
+    this.eventLoopDelayMax = this.registry.add(
+      new Gauge(
+        'tether_event_loop_delay_max_ms',
+        "Longest stall of the sidecar's event loop since it started, ms (bounds how long a window's relay can leave QEMU unread).",
+        (set) => set({}, Math.round(eld.max / 1e4) / 100),
+      ),
+    );
     this.vms = this.registry.add(new Gauge('tether_vms', 'VMs on this host, by state.', collectVms));
     // present (0) from the start: an operator alerts on them rising
     for (const reason of PEER_REFUSAL_REASONS) this.peerRefused.inc({ reason }, 0);

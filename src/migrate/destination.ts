@@ -72,6 +72,8 @@ export interface DestinationOptions {
    * migration stream), before the source is told to start: connect the NICs here.
    */
   onQemuStarted?: (vm: VmInstance) => Promise<void>;
+  /** Completion recorded, outputs passing: take the window's relays out of QEMU's path (not awaited, must not throw). */
+  onCompleted?: (vm: VmInstance) => Promise<void>;
   /** Called once the VM instance exists on this host (for status), and when it ends. */
   onInstance?: (vm: VmInstance) => void;
   /** Called for each answer (resolve) refused because it names another migration. */
@@ -780,6 +782,9 @@ export class DestinationMigration {
       },
     );
     this.#outputs.passThrough();
+    void this.#opts
+      .onCompleted?.(this.vm)
+      .catch((e: unknown) => this.#log.error('detaching the NIC relays failed', { error: errorFields(e) }));
     this.#guard?.disarm();
     this.vm.place = 'running';
     void this.#tls?.tearDown(); // not awaited: nothing below may wait on QMP

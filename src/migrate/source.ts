@@ -1032,10 +1032,10 @@ async function waitStatus(vm: VmInstance, status: string, timeoutMs: number): Pr
 }
 
 /**
- * A restored QEMU (started with -S) has loaded its device state and waits paused: the
- * VM's NICs are connected first (`connectNics`), then it runs. A guest that resumes with
- * frames in its transmit ring sends at once, and QEMU 7.2's stream netdev must have its
- * peer by then. A NIC that does not come back is logged; the VM runs regardless.
+ * A restored QEMU (started with -S) has loaded its device state and waits paused:
+ * `connectNics` runs first (the NICs are QEMU's own tap backends, which need nothing from
+ * the sidecar; callers pass none), then it runs. A failing hook is logged; the VM runs
+ * regardless.
  */
 /** The MAC announcement of a restored VM once it runs (the live rollback and a restarted sidecar alike). */
 export async function announceRestored(vm: VmInstance): Promise<void> {

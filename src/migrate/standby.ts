@@ -33,10 +33,12 @@
  *    over, loaded or not ({@link settleStandbys});
  *  - no standby (disabled, failed to start, died) means the cold path: a fresh QEMU.
  *
- * Every unix socket QEMU listens on (QMP, the NICs' stream sockets) has a standby path of
- * its own here and is renamed on promotion: QEMU unlinks a listening socket's path before
- * binding it, so a standby sharing a path would steal it from the running QEMU. The disk's
- * NBD socket is the sidecar's (QEMU connects), so the standby shares it.
+ * The QMP socket QEMU listens on has a standby path of its own here and is renamed on
+ * promotion: QEMU unlinks a listening socket's path before binding it, so a standby sharing
+ * a path would steal it from the running QEMU. The disk's NBD socket is the sidecar's (QEMU
+ * connects), so the standby shares it. Each NIC's TAP is single-queue and held by the
+ * running QEMU: the standby opens the NIC's other TAP in the same bridge (src/net/tap.ts
+ * claimTap), and the promoted guest's announcement moves its MAC there.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -49,6 +51,7 @@ import { errorFields } from '../util/log.ts';
 import { nowMs } from '../util/time.ts';
 import { TetherError } from '../errors.ts';
 import { VmInstance } from '../vm/instance.ts';
+import { claimNicTaps } from '../net/tap.ts';
 
 /** File names in the VM's state dir (short: unix socket paths must stay < 108 bytes). */
 export const STANDBY_QMP = 'standby.sock';
@@ -58,11 +61,6 @@ const LOAD_TIMEOUT_MS = 15_000;
 
 export function standbySocket(vm: VmInstance): string {
   return path.join(vm.dir, STANDBY_QMP);
-}
-
-/** The standby's NIC stream sockets (it listens on them as the VM's QEMU does on net<i>.sock; as long a name, so the same length check covers them). */
-export function standbyNicSockets(vm: VmInstance): string[] {
-  return vm.nicSockets.map((_, i) => path.join(vm.dir, `sbn${i}.sock`));
 }
 
 export class HotStandby {
@@ -85,46 +83,50 @@ export class HotStandby {
   private constructor(vm: VmInstance) {
     this.#vm = vm;
     this.#log = vm.log.child({ standby: true });
-    this.hasNics = vm.nicSockets.length > 0;
+    this.hasNics = (vm.config.nics ?? []).length > 0;
     const t0 = nowMs();
     const cfg = vm.config;
     // The device-state file carries no configuration section (see cmdline.ts exec-file).
     // -S: the loaded VM stays paused until the wedged QEMU is dead (it is loaded before the
-    // destination is fenced) and, with NICs, until the sidecar has connected them (QEMU
-    // 7.2's stream netdev crashes when the guest sends before a peer is connected).
+    // destination is fenced) and the sidecar says `cont`.
     const extra = ['-global', 'migration.send-configuration=off', '-S'];
-    this.#ready = QemuProcess.start({
-      vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, ...extra] } },
-      ramFile: vm.ramFile,
-      qmpSocket: standbySocket(vm),
-      // The serial chardev opens the log for appending; a standby writes nothing to it
-      // until it runs, and from then on it is the VM's console.
-      serialLog: vm.serialLog,
-      logFile: path.join(vm.dir, STANDBY_LOG),
-      // NIC sockets of its own, renamed onto the VM's on promotion. The disk is QEMU's own file
-      // node, as in steady state: an incoming QEMU opens its image inactive (no lock, no I/O)
-      // until it runs, and by then the QEMU it replaces is dead (docs/disk.md, lock order).
-      nicSockets: standbyNicSockets(vm),
-      incoming: { kind: 'defer' },
-      // its identity on disk the moment it exists: a restarted sidecar finds it by that alone
-      onSpawned: (id) => vm.recordStandby(id),
-    }).then(
-      (q) => {
-        this.startMs = Math.round((nowMs() - t0) * 100) / 100;
-        if (this.#state === 'discarded') {
-          void q.kill();
+    // Its own TAPs: the running QEMU holds the VM's single-queue ones (docs/network.md "Hot standby").
+    this.#ready = claimNicTaps(cfg)
+      .then((nicTaps) =>
+        QemuProcess.start({
+          vm: { ...cfg, qemu: { ...cfg.qemu, extraArgs: [...cfg.qemu.extraArgs, ...extra] } },
+          ramFile: vm.ramFile,
+          qmpSocket: standbySocket(vm),
+          // The serial chardev opens the log for appending; a standby writes nothing to it
+          // until it runs, and from then on it is the VM's console.
+          serialLog: vm.serialLog,
+          logFile: path.join(vm.dir, STANDBY_LOG),
+          // TAPs of its own. The disk is QEMU's own file node, as in steady state: an incoming
+          // QEMU opens its image inactive (no lock, no I/O) until it runs, and by then the QEMU
+          // it replaces is dead (docs/disk.md, lock order).
+          nicTaps,
+          incoming: { kind: 'defer' },
+          // its identity on disk the moment it exists: a restarted sidecar finds it by that alone
+          onSpawned: (id) => vm.recordStandby(id),
+        }),
+      )
+      .then(
+        (q) => {
+          this.startMs = Math.round((nowMs() - t0) * 100) / 100;
+          if (this.#state === 'discarded') {
+            void q.kill();
+            return null;
+          }
+          this.#state = 'ready';
+          this.#q = q;
+          this.#log.info('hot standby ready', { pid: q.pid, startMs: this.startMs });
+          return q;
+        },
+        (e: unknown) => {
+          this.#log.warn('hot standby failed to start: a rollback will start a fresh QEMU', { error: errorFields(e) });
           return null;
-        }
-        this.#state = 'ready';
-        this.#q = q;
-        this.#log.info('hot standby ready', { pid: q.pid, startMs: this.startMs });
-        return q;
-      },
-      (e: unknown) => {
-        this.#log.warn('hot standby failed to start: a rollback will start a fresh QEMU', { error: errorFields(e) });
-        return null;
-      },
-    );
+        },
+      );
   }
 
   /** Whether load() handed it the device state (it waits paused for takeOver). */
@@ -177,7 +179,7 @@ export class HotStandby {
   }
 
   /**
-   * The loaded standby becomes the VM's QEMU: its QMP and NIC sockets take the VM's paths and
+   * The loaded standby becomes the VM's QEMU: its QMP socket takes the VM's path and
    * vm.json names it. It stays paused: the caller connects the NICs and says `cont`. The caller
    * has killed the VM's previous QEMU (its threads can no longer run) and suspended its ports.
    */
@@ -188,7 +190,6 @@ export class HotStandby {
     }
     q.renameSocket(this.#vm.qmpSocket);
     // The dead QEMU's NIC socket files are replaced: the ports reconnect to the standby.
-    standbyNicSockets(this.#vm).forEach((s, i) => fs.renameSync(s, this.#vm.nicSockets[i]!));
     this.#state = 'promoted';
     await this.#vm.adoptStandby(q); // vm.json names it before it runs
     this.#log.info('hot standby took over', { pid: q.pid });

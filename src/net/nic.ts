@@ -1,66 +1,83 @@
 /**
- * One guest NIC on this host: QEMU's stream netdev socket on one side, the TAP on the
- * other, the packet gate on the guest→wire path.
+ * One guest NIC on this host: its packet gate and, inside a destination's post-copy
+ * window only, the relay between QEMU's filter-redirectors and the gate.
  *
- *   guest → wire: socket data → FrameDecoder → PacketGate → TAP (batched write)
- *   wire → guest: TAP reader thread (batches) → length-prefixed → socket
+ * Steady state (every VM not inside a destination's window): QEMU's own tap backend on
+ * the persistent TAP the sidecar created (src/net/tap.ts); nothing passes through here,
+ * and a sidecar that dies or restarts changes nothing the guest sees.
  *
- * QEMU is the stream server; this side connects and reconnects whenever the connection
- * ends (QEMU restarted by a rollback, QEMU re-listening after a sidecar restart), so the
- * guest keeps its NIC. While nobody is connected QEMU drops the guest's frames (7.2 marks
- * the netdev link_down internally): lost, never leaked.
+ * The window (destination, from QEMU's start until completion is recorded):
+ *
+ *   guest → QEMU r0 (outdev) → out socket → RelayDecoder → PacketGate → in socket → QEMU r1 (indev) → tap
+ *
+ * The relay reads the out socket ALWAYS: QEMU writes it in blocking mode from its main
+ * loop, so a relay that stops reading stalls QMP and the vCPUs. What the gate cannot hold
+ * (its bound, in every phase; docs/network.md "Bounds") is refused: dropped and counted
+ * (`gate_full`), as a full NIC ring would; never a held frame. Wire → guest frames never
+ * pass through here (the tap delivers them to the guest directly).
  */
 import { appendFileSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import net from 'node:net';
 import type { NicConfig } from '../config/types.ts';
-import { encodeFrames, FrameDecoder } from '../gate/codec.ts';
-import { PacketGate } from '../gate/gate.ts';
-import { GATE_SOCKET_HWM, gateReserve } from '../gate/reserve.ts';
+import { frameHash, monoClockMs, PacketGate, wallClockMs } from '../gate/gate.ts';
 import type { GateCounters, ReleaseRecord } from '../gate/gate.ts';
+import { TetherError } from '../errors.ts';
+import { relayIds, type NicRelayPaths } from '../qemu/cmdline.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
-import { deferred } from '../util/time.ts';
-import { TapDevice } from './tap.ts';
+import { deferred, nowMs } from '../util/time.ts';
+import { RelayDecoder, encodeRecords, type RelayRecord } from './relay.ts';
+import { sockOutq, tapCandidates, tapDown, TapDevice } from './tap.ts';
 
-/** Wire→guest frames are dropped (counted) while this much is queued towards QEMU: a full NIC ring. */
-const MAX_TO_GUEST_QUEUE = 1 << 20;
-/** Reconnect delay: short first (a rollback's fresh QEMU must get its NIC back quickly), then at most 100 ms. */
+/** Reconnect delay: short first, then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
-
-/** Shortest frame the TAP takes: an Ethernet header (tun answers EINVAL to anything shorter). */
-export const MIN_FRAME_BYTES = 14;
+/** How long the detach at completion waits for each drain step before it removes the filters anyway. */
+const DETACH_STEP_MS = 2000;
 
 /**
- * Guest frames dropped by the sidecar, never passed on: `runt` shorter than an Ethernet
- * header; `framing` the stream lost its framing (an empty or oversized frame: the
- * connection is dropped and QEMU re-listens); `tap_error` the TAP refused a write with an
- * error other than EAGAIN/ENOBUFS (the batch is dropped, counted whole).
+ * Guest frames dropped by the relay, never passed on: `runt` shorter than an Ethernet
+ * header; `malformed` a header length other than 12; `framing` the stream lost its framing
+ * (the connection is dropped, QEMU re-listens); `gate_full` refused at the gate's bound;
+ * `relay_error` a frame for the wire that QEMU's in socket could not take (not connected,
+ * or more than the gate's byte bound queued towards it).
  */
-export type NicDropReason = 'runt' | 'framing' | 'tap_error';
+export type NicDropReason = 'runt' | 'malformed' | 'framing' | 'gate_full' | 'relay_error';
+export const NIC_DROP_REASONS: readonly NicDropReason[] = ['runt', 'malformed', 'framing', 'gate_full', 'relay_error'];
 
 export interface NicCounters extends GateCounters {
-  toGuest(frames: number, bytes: number): void;
-  toGuestDropped(frames: number): void;
-  /** Frames written to the TAP on a retry, after it had refused them (EAGAIN/ENOBUFS). */
-  tapRetry(frames: number): void;
-  /** Guest frames dropped as malformed or refused by the TAP (see NicDropReason). */
+  /** Guest frames dropped (see NicDropReason). */
   dropped?(reason: NicDropReason, frames: number): void;
+  /** QEMU's own announce frames, let out at once. */
+  announced?(frames: number): void;
+}
+
+/** What detach() needs of QMP. */
+export interface QmpExec {
+  execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T>;
 }
 
 export interface NicPortOptions {
   vm: string;
   index: number;
   nic: NicConfig;
-  socketPath: string;
   mode: 'pass' | 'gated';
   bounds: { maxBytes: number; maxFrames: number };
   /** The VM's checkpoint.window: barriers that can read on before an ACK (the gate's reserve). */
   checkpointWindow: number;
+  /** The window's relay sockets (QEMU listens on them); none in steady state. */
+  relay?: NicRelayPaths;
   /** JSON-lines release log file (the harness compares it with a capture), or none. */
   releaseLogFile?: string;
   counters?: NicCounters;
   log: Logger;
+}
+
+interface Conn {
+  out: net.Socket;
+  in: net.Socket;
+  dec: RelayDecoder;
+  outEnded: Promise<void>;
 }
 
 export class NicPort {
@@ -68,23 +85,16 @@ export class NicPort {
   readonly gate: PacketGate;
   readonly #o: NicPortOptions;
   readonly #log: Logger;
-  #tap: TapDevice | undefined;
-  #sock: net.Socket | undefined;
+  readonly #releaseLog: ((r: ReleaseRecord) => void) | undefined;
+  #conn: Conn | undefined;
   #connected = false;
   #connectWaiters: (() => void)[] = [];
   #closed = false;
+  #detached = false;
   #timer: NodeJS.Timeout | undefined;
-  #tapDown = false;
   #failures = 0;
-  #suspended = false;
-  /** The gate is full: it asked to stop reading QEMU's socket. */
-  #gatePaused = false;
-  /** Frames the TAP did not take yet (EAGAIN/ENOBUFS), in order; retried before anything newer. */
-  #tapBacklog: Buffer[] = [];
-  #tapRetry: NodeJS.Timeout | undefined;
-  #tapRetries = 0;
   /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
-  readonly #drops: Record<NicDropReason, number> = { runt: 0, framing: 0, tap_error: 0 };
+  readonly #drops: Record<NicDropReason, number> = { runt: 0, malformed: 0, framing: 0, gate_full: 0, relay_error: 0 };
 
   constructor(o: NicPortOptions) {
     this.#o = o;
@@ -93,46 +103,46 @@ export class NicPort {
     const logFile = o.releaseLogFile;
     if (logFile) mkdirSync(path.dirname(logFile), { recursive: true, mode: 0o700 });
     const releaseLog = logFile ? (r: ReleaseRecord) => appendFileSync(logFile, JSON.stringify(r) + '\n') : undefined;
+    this.#releaseLog = releaseLog;
     this.gate = new PacketGate({
       name: this.name,
       mode: o.mode,
       maxBytes: o.bounds.maxBytes,
       maxFrames: o.bounds.maxFrames,
-      reserve: gateReserve(o.checkpointWindow),
+      // The relay refuses what would exceed the bound itself (#flush), in every phase
+      // (a barrier's quiesce included): no reserve is needed below the bound.
+      reserve: { bytes: 1, frames: 1 },
       log: this.#log,
       ...(o.counters ? { counters: o.counters } : {}),
       ...(releaseLog ? { releaseLog } : {}),
       sinks: {
         toWire: (frames) => this.#toWire(frames),
-        pauseGuest: (paused) => {
-          this.#gatePaused = paused;
-          this.#applyPause();
-        },
+        // The gate's pause threshold (its bound less a 1-byte/1-frame reserve) and its
+        // hysteresis are not used: #flush refuses exactly what would not fit under the bound.
+        pauseGuest: () => {},
         onDiscard: () => {
-          this.#tapDown = true;
-          void this.#tap?.down().catch((e: unknown) => this.#log.warn('TAP down failed', { error: errorFields(e) }));
+          for (const t of tapCandidates(o.nic.tap)) void tapDown(t).catch(() => {}); // absent: nothing to take down
         },
       },
     });
   }
 
+  /** Whether the relay is connected (always true for a port without relay). */
   get connected(): boolean {
-    return this.#connected;
+    return this.#o.relay === undefined || this.#connected;
   }
 
-  /** Create/attach the TAP and start connecting to QEMU's socket (QEMU may start later). */
-  async open(): Promise<void> {
-    this.#tap = await TapDevice.open(this.#o.nic.tap, this.#o.nic.bridge);
-    this.#tap.startReading((frames) => this.#toGuest(frames));
-    this.#log.info('NIC attached', { bridge: this.#o.nic.bridge, mode: this.gate.mode.state });
-    this.#connect();
+  /** Start connecting the relay to QEMU's sockets (QEMU must be started); nothing without relay. */
+  open(): Promise<void> {
+    if (this.#o.relay) this.#connect();
+    return Promise.resolve();
   }
 
-  /** Resolves once connected to QEMU (or rejects after timeoutMs). */
+  /** Resolves once the relay is connected to QEMU (or rejects after timeoutMs). */
   waitConnected(timeoutMs: number): Promise<void> {
-    if (this.#connected) return Promise.resolve();
+    if (this.connected) return Promise.resolve();
     const d = deferred<void>();
-    const t = setTimeout(() => d.reject(new Error(`${this.name}: QEMU's NIC socket not connected after ${timeoutMs} ms`)), timeoutMs);
+    const t = setTimeout(() => d.reject(new Error(`${this.name}: QEMU's relay sockets not connected after ${timeoutMs} ms`)), timeoutMs);
     this.#connectWaiters.push(() => {
       clearTimeout(t);
       d.resolve();
@@ -140,131 +150,120 @@ export class NicPort {
     return d.promise;
   }
 
-  /**
-   * Stop connecting to QEMU until resume(). A rollback suspends the port before it kills
-   * the old QEMU and resumes it once the restored one runs: QEMU 7.2 crashed (SIGSEGV)
-   * when the stream client connected while it was still loading the device state.
-   */
-  suspend(): void {
-    this.#suspended = true;
-    clearTimeout(this.#timer);
-    const s = this.#sock;
-    this.#sock = undefined;
-    this.#connected = false;
-    s?.destroy();
-  }
-
-  resume(): void {
-    if (!this.#suspended) return;
-    this.#suspended = false;
-    this.#failures = 0;
-    if (!this.#sock && !this.#closed) this.#connect();
-  }
-
   #connect(): void {
-    if (this.#closed || this.#suspended) return;
-    // The high-water mark is part of the gate's reserve: Node reads up to it past pause().
-    // (net.Socket passes it on to stream.Duplex; @types/node does not list it.)
-    const opts: net.NetConnectOpts & { readableHighWaterMark: number } = {
-      path: this.#o.socketPath,
-      readableHighWaterMark: GATE_SOCKET_HWM,
-    };
-    const sock = net.createConnection(opts);
-    const dec = new FrameDecoder();
-    this.#sock = sock;
-    sock.on('connect', () => {
+    const relay = this.#o.relay;
+    if (this.#closed || this.#detached || !relay) return;
+    const outS = net.createConnection({ path: relay.out });
+    const inS = net.createConnection({ path: relay.in });
+    const ended = deferred<void>();
+    const c: Conn = { out: outS, in: inS, dec: new RelayDecoder(), outEnded: ended.promise };
+    this.#conn = c;
+    let up = 0;
+    const onUp = (): void => {
+      if (++up < 2 || this.#conn !== c) return;
       this.#connected = true;
       this.#failures = 0;
-      if (this.#gatePaused || this.#tapBacklog.length > 0) sock.pause();
-      this.#log.info('connected to QEMU stream netdev', { socket: this.#o.socketPath });
+      this.#log.info('relay connected to QEMU', { out: relay.out, in: relay.in });
       for (const w of this.#connectWaiters.splice(0)) w();
-    });
-    sock.on('data', (chunk) => {
-      let frames: Buffer[];
-      try {
-        frames = dec.push(chunk);
-      } catch (e) {
-        // framing lost: drop this connection; QEMU re-listens and we start clean
-        this.#log.error('stream netdev framing error: reconnecting', { error: errorFields(e) });
-        this.#o.counters?.dropped?.('framing', 1);
-        sock.destroy();
-        return;
-      }
-      // A guest can send anything: a frame the TAP would refuse never enters the gate.
-      if (frames.some((f) => f.length < MIN_FRAME_BYTES)) {
-        const ok = frames.filter((f) => f.length >= MIN_FRAME_BYTES);
-        this.#dropped('runt', frames.length - ok.length);
-        frames = ok;
-      }
-      if (frames.length > 0) this.gate.fromGuest(frames);
-    });
-    sock.on('error', () => {});
-    sock.on('close', () => {
-      if (this.#sock !== sock) return;
-      if (this.#connected) this.#log.warn('QEMU stream netdev disconnected: reconnecting');
+    };
+    outS.on('connect', onUp);
+    inS.on('connect', onUp);
+    outS.on('data', (chunk) => this.#fromQemu(c, chunk));
+    outS.on('end', () => ended.resolve());
+    outS.on('close', () => ended.resolve());
+    // a write error (QEMU gone) ends the connection; its frames are counted at write time
+    outS.on('error', () => {});
+    inS.on('error', () => {});
+    const onClose = (): void => {
+      if (this.#conn !== c) return;
+      if (this.#connected) this.#log.warn('relay disconnected from QEMU: reconnecting');
       this.#connected = false;
-      this.#sock = undefined;
-      if (!this.#closed && !this.#suspended) this.#timer = setTimeout(() => this.#connect(), reconnectDelay(this.#failures++));
-    });
+      this.#conn = undefined;
+      outS.destroy();
+      inS.destroy();
+      if (!this.#closed && !this.#detached) this.#timer = setTimeout(() => this.#connect(), reconnectDelay(this.#failures++));
+    };
+    outS.on('close', onClose);
+    inS.on('close', onClose);
   }
 
-  /** Reading QEMU's socket stops while the gate is full or the TAP has a backlog. */
-  #applyPause(): void {
-    if (this.#gatePaused || this.#tapBacklog.length > 0) this.#sock?.pause();
-    else this.#sock?.resume();
-  }
-
-  /**
-   * Frames for the wire, in order. A frame the TAP does not take now is kept and written
-   * again (1, 2, 4 … 64 ms later) before anything newer, and reading from QEMU stops
-   * meanwhile: a released frame is never dropped on this side.
-   */
-  #toWire(frames: readonly Buffer[]): void {
-    const tap = this.#tap;
-    if (!tap || this.#tapDown) return;
-    if (this.#tapBacklog.length > 0) {
-      this.#tapBacklog.push(...frames);
+  /** The guest's frames from QEMU's out socket. Never throws, never stops reading. */
+  #fromQemu(c: Conn, chunk: Buffer): void {
+    let recs: RelayRecord[];
+    try {
+      recs = c.dec.push(chunk);
+    } catch (e) {
+      this.#dropped('framing', 1, e);
+      c.out.destroy(); // QEMU re-listens; the next connection starts clean
       return;
     }
-    const n = this.#tapWrite(tap, frames);
-    if (n === frames.length) return;
-    this.#tapBacklog = frames.slice(n);
-    this.#tapRetries = 0;
-    this.#applyPause();
-    this.#scheduleTapRetry();
-  }
-
-  #scheduleTapRetry(): void {
-    this.#tapRetry = setTimeout(
-      () => {
-        const tap = this.#tap;
-        if (!tap || this.#tapDown || this.#closed) {
-          this.#tapBacklog = [];
-          return;
-        }
-        const n = this.#tapWrite(tap, this.#tapBacklog);
-        this.#tapBacklog = this.#tapBacklog.slice(n);
-        this.#o.counters?.tapRetry(n);
-        if (this.#tapBacklog.length > 0) {
-          this.#tapRetries++;
-          this.#scheduleTapRetry();
-        } else this.#applyPause();
-      },
-      Math.min(64, 2 ** this.#tapRetries),
-    );
+    const frames: Buffer[] = [];
+    for (const r of recs) {
+      switch (r.kind) {
+        case 'frame':
+          frames.push(r.frame);
+          break;
+        case 'announce':
+          // QEMU's RARP, no guest state in it: it leaves at once (after what is already
+          // batched for the gate, so the order of the guest's own frames is kept)
+          this.#flush(frames);
+          this.#releaseLog?.({
+            t: 'announce',
+            nic: this.name,
+            frames: 1,
+            at: wallClockMs(),
+            mono: monoClockMs(),
+            hashes: [frameHash(r.frame)],
+          });
+          this.#write([r.frame]);
+          this.#o.counters?.announced?.(1);
+          break;
+        case 'runt':
+        case 'malformed':
+          this.#dropped(r.kind, 1);
+          break;
+      }
+    }
+    this.#flush(frames);
   }
 
   /**
-   * TapDevice.write, never throwing: a write error other than EAGAIN/ENOBUFS drops the
-   * batch (counted; how much of it went out before the error is unknown) and returns its
-   * length, as if written. A handler must never throw: it would take the sidecar down.
+   * Into the gate, or refused when holding them would take the gate past its bound (or it
+   * is at its pause threshold): a guest's burst is cut at the bound, as a full NIC ring cuts it.
    */
-  #tapWrite(tap: TapDevice, frames: readonly Buffer[]): number {
+  #flush(frames: Buffer[]): void {
+    if (frames.length === 0) return;
+    const g = this.gate;
+    let bytes = 0;
+    for (const f of frames) bytes += f.length;
+    const { maxBytes, maxFrames } = this.#o.bounds;
+    if (g.mode.is('gated') && (g.heldFrames + frames.length > maxFrames || g.heldBytes + bytes > maxBytes)) {
+      // what still fits goes in, in order; the rest of the batch is refused
+      let n = 0;
+      let b = 0;
+      while (n < frames.length && g.heldFrames + n + 1 <= maxFrames && g.heldBytes + b + frames[n]!.length <= maxBytes)
+        b += frames[n++]!.length;
+      if (n > 0) g.fromGuest(frames.slice(0, n));
+      this.#dropped('gate_full', frames.length - n);
+    } else g.fromGuest(frames.slice());
+    frames.length = 0;
+  }
+
+  /** Frames the gate lets out: to QEMU's in socket (r1 sends them to the tap). */
+  #toWire(frames: readonly Buffer[]): void {
+    this.#write(frames);
+  }
+
+  #write(frames: readonly Buffer[]): void {
+    const s = this.#conn?.in;
+    if (!s || !this.#connected || s.destroyed || s.writableLength > this.#o.bounds.maxBytes) {
+      this.#dropped('relay_error', frames.length);
+      return;
+    }
     try {
-      return tap.write(frames);
+      s.write(encodeRecords(frames));
     } catch (e) {
-      this.#dropped('tap_error', frames.length, e);
-      return frames.length;
+      this.#dropped('relay_error', frames.length, e);
     }
   }
 
@@ -278,26 +277,96 @@ export class NicPort {
     }
   }
 
-  #toGuest(frames: Buffer[]): void {
-    const s = this.#sock;
-    if (!s || !this.#connected || s.writableLength > MAX_TO_GUEST_QUEUE) {
-      this.#o.counters?.toGuestDropped(frames.length);
-      return;
-    }
-    const buf = encodeFrames(frames);
-    s.write(buf);
-    this.#o.counters?.toGuest(frames.length, buf.length - 4 * frames.length);
+  /** Dropped frames so far, by reason (tests). */
+  get drops(): Readonly<Record<NicDropReason, number>> {
+    return this.#drops;
   }
 
-  /** Stop for good; `remove` deletes the TAP (the VM left this host), else it persists. */
+  /**
+   * Completion (the gate passes everything through already): take the relay out of QEMU's
+   * path with no frame lost. `object-del` r0 (new guest frames go to the tap directly);
+   * `chardev-remove` its socket, so the relay reads EOF after QEMU's last frame; once
+   * everything read was written to the in socket and QEMU has read it all (TIOCOUTQ 0),
+   * `object-del` r1 (deleting it earlier would strand bytes in the socket). Returns the
+   * time from the first to the last command, ms.
+   */
+  async detach(qmp: QmpExec): Promise<number> {
+    if (!this.#o.relay || this.#detached) return 0;
+    const id = relayIds(this.#o.index);
+    const t0 = nowMs();
+    const c = this.#conn;
+    const step = async (what: string, ok: () => boolean | Promise<boolean>): Promise<void> => {
+      const until = nowMs() + DETACH_STEP_MS;
+      while (!(await ok())) {
+        if (nowMs() > until) throw new TetherError('ERR_RELAY_DETACH', `${this.name}: ${what} not done after ${DETACH_STEP_MS} ms`);
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    };
+    try {
+      await qmp.execute('object-del', { id: id.outFilter });
+      await qmp.execute('chardev-remove', { id: id.outDev });
+      if (c) {
+        let eof = false;
+        void c.outEnded.then(() => (eof = true));
+        await step('EOF on the out socket', () => eof);
+        const fd = (c.in as unknown as { _handle?: { fd?: number } })._handle?.fd;
+        await step(
+          'QEMU reading the in socket',
+          () => c.in.destroyed || (c.in.writableLength === 0 && (fd === undefined || sockOutq(fd) === 0)),
+        );
+      }
+    } catch (e) {
+      this.#log.error('relay detach did not drain: removing the filters anyway', { error: errorFields(e) });
+    } finally {
+      this.#detached = true;
+      await qmp
+        .execute('object-del', { id: id.inFilter })
+        .catch((e: unknown) => this.#log.error('object-del failed', { error: errorFields(e) }));
+      await qmp.execute('chardev-remove', { id: id.inDev }).catch(() => {});
+      clearTimeout(this.#timer);
+      this.#conn = undefined;
+      this.#connected = false;
+      c?.out.destroy();
+      c?.in.destroy();
+    }
+    const ms = Math.round((nowMs() - t0) * 100) / 100;
+    this.#log.info('relay detached: QEMU sends to the tap directly', { detachMs: ms });
+    return ms;
+  }
+
+  /** Stop for good; `remove` deletes the NIC's TAPs (the VM left this host and its QEMU exited). */
   async close(remove: boolean): Promise<void> {
     this.#closed = true;
     clearTimeout(this.#timer);
-    clearTimeout(this.#tapRetry);
-    this.#sock?.destroy();
-    this.#sock = undefined;
+    this.#conn?.out.destroy();
+    this.#conn?.in.destroy();
+    this.#conn = undefined;
     this.#connected = false;
-    await this.#tap?.close(remove).catch((e: unknown) => this.#log.warn('TAP close failed', { error: errorFields(e) }));
+    if (remove) await removeNicTaps(this.#o.nic.tap).catch((e: unknown) => this.#log.warn('TAP removal failed', { error: errorFields(e) }));
     this.#log.info(remove ? 'NIC removed' : 'NIC detached');
+  }
+}
+
+/** Delete both TAPs of a NIC (absent ones, or ones a live QEMU still holds, are left). */
+export async function removeNicTaps(tap: string): Promise<void> {
+  for (const t of tapCandidates(tap)) await TapDevice.remove(t);
+}
+
+/**
+ * Remove a window's filters a crashed sidecar left in a QEMU that runs the VM here now
+ * (completion was recorded but the relay was not detached): without a relay they drop
+ * every guest frame. Absent filters (the usual case) are not an error.
+ */
+export async function dropStaleRelays(qmp: QmpExec, nics: number): Promise<void> {
+  for (let i = 0; i < nics; i++) {
+    const id = relayIds(i);
+    for (const [cmd, oid] of [
+      ['object-del', id.outFilter],
+      ['object-del', id.inFilter],
+      ['chardev-remove', id.outDev],
+      ['chardev-remove', id.inDev],
+    ] as const) {
+      await qmp.execute(cmd, { id: oid }).catch(() => {});
+    }
   }
 }

@@ -1,10 +1,13 @@
 /**
- * A TAP device owned by the sidecar: created (or re-attached, it is persistent) through
- * the native addon, joined to a bridge and brought up with `ip`, read by a native thread
- * in batches, written in batches. See native/src/tap.c and docs/network.md.
+ * TAP devices. In steady state the sidecar only creates each NIC's TAP (persistent,
+ * joined to its bridge, up: {@link claimTap}) and closes its fd again: QEMU opens it by
+ * name (`-netdev tap,ifname=…,vnet_hdr=on`) and no guest frame passes through the sidecar.
+ * TapDevice (read by a native thread in batches, written in batches) remains for the
+ * benchmarks. See native/src/tap.c and docs/network.md.
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import type { VmConfig } from '../config/types.ts';
 import { TetherError } from '../errors.ts';
 import { loadNative } from '../memory/native.ts';
 
@@ -16,6 +19,7 @@ interface TapBinding {
   tapWriteBatch(fd: number, frames: readonly Buffer[]): number;
   tapStartReader(fd: number, cb: (buf: Buffer | null, lens: Uint32Array | number) => void): object;
   tapStopReader(handle: object): void;
+  sockOutq(fd: number): number;
 }
 
 const binding = (): TapBinding => loadNative() as unknown as TapBinding;
@@ -33,6 +37,67 @@ async function ip(args: string[]): Promise<void> {
     const err = e as { stderr?: string; message: string };
     throw new TetherError('ERR_TAP', `ip ${args.join(' ')}: ${(err.stderr ?? err.message).trim()}`);
   }
+}
+
+/** Bytes written on socket `fd` that its peer has not read yet (TIOCOUTQ). */
+export function sockOutq(fd: number): number {
+  try {
+    return binding().sockOutq(fd);
+  } catch (e) {
+    throw tapError(e, 'TIOCOUTQ');
+  }
+}
+
+/**
+ * The second TAP of a NIC, for a hot standby: a single-queue TAP admits one opener, and
+ * the running QEMU holds the first (docs/network.md "Hot standby"). Its name is the NIC's
+ * TAP name (at most 13 bytes kept) with "-b".
+ */
+export const altTapName = (tap: string): string => `${tap.slice(0, 13)}-b`;
+
+/** The TAPs a QEMU of a NIC may open, in order of preference. */
+export const tapCandidates = (tap: string): string[] => [tap, altTapName(tap)];
+
+const EBUSY = 16;
+
+/**
+ * Make sure the persistent TAP `name` exists, is in `bridge` and up; 'busy' when another
+ * process (a running QEMU) holds it, 'free' when QEMU may open it now. The sidecar keeps no
+ * fd: QEMU's tap backend must be its only opener.
+ */
+export async function ensureTap(name: string, bridge: string | null): Promise<'free' | 'busy'> {
+  let state: 'free' | 'busy' = 'free';
+  try {
+    binding().tapClose(binding().tapOpen(name, true), false);
+  } catch (e) {
+    if ((e as { errno?: number }).errno !== EBUSY) throw tapError(e, `cannot open TAP ${name}`);
+    state = 'busy';
+  }
+  if (bridge !== null) await ip(['link', 'set', 'dev', name, 'master', bridge]);
+  await ip(['link', 'set', 'dev', name, 'up']);
+  return state;
+}
+
+/**
+ * The TAP a new QEMU of NIC `tap` opens: the first of its candidates no running QEMU
+ * holds (created when absent). The VM's own QEMU holds one while a standby starts, so the
+ * standby gets the other; a rollback or a boot finds the first free again.
+ */
+export async function claimTap(tap: string, bridge: string | null): Promise<string> {
+  for (const name of tapCandidates(tap)) if ((await ensureTap(name, bridge)) === 'free') return name;
+  throw new TetherError('ERR_TAP', `both TAPs of NIC ${tap} are held by running processes`, { tap });
+}
+
+/** claimTap for every NIC of `vm`, in order: the TAP names its new QEMU opens. */
+export async function claimNicTaps(vm: VmConfig): Promise<string[]> {
+  const out: string[] = [];
+  for (const nic of vm.nics ?? []) out.push(await claimTap(nic.tap, nic.bridge));
+  return out;
+}
+
+/** Take TAP `name` down (a fenced destination: nothing leaves through it any more). */
+export async function tapDown(name: string): Promise<void> {
+  await ip(['link', 'set', 'dev', name, 'down']);
 }
 
 export class TapDevice {
@@ -133,7 +198,7 @@ export class TapDevice {
     }
   }
 
-  /** Delete a persistent TAP by name (a VM fenced or gone while no sidecar held it). */
+  /** Delete a persistent TAP by name (a VM fenced, stopped or gone; its QEMU has exited). */
   static async remove(name: string): Promise<void> {
     let fd: number;
     try {

@@ -114,18 +114,34 @@ t.test('shellQuote survives /bin/sh with hostile file names', async (t) => {
   t.notOk(fs.existsSync(path.join(dir, 'pwned')), 'no command substitution');
 });
 
-t.test('NICs: QEMU is the stream server on the per-NIC socket; virtio-net with the configured MAC', async (t) => {
+t.test("NICs: QEMU's tap backend with vnet_hdr on the sidecar's TAP; virtio-net with the configured MAC", async (t) => {
   const v = vm({ nics: [{ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 't0' }] });
-  const args = buildQemuArgs(v, { ...paths, nicSockets: ['/s/vm1/net0.sock'] });
+  const args = buildQemuArgs(v, { ...paths, nicTaps: ['t0'] });
   const i = args.indexOf('-netdev');
   t.same(args.slice(i, i + 4), [
     '-netdev',
-    'stream,id=net0,server=on,addr.type=unix,addr.path=/s/vm1/net0.sock',
+    'tap,id=net0,ifname=t0,script=no,downscript=no,vnet_hdr=on',
     '-device',
     'virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=nic0',
   ]);
-  t.throws(() => buildQemuArgs(v, paths), { code: 'ERR_CONFIG_INVALID' }, 'a NIC needs its socket');
+  t.notOk(
+    args.some((a) => a.startsWith('filter-redirector')),
+    'steady state: no filter',
+  );
+  t.throws(() => buildQemuArgs(v, paths), { code: 'ERR_CONFIG_INVALID' }, 'a NIC needs its TAP');
   t.notOk(buildQemuArgs(vm(), paths).includes('-netdev'), 'no NIC, no netdev');
+});
+
+t.test('NICs in the window: the indev redirector is created before the outdev one', async (t) => {
+  const v = vm({ nics: [{ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 't0' }] });
+  const args = buildQemuArgs(v, { ...paths, nicTaps: ['t0'], nicRelays: [{ in: '/s/rin0.sock', out: '/s/rout0.sock' }] });
+  const objs = args.filter((a) => a.startsWith('filter-redirector'));
+  t.same(objs, [
+    'filter-redirector,id=nrin0,netdev=net0,queue=rx,indev=nin0,vnet_hdr_support=on',
+    'filter-redirector,id=nrout0,netdev=net0,queue=rx,outdev=nout0,vnet_hdr_support=on',
+  ]);
+  t.ok(args.includes('socket,id=nin0,path=/s/rin0.sock,server=on,wait=off'));
+  t.ok(args.includes('socket,id=nout0,path=/s/rout0.sock,server=on,wait=off'));
 });
 
 t.test("disk, steady state: a raw node over QEMU's own file node (O_DIRECT) under virtio-blk", async (t) => {

@@ -15,8 +15,13 @@ export interface QemuPaths {
   qmpSocket: string;
   /** Serial console output, appended to. */
   serialLog: string;
-  /** Stream-netdev socket of NIC i (QEMU listens on it, the sidecar connects). */
-  nicSockets?: readonly string[];
+  /** The persistent TAP QEMU opens for NIC i (created by the sidecar, see src/net/tap.ts). */
+  nicTaps?: readonly string[];
+  /**
+   * The destination's post-copy window only: NIC i's guest→wire frames are redirected to
+   * the sidecar's relay (QEMU listens on both sockets; docs/network.md "The window").
+   */
+  nicRelays?: readonly NicRelayPaths[];
   /**
    * The disk's post-copy window on the destination (docs/disk.md): QEMU reads and writes the
    * disk through the sidecar's NBD server on this socket (its block-write journal). Absent:
@@ -24,6 +29,15 @@ export interface QemuPaths {
    */
   nbdSocket?: string;
 }
+
+/** The two unix sockets of one NIC's relay: QEMU writes the guest's frames to `out`, reads released ones from `in`. */
+export interface NicRelayPaths {
+  in: string;
+  out: string;
+}
+
+/** QOM/chardev ids of NIC i's relay (the sidecar's detach deletes them by these names). */
+export const relayIds = (i: number) => ({ inDev: `nin${i}`, outDev: `nout${i}`, inFilter: `nrin${i}`, outFilter: `nrout${i}` });
 
 export type QemuIncoming =
   /** Wait for `migrate-incoming` over QMP (destination of a live migration). */
@@ -90,19 +104,36 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
     '-serial',
     'chardev:ser0',
   );
-  // Guest NICs: QEMU is the stream server (server=on) and the sidecar the client. QEMU
-  // 7.2's server goes back to listening when its client disconnects, so a restarted
-  // sidecar reconnects to a running guest; a 7.2 client never reconnects (docs/network.md).
+  // Guest NICs: QEMU's own tap backend with the virtio-net header (checksum and
+  // segmentation offloads) on the persistent TAP the sidecar created in the bridge; no
+  // guest frame passes through the sidecar. Only inside the destination's window, two
+  // filter-redirectors send the guest's frames through the sidecar's relay: r1 (indev,
+  // frames the gate released → tap) must be created BEFORE r0 (outdev: the guest's frames →
+  // relay): rx filters are walked last to first, the other order loops frames forever.
   const nics = vm.nics ?? [];
   nics.forEach((nic, i) => {
-    const sock = paths.nicSockets?.[i];
-    if (sock === undefined) throw new TetherError('ERR_CONFIG_INVALID', `nics[${i}]: no socket path given`, { field: `nics[${i}]` });
+    const tap = paths.nicTaps?.[i];
+    if (tap === undefined) throw new TetherError('ERR_CONFIG_INVALID', `nics[${i}]: no TAP name given`, { field: `nics[${i}]` });
     args.push(
       '-netdev',
-      `stream,id=net${i},server=on,addr.type=unix,addr.path=${qemuOptValue(sock)}`,
+      `tap,id=net${i},ifname=${qemuOptValue(tap)},script=no,downscript=no,vnet_hdr=on`,
       '-device',
       `virtio-net-pci,netdev=net${i},mac=${nic.mac},id=nic${i}`,
     );
+    const relay = paths.nicRelays?.[i];
+    if (relay) {
+      const id = relayIds(i);
+      args.push(
+        '-chardev',
+        `socket,id=${id.inDev},path=${qemuOptValue(relay.in)},server=on,wait=off`,
+        '-chardev',
+        `socket,id=${id.outDev},path=${qemuOptValue(relay.out)},server=on,wait=off`,
+        '-object',
+        `filter-redirector,id=${id.inFilter},netdev=net${i},queue=rx,indev=${id.inDev},vnet_hdr_support=on`,
+        '-object',
+        `filter-redirector,id=${id.outFilter},netdev=net${i},queue=rx,outdev=${id.outDev},vnet_hdr_support=on`,
+      );
+    }
   });
   if (vm.disk) args.push(...diskArgs(vm, paths));
   if (incoming?.kind === 'defer') {
@@ -110,9 +141,7 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
   } else if (incoming?.kind === 'exec-file') {
     // "exec:<cmd>" runs <cmd> through /bin/sh -c. The file is device state only, so the
     // stream carries no configuration section: tell QEMU not to expect one. -S: the restored
-    // VM stays paused after loading until the sidecar has reconnected its NICs and says
-    // `cont` — QEMU 7.2's stream netdev dereferences its missing connection (SIGSEGV) when a
-    // guest that resumes with frames in its transmit ring sends before a peer is connected.
+    // VM stays paused after loading until the sidecar says `cont` (and then announces it).
     args.push('-S', '-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
   }
   args.push(...vm.qemu.extraArgs);

@@ -14,7 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { VmConfig } from '../config/types.ts';
 import { TetherError, isTetherError } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
-import { buildQemuArgs, type QemuIncoming } from './cmdline.ts';
+import { buildQemuArgs, type NicRelayPaths, type QemuIncoming } from './cmdline.ts';
 import { currentScope, scopeArgv, scopeUnitName, type ScopeLauncher } from './scope.ts';
 
 export interface QemuStartOptions {
@@ -25,8 +25,10 @@ export interface QemuStartOptions {
   /** The sidecar's NBD socket for the VM's disk (required when vm.disk is set). */
   nbdSocket?: string;
   incoming?: QemuIncoming;
-  /** Stream-netdev socket of each NIC in vm.nics (QEMU listens there). */
-  nicSockets?: readonly string[];
+  /** The TAP of each NIC in vm.nics (QEMU opens it). */
+  nicTaps?: readonly string[];
+  /** Destination window: each NIC's relay sockets (QEMU listens there). */
+  nicRelays?: readonly NicRelayPaths[];
   /** Reserved: running QEMU inside a network namespace is not supported yet. */
   netns?: undefined;
   /** QEMU's stdout+stderr are appended here. Default: qemu-<vm>.log next to serialLog. */
@@ -158,7 +160,7 @@ export class QemuProcess {
     const logFile = opts.logFile ?? path.join(path.dirname(serialLog), `qemu-${vm.name}.log`);
     const timeoutMs = opts.startTimeoutMs ?? 15_000;
     const nbd = opts.nbdSocket !== undefined ? { nbdSocket: opts.nbdSocket } : {};
-    const nics = opts.nicSockets ? { nicSockets: opts.nicSockets } : {};
+    const nics = { ...(opts.nicTaps ? { nicTaps: opts.nicTaps } : {}), ...(opts.nicRelays ? { nicRelays: opts.nicRelays } : {}) };
     const args = buildQemuArgs(vm, { ramFile, qmpSocket, serialLog, ...nbd, ...nics }, opts.incoming);
 
     for (const p of [ramFile, qmpSocket, serialLog, logFile]) fs.mkdirSync(path.dirname(p), { recursive: true });
@@ -166,7 +168,7 @@ export class QemuProcess {
     // ever connect to the socket of the QEMU we spawn.
     fs.rmSync(qmpSocket, { force: true });
     // Same for the NIC sockets: the sidecar must never connect to a dead QEMU's file.
-    for (const s of opts.nicSockets ?? []) fs.rmSync(s, { force: true });
+    for (const r of opts.nicRelays ?? []) for (const s of [r.in, r.out]) fs.rmSync(s, { force: true });
 
     // systemd-run --scope and setpriv both exec: the pid is QEMU's.
     const scope = opts.scope !== undefined ? opts.scope : currentScope();

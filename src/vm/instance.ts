@@ -9,6 +9,8 @@ import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { DISK_NODE, FILE_NODE, NBD_NODE, fileNodeOptions, rawNodeOptions } from '../qemu/cmdline.ts';
 import { QemuProcess } from '../qemu/process.ts';
+import type { NicRelayPaths } from '../qemu/cmdline.ts';
+import { claimNicTaps } from '../net/tap.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
 import { decodeStateFile, encodeStateFile } from './state-file.ts';
@@ -108,8 +110,8 @@ export class VmInstance {
   readonly qmpSocket: string;
   readonly serialLog: string;
   readonly qemuLog: string;
-  /** Stream-netdev socket of NIC i: <dir>/net<i>.sock. */
-  readonly nicSockets: readonly string[];
+  /** NIC i's relay sockets for a destination's window: <dir>/rin<i>.sock, <dir>/rout<i>.sock. */
+  readonly nicRelays: readonly NicRelayPaths[];
   /** The sidecar's NBD server for the VM's disk inside a destination's post-copy window: QEMU's -blockdev nbd connects here. */
   readonly nbdSocket: string;
   /** Where the destination journal's write-ahead logs of this VM live (host journalDir). */
@@ -155,8 +157,11 @@ export class VmInstance {
     this.qmpSocket = path.join(this.dir, 'qmp.sock');
     this.serialLog = path.join(this.dir, 'serial.log');
     this.qemuLog = path.join(this.dir, 'qemu.log');
-    this.nicSockets = (config.nics ?? []).map((_, i) => path.join(this.dir, `net${i}.sock`));
-    for (const s of this.nicSockets) {
+    this.nicRelays = (config.nics ?? []).map((_, i) => ({
+      in: path.join(this.dir, `rin${i}.sock`),
+      out: path.join(this.dir, `rout${i}.sock`),
+    }));
+    for (const s of this.nicRelays.map((r) => r.out)) {
       if (Buffer.byteLength(s) > 107) {
         throw new TetherError('ERR_CONFIG_INVALID', `NIC socket ${s} is longer than 107 bytes (unix socket limit): shorten stateDir`, {
           field: 'stateDir',
@@ -244,7 +249,9 @@ export class VmInstance {
       ramFile: this.ramFile,
       qmpSocket: this.qmpSocket,
       serialLog: this.serialLog,
-      nicSockets: this.nicSockets,
+      // the destination's QEMU (the only one started with -incoming defer here) gets the window's relays
+      nicTaps: await claimNicTaps(this.config),
+      ...(incoming?.kind === 'defer' ? { nicRelays: this.nicRelays } : {}),
       ...(this.config.disk && this.nbd ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
       ...(incoming ? { incoming } : {}),
