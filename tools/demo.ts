@@ -1,8 +1,9 @@
 /**
  * The demo: two hosts in network namespaces, each with a tether daemon, and a
  * client namespace on the guests' L2 segment. A VM boots on the source with a
- * NIC (served through the sidecar's packet gate) and a disk (served over NBD
- * through the block-write journal); in it, memcheck verifies every page of a
+ * NIC (QEMU's own tap) and a disk (QEMU's own file node); on the destination,
+ * during post-copy, the packet gate and the block-write journal hold its
+ * outputs until the source acknowledges each checkpoint. In the VM, memcheck verifies every page of a
  * RAM buffer, diskcheck verifies every block it wrote to the disk, and netcheck
  * answers a client whose TCP conversation is verified end to end. The VM
  * migrates with post-copy and the destination QEMU is killed with SIGKILL in
@@ -41,7 +42,7 @@ async function main(): Promise<number> {
     line(`destination ${c.dst.name}  ${c.dst.addr}  (ns ${c.dst.ns})`);
     line(`client      ns ${c.clientNs}, on the guests' L2 segment (separate from the migration link)`);
 
-    say('starting a 512 MiB VM on the source: a NIC through the packet gate, a disk through the NBD journal');
+    say("starting a 512 MiB VM on the source: a NIC on QEMU's own tap, a disk on QEMU's own file node");
     const st = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
     if (st.code !== 0) throw new Error(st.stderr);
     const serialS = c.serialLog(c.src);
