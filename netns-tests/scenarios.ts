@@ -232,6 +232,45 @@ export function heldFrames(c: Cluster): number {
 }
 
 /**
+ * The first half of every hold scenario: migrate; once the guest is seen working on the
+ * destination (`live(since)` true for what it did since the first ACK; right after
+ * switchover it waits seconds for post-copy page faults, and a hold then would test
+ * nothing), arm the source's ACK hold and wait until the destination has processed the last
+ * ACK before it. `notEnded` throws once the migration has ended: a scenario that did not
+ * reach its interruption point fails instead of testing nothing.
+ */
+export async function migrateIntoHold(
+  c: Cluster,
+  live: (since: number) => boolean,
+  liveWhat: string,
+): Promise<{ migrating: ReturnType<Cluster['migrate']>; holdEpoch: number; notEnded: (what: string) => void }> {
+  const migrating = c.migrate();
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  const notEnded = (what: string): void => {
+    if (ended) throw new Error(`the migration ended ${what}`);
+  };
+  await waitFor(async () => {
+    notEnded('before the first checkpoint was acknowledged');
+    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= 1;
+  }, 'the first checkpoint acknowledged');
+  const onDest = Date.now();
+  await waitFor(() => {
+    notEnded('before the guest worked on the destination');
+    return live(onDest);
+  }, liveWhat);
+  const holdEpoch = await armAckHold(c, migrating);
+  await waitFor(
+    async () => {
+      notEnded('during the hold');
+      return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= holdEpoch - 1;
+    },
+    `ACK(${holdEpoch - 1}) processed on the destination`,
+  );
+  return { migrating, holdEpoch, notEnded };
+}
+
+/**
  * Migrate (with NET_HOLD); once the destination's guest is seen answering (right after
  * switchover it waits seconds for post-copy page faults and answers nothing, and a hold
  * then would test nothing), arm the source's ACK hold and wait until the destination has
@@ -248,28 +287,10 @@ export async function interruptDuringHold(
   interrupt: () => void | Promise<void>,
   opts: { answersInHold?: number } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; holdEpoch: number; answersInHold: number }> {
-  const migrating = c.migrate();
-  let ended = false;
-  void migrating.finally(() => (ended = true));
-  const notEnded = (what: string) => {
-    if (ended) throw new Error(`the migration ended ${what}`);
-  };
-  await waitFor(async () => {
-    notEnded('before the first checkpoint was acknowledged');
-    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= 1;
-  }, 'the first checkpoint acknowledged');
-  const onDest = Date.now();
-  await waitFor(() => {
-    notEnded("before the destination's guest answered");
-    return client.answers(onDest).length >= LIVE_ANSWERS;
-  }, `${LIVE_ANSWERS} answers from the destination's guest`);
-  const holdEpoch = await armAckHold(c, migrating);
-  await waitFor(
-    async () => {
-      notEnded('during the hold');
-      return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= holdEpoch - 1;
-    },
-    `ACK(${holdEpoch - 1}) processed on the destination`,
+  const { migrating, holdEpoch, notEnded } = await migrateIntoHold(
+    c,
+    (onDest) => client.answers(onDest).length >= LIVE_ANSWERS,
+    `${LIVE_ANSWERS} answers from the destination's guest`,
   );
   const from = Date.now();
   const want = opts.answersInHold ?? 0;

@@ -8,8 +8,11 @@
 import type { Test } from 'tap';
 import type { Cluster, ClusterOptions } from '../harness.ts';
 import { waitFor } from '../harness.ts';
-import { armAckHold, heldFrames, holdFault } from '../scenarios.ts';
+import { heldFrames, holdFault, migrateIntoHold } from '../scenarios.ts';
+import { assertNotRunningOn } from '../scenarios.ts';
+import { verifyKeys } from './memcached.ts';
 import type { MemcachedWriter } from './memcached.ts';
+import { verifyRows } from './pg.ts';
 import type { PgWriter } from './pg.ts';
 
 /**
@@ -45,28 +48,14 @@ export async function interruptDuringAppHold(
   interrupt: (destinationQemu: number) => void | Promise<void>,
   opts: { control?: boolean; duringHold?: () => void; memcached?: MemcachedWriter } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number; ackedInHold: number }> {
-  const migrating = c.migrate();
-  let ended = false;
-  void migrating.finally(() => (ended = true));
-  const notEnded = (what: string) => {
-    if (ended) throw new Error(`the migration ended ${what}`);
-  };
-  await waitFor(async () => {
-    notEnded('before the first checkpoint was acknowledged');
-    return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= 1;
-  }, 'the first checkpoint acknowledged');
-  const onDest = Date.now();
-  await waitFor(() => {
-    notEnded("before the destination's guest acknowledged commits");
-    return w.ackedSentSince(onDest) >= LIVE_COMMITS;
-  }, `${LIVE_COMMITS} commits acknowledged by the destination's guest`);
-  const held = await armAckHold(c, migrating);
-  await waitFor(
-    async () => {
-      notEnded('during the hold');
-      return ((await c.status(c.dst)).migration?.ackedEpoch ?? 0) >= held - 1;
-    },
-    `ACK(${held - 1}) processed on the destination`,
+  const {
+    migrating,
+    holdEpoch: held,
+    notEnded,
+  } = await migrateIntoHold(
+    c,
+    (onDest) => w.ackedSentSince(onDest) >= LIVE_COMMITS,
+    `${LIVE_COMMITS} commits acknowledged by the destination's guest`,
   );
   const from = Date.now();
   const ackedBefore = w.acked.length;
@@ -98,3 +87,44 @@ export async function interruptDuringAppHold(
 export const killQemu = (pid: number): void => {
   process.kill(pid, 'SIGKILL');
 };
+
+/**
+ * What every rollback scenario asserts: S resumed from the held checkpoint (`staged`: or a
+ * later one it had received before the interruption — a cut link or a dead destination
+ * sidecar leaves S applying what it had staged), the VM runs on S only, psql and memccp go
+ * on there over their connections, every acknowledged commit and STORED key is present and
+ * no row the client was not told about.
+ */
+export async function assertAppsRolledBack(
+  t: Test,
+  c: Cluster,
+  w: PgWriter,
+  mc: MemcachedWriter,
+  r: { mig: Awaited<ReturnType<Cluster['migrate']>>; held: number },
+  staged = false,
+): Promise<void> {
+  const { mig, held } = r;
+  t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
+  t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
+  const epoch = mig.result?.rollback?.epoch;
+  if (staged) t.ok(epoch >= held, `resumed from checkpoint ${epoch}, the held ${held} or one it had received before the interruption`);
+  else t.equal(epoch, held, `resumed from the held checkpoint ${held}`);
+  t.equal((await c.status(c.src)).state, 'running', 'VM is running on the source');
+  const since = Date.now();
+  await w.waitAcked(10, 'on the source after the rollback', since);
+  await mc.waitStored(5, 'on the source after the rollback', since);
+  t.same(w.errors, [], 'psql reported no error');
+  await w.stop();
+  t.equal(w.proc.exitCode, 0, 'psql ended normally: one connection for the whole test');
+  const check = verifyRows(c, w);
+  t.same(check.lost, [], `no acknowledged commit lost (${check.acked} acknowledged, ${check.rows} rows)`);
+  t.same(check.phantom, [], 'no row the client was not told about');
+  await mc.stop();
+  const lost = await verifyKeys(c, mc);
+  t.same(
+    lost,
+    [],
+    `every STORED key reads back with its value on the source (${mc.stored.size} keys, ${mc.failed.length} sets unacknowledged)`,
+  );
+  await assertNotRunningOn(t, c, c.dst);
+}
