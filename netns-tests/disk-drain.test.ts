@@ -19,7 +19,7 @@ import type { BlockDevice } from '../src/disk/block-device.ts';
 import { FileBlockDevice } from '../src/disk/file-device.ts';
 import { ImageSink } from '../src/disk/image-sink.ts';
 import { BlockJournal } from '../src/disk/journal.ts';
-import type { DiskExtent } from '../src/migrate/outputs.ts';
+import type { DiskExtent } from '../src/epoch/outputs.ts';
 import { NbdServer } from '../src/nbd/server.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import { createLogger } from '../src/util/log.ts';

@@ -3,7 +3,7 @@ import t from 'tap';
 import { sh, waitFor } from './harness.ts';
 import type { Cluster } from './harness.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
-import { DEFAULT_CHECKPOINT_WINDOW } from '../src/migrate/window.ts';
+import { DEFAULT_CHECKPOINT_WINDOW } from '../src/epoch/limits.ts';
 import { bootNetCluster, NET_MODE, waitApplied } from './scenarios.ts';
 
 /**

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { TetherError } from '../errors.ts';
-import { loadNative, softDirtyProbe } from '../memory/native.ts';
+import { loadNative, softDirtyProbe } from '../native.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { realScopeEnv, resolveScope } from '../qemu/scope.ts';

@@ -13,9 +13,8 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
 import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
-import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
+import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
 import { gateDefaults, gateMinimum, gateReserve } from '../gate/reserve.ts';
-import { altTapName, tapCandidates } from '../net/tap.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -350,6 +349,16 @@ function parseGate(g: Obj | undefined, window: number, opts: ParseOptions): { ma
   }
   return { maxBytes, maxFrames };
 }
+
+/**
+ * The second TAP of a NIC, for a hot standby: a single-queue TAP admits one opener, and
+ * the running QEMU holds the first (docs/network.md "Hot standby"). Its name is the NIC's
+ * TAP name (at most 13 bytes kept) with "-b".
+ */
+export const altTapName = (tap: string): string => `${tap.slice(0, 13)}-b`;
+
+/** The TAPs a QEMU of a NIC may open, in order of preference. */
+export const tapCandidates = (tap: string): string[] => [tap, altTapName(tap)];
 
 /** Default TAP name of NIC i: "<vm>-<i>" when it fits in 15 bytes, else a hash of the VM name. */
 export function defaultTapName(vm: string, i: number): string {

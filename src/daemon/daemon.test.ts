@@ -19,7 +19,7 @@ import type { Message } from '../checkpoint/messages.ts';
 import { loadVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { PeerChannel } from '../peer/channel.ts';
-import { newMigrationId } from '../peer/control.ts';
+import { newMigrationId } from '../epoch/id.ts';
 import { nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';

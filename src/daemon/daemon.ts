@@ -19,7 +19,8 @@ import type { Faults } from '../migrate/faults.ts';
 import { notifyDestination } from '../migrate/notify.ts';
 import { announceRestored, resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { settleStandbys } from '../migrate/standby.ts';
-import { asPeerControl, isMigrationId } from '../peer/control.ts';
+import { isMigrationId } from '../epoch/id.ts';
+import { asPeerControl } from '../peer/control.ts';
 import type { PeerControl } from '../peer/control.ts';
 import { TetherMetrics } from '../metrics/registry.ts';
 import { identityAlive, killIdentity, procStartTime } from '../qemu/process.ts';
@@ -31,7 +32,7 @@ import { errorFields } from '../util/log.ts';
 import { deviceModelDigest, deviceModelText } from '../vm/device-model.ts';
 import { passThroughDevice, VmInstance } from '../vm/instance.ts';
 import type { MigrationMarker, PersistedVm } from '../vm/instance.ts';
-import { composeOutputs } from '../migrate/outputs.ts';
+import { composeOutputs } from '../epoch/outputs.ts';
 import { dropStaleRelays, NicPort, removeNicTaps } from '../net/nic.ts';
 import { gateDefaults, gateReserve } from '../gate/reserve.ts';
 

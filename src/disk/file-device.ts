@@ -22,7 +22,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { loadNative } from '../memory/native.ts';
+import { loadNative } from '../native.ts';
 import type { BlockDevice } from './block-device.ts';
 
 // linux/falloc.h

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import t from 'tap';
-import type { DiskExtent } from '../migrate/outputs.ts';
+import type { DiskExtent } from '../epoch/outputs.ts';
 import type { BlockDevice } from './block-device.ts';
 import fs from 'node:fs/promises';
 import os from 'node:os';

@@ -30,7 +30,7 @@
  * the next seal.
  */
 import { TetherError } from '../errors.ts';
-import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
+import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { ExtentMap } from './extent-map.ts';

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import t from 'tap';
-import { composeOutputs } from '../migrate/outputs.ts';
+import { composeOutputs } from '../epoch/outputs.ts';
 import { frameHash } from './gate.ts';
 import { rig } from './gate-rig.ts';
 

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { TetherError } from '../errors.ts';
-import type { DiskExtent, EpochOutputs } from '../migrate/outputs.ts';
+import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
 import type { Logger } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import type { GateReserve } from './reserve.ts';

@@ -13,7 +13,7 @@ import t from 'tap';
 import type { Test } from 'tap';
 import type { Message } from '../checkpoint/messages.ts';
 import { PeerChannel } from '../peer/channel.ts';
-import { hashFile } from './native.ts';
+import { hashFile } from '../native.ts';
 import { ramPages } from './ram.ts';
 import { ScanTracker } from './scan.ts';
 import { scratchDir } from './test-util.ts';

@@ -3,7 +3,7 @@
  * (Documentation/admin-guide/mm/pagemap.rst).
  */
 import { TetherError } from '../errors.ts';
-import { PAGE_SIZE } from './native.ts';
+import { PAGE_SIZE } from '../native.ts';
 
 export const PM_PFN_MASK = (1n << 55n) - 1n;
 export const PM_SOFT_DIRTY = 1n << 55n;

@@ -3,7 +3,7 @@
  */
 import { open } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { hashFile, mapRam, PAGE_SIZE, unmapRam } from './native.ts';
+import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../native.ts';
 
 /** Largest page count a Uint32Array pfn can address. */
 export const MAX_RAM_PAGES = 0xffff_ffff;

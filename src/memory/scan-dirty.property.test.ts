@@ -1,6 +1,6 @@
 import t from 'tap';
 import fc from 'fast-check';
-import { hashFile, scanCopy, scanDirty } from './native.ts';
+import { hashFile, scanCopy, scanDirty } from '../native.ts';
 import { PAGE, removeDir, scratchDir, sparseFile } from './test-util.ts';
 
 const dir = scratchDir();

@@ -5,7 +5,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { mapRam, scanCopy, scanDirty, unmapRam, type DirtyPages, type RamMap } from './native.ts';
+import { mapRam, scanCopy, scanDirty, unmapRam, type DirtyPages, type RamMap } from '../native.ts';
 import { openRam, ramPages } from './ram.ts';
 import type { DirtyTracker, TrackerOptions } from './tracker.ts';
 

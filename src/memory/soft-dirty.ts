@@ -14,7 +14,7 @@
 import { open, readFile, realpath, writeFile } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { scanCopy, scanDirty, type DirtyPages } from './native.ts';
+import { scanCopy, scanDirty, type DirtyPages } from '../native.ts';
 import { collectCandidates, findRamSegments, type RamSegment } from './pagemap.ts';
 import { openRam, ramPages } from './ram.ts';
 import { TrackerState } from './scan.ts';

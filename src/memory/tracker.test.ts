@@ -2,7 +2,7 @@ import t from 'tap';
 import { mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync, openSync, closeSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { isTetherError } from '../errors.ts';
-import { hashBuffer, softDirtyProbe, xxh64 } from './native.ts';
+import { hashBuffer, softDirtyProbe, xxh64 } from '../native.ts';
 import { encodePagemapEntry } from './pagemap.ts';
 import { hashRamFile, ramPages } from './ram.ts';
 import { ScanTracker } from './scan.ts';

@@ -7,7 +7,7 @@
  * while post-copy runs) and never report a hole.
  */
 import { TetherError } from '../errors.ts';
-import { softDirtyProbe, type DirtyPages, type SoftDirtyProbe } from './native.ts';
+import { softDirtyProbe, type DirtyPages, type SoftDirtyProbe } from '../native.ts';
 import { ScanTracker } from './scan.ts';
 import { SoftDirtyTracker } from './soft-dirty.ts';
 

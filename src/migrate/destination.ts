@@ -24,12 +24,12 @@ import { cleanupCrashPoint, CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from './fa
 import type { Faults } from './faults.ts';
 import { BlockJournal } from '../disk/journal.ts';
 import { JournalLog, journalLogPath } from '../disk/journal-log.ts';
-import { composeOutputs, latchOutputs, noOutputs } from './outputs.ts';
-import type { DiskExtent, EpochOutputs } from './outputs.ts';
+import { composeOutputs, latchOutputs, noOutputs } from '../epoch/outputs.ts';
+import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
 import { CheckpointWindow } from './window.ts';
 import { migrationUri } from './uri.ts';
 import { StreamTls, streamPsk } from './stream-tls.ts';
-import type { DirtyPages } from '../memory/native.ts';
+import type { DirtyPages } from '../native.ts';
 
 export type DestPhase = 'preparing' | 'incoming' | 'running' | 'completing' | 'completed' | 'fenced';
 
@@ -54,7 +54,7 @@ const PAGES_PER_MESSAGE = 1024;
 export interface DestinationOptions {
   host: HostConfig;
   channel: PeerChannel;
-  /** The migration's id, from the source's `prepare` (control.ts MIGRATION_ID_RE). */
+  /** The migration's id, from the source's `prepare` (epoch/id.ts MIGRATION_ID_RE). */
   migrationId: string;
   vmConfig: VmConfig;
   /** False when the source QEMU's stream carries no configuration section. */

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import t from 'tap';
 import { PeerChannel } from '../peer/channel.ts';
-import { newMigrationId } from '../peer/control.ts';
+import { newMigrationId } from '../epoch/id.ts';
 import { createLogger } from '../util/log.ts';
 import { notifyDestination } from './notify.ts';
 

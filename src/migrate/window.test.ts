@@ -1,9 +1,10 @@
 import fc from 'fast-check';
 import t from 'tap';
 import { TetherError } from '../errors.ts';
-import { latchOutputs } from './outputs.ts';
-import type { EpochOutputs } from './outputs.ts';
-import { CheckpointWindow, checkSourceWindow, MAX_CHECKPOINT_WINDOW } from './window.ts';
+import { latchOutputs } from '../epoch/outputs.ts';
+import type { EpochOutputs } from '../epoch/outputs.ts';
+import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
+import { CheckpointWindow, checkSourceWindow } from './window.ts';
 
 /** Outputs that record which epochs left the host, in order. */
 function recordingOutputs() {

@@ -17,9 +17,7 @@
  * every epoch ≤ k out, in order.
  */
 import { TetherError } from '../errors.ts';
-
-export const DEFAULT_CHECKPOINT_WINDOW = 3;
-export const MAX_CHECKPOINT_WINDOW = 16;
+import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
 
 interface Entry {
   epoch: number;

@@ -28,7 +28,8 @@ import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { deferred, nowMs } from '../util/time.ts';
 import { RelayDecoder, encodeRecords, type RelayRecord } from './relay.ts';
-import { sockOutq, tapCandidates, tapDown, TapDevice } from './tap.ts';
+import { tapCandidates } from '../config/load.ts';
+import { sockOutq, tapDown, TapDevice } from './tap.ts';
 
 /** Reconnect delay: short first, then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));

@@ -9,7 +9,8 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { VmConfig } from '../config/types.ts';
 import { TetherError } from '../errors.ts';
-import { loadNative } from '../memory/native.ts';
+import { tapCandidates } from '../config/load.ts';
+import { loadNative } from '../native.ts';
 
 const run = promisify(execFile);
 
@@ -47,16 +48,6 @@ export function sockOutq(fd: number): number {
     throw tapError(e, 'TIOCOUTQ');
   }
 }
-
-/**
- * The second TAP of a NIC, for a hot standby: a single-queue TAP admits one opener, and
- * the running QEMU holds the first (docs/network.md "Hot standby"). Its name is the NIC's
- * TAP name (at most 13 bytes kept) with "-b".
- */
-export const altTapName = (tap: string): string => `${tap.slice(0, 13)}-b`;
-
-/** The TAPs a QEMU of a NIC may open, in order of preference. */
-export const tapCandidates = (tap: string): string[] => [tap, altTapName(tap)];
 
 const EBUSY = 16;
 

@@ -1,5 +1,6 @@
 import t from 'tap';
-import { asPeerControl, isMigrationId, MIGRATION_ID_RE, newMigrationId } from './control.ts';
+import { isMigrationId, MIGRATION_ID_RE, newMigrationId } from '../epoch/id.ts';
+import { asPeerControl } from './control.ts';
 
 const ID = newMigrationId();
 const DIGEST = 'a'.repeat(64);

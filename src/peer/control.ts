@@ -1,25 +1,9 @@
-import { randomUUID } from 'node:crypto';
 import { isValidName } from '../config/load.ts';
 import { isErrorCode, TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
 import { DIGEST_RE } from '../vm/device-model.ts';
-import { MAX_CHECKPOINT_WINDOW } from '../migrate/window.ts';
-
-/**
- * A migration's id: chosen by the source at `prepare`, a random (version 4) UUID in its
- * canonical lower-case form, 36 characters. Every message that names a migration outside
- * its own channel carries it: a VM migrates many times, and an answer retried for minutes
- * (`resolve`) must never be taken for a later migration of the same VM (docs/completion.md).
- */
-export const MIGRATION_ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
-
-export function newMigrationId(): string {
-  return randomUUID();
-}
-
-export function isMigrationId(v: unknown): v is string {
-  return typeof v === 'string' && v.length === 36 && MIGRATION_ID_RE.test(v);
-}
+import { isMigrationId } from '../epoch/id.ts';
+import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
 
 /**
  * CONTROL bodies on the peer channel (JSON). `kind` discriminates. `migrationId` is always

@@ -2,7 +2,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { isTetherError, TetherError } from '../errors.ts';
-import { isMigrationId } from '../peer/control.ts';
+import { isMigrationId } from '../epoch/id.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';

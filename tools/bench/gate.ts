@@ -18,7 +18,7 @@ import { cpus, release } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { encodeFrames } from '../../src/gate/codec.ts';
-import { loadNative } from '../../src/memory/native.ts';
+import { loadNative } from '../../src/native.ts';
 import { TapDevice } from '../../src/net/tap.ts';
 import { nullLogger } from '../../src/util/log.ts';
 

@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Cluster, memcheck, sh, type Host } from '../../netns-tests/harness.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
-import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/memory/native.ts';
+import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/native.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { buildQemuArgs, type QemuIncoming } from '../../src/qemu/cmdline.ts';
 import { QmpClient } from '../../src/qmp/client.ts';

@@ -11,7 +11,7 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { join } from 'node:path';
-import { hashFile, mapRam, PAGE_SIZE, readPages, scanCopy, scanDirty, unmapRam, zeroMask } from '../../src/memory/native.ts';
+import { hashFile, mapRam, PAGE_SIZE, readPages, scanCopy, scanDirty, unmapRam, zeroMask } from '../../src/native.ts';
 import { arg } from './args.ts';
 
 const MIB = 1024 * 1024;

@@ -17,7 +17,7 @@
  */
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import { isErrorCode, TetherError } from '../errors.ts';
+import { isErrorCode, TetherError } from './errors.ts';
 
 export const PAGE_SIZE = 4096;
 
@@ -72,7 +72,7 @@ export interface SoftDirtyProbe {
   after: bigint;
 }
 
-export const NATIVE_PATH = fileURLToPath(new URL('../../native/build/Release/tether_native.node', import.meta.url));
+export const NATIVE_PATH = fileURLToPath(new URL('../native/build/Release/tether_native.node', import.meta.url));
 
 let binding: NativeBinding | undefined;
 

@@ -1,7 +1,7 @@
 import t from 'tap';
 import { closeSync, mkdtempSync, openSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { isTetherError } from '../errors.ts';
+import { isTetherError } from './errors.ts';
 import {
   hashBuffer,
   hashFile,
@@ -15,7 +15,7 @@ import {
   zeroMask,
   zeroPageHash,
 } from './native.ts';
-import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './test-util.ts';
+import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './memory/test-util.ts';
 
 const dir = scratchDir();
 const TMPFS_MAGIC = 0x01021994;
