@@ -7,7 +7,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
 import { mapRam, scanCopy, scanDirty, unmapRam, type DirtyPages, type RamMap } from '../native.ts';
 import { openRam, ramPages } from './ram.ts';
-import type { DirtyTracker, TrackerOptions } from './tracker.ts';
+import type { DirtyTracker, TrackerOptions } from './dirty-tracker.ts';
 
 export function checkTable(table: Buffer, pages: number): void {
   if (!Buffer.isBuffer(table) || table.length !== pages * 8) {

@@ -10,7 +10,7 @@ import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
 import { createTracker } from '../memory/tracker.ts';
-import type { DirtyTracker } from '../memory/tracker.ts';
+import type { DirtyTracker } from '../memory/dirty-tracker.ts';
 import type { PeerChannel } from '../peer/channel.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
