@@ -800,6 +800,8 @@ const TARGET_STALL_RATIO = 2;
 const STALL_VANILLA_PORT = 49_300;
 /** Answers after the switchover before a tether run is aborted (1 s at 20 ms). */
 const STALL_ANSWERS_AFTER = 50;
+/** Answers from this long before the migrate request count (vanilla's STOP follows it within ms). */
+const STALL_LOOKBACK_MS = 2000;
 
 interface StallRun {
   side: 'tether' | 'vanilla';
@@ -839,20 +841,24 @@ async function tetherStallRun(c: Cluster, client: NetClient, link: Link): Promis
       () => ended || client.answers(switchAt + 1).length >= STALL_ANSWERS_AFTER || Date.now() - switchAt > 60_000,
       'answers after the tether switchover',
     );
+  const t1 = Date.now();
   if (!ended) {
     const a = await c.tether(c.src, ['abort', c.vmName]);
     if (a.code !== 0) log(`abort: ${a.stderr}`);
   }
   const mig = await migrating;
-  const t1 = Date.now();
-  const times = client.answers(t0).map((e) => e.t);
+  // from before the migrate request (the STOP can follow it within ms) to the abort
+  const times = client
+    .answers(t0 - STALL_LOOKBACK_MS)
+    .map((e) => e.t)
+    .filter((x) => x <= t1);
   await waitReachable(c, 'the guest answers on the source after the rollback');
   const sinceBack = Date.now();
   await client.waitAnswers(10, 'after the rollback', sinceBack, 60_000);
   return {
     side: 'tether',
     link,
-    stall: stallAround(times, switchAt),
+    stall: stallAround(times, switchAt, STALL_ANSWERS_AFTER),
     largestGap: largestGap(times, t0, t1),
     switchAt,
     outcome: (mig.result?.outcome as string | undefined) ?? null,
@@ -910,14 +916,17 @@ async function vanillaStallRun(
       'answers after the vanilla switchover',
     );
   const t1 = Date.now();
-  const times = client.answers(t0).map((e) => e.t);
+  const times = client
+    .answers(t0 - STALL_LOOKBACK_MS)
+    .map((e) => e.t)
+    .filter((x) => x <= t1);
   await killVanilla(from.q);
   fs.rmSync(`/dev/shm/tether-${c.id}/vanilla/${from.q.label}.ram`, { force: true });
   return {
     run: {
       side: 'vanilla',
       link,
-      stall: stallAround(times, sw),
+      stall: stallAround(times, sw, STALL_ANSWERS_AFTER),
       largestGap: largestGap(times, t0, t1),
       switchAt: sw,
       outcome,
@@ -1227,8 +1236,9 @@ function summaryMarkdown(res: Results, command: string): string {
     ...(res.stall
       ? [
           `Stall after switchover: a netclient queries the guest's netcheck every ${STALL_QUERY_MS} ms over one TCP connection; ` +
-            "the stall is the time from the last answer at or before the source QEMU's STOP of the switchover (tether: from " +
-            "the source's log; vanilla: its QMP event) to the first answer after it; median of " +
+            "the stall is the longest silence between answers from the last answer at or before the source QEMU's STOP of the " +
+            "switchover (tether: from the source's log; vanilla: its QMP event) over the next 50 answers (last answer before → " +
+            'first answer after, unless a reply already in flight at the STOP arrives first); median of ' +
             `${opt.stallRepeats} migrations per side and link (tbf on the migration link, QEMU unthrottled, guest ${opt.guestMiB} MiB). ` +
             'tether runs with hold-completion and is aborted once the client has had a second of answers from the destination; ' +
             'vanilla post-copy (migrate, then migrate-start-postcopy at once) moves the VM back and forth between the hosts.',

@@ -26,24 +26,22 @@ export function largestGap(times: number[], from = -Infinity, to = Infinity): St
 }
 
 /**
- * The stall around `switchAt`: last answer at or before it → first answer after it. With
- * `switchAt` null, the largest gap inside [from, to] instead.
+ * The stall around `switchAt`: from the last answer at or before it, the longest silence
+ * between consecutive answers over the next `answersAfter` answers. With no reply in flight
+ * that is last answer before → first answer after; a reply already on its way when the
+ * source stopped (it arrives a few ms after the STOP, then nothing for seconds) does not
+ * hide the stall that follows. With `switchAt` null, the largest gap inside [from, to]
+ * instead. ms null when there is no answer before the switchover or none after it.
  */
-export function stallAround(times: number[], switchAt: number | null, from = -Infinity, to = Infinity): StallFigure {
+export function stallAround(times: number[], switchAt: number | null, answersAfter = 50, from = -Infinity, to = Infinity): StallFigure {
   if (switchAt === null) return largestGap(times, from, to);
-  let lastBefore: number | null = null;
-  let firstAfter: number | null = null;
-  for (const x of times) {
-    if (x <= switchAt) {
-      if (lastBefore === null || x > lastBefore) lastBefore = x;
-    } else if (firstAfter === null || x < firstAfter) firstAfter = x;
-  }
-  return {
-    ms: lastBefore === null || firstAfter === null ? null : firstAfter - lastBefore,
-    lastBefore,
-    firstAfter,
-    how: 'switchover',
-  };
+  const t = [...times].sort((a, b) => a - b);
+  let i0 = -1;
+  for (let i = 0; i < t.length && t[i]! <= switchAt; i++) i0 = i;
+  const none: StallFigure = { ms: null, lastBefore: i0 < 0 ? null : t[i0]!, firstAfter: t[i0 + 1] ?? null, how: 'switchover' };
+  if (i0 < 0 || i0 + 1 >= t.length) return none;
+  const g = largestGap(t.slice(i0, i0 + 1 + answersAfter));
+  return { ...g, how: 'switchover' };
 }
 
 /** Median of the non-null values (mean of the middle two for an even count), null when none. */
