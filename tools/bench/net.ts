@@ -56,6 +56,12 @@
  *                              window without the gate's hold), then gated; about 3 minutes
  *   --no-control               --only rtt without the forced-open migrations
  *   --control                  also sample each window with the gate forced open (the relay without the hold)
+ *   --only stall               the client-visible stall after switchover, tether beside vanilla QEMU post-copy
+ *                              (tools/bench/stall.ts): a netclient queries every 20 ms; stall = last answer at or
+ *                              before the source's STOP of the switchover → first answer after it; median of
+ *                              --stall-repeats 5 migrations of each per --stall-links 200mbit,1gbit (tbf on the
+ *                              migration link, QEMU unthrottled); tether's runs are aborted a second after the
+ *                              switchover (hold-completion), vanilla's go back and forth; about 2 minutes
  *   --hold-window              the destination asks to complete only after the last sample (hold-completion):
  *                              with a fast --bandwidth-mib all RAM has moved, so the window is measured
  *                              without post-copy faults (the relay and the gate's hold alone)
@@ -65,12 +71,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host } from '../../netns-tests/harness.ts';
+import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host, type NetClient } from '../../netns-tests/harness.ts';
 import { waitApplied } from '../../netns-tests/scenarios.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
 import { barsSpec, markdownTable, plotDir, type Figure } from './report.ts';
-import { copyClusterLogs } from './lib.ts';
+import { copyClusterLogs, killVanilla, LINKS, shapeLink, startVanillaQemu, type Link, type VQemu } from './lib.ts';
+import { loadVmConfig } from '../../src/config/load.ts';
+import { median, stallAround, largestGap, type StallFigure } from './stall.ts';
 
 // ------------------------------------------------------------------ options
 
@@ -103,8 +111,12 @@ const opt = {
   control: (rttOnly && !process.argv.includes('--no-control')) || process.argv.includes('--control'),
   /** The destination does not ask to complete until the last sample is taken: a fast link moves all RAM, then the window stays open without post-copy faults. */
   holdWindow: process.argv.includes('--hold-window'),
+  /** --only stall: migration links (tbf) of the two settings, and migrations per setting and side. */
+  stallLinks: list('stall-links', '200mbit,1gbit') as Link[],
+  stallRepeats: num('stall-repeats', 5),
   only,
 };
+for (const l of opt.stallLinks) if (!(l in LINKS)) throw new Error(`--stall-links: one of ${Object.keys(LINKS).join(', ')}`);
 for (const v of [...opt.sizes, ...opt.intervals])
   if (!Number.isInteger(v) || v <= 0) throw new Error('--sizes/--intervals: positive integers');
 
@@ -779,11 +791,253 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
   return out;
 }
 
+// ------------------------------------------------------------------ stall after switchover (--only stall)
+
+/** Client query interval of the stall bench (issue 16: a query every 20 ms). */
+const STALL_QUERY_MS = 20;
+/** tether ≤ this × vanilla post-copy's stall (issue 16). */
+const TARGET_STALL_RATIO = 2;
+const STALL_VANILLA_PORT = 49_300;
+/** Answers after the switchover before a tether run is aborted (1 s at 20 ms). */
+const STALL_ANSWERS_AFTER = 50;
+/** Answers from this long before the migrate request count (vanilla's STOP follows it within ms). */
+const STALL_LOOKBACK_MS = 2000;
+
+interface StallRun {
+  side: 'tether' | 'vanilla';
+  link: Link;
+  /** Around the switchover (tether: the source's QEMU STOP before switchover, from its log; vanilla: the source's QMP STOP event). */
+  stall: StallFigure;
+  /** The largest gap between the answers counted (2 s before the migrate request to the abort / a second of answers after completion): a cross-check. */
+  largestGap: StallFigure;
+  switchAt: number | null;
+  /** The migration's outcome: tether is aborted (rolled back) after the first second of answers on the destination. */
+  outcome: string | null;
+  answers: number;
+  /** Answer arrival times (ms after the migrate request), kept for a later look. */
+  answerTimes: number[];
+  error?: string;
+}
+
+interface StallResult {
+  runs: StallRun[];
+  bootMs: { tether: number; vanilla: number };
+  error?: string;
+}
+
+/** One tether migration: the stall around the switchover, then `tether abort` (hold-completion keeps the window open). */
+async function tetherStallRun(c: Cluster, client: NetClient, link: Link): Promise<StallRun> {
+  const srcFrom = fileSize(c.src.daemonLog);
+  const t0 = Date.now();
+  const migrating = c.migrate();
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  const switchRec = (): Rec | undefined => records(c.src.daemonLog, srcFrom).find((r) => r.to === 'switchover');
+  await waitFor(() => ended || switchRec() !== undefined, 'tether switchover (source log)', 180_000);
+  const rec = switchRec();
+  const switchAt = rec ? (typeof rec.qemuStopAt === 'number' ? rec.qemuStopAt : Date.parse(String(rec.t))) : null;
+  if (switchAt !== null)
+    await waitFor(
+      () => ended || client.answers(switchAt + 1).length >= STALL_ANSWERS_AFTER || Date.now() - switchAt > 60_000,
+      'answers after the tether switchover',
+    );
+  const t1 = Date.now();
+  if (!ended) {
+    const a = await c.tether(c.src, ['abort', c.vmName]);
+    if (a.code !== 0) log(`abort: ${a.stderr}`);
+  }
+  const mig = await migrating;
+  // from before the migrate request (the STOP can follow it within ms) to the abort
+  const times = client
+    .answers(t0 - STALL_LOOKBACK_MS)
+    .map((e) => e.t)
+    .filter((x) => x <= t1);
+  await waitReachable(c, 'the guest answers on the source after the rollback');
+  const sinceBack = Date.now();
+  await client.waitAnswers(10, 'after the rollback', sinceBack, 60_000);
+  return {
+    side: 'tether',
+    link,
+    stall: stallAround(times, switchAt, STALL_ANSWERS_AFTER),
+    largestGap: largestGap(times),
+    switchAt,
+    outcome: (mig.result?.outcome as string | undefined) ?? null,
+    answers: times.length,
+    answerTimes: times.map((x) => x - t0),
+  };
+}
+
+/** One vanilla post-copy migration (migrate, then migrate-start-postcopy at once) to the other host; returns the new QEMU. */
+async function vanillaStallRun(
+  c: Cluster,
+  client: NetClient,
+  link: Link,
+  from: { q: VQemu; h: Host },
+  k: number,
+): Promise<{ run: StallRun; to: { q: VQemu; h: Host } }> {
+  const toHost = from.h === c.src ? c.dst : c.src;
+  const vm = loadVmConfig(c.vmConfig);
+  const q = await startVanillaQemu(c, toHost, vm, `v${k}`, LOG_DIR, { kind: 'defer' });
+  const caps = { capabilities: [{ capability: 'postcopy-ram', state: true }] };
+  await q.qmp.execute('migrate-set-capabilities', caps);
+  const uri = `tcp:${toHost.addr}:${STALL_VANILLA_PORT}`;
+  await q.qmp.execute('migrate-incoming', { uri });
+  await from.q.qmp.execute('migrate-set-capabilities', caps);
+  // QEMU unthrottled: the tbf-shaped link is the limit, as for tether (its VM config's maxBandwidth 0)
+  await from.q.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 10 * 1024 * MiB, 'max-postcopy-bandwidth': 0 });
+  let switchAt: number | null = null;
+  const onEv = (name: string, _d: unknown, ts: { seconds: number; microseconds: number } | undefined): void => {
+    if (name === 'STOP' && switchAt === null && ts) switchAt = ts.seconds * 1000 + ts.microseconds / 1000;
+  };
+  from.q.qmp.on('event', onEv);
+  const t0 = Date.now();
+  let outcome: string | null = null;
+  try {
+    await from.q.qmp.execute('migrate', { uri });
+    await from.q.qmp.execute('migrate-start-postcopy');
+    const deadline = Date.now() + 180_000;
+    for (;;) {
+      const m = (await from.q.qmp.execute('query-migrate')) as Rec;
+      if (m.status === 'completed') {
+        outcome = 'completed';
+        break;
+      }
+      if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`vanilla migration ${m.status}: ${m['error-desc'] ?? ''}`);
+      if (Date.now() > deadline) throw new Error('vanilla post-copy did not complete');
+      await sleep(20);
+    }
+  } finally {
+    from.q.qmp.off('event', onEv);
+  }
+  const sw = switchAt as number | null;
+  if (sw !== null)
+    await waitFor(
+      () => client.answers(sw + 1).length >= STALL_ANSWERS_AFTER || Date.now() - sw > 60_000,
+      'answers after the vanilla switchover',
+    );
+  const t1 = Date.now();
+  const times = client
+    .answers(t0 - STALL_LOOKBACK_MS)
+    .map((e) => e.t)
+    .filter((x) => x <= t1);
+  await killVanilla(from.q);
+  fs.rmSync(`/dev/shm/tether-${c.id}/vanilla/${from.q.label}.ram`, { force: true });
+  return {
+    run: {
+      side: 'vanilla',
+      link,
+      stall: stallAround(times, sw, STALL_ANSWERS_AFTER),
+      largestGap: largestGap(times),
+      switchAt: sw,
+      outcome,
+      answers: times.length,
+      answerTimes: times.map((x) => x - t0),
+    },
+    to: { q, h: toHost },
+  };
+}
+
+/**
+ * The client-visible stall after switchover, tether beside vanilla QEMU post-copy: two
+ * clusters booted side by side (tether: the gate cluster with hold-completion, every
+ * migration aborted once the client has had a second of answers from the destination;
+ * vanilla: QEMU started directly on the harness's TAPs, migrated back and forth between
+ * the hosts), a netclient in each client namespace querying every 20 ms; for each
+ * --stall-links setting, --stall-repeats migrations of each, alternating.
+ */
+async function stallBench(): Promise<StallResult> {
+  const vmOpts = {
+    memcheckMiB: 4,
+    memcheckMBps: 1,
+    memoryMiB: opt.guestMiB,
+    intervalMs: opt.intervals[0]!,
+    maxBandwidth: 0, // the tbf link is the limit
+    hotStandby: false,
+  };
+  const tc = new Cluster({ guestNet: 'gate', holdCompletion: true, vm: vmOpts });
+  const vc = new Cluster({ guestNet: 'qemu-tap', vm: vmOpts });
+  const out: StallResult = { runs: [], bootMs: { tether: 0, vanilla: 0 } };
+  let cur: { q: VQemu; h: Host } | undefined;
+  try {
+    await tc.up();
+    await vc.up(); // its daemons stay idle: only the namespaces, the TAPs and the VM YAML are used
+    const tb = now();
+    const vanillaBoot = (async () => {
+      const q = await startVanillaQemu(vc, vc.src, loadVmConfig(vc.vmConfig), 'v0', LOG_DIR);
+      cur = { q, h: vc.src };
+      await waitReachable(vc, 'vanilla: the guest answers ping');
+      await waitFor(() => /netcheck listening/.test(readText(q.serialLog)), 'vanilla: netcheck listening', 120_000);
+      return r2(now() - tb);
+    })();
+    const [tBoot, vBoot] = await Promise.all([boot(tc, 'stall tether'), vanillaBoot]);
+    out.bootMs = { tether: tBoot, vanilla: vBoot };
+    const tClient = tc.netclient({ intervalMs: STALL_QUERY_MS });
+    const vClient = vc.netclient({ intervalMs: STALL_QUERY_MS });
+    await tClient.waitAnswers(20, 'tether before the first migration', 0, 60_000);
+    await vClient.waitAnswers(20, 'vanilla before the first migration', 0, 60_000);
+    let k = 0;
+    for (const link of opt.stallLinks) {
+      shapeLink(tc, link);
+      shapeLink(vc, link);
+      for (let i = 0; i < opt.stallRepeats; i++) {
+        const t = await tetherStallRun(tc, tClient, link);
+        out.runs.push(t);
+        log(`stall ${link} #${i + 1}: tether ${t.stall.ms} ms (largest gap ${t.largestGap.ms} ms, ${t.outcome})`);
+        const v = await vanillaStallRun(vc, vClient, link, cur!, ++k);
+        cur = v.to;
+        out.runs.push(v.run);
+        log(`stall ${link} #${i + 1}: vanilla ${v.run.stall.ms} ms (largest gap ${v.run.largestGap.ms} ms)`);
+      }
+    }
+    const bad = [...tClient.violations, ...vClient.violations];
+    if (bad.length) out.error = `netclient violations: ${JSON.stringify(bad.slice(0, 3))}`;
+    await tClient.stop();
+    await vClient.stop();
+  } catch (e) {
+    out.error = (e as Error).stack ?? String(e);
+    log(`stall failed: ${(e as Error).message}`);
+  } finally {
+    keepLogs(tc, 'stall-tether');
+    keepLogs(vc, 'stall-vanilla');
+    if (cur) await killVanilla(cur.q);
+    await Promise.all([tc.cleanup(), vc.cleanup()]);
+  }
+  return out;
+}
+
+function stallFigures(s: StallResult | undefined): Figure[] {
+  if (!s) return [];
+  const F: Figure[] = [];
+  for (const link of opt.stallLinks) {
+    const of = (side: string): StallRun[] => s.runs.filter((r) => r.link === link && r.side === side);
+    const t = of('tether');
+    const v = of('vanilla');
+    const tm = median(t.map((r) => r.stall.ms));
+    const vm = median(v.map((r) => r.stall.ms));
+    const each = (rs: StallRun[]): string => `runs: ${rs.map((r) => r.stall.ms ?? '–').join(', ')} ms`;
+    F.push({ name: `stall after switchover, tether (link ${link})`, value: tm === null ? null : r2(tm), unit: 'ms', note: each(t) });
+    F.push({
+      name: `stall after switchover, vanilla post-copy (link ${link})`,
+      value: vm === null ? null : r2(vm),
+      unit: 'ms',
+      note: each(v),
+    });
+    F.push({
+      name: `stall after switchover, tether / vanilla (link ${link})`,
+      value: tm !== null && vm ? r2(tm / vm) : null,
+      unit: '×',
+      target: { op: '<=', value: TARGET_STALL_RATIO },
+    });
+  }
+  return F;
+}
+
 // ------------------------------------------------------------------ report
 
 interface Results {
   taps: Partial<Record<TapKind, { bootMs: number; sample?: Sample; error?: string }>>;
   gate?: GateRun;
+  stall?: StallResult;
 }
 
 const dirName = (d: string): string => (d === 'g2c' ? 'guest → client' : 'client → guest');
@@ -797,7 +1051,8 @@ function cpuNote(s: Sample | undefined, dir: string, size: number): string {
 }
 
 function figures(res: Results): Figure[] {
-  const F: Figure[] = [];
+  const F: Figure[] = stallFigures(res.stall);
+  if (!['tap', 'tap-novnet', 'gate'].some((k) => opt.only.has(k))) return F;
   const tap = res.taps.tap?.sample;
   const novnet = res.taps['tap-novnet']?.sample;
   const g = res.gate;
@@ -972,15 +1227,36 @@ function summaryMarkdown(res: Results, command: string): string {
   return [
     `# net benchmark, ${STARTED}`,
     '',
-    `\`${command}\` — guest ${opt.guestMiB} MiB, QEMU TCG, netcheck + memcheck 4 MiB at 1 MB/s; ping ×${opt.pingCount} every ` +
-      `${opt.pingIntervalMs} ms; TCP ${opt.tcpSeconds} s per direction and transfer size; migration link ${opt.bandwidthMiB} MiB/s` +
-      `${last?.windowMs ? ` (post-copy window of the completing run ${(last.windowMs / 1000).toFixed(1)} s)` : ''}; ` +
-      `${os.cpus().length} CPUs, load average ${load} at the end (other work may share this machine: figures are indicative).`,
-    '',
+    ...(opt.only.size === 1 && res.stall
+      ? [
+          `\`${command}\` — QEMU TCG, netcheck + memcheck 4 MiB at 1 MB/s; ${os.cpus().length} CPUs, load average ${load} at the end ` +
+            '(other work may share this machine: figures are indicative).',
+          '',
+        ]
+      : [
+          `\`${command}\` — guest ${opt.guestMiB} MiB, QEMU TCG, netcheck + memcheck 4 MiB at 1 MB/s; ping ×${opt.pingCount} every ` +
+            `${opt.pingIntervalMs} ms; TCP ${opt.tcpSeconds} s per direction and transfer size; migration link ${opt.bandwidthMiB} MiB/s` +
+            `${last?.windowMs ? ` (post-copy window of the completing run ${(last.windowMs / 1000).toFixed(1)} s)` : ''}; ` +
+            `${os.cpus().length} CPUs, load average ${load} at the end (other work may share this machine: figures are indicative).`,
+          '',
+        ]),
     ...rttTable(res),
+    ...(res.stall
+      ? [
+          `Stall after switchover: a netclient queries the guest's netcheck every ${STALL_QUERY_MS} ms over one TCP connection; ` +
+            "the stall is the longest silence between answers from the last answer at or before the source QEMU's STOP of the " +
+            "switchover (tether: from the source's log; vanilla: its QMP event) over the next 50 answers (last answer before → " +
+            'first answer after, unless a reply already in flight at the STOP arrives first); median of ' +
+            `${opt.stallRepeats} migrations per side and link (tbf on the migration link, QEMU unthrottled, guest ${opt.guestMiB} MiB). ` +
+            'tether runs with hold-completion and is aborted once the client has had a second of answers from the destination; ' +
+            'vanilla post-copy (migrate, then migrate-start-postcopy at once) moves the VM back and forth between the hosts.',
+          '',
+        ]
+      : []),
     markdownTable(figures(res)),
     '',
-    'PASS/MISS compare this run with the target of issue 6 (gate pass-through ≥ 0.8× QEMU tap); findings, not test failures.',
+    'PASS/MISS compare this run with the targets of issue 16 (steady state ≥ 0.95× and gated ≥ 0.8× QEMU tap; stall after ' +
+      "switchover ≤ 2× vanilla post-copy's); findings, not test failures.",
   ].join('\n');
 }
 
@@ -1045,6 +1321,7 @@ async function main(): Promise<void> {
       }
     }
     if (gateC) res.gate = await gatePhases(gateC, boots.at(-1)!);
+    if (opt.only.has('stall')) res.stall = await stallBench();
   } finally {
     for (const { k, c } of taps) keepLogs(c, k);
     if (gateC) keepLogs(gateC, 'gate');
@@ -1066,6 +1343,7 @@ async function main(): Promise<void> {
         figures: figures(res),
         taps: res.taps,
         gate: res.gate ?? null,
+        stall: res.stall ?? null,
         plots,
       },
       null,
@@ -1078,7 +1356,7 @@ async function main(): Promise<void> {
   console.log(
     `\n${md}\n\nwrote ${RUN_DIR}/ (net.json, summary.md, ${plots.length} SVG plots; logs in ${LOG_DIR}) in ${Math.round((now() - t0) / 1000)} s`,
   );
-  if (Object.values(res.taps).some((t) => t.error) || res.gate?.error) process.exitCode = 1;
+  if (Object.values(res.taps).some((t) => t.error) || res.gate?.error || res.stall?.error) process.exitCode = 1;
 }
 
 await main();
