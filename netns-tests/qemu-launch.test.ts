@@ -1,6 +1,6 @@
 /**
  * Real QEMU 7.2, no guest kernel (SeaBIOS idles): process lifecycle, QMP, and the
- * "Restore on S" path of DESIGN.md — fresh QEMU + same RAM file + device state loaded
+ * restore path on S (docs/design.md, "Restore before fence") — fresh QEMU + same RAM file + device state loaded
  * with -incoming exec:cat <file> and migration.send-configuration=off.
  */
 import t, { type Test } from 'tap';

@@ -1,10 +1,11 @@
 /**
- * Dirty-page tracking on D (DESIGN.md "Dirty-page tracking"): which pages the
+ * Dirty-page tracking on D (docs/design.md "Dirty pages on D"): which pages the
  * guest wrote since the previous checkpoint, compared against S's copy through
  * an 8-byte-per-page hash table that S sends before the first checkpoint.
  *
- * Both trackers only pread the RAM file (never mmap it: holes must stay holes
- * while post-copy runs) and never report a hole.
+ * Both trackers read only what SEEK_DATA reports as data in the RAM file (mapped
+ * read-only on tmpfs, else pread: a fault on a hole through the mapping would fill it
+ * behind post-copy's back) and never report a hole.
  */
 import { TetherError } from '../errors.ts';
 import { softDirtyProbe, type SoftDirtyProbe } from '../native.ts';
