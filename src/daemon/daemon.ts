@@ -208,10 +208,10 @@ export class Daemon {
       if (marker?.role === 'source' && (await CheckpointStore.readCompleted(vm.checkpointDir)) !== null) {
         await this.#recoverCompleted(vm, all, marker, log);
         keepMarker = true;
-      } else if (marker?.role === 'destination' && (await readCompletingRecord(completingRecordPath(vm))) !== null) {
+      } else if (marker?.role === 'destination' && completingEpoch !== null) {
         // vm.json names the incoming QEMU too; any other QEMU recorded for the VM is not it
         if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
-        await this.#recoverCompleting(vm, migrating, marker, log, () => journal);
+        await this.#recoverCompleting(vm, migrating, marker, completingEpoch, log, () => journal);
         keepMarker = true;
       } else if (marker?.role === 'destination') {
         for (const q of all) await killQemu(q);
@@ -323,10 +323,10 @@ export class Daemon {
     vm: VmInstance,
     migrating: QemuIdentity | null,
     marker: MigrationMarker,
+    epoch: number,
     log: Logger,
     journal: () => BlockJournal | undefined,
   ): Promise<void> {
-    const epoch = (await readCompletingRecord(completingRecordPath(vm)))!;
     const { migrationId } = marker;
     if (migrating === null) {
       await vm.removeRam();
