@@ -105,6 +105,15 @@ t.test(
     // ~1 KiB) although the flood was asked for checkpoints before it; back-pressure and the
     // bound are shown by the gated epochs around it. Reported, not asserted, until understood.
     t.comment(`held bytes sampled during the ACK stall: ${held.join(' ')}`);
+    // Completion only once the guest has sent its last datagram: at the relay's detach,
+    // frames the guest sends meanwhile go to the tap directly and may overtake the relay's
+    // last ones (docs/network.md "Detach"), which is not what this test is about. A slow
+    // host then makes the flood run longer, never overlap the detach.
+    await waitFor(
+      () => /netcheck udp seq=\S+ sent=/.test(fs.readFileSync(c.serialLog(c.dst), 'latin1')),
+      'the guest to send its last datagram',
+      120_000,
+    );
     c.releaseCompletion();
     const mig = await migrating;
     t.equal(mig.result?.outcome, 'completed', `migration completes: ${mig.stderr.slice(-1500)}`);
@@ -112,7 +121,7 @@ t.test(
     const m = c.metrics(c.dst);
     const refused = Number(/^tether_nic_frames_dropped_total\{[^}]*reason="gate_full"[^}]*\} (\d+)$/m.exec(m)?.[1] ?? 0);
     t.comment(
-      `the gate reached its pause threshold ${metric(m, 'tether_gate_backpressure_total')} times; ${refused} frames refused at the bound`,
+      `${refused} frames refused at the bound; ${Number(/^tether_nic_frames_dropped_total\{[^}]*reason="relay_error"[^}]*\} (\d+)$/m.exec(m)?.[1] ?? 0)} lost on the way to QEMU (relay_error)`,
     );
     const peak = metric(m, 'tether_gate_held_bytes_max');
     const peakFrames = metric(m, 'tether_gate_held_frames_max');

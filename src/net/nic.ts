@@ -33,8 +33,13 @@ import { sockOutq, tapDown, TapDevice } from './tap.ts';
 
 /** Reconnect delay: short first, then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
-/** How long the detach at completion waits for each drain step before it removes the filters anyway. */
-const DETACH_STEP_MS = 2000;
+/**
+ * How long the detach at completion waits for each drain step before it removes the filters
+ * anyway (what is then still on its way to QEMU is counted as `relay_error`). Generous: a
+ * loaded host's QEMU reads the in socket slowly, and only a QEMU that stopped reading for
+ * good should ever reach it.
+ */
+const DETACH_STEP_MS = 30_000;
 
 /**
  * Guest frames dropped by the relay, never passed on: `runt` shorter than an Ethernet
@@ -79,6 +84,8 @@ interface Conn {
   in: net.Socket;
   dec: RelayDecoder;
   outEnded: Promise<void>;
+  /** Frames written to `in` whose bytes Node has not yet handed to the kernel. */
+  unflushed: number;
 }
 
 export class NicPort {
@@ -92,6 +99,8 @@ export class NicPort {
   #connectWaiters: (() => void)[] = [];
   #closed = false;
   #detached = false;
+  /** detach() under way: the out socket's EOF is expected and must not end the in socket. */
+  #detaching = false;
   #timer: NodeJS.Timeout | undefined;
   #failures = 0;
   /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
@@ -157,7 +166,7 @@ export class NicPort {
     const outS = net.createConnection({ path: relay.out });
     const inS = net.createConnection({ path: relay.in });
     const ended = deferred<void>();
-    const c: Conn = { out: outS, in: inS, dec: new RelayDecoder(), outEnded: ended.promise };
+    const c: Conn = { out: outS, in: inS, dec: new RelayDecoder(), outEnded: ended.promise, unflushed: 0 };
     this.#conn = c;
     let up = 0;
     const onUp = (): void => {
@@ -176,7 +185,9 @@ export class NicPort {
     outS.on('error', () => {});
     inS.on('error', () => {});
     const onClose = (): void => {
-      if (this.#conn !== c) return;
+      // During detach the out socket ends by design (chardev-remove); the in socket still
+      // carries the last released frames to QEMU, and detach() ends it once they are read.
+      if (this.#conn !== c || this.#detaching) return;
       if (this.#connected) this.#log.warn('relay disconnected from QEMU: reconnecting');
       this.#connected = false;
       this.#conn = undefined;
@@ -256,15 +267,24 @@ export class NicPort {
   }
 
   #write(frames: readonly Buffer[]): void {
-    const s = this.#conn?.in;
-    if (!s || !this.#connected || s.destroyed || s.writableLength > this.#o.bounds.maxBytes) {
+    const c = this.#conn;
+    const s = c?.in;
+    if (!c || !s || !this.#connected || s.destroyed || s.writableLength > this.#o.bounds.maxBytes) {
       this.#dropped('relay_error', frames.length);
       return;
     }
+    const n = frames.length;
+    c.unflushed += n;
     try {
-      s.write(encodeRecords(frames));
+      // The callback runs once the bytes are in the kernel (QEMU reads them from there), or
+      // with an error when the socket went first: then they never reach QEMU, and count.
+      s.write(encodeRecords(frames), (err) => {
+        c.unflushed -= n;
+        if (err) this.#dropped('relay_error', n, err);
+      });
     } catch (e) {
-      this.#dropped('relay_error', frames.length, e);
+      c.unflushed -= n;
+      this.#dropped('relay_error', n, e);
     }
   }
 
@@ -293,6 +313,7 @@ export class NicPort {
    */
   async detach(qmp: QmpExec): Promise<number> {
     if (!this.#o.relay || this.#detached) return 0;
+    this.#detaching = true;
     const id = relayIds(this.#o.index);
     const t0 = nowMs();
     const c = this.#conn;
@@ -311,15 +332,24 @@ export class NicPort {
         void c.outEnded.then(() => (eof = true));
         await step('EOF on the out socket', () => eof);
         const fd = (c.in as unknown as { _handle?: { fd?: number } })._handle?.fd;
+        // (a destroyed in socket: QEMU went away; what it had not read is counted below)
         await step(
           'QEMU reading the in socket',
-          () => c.in.destroyed || (c.in.writableLength === 0 && (fd === undefined || sockOutq(fd) === 0)),
+          () => c.in.destroyed || (c.unflushed === 0 && c.in.writableLength === 0 && (fd === undefined || sockOutq(fd) === 0)),
         );
       }
     } catch (e) {
-      this.#log.error('relay detach did not drain: removing the filters anyway', { error: errorFields(e) });
+      const fd = (c?.in as unknown as { _handle?: { fd?: number } } | undefined)?._handle?.fd;
+      // frames still in the relay's buffer are counted (relay_error) when the socket goes
+      // below; bytes QEMU never read from the kernel's buffer are lost with r1: logged
+      this.#log.error('relay detach did not drain: removing the filters anyway', {
+        error: errorFields(e),
+        unflushedFrames: c?.unflushed ?? 0,
+        unreadBytes: fd === undefined ? null : sockOutq(fd),
+      });
     } finally {
       this.#detached = true;
+      this.#detaching = false;
       await qmp
         .execute('object-del', { id: id.inFilter })
         .catch((e: unknown) => this.#log.error('object-del failed', { error: errorFields(e) }));
