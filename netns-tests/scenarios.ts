@@ -286,7 +286,7 @@ export async function interruptDuringHold(
   client: NetClient,
   interrupt: () => void | Promise<void>,
   opts: { answersInHold?: number } = {},
-): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; holdEpoch: number; answersInHold: number }> {
+): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; holdEpoch: number; answersInHold: number; interruptedAt: number }> {
   const { migrating, holdEpoch, notEnded } = await migrateIntoHold(
     c,
     (onDest) => client.answers(onDest).length >= LIVE_ANSWERS,
@@ -314,8 +314,25 @@ export async function interruptDuringHold(
     await waitFor(() => client.answers(from).length >= HELD_FRAMES, `${HELD_FRAMES} answers during the hold`);
   }
   const answersInHold = want > 0 ? answersToQueriesSince(client, from) : client.answers(from).length;
+  const interruptedAt = monoNow();
   await interrupt();
-  return { mig: await migrating, holdEpoch, answersInHold };
+  return { mig: await migrating, holdEpoch, answersInHold, interruptedAt };
+}
+
+/** CLOCK_MONOTONIC in ms, the clock of the wire capture's `mono`. */
+const monoNow = (): number => Number(process.hrtime.bigint()) / 1e6;
+
+/**
+ * After a rollback the source's restored QEMU announces the VM's MAC (RARP, `announce-self`)
+ * so the switch learns its port back from the destination's: at least one RARP of the guest's
+ * MAC reaches the switch from the source's port after the interruption (`sinceMono`).
+ */
+export async function assertAnnouncedFromSource(t: Test, wire: WireCapture | undefined, sinceMono: number, what: string): Promise<void> {
+  if (!wire) return;
+  const rarps = () => wire.frames().filter((f) => f.port === SWITCH_PORT_S && f.type === '8035' && f.mono > sinceMono);
+  // QEMU's announce rounds go on for a moment after the rollback has returned
+  for (const until = Date.now() + 15_000; rarps().length === 0 && Date.now() < until;) await new Promise((r) => setTimeout(r, 100));
+  t.ok(rarps().length > 0, `${what}: the switch got the source's RARP announce after the interruption (${rarps().length} captured)`);
 }
 
 /** Answers to queries the client sent at or after `since` (an answer's event time less its round trip). */
