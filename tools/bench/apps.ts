@@ -2,7 +2,10 @@
  * Real-application benchmark (issue 14, docs/apps.md): `npm run bench apps [-- --quick]`.
  *
  * The Debian guest of netns-tests/apps/ (memcached, PostgreSQL 15 and nginx, booted from its
- * own disk; 512 MiB RAM) under load from the client namespace, all three at once, migrated
+ * own disk; --ram-mib of RAM, --cold-mib of it filled once at boot with bytes nobody reads
+ * again: the cold memory post-copy still has to bring over after the services' working
+ * set, without which the post-copy window is little more than the stall that starts it)
+ * under load from the client namespace, all three at once, migrated
  * by tether (checkpoint interval 50 ms, the gate on its NIC, its disk through the sidecar in
  * post-copy) and by vanilla QEMU post-copy (migrate, then migrate-start-postcopy at once; a
  * plain QEMU TAP; the same image file opened by both QEMUs: shared storage), each on a
@@ -26,7 +29,10 @@
  * Output: bench-results/apps-<time>.json and the latest at bench-results/apps.json and apps.md.
  *
  * Options (defaults; quick in brackets):
- *   --quick              one link (1gbit), phases of 3 s, 4 connections: a smoke, figures not meaningful
+ *   --quick              one link (1gbit), phases of 3 s, 4 connections, 512 MiB without cold memory:
+ *                        a smoke, figures not meaningful
+ *   --ram-mib 1024 [512] guest RAM
+ *   --cold-mib 640 [0]   cold memory (tether.cold_mib= of tools/guest/debian/tether-init)
  *   --links 1gbit,200mbit
  *   --phase-s 10 [3]     length of the before and after phases
  *   --conns 8 [4]        connections per memcached and nginx client
@@ -66,6 +72,8 @@ const links = str('links', quick ? '1gbit' : '1gbit,200mbit').split(',') as Link
 for (const l of links) if (!(l in LINKS)) throw new Error(`--links: unknown link ${l} (${Object.keys(LINKS).join(', ')})`);
 const PHASE_MS = num('phase-s', quick ? 3 : 10) * 1000;
 const CONNS = num('conns', quick ? 4 : 8);
+const RAM_MIB = num('ram-mib', quick ? DEBIAN_RAM_MIB : 1024);
+const COLD_MIB = num('cold-mib', quick ? 0 : 640);
 const INTERVAL_MS = 50;
 const UNLIMITED_BW = 10 * 1024 * MiB;
 const VANILLA_PORT = 49_300;
@@ -167,7 +175,13 @@ function clusterFor(strategy: Strategy): Cluster {
     guestNet: strategy === 'tether-50' ? 'gate' : 'qemu-tap',
     boot: { kernel: g.kernel, initrd: g.initrd, append: 'console=ttyS0 root=/dev/vda rw quiet panic=-1' },
     disk: { guest: 'os', image: g.image },
-    vm: { memoryMiB: DEBIAN_RAM_MIB, intervalMs: INTERVAL_MS, maxBandwidth: UNLIMITED_BW, hotStandby: true },
+    vm: {
+      memoryMiB: RAM_MIB,
+      intervalMs: INTERVAL_MS,
+      maxBandwidth: UNLIMITED_BW,
+      hotStandby: true,
+      ...(COLD_MIB > 0 ? { appendExtra: `tether.cold_mib=${COLD_MIB}` } : {}),
+    },
   });
 }
 
@@ -344,7 +358,7 @@ const { text, figures } = tables(runs);
 const head = [
   `# Real applications across post-copy: tether vs vanilla QEMU post-copy${quick ? ' (quick: not meaningful)' : ''}`,
   '',
-  `${STARTED}; Debian guest ${DEBIAN_RAM_MIB} MiB; memcached and nginx: ${CONNS} closed-loop connections each; PostgreSQL: one psql connection, ` +
+  `${STARTED}; Debian guest ${RAM_MIB} MiB, ${COLD_MIB} MiB of it cold memory; memcached and nginx: ${CONNS} closed-loop connections each; PostgreSQL: one psql connection, ` +
     `one INSERT transaction at a time; all three at once. Phases: before = ${PHASE_MS / 1000} s before the migrate request, during = the ` +
     `post-copy window (destination QEMU resumed → completed), after = ${PHASE_MS / 1000} s from 1 s after completion. Requests/s and latency ` +
     'p50/p99 (ms) of the requests that completed in each phase. tether: checkpoint interval 50 ms, gate on the NIC, disk through the sidecar; ' +
@@ -354,7 +368,11 @@ const head = [
 ];
 const md = [...head, text, '', markdownTable(figures), ''].join('\n');
 process.stdout.write(md);
-const json = JSON.stringify({ started: STARTED, quick, phaseMs: PHASE_MS, conns: CONNS, intervalMs: INTERVAL_MS, runs, figures }, null, 2);
+const json = JSON.stringify(
+  { started: STARTED, quick, phaseMs: PHASE_MS, conns: CONNS, ramMiB: RAM_MIB, coldMiB: COLD_MIB, intervalMs: INTERVAL_MS, runs, figures },
+  null,
+  2,
+);
 fs.mkdirSync(OUT_DIR, { recursive: true });
 fs.writeFileSync(path.join(OUT_DIR, `apps${quick ? '-quick' : ''}-${STARTED.replaceAll(':', '').replace(/\.\d+Z$/, 'Z')}.json`), json);
 fs.writeFileSync(path.join(OUT_DIR, 'apps.json'), json);
