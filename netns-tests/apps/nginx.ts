@@ -189,9 +189,19 @@ export class TickReader {
     await this.#loop;
   }
 
+  /**
+   * End the read in flight (no observation) and go on with the next one. After a rollback
+   * with the gate forced open, a read whose request the destination's guest had acknowledged
+   * (through the open gate) would wait for curl's --max-time: the client's TCP has nothing to
+   * retransmit, and the restored guest never saw the connection.
+   */
+  abortInFlight(): void {
+    if (this.#current?.pid && this.#current.exitCode === null) this.#current.kill('SIGKILL');
+  }
+
   kill(): void {
     this.#stopping = true;
-    if (this.#current?.pid && this.#current.exitCode === null) this.#current.kill('SIGKILL');
+    this.abortInFlight();
   }
 }
 
