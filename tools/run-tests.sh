@@ -7,6 +7,22 @@ cd "$(dirname "$0")/.."
 
 tools/bootstrap.sh || { echo "0 passed, 1 failed"; exit 1; }
 
+# The real-application tests of the netns phase (netns-tests/apps-core.test.ts) boot a
+# Debian guest: install the host's tools and clients for it (as root; apt on a fresh
+# machine) and build its image (mmdebstrap, about a minute; cached by a content key under
+# .cache/guest-debian) in the background while the checks and unit tests run.
+debian_pid=
+debian_log=$(mktemp)
+trap 'rm -f "$debian_log"' EXIT
+if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
+  tools/guest/debian/deps.sh || { echo "0 passed, 1 failed"; exit 1; }
+  (
+    start=$SECONDS
+    tools/guest/debian/build.sh >/dev/null && echo "debian guest image ready in $((SECONDS - start)) s"
+  ) >"$debian_log" 2>&1 &
+  debian_pid=$!
+fi
+
 echo "== tsc --noEmit, prettier --check"
 # Side by side: each is one busy thread, and the CI machine has two cores.
 npx tsc --noEmit &
@@ -18,11 +34,17 @@ tsc=$?
 [ "$tsc" = 0 ] && [ "$lint" = 0 ] || { echo "0 passed, 1 failed"; exit 1; }
 
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+trap 'rm -f "$out" "$debian_log"' EXIT
 status=0
 echo "== unit tests (src/)"
 npx tap --reporter=tap $(find src tools -name '*.test.ts' | sort) 2>&1 | tee -a "$out" || status=1
 if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
+  if ! wait "$debian_pid"; then
+    tail -40 "$debian_log"
+    echo "not ok 1 - the Debian guest image (tools/guest/debian/build.sh) failed" | tee -a "$out"
+    status=1
+  fi
+  tail -1 "$debian_log"
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
   npx tap --reporter=tap --jobs=1 $(ls netns-tests/*.test.ts) 2>&1 | tee -a "$out" || status=1
 fi

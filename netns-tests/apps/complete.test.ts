@@ -4,14 +4,15 @@
  * back with its value on the destination afterwards; a curl download of /big.bin, held
  * open across the switchover (its reader paused, so the connection is there by
  * construction) and resumed during post-copy, completes on the same connection with the
- * right bytes (sha256 of the whole body, and a Range request against it).
+ * right bytes (sha256 of the whole body, and a Range request against it); every read of
+ * nginx's tick.log, before, during and after the migration, extends the earlier ones.
  */
 import t from 'tap';
 import { waitFor } from '../harness.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
 import { bootDebianCluster, debianGuest } from './debian.ts';
 import { startMemcachedWriter, verifyKeys } from './memcached.ts';
-import { fetchRange, startDownload } from './nginx.ts';
+import { fetchRange, startDownload, startTickReader } from './nginx.ts';
 
 const MiB = 1024 * 1024;
 /** More than the client's TCP receive buffer can hold (tcp_rmem max 6 MiB): bytes the destination's guest sent. */
@@ -22,6 +23,8 @@ t.test('memcached and nginx: a completed migration keeps every STORED key and th
   const c = await bootDebianCluster(t, { holdCompletion: true });
   const mc = startMemcachedWriter(t, c);
   await mc.waitStored(10, 'before migrating');
+  const tick = startTickReader(t, c);
+  await tick.waitReads(3, 'before migrating');
   const dl = startDownload(t, c);
   await dl.waitBytes(MiB, 'before migrating');
   dl.pause();
@@ -57,6 +60,13 @@ t.test('memcached and nginx: a completed migration keeps every STORED key and th
   );
 
   await mc.waitStored(5, 'on the destination after completion', Date.now());
+  await tick.waitReads(3, 'on the destination after completion', Date.now());
+  await tick.stop();
+  t.same(
+    tick.violations,
+    [],
+    `every read of tick.log extends the earlier ones (${tick.reads.length} reads, ${tick.longest.length} bytes, ${tick.failed.length} unanswered)`,
+  );
   await mc.stop();
   const lost = await verifyKeys(c, mc);
   t.same(

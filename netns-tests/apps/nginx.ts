@@ -107,3 +107,112 @@ export async function fetchRange(c: Cluster, start: number, end: number): Promis
   if (code !== 0) throw new Error(`curl -r ${start}-${end} exited ${code}: ${err}`);
   return Buffer.concat(out);
 }
+
+export const TICK_URL = `http://${GUEST_IP}/tick.log`;
+
+/**
+ * The read check of nginx (docs/apps.md): the guest appends a line "<n> <time> <random>" to
+ * /var/www/html/tick.log every 100 ms (tools/guest/debian/tether-init); this client reads
+ * the whole file with curl, one connection per read, one read after the other. Every
+ * answer must extend the longest one read before: the state the client saw stays. A
+ * shorter answer, or one that differs from it at some byte, means the client was shown
+ * state that a rollback undid (the re-executed appends have other times and random bytes),
+ * and is recorded in `violations`.
+ */
+export class TickReader {
+  /** Answered reads: when curl started and ended, and the answer's length. */
+  readonly reads: { sent: number; t: number; bytes: number }[] = [];
+  readonly violations: string[] = [];
+  /** Reads without an answer (curl failed or timed out): no observation. */
+  readonly failed: string[] = [];
+  longest: Buffer = Buffer.alloc(0);
+  #stopping = false;
+  #current: ChildProcess | undefined;
+  #loop: Promise<void>;
+
+  constructor(readonly c: Cluster) {
+    this.#loop = this.#run();
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#stopping) {
+      const sent = Date.now();
+      // --max-time: a read whose request the rollback took back waits for TCP's SYN retransmits.
+      const p = spawn('ip', ['netns', 'exec', this.c.clientNs, 'curl', '-sS', '--fail', '--max-time', '120', TICK_URL], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      this.#current = p;
+      const out: Buffer[] = [];
+      let err = '';
+      p.stdout!.on('data', (d: Buffer) => out.push(d));
+      p.stderr!.on('data', (d: Buffer) => (err += d.toString('utf8')));
+      const code = await new Promise<number | null>((resolve) => p.on('close', resolve));
+      if (code !== 0) {
+        this.failed.push(`curl exit ${code}: ${err.trim().slice(0, 200)}`);
+        continue;
+      }
+      this.#check(Buffer.concat(out), sent);
+    }
+  }
+
+  #check(body: Buffer, sent: number): void {
+    this.reads.push({ sent, t: Date.now(), bytes: body.length });
+    const n = Math.min(body.length, this.longest.length);
+    const at = body.subarray(0, n).equals(this.longest.subarray(0, n)) ? -1 : firstDiff(body, this.longest);
+    const line = (b: Buffer, i: number) => b.subarray(b.lastIndexOf(10, i - 1) + 1, b.indexOf(10, i)).toString('latin1');
+    if (at >= 0) this.violations.push(`byte ${at} differs: read "${line(body, at)}", earlier "${line(this.longest, at)}"`);
+    else if (body.length < this.longest.length)
+      this.violations.push(`shorter than an earlier read: ${body.length} bytes after ${this.longest.length}`);
+    if (body.length > this.longest.length) this.longest = body;
+  }
+
+  /**
+   * Whether the client read state the guest wrote after serving a read sent at or after
+   * `since`: a read sent after the answer of the first such read is longer than it.
+   */
+  grewAfterReadSince(since: number): boolean {
+    const first = this.reads.find((r) => r.sent >= since);
+    return first !== undefined && this.reads.some((r) => r.sent >= first.t && r.bytes > first.bytes);
+  }
+
+  readsSince(since: number): number {
+    return this.reads.filter((r) => r.sent >= since).length;
+  }
+
+  async waitReads(count: number, what: string, since = 0): Promise<void> {
+    await waitFor(() => this.readsSince(since) >= count, `${count} reads of tick.log answered ${what}`);
+  }
+
+  /** Let the read in flight finish and stop. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    await this.#loop;
+  }
+
+  /**
+   * End the read in flight (no observation) and go on with the next one. After a rollback
+   * with the gate forced open, a read whose request the destination's guest had acknowledged
+   * (through the open gate) would wait for curl's --max-time: the client's TCP has nothing to
+   * retransmit, and the restored guest never saw the connection.
+   */
+  abortInFlight(): void {
+    if (this.#current?.pid && this.#current.exitCode === null) this.#current.kill('SIGKILL');
+  }
+
+  kill(): void {
+    this.#stopping = true;
+    this.abortInFlight();
+  }
+}
+
+function firstDiff(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return -1;
+}
+
+export function startTickReader(t: Test, c: Cluster): TickReader {
+  const r = new TickReader(c);
+  t.teardown(() => r.kill());
+  return r;
+}

@@ -12,6 +12,7 @@ import { heldFrames, holdFault, migrateIntoHold } from '../scenarios.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
 import { verifyKeys } from './memcached.ts';
 import type { MemcachedWriter } from './memcached.ts';
+import type { TickReader } from './nginx.ts';
 import { verifyRows } from './pg.ts';
 import type { PgWriter } from './pg.ts';
 
@@ -38,7 +39,8 @@ const HELD_FRAMES = 2;
  * wait until the gate holds HELD_FRAMES frames of the held epochs (the guest's answers to
  * the transaction in flight: the client sees no acknowledgement); with the gate forced open (`control`), wait
  * until a transaction sent after that point was acknowledged to the client (and a memcached
- * set STORED, with `memcached`). Then
+ * set STORED, with `memcached`, and nginx answered a read of tick.log with lines appended after it
+served an earlier read sent after that point, with `tick`). Then
  * `interrupt` (given the destination's QEMU pid). Returns the migration's result and the held checkpoint.
  */
 export async function interruptDuringAppHold(
@@ -46,7 +48,7 @@ export async function interruptDuringAppHold(
   c: Cluster,
   w: PgWriter,
   interrupt: (destinationQemu: number) => void | Promise<void>,
-  opts: { control?: boolean; duringHold?: () => void; memcached?: MemcachedWriter } = {},
+  opts: { control?: boolean; duringHold?: () => void; memcached?: MemcachedWriter; tick?: TickReader } = {},
 ): Promise<{ mig: Awaited<ReturnType<Cluster['migrate']>>; held: number; ackedInHold: number }> {
   const {
     migrating,
@@ -64,9 +66,11 @@ export async function interruptDuringAppHold(
     await waitFor(
       () => {
         notEnded('during the hold');
-        return w.ackedSentSince(from) >= 1 && (opts.memcached?.storedSentSince(from) ?? 1) >= 1;
+        return (
+          w.ackedSentSince(from) >= 1 && (opts.memcached?.storedSentSince(from) ?? 1) >= 1 && (opts.tick?.grewAfterReadSince(from) ?? true)
+        );
       },
-      `a commit${opts.memcached ? ' and a memcached set' : ''} sent during the hold acknowledged through the open gate`,
+      `a commit${opts.memcached ? ' and a memcached set' : ''}${opts.tick ? ' and tick.log lines' : ''} of the hold acknowledged through the open gate`,
     );
   } else {
     await waitFor(() => {
@@ -93,7 +97,8 @@ export const killQemu = (pid: number): void => {
  * later one it had received before the interruption — a cut link or a dead destination
  * sidecar leaves S applying what it had staged), the VM runs on S only, psql and memccp go
  * on there over their connections, every acknowledged commit and STORED key is present and
- * no row the client was not told about.
+ * no row the client was not told about; with `tick`, every read of nginx's tick.log, before,
+ * during and after the interruption, extends the reads before it.
  */
 export async function assertAppsRolledBack(
   t: Test,
@@ -101,8 +106,9 @@ export async function assertAppsRolledBack(
   w: PgWriter,
   mc: MemcachedWriter,
   r: { mig: Awaited<ReturnType<Cluster['migrate']>>; held: number },
-  staged = false,
+  opts: { staged?: boolean; tick?: TickReader } = {},
 ): Promise<void> {
+  const { staged = false, tick } = opts;
   const { mig, held } = r;
   t.equal(mig.code, 3, `migrate exits 3 (rolled back): ${mig.stderr.slice(-2000)}`);
   t.equal(mig.result?.outcome, 'rolled-back', 'outcome rolled-back');
@@ -113,6 +119,15 @@ export async function assertAppsRolledBack(
   const since = Date.now();
   await w.waitAcked(10, 'on the source after the rollback', since);
   await mc.waitStored(5, 'on the source after the rollback', since);
+  if (tick) {
+    await tick.waitReads(3, 'on the source after the rollback', since);
+    await tick.stop();
+    t.same(
+      tick.violations,
+      [],
+      `every read of tick.log extends the earlier ones (${tick.reads.length} reads, ${tick.longest.length} bytes, ${tick.failed.length} unanswered)`,
+    );
+  }
   t.same(w.errors, [], 'psql reported no error');
   await w.stop();
   t.equal(w.proc.exitCode, 0, 'psql ended normally: one connection for the whole test');
