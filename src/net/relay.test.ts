@@ -1,4 +1,7 @@
+import fs from 'node:fs';
+import net from 'node:net';
 import t from 'tap';
+import { gateReserve, qemuSendBuffer } from '../gate/reserve.ts';
 import { encodeRecords, headerOf, MAX_RECORD_BYTES, RelayDecoder, VNET_HDR_BYTES } from './relay.ts';
 
 const frame = (seq: number, size = 60): Buffer => {
@@ -69,3 +72,80 @@ t.test('runt, malformed, and framing errors', async (t) => {
   const z = Buffer.alloc(8);
   t.throws(() => new RelayDecoder().push(z), { code: 'ERR_RELAY_FRAMING' }, 'an empty record');
 });
+
+/**
+ * The derivation's premises, on a real unix stream socket pair written the way QEMU's
+ * filter-redirector writes (three writes per record, non-blocking here so that "full"
+ * is observable as EAGAIN): the bytes and records queued before the writer blocks stay
+ * within the reserve for the writer's send buffer, whatever the reader's receive buffer,
+ * and the production decoder gets every record back.
+ */
+t.test("a full relay socket holds no more than the reserve for the writer's send buffer", async (t) => {
+  const sndbuf = qemuSendBuffer();
+  for (const frameLen of [60, 1514, 65_000]) {
+    const [w, r] = await socketPair();
+    try {
+      const fd = (w as unknown as { _handle: { fd: number } })._handle.fd;
+      let queued = 0;
+      let records = 0;
+      let frameBytes = 0;
+      const payload = Buffer.alloc(VNET_HDR_BYTES + frameLen, 9);
+      const prefix = Buffer.alloc(8);
+      prefix.writeUInt32BE(payload.length, 0);
+      prefix.writeUInt32BE(VNET_HDR_BYTES, 4);
+      // three separate writes per record, as QEMU makes them; stop at the first short one
+      outer: for (;;) {
+        for (const part of [prefix.subarray(0, 4), prefix.subarray(4), payload]) {
+          const n = writeSome(fd, part);
+          queued += n;
+          if (n < part.length) break outer;
+        }
+        records++;
+        frameBytes += frameLen;
+      }
+      const reserve = gateReserve(sndbuf);
+      t.ok(frameBytes <= reserve.bytes, `${frameLen}: ${frameBytes} frame bytes queued <= reserve ${reserve.bytes}`);
+      t.ok(records + 1 <= reserve.frames, `${frameLen}: ${records} whole records (+1 partial) within ${reserve.frames} frames`);
+      const dec = new RelayDecoder();
+      let got = 0;
+      await new Promise<void>((done) => {
+        let read = 0;
+        r.on('data', (c: Buffer) => {
+          got += dec.push(c).filter((x) => x.kind === 'frame').length;
+          read += c.length;
+          if (read >= queued) done();
+        });
+        r.resume();
+      });
+      t.equal(got, records, `${frameLen}: the decoder returns every whole record`);
+    } finally {
+      w.destroy();
+      r.destroy();
+    }
+  }
+});
+
+/** A connected unix stream pair; the writer side is read-paused so nothing is consumed. */
+async function socketPair(): Promise<[net.Socket, net.Socket]> {
+  const p = `/tmp/tether-reserve-${process.pid}-${Math.random().toString(16).slice(2)}.sock`;
+  const srv = net.createServer();
+  await new Promise<void>((res) => srv.listen(p, res));
+  const acc = new Promise<net.Socket>((res) => srv.once('connection', res));
+  const w = net.createConnection(p);
+  await new Promise((res) => w.once('connect', res));
+  const r = await acc;
+  r.pause();
+  srv.close();
+  fs.rmSync(p, { force: true });
+  return [w, r];
+}
+
+/** write(2) on a non-blocking fd: bytes taken (0 on EAGAIN). */
+function writeSome(fd: number, b: Buffer): number {
+  try {
+    return fs.writeSync(fd, b);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return 0;
+    throw e;
+  }
+}
