@@ -1,7 +1,9 @@
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import t from 'tap';
 import { gateReserve, qemuSendBuffer } from '../gate/reserve.ts';
+import { raisePeerSndbuf, sockInq } from './tap.ts';
 import { encodeRecords, headerOf, MAX_RECORD_BYTES, RelayDecoder, VNET_HDR_BYTES } from './relay.ts';
 
 const frame = (seq: number, size = 60): Buffer => {
@@ -148,4 +150,65 @@ function writeSome(fd: number, b: Buffer): number {
     if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return 0;
     throw e;
   }
+}
+
+/**
+ * The relay raises the send buffer of QEMU's end of the out socket (raisePeerSndbuf:
+ * pidfd_getfd + SO_SNDBUFFORCE, root). A child process stands in for QEMU: it listens,
+ * accepts and writes records without end; nobody reads. Before the raise its writes stop
+ * at the default buffer; after it, it queues more than that.
+ */
+t.test(
+  "raisePeerSndbuf: the writer's (QEMU's) socket takes more before it blocks",
+  { skip: process.getuid?.() !== 0 ? 'needs root' : false },
+  async (t) => {
+    const p = `/tmp/tether-peer-${process.pid}.sock`;
+    fs.rmSync(p, { force: true });
+    const child = spawn(
+      process.execPath,
+      [
+        '-e',
+        `const net = require('node:net');
+       const srv = net.createServer((s) => {
+         const rec = Buffer.alloc(8 + 1526, 1); rec.writeUInt32BE(1526, 0); rec.writeUInt32BE(12, 4);
+         const pump = () => { while (s.write(rec)); s.once('drain', pump); };
+         process.stdin.on('data', () => pump());
+         process.stdout.write('accepted\\n');
+       });
+       srv.listen(${JSON.stringify(p)}, () => process.stdout.write('listening\\n'));`,
+      ],
+      { stdio: ['pipe', 'pipe', 'inherit'] },
+    );
+    t.teardown(() => {
+      child.kill('SIGKILL');
+      fs.rmSync(p, { force: true });
+    });
+    const said = (what: string) =>
+      new Promise<void>((res) => {
+        const on = (d: Buffer) => {
+          if (d.toString().includes(what)) {
+            child.stdout!.off('data', on);
+            res();
+          }
+        };
+        child.stdout!.on('data', on);
+      });
+    await said('listening');
+    t.equal(raisePeerSndbuf(child.pid!, p, 8 << 20), 0, 'a listening socket alone is not raised');
+    const acc = said('accepted');
+    const s = net.createConnection(p);
+    s.pause();
+    await acc;
+    const fd = (s as unknown as { _handle: { fd: number } })._handle.fd;
+    const got = raisePeerSndbuf(child.pid!, p, 8 << 20);
+    t.ok(got >= 8 << 20, `the accepted socket's SO_SNDBUF is now ${got}`);
+    child.stdin!.write('go\n');
+    await waitUntil(() => sockInq(fd) > qemuSendBuffer());
+    t.ok(sockInq(fd) > qemuSendBuffer(), `the writer queued ${sockInq(fd)} bytes, more than the default buffer ${qemuSendBuffer()}`);
+    s.destroy();
+  },
+);
+
+async function waitUntil(ok: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !ok(); i++) await new Promise((r) => setTimeout(r, 10));
 }
