@@ -502,6 +502,7 @@ export class Daemon {
                 ...(this.#faults.relayPauseMs
                   ? { pauseReading: { ms: this.#faults.relayPauseMs, epoch: this.#faults.relayPauseEpoch ?? 5 } }
                   : {}),
+                ...(this.#faults.relaySndbufDefault ? { keepQemuSndbuf: true } : {}),
               }
             : {}),
           mode,

@@ -34,6 +34,8 @@ import { TetherError } from '../errors.ts';
  *                                read after checkpoint relay-pause-epoch was sealed (a wedged sidecar; QEMU writes on
  *                                into its socket's send buffer, which the relay raised to the gate's byte bound)
  *   relay-pause-epoch=K          the checkpoint after whose seal relay-pause-ms pauses (default 5)
+ *   relay-sndbuf-default         control: the destination's relays leave QEMU's out-socket send buffer at the kernel
+ *                                default (a relay that does not read then blocks QEMU once that is full)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -68,6 +70,7 @@ export interface Faults {
   slowScanEpoch?: number;
   relayPauseMs?: number;
   relayPauseEpoch?: number;
+  relaySndbufDefault?: boolean;
   failRestoreLoad?: boolean;
   plainStream?: boolean;
   holdMigrateTrigger?: boolean;
@@ -106,7 +109,8 @@ type Flag =
   | 'crashBeforeResume'
   | 'failRestoreLoad'
   | 'plainStream'
-  | 'holdMigrateTrigger';
+  | 'holdMigrateTrigger'
+  | 'relaySndbufDefault';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
@@ -118,6 +122,7 @@ const FLAGS: Record<string, Flag> = {
   'fail-restore-load': 'failRestoreLoad',
   'plain-stream': 'plainStream',
   'hold-migrate-trigger': 'holdMigrateTrigger',
+  'relay-sndbuf-default': 'relaySndbufDefault',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {

@@ -75,6 +75,8 @@ export interface NicPortOptions {
   releaseLogFile?: string;
   /** Fault injection (relay-pause-ms): stop reading the out socket for `ms` once, from the first read after epoch `epoch` was sealed. */
   pauseReading?: { epoch: number; ms: number };
+  /** Control (fault relay-sndbuf-default): leave QEMU's out-socket send buffer at the kernel default. */
+  keepQemuSndbuf?: boolean;
   counters?: NicCounters;
   log: Logger;
 }
@@ -220,7 +222,7 @@ export class NicPort {
   #raiseQemuSndbuf(c: Conn, tries: number): void {
     const pid = this.#qemuPid?.();
     const relay = this.#o.relay;
-    if (!pid || !relay || this.#conn !== c || this.#closed || this.#detached) return;
+    if (!pid || !relay || this.#conn !== c || this.#closed || this.#detached || this.#o.keepQemuSndbuf) return;
     let got = 0;
     try {
       got = raisePeerSndbuf(pid, relay.out, this.#o.bounds.maxBytes);
