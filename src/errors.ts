@@ -153,8 +153,6 @@ export const ERRORS = {
   ERR_STATE_TRANSITION: 'a lifecycle state machine was asked for a transition it does not allow',
 
   // --- packet gate and guest NICs (src/gate, src/net)
-  ERR_GATE_FRAME_EMPTY: 'the stream netdev carried a zero-length frame (framing lost)',
-  ERR_GATE_FRAME_TOO_LARGE: 'a frame longer than 65553 bytes on the stream netdev or for the TAP',
   ERR_RELAY_FRAMING: "a record on a NIC relay's socket announced an empty or over-long payload (framing lost: the relay reconnects)",
   ERR_RELAY_DETACH: 'detaching a NIC relay at completion did not drain in time (the filters were removed anyway)',
   ERR_GATE_EPOCH: 'a gate was sealed or released out of epoch order; nothing changed',

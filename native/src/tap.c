@@ -25,16 +25,21 @@
 #include <linux/if_tun.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/ioctl.h>
 #include <termios.h>
 #include <unistd.h>
 
-#define TAP_MAX_FRAME 65553 /* MAX_FRAME_BYTES of src/gate/codec.ts */
+#define TAP_MAX_FRAME 65553 /* 65535 + Ethernet header and one VLAN tag */
 #define BATCH_FRAMES 64
 #define BATCH_BYTES (256 * 1024)
 #define TSFN_QUEUE 4
@@ -378,6 +383,104 @@ static napi_value js_sock_outq(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* sockInq(fd): bytes queued on socket `fd` for this end to read (FIONREAD/SIOCINQ). The
+ * relay-pause fault logs what QEMU queued while the relay did not read. */
+static napi_value js_sock_inq(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd;
+  if (argc < 1 || get_fd(env, argv[0], &fd)) return NULL;
+  int n = 0;
+  if (ioctl(fd, FIONREAD, &n) < 0) {
+    tap_throw(env, "ERR_TAP", errno, "ioctl(FIONREAD)", "sockInq");
+    return NULL;
+  }
+  napi_value r;
+  napi_create_int32(env, n, &r);
+  return r;
+}
+
+/* peerSndbuf(pid, path, bytes): raise the send buffer of the connected unix stream socket
+ * that process `pid` accepted on `path` (QEMU's end of a relay socket: a unix stream
+ * socket's queued bytes are charged to the WRITER and limited by its sk_sndbuf, so the
+ * reader's SO_RCVBUF changes nothing). The socket is reached with pidfd_getfd (a second
+ * fd on the same open socket) and set with SO_SNDBUFFORCE (CAP_NET_ADMIN; the kernel
+ * doubles the value). Returns the resulting SO_SNDBUF of the last socket set, 0 if none
+ * matched (QEMU has not accepted yet). Listening sockets on `path` are skipped. */
+static napi_value js_peer_sndbuf(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t pid, bytes;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  size_t plen = 0;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &pid) != napi_ok || pid <= 0 ||
+      napi_get_value_string_utf8(env, argv[1], path, sizeof path, &plen) != napi_ok || plen == 0 ||
+      plen >= sizeof path - 1 || napi_get_value_int32(env, argv[2], &bytes) != napi_ok || bytes <= 0) {
+    tap_throw(env, "ERR_MEM_NATIVE_ARGS", 0, NULL, "peerSndbuf(pid > 0, socket path, bytes > 0)");
+    return NULL;
+  }
+  int pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+  if (pidfd < 0) {
+    tap_throw(env, "ERR_TAP", errno, "pidfd_open", "peerSndbuf");
+    return NULL;
+  }
+  char dir[64];
+  snprintf(dir, sizeof dir, "/proc/%d/fd", pid);
+  DIR *d = opendir(dir);
+  if (!d) {
+    int e = errno;
+    close(pidfd);
+    tap_throw(env, "ERR_TAP", e, "opendir", "peerSndbuf");
+    return NULL;
+  }
+  int result = 0, err = 0;
+  const char *failed = NULL;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    char *end;
+    long target = strtol(de->d_name, &end, 10);
+    if (*de->d_name == '\0' || *end != '\0') continue;
+    char link[64], lpath[64 + 256 + 2];
+    snprintf(lpath, sizeof lpath, "%s/%s", dir, de->d_name);
+    ssize_t n = readlink(lpath, link, sizeof link - 1);
+    if (n <= 0) continue;
+    link[n] = '\0';
+    if (strncmp(link, "socket:", 7) != 0) continue;
+    int fd = (int)syscall(SYS_pidfd_getfd, pidfd, (int)target, 0);
+    if (fd < 0) continue; /* closed meanwhile */
+    int v = 0;
+    socklen_t vl = sizeof v;
+    struct sockaddr_un a;
+    socklen_t al = sizeof a;
+    memset(&a, 0, sizeof a);
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &vl) == 0 && v == AF_UNIX && (vl = sizeof v, getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &vl) == 0) &&
+        v == SOCK_STREAM && (vl = sizeof v, getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &vl) == 0) && v == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &al) == 0 && al > offsetof(struct sockaddr_un, sun_path) &&
+        strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
+      if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) != 0) {
+        err = errno;
+        failed = "setsockopt(SO_SNDBUFFORCE)";
+      } else {
+        vl = sizeof v;
+        if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, &vl) == 0) result = v;
+      }
+    }
+    close(fd);
+    if (failed) break;
+  }
+  closedir(d);
+  close(pidfd);
+  if (failed) {
+    tap_throw(env, "ERR_TAP", err, failed, "peerSndbuf");
+    return NULL;
+  }
+  napi_value r;
+  napi_create_int32(env, result, &r);
+  return r;
+}
+
 void tap_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"tapOpen", NULL, js_tap_open, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -386,6 +489,8 @@ void tap_register(napi_env env, napi_value exports) {
       {"tapStartReader", NULL, js_tap_start_reader, NULL, NULL, NULL, napi_enumerable, NULL},
       {"tapStopReader", NULL, js_tap_stop_reader, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sockOutq", NULL, js_sock_outq, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sockInq", NULL, js_sock_inq, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"peerSndbuf", NULL, js_peer_sndbuf, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

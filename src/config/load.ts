@@ -20,8 +20,8 @@ export interface ParseOptions {
   /** Directory relative paths are resolved against. */
   baseDir: string;
   /**
-   * QEMU's stream-socket send buffer on this host, part of the gate's reserve
-   * (default: net.core.wmem_default, see qemuSendBuffer in src/gate/reserve.ts).
+   * The send buffer of QEMU's end of the relay's out socket on this host, part of the
+   * gate's minimum (default: net.core.wmem_default, see qemuSendBuffer in src/gate/reserve.ts).
    */
   qemuSendBuffer?: number;
 }
@@ -303,7 +303,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const hotStandby = mig?.optBool('hotStandby') ?? true;
 
   const nics = parseNics(root.optList('nics'), name);
-  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), window, opts);
+  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), opts);
 
   return {
     name,
@@ -322,17 +322,17 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
 }
 
 /**
- * gate.maxBytes/maxFrames are a hard bound: the gate stops reading QEMU a reserve below
- * them (src/gate/reserve.ts; it grows with checkpoint.window and the host's
- * net.core.wmem_default). A bound that leaves less than the minimum working room above
- * the reserve is refused; the default is raised to the minimum where that is more.
+ * gate.maxBytes/maxFrames are a hard bound of what the relay holds; past it the relay
+ * refuses frames (counted). The bound must at least take what QEMU hands the relay in one
+ * go (its socket's send buffer and one longest record: src/gate/reserve.ts) plus working
+ * room; the default is raised to that minimum where that is more.
  */
-function parseGate(g: Obj | undefined, window: number, opts: ParseOptions): { maxBytes: number; maxFrames: number } {
-  const reserve = gateReserve(window, opts.qemuSendBuffer);
+function parseGate(g: Obj | undefined, opts: ParseOptions): { maxBytes: number; maxFrames: number } {
+  const reserve = gateReserve(opts.qemuSendBuffer);
   const min = gateMinimum(reserve);
   const dflt = gateDefaults(reserve);
   const why = (unit: string, r: number) =>
-    `reserve ${r} ${unit} (what can still arrive from QEMU after the gate pauses, with checkpoint.window ${window}; src/gate/reserve.ts) + working room`;
+    `reserve ${r} ${unit} (what QEMU's relay socket hands over at once: its send buffer and one longest record; src/gate/reserve.ts) + working room`;
   const maxBytes = g?.optInt('maxBytes', 1, 1 << 30) ?? dflt.maxBytes;
   if (maxBytes < min.bytes) {
     invalid('gate.maxBytes', `must be at least ${min.bytes} on this host: ${why('bytes', reserve.bytes)}, got ${maxBytes}`, {

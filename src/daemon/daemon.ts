@@ -496,9 +496,17 @@ export class Daemon {
           vm: vm.name,
           index: i,
           nic,
-          ...(relay ? { relay: vm.nicRelays[i]! } : {}),
+          ...(relay
+            ? {
+                relay: vm.nicRelays[i]!,
+                ...(this.#faults.relayPauseMs
+                  ? { pauseReading: { ms: this.#faults.relayPauseMs, epoch: this.#faults.relayPauseEpoch ?? 5 } }
+                  : {}),
+                ...(this.#faults.relaySndbufDefault ? { keepQemuSndbuf: true } : {}),
+              }
+            : {}),
           mode,
-          bounds: vm.config.gate ?? gateDefaults(gateReserve(vm.config.checkpoint.window)),
+          bounds: vm.config.gate ?? gateDefaults(gateReserve()),
           checkpointWindow: vm.config.checkpoint.window,
           counters: this.metrics.nicCounters(vm.name, `net${i}`),
           log: this.log.child({ vm: vm.name }),
@@ -511,7 +519,7 @@ export class Daemon {
 
   /** Relays (a destination's window) connected to QEMU's sockets (QEMU must be started); nothing else to do. */
   async #openNics(vm: VmInstance, ports: NicPort[]): Promise<void> {
-    for (const p of ports) await p.open();
+    for (const p of ports) await p.open(() => vm.qemu?.pid);
     await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
     if (ports.length) vm.log.info('NICs connected', { nics: ports.map((p) => p.name) });
   }
@@ -599,7 +607,7 @@ export class Daemon {
         await this.#closeNics(vm.name, true);
         const ports = this.#createNics(vm, 'pass');
         try {
-          for (const p of ports) await p.open();
+          for (const p of ports) await p.open(() => vm.qemu?.pid);
           await vm.boot();
           await Promise.all(ports.map((p) => p.waitConnected(NIC_CONNECT_MS)));
         } catch (e) {

@@ -314,8 +314,8 @@ export class PacketGate implements EpochOutputs {
   }
 
   /**
-   * The reserve fell short (a guest with a larger MTU than GATE_MAX_FRAME, or one that
-   * sent more than GUEST_TX_PER_BARRIER frames during a barrier): the frames are held anyway, because
+   * The reserve fell short (an owner that feeds the gate past its pause threshold; the
+   * relay of src/net/nic.ts refuses before the bound, so there this stays 0): the frames are held anyway, because
    * dropping a held frame would break output commit's promise to TCP peers, and the
    * excess is counted and logged as an error so that it is never silent.
    */

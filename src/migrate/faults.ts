@@ -30,6 +30,12 @@ import { TetherError } from '../errors.ts';
  *                                of dropping its records (VmInstance.dropCompletedSource on the source: 1 vm.json,
  *                                2 marker, 3 checkpoints and RAM; dropCompletingRecords on the destination: 1 marker,
  *                                2 completion request)
+ *   relay-pause-ms=N             the destination's relays stop reading QEMU's out socket for N ms, once, from their first
+ *                                read after checkpoint relay-pause-epoch was sealed (a wedged sidecar; QEMU writes on
+ *                                into its socket's send buffer, which the relay raised to the gate's byte bound)
+ *   relay-pause-epoch=K          the checkpoint after whose seal relay-pause-ms pauses (default 5)
+ *   relay-sndbuf-default         control: the destination's relays leave QEMU's out-socket send buffer at the kernel
+ *                                default (a relay that does not read then blocks QEMU once that is full)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
@@ -62,6 +68,9 @@ export interface Faults {
   crashBeforeResume?: boolean;
   slowScanMs?: number;
   slowScanEpoch?: number;
+  relayPauseMs?: number;
+  relayPauseEpoch?: number;
+  relaySndbufDefault?: boolean;
   failRestoreLoad?: boolean;
   plainStream?: boolean;
   holdMigrateTrigger?: boolean;
@@ -100,7 +109,8 @@ type Flag =
   | 'crashBeforeResume'
   | 'failRestoreLoad'
   | 'plainStream'
-  | 'holdMigrateTrigger';
+  | 'holdMigrateTrigger'
+  | 'relaySndbufDefault';
 
 /** Switches without a value. */
 const FLAGS: Record<string, Flag> = {
@@ -112,6 +122,7 @@ const FLAGS: Record<string, Flag> = {
   'fail-restore-load': 'failRestoreLoad',
   'plain-stream': 'plainStream',
   'hold-migrate-trigger': 'holdMigrateTrigger',
+  'relay-sndbuf-default': 'relaySndbufDefault',
 };
 
 const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
@@ -126,6 +137,8 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'crash-cleanup-step': 'crashCleanupStep',
   'slow-scan-ms': 'slowScanMs',
   'slow-scan-epoch': 'slowScanEpoch',
+  'relay-pause-ms': 'relayPauseMs',
+  'relay-pause-epoch': 'relayPauseEpoch',
 };
 
 /** crash-before-resume: the rollback's restored QEMU exists (recorded in vm.json), not yet resumed. */

@@ -29,7 +29,7 @@ import { errorFields } from '../util/log.ts';
 import { deferred, nowMs } from '../util/time.ts';
 import { RelayDecoder, encodeRecords, type RelayRecord } from './relay.ts';
 import { tapCandidates } from '../config/load.ts';
-import { sockOutq, tapDown, TapDevice } from './tap.ts';
+import { raisePeerSndbuf, sockInq, sockOutq, tapDown, TapDevice } from './tap.ts';
 
 /** Reconnect delay: short first, then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
@@ -40,6 +40,9 @@ const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Mat
  * good should ever reach it.
  */
 const DETACH_STEP_MS = 30_000;
+/** Tries (every SNDBUF_RETRY_MS) to find QEMU's accepted end of the out socket and raise its send buffer. */
+const SNDBUF_TRIES = 100;
+const SNDBUF_RETRY_MS = 20;
 
 /**
  * Guest frames dropped by the relay, never passed on: `runt` shorter than an Ethernet
@@ -75,6 +78,10 @@ export interface NicPortOptions {
   relay?: NicRelayPaths;
   /** JSON-lines release log file (the harness compares it with a capture), or none. */
   releaseLogFile?: string;
+  /** Fault injection (relay-pause-ms): stop reading the out socket for `ms` once, from the first read after epoch `epoch` was sealed. */
+  pauseReading?: { epoch: number; ms: number };
+  /** Control (fault relay-sndbuf-default): leave QEMU's out-socket send buffer at the kernel default. */
+  keepQemuSndbuf?: boolean;
   counters?: NicCounters;
   log: Logger;
 }
@@ -102,7 +109,13 @@ export class NicPort {
   /** detach() under way: the out socket's EOF is expected and must not end the in socket. */
   #detaching = false;
   #timer: NodeJS.Timeout | undefined;
+  #timer2: NodeJS.Timeout | undefined;
   #failures = 0;
+  #qemuPid: (() => number | undefined) | undefined;
+  /** SO_SNDBUF of QEMU's end of the out socket once raised (0: not raised). */
+  #qemuSndbuf = 0;
+  /** relay-pause-ms done (it fires once). */
+  #paused = false;
   /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
   readonly #drops: Record<NicDropReason, number> = { runt: 0, malformed: 0, framing: 0, gate_full: 0, relay_error: 0 };
 
@@ -142,8 +155,14 @@ export class NicPort {
     return this.#o.relay === undefined || this.#connected;
   }
 
-  /** Start connecting the relay to QEMU's sockets (QEMU must be started); nothing without relay. */
-  open(): Promise<void> {
+  /**
+   * Start connecting the relay to QEMU's sockets (QEMU must be started); nothing without
+   * relay. `qemuPid`: the window's QEMU, whose end of the out socket gets a send buffer as
+   * large as the gate's byte bound, so that a sidecar that does not read for a while does
+   * not block QEMU until the guest has queued that much (docs/network.md "Bounds").
+   */
+  open(qemuPid?: () => number | undefined): Promise<void> {
+    this.#qemuPid = qemuPid;
     if (this.#o.relay) this.#connect();
     return Promise.resolve();
   }
@@ -175,6 +194,7 @@ export class NicPort {
       this.#failures = 0;
       this.#log.info('relay connected to QEMU', { out: relay.out, in: relay.in });
       for (const w of this.#connectWaiters.splice(0)) w();
+      this.#raiseQemuSndbuf(c, 0);
     };
     outS.on('connect', onUp);
     inS.on('connect', onUp);
@@ -199,8 +219,66 @@ export class NicPort {
     inS.on('close', onClose);
   }
 
-  /** The guest's frames from QEMU's out socket. Never throws, never stops reading. */
+  /** SO_SNDBUF of QEMU's end of the out socket (0 until raised; the kernel default then applies). */
+  get qemuSndbuf(): number {
+    return this.#qemuSndbuf;
+  }
+
+  /**
+   * QEMU accepts the relay's connection from its main loop, after our connect completed:
+   * look for its end until it is there, then raise its send buffer to the gate's byte
+   * bound. A failure is logged and leaves the kernel default (the bound on a sidecar
+   * stall is then what that default buffers).
+   */
+  #raiseQemuSndbuf(c: Conn, tries: number): void {
+    const pid = this.#qemuPid?.();
+    const relay = this.#o.relay;
+    if (!pid || !relay || this.#conn !== c || this.#closed || this.#detached || this.#o.keepQemuSndbuf) return;
+    let got = 0;
+    try {
+      got = raisePeerSndbuf(pid, relay.out, this.#o.bounds.maxBytes);
+    } catch (e) {
+      this.#log.warn("relay: cannot raise QEMU's socket send buffer: a sidecar stall blocks QEMU once the default buffer is full", {
+        error: errorFields(e),
+      });
+      return;
+    }
+    if (got > 0) {
+      this.#qemuSndbuf = got;
+      this.#log.info("relay: QEMU's out socket send buffer raised", { sndbuf: got });
+    } else if (tries < SNDBUF_TRIES) {
+      this.#timer2 = setTimeout(() => this.#raiseQemuSndbuf(c, tries + 1), SNDBUF_RETRY_MS);
+    } else this.#log.warn("relay: QEMU's end of the out socket not found; its send buffer stays the default");
+  }
+
+  /** relay-pause-ms: stop reading for `ms` (QEMU keeps writing into its socket's send buffer). */
+  #maybePauseReading(c: Conn): void {
+    const f = this.#o.pauseReading;
+    if (!f || this.#paused || this.gate.currentEpoch <= f.epoch) return;
+    this.#paused = true;
+    const fd = (c.out as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const inq = (): number | null => (fd === undefined || c.out.destroyed ? null : sockInq(fd));
+    const from = { epoch: this.gate.currentEpoch, mono: monoClockMs() };
+    c.out.pause();
+    this.#log.warn('fault injection: relay stops reading', { ms: f.ms, epoch: from.epoch, qemuSndbuf: this.#qemuSndbuf, queued: inq() });
+    setTimeout(() => {
+      // what QEMU wrote while nobody read: still queued in its socket, all of it read now
+      const queued = inq();
+      this.#log.warn('fault injection: relay reads again', {
+        ms: f.ms,
+        pausedMs: Math.round(monoClockMs() - from.mono),
+        epochFrom: from.epoch,
+        epochTo: this.gate.currentEpoch,
+        queued,
+        qemuSndbuf: this.#qemuSndbuf,
+      });
+      c.out.resume();
+    }, f.ms);
+  }
+
+  /** The guest's frames from QEMU's out socket. Never throws, never stops reading (but for the relay-pause-ms fault). */
   #fromQemu(c: Conn, chunk: Buffer): void {
+    this.#maybePauseReading(c);
     let recs: RelayRecord[];
     try {
       recs = c.dec.push(chunk);
@@ -355,6 +433,7 @@ export class NicPort {
         .catch((e: unknown) => this.#log.error('object-del failed', { error: errorFields(e) }));
       await qmp.execute('chardev-remove', { id: id.inDev }).catch(() => {});
       clearTimeout(this.#timer);
+      clearTimeout(this.#timer2);
       this.#conn = undefined;
       this.#connected = false;
       c?.out.destroy();
@@ -369,6 +448,7 @@ export class NicPort {
   async close(remove: boolean): Promise<void> {
     this.#closed = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#timer2);
     this.#conn?.out.destroy();
     this.#conn?.in.destroy();
     this.#conn = undefined;

@@ -18,11 +18,12 @@
  * copied into memory of its own (a held frame must not pin a 64 KiB socket chunk).
  */
 import { TetherError } from '../errors.ts';
+import { MAX_RECORD_BYTES, VNET_HDR_BYTES } from '../gate/reserve.ts';
 
-/** The virtio-net header QEMU's tap backend uses with vnet_hdr=on (virtio_net_hdr_mrg_rxbuf). */
-export const VNET_HDR_BYTES = 12;
-/** Largest payload QEMU's reader accepts (NET_BUFSIZE = 4096 + 65536); a larger length means lost framing. */
-export const MAX_RECORD_BYTES = 4096 + 65536;
+/** The virtio-net header QEMU's tap backend uses with vnet_hdr=on; a payload longer than
+ * MAX_RECORD_BYTES (QEMU's NET_BUFSIZE) means lost framing. Both are defined with the gate's
+ * bound, which is derived from them (src/gate/reserve.ts). */
+export { MAX_RECORD_BYTES, VNET_HDR_BYTES };
 /** Shortest Ethernet frame passed on: a header alone (tun answers EINVAL to anything shorter). */
 export const MIN_FRAME_BYTES = 14;
 const PREFIX = 8;

@@ -21,6 +21,8 @@ interface TapBinding {
   tapStartReader(fd: number, cb: (buf: Buffer | null, lens: Uint32Array | number) => void): object;
   tapStopReader(handle: object): void;
   sockOutq(fd: number): number;
+  sockInq(fd: number): number;
+  peerSndbuf(pid: number, path: string, bytes: number): number;
 }
 
 const binding = (): TapBinding => loadNative() as unknown as TapBinding;
@@ -46,6 +48,31 @@ export function sockOutq(fd: number): number {
     return binding().sockOutq(fd);
   } catch (e) {
     throw tapError(e, 'TIOCOUTQ');
+  }
+}
+
+/** Bytes queued on socket `fd` for this end to read (FIONREAD). */
+export function sockInq(fd: number): number {
+  try {
+    return binding().sockInq(fd);
+  } catch (e) {
+    throw tapError(e, 'FIONREAD');
+  }
+}
+
+/**
+ * Raise the send buffer of the unix stream socket process `pid` accepted on `path` (QEMU's
+ * end of a relay socket) to `bytes` (SO_SNDBUFFORCE through pidfd_getfd: root). On a unix
+ * stream socket the writer's send buffer, not the reader's receive buffer, bounds what
+ * can queue before the writer blocks. Returns the socket's SO_SNDBUF now, or 0 when `pid`
+ * has not accepted a connection on `path` (yet).
+ */
+export function raisePeerSndbuf(pid: number, path: string, bytes: number): number {
+  try {
+    // the kernel doubles the value (sk_sndbuf = 2 * val): ask for half
+    return binding().peerSndbuf(pid, path, Math.max(1, Math.ceil(bytes / 2)));
+  } catch (e) {
+    throw tapError(e, 'SO_SNDBUFFORCE on the relay socket');
   }
 }
 

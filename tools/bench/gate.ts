@@ -13,11 +13,9 @@
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import { cpus, release } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { encodeFrames } from '../../src/gate/codec.ts';
 import { loadNative } from '../../src/native.ts';
 import { TapDevice } from '../../src/net/tap.ts';
 import { nullLogger } from '../../src/util/log.ts';
@@ -37,46 +35,21 @@ function frame(size: number, seq = 0): Buffer {
 // ---------------------------------------------------------------- load generator (child process)
 
 interface Job {
-  kind: 'tap-writer' | 'stream-server';
+  kind: 'tap-writer';
   size: number;
   seconds: number;
-  socket?: string;
 }
 
 /** The frame source runs in its own process (its own core when there is one). */
 async function generatorMain(job: Job): Promise<void> {
   const report = (m: object): void => void process.stdout.write(JSON.stringify(m) + '\n');
   const until = performance.now() + job.seconds * 1000;
-  if (job.kind === 'tap-writer') {
-    // the TAP's fd is inherited as fd 3
-    const b = loadNative() as unknown as { tapWriteBatch(fd: number, f: Buffer[]): number };
-    const batch = Array.from({ length: 64 }, (_, i) => frame(job.size, i));
-    let sent = 0;
-    while (performance.now() < until) sent += b.tapWriteBatch(3, batch);
-    report({ sent });
-    return;
-  }
-  // QEMU's role: stream server, frames as fast as the socket drains
-  const chunk = encodeFrames(Array.from({ length: Math.max(1, Math.floor((256 * 1024) / (job.size + 4))) }, (_, i) => frame(job.size, i)));
-  const perChunk = Math.max(1, Math.floor((256 * 1024) / (job.size + 4)));
+  // the TAP's fd is inherited as fd 3
+  const b = loadNative() as unknown as { tapWriteBatch(fd: number, f: Buffer[]): number };
+  const batch = Array.from({ length: 64 }, (_, i) => frame(job.size, i));
   let sent = 0;
-  const srv = net.createServer((s) => {
-    s.on('error', () => {});
-    const pump = (): void => {
-      while (performance.now() < until) {
-        sent += perChunk;
-        if (!s.write(chunk)) {
-          s.once('drain', pump);
-          return;
-        }
-      }
-      s.end();
-      srv.close();
-      report({ sent });
-    };
-    pump();
-  });
-  srv.listen(job.socket!, () => report({ listening: true }));
+  while (performance.now() < until) sent += b.tapWriteBatch(3, batch);
+  report({ sent });
 }
 
 function runGenerator(job: Job, opts: { fd?: number; onListening?: () => void } = {}): Promise<{ sent: number }> {

@@ -62,6 +62,9 @@
  *                              --stall-repeats 5 migrations of each per --stall-links 200mbit,1gbit (tbf on the
  *                              migration link, QEMU unthrottled); tether's runs are aborted a second after the
  *                              switchover (hold-completion), vanilla's go back and forth; about 2 minutes
+ *   --gated-links 1gbit,200mbit   run the in-window samples (control and gated) once per migration link setting
+ *                              (tbf on the migration link, both directions, as --stall-links), side by side in one
+ *                              run; default: the link unshaped (one setting)
  *   --hold-window              the destination asks to complete only after the last sample (hold-completion):
  *                              with a fast --bandwidth-mib all RAM has moved, so the window is measured
  *                              without post-copy faults (the relay and the gate's hold alone)
@@ -114,8 +117,11 @@ const opt = {
   /** --only stall: migration links (tbf) of the two settings, and migrations per setting and side. */
   stallLinks: list('stall-links', '200mbit,1gbit') as Link[],
   stallRepeats: num('stall-repeats', 5),
+  /** Migration link settings (tbf) of the in-window samples; empty: the link unshaped. */
+  gatedLinks: list('gated-links', '') as Link[],
   only,
 };
+for (const l of opt.gatedLinks) if (!(l in LINKS)) throw new Error(`--gated-links: one of ${Object.keys(LINKS).join(', ')}`);
 for (const l of opt.stallLinks) if (!(l in LINKS)) throw new Error(`--stall-links: one of ${Object.keys(LINKS).join(', ')}`);
 for (const v of [...opt.sizes, ...opt.intervals])
   if (!Number.isInteger(v) || v <= 0) throw new Error('--sizes/--intervals: positive integers');
@@ -407,6 +413,8 @@ function dist(v: number[]): { p50: number | null; p99: number | null; n: number 
 interface GatedSample {
   label: string;
   intervalMs: number;
+  /** The migration link's shaping during the sample (--gated-links), null: unshaped. */
+  link: Link | null;
   /** Replies to requests of the chunks that ended with the window still open: the figure. */
   ping: PingStats;
   /** The first chunk after the wait, not counted: it faults in the reply path's pages. */
@@ -662,8 +670,16 @@ function gateModel(
  * (unless `last`) and gather what the logs say about the same seconds. `control`: the
  * destination runs with TETHER_FAULTS=gate-open, so the same window without the gate's hold.
  */
-async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: number, control: boolean): Promise<GatedSample> {
-  const label = control ? `gate forced open (control) ${interval} ms` : `gate in window ${interval} ms`;
+async function windowRun(
+  c: Cluster,
+  interval: number,
+  last: boolean,
+  slackMs: number,
+  control: boolean,
+  link: Link | null,
+): Promise<GatedSample> {
+  const on = link ? `, link ${link}` : '';
+  const label = control ? `gate forced open (control) ${interval} ms${on}` : `gate in window ${interval} ms${on}`;
   setCheckpointInterval(c, c.dst, interval);
   const dstFrom = fileSize(c.dst.daemonLog);
   const srcFrom = fileSize(c.src.daemonLog);
@@ -674,6 +690,14 @@ async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: n
   let ended = false;
   void migrating.finally(() => (ended = true));
   await waitAcked(c, opt.warmupEpochs, migrating);
+  if (opt.holdWindow) {
+    // all RAM has arrived (the destination holds its completion request): the window without post-copy faults
+    await waitFor(
+      () => ended || /holding the completion request/.test(readText(c.dst.daemonLog).slice(dstFrom)),
+      'the destination has received all RAM',
+      180_000,
+    );
+  }
   const w = await windowPing(c, () => ended);
   // read now: a rollback removes the destination's VM directory
   const releaseLog = records(path.join(c.dst.stateDir, c.vmName, 'net0.gate.jsonl')).filter((r) => Number(r.at) >= startWall);
@@ -709,6 +733,7 @@ async function windowRun(c: Cluster, interval: number, last: boolean, slackMs: n
   const g: GatedSample = {
     label,
     intervalMs: interval,
+    link,
     ping: w.ping,
     warmup: w.warmup,
     discarded: w.discarded,
@@ -753,35 +778,42 @@ async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
   try {
     out.before = await sample(c, c.src, 'gate before migration');
     const slack = out.before.ping.p99 ?? 0;
-    if (opt.control) {
-      // The same windows with the destination's gate forced open: everything but the gate's hold.
-      await c.termDaemon(c.dst);
-      await c.restartDaemon(c.dst, { faults: 'gate-open' });
-      for (const interval of opt.intervals) {
-        const g = await windowRun(c, interval, false, slack, true);
-        out.control.push(g);
-        if (g.outcome !== 'rolled-back') throw new Error(`control: abort did not roll back (${g.outcome})`);
-        await waitReachable(c, 'the guest answers on the source after the rollback');
+    const links: (Link | null)[] = opt.gatedLinks.length ? opt.gatedLinks : [null];
+    settings: for (const [j, link] of links.entries()) {
+      if (link) {
+        shapeLink(c, link);
+        log(`gate: migration link shaped to ${link}`);
       }
-      await c.termDaemon(c.dst);
-      await c.restartDaemon(c.dst, { faults: undefined });
-    }
-    for (const [i, interval] of opt.intervals.entries()) {
-      const last = i === opt.intervals.length - 1;
-      const g = await windowRun(c, interval, last, slack, false);
-      const outcome = g.outcome;
-      out.gated.push(g);
-      if (last || outcome === 'completed') {
-        if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${g.migrateError}`);
-        // A window that closed before the abort: the VM is on the destination now, so the
-        // remaining intervals cannot be measured in this run (their rows stay empty).
-        if (!last) log(`gate: the migration completed before the abort; intervals after ${interval} ms not measured`);
-        await waitReachable(c, 'the guest answers on the destination');
-        out.after = await sample(c, c.dst, 'gate after completion');
-        break;
-      } else {
-        if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${g.migrateError}`);
-        await waitReachable(c, 'the guest answers on the source after the rollback');
+      if (opt.control) {
+        // The same windows with the destination's gate forced open: everything but the gate's hold.
+        await c.termDaemon(c.dst);
+        await c.restartDaemon(c.dst, { faults: 'gate-open' });
+        for (const interval of opt.intervals) {
+          const g = await windowRun(c, interval, false, slack, true, link);
+          out.control.push(g);
+          if (g.outcome !== 'rolled-back') throw new Error(`control: abort did not roll back (${g.outcome})`);
+          await waitReachable(c, 'the guest answers on the source after the rollback');
+        }
+        await c.termDaemon(c.dst);
+        await c.restartDaemon(c.dst, { faults: undefined });
+      }
+      for (const [i, interval] of opt.intervals.entries()) {
+        const last = i === opt.intervals.length - 1 && j === links.length - 1;
+        const g = await windowRun(c, interval, last, slack, false, link);
+        const outcome = g.outcome;
+        out.gated.push(g);
+        if (last || outcome === 'completed') {
+          if (outcome !== 'completed') throw new Error(`the last migration did not complete: ${g.migrateError}`);
+          // A window that closed before the abort: the VM is on the destination now, so the
+          // remaining intervals cannot be measured in this run (their rows stay empty).
+          if (!last) log(`gate: the migration completed before the abort; intervals after ${interval} ms not measured`);
+          await waitReachable(c, 'the guest answers on the destination');
+          out.after = await sample(c, c.dst, 'gate after completion');
+          break settings;
+        } else {
+          if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${g.migrateError}`);
+          await waitReachable(c, 'the guest answers on the source after the rollback');
+        }
       }
     }
   } catch (e) {
@@ -1050,6 +1082,12 @@ function cpuNote(s: Sample | undefined, dir: string, size: number): string {
   return c ? `CPU: QEMU ${c.qemuPct ?? '–'}%, sidecar ${c.sidecarPct ?? '–'}%` : '';
 }
 
+/** ", migration link 200mbit" for a sample taken with --gated-links, "" unshaped. */
+const linkName = (s: GatedSample): string => (s.link ? `, migration link ${s.link}` : '');
+/** The forced-open sample of the same interval and link setting as `s`. */
+const controlOf = (g: GateRun | undefined, s: GatedSample): GatedSample | undefined =>
+  g?.control.find((x) => x.intervalMs === s.intervalMs && x.link === s.link);
+
 function figures(res: Results): Figure[] {
   const F: Figure[] = stallFigures(res.stall);
   if (!['tap', 'tap-novnet', 'gate'].some((k) => opt.only.has(k))) return F;
@@ -1065,7 +1103,7 @@ function figures(res: Results): Figure[] {
   if (novnet) pingFig('QEMU tap, vnet_hdr=off', novnet);
   pingFig('gate, before migration (pass-through)', g?.before);
   for (const s of g?.gated ?? []) {
-    const name = `gate, post-copy window, interval ${s.intervalMs} ms (gated)`;
+    const name = `gate, post-copy window, interval ${s.intervalMs} ms${linkName(s)} (gated)`;
     pingFig(
       name,
       s,
@@ -1133,7 +1171,7 @@ function figures(res: Results): Figure[] {
         const tr = s.tcp.find((x) => x.dir === dir && x.size === size);
         if (!tr) continue; // not measured at this size in the window
         F.push({
-          name: `${what}: gated, interval ${s.intervalMs} ms`,
+          name: `${what}: gated, interval ${s.intervalMs} ms${linkName(s)}`,
           value: tr?.mbitPerS ?? null,
           unit: 'Mbit/s',
           note: [
@@ -1143,17 +1181,21 @@ function figures(res: Results): Figure[] {
             .filter(Boolean)
             .join('; '),
         });
-        const ctl = g?.control.find((x) => x.intervalMs === s.intervalMs)?.tcp.find((x) => x.dir === dir && x.size === size);
+        const ctl = controlOf(g, s)?.tcp.find((x) => x.dir === dir && x.size === size);
         if (ctl) {
           F.push({
-            name: `${what}: in window, gate forced open (relay only), interval ${s.intervalMs} ms`,
+            name: `${what}: in window, gate forced open (relay only), interval ${s.intervalMs} ms${linkName(s)}`,
             value: ctl.mbitPerS ?? null,
             unit: 'Mbit/s',
           });
-          F.push({ name: `${what}: relay only / tap`, value: t && ctl.mbitPerS ? r2(ctl.mbitPerS / t) : null, unit: '×' });
+          F.push({
+            name: `${what}: relay only / tap${linkName(s)}`,
+            value: t && ctl.mbitPerS ? r2(ctl.mbitPerS / t) : null,
+            unit: '×',
+          });
         }
         F.push({
-          name: `${what}: gated, interval ${s.intervalMs} ms / tap`,
+          name: `${what}: gated, interval ${s.intervalMs} ms${linkName(s)} / tap`,
           value: t && tr?.mbitPerS ? r2(tr.mbitPerS / t) : null,
           unit: '×',
           target: { op: '>=', value: TARGET_GATED_RATIO },
@@ -1180,7 +1222,7 @@ function rttTable(res: Results): string[] {
     if (s) rows.push(`| ${name} | ${s.ping.received} / ${s.ping.sent} | ${ms(s.ping.p50)} | ${ms(s.ping.p99)} | | | | | |`);
   };
   const ctl = (s: GatedSample): string => {
-    const k = g.control.find((x) => x.intervalMs === s.intervalMs);
+    const k = controlOf(g, s);
     if (!k) return '–';
     const n = `${k.ping.received} / ${k.ping.sent}${k.windowOpen ? '' : ' WINDOW CLOSED'}`;
     return `${ms(k.ping.p50)} / ${ms(k.ping.p99)} (n ${n})`;
@@ -1189,7 +1231,7 @@ function rttTable(res: Results): string[] {
   for (const s of g.gated) {
     const wu = s.warmup;
     rows.push(
-      `| post-copy window, interval ${s.intervalMs} ms | ${s.ping.received} / ${s.ping.sent} in window` +
+      `| post-copy window, interval ${s.intervalMs} ms${linkName(s)} | ${s.ping.received} / ${s.ping.sent} in window` +
         `${s.discarded ? ` (${s.discarded} discarded)` : ''}${s.windowOpen ? '' : ' WINDOW CLOSED'} | ` +
         `${ms(s.ping.p50)} | ${ms(s.ping.p99)} | ${ctl(s)} | ${ms(s.model?.p50)} / ${ms(s.model?.p99)} | ` +
         `${s.aboveBound.pct === null ? '–' : `${s.aboveBound.pct} % (> ${s.boundMs} ms)`} | ` +
