@@ -113,6 +113,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
    */
   static recover(image: BlockDevice, replay: Replay, opts: JournalOptions & { nextEpoch: number }): BlockJournal {
     const j = new BlockJournal(image, { ...opts, writeThrough: false });
+    image.bypassCache?.(opts.log);
     let first = opts.nextEpoch;
     for (const r of replay.records) if (r.kind !== LogKind.Completed && r.epoch < first) first = r.epoch;
     j.#mode = 'journal';
@@ -170,6 +171,9 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
       this.#log?.warn('fault injection: journal-write-through, destination disk writes go straight to the image');
       return;
     }
+    // The source writes the shared image while the window is open: a page this host
+    // cached earlier may be stale (NFS, SAN), so the image is read around the cache.
+    this.#image.bypassCache?.(this.#log);
     this.#mode = 'journal';
     this.#epochs = [{ epoch: firstEpoch, map: new ExtentMap(), sealed: false }];
   }
@@ -425,7 +429,11 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
         bytes += x.length;
       }
     }
-    if (bytes > 0) await this.#image.flush();
+    if (bytes > 0) {
+      await this.#image.flush();
+      // Durable on the storage now: no clean copy of it stays in this host's cache.
+      this.#image.dropCache?.();
+    }
     this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length });
   }
 
