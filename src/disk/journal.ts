@@ -29,6 +29,7 @@
  * overshoots by at most the requests QEMU has in flight, and holds again from
  * the next seal.
  */
+import { MAX_DISK_ZERO_BYTES } from '../checkpoint/messages.ts';
 import { TetherError } from '../errors.ts';
 import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
 import type { Logger } from '../util/log.ts';
@@ -365,7 +366,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     }
     open.sealed = true;
     this.#epochs.push({ epoch: epoch + 1, map: new ExtentMap(), sealed: false });
-    const out = open.map.coalesced(this.#maxExtent);
+    // Zero extents travel as DISKZERO (no payload), up to MAX_DISK_ZERO_BYTES each.
+    const out = open.map.coalesced(this.#maxExtent, MAX_DISK_ZERO_BYTES);
     this.stats.sealedBytes += open.map.bytes;
     return out;
   }

@@ -154,7 +154,7 @@ async function main(): Promise<void> {
     // The destination's barrier: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k).
     journal.quiesce();
     void journal.seal(epoch).then((ext) => {
-      for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+      for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
       extents += ext.length;
       journal.release(epoch++);
     });
@@ -193,7 +193,7 @@ async function main(): Promise<void> {
   } finally {
     clearInterval(barrier);
     const ext = await journal.seal(epoch);
-    for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+    for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
     extents += ext.length;
     await jServer.close();
     await wServer.close();
