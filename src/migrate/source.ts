@@ -393,6 +393,7 @@ export class SourceMigration {
       case 'begin':
       case 'pages':
       case 'disk':
+      case 'diskzero':
       case 'devstate':
       case 'commit':
         this.#onCheckpointMessage(m);
