@@ -12,7 +12,9 @@ import { assertDiskSurvivedOnSource, bootDiskCluster, DISK_HOLD, killDuringDiskH
 const disk = { guest: 'diskcheck' as const };
 
 t.test('diskcheck stays consistent across a completed migration', async (t) => {
-  const c = await bootDiskCluster(t, { disk });
+  // with zeroing requests too: DISKZERO applied on the source for acknowledged epochs, the
+  // journal's write-back (WRITE_ZEROES on the image) for the rest
+  const c = await bootDiskCluster(t, { disk: { ...disk, zeroEvery: 4 } });
   const mig = await c.migrate();
   t.equal(mig.code, 0, `migration completes: ${mig.stderr.slice(-2000)}`);
   t.equal(mig.result?.outcome, 'completed');
