@@ -97,6 +97,15 @@ export class ExtentMap {
     if (e.data) this.#dataBytes += sign * e.length;
   }
 
+  /** Pushes [from, to) of every extent that intersects [offset, end) into out (clipped to it). */
+  spans(offset: number, end: number, out: [number, number][]): void {
+    for (let i = this.#firstEndingAfter(offset); i < this.#ext.length; i++) {
+      const e = this.#ext[i]!;
+      if (e.offset >= end) break;
+      out.push([Math.max(offset, e.offset), Math.min(end, e.offset + e.length)]);
+    }
+  }
+
   /** Copies the parts of the extents that intersect [offset, offset + out.length) into out. */
   overlay(offset: number, out: Buffer): void {
     const end = offset + out.length;

@@ -16,10 +16,12 @@ class MemImage implements BlockDevice {
   readonly bytes: Buffer;
   writes = 0;
   flushes = 0;
+  reads = 0;
   constructor(readonly size: number) {
     this.bytes = Buffer.alloc(size);
   }
   async read(offset: number, length: number): Promise<Buffer> {
+    this.reads++;
     await Promise.resolve();
     return Buffer.from(this.bytes.subarray(offset, offset + length));
   }
@@ -465,3 +467,29 @@ t.test(
     await t.rejects(fs.stat(file2), { code: 'ENOENT' }, 'discarded: the log is removed');
   },
 );
+
+t.test('a read the unreleased epochs cover entirely never reaches the image', async (t) => {
+  const image = new MemImage(1 << 20);
+  image.bytes.fill(0xee);
+  const j = new BlockJournal(image, { maxBytes: 1 << 20 });
+  j.journal(1);
+  await j.write(0, Buffer.alloc(4096, 1));
+  await j.seal(1);
+  await j.write(4096, Buffer.alloc(4096, 2));
+  await j.trim(8192, 4096);
+  await j.write(2000, Buffer.alloc(100, 3));
+  const want = Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2), Buffer.alloc(4096)]);
+  want.fill(3, 2000, 2100);
+  t.ok((await j.read(0, 12288)).equals(want), 'epochs 1 and 2 with a zero extent, oldest first');
+  t.ok((await j.read(1000, 10000)).equals(want.subarray(1000, 11000)));
+  t.ok(j.readNow(500, 8000)?.equals(want.subarray(500, 8500)), 'readNow answers it from memory');
+  t.equal(image.reads, 0, 'the image was not read');
+  t.ok((await j.read(12000, 1000)).equals(Buffer.concat([want.subarray(12000), Buffer.alloc(712, 0xee)])), 'past the journal');
+  t.equal(image.reads, 1, 'a gap reads the image under the journal');
+  j.release(1);
+  const under = Buffer.alloc(4096, 0xee);
+  under.fill(3, 2000, 2100);
+  t.ok((await j.read(0, 4096)).equals(under), 'epoch 1 released: the image (the source wrote it there) under epoch 2');
+  t.equal(image.reads, 2);
+  t.equal(j.readNow(0, 10), undefined, 'not covered, and the image has no fast path');
+});

@@ -187,6 +187,9 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     // read is in flight is still overlaid, so a read that raced the source's
     // write of that epoch to the image cannot come back stale.
     const layers = this.#epochs.map((e) => e.map);
+    // Every byte held by the journal: no image read (with O_DIRECT that is a device read).
+    const covered = coveredRead(layers, offset, length);
+    if (covered) return covered;
     const buf = await this.#image.read(offset, length);
     for (const m of layers) m.overlay(offset, buf);
     return buf;
@@ -206,6 +209,15 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   /** Fast path (see BlockDevice.readNow): the overlay is memory, the image read must not block. */
   readNow(offset: number, length: number): Buffer | undefined {
     if (this.#mode !== 'journal' && this.#mode !== 'pass-through') return undefined;
+    if (this.#mode === 'journal' && length > 0) {
+      this.#check(offset, length);
+      const covered = coveredRead(
+        this.#epochs.map((e) => e.map),
+        offset,
+        length,
+      );
+      if (covered) return covered;
+    }
     const buf = this.#image.readNow?.(offset, length);
     if (buf) for (const e of this.#epochs) e.map.overlay(offset, buf);
     return buf;
@@ -450,6 +462,28 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     const err = new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced)');
     for (const x of w) x.reject(err);
   }
+}
+
+/**
+ * The read of [offset, offset + length) from the layers alone (oldest first), when their
+ * extents cover every byte of it; else undefined (the image must be read under them).
+ */
+function coveredRead(layers: readonly ExtentMap[], offset: number, length: number): Buffer | undefined {
+  if (length === 0 || layers.length === 0) return undefined;
+  const end = offset + length;
+  const spans: [number, number][] = [];
+  for (const m of layers) m.spans(offset, end, spans);
+  if (spans.length === 0) return undefined;
+  spans.sort((a, b) => a[0] - b[0]);
+  let reached = offset;
+  for (const [from, to] of spans) {
+    if (from > reached) return undefined;
+    if (to > reached) reached = to;
+  }
+  if (reached < end) return undefined;
+  const buf = Buffer.allocUnsafe(length);
+  for (const m of layers) m.overlay(offset, buf);
+  return buf;
 }
 
 /** The journal keeps what it is given; the caller (the NBD server) may reuse its buffer. */
