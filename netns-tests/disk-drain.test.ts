@@ -94,6 +94,7 @@ async function morePasses(serial: string, n: number): Promise<void> {
 function covers(extents: DiskExtent[], offset: number, data: Buffer): boolean {
   return extents.some(
     (e) =>
+      !e.zero &&
       e.offset <= offset &&
       e.offset + e.data.length >= offset + data.length &&
       e.data.subarray(offset - e.offset, offset - e.offset + data.length).equals(data),
@@ -181,7 +182,7 @@ t.test('stop waits for a held guest write; the write lands in exactly one epoch'
 
   // The source's part: write epochs 1 and 2 into the image durably, then ACK.
   const sink = new ImageSink(imagePath);
-  for (const e of [...e1, ...e2]) await sink.pwrite(e.offset, e.data);
+  for (const e of [...e1, ...e2]) await (e.zero ? sink.zero(e.offset, e.length) : sink.pwrite(e.offset, e.data));
   await sink.flush();
   await sink.close();
   journal.release(2);

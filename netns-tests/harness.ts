@@ -116,6 +116,11 @@ export interface ClusterOptions {
      * diskbench (benchmarks): zeroed image, `diskbench /dev/vda <benchSpanMiB> <benchOps>`.
      */
     guest: 'diskcheck' | 'fsload' | 'diskbench' | 'os';
+    /**
+     * diskcheck: every Nth write of a pass becomes a BLKZEROOUT or BLKDISCARD of 1..4 blocks
+     * (alternately), which must then read as zeroes (zero extents in the journal, DISKZERO).
+     */
+    zeroEvery?: number;
     /** With guest 'os': the image the VM boots from (root=/dev/vda), copied (sparse) as its disk. */
     image?: string;
     benchSpanMiB?: number;
@@ -273,7 +278,7 @@ export class Cluster {
       } else {
         // Dense writes, quick verification: most of the guest's time is spent writing, so
         // every epoch (the one a rollback discards included) holds writes.
-        run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}`;
+        run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}${disk.zeroEvery ? `:${disk.zeroEvery}` : ''}`;
       }
       if (!disk.direct) {
         diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);

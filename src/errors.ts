@@ -170,6 +170,7 @@ export const ERRORS = {
   ERR_DISK_OPEN: 'a disk image cannot be opened, or is not a file or block device',
   ERR_DISK_RANGE: 'a disk request lies outside the image (refused before any I/O)',
   ERR_DISK_CLOSED: 'disk I/O after the device was closed',
+  ERR_DISK_DIRECT: 'a read buffer could not be aligned for O_DIRECT on the disk image (the read is not served from the page cache instead)',
   ERR_JOURNAL_INVALID_OPTION: 'a block-write journal bound is out of range',
   ERR_JOURNAL_STATE: 'the journal was sealed or switched in the wrong mode or for an epoch that is not the open one',
   ERR_JOURNAL_DISCARDED: 'a disk request after the destination fenced and dropped its journal (never reaches the image)',

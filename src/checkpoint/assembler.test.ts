@@ -2,7 +2,7 @@ import t from 'tap';
 import { TetherError } from '../errors.ts';
 import { CheckpointAssembler, checkpointMessages, type Checkpoint } from './assembler.ts';
 import { Decoder, Encoder } from './codec.ts';
-import { PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
 
 const RAM_PAGES = 64;
 
@@ -46,7 +46,7 @@ function plain(c: Checkpoint): unknown {
     pfns: [...c.pfns],
     zeroMask: [...c.zeroMask],
     data: c.data.toString('hex'),
-    disk: c.disk.map((d) => [d.offset, d.data.toString('hex')]),
+    disk: c.disk.map((d) => (d.zero ? [d.offset, d.length, 'zero'] : [d.offset, d.data.toString('hex')])),
     devstate: c.devstate.toString('hex'),
   };
 }
@@ -147,4 +147,81 @@ t.test('options are checked', async (t) => {
   ]) {
     t.throws(() => new CheckpointAssembler(o), { code: 'ERR_CKPT_INVALID_OPTION' });
   }
+});
+
+t.test('zero extents travel as DISKZERO (no payload) and come back as zero extents, in issue order', async (t) => {
+  const c: Checkpoint = {
+    ...ckpt(1),
+    disk: [
+      { offset: 0, data: Buffer.from('before') },
+      { offset: 4096, length: 8192, zero: true },
+      { offset: 5000, data: Buffer.from('after the zeroes') },
+      // longer than one DISKZERO may carry: split
+      { offset: 1 << 30, length: 2 * MAX_DISK_ZERO_BYTES + 4096, zero: true },
+    ],
+  };
+  const msgs = checkpointMessages(c);
+  const zeros = msgs.filter((m) => m.type === 'diskzero');
+  t.same(
+    zeros.map((m) => [m.offset, m.length]),
+    [
+      [4096, 8192],
+      [1 << 30, MAX_DISK_ZERO_BYTES],
+      [(1 << 30) + MAX_DISK_ZERO_BYTES, MAX_DISK_ZERO_BYTES],
+      [(1 << 30) + 2 * MAX_DISK_ZERO_BYTES, 4096],
+    ],
+    'the 2 GiB + 4 KiB extent is three DISKZERO messages',
+  );
+  const commit = msgs.at(-1) as CheckpointMessage & { type: 'commit' };
+  t.equal(commit.diskBytes, 6 + 16, 'COMMIT.diskBytes counts DISK data only');
+  // through the wire (MAC'd frames): what crosses the link for the zeroes is 24 bytes each
+  const enc = new Encoder({ key: Buffer.alloc(32, 1) });
+  const frames = msgs.map((m) => Buffer.concat(enc.encode(m)));
+  const zeroFrameBytes = frames.filter((_, i) => msgs[i]!.type === 'diskzero').reduce((s, f) => s + f.length, 0);
+  t.equal(zeroFrameBytes, 4 * (16 + 24 + 32), '2 GiB of zeroes cost 4 frames of 72 bytes');
+  const decoded = new Decoder({ maxPayload: 1 << 20, key: Buffer.alloc(32, 1) }).push(Buffer.concat(frames));
+  const got = feed(asm(), decoded) as Checkpoint;
+  t.same(
+    got.disk.map((d) => (d.zero ? ['zero', d.offset, d.length] : ['data', d.offset, d.data.toString()])),
+    [
+      ['data', 0, 'before'],
+      ['zero', 4096, 8192],
+      ['data', 5000, 'after the zeroes'],
+      ['zero', 1 << 30, MAX_DISK_ZERO_BYTES],
+      ['zero', (1 << 30) + MAX_DISK_ZERO_BYTES, MAX_DISK_ZERO_BYTES],
+      ['zero', (1 << 30) + 2 * MAX_DISK_ZERO_BYTES, 4096],
+    ],
+  );
+});
+
+t.test('DISKZERO: sequence, digest and budget errors discard the whole checkpoint', async (t) => {
+  const c: Checkpoint = { ...ckpt(1, [2], []), disk: [{ offset: 8192, length: 4096, zero: true }] };
+  const good = checkpointMessages(c);
+  const [begin, p1, z, dev, commit] = good as [
+    CheckpointMessage,
+    CheckpointMessage,
+    CheckpointMessage & { type: 'diskzero' },
+    CheckpointMessage,
+    CheckpointMessage,
+  ];
+  const cases: [string, Message[], string][] = [
+    ['DISKZERO after DEVSTATE', [begin, p1, dev, z, commit], 'ERR_CKPT_SEQUENCE'],
+    ['DISKZERO outside a transaction', [z], 'ERR_CKPT_SEQUENCE'],
+    ['DISKZERO of another epoch', [begin, p1, { ...z, epoch: 2 }], 'ERR_CKPT_EPOCH'],
+    ['DISKZERO missing', [begin, p1, dev, commit], 'ERR_CKPT_DIGEST'],
+    ['DISKZERO length altered', [begin, p1, { ...z, length: 8192 }, dev, commit], 'ERR_CKPT_DIGEST'],
+    ['DISKZERO offset altered', [begin, p1, { ...z, offset: 0 }, dev, commit], 'ERR_CKPT_DIGEST'],
+    ['DISKZERO twice', [begin, p1, z, z, dev, commit], 'ERR_CKPT_DIGEST'],
+  ];
+  for (const [name, msgs, want] of cases) {
+    const a = asm();
+    t.equal(feed(a, msgs), want, name);
+    t.equal(a.openEpoch, null, `${name}: nothing of it kept`);
+    t.same(plain(feed(a, good) as Checkpoint), plain(c), `${name}: the correct one still assembles`);
+  }
+  // the budget counts the 24 payload bytes, not the zeroes' length
+  const tight = asm(1, PAGE_SIZE + 8 + 4 + 4 + 1 + 24 + 8 + c.devstate.length);
+  t.same(plain(feed(tight, good) as Checkpoint), plain(c), 'a 4 KiB zero extent costs 24 bytes of the budget');
+  const short = asm(1, PAGE_SIZE + 8 + 4 + 4 + 1 + 24 + 8 + c.devstate.length - 1);
+  t.equal(feed(short, good), 'ERR_CKPT_TOO_LARGE', 'one byte less does not fit');
 });

@@ -3,19 +3,36 @@
  *
  * States: idle --BEGIN(expectEpoch)--> pages --DISK--> disk --DEVSTATE--> devstate
  *         --COMMIT(verified)--> idle (expectEpoch + 1)
- * PAGES is allowed in `pages`, DISK in `pages`/`disk`, DEVSTATE once, COMMIT only after
+ * PAGES is allowed in `pages`, DISK and DISKZERO in `pages`/`disk`, DEVSTATE once, COMMIT only after
  * DEVSTATE. Any error discards the open transaction (expectEpoch unchanged) and returns the
  * assembler to idle; nothing of a failed transaction is ever returned.
  */
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
 import { CheckpointDigest, DIGEST_SIZE } from './codec.ts';
-import { PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
 
-export interface DiskExtent {
+/** A disk write of the epoch: bytes, or (`zero: true`) a range that reads as zeroes. */
+export type DiskExtent = DiskDataExtent | DiskZeroExtent;
+
+export interface DiskDataExtent {
   /** Byte offset in the guest disk image. */
   offset: number;
   data: Buffer;
+  zero?: undefined;
+}
+
+/** TRIM / WRITE_ZEROES: sent as DISKZERO (no payload), applied as zeroes (fallocate). */
+export interface DiskZeroExtent {
+  offset: number;
+  length: number;
+  zero: true;
+  data?: undefined;
+}
+
+/** Bytes an extent covers in the image. */
+export function extentLength(e: DiskExtent): number {
+  return e.zero ? e.length : e.data.length;
 }
 
 /** A verified checkpoint, ready to apply. */
@@ -144,7 +161,7 @@ export class CheckpointAssembler {
       this.state = 'pages';
       return null;
     }
-    if (msg.type !== 'pages' && msg.type !== 'disk' && msg.type !== 'devstate' && msg.type !== 'commit') {
+    if (msg.type !== 'pages' && msg.type !== 'disk' && msg.type !== 'diskzero' && msg.type !== 'devstate' && msg.type !== 'commit') {
       throw ckptError('ERR_CKPT_SEQUENCE', `${msg.type} is not a checkpoint message`);
     }
     const tx = this.tx;
@@ -189,6 +206,16 @@ export class CheckpointAssembler {
         tx.diskBytes += msg.data.length;
         this.state = 'disk';
         return null;
+      case 'diskzero':
+        if (this.state !== 'pages' && this.state !== 'disk') {
+          throw ckptError('ERR_CKPT_SEQUENCE', `DISKZERO after ${this.state.toUpperCase()}`);
+        }
+        // 24 bytes of payload against the budget; COMMIT.diskBytes counts DISK data only,
+        // the digest covers the range.
+        this.grow(tx, msg);
+        tx.disk.push({ offset: msg.offset, length: msg.length, zero: true });
+        this.state = 'disk';
+        return null;
       case 'devstate':
         if (this.state === 'devstate') throw ckptError('ERR_CKPT_SEQUENCE', 'second DEVSTATE');
         this.grow(tx, msg);
@@ -223,7 +250,7 @@ export class CheckpointAssembler {
   }
 
   /** Adds a message to the digest and the size budget (ERR_CKPT_TOO_LARGE). */
-  private grow(tx: Transaction, msg: CheckpointMessage & { type: 'pages' | 'disk' | 'devstate' }): void {
+  private grow(tx: Transaction, msg: CheckpointMessage & { type: 'pages' | 'disk' | 'diskzero' | 'devstate' }): void {
     tx.bytes += tx.digest.update(msg);
     if (tx.bytes > this.maxCheckpointBytes) {
       throw ckptError('ERR_CKPT_TOO_LARGE', `checkpoint ${tx.epoch} exceeds ${this.maxCheckpointBytes} bytes`, {
@@ -245,7 +272,8 @@ function concatTyped<T extends Uint32Array | Uint8Array>(Ctor: new (n: number) =
 
 /**
  * Splits a checkpoint into its message transaction (the D side, and tests):
- * BEGIN · PAGES (≤ maxPagesPerMessage entries each) · DISK* · DEVSTATE · COMMIT.
+ * BEGIN · PAGES (≤ maxPagesPerMessage entries each) · (DISK | DISKZERO)* · DEVSTATE · COMMIT.
+ * A zero extent longer than MAX_DISK_ZERO_BYTES becomes several DISKZERO messages.
  */
 export function checkpointMessages(ckpt: Checkpoint, opts: { maxPagesPerMessage?: number } = {}): CheckpointMessage[] {
   const per = opts.maxPagesPerMessage ?? 1024;
@@ -265,6 +293,19 @@ export function checkpointMessages(ckpt: Checkpoint, opts: { maxPagesPerMessage?
   }
   let diskBytes = 0;
   for (const d of ckpt.disk) {
+    if (d.zero) {
+      for (let at = 0; at < d.length; at += MAX_DISK_ZERO_BYTES) {
+        const m: CheckpointMessage = {
+          type: 'diskzero',
+          epoch: ckpt.epoch,
+          offset: d.offset + at,
+          length: Math.min(MAX_DISK_ZERO_BYTES, d.length - at),
+        };
+        digest.update(m);
+        out.push(m);
+      }
+      continue;
+    }
     const m: CheckpointMessage = { type: 'disk', epoch: ckpt.epoch, offset: d.offset, data: d.data };
     digest.update(m);
     out.push(m);

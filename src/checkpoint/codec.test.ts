@@ -3,7 +3,7 @@ import t from 'tap';
 import { isTetherError, TetherError } from '../errors.ts';
 import { directionKeys, makeHello, sessionKey } from '../peer/handshake.ts';
 import { Decoder, encode, Encoder, encodeToBuffer } from './codec.ts';
-import { PAGE_SIZE, type Message } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type Message } from './messages.ts';
 
 const KEY_A = Buffer.alloc(32, 0x11);
 const KEY_B = Buffer.alloc(32, 0x22);
@@ -239,6 +239,12 @@ t.test('payload well-formedness', async (t) => {
     ['heartbeat NaN', 0x30, Buffer.concat([Buffer.alloc(8), Buffer.from('7ff8000000000000', 'hex')])],
     ['nack code overruns', 0x21, Buffer.from('0000000000000001' + '0005' + '41', 'hex')],
     ['commit short', 0x14, Buffer.alloc(59)],
+    ['diskzero short', 0x15, Buffer.alloc(23)],
+    ['diskzero trailing byte', 0x15, Buffer.from('0000000000000001' + '0000000000001000' + '0000000000001000' + '00', 'hex')],
+    ['diskzero length 0', 0x15, Buffer.from('0000000000000001' + '0000000000001000' + '0000000000000000', 'hex')],
+    ['diskzero length > MAX_DISK_ZERO_BYTES', 0x15, Buffer.from('0000000000000001' + '0000000000000000' + '0000000040000001', 'hex')],
+    ['diskzero ends past 2^53', 0x15, Buffer.from('0000000000000001' + '001fffffffffffff' + '0000000000000002', 'hex')],
+    ['diskzero with data (a DISK payload)', 0x15, Buffer.concat([Buffer.alloc(16), Buffer.alloc(4096, 1)])],
   ];
   for (const [name, type, payload] of bad) {
     t.equal(
@@ -253,6 +259,21 @@ t.test('payload well-formedness', async (t) => {
       .map(plain),
     [plain({ type: 'pages', epoch: 1, pfns: Uint32Array.from([5]), zero: Uint8Array.from([1]), data: Buffer.alloc(0) })],
   );
+  // the largest zero extent is accepted, exactly
+  t.same(dec().push(frame(0x15, Buffer.from('0000000000000007' + '0000010000000000' + '0000000040000000', 'hex'))), [
+    { type: 'diskzero', epoch: 7, offset: 2 ** 40, length: MAX_DISK_ZERO_BYTES },
+  ]);
+});
+
+t.test('DISKZERO: 24 bytes on the wire whatever its length; round trip', async (t) => {
+  const m: Message = { type: 'diskzero', epoch: 3, offset: 2 ** 33 + 4096, length: 512 * 1024 * 1024 };
+  const frame = encodeToBuffer(m);
+  t.equal(frame.length, 16 + 24, 'header + epoch, offset, length: no payload for the zeroes');
+  t.equal(frame[5], 0x15, 'its own frame type');
+  t.same(new Decoder({ maxPayload: 64, allowUnauthenticated: true }).push(frame), [m]);
+  const authed = encode(m, { key: KEY_A, seq: 0 });
+  const d = new Decoder({ maxPayload: 64, key: KEY_A });
+  t.same(d.push(Buffer.concat(authed)), [m], 'authenticated too');
 });
 
 t.test('encoder refuses what it cannot encode exactly', async (t) => {
@@ -266,6 +287,11 @@ t.test('encoder refuses what it cannot encode exactly', async (t) => {
     { type: 'abort', code: '\ud800', reason: '' },
     { type: 'heartbeat', epoch: 1, sentAt: Infinity },
     { type: 'control', body: [] as unknown as Record<string, unknown> },
+    { type: 'diskzero', epoch: 1, offset: 0, length: 0 },
+    { type: 'diskzero', epoch: 1, offset: 0, length: MAX_DISK_ZERO_BYTES + 1 },
+    { type: 'diskzero', epoch: 1, offset: 0, length: 1.5 },
+    { type: 'diskzero', epoch: 1, offset: -1, length: 4096 },
+    { type: 'diskzero', epoch: 1, offset: 2 ** 53 - 2, length: 4096 },
   ];
   for (const m of bad)
     t.equal(
@@ -374,6 +400,12 @@ const messageArb: fc.Arbitrary<Message> = fc.oneof(
   fc.record({ type: fc.constant('begin' as const), epoch: epochArb }),
   pagesArb,
   fc.record({ type: fc.constant('disk' as const), epoch: epochArb, offset: fc.nat({ max: 2 ** 50 }), data: bytes(64) }),
+  fc.record({
+    type: fc.constant('diskzero' as const),
+    epoch: epochArb,
+    offset: fc.nat({ max: 2 ** 50 }),
+    length: fc.integer({ min: 1, max: MAX_DISK_ZERO_BYTES }),
+  }),
   fc.record({ type: fc.constant('devstate' as const), epoch: epochArb, data: bytes(64) }),
   fc.record({
     type: fc.constant('commit' as const),

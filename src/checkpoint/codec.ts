@@ -31,6 +31,8 @@
  *                   (bit i = byte i>>3, bit i&7 LSB first; 1 = zero page; padding bits 0)
  *                   ‖ data (4096 × non-zero count, in pfn order)
  *   DISK      0x12  epoch u64 ‖ offset u64 ‖ data
+ *   DISKZERO  0x15  epoch u64 ‖ offset u64 ‖ length u64  (exactly 24 bytes; 1 <= length <=
+ *                   MAX_DISK_ZERO_BYTES: the range reads as zeroes once applied)
  *   DEVSTATE  0x13  epoch u64 ‖ data
  *   COMMIT    0x14  epoch u64 ‖ pages u32 ‖ diskBytes u64 ‖ devstateBytes u64 ‖ digest(32)
  *   ACK       0x20  epoch u64
@@ -42,7 +44,7 @@
 import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
-import { MAX_EPOCH, PAGE_SIZE, type DigestedMessage, type Message, type MessageType, type Role } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, MAX_EPOCH, PAGE_SIZE, type DigestedMessage, type Message, type MessageType, type Role } from './messages.ts';
 
 export const FRAME_MAGIC = Buffer.from('TTHR', 'latin1');
 export const FRAME_VERSION = 1;
@@ -72,6 +74,7 @@ export const MESSAGE_TYPE_CODES = {
   disk: 0x12,
   devstate: 0x13,
   commit: 0x14,
+  diskzero: 0x15,
   ack: 0x20,
   nack: 0x21,
   heartbeat: 0x30,
@@ -223,6 +226,19 @@ export function payloadParts(msg: Message): Buffer[] {
       writeU64(head, msg.epoch, 0);
       writeU64(head, msg.offset, 8);
       return [head, msg.data];
+    }
+    case 'diskzero': {
+      checkEpoch(msg.epoch);
+      checkU64('diskzero.offset', msg.offset);
+      if (!Number.isSafeInteger(msg.length) || msg.length < 1 || msg.length > MAX_DISK_ZERO_BYTES) {
+        throw invalid(`diskzero.length must be an integer in [1, ${MAX_DISK_ZERO_BYTES}]`, { length: msg.length });
+      }
+      if (msg.offset + msg.length > Number.MAX_SAFE_INTEGER) throw invalid('disk zero extent ends past 2^53');
+      const b = Buffer.allocUnsafe(24);
+      writeU64(b, msg.epoch, 0);
+      writeU64(b, msg.offset, 8);
+      writeU64(b, msg.length, 16);
+      return [b];
     }
     case 'devstate':
       checkEpoch(msg.epoch);
@@ -495,6 +511,17 @@ export function decodePayload(type: MessageType, payload: Buffer): Message {
       const data = r.rest();
       if (offset + data.length > Number.MAX_SAFE_INTEGER) throw malformed('disk: extent ends past 2^53');
       msg = { type, epoch, offset, data };
+      break;
+    }
+    case 'diskzero': {
+      const epoch = r.u64();
+      const offset = r.u64();
+      const length = r.u64();
+      if (length < 1 || length > MAX_DISK_ZERO_BYTES) {
+        throw malformed(`diskzero: length ${length} outside [1, ${MAX_DISK_ZERO_BYTES}]`, { length });
+      }
+      if (offset + length > Number.MAX_SAFE_INTEGER) throw malformed('diskzero: extent ends past 2^53');
+      msg = { type, epoch, offset, length };
       break;
     }
     case 'devstate':

@@ -3,10 +3,10 @@
  * codec.ts; this file only holds the shapes.
  *
  * Checkpoint k is the transaction
- *   BEGIN(k) · PAGES(k)* · DISK(k)* · DEVSTATE(k) · COMMIT(k, totals, digest)
+ *   BEGIN(k) · PAGES(k)* · (DISK(k) | DISKZERO(k))* · DEVSTATE(k) · COMMIT(k, totals, digest)
  * and is answered by ACK(k) once S has durably applied it (or NACK(k)).
  *
- * COMMIT.digest (wire fact): SHA-256 over, for every PAGES, DISK and DEVSTATE message of the
+ * COMMIT.digest (wire fact): SHA-256 over, for every PAGES, DISK, DISKZERO and DEVSTATE message of the
  * transaction in the order they were sent,
  *   type u8 ‖ payloadLength u32 BE ‖ payload
  * where payload is exactly the frame payload defined in codec.ts (epoch included). Type and
@@ -72,6 +72,23 @@ export interface DiskMessage {
   data: Buffer;
 }
 
+/**
+ * A zero extent of the epoch's disk writes (TRIM / WRITE_ZEROES in the journal): the
+ * range must read as zeroes once applied. No payload beyond the range: a large discard
+ * crosses the link as 24 bytes, not as its length of zeroes.
+ */
+export interface DiskZeroMessage {
+  type: 'diskzero';
+  epoch: number;
+  /** Byte offset in the guest disk image. */
+  offset: number;
+  /** Bytes, in [1, MAX_DISK_ZERO_BYTES]. */
+  length: number;
+}
+
+/** Largest DISKZERO range (a longer zero extent is sent as several). */
+export const MAX_DISK_ZERO_BYTES = 1024 * 1024 * 1024;
+
 export interface DevstateMessage {
   type: 'devstate';
   epoch: number;
@@ -124,6 +141,7 @@ export type Message =
   | BeginMessage
   | PagesMessage
   | DiskMessage
+  | DiskZeroMessage
   | DevstateMessage
   | CommitMessage
   | AckMessage
@@ -134,7 +152,7 @@ export type Message =
 export type MessageType = Message['type'];
 
 /** Messages that make up a checkpoint transaction. */
-export type CheckpointMessage = BeginMessage | PagesMessage | DiskMessage | DevstateMessage | CommitMessage;
+export type CheckpointMessage = BeginMessage | PagesMessage | DiskMessage | DiskZeroMessage | DevstateMessage | CommitMessage;
 
 /** Messages whose payload is covered by COMMIT.digest. */
-export type DigestedMessage = PagesMessage | DiskMessage | DevstateMessage;
+export type DigestedMessage = PagesMessage | DiskMessage | DiskZeroMessage | DevstateMessage;

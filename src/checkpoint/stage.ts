@@ -4,7 +4,7 @@
  *
  * Disk facts (all integers big-endian):
  *   0    magic        "TTSG"
- *   4    version      u16 = 1
+ *   4    version      u16 = 2 (1 is still read: its disk table has no kind, every extent holds data)
  *   6    flags        u16 = 0
  *   8    epoch        u64
  *   16   pageCount    u32
@@ -14,8 +14,10 @@
  *   100  sections:    pfns        u32 × pageCount
  *                     zeroMask    u8 × pageCount (1 = zero page)
  *                     pageData    4096 × non-zero pages
- *                     diskTable   { offset u64, length u64 } × diskCount
- *                     diskData    extents' data, concatenated in table order
+ *                     diskTable   { offset u64, length u64, kind u32 } × diskCount
+ *                                 (kind 0: data, 1: zeroes, no data; version 1: 16-byte
+ *                                 entries without kind, all data)
+ *                     diskData    data extents' bytes, concatenated in table order
  *                     devstate
  *   end-4 fileCrc    u32  CRC-32 over every byte before it
  */
@@ -23,10 +25,14 @@ import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
 import type { Checkpoint, DiskExtent } from './assembler.ts';
-import { PAGE_SIZE } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from './messages.ts';
 
 export const STAGE_MAGIC = Buffer.from('TTSG', 'latin1');
-export const STAGE_VERSION = 1;
+export const STAGE_VERSION = 2;
+const ENTRY_V1 = 16;
+const ENTRY = 20;
+const KIND_DATA = 0;
+const KIND_ZERO = 1;
 const SECTIONS = 6;
 export const STAGE_HEADER_SIZE = 100;
 const TWO_32 = 2 ** 32;
@@ -52,12 +58,15 @@ export function encodeStage(ckpt: Checkpoint): Buffer[] {
   const pfns = Buffer.allocUnsafe(4 * n);
   for (let i = 0; i < n; i++) pfns.writeUInt32BE(ckpt.pfns[i]!, 4 * i);
   const zeroMask = Buffer.from(ckpt.zeroMask.buffer, ckpt.zeroMask.byteOffset, ckpt.zeroMask.byteLength);
-  const table = Buffer.allocUnsafe(16 * ckpt.disk.length);
+  const table = Buffer.allocUnsafe(ENTRY * ckpt.disk.length);
+  const diskData: Buffer[] = [];
   ckpt.disk.forEach((d, i) => {
-    writeU64(table, d.offset, 16 * i);
-    writeU64(table, d.data.length, 16 * i + 8);
+    writeU64(table, d.offset, ENTRY * i);
+    writeU64(table, d.zero ? d.length : d.data.length, ENTRY * i + 8);
+    table.writeUInt32BE(d.zero ? KIND_ZERO : KIND_DATA, ENTRY * i + 16);
+    if (!d.zero) diskData.push(d.data);
   });
-  const sections: Buffer[][] = [[pfns], [zeroMask], [ckpt.data], [table], ckpt.disk.map((d) => d.data), [ckpt.devstate]];
+  const sections: Buffer[][] = [[pfns], [zeroMask], [ckpt.data], [table], diskData, [ckpt.devstate]];
 
   const header = Buffer.alloc(STAGE_HEADER_SIZE);
   STAGE_MAGIC.copy(header, 0);
@@ -98,7 +107,7 @@ export function decodeStage(file: Buffer): Checkpoint {
   }
   if (!file.subarray(0, 4).equals(STAGE_MAGIC)) throw stageError('ERR_STAGE_BAD_MAGIC', 'stage file magic is not TTSG');
   const version = file.readUInt16BE(4);
-  if (version !== STAGE_VERSION) {
+  if (version !== STAGE_VERSION && version !== 1) {
     throw stageError('ERR_STAGE_UNSUPPORTED_VERSION', `stage file version ${version} unsupported`, { version });
   }
   if (crc32(file.subarray(0, 96)) !== file.readUInt32BE(96)) {
@@ -148,12 +157,22 @@ export function decodeStage(file: Buffer): Checkpoint {
     if (z === 0) nonZero++;
   }
   if (data.length !== nonZero * PAGE_SIZE) throw stageError('ERR_STAGE_MALFORMED', 'stage page data length mismatch');
-  if (table.length !== 16 * diskCount) throw stageError('ERR_STAGE_MALFORMED', 'stage disk table length mismatch');
+  const entry = version === 1 ? ENTRY_V1 : ENTRY;
+  if (table.length !== entry * diskCount) throw stageError('ERR_STAGE_MALFORMED', 'stage disk table length mismatch');
   const disk: DiskExtent[] = [];
   let diskOff = 0;
   for (let i = 0; i < diskCount; i++) {
-    const offset = readU64(table, 16 * i);
-    const length = readU64(table, 16 * i + 8);
+    const offset = readU64(table, entry * i);
+    const length = readU64(table, entry * i + 8);
+    const kind = version === 1 ? KIND_DATA : table.readUInt32BE(entry * i + 16);
+    if (kind === KIND_ZERO) {
+      if (length < 1 || length > MAX_DISK_ZERO_BYTES || offset + length > Number.MAX_SAFE_INTEGER) {
+        throw stageError('ERR_STAGE_MALFORMED', `stage zero extent of ${length} bytes out of bounds`);
+      }
+      disk.push({ offset, length, zero: true });
+      continue;
+    }
+    if (kind !== KIND_DATA) throw stageError('ERR_STAGE_MALFORMED', `stage disk extent kind ${kind} unknown`);
     if (diskOff + length > diskData.length) throw stageError('ERR_STAGE_MALFORMED', 'stage disk extents overrun');
     disk.push({ offset, data: diskData.subarray(diskOff, diskOff + length) });
     diskOff += length;

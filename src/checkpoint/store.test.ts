@@ -80,6 +80,9 @@ class MemoryDisk implements DiskSink {
     }
     this.writes.push([offset, data.toString()]);
   }
+  async zero(offset: number, length: number): Promise<void> {
+    this.writes.push([offset, `zero:${length}`]);
+  }
   async flush(): Promise<void> {
     this.flushes++;
   }
@@ -351,7 +354,7 @@ t.test('stage codec: round-trip, every corrupted byte detected, garbage only Tet
       [...c.pfns],
       [...c.zeroMask],
       c.data.toString('hex'),
-      c.disk.map((d) => [d.offset, d.data.toString('hex')]),
+      c.disk.map((d) => (d.zero ? [d.offset, d.length, 'zero'] : [d.offset, d.data.toString('hex')])),
       c.devstate.toString('hex'),
     ]);
   for (const c of [C1, C2, C3, ckpt(9, [])]) t.equal(plain(decodeStage(Buffer.concat(encodeStage(c)))), plain(c));

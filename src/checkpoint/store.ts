@@ -32,7 +32,7 @@ import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { TetherError, isTetherError } from '../errors.ts';
 import type { Checkpoint, DiskExtent } from './assembler.ts';
-import { PAGE_SIZE } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from './messages.ts';
 import { decodeStage, encodeStage } from './stage.ts';
 
 /** Where DISK extents go (the shared disk image); wired in by the block-write journal issue. */
@@ -40,6 +40,8 @@ export interface DiskSink {
   /** Refuses extents the sink could never write (past the image's end) before anything is written. */
   check(extents: readonly DiskExtent[]): Promise<void>;
   pwrite(offset: number, data: Buffer): Promise<void>;
+  /** A zero extent (DISKZERO): afterwards the range reads as zeroes. */
+  zero(offset: number, length: number): Promise<void>;
   /** Makes every write so far durable. */
   flush(): Promise<void>;
 }
@@ -309,7 +311,8 @@ export function validateCheckpoint(ckpt: Checkpoint, ramPages: number): void {
     throw new TetherError('ERR_CKPT_INVALID', 'page data does not match the non-zero pages');
   }
   for (const d of ckpt.disk) {
-    if (!Number.isSafeInteger(d.offset) || d.offset < 0 || !Buffer.isBuffer(d.data)) {
+    const ok = d.zero ? Number.isSafeInteger(d.length) && d.length >= 1 && d.length <= MAX_DISK_ZERO_BYTES : Buffer.isBuffer(d.data);
+    if (!Number.isSafeInteger(d.offset) || d.offset < 0 || !ok) {
       throw new TetherError('ERR_CKPT_INVALID', 'bad disk extent');
     }
   }
@@ -601,7 +604,11 @@ export class CheckpointStore {
     if (!devstateWritten) await writeAtomic(path.join(this.dir, record.devstate), [ckpt.devstate]);
     await this.writePages(ckpt);
     if (this.disk !== undefined && ckpt.disk.length > 0) {
-      for (const d of ckpt.disk) await this.disk.pwrite(d.offset, d.data);
+      // In issue order: a later extent wins where it overlaps an earlier one.
+      for (const d of ckpt.disk) {
+        if (d.zero) await this.disk.zero(d.offset, d.length);
+        else await this.disk.pwrite(d.offset, d.data);
+      }
       await this.disk.flush();
     }
     await writeRecord(path.join(this.dir, APPLIED), [encodeRecord(record, ckpt.devstate)]);

@@ -4,6 +4,8 @@
  * epoch's writes over the image during a migration window. Every method may
  * await: a write that waits is how the journal applies back-pressure to the guest.
  */
+import type { Logger } from '../util/log.ts';
+
 export interface BlockDevice {
   /** Size in bytes, fixed for the device's life. */
   readonly size: number;
@@ -26,4 +28,12 @@ export interface BlockDevice {
   readNow?(offset: number, length: number): Buffer | undefined;
   /** Optional fast path for a write without FUA: true when it is done now, false: use `write()`. */
   writeNow?(offset: number, data: Buffer): boolean;
+  /**
+   * Optional: from now on reads never serve a page this host cached before (O_DIRECT on
+   * the image file). The journal asks for it: on shared storage another host writes the
+   * image meanwhile (docs/journal.md).
+   */
+  bypassCache?(log?: Logger): void;
+  /** Optional: drop this host's cached pages of the whole device (after a write-back). */
+  dropCache?(): void;
 }

@@ -19,14 +19,9 @@ export interface Extent {
   backing: number;
 }
 
-/** Shared zeroes: zero extents are handed out as views of it, never allocated per extent. */
-export const ZERO_CHUNK_BYTES = 4 * 1024 * 1024;
-let zeroChunk: Buffer | undefined;
-export function zeroes(length: number): Buffer {
-  if (length > ZERO_CHUNK_BYTES) return Buffer.alloc(length);
-  zeroChunk ??= Buffer.alloc(ZERO_CHUNK_BYTES);
-  return zeroChunk.subarray(0, length);
-}
+/** What coalesced() hands out: bytes, or a range that reads as zeroes. */
+export type CoalescedExtent =
+  { offset: number; data: Buffer; zero?: undefined } | { offset: number; length: number; zero: true; data?: undefined };
 
 export class ExtentMap {
   readonly #ext: Extent[] = [];
@@ -102,6 +97,15 @@ export class ExtentMap {
     if (e.data) this.#dataBytes += sign * e.length;
   }
 
+  /** Pushes [from, to) of every extent that intersects [offset, end) into out (clipped to it). */
+  spans(offset: number, end: number, out: [number, number][]): void {
+    for (let i = this.#firstEndingAfter(offset); i < this.#ext.length; i++) {
+      const e = this.#ext[i]!;
+      if (e.offset >= end) break;
+      out.push([Math.max(offset, e.offset), Math.min(end, e.offset + e.length)]);
+    }
+  }
+
   /** Copies the parts of the extents that intersect [offset, offset + out.length) into out. */
   overlay(offset: number, out: Buffer): void {
     const end = offset + out.length;
@@ -116,21 +120,21 @@ export class ExtentMap {
   }
 
   /**
-   * The extents with adjacent ones merged, each at most `maxBytes` long (longer
-   * runs are split). Offset order; never overlapping. Zero extents merge only with
-   * zero extents and come out as `zero: true` with `data` a view of a shared zero
-   * buffer (at most ZERO_CHUNK_BYTES long, so nothing large is allocated).
+   * The extents with adjacent ones merged, data extents each at most `maxBytes` long,
+   * zero extents at most `maxZeroBytes` (longer runs are split). Offset order; never
+   * overlapping. Zero extents merge only with zero extents and come out as
+   * `{ offset, length, zero: true }`: nothing is allocated for them.
    */
-  coalesced(maxBytes: number): { offset: number; data: Buffer; zero?: true }[] {
-    const out: { offset: number; data: Buffer; zero?: true }[] = [];
+  coalesced(maxBytes: number, maxZeroBytes: number = maxBytes): CoalescedExtent[] {
+    const out: CoalescedExtent[] = [];
     let run: Buffer[] = [];
     let runOff = 0;
     let runLen = 0;
     let runZero = false;
-    const max = Math.min(maxBytes, ZERO_CHUNK_BYTES);
+    const max = maxZeroBytes;
     const flush = (): void => {
       if (runLen === 0) return;
-      if (runZero) out.push({ offset: runOff, data: zeroes(runLen), zero: true });
+      if (runZero) out.push({ offset: runOff, length: runLen, zero: true });
       else out.push({ offset: runOff, data: run.length === 1 ? run[0]! : Buffer.concat(run, runLen) });
       run = [];
       runLen = 0;

@@ -17,13 +17,22 @@
  * EOPNOTSUPP, e.g. ZERO_RANGE on tmpfs) TRIM does nothing (the spec lets a server ignore
  * it) and WRITE_ZEROES writes zero bytes in 1 MiB pieces. fallocate runs synchronously
  * on the event loop: it changes extents only, no data moves.
+ *
+ * bypassCache() (the journal, on the destination, docs/journal.md) makes read() go
+ * around this host's page cache: through a second descriptor opened O_DIRECT, with the
+ * range widened to the file's direct-I/O alignment and an aligned bounce buffer, so a
+ * page cached here before another host rewrote the block on shared storage is never
+ * served. Where the file system refuses O_DIRECT, reads stay buffered but drop the
+ * range's cached pages first (posix_fadvise DONTNEED), with a warning.
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
 import { loadNative } from '../native.ts';
+import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
+import { alignedBuffer, directAlignment, directNative, POSIX_FADV_DONTNEED } from './direct-io.ts';
 
 // linux/falloc.h
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -64,6 +73,8 @@ export interface FileBlockDeviceOptions {
   fallocate?: boolean;
   /** Offer readNow/writeNow (RWF_NOWAIT on the event loop). Default true. */
   nowait?: boolean;
+  /** bypassCache() may use O_DIRECT. Default true; false (tests) takes the fallback of a file system that refuses it. */
+  direct?: boolean;
 }
 
 export class FileBlockDevice implements BlockDevice {
@@ -80,8 +91,15 @@ export class FileBlockDevice implements BlockDevice {
   #punchWorks = true;
   #zeroRangeWorks = true;
   #closed = false;
+  /** How read() reaches the image (bypassCache()). */
+  #readPath: 'cache' | 'direct' | 'dontneed' = 'cache';
+  /** The O_DIRECT descriptor ('direct') and its alignment. */
+  #directFd = -1;
+  #align = 1;
+  readonly #directAllowed: boolean;
 
   private constructor(path: string, fh: FileHandle, size: number, opts: FileBlockDeviceOptions) {
+    this.#directAllowed = opts.direct ?? true;
     this.path = path;
     this.#fh = fh;
     this.size = size;
@@ -112,6 +130,60 @@ export class FileBlockDevice implements BlockDevice {
     return this.#fallocate !== undefined && (this.#punchWorks || this.#zeroRangeWorks);
   }
 
+  /** 'cache': buffered reads; 'direct': O_DIRECT; 'dontneed': buffered after dropping the range's cached pages. */
+  get readPath(): 'cache' | 'direct' | 'dontneed' {
+    return this.#readPath;
+  }
+
+  /** Alignment of direct reads (1 unless readPath is 'direct'). */
+  get directAlign(): number {
+    return this.#align;
+  }
+
+  /**
+   * From now on read() (and readNow(), which then declines) never serves a page this
+   * host cached earlier: O_DIRECT where the file system supports it, else fadvise
+   * DONTNEED of the range before a buffered read (warned: on shared storage this narrows
+   * the window for a stale page but cannot close it). Idempotent. Writes are unchanged.
+   */
+  bypassCache(log?: Logger): void {
+    if (this.#readPath !== 'cache' || this.#closed) return;
+    const native = directNative();
+    if (!native) {
+      log?.warn('native addon missing: the disk image is read through the page cache, which may be stale on shared storage', {
+        path: this.path,
+      });
+      return;
+    }
+    try {
+      if (!this.#directAllowed) throw Object.assign(new Error('O_DIRECT not allowed by the options'), { code: 'EINVAL' });
+      this.#directFd = fs.openSync(this.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      if (err.code !== 'EINVAL' && err.code !== 'EOPNOTSUPP') {
+        throw new TetherError('ERR_DISK_OPEN', `cannot open disk image ${this.path} for direct reads: ${err.code ?? err.message}`, {
+          path: this.path,
+          errno: err.code,
+        });
+      }
+      log?.warn('the disk image refuses O_DIRECT: reads drop cached pages first (fadvise DONTNEED) instead', {
+        path: this.path,
+        errno: err.code,
+      });
+      this.#readPath = 'dontneed';
+      return;
+    }
+    this.#align = directAlignment(native, this.#directFd);
+    this.#readPath = 'direct';
+    log?.info('disk image reads bypass the page cache (O_DIRECT)', { path: this.path, align: this.#align });
+  }
+
+  /** Drops this host's clean cached pages of the image (after a write-back and its fdatasync). */
+  dropCache(): void {
+    if (this.#closed) return;
+    directNative()?.fadvise(this.#fh.fd, 0, 0, POSIX_FADV_DONTNEED);
+  }
+
   #check(offset: number, length: number): void {
     if (this.#closed) throw new TetherError('ERR_DISK_CLOSED', `disk ${this.path} is closed`);
     // The NBD session checks ranges already; this is the last line: never a byte outside the image.
@@ -126,6 +198,11 @@ export class FileBlockDevice implements BlockDevice {
 
   async read(offset: number, length: number): Promise<Buffer> {
     this.#check(offset, length);
+    if (this.#readPath === 'direct') return this.#readDirect(offset, length);
+    if (this.#readPath === 'dontneed' && length > 0) {
+      const r = directNative()!.fadvise(this.#fh.fd, offset, length, POSIX_FADV_DONTNEED);
+      if (r !== 0) throw errnoError(r, 'posix_fadvise(DONTNEED)');
+    }
     const buf = Buffer.allocUnsafe(length);
     let done = 0;
     while (done < length) {
@@ -140,8 +217,35 @@ export class FileBlockDevice implements BlockDevice {
     return buf;
   }
 
+  /**
+   * O_DIRECT read of [offset, offset + length): the range widened to whole aligned
+   * blocks, read into an aligned buffer, returned as a view of it (no copy). A block
+   * past the end of a file whose size is not aligned comes back short: the rest is zeroes.
+   */
+  async #readDirect(offset: number, length: number): Promise<Buffer> {
+    const a = this.#align;
+    const start = offset - (offset % a);
+    const end = Math.ceil((offset + length) / a) * a;
+    const span = end - start;
+    const head = offset - start;
+    if (span === 0) return Buffer.alloc(0);
+    const buf = alignedBuffer(directNative()!, span, a);
+    let done = 0;
+    while (done < span) {
+      const n = await pio(fs.read, this.#directFd, buf, done, span - done, start + done);
+      if (n === 0) break;
+      done += n;
+      // A count that is not a whole number of blocks ends at the end of the file.
+      if (n % a !== 0) break;
+    }
+    if (done < head + length) buf.fill(0, Math.max(done, head), head + length);
+    return buf.subarray(head, head + length);
+  }
+
   readNow(offset: number, length: number): Buffer | undefined {
     const pio = this.#nowait;
+    // A direct read waits for the device whatever RWF_NOWAIT says: never on the event loop.
+    if (this.#readPath !== 'cache') return undefined;
     if (!pio || !this.#readNowait || this.#closed || length > NOWAIT_MAX_BYTES || length === 0) return undefined;
     this.#check(offset, length);
     const buf = Buffer.allocUnsafe(length);
@@ -229,6 +333,11 @@ export class FileBlockDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    if (this.#directFd >= 0) {
+      const fd = this.#directFd;
+      this.#directFd = -1;
+      await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+    }
     await this.#fh.close();
   }
 }

@@ -1,5 +1,7 @@
 import fc from 'fast-check';
 import t from 'tap';
+import { extentLength } from '../checkpoint/assembler.ts';
+import { MAX_DISK_ZERO_BYTES } from '../checkpoint/messages.ts';
 import type { DiskExtent } from '../epoch/outputs.ts';
 import type { BlockDevice } from './block-device.ts';
 import fs from 'node:fs/promises';
@@ -14,10 +16,12 @@ class MemImage implements BlockDevice {
   readonly bytes: Buffer;
   writes = 0;
   flushes = 0;
+  reads = 0;
   constructor(readonly size: number) {
     this.bytes = Buffer.alloc(size);
   }
   async read(offset: number, length: number): Promise<Buffer> {
+    this.reads++;
     await Promise.resolve();
     return Buffer.from(this.bytes.subarray(offset, offset + length));
   }
@@ -48,7 +52,10 @@ class FastMemImage extends MemImage {
 
 /** What the source does with checkpoint k's extents before ACK(k). */
 function applyExtents(image: Buffer, extents: DiskExtent[]): void {
-  for (const e of extents) e.data.copy(image, e.offset);
+  for (const e of extents) {
+    if (e.zero) image.fill(0, e.offset, e.offset + e.length);
+    else e.data.copy(image, e.offset);
+  }
 }
 
 const SIZE = 4096;
@@ -138,8 +145,9 @@ t.test('read-your-writes for every overlap pattern; the image holds exactly the 
               const extents = await j.seal(epoch);
               for (let i = 0; i < extents.length; i++) {
                 const e = extents[i]!;
-                if (e.data.length === 0 || e.data.length > maxExtent) throw new Error('extent size out of bounds');
-                if (i > 0 && extents[i - 1]!.offset + extents[i - 1]!.data.length > e.offset)
+                const len = extentLength(e);
+                if (len === 0 || len > (e.zero ? MAX_DISK_ZERO_BYTES : maxExtent)) throw new Error('extent size out of bounds');
+                if (i > 0 && extents[i - 1]!.offset + extentLength(extents[i - 1]!) > e.offset)
                   throw new Error('extents overlap or unordered');
               }
               sealed.push({ epoch, extents, model: Buffer.from(model) });
@@ -223,7 +231,7 @@ t.test('seal coalesces adjacent writes and splits extents larger than a DISK fra
   await j.write(MAX_DISK_EXTENT_BYTES, Buffer.alloc(MAX_DISK_EXTENT_BYTES + 10, 4));
   const ext = await j.seal(5);
   t.same(
-    ext.map((e) => [e.offset, e.data.length]),
+    ext.map((e) => [e.offset, extentLength(e)]),
     [
       [0, 8292],
       [MAX_DISK_EXTENT_BYTES, MAX_DISK_EXTENT_BYTES],
@@ -264,7 +272,7 @@ t.test('a full journal delays the write until a release frees space; quiesce adm
   t.ok(done2, 'quiesce (before stop) admits it');
   const ext = await j.seal(2);
   t.equal(
-    ext.reduce((s, e) => s + e.data.length, 0),
+    ext.reduce((s, e) => s + extentLength(e), 0),
     1200,
     'the admitted write belongs to the sealed epoch',
   );
@@ -368,40 +376,40 @@ class SizedImage implements BlockDevice {
   close = async (): Promise<void> => {};
 }
 
-t.test(
-  'TRIM and WRITE_ZEROES are zero extents: no buffer however long, counted at their length, sealed as views of one zero buffer',
-  async (t) => {
-    const GiB = 1024 * 1024 * 1024;
-    const image = new SizedImage(8 * GiB);
-    const j = new BlockJournal(image, { maxBytes: 4 * GiB });
-    j.journal(1);
-    const before = process.memoryUsage().arrayBuffers;
-    await j.trim(0, 2 * GiB);
-    await j.writeZeroes(3 * GiB, GiB);
-    t.equal(j.heldBytes, 3 * GiB, 'counted against journalMaxBytes at their length');
-    t.equal(j.epochs()[0]!.map.dataBytes, 0, 'no data held');
-    t.ok(process.memoryUsage().arrayBuffers - before < 64 * 1024 * 1024, 'nothing of their size allocated');
-    let done = false;
-    const w = j.writeZeroes(5 * GiB, 2 * GiB).then(() => (done = true));
-    await settle();
-    t.notOk(done, 'a TRIM waits for room like a write');
-    const ext = await j.seal(1);
-    t.equal(ext.length, 768, '3 GiB in extents of at most 4 MiB');
-    t.ok(
-      ext.every((e) => (e as { zero?: boolean }).zero === true && e.data.length <= MAX_DISK_EXTENT_BYTES),
-      'every extent marked zero',
-    );
-    t.equal(new Set(ext.map((e) => e.data.buffer)).size, 1, 'all views of one shared zero buffer');
-    t.ok(Buffer.from(ext[0]!.data.buffer).equals(Buffer.alloc(ext[0]!.data.buffer.byteLength)), 'the shared buffer is zeroes');
-    j.release(1);
-    await w;
-    const zeroRead = await j.read(5 * GiB, 8);
-    t.same([...zeroRead], [0, 0, 0, 0, 0, 0, 0, 0]);
-    j.passThrough();
-    await j.drained();
-    t.same(image.zeroed, [[5 * GiB, 2 * GiB]], 'written back as WRITE_ZEROES, not as bytes');
-  },
-);
+t.test('TRIM and WRITE_ZEROES are zero extents: no buffer however long, counted at their length, sealed without a buffer', async (t) => {
+  const GiB = 1024 * 1024 * 1024;
+  const image = new SizedImage(8 * GiB);
+  const j = new BlockJournal(image, { maxBytes: 4 * GiB });
+  j.journal(1);
+  const before = process.memoryUsage().arrayBuffers;
+  await j.trim(0, 2 * GiB);
+  await j.writeZeroes(3 * GiB, GiB);
+  t.equal(j.heldBytes, 3 * GiB, 'counted against journalMaxBytes at their length');
+  t.equal(j.epochs()[0]!.map.dataBytes, 0, 'no data held');
+  t.ok(process.memoryUsage().arrayBuffers - before < 64 * 1024 * 1024, 'nothing of their size allocated');
+  let done = false;
+  const w = j.writeZeroes(5 * GiB, 2 * GiB).then(() => (done = true));
+  await settle();
+  t.notOk(done, 'a TRIM waits for room like a write');
+  const ext = await j.seal(1);
+  t.equal(ext.length, 3, '3 GiB in zero extents of at most MAX_DISK_ZERO_BYTES (1 GiB)');
+  t.ok(
+    ext.every((e) => e.zero === true && e.data === undefined && e.length === MAX_DISK_ZERO_BYTES),
+    'every extent a zero extent without a buffer',
+  );
+  t.same(
+    ext.map((e) => e.offset),
+    [0, GiB, 3 * GiB],
+    'in offset order',
+  );
+  j.release(1);
+  await w;
+  const zeroRead = await j.read(5 * GiB, 8);
+  t.same([...zeroRead], [0, 0, 0, 0, 0, 0, 0, 0]);
+  j.passThrough();
+  await j.drained();
+  t.same(image.zeroed, [[5 * GiB, 2 * GiB]], 'written back as WRITE_ZEROES, not as bytes');
+});
 
 t.test(
   'with the write-ahead log: a write completes once its record is written; FLUSH and FUA fdatasync; the log goes with the journal',
@@ -459,3 +467,29 @@ t.test(
     await t.rejects(fs.stat(file2), { code: 'ENOENT' }, 'discarded: the log is removed');
   },
 );
+
+t.test('a read the unreleased epochs cover entirely never reaches the image', async (t) => {
+  const image = new MemImage(1 << 20);
+  image.bytes.fill(0xee);
+  const j = new BlockJournal(image, { maxBytes: 1 << 20 });
+  j.journal(1);
+  await j.write(0, Buffer.alloc(4096, 1));
+  await j.seal(1);
+  await j.write(4096, Buffer.alloc(4096, 2));
+  await j.trim(8192, 4096);
+  await j.write(2000, Buffer.alloc(100, 3));
+  const want = Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2), Buffer.alloc(4096)]);
+  want.fill(3, 2000, 2100);
+  t.ok((await j.read(0, 12288)).equals(want), 'epochs 1 and 2 with a zero extent, oldest first');
+  t.ok((await j.read(1000, 10000)).equals(want.subarray(1000, 11000)));
+  t.ok(j.readNow(500, 8000)?.equals(want.subarray(500, 8500)), 'readNow answers it from memory');
+  t.equal(image.reads, 0, 'the image was not read');
+  t.ok((await j.read(12000, 1000)).equals(Buffer.concat([want.subarray(12000), Buffer.alloc(712, 0xee)])), 'past the journal');
+  t.equal(image.reads, 1, 'a gap reads the image under the journal');
+  j.release(1);
+  const under = Buffer.alloc(4096, 0xee);
+  under.fill(3, 2000, 2100);
+  t.ok((await j.read(0, 4096)).equals(under), 'epoch 1 released: the image (the source wrote it there) under epoch 2');
+  t.equal(image.reads, 2);
+  t.equal(j.readNow(0, 10), undefined, 'not covered, and the image has no fast path');
+});

@@ -29,6 +29,7 @@
  * overshoots by at most the requests QEMU has in flight, and holds again from
  * the next seal.
  */
+import { MAX_DISK_ZERO_BYTES } from '../checkpoint/messages.ts';
 import { TetherError } from '../errors.ts';
 import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
 import type { Logger } from '../util/log.ts';
@@ -113,6 +114,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
    */
   static recover(image: BlockDevice, replay: Replay, opts: JournalOptions & { nextEpoch: number }): BlockJournal {
     const j = new BlockJournal(image, { ...opts, writeThrough: false });
+    image.bypassCache?.(opts.log);
     let first = opts.nextEpoch;
     for (const r of replay.records) if (r.kind !== LogKind.Completed && r.epoch < first) first = r.epoch;
     j.#mode = 'journal';
@@ -170,6 +172,9 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
       this.#log?.warn('fault injection: journal-write-through, destination disk writes go straight to the image');
       return;
     }
+    // The source writes the shared image while the window is open: a page this host
+    // cached earlier may be stale (NFS, SAN), so the image is read around the cache.
+    this.#image.bypassCache?.(this.#log);
     this.#mode = 'journal';
     this.#epochs = [{ epoch: firstEpoch, map: new ExtentMap(), sealed: false }];
   }
@@ -182,6 +187,9 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     // read is in flight is still overlaid, so a read that raced the source's
     // write of that epoch to the image cannot come back stale.
     const layers = this.#epochs.map((e) => e.map);
+    // Every byte held by the journal: no image read (with O_DIRECT that is a device read).
+    const covered = coveredRead(layers, offset, length);
+    if (covered) return covered;
     const buf = await this.#image.read(offset, length);
     for (const m of layers) m.overlay(offset, buf);
     return buf;
@@ -201,6 +209,15 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   /** Fast path (see BlockDevice.readNow): the overlay is memory, the image read must not block. */
   readNow(offset: number, length: number): Buffer | undefined {
     if (this.#mode !== 'journal' && this.#mode !== 'pass-through') return undefined;
+    if (this.#mode === 'journal' && length > 0) {
+      this.#check(offset, length);
+      const covered = coveredRead(
+        this.#epochs.map((e) => e.map),
+        offset,
+        length,
+      );
+      if (covered) return covered;
+    }
     const buf = this.#image.readNow?.(offset, length);
     if (buf) for (const e of this.#epochs) e.map.overlay(offset, buf);
     return buf;
@@ -361,7 +378,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     }
     open.sealed = true;
     this.#epochs.push({ epoch: epoch + 1, map: new ExtentMap(), sealed: false });
-    const out = open.map.coalesced(this.#maxExtent);
+    // Zero extents travel as DISKZERO (no payload), up to MAX_DISK_ZERO_BYTES each.
+    const out = open.map.coalesced(this.#maxExtent, MAX_DISK_ZERO_BYTES);
     this.stats.sealedBytes += open.map.bytes;
     return out;
   }
@@ -425,7 +443,11 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
         bytes += x.length;
       }
     }
-    if (bytes > 0) await this.#image.flush();
+    if (bytes > 0) {
+      await this.#image.flush();
+      // Durable on the storage now: no clean copy of it stays in this host's cache.
+      this.#image.dropCache?.();
+    }
     this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length });
   }
 
@@ -440,6 +462,28 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     const err = new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced)');
     for (const x of w) x.reject(err);
   }
+}
+
+/**
+ * The read of [offset, offset + length) from the layers alone (oldest first), when their
+ * extents cover every byte of it; else undefined (the image must be read under them).
+ */
+function coveredRead(layers: readonly ExtentMap[], offset: number, length: number): Buffer | undefined {
+  if (length === 0 || layers.length === 0) return undefined;
+  const end = offset + length;
+  const spans: [number, number][] = [];
+  for (const m of layers) m.spans(offset, end, spans);
+  if (spans.length === 0) return undefined;
+  spans.sort((a, b) => a[0] - b[0]);
+  let reached = offset;
+  for (const [from, to] of spans) {
+    if (from > reached) return undefined;
+    if (to > reached) reached = to;
+  }
+  if (reached < end) return undefined;
+  const buf = Buffer.allocUnsafe(length);
+  for (const m of layers) m.overlay(offset, buf);
+  return buf;
 }
 
 /** The journal keeps what it is given; the caller (the NBD server) may reuse its buffer. */

@@ -19,7 +19,7 @@ t.test('composeOutputs reaches every part in order and concatenates extents', as
   const o = composeOutputs([recorder('gate', calls, 0), recorder('journal', calls, 2)]);
   const ext = await o.seal(3);
   t.same(
-    ext.map((e) => e.data.toString()),
+    ext.map((e) => e.data!.toString()),
     ['journal', 'journal'],
   );
   o.release(3);

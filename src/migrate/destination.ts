@@ -683,6 +683,7 @@ export class DestinationMigration {
       if (this.#stopped) return;
       if (msg.type === 'pages') bytes += msg.data.length + msg.pfns.length * 4;
       else if (msg.type === 'disk' || msg.type === 'devstate') bytes += msg.data.length;
+      else if (msg.type === 'diskzero') bytes += 24;
       if (msg.type === 'devstate' && inject) {
         this.#log.warn(`fault injection: ${inject} checkpoint`, { epoch });
         await this.#ch.sendInjected(msg, inject);
@@ -696,7 +697,9 @@ export class DestinationMigration {
       epoch,
       pages: pages.pfns.length,
       bytes,
-      diskBytes: disk.reduce((n, x) => n + x.data.length, 0),
+      diskBytes: disk.reduce((n, x) => n + (x.zero ? 0 : x.data.length), 0),
+      // TRIM / WRITE_ZEROES: DISKZERO messages, 24 bytes each whatever the length
+      diskZeroBytes: disk.reduce((n, x) => n + (x.zero ? x.length : 0), 0),
       diskExtents: disk.length,
       guestDiskBytes: stats.guestDiskBytes,
       pauseMs: r2(stats.pauseMs),

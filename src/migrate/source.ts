@@ -393,6 +393,7 @@ export class SourceMigration {
       case 'begin':
       case 'pages':
       case 'disk':
+      case 'diskzero':
       case 'devstate':
       case 'commit':
         this.#onCheckpointMessage(m);
@@ -485,7 +486,7 @@ export class SourceMigration {
       return;
     }
     this.#appliedEpoch = ckpt.epoch;
-    const bytes = ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + d.data.length, 0);
+    const bytes = ckpt.data.length + ckpt.devstate.length + ckpt.disk.reduce((s, d) => s + (d.zero ? 0 : d.data.length), 0);
     this.#ckptBytes.add(bytes);
     this.#opts.metrics?.checkpointsApplied.inc();
     this.#opts.metrics?.checkpointBytes.inc({}, bytes);

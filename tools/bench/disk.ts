@@ -1,5 +1,5 @@
 /**
- * Disk benchmark: `npm run bench disk [-- --mib 256 --count 20000 | --quick]`
+ * Disk benchmark: `npm run bench disk [-- --mib 256 --count 20000 --cases read | --quick]`
  *
  * `qemu-img bench` (QEMU's own block layer, the code a guest's virtio-blk requests go
  * through) against the same raw file three ways in one run:
@@ -81,6 +81,10 @@ const CASES: Case[] = [
   { name: 'seq write 64k qd16', write: true, size: 16 * KiB4, step: 16 * KiB4, depth: 16, count: Math.ceil(count / 4) },
 ];
 
+/** `--cases read`: only the cases whose name contains it (a short run of one part). */
+const casesArg = str('cases', '');
+const SELECTED = casesArg ? CASES.filter((c) => c.name.includes(casesArg)) : CASES;
+
 type Column = 'file' | 'pass-through' | 'journaled' | 'journaled+wal';
 const COLUMNS: Column[] = ['file', 'pass-through', 'journaled', 'journaled+wal'];
 const walDirArg = str('wal-dir', '') || undefined;
@@ -150,7 +154,7 @@ async function main(): Promise<void> {
     // The destination's barrier: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k).
     journal.quiesce();
     void journal.seal(epoch).then((ext) => {
-      for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+      for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
       extents += ext.length;
       journal.release(epoch++);
     });
@@ -173,7 +177,7 @@ async function main(): Promise<void> {
     console.log(
       `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)} ${'wal IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)} ${'wal/file'.padStart(9)}  ${'lat file/pass/jrnl/wal'.padStart(24)}`,
     );
-    for (const c of CASES) {
+    for (const c of SELECTED) {
       const res = {} as Record<Column, Result>;
       for (const col of COLUMNS) res[col] = await bench(targets[col], c);
       if (c.write) writtenThroughJournal += c.count * c.size;
@@ -189,7 +193,7 @@ async function main(): Promise<void> {
   } finally {
     clearInterval(barrier);
     const ext = await journal.seal(epoch);
-    for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+    for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
     extents += ext.length;
     await jServer.close();
     await wServer.close();

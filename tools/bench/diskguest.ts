@@ -10,7 +10,8 @@
  *    on the file (a file node alone), 4 KiB and 64 KiB, read and write, depth 1, on a filled
  *    image; rounds alternate the two and the median counts. Target >= 0.95x.
  * 1. diskbench (tools/guest/diskbench.c) in the guest: 4 KiB O_DIRECT seq/rand write/read
- *    at queue depth 1 (latency) and rand at depth 16 (throughput) on /dev/vda, twice in
+ *    at queue depth 1 (latency) and rand at depth 16 (throughput), then 64 KiB O_DIRECT
+ *    sequential write and read at depth 1 (seq64k-*, a quarter of the requests) on /dev/vda, twice in
  *    the same run: the VM as `tether vm start` runs it (steady state: QEMU's own file node,
  *    cache.direct=on, under a raw node and virtio-blk-pci), and plain QEMU opening the same
  *    raw image file itself (harness `disk.direct`: a file blockdev, cache.direct=on, under
@@ -362,7 +363,9 @@ if (only.includes('guest') || only.includes('journal')) {
   result.guest = { nbd, file, ...(jr ? { journaled: jr, journalBwMiB } : {}) };
   const jcases = jr?.cases ?? [];
   const col = (v: string | number, w: number) => String(v).padStart(w);
-  console.log(`diskbench in the guest (TCG), 4 KiB O_DIRECT, ${ops} requests per case over ${spanMiB} MiB`);
+  console.log(
+    `diskbench in the guest (TCG), 4 KiB O_DIRECT (seq64k-*: 64 KiB, ${Math.floor(ops / 4)} requests), ${ops} requests per case over ${spanMiB} MiB`,
+  );
   console.log(
     `${'case'.padEnd(16)}${col('file', 7)}${col('tthr', 7)}${col('jrnl', 7)}${col('tthr/file', 10)}${col('jrnl/file', 10)}   lat mean/p99 µs: file | tether | jrnl`,
   );

@@ -75,7 +75,7 @@ async function run(kind: 'seq' | 'rand', size: number, journaled: boolean): Prom
       if (journal && (i + 1) % perEpoch === 0) {
         // The barrier: (VM stopped) seal, then the ACK releases the epoch.
         const ext = await journal.seal(epoch);
-        for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+        for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
         journal.release(epoch++);
       }
     }
@@ -85,7 +85,7 @@ async function run(kind: 'seq' | 'rand', size: number, journaled: boolean): Prom
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
   if (journal) {
     const ext = await journal.seal(epoch);
-    for (const e of ext) ckptBytes += e.data.length + DISK_OVERHEAD;
+    for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
   }
   await dev.close();
   rmSync(path, { force: true });

@@ -6,7 +6,9 @@
  * request, i.e. one request to QEMU's block layer and, with the sidecar, one NBD request).
  * Cases, in this order: seq write, rand write, seq read, rand read at queue depth 1 (one
  * request at a time, per-request latency measured with CLOCK_MONOTONIC), then rand write
- * and rand read at queue depth 16 (16 threads, each issuing its share). Offsets lie in the
+ * and rand read at queue depth 16 (16 threads, each issuing its share), then 64 KiB
+ * sequential write and read at queue depth 1 (cases seq64k-write, seq64k-read; a quarter
+ * of the requests, offsets stepping 64 KiB through the span). Offsets lie in the
  * first <span-mib> MiB; random ones come from a fixed xorshift seed, so every run and
  * every disk path sees the same sequence. Writes are not flushed (guest cache semantics of
  * the disk, as `qemu-img bench` on the host).
@@ -51,6 +53,7 @@ static uint64_t *lat; /* ns per request */
 struct job {
     int write;
     int random;
+    unsigned blocks; /* 4 KiB blocks per request */
     uint32_t first, count; /* request indexes [first, first+count) */
     int err;
 };
@@ -67,16 +70,18 @@ static uint64_t block_of(int random, uint32_t i) {
 static void *worker(void *arg) {
     struct job *j = arg;
     void *buf;
-    if (posix_memalign(&buf, BLOCK, BLOCK) != 0) {
+    size_t len = (size_t)j->blocks * BLOCK;
+    if (posix_memalign(&buf, BLOCK, len) != 0) {
         j->err = ENOMEM;
         return NULL;
     }
-    memset(buf, 0x5a, BLOCK);
+    memset(buf, 0x5a, len);
     for (uint32_t i = j->first; i < j->first + j->count; i++) {
-        off_t off = (off_t)(block_of(j->random, i) * BLOCK);
+        uint64_t blk = j->blocks == 1 ? block_of(j->random, i) : ((uint64_t)i * j->blocks) % (span_blocks - span_blocks % j->blocks);
+        off_t off = (off_t)(blk * BLOCK);
         uint64_t t0 = now_ns();
-        ssize_t r = j->write ? pwrite(fd, buf, BLOCK, off) : pread(fd, buf, BLOCK, off);
-        if (r != (ssize_t)BLOCK) {
+        ssize_t r = j->write ? pwrite(fd, buf, len, off) : pread(fd, buf, len, off);
+        if (r != (ssize_t)len) {
             j->err = r < 0 ? errno : EIO;
             break;
         }
@@ -118,13 +123,13 @@ static int cmp_u64(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-static int run_case(const char *name, int write, int random, unsigned depth) {
+static int run_case_n(const char *name, int write, int random, unsigned depth, unsigned blocks, uint32_t nops) {
     struct job jobs[MAX_DEPTH];
     pthread_t th[MAX_DEPTH];
-    uint32_t per = ops / depth;
+    uint32_t per = nops / depth;
     uint64_t t0 = now_ns();
     for (unsigned k = 0; k < depth; k++) {
-        jobs[k] = (struct job){.write = write, .random = random, .first = k * per, .count = per, .err = 0};
+        jobs[k] = (struct job){.write = write, .random = random, .blocks = blocks, .first = k * per, .count = per, .err = 0};
         if (depth == 1) worker(&jobs[k]);
         else if (pthread_create(&th[k], NULL, worker, &jobs[k]) != 0) {
             say("diskbench: pthread_create failed");
@@ -148,6 +153,10 @@ static int run_case(const char *name, int write, int random, unsigned depth) {
         (unsigned long long)(sum / n / 1000), (unsigned long long)(lat[n / 2] / 1000),
         (unsigned long long)(lat[(uint64_t)n * 99 / 100] / 1000));
     return 0;
+}
+
+static int run_case(const char *name, int write, int random, unsigned depth) {
+    return run_case_n(name, write, random, depth, 1, ops);
 }
 
 int main(int argc, char **argv) {
@@ -191,7 +200,8 @@ int main(int argc, char **argv) {
     say("diskbench start dev=%s span_mib=%ld ops=%u", dev, mib, ops);
     /* the writes come first: the reads then hit written (allocated) blocks */
     if (run_case("seq-write", 1, 0, 1) || run_case("rand-write", 1, 1, 1) || run_case("seq-read", 0, 0, 1) ||
-        run_case("rand-read", 0, 1, 1) || run_case("rand-write", 1, 1, MAX_DEPTH) || run_case("rand-read", 0, 1, MAX_DEPTH))
+        run_case("rand-read", 0, 1, 1) || run_case("rand-write", 1, 1, MAX_DEPTH) || run_case("rand-read", 0, 1, MAX_DEPTH) ||
+        run_case_n("seq64k-write", 1, 0, 1, 16, ops / 4) || run_case_n("seq64k-read", 0, 0, 1, 16, ops / 4))
         return 1;
     close(fd);
     say("diskbench done");

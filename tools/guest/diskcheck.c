@@ -1,5 +1,5 @@
 /*
- * diskcheck <device> <blocks> [writes-per-pass] [delay-ms] — exact guest-disk consistency
+ * diskcheck <device> <blocks> [writes-per-pass] [delay-ms] [zero-every] — exact guest-disk consistency
  * checker for tether: disk and memory that disagree (after a rollback) are detected.
  *
  * The first <blocks> 4 KiB blocks of <device> (the raw disk, e.g. /dev/vda) start all
@@ -23,8 +23,15 @@
  * holds a write of a later epoch (or lacks one of an earlier epoch) leaves some block
  * with the wrong sequence number: reported.
  *
+ * With <zero-every> N > 0, every Nth write of a pass is replaced by a zeroing request on
+ * 1..4 blocks from the drawn one, alternately BLKZEROOUT (WRITE_ZEROES) and BLKDISCARD
+ * (TRIM); those blocks must then read as zeroes (seq 0). Tether's stack guarantees that
+ * for a discard too (discard=unmap on every node: a hole punched in the file, a zero
+ * extent in the destination's journal, a DISKZERO record applied on the source), so a
+ * rollback that loses or misapplies a zeroing request is a MISMATCH like a lost write.
+ *
  * Output (stdout, one write(2) per line):
- *   diskcheck start dev=<device> blocks=<n>
+ *   diskcheck start dev=<device> blocks=<n> [zero-every=<N>]
  *   diskcheck pass <p> ok seq=<last written seq>
  *   diskcheck MISMATCH block=<b> expected_seq=<s> found_seq=<x> word=<w>
  *   diskcheck pass <p> MISMATCH total=<n>        (every pass once any mismatch was seen)
@@ -42,6 +49,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
 #include "guest.h"
 
 #define BLOCK 4096u
@@ -118,14 +127,16 @@ static int pread_all(int fd, void *buf, size_t n, off_t off) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3 || argc > 5) {
-        say("usage: diskcheck <device> <blocks> [writes-per-pass] [delay-ms]");
+    if (argc < 3 || argc > 6) {
+        say("usage: diskcheck <device> <blocks> [writes-per-pass] [delay-ms] [zero-every]");
         return 2;
     }
     const char *dev = argv[1];
     uint64_t blocks = strtoull(argv[2], NULL, 10);
     unsigned per_pass = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 10) : 16;
     unsigned delay_ms = argc > 4 ? (unsigned)strtoul(argv[4], NULL, 10) : 0;
+    unsigned zero_every = argc > 5 ? (unsigned)strtoul(argv[5], NULL, 10) : 0;
+    uint64_t zero_ops = 0;
     if (blocks == 0) { say("diskcheck: blocks must be > 0"); return 2; }
     int fd = open_dev(dev);
     if (fd < 0) { say("diskcheck: cannot open %s: %s", dev, strerror(errno)); return 1; }
@@ -141,11 +152,27 @@ int main(int argc, char **argv) {
         say("diskcheck: out of memory");
         return 1;
     }
-    say("diskcheck start dev=%s blocks=%llu", dev, (unsigned long long)blocks);
+    if (zero_every)
+        say("diskcheck start dev=%s blocks=%llu zero-every=%u", dev, (unsigned long long)blocks, zero_every);
+    else
+        say("diskcheck start dev=%s blocks=%llu", dev, (unsigned long long)blocks);
     uint64_t rng = 0x9e3779b97f4a7c15ULL, next_seq = 0, total_bad = 0;
     for (uint64_t pass = 1;; pass++) {
         for (unsigned i = 0; i < per_pass; i++) {
             uint64_t b = (xs_next(&rng) ^ splitmix64(now_ns())) % blocks;
+            if (zero_every && i % zero_every == zero_every - 1) {
+                uint64_t n = 1 + xs_next(&rng) % 4;
+                if (b + n > blocks) n = blocks - b;
+                uint64_t range[2] = { b * BLOCK, n * BLOCK };
+                int discard = (zero_ops++ & 1) != 0;
+                if (ioctl(fd, discard ? BLKDISCARD : BLKZEROOUT, range) != 0) {
+                    say("diskcheck: %s block=%llu n=%llu failed: %s", discard ? "BLKDISCARD" : "BLKZEROOUT", (unsigned long long)b,
+                        (unsigned long long)n, strerror(errno));
+                    return 1;
+                }
+                for (uint64_t k = 0; k < n; k++) seq[b + k] = 0;
+                continue;
+            }
             uint64_t s = ++next_seq;
             fill(wbuf, b, s);
             if (pwrite_all(fd, wbuf, BLOCK, (off_t)(b * BLOCK)) < 0) {
