@@ -46,7 +46,12 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
   fi
   tail -1 "$debian_log"
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
-  npx tap --reporter=tap --jobs=1 $(ls netns-tests/*.test.ts) 2>&1 | tee -a "$out" || status=1
+  # Two test files at a time: most of a scenario's time is waiting (boots, holds, links),
+  # each file's namespaces, TAPs and addresses are its own (harness.ts), and every
+  # interruption lands by construction, so a slower machine only makes a test longer. It
+  # also keeps exercising what one file alone on an idle machine never does: a run of two
+  # side by side found the relay losing frames at the detach (src/net/nic.ts).
+  npx tap --reporter=tap --jobs=2 $(ls netns-tests/*.test.ts) 2>&1 | tee -a "$out" || status=1
 fi
 if [ "${TETHER_SKIP_NETNS:-0}" != 1 ] && [ "${TETHER_SKIP_BENCH:-0}" != 1 ]; then
   # Once per CI run so the benchmarks never rot: every strategy and output path, no
