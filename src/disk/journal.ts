@@ -59,6 +59,11 @@ export interface JournalOptions {
    */
   wal?: JournalLog;
   log?: Logger;
+  /**
+   * Fault injection (`hold-writeback`): awaited by the write-back right after its first
+   * extent is in the image (a test kills the sidecar while it waits).
+   */
+  writeBackHold?: () => Promise<void>;
 }
 
 interface Epoch {
@@ -76,6 +81,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   readonly #writeThrough: boolean;
   readonly #log: Logger | undefined;
   readonly #wal: JournalLog | undefined;
+  readonly #writeBackHold: (() => Promise<void>) | undefined;
   #mode: JournalMode = 'pass-through';
   /** Unreleased epochs, oldest first; in journal mode the last one is open. */
   #epochs: Epoch[] = [];
@@ -103,6 +109,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#writeThrough = opts.writeThrough ?? false;
     this.#log = opts.log;
     this.#wal = opts.wal;
+    this.#writeBackHold = opts.writeBackHold;
   }
 
   /**
@@ -416,13 +423,20 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#removing;
   }
 
+  /** Extents held in every unreleased epoch (what a write-back writes, one image write each). */
+  get extentCount(): number {
+    return this.#epochs.reduce((n, e) => n + e.map.extents().length, 0);
+  }
+
   async #writeBack(): Promise<void> {
     let bytes = 0;
+    let extents = 0;
     for (const e of this.#epochs) {
       for (const x of e.map.extents()) {
         if (x.data) await this.#image.write(x.offset, x.data);
         else await this.#image.writeZeroes(x.offset, x.length);
         bytes += x.length;
+        if (++extents === 1 && this.#writeBackHold) await this.#writeBackHold();
       }
     }
     if (bytes > 0) await this.#image.flush();

@@ -33,6 +33,11 @@ import { TetherError } from '../errors.ts';
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
+ *   hold-writeback               at completion the destination waits until its journal holds at least two extents
+ *                                (the guest keeps writing), and its write-back into the image then stops for good
+ *                                after the first extent; once the completion records are dropped it logs
+ *                                'fault injection: write-back held' (a test kills the sidecar there: its restart
+ *                                must finish the write-back from the log's completed record)
  *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
  *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
  *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
@@ -58,6 +63,7 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  holdWriteback?: boolean;
   crashCleanupStep?: number;
   crashBeforeResume?: boolean;
   slowScanMs?: number;
@@ -95,6 +101,7 @@ export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 type Flag =
   | 'gateOpen'
   | 'journalWriteThrough'
+  | 'holdWriteback'
   | 'holdAcksTrigger'
   | 'holdCompletion'
   | 'crashBeforeResume'
@@ -106,6 +113,7 @@ type Flag =
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
+  'hold-writeback': 'holdWriteback',
   'hold-acks-trigger': 'holdAcksTrigger',
   'hold-completion': 'holdCompletion',
   'crash-before-resume': 'crashBeforeResume',
