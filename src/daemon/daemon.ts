@@ -8,7 +8,7 @@ import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
-import type { BlockJournal } from '../disk/journal.ts';
+import { BlockJournal } from '../disk/journal.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
 import { restartJournal } from '../disk/journal-restart.ts';
 import { isTetherError, TetherError } from '../errors.ts';
@@ -1124,9 +1124,12 @@ async function closeAdoptedWindow(vm: VmInstance, log: Logger): Promise<void> {
  * A VM's disk as `tether status <vm>` shows it: `window` while the sidecar serves it (a
  * destination's post-copy window), and QEMU's own answer (query-named-block-nodes: node and
  * driver, e.g. disk0:raw, f0:file) while the VM simply runs here; null while it migrates,
- * so a status poll never adds a QMP command to a migration's.
+ * so a status poll never adds a QMP command to a migration's. `journal`: the block-write
+ * journal's figures while it serves the disk (mode, held bytes and its bound, peak, delays).
  */
-async function diskStatus(vm: VmInstance): Promise<{ image: string; window: boolean; nodes: string[] | null }> {
+async function diskStatus(
+  vm: VmInstance,
+): Promise<{ image: string; window: boolean; nodes: string[] | null; journal: ReturnType<BlockJournal['figures']> | null }> {
   const q = vm.qemu;
   let nodes: string[] | null = null;
   if (q && !q.hasExited && vm.place === 'running') {
@@ -1135,5 +1138,8 @@ async function diskStatus(vm: VmInstance): Promise<{ image: string; window: bool
       .then((list) => list.map((n) => `${n['node-name'] ?? '?'}:${n.drv ?? '?'}`))
       .catch(() => null);
   }
-  return { image: vm.config.disk!.image, window: vm.nbd !== undefined, nodes };
+  // The destination's journal while its window is open (held bytes against its bound).
+  const dev = vm.nbd?.device;
+  const journal = dev instanceof BlockJournal ? dev.figures() : null;
+  return { image: vm.config.disk!.image, window: vm.nbd !== undefined, nodes, journal };
 }

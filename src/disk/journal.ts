@@ -91,8 +91,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   #drain: Promise<void> | null = null;
   /** discard()'s removal of the log. */
   #removing: Promise<void> | undefined;
-  /** Figures for status and benchmarks. */
-  readonly stats = { journaledBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
+  /** Figures for status and benchmarks (zeroBytes: the TRIM / WRITE_ZEROES share of journaledBytes). */
+  readonly stats = { journaledBytes: 0, zeroBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
 
   constructor(image: BlockDevice, opts: JournalOptions) {
     if (!Number.isSafeInteger(opts.maxBytes) || opts.maxBytes <= 0) {
@@ -309,6 +309,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     else open.map.putZeroes(offset, length);
     this.#held += open.map.bytes - before;
     this.stats.journaledBytes += length;
+    if (!data) this.stats.zeroBytes += length;
     if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
     return open.epoch;
   }
@@ -423,6 +424,11 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#removing;
   }
 
+  /** The journal's figures for `tether status` and the write-back's log line. */
+  figures(): { mode: JournalMode; heldBytes: number; maxBytes: number } & BlockJournal['stats'] {
+    return { mode: this.#mode, heldBytes: this.#held, maxBytes: this.#maxBytes, ...this.stats };
+  }
+
   /** Extents held in every unreleased epoch (what a write-back writes, one image write each). */
   get extentCount(): number {
     return this.#epochs.reduce((n, e) => n + e.map.extents().length, 0);
@@ -440,7 +446,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
       }
     }
     if (bytes > 0) await this.#image.flush();
-    this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length });
+    this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length, ...this.figures() });
   }
 
   discard(): void {
