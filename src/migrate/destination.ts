@@ -446,7 +446,7 @@ export class DestinationMigration {
         writeThrough,
         log: this.#log,
         ...(wal ? { wal } : {}),
-        ...(this.#opts.faults.holdWriteback
+        ...(this.#opts.faults.holdWriteback || this.#opts.faults.holdWritebackEarly
           ? {
               writeBackHold: () => {
                 this.#writeBackHeld.resolve();
@@ -782,7 +782,8 @@ export class DestinationMigration {
       if (q && !q.hasExited)
         await q.qmp.execute('cont').catch((e) => this.#log.error('cont after the answer failed', { error: errorFields(e) }));
     }
-    const holdWriteback = this.#opts.faults.holdWriteback && this.#journal !== undefined;
+    const f = this.#opts.faults;
+    const holdWriteback = (f.holdWriteback || f.holdWritebackEarly) && this.#journal !== undefined;
     if (holdWriteback) {
       // A write-back of at least two extents, so the hold after the first one leaves the
       // image half written: the guest runs and keeps writing into the open epoch meanwhile.
@@ -808,6 +809,13 @@ export class DestinationMigration {
     // The completion records go only once the journal is in the image (or the log says
     // the outcome): until then a restart must not serve the image pass-through.
     if (marked === false) await this.#journal?.drained().catch(() => {});
+    if (holdWriteback && f.holdWritebackEarly) {
+      await this.#writeBackHeld.promise;
+      this.#log.warn('fault injection: write-back held after its first extent, completion records kept', {
+        extents: this.#journal!.extentCount,
+      });
+      await new Promise<void>(() => {}); // never: the test kills this sidecar here
+    }
     await this.vm
       .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
       .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));

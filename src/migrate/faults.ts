@@ -38,6 +38,8 @@ import { TetherError } from '../errors.ts';
  *                                after the first extent; once the completion records are dropped it logs
  *                                'fault injection: write-back held' (a test kills the sidecar there: its restart
  *                                must finish the write-back from the log's completed record)
+ *   hold-writeback-early         the same hold, but logged (and kept) before the completion records are dropped:
+ *                                'fault injection: write-back held, completion records kept'
  *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
  *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
  *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
@@ -64,6 +66,7 @@ export interface Faults {
   failApplySticky?: number;
   journalWriteThrough?: boolean;
   holdWriteback?: boolean;
+  holdWritebackEarly?: boolean;
   crashCleanupStep?: number;
   crashBeforeResume?: boolean;
   slowScanMs?: number;
@@ -102,6 +105,7 @@ type Flag =
   | 'gateOpen'
   | 'journalWriteThrough'
   | 'holdWriteback'
+  | 'holdWritebackEarly'
   | 'holdAcksTrigger'
   | 'holdCompletion'
   | 'crashBeforeResume'
@@ -114,6 +118,7 @@ const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
   'hold-writeback': 'holdWriteback',
+  'hold-writeback-early': 'holdWritebackEarly',
   'hold-acks-trigger': 'holdAcksTrigger',
   'hold-completion': 'holdCompletion',
   'crash-before-resume': 'crashBeforeResume',
