@@ -174,6 +174,8 @@ export class Daemon {
       // unknown) or dropped (fenced). Never the image pass-through while the outcome is open.
       const completingEpoch = marker?.role === 'destination' ? await readCompletingRecord(completingRecordPath(vm)) : null;
       let journal: BlockJournal | undefined;
+      /** The journal log recorded the source's answer `completed` (and was written back). */
+      let answeredCompleted: { finalEpoch: number; migrationId: string } | null = null;
       if (vm.config.disk) {
         const disk = vm.config.disk;
         const jr = await restartJournal({
@@ -185,6 +187,7 @@ export class Daemon {
           openImage: () => FileBlockDevice.open(disk.image),
           log,
         });
+        if (jr.kind === 'written-back') answeredCompleted = { finalEpoch: jr.finalEpoch, migrationId: jr.migrationId };
         if (jr.kind === 'journal') {
           vm.diskDevice = (image) => {
             journal = jr.device(image);
@@ -213,6 +216,20 @@ export class Daemon {
         if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
         await this.#recoverCompleting(vm, migrating, marker, completingEpoch, log, () => journal);
         keepMarker = true;
+        if (
+          answeredCompleted?.migrationId === marker.migrationId &&
+          answeredCompleted.finalEpoch === completingEpoch &&
+          vm.place === 'migrating-in'
+        ) {
+          // Killed during the write-back, before the completion records were dropped: the
+          // source had answered `completed` (the log says so) and had this side's RESOLVED, so
+          // it does not answer again. Its answer is known: act on it now.
+          log.warn('the journal log recorded the source answer completed: the VM runs here', {
+            migrationId: marker.migrationId,
+            finalEpoch: completingEpoch,
+          });
+          this.#answerRecovered({ vm: vm.name, migrationId: marker.migrationId, outcome: 'completed', epoch: completingEpoch });
+        }
       } else if (marker?.role === 'destination') {
         for (const q of all) await killQemu(q);
         await vm.removeRam();
