@@ -8,6 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import type { Test } from 'tap';
 import { LogKind, replayJournalLog } from '../src/disk/journal-log.ts';
 import type { LogRecord } from '../src/disk/journal-log.ts';
 import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
@@ -91,14 +92,17 @@ t.test(
   },
 );
 
-t.test('D sidecar killed -9 during the write-back: its restart finishes it from the log, the VM runs on D, disk consistent', async (t) => {
-  const c = await bootDiskCluster(t, { disk, faults: { destination: 'hold-writeback' }, vm: { maxBandwidth: 0 } });
+/**
+ * Kill -9 of D's sidecar during the write-back, held after its first extent (of at least
+ * two) by `fault`, which logs `held` (with the extent count) when it is there.
+ */
+async function killDuringWriteBack(t: Test, fault: string, held: string, restartSays?: RegExp): Promise<void> {
+  const c = await bootDiskCluster(t, { disk, faults: { destination: fault }, vm: { maxBandwidth: 0 } });
   const migrating = c.migrate();
-  // The fault holds the write-back after its first extent (of at least two) once the
-  // completion records are dropped: the image holds part of the journal, the log the rest.
-  const held = /"msg":"fault injection: write-back held after its first extent[^\n]*"extents":(\d+)/;
-  await waitFor(() => held.test(fs.readFileSync(c.dst.daemonLog, 'utf8')), 'the write-back held after its first extent');
-  const extents = Number(held.exec(fs.readFileSync(c.dst.daemonLog, 'utf8'))![1]);
+  // The image holds part of the journal, the log all of it with its completed record.
+  const line = new RegExp(`"msg":"${held}[^\\n]*"extents":(\\d+)`);
+  await waitFor(() => line.test(fs.readFileSync(c.dst.daemonLog, 'utf8')), held);
+  const extents = Number(line.exec(fs.readFileSync(c.dst.daemonLog, 'utf8'))![1]);
   t.ok(extents >= 2, `the write-back had ${extents} extents to write: it stopped part way`);
   const mig = await migrating;
   t.equal(mig.code, 0, `the source recorded completion: ${mig.stderr.slice(-1500)}`);
@@ -109,6 +113,7 @@ t.test('D sidecar killed -9 during the write-back: its restart finishes it from 
   const log = fs.readFileSync(c.dst.daemonLog, 'utf8');
   t.match(log, /journal log held a completed migration: written back into the image/, 'the restart wrote the journal back from the log');
   t.same(logsOf(c), [], 'written back: the log is gone');
+  if (restartSays) t.match(log, restartSays, 'the restart acted on the answer the log recorded');
   await waitFor(async () => (await c.status(c.dst)).state === 'running', 'VM running on the destination', 120_000);
   t.ok(qemuAlive((await c.status(c.dst)).pid), 'destination QEMU alive');
   // Two more passes: the second verified every block the guest wrote, those whose write
@@ -118,7 +123,20 @@ t.test('D sidecar killed -9 during the write-back: its restart finishes it from 
   t.same(rep.mismatch, [], 'no MISMATCH after the restart: every acknowledged write is in the image');
   t.same(diskcheck(c.serialLog(c.dst)).mismatch, [], 'no MISMATCH anywhere in the destination serial log');
   await assertNotRunningOn(t, c, c.src);
-});
+}
+
+t.test('D sidecar killed -9 during the write-back: its restart finishes it from the log, the VM runs on D, disk consistent', (t) =>
+  killDuringWriteBack(t, 'hold-writeback', 'fault injection: write-back held after its first extent, completion records dropped'),
+);
+
+t.test('D sidecar killed -9 during the write-back, completion records not yet dropped: the VM runs on D, disk consistent', (t) =>
+  killDuringWriteBack(
+    t,
+    'hold-writeback-early',
+    'fault injection: write-back held after its first extent, completion records kept',
+    /the journal log recorded the source answer completed/,
+  ),
+);
 
 t.test("D sidecar killed -9 inside an ACK hold: S's image holds every acknowledged write and none of a rolled-back epoch", async (t) => {
   // crash-before-resume on S: its rollback stops (the sidecar dies) with the restored QEMU
