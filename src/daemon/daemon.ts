@@ -8,7 +8,7 @@ import type { ControlRequest } from '../control/codec.ts';
 import { CheckpointStore, readCompletingRecord } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
-import type { BlockJournal } from '../disk/journal.ts';
+import { BlockJournal } from '../disk/journal.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
 import { restartJournal } from '../disk/journal-restart.ts';
 import { isTetherError, TetherError } from '../errors.ts';
@@ -174,6 +174,8 @@ export class Daemon {
       // unknown) or dropped (fenced). Never the image pass-through while the outcome is open.
       const completingEpoch = marker?.role === 'destination' ? await readCompletingRecord(completingRecordPath(vm)) : null;
       let journal: BlockJournal | undefined;
+      /** The journal log recorded the source's answer `completed` (and was written back). */
+      let answeredCompleted: { finalEpoch: number; migrationId: string } | null = null;
       if (vm.config.disk) {
         const disk = vm.config.disk;
         const jr = await restartJournal({
@@ -185,6 +187,7 @@ export class Daemon {
           openImage: () => FileBlockDevice.open(disk.image),
           log,
         });
+        if (jr.kind === 'written-back') answeredCompleted = { finalEpoch: jr.finalEpoch, migrationId: jr.migrationId };
         if (jr.kind === 'journal') {
           vm.diskDevice = (image) => {
             journal = jr.device(image);
@@ -213,6 +216,20 @@ export class Daemon {
         if (recorded && !(migrating && same(recorded, migrating))) await killQemu(recorded);
         await this.#recoverCompleting(vm, migrating, marker, completingEpoch, log, () => journal);
         keepMarker = true;
+        if (
+          answeredCompleted?.migrationId === marker.migrationId &&
+          answeredCompleted.finalEpoch === completingEpoch &&
+          vm.place === 'migrating-in'
+        ) {
+          // Killed during the write-back, before the completion records were dropped: the
+          // source had answered `completed` (the log says so) and had this side's RESOLVED, so
+          // it does not answer again. Its answer is known: act on it now.
+          log.warn('the journal log recorded the source answer completed: the VM runs here', {
+            migrationId: marker.migrationId,
+            finalEpoch: completingEpoch,
+          });
+          this.#answerRecovered({ vm: vm.name, migrationId: marker.migrationId, outcome: 'completed', epoch: completingEpoch });
+        }
       } else if (marker?.role === 'destination') {
         for (const q of all) await killQemu(q);
         await vm.removeRam();
@@ -1132,9 +1149,12 @@ async function closeAdoptedWindow(vm: VmInstance, log: Logger): Promise<void> {
  * A VM's disk as `tether status <vm>` shows it: `window` while the sidecar serves it (a
  * destination's post-copy window), and QEMU's own answer (query-named-block-nodes: node and
  * driver, e.g. disk0:raw, f0:file) while the VM simply runs here; null while it migrates,
- * so a status poll never adds a QMP command to a migration's.
+ * so a status poll never adds a QMP command to a migration's. `journal`: the block-write
+ * journal's figures while it serves the disk (mode, held bytes and its bound, peak, delays).
  */
-async function diskStatus(vm: VmInstance): Promise<{ image: string; window: boolean; nodes: string[] | null }> {
+async function diskStatus(
+  vm: VmInstance,
+): Promise<{ image: string; window: boolean; nodes: string[] | null; journal: ReturnType<BlockJournal['figures']> | null }> {
   const q = vm.qemu;
   let nodes: string[] | null = null;
   if (q && !q.hasExited && vm.place === 'running') {
@@ -1143,5 +1163,8 @@ async function diskStatus(vm: VmInstance): Promise<{ image: string; window: bool
       .then((list) => list.map((n) => `${n['node-name'] ?? '?'}:${n.drv ?? '?'}`))
       .catch(() => null);
   }
-  return { image: vm.config.disk!.image, window: vm.nbd !== undefined, nodes };
+  // The destination's journal while its window is open (held bytes against its bound).
+  const dev = vm.nbd?.device;
+  const journal = dev instanceof BlockJournal ? dev.figures() : null;
+  return { image: vm.config.disk!.image, window: vm.nbd !== undefined, nodes, journal };
 }

@@ -156,7 +156,7 @@ t.test('completed recorded in the log (killed during write-back): finished befor
     journal: { maxBytes: SIZE },
     openImage: async () => image,
   });
-  t.same(r, { kind: 'written-back', bytes: 8192 });
+  t.same(r, { kind: 'written-back', bytes: 8192, finalEpoch: 1, migrationId: 'm2' });
   t.same([image.bytes[0], image.bytes[4096], image.bytes[8192]], [7, 2, 0], "epoch 2 written back; epoch 1 is the source's");
   await t.rejects(fs.stat(file), { code: 'ENOENT' });
 });

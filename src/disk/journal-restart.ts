@@ -23,8 +23,11 @@ import { findJournalLogs, JournalLog, replayJournalLog } from './journal-log.ts'
 
 export type JournalRestart =
   | { kind: 'none' }
-  /** Written back (completion was in the log): serve pass-through. */
-  | { kind: 'written-back'; bytes: number }
+  /**
+   * Written back (completion was in the log): serve pass-through. The log's completed record
+   * (final epoch, migration) is the source's answer `completed`: D writes it only on that answer.
+   */
+  | { kind: 'written-back'; bytes: number; finalEpoch: number; migrationId: string }
   /** Dropped unread: the migration is fenced here. */
   | { kind: 'discarded' }
   /**
@@ -72,7 +75,8 @@ export async function restartJournal(o: RestartOptions): Promise<JournalRestart>
         migrationId: head.meta.migrationId,
         bytes,
       });
-      if (result.kind !== 'journal') result = { kind: 'written-back', bytes };
+      if (result.kind !== 'journal')
+        result = { kind: 'written-back', bytes, finalEpoch: head.completed, migrationId: head.meta.migrationId };
       continue;
     }
     if (o.completingEpoch !== null && head.meta.migrationId === o.migrationId && result.kind !== 'journal') {

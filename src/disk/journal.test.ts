@@ -316,6 +316,29 @@ t.test('passThrough writes the journal back before any later write', async (t) =
   t.equal(j.mode, 'pass-through');
 });
 
+t.test('hold-writeback fault: the write-back stops after its first extent', async (t) => {
+  const image = new MemImage(SIZE);
+  let held!: () => void;
+  const reached = new Promise<void>((r) => (held = r));
+  const j = new BlockJournal(image, {
+    maxBytes: SIZE,
+    writeBackHold: () => {
+      held();
+      return new Promise<void>(() => {});
+    },
+  });
+  j.journal(1);
+  await j.write(0, Buffer.from('a'));
+  await j.write(2048, Buffer.from('b'));
+  t.equal(j.extentCount, 2);
+  j.passThrough();
+  await reached;
+  t.equal(image.bytes[0], 0x61, 'the first extent is in the image');
+  t.equal(image.bytes[2048], 0, 'the second is not');
+  t.equal(image.flushes, 0, 'nothing was made durable yet');
+  t.equal(j.mode, 'draining');
+});
+
 t.test('journal-write-through fault: the destination journal writes through', async (t) => {
   const image = new MemImage(SIZE);
   const j = new BlockJournal(image, { maxBytes: SIZE, writeThrough: true });

@@ -60,6 +60,11 @@ export interface JournalOptions {
    */
   wal?: JournalLog;
   log?: Logger;
+  /**
+   * Fault injection (`hold-writeback`): awaited by the write-back right after its first
+   * extent is in the image (a test kills the sidecar while it waits).
+   */
+  writeBackHold?: () => Promise<void>;
 }
 
 interface Epoch {
@@ -77,6 +82,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   readonly #writeThrough: boolean;
   readonly #log: Logger | undefined;
   readonly #wal: JournalLog | undefined;
+  readonly #writeBackHold: (() => Promise<void>) | undefined;
   #mode: JournalMode = 'pass-through';
   /** Unreleased epochs, oldest first; in journal mode the last one is open. */
   #epochs: Epoch[] = [];
@@ -86,8 +92,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   #drain: Promise<void> | null = null;
   /** discard()'s removal of the log. */
   #removing: Promise<void> | undefined;
-  /** Figures for status and benchmarks. */
-  readonly stats = { journaledBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
+  /** Figures for status and benchmarks (zeroBytes: the TRIM / WRITE_ZEROES share of journaledBytes). */
+  readonly stats = { journaledBytes: 0, zeroBytes: 0, sealedBytes: 0, delayedWrites: 0, peakHeldBytes: 0 };
 
   constructor(image: BlockDevice, opts: JournalOptions) {
     if (!Number.isSafeInteger(opts.maxBytes) || opts.maxBytes <= 0) {
@@ -104,6 +110,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#writeThrough = opts.writeThrough ?? false;
     this.#log = opts.log;
     this.#wal = opts.wal;
+    this.#writeBackHold = opts.writeBackHold;
   }
 
   /**
@@ -319,6 +326,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     else open.map.putZeroes(offset, length);
     this.#held += open.map.bytes - before;
     this.stats.journaledBytes += length;
+    if (!data) this.stats.zeroBytes += length;
     if (this.#held > this.stats.peakHeldBytes) this.stats.peakHeldBytes = this.#held;
     return open.epoch;
   }
@@ -434,13 +442,25 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#removing;
   }
 
+  /** The journal's figures for `tether status` and the write-back's log line. */
+  figures(): { mode: JournalMode; heldBytes: number; maxBytes: number } & BlockJournal['stats'] {
+    return { mode: this.#mode, heldBytes: this.#held, maxBytes: this.#maxBytes, ...this.stats };
+  }
+
+  /** Extents held in every unreleased epoch (what a write-back writes, one image write each). */
+  get extentCount(): number {
+    return this.#epochs.reduce((n, e) => n + e.map.extents().length, 0);
+  }
+
   async #writeBack(): Promise<void> {
     let bytes = 0;
+    let extents = 0;
     for (const e of this.#epochs) {
       for (const x of e.map.extents()) {
         if (x.data) await this.#image.write(x.offset, x.data);
         else await this.#image.writeZeroes(x.offset, x.length);
         bytes += x.length;
+        if (++extents === 1 && this.#writeBackHold) await this.#writeBackHold();
       }
     }
     if (bytes > 0) {
@@ -448,7 +468,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
       // Durable on the storage now: no clean copy of it stays in this host's cache.
       this.#image.dropCache?.();
     }
-    this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length });
+    this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length, ...this.figures() });
   }
 
   discard(): void {

@@ -118,6 +118,8 @@ export class DestinationMigration {
   #outputs: ReturnType<typeof latchOutputs>;
   /** The disk's block-write journal (VMs with a disk). */
   #journal: BlockJournal | undefined;
+  /** Fault injection (hold-writeback): resolved once the write-back stopped after its first extent. */
+  readonly #writeBackHeld = deferred<void>();
   readonly #log: Logger;
   /**
    * Final epoch once this side asked the source to complete. From then on it never fences
@@ -444,6 +446,14 @@ export class DestinationMigration {
         writeThrough,
         log: this.#log,
         ...(wal ? { wal } : {}),
+        ...(this.#opts.faults.holdWriteback || this.#opts.faults.holdWritebackEarly
+          ? {
+              writeBackHold: () => {
+                this.#writeBackHeld.resolve();
+                return new Promise<void>(() => {}); // never: the test kills this sidecar here
+              },
+            }
+          : {}),
       });
       journal.journal(1);
       return journal;
@@ -775,6 +785,14 @@ export class DestinationMigration {
       if (q && !q.hasExited)
         await q.qmp.execute('cont').catch((e) => this.#log.error('cont after the answer failed', { error: errorFields(e) }));
     }
+    const f = this.#opts.faults;
+    const holdWriteback = (f.holdWriteback || f.holdWritebackEarly) && this.#journal !== undefined;
+    if (holdWriteback) {
+      // A write-back of at least two extents, so the hold after the first one leaves the
+      // image half written: the guest runs and keeps writing into the open epoch meanwhile.
+      this.#log.warn('fault injection: waiting for two journaled extents before the write-back');
+      while (this.#journal!.mode === 'journal' && this.#journal!.extentCount < 2) await sleep(10);
+    }
     // In the log before the image is written: a sidecar restarted during the write-back
     // finishes it from the log (docs/journal.md).
     const marked = await this.#journal?.markCompleted(epoch).then(
@@ -794,9 +812,22 @@ export class DestinationMigration {
     // The completion records go only once the journal is in the image (or the log says
     // the outcome): until then a restart must not serve the image pass-through.
     if (marked === false) await this.#journal?.drained().catch(() => {});
+    if (holdWriteback && f.holdWritebackEarly) {
+      await this.#writeBackHeld.promise;
+      this.#log.warn('fault injection: write-back held after its first extent, completion records kept', {
+        extents: this.#journal!.extentCount,
+      });
+      await new Promise<void>(() => {}); // never: the test kills this sidecar here
+    }
     await this.vm
       .dropCompletingRecords(cleanupCrashPoint(this.#opts.faults))
       .catch((e) => this.#log.error('dropping the completion records failed', { error: errorFields(e) }));
+    if (holdWriteback) {
+      await this.#writeBackHeld.promise;
+      this.#log.warn('fault injection: write-back held after its first extent, completion records dropped', {
+        extents: this.#journal!.extentCount,
+      });
+    }
     await this.#closeDiskWindow();
     // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
     setTimeout(() => this.#ch.close(), 5000).unref();

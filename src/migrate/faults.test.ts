@@ -16,6 +16,9 @@ t.same(parseFaults('journal-write-through,corrupt-epoch=2'), { journalWriteThrou
 t.throws(() => parseFaults('journal-write-through=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('gate-open,journal-write-through'), { gateOpen: true, journalWriteThrough: true });
 t.same(parseFaults('hold-completion,cut-completion=5'), { holdCompletion: true, cutCompletion: 5 });
+t.same(parseFaults('hold-writeback'), { holdWriteback: true });
+t.same(parseFaults('hold-writeback-early'), { holdWritebackEarly: true });
+t.throws(() => parseFaults('hold-writeback=1'), { code: 'ERR_FAULTS_INVALID' });
 t.throws(() => parseFaults('hold-completion=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('slow-scan-ms=5000,slow-scan-epoch=2'), { slowScanMs: 5000, slowScanEpoch: 2 });
 t.same(parseFaults('fail-restore-load'), { failRestoreLoad: true });

@@ -39,6 +39,13 @@ import { TetherError } from '../errors.ts';
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
  *                                (control tests: output commit switched off must be observed as a violation)
  *   journal-write-through        the destination's block-write journal writes through to the shared image (control tests)
+ *   hold-writeback               at completion the destination waits until its journal holds at least two extents
+ *                                (the guest keeps writing), and its write-back into the image then stops for good
+ *                                after the first extent; once the completion records are dropped it logs
+ *                                'fault injection: write-back held' (a test kills the sidecar there: its restart
+ *                                must finish the write-back from the log's completed record)
+ *   hold-writeback-early         the same hold, but logged (and kept) before the completion records are dropped:
+ *                                'fault injection: write-back held, completion records kept'
  *   slow-scan-ms=N               the destination's dirty-page scan of checkpoint slow-scan-epoch sleeps N ms inside the
  *                                native scan job, on the worker thread the scan runs on (a barrier longer than the lease)
  *   slow-scan-epoch=K            the checkpoint whose scan slow-scan-ms slows down (default 1)
@@ -64,6 +71,8 @@ export interface Faults {
   failApplyEpoch?: number;
   failApplySticky?: number;
   journalWriteThrough?: boolean;
+  holdWriteback?: boolean;
+  holdWritebackEarly?: boolean;
   crashCleanupStep?: number;
   crashBeforeResume?: boolean;
   slowScanMs?: number;
@@ -104,6 +113,8 @@ export const HOLD_COMPLETION_RELEASE = 'hold-completion.release';
 type Flag =
   | 'gateOpen'
   | 'journalWriteThrough'
+  | 'holdWriteback'
+  | 'holdWritebackEarly'
   | 'holdAcksTrigger'
   | 'holdCompletion'
   | 'crashBeforeResume'
@@ -116,6 +127,8 @@ type Flag =
 const FLAGS: Record<string, Flag> = {
   'gate-open': 'gateOpen',
   'journal-write-through': 'journalWriteThrough',
+  'hold-writeback': 'holdWriteback',
+  'hold-writeback-early': 'holdWritebackEarly',
   'hold-acks-trigger': 'holdAcksTrigger',
   'hold-completion': 'holdCompletion',
   'crash-before-resume': 'crashBeforeResume',
