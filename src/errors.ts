@@ -124,6 +124,10 @@ export const ERRORS = {
   ERR_MEM_SOFTDIRTY_CLEAR: 'clearing soft-dirty bits failed',
   ERR_MEM_SOFTDIRTY_MAPPING: "the RAM file's mapping is not found in QEMU's address space",
   ERR_MEM_SOFTDIRTY_PID: 'the QEMU process to track is gone',
+  ERR_MEM_SOFTDIRTY_RECLAIM:
+    'soft-dirty refused: swap is on and the RAM mapping is not mlocked (a reclaimed page faulted back by a read loses its soft-dirty bit; docs/lab.md)',
+  ERR_MEM_SOFTDIRTY_THP:
+    'soft-dirty refused: the RAM mapping is THP-eligible (a page khugepaged collapses, faulted back by a read, loses its soft-dirty bit; docs/lab.md)',
   ERR_MEM_TRACKER_KIND: 'an unknown dirty tracker was requested',
   ERR_MEM_TRACKER_STATE: 'a dirty tracker was used out of order',
 

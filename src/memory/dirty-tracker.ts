@@ -37,4 +37,9 @@ export interface TrackerOptions {
   threads?: number;
   /** For tests: where proc is mounted (default /proc). */
   procRoot?: string;
+  /**
+   * The lab only (tools/lab/lab.ts, to show what the checks prevent): open soft-dirty although
+   * swap is on and the RAM is not mlocked, or the RAM mapping is THP-eligible.
+   */
+  skipPreconditions?: boolean;
 }

@@ -102,16 +102,30 @@ t.test('soft-dirty tracker (fake procfs)', async (t) => {
   // QEMU's mapping of the RAM file, split in two VMAs, plus noise
   const base = 0x10000; // virtual page of file page 0
   const vaddr = (vp: number) => (vp * PAGE).toString(16);
-  writeFileSync(
-    join(pdir, 'maps'),
-    [
-      `${vaddr(0x100)}-${vaddr(0x200)} r-xp 00000000 08:01 11 /usr/bin/qemu-system-x86_64`,
-      `${vaddr(base)}-${vaddr(base + 1200)} rw-s 00000000 00:1a ${ino} ${f.path}`,
-      `${vaddr(base + 1200)}-${vaddr(base + pages)} rw-s ${(1200 * PAGE).toString(16)} 00:1a ${ino} ${f.path}`,
-      `${vaddr(0x90000)}-${vaddr(0x90010)} rw-p 00000000 00:00 0 `,
-      '',
-    ].join('\n'),
-  );
+  const mapsLines = [
+    `${vaddr(0x100)}-${vaddr(0x200)} r-xp 00000000 08:01 11 /usr/bin/qemu-system-x86_64`,
+    `${vaddr(base)}-${vaddr(base + 1200)} rw-s 00000000 00:1a ${ino} ${f.path}`,
+    `${vaddr(base + 1200)}-${vaddr(base + pages)} rw-s ${(1200 * PAGE).toString(16)} 00:1a ${ino} ${f.path}`,
+    `${vaddr(0x90000)}-${vaddr(0x90010)} rw-p 00000000 00:00 0 `,
+  ];
+  writeFileSync(join(pdir, 'maps'), mapsLines.join('\n') + '\n');
+  /** smaps as the kernel prints it: each maps line, then fields, VmFlags last; `ram` fields for the RAM VMAs. */
+  const writeSmaps = (ram: { thp: 0 | 1; flags: string }) =>
+    writeFileSync(
+      join(pdir, 'smaps'),
+      mapsLines
+        .map((l) => {
+          const isRam = l.includes(f.path);
+          return [
+            l,
+            'Size:               4096 kB',
+            `THPeligible:    ${isRam ? ram.thp : 0}`,
+            `VmFlags: ${isRam ? ram.flags : 'rd ex mr mw me'} `,
+          ].join('\n');
+        })
+        .join('\n') + '\n',
+    );
+  writeSmaps({ thp: 0, flags: 'rd wr sh mr mw me ms sd' });
   const pm = openSync(join(pdir, 'pagemap'), 'w+');
   t.teardown(() => closeSync(pm));
   const setEntry = (filePage: number, v: bigint) => {
@@ -172,6 +186,42 @@ t.test('soft-dirty tracker (fake procfs)', async (t) => {
   writeFileSync(join(pdir, 'maps'), '');
   await rejectsCode(t, tr.collect(), 'ERR_MEM_SOFTDIRTY_MAPPING', 'mapping gone');
   await tr.close();
+
+  // Preconditions (docs/lab.md shows why on Debian's 6.1 kernel). The maps are back.
+  writeFileSync(join(pdir, 'maps'), mapsLines.join('\n') + '\n');
+  const swaps = join(procRoot, 'swaps');
+  const swapHeader = 'Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n';
+  writeFileSync(swaps, swapHeader);
+  await (await SoftDirtyTracker.open(opts)).close(); // swap off: opens
+  writeFileSync(swaps, swapHeader + '/dev/vdc                                partition\t262140\t\t0\t\t-2\n');
+  await rejectsCode(t, SoftDirtyTracker.open(opts), 'ERR_MEM_SOFTDIRTY_RECLAIM', 'swap on, RAM not mlocked');
+  writeSmaps({ thp: 0, flags: 'rd wr sh mr mw me ms lo sd' });
+  const locked = await SoftDirtyTracker.open(opts);
+  t.equal(locked.kind, 'soft-dirty', 'swap on, RAM mlocked: opens');
+  await locked.close();
+  writeSmaps({ thp: 1, flags: 'rd wr sh mr mw me ms lo sd hg' });
+  await rejectsCode(t, SoftDirtyTracker.open(opts), 'ERR_MEM_SOFTDIRTY_THP', 'THP-eligible RAM mapping');
+  const auto = await createTracker('auto', opts).catch((e: unknown) => e);
+  // auto falls back to scan when soft-dirty is refused (only where this kernel has soft-dirty at all)
+  if (softDirtyProbe().supported) t.equal((auto as { kind: string }).kind, 'scan', 'auto: scan');
+
+  // Swap switched on after open, RAM not mlocked: the next collect scans the whole file.
+  writeSmaps({ thp: 0, flags: 'rd wr sh mr mw me ms sd' });
+  writeFileSync(swaps, swapHeader);
+  const late = await SoftDirtyTracker.open(opts);
+  await late.start(await hashRamFile(f.path, pages * PAGE));
+  await late.collect();
+  allClean();
+  f.write(11, page(9111)); // written, not marked (as after a reclaim and a read fault)
+  t.same([...(await late.collect())], [], 'swap off: an unmarked write is not a candidate');
+  writeFileSync(swaps, swapHeader + '/dev/vdc partition 262140 0 -2\n');
+  f.write(12, page(9112));
+  t.same([...(await late.collect())], [11, 12], 'swap on since open: full scan finds unmarked writes');
+  t.equal(late.stats.fullScans, 1);
+  t.equal(late.stats.lastCandidates, pages);
+  await late.close();
+  rmSync(swaps);
+  writeFileSync(join(pdir, 'maps'), '');
 
   await rejectsCode(t, SoftDirtyTracker.open({ ...opts, qemuPid: 777 }), 'ERR_MEM_SOFTDIRTY_PID', 'no such pid');
   await rejectsCode(t, SoftDirtyTracker.open(opts), 'ERR_MEM_SOFTDIRTY_MAPPING', 'file not mapped');

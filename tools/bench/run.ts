@@ -7,6 +7,7 @@
  *   npm run bench journal [-- --mib 128 --depth 16]      block-write journal vs raw file (tools/bench/journal.ts)
  *   npm run bench disk    [-- --mib 256 --count 20000]   qemu-img bench: file vs NBD pass-through vs journaled (tools/bench/disk.ts)
  *   npm run bench diskguest [-- --ops 2000]              in-guest 4 KiB O_DIRECT, NBD pass-through and journaled vs file; ckpt bytes/MB (tools/bench/diskguest.ts)
+ *   npm run bench lab                                  soft-dirty vs scan pause inside the Debian lab VM (tools/bench/lab.ts, docs/lab.md)
  *   npm run bench net     [-- --quick | --only rtt]      guest network: ping RTT and TCP, gate vs QEMU tap, gated window (tools/bench/net.ts)
  *   npm run bench apps    [-- --quick]                   memcached, PostgreSQL, nginx in the Debian guest across post-copy, tether vs vanilla (tools/bench/apps.ts; not in the quick smoke)
  *   npm run bench                                      the suite (tools/bench/suite.ts): strategies side by side
@@ -24,6 +25,7 @@ const BENCHES: Record<string, string> = {
   diskguest: './diskguest.ts',
   net: './net.ts',
   apps: './apps.ts',
+  lab: './lab.ts',
   suite: './suite.ts',
 };
 
