@@ -10,7 +10,8 @@ tools/bootstrap.sh || { echo "0 passed, 1 failed"; exit 1; }
 # The real-application tests of the netns phase (netns-tests/apps-core.test.ts) boot a
 # Debian guest: install the host's tools and clients for it (as root; apt on a fresh
 # machine) and build its image (mmdebstrap, about a minute; cached by a content key under
-# .cache/guest-debian) in the background while the checks and unit tests run.
+# .cache/guest-debian), then the soft-dirty lab's image (lab-build.sh, .cache/guest-lab,
+# for netns-tests/lab.test.ts), in the background while the checks and unit tests run.
 debian_pid=
 debian_log=$(mktemp)
 trap 'rm -f "$debian_log"' EXIT
@@ -18,7 +19,8 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
   tools/guest/debian/deps.sh || { echo "0 passed, 1 failed"; exit 1; }
   (
     start=$SECONDS
-    tools/guest/debian/build.sh >/dev/null && echo "debian guest image ready in $((SECONDS - start)) s"
+    tools/guest/debian/build.sh >/dev/null && echo "debian guest image ready in $((SECONDS - start)) s" &&
+      tools/guest/debian/lab-build.sh >/dev/null && echo "debian lab image (netns-tests/lab.test.ts) ready in $((SECONDS - start)) s"
   ) >"$debian_log" 2>&1 &
   debian_pid=$!
 fi
@@ -44,7 +46,7 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
     echo "not ok 1 - the Debian guest image (tools/guest/debian/build.sh) failed" | tee -a "$out"
     status=1
   fi
-  tail -1 "$debian_log"
+  tail -2 "$debian_log"
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
   # Two test files at a time: most of a scenario's time is waiting (boots, holds, links),
   # each file's namespaces, TAPs and addresses are its own (harness.ts), and every
