@@ -12,7 +12,7 @@
  * NOWAIT_MAX_BYTES always go to the pool (a long copy would stall the event loop).
  *
  * TRIM punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE) and WRITE_ZEROES uses
- * fallocate ZERO_RANGE (or PUNCH_HOLE when the client allows holes), through the native
+ * fallocate ZERO_RANGE (or PUNCH_HOLE when the client allows holes; src/disk/zero.ts), through the native
  * addon. Where that is unavailable (addon not built, or a file system answering
  * EOPNOTSUPP, e.g. ZERO_RANGE on tmpfs) TRIM does nothing (the spec lets a server ignore
  * it) and WRITE_ZEROES writes zero bytes in 1 MiB pieces. fallocate runs synchronously
@@ -33,18 +33,12 @@ import { loadNative } from '../native.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { alignedBuffer, directAlignment, directNative, POSIX_FADV_DONTNEED } from './direct-io.ts';
+import { FileZeroer, writeZeroBytes } from './zero.ts';
 
-// linux/falloc.h
-const FALLOC_FL_KEEP_SIZE = 0x01;
-const FALLOC_FL_PUNCH_HOLE = 0x02;
-const FALLOC_FL_ZERO_RANGE = 0x10;
-const EOPNOTSUPP = 95;
-const EOPNOTSUPP_NEG = -EOPNOTSUPP;
-const ZERO_CHUNK = 1024 * 1024;
+const EOPNOTSUPP_NEG = -95;
 /** Largest request tried on the event loop (copying 256 KiB takes some 20 µs). */
 export const NOWAIT_MAX_BYTES = 256 * 1024;
 
-type Fallocate = (fd: number, mode: number, offset: number, length: number) => number;
 /** Bytes transferred, or -errno (EAGAIN: would block). */
 type PioNowait = (write: boolean, fd: number, buf: Uint8Array, offset: number) => number;
 
@@ -52,15 +46,6 @@ function nativePioNowait(): PioNowait | undefined {
   try {
     const b = loadNative() as unknown as { pioNowait?: PioNowait };
     return typeof b.pioNowait === 'function' ? b.pioNowait.bind(b) : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-function nativeFallocate(): Fallocate | undefined {
-  try {
-    const b = loadNative() as unknown as { fallocate?: Fallocate };
-    return typeof b.fallocate === 'function' ? b.fallocate.bind(b) : undefined;
   } catch {
     return undefined;
   }
@@ -83,13 +68,11 @@ export class FileBlockDevice implements BlockDevice {
   readonly canTrim = true;
   readonly #fh: FileHandle;
   readonly #readOnly: boolean;
-  #fallocate: Fallocate | undefined;
+  readonly #zeroer: FileZeroer;
   #nowait: PioNowait | undefined;
   /** RWF_NOWAIT answered EOPNOTSUPP (e.g. buffered writes on ext4): stop trying that direction. */
   #readNowait = true;
   #writeNowait = true;
-  #punchWorks = true;
-  #zeroRangeWorks = true;
   #closed = false;
   /** How read() reaches the image (bypassCache()). */
   #readPath: 'cache' | 'direct' | 'dontneed' = 'cache';
@@ -104,7 +87,7 @@ export class FileBlockDevice implements BlockDevice {
     this.#fh = fh;
     this.size = size;
     this.#readOnly = opts.readOnly ?? false;
-    this.#fallocate = opts.fallocate === false ? undefined : nativeFallocate();
+    this.#zeroer = new FileZeroer(opts.fallocate !== false, (errno, mode) => errnoError(errno, `fallocate(${mode})`));
     this.#nowait = opts.nowait === false ? undefined : nativePioNowait();
   }
 
@@ -127,7 +110,7 @@ export class FileBlockDevice implements BlockDevice {
 
   /** Whether TRIM/WRITE_ZEROES currently reach fallocate (false: emulated). */
   get usesFallocate(): boolean {
-    return this.#fallocate !== undefined && (this.#punchWorks || this.#zeroRangeWorks);
+    return this.#zeroer.usesFallocate;
   }
 
   /** 'cache': buffered reads; 'direct': O_DIRECT; 'dontneed': buffered after dropping the range's cached pages. */
@@ -291,42 +274,19 @@ export class FileBlockDevice implements BlockDevice {
     this.#check(offset, length);
     this.#writable();
     if (length === 0) return;
-    this.#punch(offset, length);
-  }
-
-  /** true when the range now reads as zeroes through a hole. */
-  #punch(offset: number, length: number): boolean {
-    const fa = this.#fallocate;
-    if (!fa || !this.#punchWorks) return false;
-    const r = fa(this.#fh.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-    if (r === 0) return true;
-    if (r === EOPNOTSUPP) {
-      this.#punchWorks = false;
-      return false;
-    }
-    throw errnoError(r, 'fallocate(PUNCH_HOLE)');
+    this.#zeroer.fallocate(this.#fh.fd, 'PUNCH_HOLE', offset, length);
   }
 
   async writeZeroes(offset: number, length: number, opts?: { fua?: boolean; noHole?: boolean }): Promise<void> {
     this.#check(offset, length);
     this.#writable();
     if (length === 0) return;
-    let done = false;
-    const fa = this.#fallocate;
-    if (fa && this.#zeroRangeWorks) {
-      // ZERO_RANGE keeps the range allocated (honours NO_HOLE) and reads back as zeroes.
-      const r = fa(this.#fh.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
-      if (r === 0) done = true;
-      else if (r === EOPNOTSUPP) this.#zeroRangeWorks = false;
-      else throw errnoError(r, 'fallocate(ZERO_RANGE)');
-    }
-    if (!done && !opts?.noHole) done = this.#punch(offset, length);
-    if (!done) {
-      const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK, length));
-      for (let at = 0; at < length; at += zeroes.length) {
-        await this.#writeAll(offset + at, zeroes.subarray(0, Math.min(zeroes.length, length - at)));
-      }
-    }
+    // ZERO_RANGE keeps the range allocated (honours NO_HOLE) and reads back as zeroes.
+    const fd = this.#fh.fd;
+    const done =
+      this.#zeroer.fallocate(fd, 'ZERO_RANGE', offset, length) ||
+      (!opts?.noHole && this.#zeroer.fallocate(fd, 'PUNCH_HOLE', offset, length));
+    if (!done) await writeZeroBytes(length, (at, bytes) => this.#writeAll(offset + at, bytes));
     if (opts?.fua) await this.#fh.datasync();
   }
 

@@ -17,26 +17,8 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { extentLength, type DiskExtent } from '../checkpoint/assembler.ts';
 import type { DiskSink } from '../checkpoint/store.ts';
 import { TetherError } from '../errors.ts';
-import { loadNative } from '../native.ts';
 import { directNative, POSIX_FADV_DONTNEED } from './direct-io.ts';
-
-// linux/falloc.h
-const FALLOC_FL_KEEP_SIZE = 0x01;
-const FALLOC_FL_PUNCH_HOLE = 0x02;
-const FALLOC_FL_ZERO_RANGE = 0x10;
-const EOPNOTSUPP = 95;
-const ZERO_CHUNK = 1024 * 1024;
-
-type Fallocate = (fd: number, mode: number, offset: number, length: number) => number;
-
-function nativeFallocate(): Fallocate | undefined {
-  try {
-    const b = loadNative() as unknown as { fallocate?: Fallocate };
-    return typeof b.fallocate === 'function' ? b.fallocate.bind(b) : undefined;
-  } catch {
-    return undefined;
-  }
-}
+import { FileZeroer, writeZeroBytes } from './zero.ts';
 
 export interface ImageSinkOptions {
   /** Use fallocate for zero extents when possible. Default true (false: tests of the fallback). */
@@ -46,15 +28,13 @@ export interface ImageSinkOptions {
 export class ImageSink implements DiskSink {
   readonly path: string;
   #fh: FileHandle | null = null;
-  #fallocate: Fallocate | undefined;
-  #zeroRangeWorks = true;
-  #punchWorks = true;
+  readonly #zeroer: FileZeroer;
   /** How zero extents were applied, for tests and logs. */
   readonly stats = { zeroRange: 0, punchHole: 0, zeroBytesWritten: 0 };
 
   constructor(imagePath: string, opts: ImageSinkOptions = {}) {
     this.path = imagePath;
-    this.#fallocate = opts.fallocate === false ? undefined : nativeFallocate();
+    this.#zeroer = new FileZeroer(opts.fallocate !== false, (errno, mode) => fallocateError(errno, mode, imagePath));
   }
 
   async #handle(): Promise<FileHandle> {
@@ -93,29 +73,15 @@ export class ImageSink implements DiskSink {
     const fh = await this.#handle();
     this.#inRange(offset, length, (await fh.stat()).size);
     if (length === 0) return;
-    const fa = this.#fallocate;
-    if (fa && this.#zeroRangeWorks) {
-      const r = fa(fh.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
-      if (r === 0) {
-        this.stats.zeroRange++;
-        return;
-      }
-      if (r !== EOPNOTSUPP) throw fallocateError(r, 'ZERO_RANGE', this.path);
-      this.#zeroRangeWorks = false;
+    if (this.#zeroer.fallocate(fh.fd, 'ZERO_RANGE', offset, length)) {
+      this.stats.zeroRange++;
+      return;
     }
-    if (fa && this.#punchWorks) {
-      const r = fa(fh.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-      if (r === 0) {
-        this.stats.punchHole++;
-        return;
-      }
-      if (r !== EOPNOTSUPP) throw fallocateError(r, 'PUNCH_HOLE', this.path);
-      this.#punchWorks = false;
+    if (this.#zeroer.fallocate(fh.fd, 'PUNCH_HOLE', offset, length)) {
+      this.stats.punchHole++;
+      return;
     }
-    const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK, length));
-    for (let at = 0; at < length; at += zeroes.length) {
-      await this.#writeAll(fh, offset + at, zeroes.subarray(0, Math.min(zeroes.length, length - at)));
-    }
+    await writeZeroBytes(length, (at, bytes) => this.#writeAll(fh, offset + at, bytes));
     this.stats.zeroBytesWritten += length;
   }
 
