@@ -1034,3 +1034,12 @@ export function e2fsck(image: string): { code: number; output: string } {
     fs.rmSync(copy, { force: true });
   }
 }
+
+/** Packets the kernel's per-CPU input backlogs dropped (second column of /proc/net/softnet_stat, all CPUs). */
+export function softnetDropped(): number {
+  return fs
+    .readFileSync('/proc/net/softnet_stat', 'utf8')
+    .trim()
+    .split('\n')
+    .reduce((sum, l) => sum + parseInt(l.trim().split(/\s+/)[1] ?? '0', 16), 0);
+}

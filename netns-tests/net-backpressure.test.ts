@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import t from 'tap';
-import { sh, waitFor } from './harness.ts';
+import { sh, softnetDropped, waitFor } from './harness.ts';
 import type { Cluster } from './harness.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE, waitApplied } from './scenarios.ts';
@@ -32,15 +32,6 @@ const framesTotal = (text: string, action: string): number => {
   const m = new RegExp(`^tether_gate_frames_total\\{[^}]*action="${action}"[^}]*\\} (\\d+)$`, 'm').exec(text);
   return m ? Number(m[1]) : 0;
 };
-
-/** Packets the kernel's per-CPU input backlogs dropped (second column of /proc/net/softnet_stat, all CPUs). */
-function softnetDropped(): number {
-  return fs
-    .readFileSync('/proc/net/softnet_stat', 'utf8')
-    .trim()
-    .split('\n')
-    .reduce((sum, l) => sum + parseInt(l.trim().split(/\s+/)[1] ?? '0', 16), 0);
-}
 
 /** RX/TX drop counters of the devices on the guest segment's path from the destination's TAP to the client. */
 function pathDrops(c: Cluster): string {

@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import t from 'tap';
 import type { Test } from 'tap';
-import { GUEST_IP, waitFor } from './harness.ts';
+import { GUEST_IP, softnetDropped, waitFor } from './harness.ts';
 import { gateDefaults, gateReserve, qemuSendBuffer } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE } from './scenarios.ts';
 
@@ -41,15 +41,6 @@ const lines = (file: string, msg: string): Record<string, any>[] =>
     .split('\n')
     .filter((l) => l.includes(msg))
     .map((l) => JSON.parse(l) as Record<string, any>);
-
-/** Packets the kernel's per-CPU input backlogs dropped (second column of /proc/net/softnet_stat, all CPUs). */
-function softnetDropped(): number {
-  return fs
-    .readFileSync('/proc/net/softnet_stat', 'utf8')
-    .trim()
-    .split('\n')
-    .reduce((sum, l) => sum + parseInt(l.trim().split(/\s+/)[1] ?? '0', 16), 0);
-}
 
 interface PauseRun {
   stop: Record<string, any>;
