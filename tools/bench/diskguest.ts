@@ -1,6 +1,6 @@
 /**
  * In-guest disk benchmark:
- *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-bw-mib 1 --only steady,guest,journal,ckpt | --quick]
+ *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --only steady,guest,journal,ckpt | --quick]
  *
  * Four parts; the last three each in its own two-namespace Cluster (netns-tests/harness.ts),
  * under real QEMU (TCG) with the tether guest image:
@@ -20,8 +20,11 @@
  * 2. Journaled: the same diskbench run while the VM is on the destination during post-copy,
  *    its writes taken by the destination's block-write journal (checkpoints seal them, the
  *    source applies them to the image). diskbench waits for a trigger block in the image
- *    (harness disk.benchTrigger); the VM migrates over a slow link (QEMU max-bandwidth
- *    --journal-bw-mib MiB/s) so the post-copy window stays open; the bench writes the
+ *    (harness disk.benchTrigger); the destination's completion is held (harness
+ *    holdCompletion) so the post-copy window stays open whatever the link, one run per
+ *    --journal-links value (QEMU max-bandwidth in MiB/s, 0 unlimited; default 1 and 0: a slow
+ *    link keeps post-copy faults in the run, an unlimited one leaves the journal and the
+ *    checkpoints); the bench writes the
  *    trigger once the destination has sent its first checkpoint, waits for the run to end,
  *    then aborts the migration (rollback: the window is what was measured, not the
  *    completion). The figure is NOT the journal alone: every checkpoint pauses the guest,
@@ -56,9 +59,19 @@ import { FILE_NODE } from '../../src/qemu/cmdline.ts';
 const quick = process.argv.includes('--quick');
 const ops = arg('ops', quick ? 400 : 2000);
 const spanMiB = arg('span-mib', quick ? 16 : 64);
-// QEMU max-bandwidth (and max-postcopy-bandwidth) of the journaled run's migration: low, so
-// the post-copy window outlasts diskbench's run on the destination.
-const journalBwMiB = arg('journal-bw-mib', 1);
+// QEMU max-bandwidth (and max-postcopy-bandwidth) of the journaled runs' migration, one run
+// per value (MiB/s; 0: unlimited). The window stays open by construction (the destination's
+// completion is held until the run is over), so a fast link is measured too: there every
+// journaled write still crosses the link in its checkpoint, but no post-copy fault waits on
+// it. A slow link alone would measure the link more than the journal (every held write
+// must reach the source before its epoch is released).
+const journalLinks = (() => {
+  const i = process.argv.indexOf('--journal-links');
+  if (i >= 0) return process.argv[i + 1]!.split(',').map(Number);
+  if (process.argv.includes('--journal-bw-mib')) return [arg('journal-bw-mib', 1)];
+  return quick ? [0] : [1, 0];
+})();
+const linkName = (mib: number): string => (mib === 0 ? 'unlimited link' : `link ${mib} MiB/s`);
 const only = process.argv.includes('--only')
   ? process.argv[process.argv.indexOf('--only') + 1]!.split(',')
   : ['steady', 'guest', 'journal', 'ckpt'];
@@ -203,10 +216,12 @@ function fileSize(file: string): number {
   }
 }
 
-async function journaledRun(): Promise<Journaled> {
+async function journaledRun(bwMiB: number): Promise<Journaled> {
   const c = new Cluster({
     disk: { guest: 'diskbench', mib: spanMiB + 16, benchSpanMiB: spanMiB, benchOps: ops, benchTrigger: true },
-    vm: { maxBandwidth: Math.round(journalBwMiB * 1024 * 1024) },
+    vm: { maxBandwidth: Math.round(bwMiB * 1024 * 1024) },
+    // the window cannot close before the run ends, whatever the link
+    holdCompletion: true,
   });
   try {
     await c.up();
@@ -359,23 +374,30 @@ if (only.includes('guest') || only.includes('journal')) {
   }
   const file = medianCases(plainRuns);
   const nbd = only.includes('guest') ? medianCases(tetherRuns) : [];
-  const jr = only.includes('journal') ? await journaledRun() : undefined;
-  result.guest = { nbd, file, ...(jr ? { journaled: jr, journalBwMiB } : {}) };
-  const jcases = jr?.cases ?? [];
+  const jrs: { bwMiB: number; jr: Journaled }[] = [];
+  if (only.includes('journal')) for (const bwMiB of journalLinks) jrs.push({ bwMiB, jr: await journaledRun(bwMiB) });
+  result.guest = { nbd, file, ...(jrs.length ? { journaled: jrs } : {}) };
   const col = (v: string | number, w: number) => String(v).padStart(w);
+  const jname = (bwMiB: number) => (bwMiB === 0 ? 'j@max' : `j@${bwMiB}M`);
   console.log(
     `diskbench in the guest (TCG), 4 KiB O_DIRECT (seq64k-*: 64 KiB, ${Math.floor(ops / 4)} requests), ${ops} requests per case over ${spanMiB} MiB`,
   );
   console.log(
-    `${'case'.padEnd(16)}${col('file', 7)}${col('tthr', 7)}${col('jrnl', 7)}${col('tthr/file', 10)}${col('jrnl/file', 10)}   lat mean/p99 µs: file | tether | jrnl`,
+    `${'case'.padEnd(16)}${col('file', 7)}${col('tthr', 7)}${col('tthr/file', 10)}` +
+      jrs.map(({ bwMiB }) => `${col(jname(bwMiB), 8)}${col('/file', 7)}`).join('') +
+      '   lat mean/p99 µs: file | tether' +
+      jrs.map(({ bwMiB }) => ` | ${jname(bwMiB)}`).join(''),
   );
   for (const f of file) {
     const n = nbd.find((x) => x.case === f.case && x.qd === f.qd);
-    const j = jcases.find((x) => x.case === f.case && x.qd === f.qd);
+    const js = jrs.map(({ jr }) => jr.cases.find((x) => x.case === f.case && x.qd === f.qd));
     const name = `${f.case} qd${f.qd}`;
     const lat = (x: DiskbenchCase | undefined) => (x ? `${x.latMeanUs}/${x.latP99Us}` : '-');
     console.log(
-      `${name.padEnd(16)}${col(f.iops, 7)}${col(n?.iops ?? '-', 7)}${col(j?.iops ?? '-', 7)}${col(n ? (n.iops / f.iops).toFixed(2) : '-', 10)}${col(j ? (j.iops / f.iops).toFixed(2) : '-', 10)}   ${lat(f)} | ${lat(n)} | ${lat(j)}`,
+      `${name.padEnd(16)}${col(f.iops, 7)}${col(n?.iops ?? '-', 7)}${col(n ? (n.iops / f.iops).toFixed(2) : '-', 10)}` +
+        js.map((j) => `${col(j?.iops ?? '-', 8)}${col(j ? (j.iops / f.iops).toFixed(2) : '-', 7)}`).join('') +
+        `   ${lat(f)} | ${lat(n)}` +
+        js.map((j) => ` | ${lat(j)}`).join(''),
     );
     if (n) {
       figures.push({
@@ -386,10 +408,12 @@ if (only.includes('guest') || only.includes('journal')) {
         note: `${n.iops} vs ${f.iops} IOPS; latency mean ${n.latMeanUs} vs ${f.latMeanUs} µs, p99 ${n.latP99Us} vs ${f.latP99Us} µs`,
       });
     }
-    if (j && jr) {
+    jrs.forEach(({ bwMiB, jr }, k) => {
+      const j = js[k];
+      if (!j) return;
       const write = f.case.endsWith('write');
       figures.push({
-        name: `guest ${name} NBD journaled (post-copy window) / file`,
+        name: `guest ${name} NBD journaled (post-copy window, ${linkName(bwMiB)}) / file`,
         value: jr.windowOpen ? j.iops / f.iops : null,
         unit: 'x',
         ...(write ? { target: { op: '>=' as const, value: WRITE_TARGET } } : {}),
@@ -397,13 +421,13 @@ if (only.includes('guest') || only.includes('journal')) {
           `${j.iops} vs ${f.iops} IOPS; latency mean ${j.latMeanUs} vs ${f.latMeanUs} µs, p99 ${j.latP99Us} vs ${f.latP99Us} µs` +
           (jr.windowOpen ? '' : `; WINDOW CLOSED during the run: ${(j.iops / f.iops).toFixed(2)} x not journaled throughout`),
       });
-    }
+    });
   }
-  if (jr) {
+  for (const { bwMiB, jr } of jrs) {
     const pct = jr.runMs > 0 ? ((100 * jr.pauseMs) / jr.runMs).toFixed(0) : '-';
     console.log(
       `
-journaled = the same run on the destination inside the post-copy window (migration link ${journalBwMiB} MiB/s, ` +
+${jname(bwMiB)} = the same run on the destination inside the post-copy window (${linkName(bwMiB)}, completion held until the run ended, ` +
         `phase ${jr.phaseBefore} -> ${jr.phaseAfter}${jr.windowOpen ? ', window open throughout' : ', WINDOW CLOSED during the run'}; ` +
         `migration then ${jr.outcome}).
 ` +
@@ -414,7 +438,7 @@ journaled = the same run on the destination inside the post-copy window (migrati
         `${(jr.journaledBytes / MB).toFixed(1)} MB went through the journal between the checkpoints around the run.`,
     );
     figures.push({
-      name: 'guest time paused by checkpoints in the journaled run',
+      name: `guest time paused by checkpoints in the journaled run (${linkName(bwMiB)})`,
       value: jr.runMs > 0 ? (100 * jr.pauseMs) / jr.runMs : null,
       unit: '%',
       note: `${jr.checkpoints} checkpoints in ${(jr.runMs / 1000).toFixed(1)} s; ${jr.postcopyRequests ?? '?'} post-copy page requests in the same time`,
