@@ -4,6 +4,7 @@
  * one interruption with the three services in use, and its control (docs/apps.md).
  */
 import type { Test } from 'tap';
+import type { Cluster } from '../harness.ts';
 import { bootDebianCluster, debianGuest } from './debian.ts';
 import { startMemcachedWriter, verifyKeys } from './memcached.ts';
 import { startDownload, startTickReader } from './nginx.ts';
@@ -54,7 +55,11 @@ export async function killWithAllApps(t: Test): Promise<void> {
  * it does not, those checks prove nothing. (The /big.bin download has no such control: the
  * bytes at an offset of a static file are the same whichever epoch sends them.)
  */
-export async function controlGateOpen(t: Test): Promise<void> {
+export async function controlGateOpen(
+  t: Test,
+  interrupt: (c: Cluster, destinationQemu: number) => void | Promise<void> = (_c, pid) => killQemu(pid),
+  staged = false,
+): Promise<void> {
   const c = await bootDebianCluster(t, { ...APP_HOLD, faults: { ...APP_HOLD.faults, destination: 'gate-open' } });
   const w = startWriter(t, c);
   const mc = startMemcachedWriter(t, c);
@@ -62,9 +67,16 @@ export async function controlGateOpen(t: Test): Promise<void> {
   await w.waitAcked(10, 'before migrating');
   await mc.waitStored(10, 'before migrating');
   await tick.waitReads(3, 'before migrating');
-  const { mig, held, ackedInHold } = await interruptDuringAppHold(t, c, w, killQemu, { control: true, memcached: mc, tick });
+  const { mig, held, ackedInHold } = await interruptDuringAppHold(t, c, w, (pid) => interrupt(c, pid), {
+    control: true,
+    memcached: mc,
+    tick,
+  });
   t.equal(mig.result?.outcome, 'rolled-back', `rolled back: ${mig.stderr.slice(-1000)}`);
-  t.equal(mig.result?.rollback?.epoch, held, `resumed from the held checkpoint ${held}`);
+  const epoch = mig.result?.rollback?.epoch ?? -1;
+  // (staged: a cut link or a dead destination sidecar leaves S applying what it had received)
+  if (staged) t.ok(epoch >= held, `resumed from checkpoint ${epoch}, the held ${held} or one it had received before`);
+  else t.equal(epoch, held, `resumed from the held checkpoint ${held}`);
   t.ok(ackedInHold > 0, `the open gate let out acknowledgements of commits sent during the hold (${ackedInHold})`);
   // The psql connection cannot go on: the client's TCP saw bytes of epochs the source never
   // had. End psql and read the table over a new connection.
