@@ -26,7 +26,8 @@
  * epoch period (the gate holds an answer until the epoch that produced it is acknowledged:
  * at least one period, plus the checkpoint's pause and round trip).
  *
- * Output: bench-results/apps-<time>.json and the latest at bench-results/apps.json and apps.md.
+ * Output: bench-results/apps-<time>.json and the latest at bench-results/apps.json, apps.md and
+ * apps.svg (the plot, tools/bench/apps-plot.ts).
  *
  * Options (defaults; quick in brackets):
  *   --quick              one link (1gbit), phases of 3 s, 4 connections, 512 MiB without cold memory:
@@ -36,6 +37,7 @@
  *   --links 1gbit,200mbit
  *   --phase-s 10 [3]     length of the before and after phases
  *   --conns 8 [4]        connections per memcached and nginx client
+ *   --plot FILE [--out F] only draw the plot of a saved run (default out: bench-results/apps.svg)
  *
  * `npm run bench -- --quick` (the CI smoke of `npm test`) does not run this benchmark: it
  * runs the disk bench and the suite only; this one boots four Debian VMs.
@@ -64,7 +66,8 @@ import {
   type Rec,
   type VQemu,
 } from './lib.ts';
-import { markdownTable, type Figure } from './report.ts';
+import { markdownTable, writeSvg, type Figure } from './report.ts';
+import { appsThroughputSpec } from './apps-plot.ts';
 import { stallAround } from './stall.ts';
 
 const quick = process.argv.includes('--quick');
@@ -82,6 +85,17 @@ const MIGRATE_DEADLINE_MS = 600_000;
 const LOAD_CLIENT = path.join(ROOT, 'tools', 'bench', 'apps-load.ts');
 const OUT_DIR = path.join(ROOT, 'bench-results');
 const STARTED = new Date().toISOString();
+const PLOT_TITLE = 'Requests per second around the post-copy window: tether vs vanilla QEMU post-copy';
+
+// --plot FILE: draw the plot of a saved run (bench-results/apps-<time>.json) and stop.
+const plotFrom = str('plot', '');
+if (plotFrom) {
+  const out = str('out', path.join(OUT_DIR, 'apps.svg'));
+  const saved = JSON.parse(fs.readFileSync(plotFrom, 'utf8')) as { runs: Parameters<typeof appsThroughputSpec>[0] };
+  await writeSvg(out, appsThroughputSpec(saved.runs, PLOT_TITLE));
+  console.log(`wrote ${out}`);
+  process.exit(0);
+}
 
 type Strategy = 'vanilla-postcopy' | 'tether-50';
 type Workload = 'memcached' | 'nginx' | 'postgresql';
@@ -377,4 +391,5 @@ fs.mkdirSync(OUT_DIR, { recursive: true });
 fs.writeFileSync(path.join(OUT_DIR, `apps${quick ? '-quick' : ''}-${STARTED.replaceAll(':', '').replace(/\.\d+Z$/, 'Z')}.json`), json);
 fs.writeFileSync(path.join(OUT_DIR, 'apps.json'), json);
 fs.writeFileSync(path.join(OUT_DIR, 'apps.md'), md);
+await writeSvg(path.join(OUT_DIR, 'apps.svg'), appsThroughputSpec(runs, PLOT_TITLE));
 if (runs.some((r) => !r.ok)) process.exitCode = 1;
