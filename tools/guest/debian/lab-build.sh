@@ -74,7 +74,10 @@ fi
 log "building key=$KEY ($(tr '\n' ' ' <<<"$VERSIONS"))"
 START=$SECONDS
 WORK="$(mktemp -d "$CACHE/.work.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+# mmdebstrap mounts the host's /dev/shm, /proc and /sys inside the root while it runs: if it
+# dies without unmounting them, a plain rm -rf of $WORK would empty the host's /dev/shm
+# (where tether keeps guest RAM). Unmount what is left, and never cross into another mount.
+trap '{ findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l; } || true; rm -rf --one-file-system "$WORK"' EXIT
 R="$WORK/root"
 
 mmdebstrap --quiet --variant=essential --include="$(
