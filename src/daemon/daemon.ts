@@ -517,7 +517,13 @@ export class Daemon {
             ? {
                 relay: vm.nicRelays[i]!,
                 ...(this.#faults.relayPauseMs
-                  ? { pauseReading: { ms: this.#faults.relayPauseMs, epoch: this.#faults.relayPauseEpoch ?? 5 } }
+                  ? {
+                      pauseReading: {
+                        ms: this.#faults.relayPauseMs,
+                        epoch: this.#faults.relayPauseEpoch ?? 5,
+                        ...(this.#faults.relayPauseBytes !== undefined ? { bytes: this.#faults.relayPauseBytes } : {}),
+                      },
+                    }
                   : {}),
                 ...(this.#faults.relaySndbufDefault ? { keepQemuSndbuf: true } : {}),
               }

@@ -9,6 +9,7 @@ t.throws(() => parseFaults('truncate-epoch'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('cut-completion=3'), { cutCompletion: 3 });
 t.same(parseFaults('gate-open,corrupt-epoch=2'), { gateOpen: true, corruptEpoch: 2 });
 t.same(parseFaults('relay-pause-ms=3000,relay-pause-epoch=4'), { relayPauseMs: 3000, relayPauseEpoch: 4 });
+t.same(parseFaults('relay-pause-ms=3000,relay-pause-bytes=212992'), { relayPauseMs: 3000, relayPauseBytes: 212992 });
 t.same(parseFaults('relay-pause-ms=1,relay-sndbuf-default'), { relayPauseMs: 1, relaySndbufDefault: true });
 t.throws(() => parseFaults('gate-open=1'), { code: 'ERR_FAULTS_INVALID' });
 t.same(parseFaults('hold-acks-ms=3000,hold-acks-epoch=4'), { holdAcksMs: 3000, holdAcksEpoch: 4 });

@@ -34,6 +34,8 @@ import { TetherError } from '../errors.ts';
  *                                read after checkpoint relay-pause-epoch was sealed (a wedged sidecar; QEMU writes on
  *                                into its socket's send buffer, which the relay raised to the gate's byte bound)
  *   relay-pause-epoch=K          the checkpoint after whose seal relay-pause-ms pauses (default 5)
+ *   relay-pause-bytes=B          end the pause early once more than B bytes wait in the out socket (relay-pause-ms is
+ *                                then the longest it lasts): a test reaches its queue depth by construction
  *   relay-sndbuf-default         control: the destination's relays leave QEMU's out-socket send buffer at the kernel
  *                                default (a relay that does not read then blocks QEMU once that is full)
  *   gate-open                    the destination's packet gates pass frames through instead of holding them
@@ -79,6 +81,7 @@ export interface Faults {
   slowScanEpoch?: number;
   relayPauseMs?: number;
   relayPauseEpoch?: number;
+  relayPauseBytes?: number;
   relaySndbufDefault?: boolean;
   failRestoreLoad?: boolean;
   plainStream?: boolean;
@@ -152,6 +155,7 @@ const NAMES: Record<string, Exclude<keyof Faults, Flag>> = {
   'slow-scan-epoch': 'slowScanEpoch',
   'relay-pause-ms': 'relayPauseMs',
   'relay-pause-epoch': 'relayPauseEpoch',
+  'relay-pause-bytes': 'relayPauseBytes',
 };
 
 /** crash-before-resume: the rollback's restored QEMU exists (recorded in vm.json), not yet resumed. */

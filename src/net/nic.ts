@@ -79,7 +79,7 @@ export interface NicPortOptions {
   /** JSON-lines release log file (the harness compares it with a capture), or none. */
   releaseLogFile?: string;
   /** Fault injection (relay-pause-ms): stop reading the out socket for `ms` once, from the first read after epoch `epoch` was sealed. */
-  pauseReading?: { epoch: number; ms: number };
+  pauseReading?: { epoch: number; ms: number; bytes?: number };
   /** Control (fault relay-sndbuf-default): leave QEMU's out-socket send buffer at the kernel default. */
   keepQemuSndbuf?: boolean;
   counters?: NicCounters;
@@ -261,7 +261,13 @@ export class NicPort {
     const from = { epoch: this.gate.currentEpoch, mono: monoClockMs() };
     c.out.pause();
     this.#log.warn('fault injection: relay stops reading', { ms: f.ms, epoch: from.epoch, qemuSndbuf: this.#qemuSndbuf, queued: inq() });
-    setTimeout(() => {
+    const until = from.mono + f.ms;
+    const poll = (): void => {
+      const q = inq();
+      if (monoClockMs() < until && !(f.bytes !== undefined && q !== null && q > f.bytes)) {
+        setTimeout(poll, 10);
+        return;
+      }
       // what QEMU wrote while nobody read: still queued in its socket, all of it read now
       const queued = inq();
       this.#log.warn('fault injection: relay reads again', {
@@ -273,7 +279,8 @@ export class NicPort {
         qemuSndbuf: this.#qemuSndbuf,
       });
       c.out.resume();
-    }, f.ms);
+    };
+    setTimeout(poll, 10);
   }
 
   /** The guest's frames from QEMU's out socket. Never throws, never stops reading (but for the relay-pause-ms fault). */
