@@ -364,18 +364,17 @@ static napi_value js_tap_stop_reader(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* sockOutq(fd): bytes this end of a socket sent that the peer has not read yet (TIOCOUTQ;
- * on a unix stream socket the sent skbs stay charged to the sender until the receiver
- * consumes them). The relay's detach waits for 0 on QEMU's in0 socket. */
-static napi_value js_sock_outq(napi_env env, napi_callback_info info) {
+/* The int an ioctl reports for socket argv[0] (sockOutq, sockInq). */
+static napi_value sock_ioctl_int(napi_env env, napi_callback_info info, unsigned long req, const char *syscall,
+                                 const char *fn) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int fd;
   if (argc < 1 || get_fd(env, argv[0], &fd)) return NULL;
   int n = 0;
-  if (ioctl(fd, TIOCOUTQ, &n) < 0) {
-    tap_throw(env, "ERR_TAP", errno, "ioctl(TIOCOUTQ)", "sockOutq");
+  if (ioctl(fd, req, &n) < 0) {
+    tap_throw(env, "ERR_TAP", errno, syscall, fn);
     return NULL;
   }
   napi_value r;
@@ -383,22 +382,17 @@ static napi_value js_sock_outq(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* sockOutq(fd): bytes this end of a socket sent that the peer has not read yet (TIOCOUTQ;
+ * on a unix stream socket the sent skbs stay charged to the sender until the receiver
+ * consumes them). The relay's detach waits for 0 on QEMU's in0 socket. */
+static napi_value js_sock_outq(napi_env env, napi_callback_info info) {
+  return sock_ioctl_int(env, info, TIOCOUTQ, "ioctl(TIOCOUTQ)", "sockOutq");
+}
+
 /* sockInq(fd): bytes queued on socket `fd` for this end to read (FIONREAD/SIOCINQ). The
  * relay-pause fault logs what QEMU queued while the relay did not read. */
 static napi_value js_sock_inq(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  int fd;
-  if (argc < 1 || get_fd(env, argv[0], &fd)) return NULL;
-  int n = 0;
-  if (ioctl(fd, FIONREAD, &n) < 0) {
-    tap_throw(env, "ERR_TAP", errno, "ioctl(FIONREAD)", "sockInq");
-    return NULL;
-  }
-  napi_value r;
-  napi_create_int32(env, n, &r);
-  return r;
+  return sock_ioctl_int(env, info, FIONREAD, "ioctl(FIONREAD)", "sockInq");
 }
 
 /* peerSndbuf(pid, path, bytes): raise the send buffer of the connected unix stream socket
