@@ -131,15 +131,20 @@ export async function assertAppsRolledBack(
   t.same(w.errors, [], 'psql reported no error');
   await w.stop();
   t.equal(w.proc.exitCode, 0, 'psql ended normally: one connection for the whole test');
+  await assertCommitsAndKeysKept(t, c, w, mc, 'on the source');
+  await assertNotRunningOn(t, c, c.dst);
+}
+
+/**
+ * After psql has stopped: every acknowledged commit is in the table (read over a new
+ * connection) with its payload and no row the client was not told about; memccp is stopped
+ * and every STORED key reads back with its value (`where`: the host that runs the VM).
+ */
+export async function assertCommitsAndKeysKept(t: Test, c: Cluster, w: PgWriter, mc: MemcachedWriter, where: string): Promise<void> {
   const check = verifyRows(c, w);
-  t.same(check.lost, [], `no acknowledged commit lost (${check.acked} acknowledged, ${check.rows} rows)`);
+  t.same(check.lost, [], `no acknowledged commit lost ${where} (${check.acked} acknowledged, ${check.rows} rows)`);
   t.same(check.phantom, [], 'no row the client was not told about');
   await mc.stop();
   const lost = await verifyKeys(c, mc);
-  t.same(
-    lost,
-    [],
-    `every STORED key reads back with its value on the source (${mc.stored.size} keys, ${mc.failed.length} sets unacknowledged)`,
-  );
-  await assertNotRunningOn(t, c, c.dst);
+  t.same(lost, [], `every STORED key reads back with its value ${where} (${mc.stored.size} keys, ${mc.failed.length} sets unacknowledged)`);
 }
