@@ -93,6 +93,21 @@ export function loadNative(): NativeBinding {
   return binding;
 }
 
+/**
+ * The addon's function `name`, bound to it, or undefined when the addon is not built or
+ * (an older build) lacks it: for callers that have a slower path without it.
+ */
+export function optionalNative<F extends (...args: never[]) => unknown>(name: string): F | undefined {
+  let b: NativeBinding;
+  try {
+    b = loadNative();
+  } catch {
+    return undefined; // not built: the caller's fallback
+  }
+  const f = (b as unknown as Record<string, unknown>)[name];
+  return typeof f === 'function' ? (f.bind(b) as F) : undefined;
+}
+
 /** Whether the addon can be loaded (does not throw). */
 export function nativeAvailable(): boolean {
   try {

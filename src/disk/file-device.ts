@@ -29,7 +29,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
-import { loadNative } from '../native.ts';
+import { optionalNative } from '../native.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { alignedBuffer, directAlignment, directNative, POSIX_FADV_DONTNEED } from './direct-io.ts';
@@ -41,15 +41,6 @@ export const NOWAIT_MAX_BYTES = 256 * 1024;
 
 /** Bytes transferred, or -errno (EAGAIN: would block). */
 type PioNowait = (write: boolean, fd: number, buf: Uint8Array, offset: number) => number;
-
-function nativePioNowait(): PioNowait | undefined {
-  try {
-    const b = loadNative() as unknown as { pioNowait?: PioNowait };
-    return typeof b.pioNowait === 'function' ? b.pioNowait.bind(b) : undefined;
-  } catch {
-    return undefined;
-  }
-}
 
 export interface FileBlockDeviceOptions {
   /** Open read-only (writes fail with EROFS). Default false. */
@@ -88,7 +79,7 @@ export class FileBlockDevice implements BlockDevice {
     this.size = size;
     this.#readOnly = opts.readOnly ?? false;
     this.#zeroer = new FileZeroer(opts.fallocate !== false, (errno, mode) => errnoError(errno, `fallocate(${mode})`));
-    this.#nowait = opts.nowait === false ? undefined : nativePioNowait();
+    this.#nowait = opts.nowait === false ? undefined : optionalNative<PioNowait>('pioNowait');
   }
 
   /** Opens an existing image; its current length is the device size. */

@@ -7,7 +7,7 @@
  * tmpfs) is not tried again on that file; any other errno is the caller's error.
  * fallocate runs synchronously on the event loop: it changes extents only, no data moves.
  */
-import { loadNative } from '../native.ts';
+import { optionalNative } from '../native.ts';
 
 // linux/falloc.h
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -19,15 +19,6 @@ const ZERO_CHUNK = 1024 * 1024;
 
 type Fallocate = (fd: number, mode: number, offset: number, length: number) => number;
 
-function nativeFallocate(): Fallocate | undefined {
-  try {
-    const b = loadNative() as unknown as { fallocate?: Fallocate };
-    return typeof b.fallocate === 'function' ? b.fallocate.bind(b) : undefined;
-  } catch {
-    return undefined; // no addon: zero bytes are written instead
-  }
-}
-
 export type ZeroMode = 'ZERO_RANGE' | 'PUNCH_HOLE';
 
 export class FileZeroer {
@@ -37,7 +28,8 @@ export class FileZeroer {
 
   /** `useFallocate` false: always zero bytes (tests of the fallback). `fail` builds the caller's error for an errno. */
   constructor(useFallocate: boolean, fail: (errno: number, mode: ZeroMode) => Error) {
-    this.#fa = useFallocate ? nativeFallocate() : undefined;
+    // without the addon: zero bytes are written instead
+    this.#fa = useFallocate ? optionalNative<Fallocate>('fallocate') : undefined;
     this.#fail = fail;
   }
 
