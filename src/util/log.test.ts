@@ -1,5 +1,5 @@
 import t from 'tap';
-import { createLogger, JOURNAL_PRIORITY, stderrIsJournal } from './log.ts';
+import { createLogger, ignored, JOURNAL_PRIORITY, stderrIsJournal } from './log.ts';
 
 t.test('stderrIsJournal: only when JOURNAL_STREAM names fd 2 itself', async (t) => {
   const fd2 = () => ({ dev: 25n, ino: 81234n });
@@ -25,4 +25,14 @@ t.test('the sink learns each line level (journald priority prefixes)', async (t)
   );
   t.match(JSON.parse(got[1]![1]), { level: 'error', host: 'h', vm: 'vm1', msg: 'e' });
   t.same(JOURNAL_PRIORITY, { debug: 7, info: 6, warn: 4, error: 3 });
+});
+
+t.test('ignored() logs the failure it lets go, with its reason', async (t) => {
+  const lines: string[] = [];
+  const log = createLogger({}, 'debug', (l) => lines.push(l));
+  await Promise.reject(new Error('gone')).catch(ignored(log, 'channel may be closed'));
+  t.equal(lines.length, 1);
+  const rec = JSON.parse(lines[0]!);
+  t.equal(rec.msg, 'ignored: channel may be closed');
+  t.equal(rec.err.message, 'gone');
 });

@@ -76,3 +76,13 @@ export function errorFields(e: unknown): Record<string, unknown> {
 }
 
 export const nullLogger: Logger = createLogger({}, 'error', () => {});
+
+/**
+ * The one way to let a failure go: a promise's `.catch(ignored(log, 'why it may fail'))`.
+ * The failure is logged at debug with its reason (a best-effort step: a send on a channel
+ * that may already be closed, a cleanup of something that may be gone), never swallowed
+ * silently. Anything an operator must see is not "ignored": log it at warn or handle it.
+ */
+export function ignored(log: Logger | undefined, reason: string): (err: unknown) => void {
+  return (err) => log?.debug(`ignored: ${reason}`, { err: errorFields(err) });
+}
