@@ -20,7 +20,7 @@ import { loadVmConfig } from '../config/load.ts';
 import type { HostConfig } from '../config/types.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { newMigrationId } from '../epoch/id.ts';
-import { nullLogger } from '../util/log.ts';
+import { ignored, nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { deviceModelDigest } from '../vm/device-model.ts';
 import { writeCompletingRecord } from '../checkpoint/store.ts';
@@ -646,12 +646,14 @@ for (const step of [1, 2, 3]) {
           (ch) => {
             ch.on('message', (m) => {
               if (m.type === 'control' && m.body.kind === 'resolve') {
-                void ch.send({ type: 'control', body: { kind: 'resolved', migrationId: m.body.migrationId, known: true } }).catch(() => {});
+                void ch
+                  .send({ type: 'control', body: { kind: 'resolved', migrationId: m.body.migrationId, known: true } })
+                  .catch(ignored(nullLogger, 'the sidecar under test may close first'));
               }
             });
             ch.start();
           },
-          () => {},
+          ignored(nullLogger, 'a handshake the dying sidecar did not finish'),
         );
       });
       await new Promise<void>((r) => d.listen(0, '127.0.0.1', r));
