@@ -65,29 +65,9 @@ export async function main(argv: string[]): Promise<number> {
     const socket = await socketPath(opts.config, opts.socket);
     switch (cmd) {
       case 'vm':
-        if (a1 === 'start' && a2) return print(await callDaemon(socket, 'vm.start', { config: a2 }), opts.json);
-        if (a1 === 'stop' && a2) return print(await callDaemon(socket, 'vm.stop', { vm: a2 }), opts.json);
-        if (a1 === 'adopt' && a2) {
-          const r = (await callDaemon(socket, 'vm.adopt', { vm: a2 })) as VmStatus & { adopted: number | null; resumed: boolean };
-          if (opts.json) return print(r, true);
-          process.stdout.write(
-            (r.adopted === null
-              ? `${a2}: no QEMU of it runs here; adopted as stopped\n`
-              : `${a2}: adopted QEMU pid ${r.adopted}${r.resumed ? ' (it was paused: resumed and announced)' : ''}\n`) +
-              formatStatus(r) +
-              '\n',
-          );
-          return 0;
-        }
-        if (a1 === 'forget' && a2) {
-          const r = (await callDaemon(socket, 'vm.forget', { vm: a2, force: opts.force })) as { leftRunning: number[] };
-          if (opts.json) return print(r, true);
-          process.stdout.write(
-            `${a2}: forgotten on this host (records dropped; RAM file, disk and TAPs untouched)` +
-              (r.leftRunning.length ? `; QEMU pid ${r.leftRunning.join(', ')} left running, unsupervised` : '') +
-              '\n',
-          );
-          return 0;
+        if (a1 && a2) {
+          const code = await vmCommand(socket, a1, a2, opts);
+          if (code !== null) return code;
         }
         break;
       case 'status': {
@@ -113,6 +93,35 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`tether: ${err.code ?? 'ERR_INTERNAL'}: ${err.message}\n`);
     return err.code === 'ERR_USAGE' ? EXIT.usage : 1;
   }
+}
+
+/** `tether vm start|stop|adopt|forget <arg>`; null for a subcommand it does not know. */
+async function vmCommand(socket: string, sub: string, arg: string, opts: { json: boolean; force: boolean }): Promise<number | null> {
+  if (sub === 'start') return print(await callDaemon(socket, 'vm.start', { config: arg }), opts.json);
+  if (sub === 'stop') return print(await callDaemon(socket, 'vm.stop', { vm: arg }), opts.json);
+  if (sub === 'adopt') {
+    const r = (await callDaemon(socket, 'vm.adopt', { vm: arg })) as VmStatus & { adopted: number | null; resumed: boolean };
+    if (opts.json) return print(r, true);
+    process.stdout.write(
+      (r.adopted === null
+        ? `${arg}: no QEMU of it runs here; adopted as stopped\n`
+        : `${arg}: adopted QEMU pid ${r.adopted}${r.resumed ? ' (it was paused: resumed and announced)' : ''}\n`) +
+        formatStatus(r) +
+        '\n',
+    );
+    return 0;
+  }
+  if (sub === 'forget') {
+    const r = (await callDaemon(socket, 'vm.forget', { vm: arg, force: opts.force })) as { leftRunning: number[] };
+    if (opts.json) return print(r, true);
+    process.stdout.write(
+      `${arg}: forgotten on this host (records dropped; RAM file, disk and TAPs untouched)` +
+        (r.leftRunning.length ? `; QEMU pid ${r.leftRunning.join(', ')} left running, unsupervised` : '') +
+        '\n',
+    );
+    return 0;
+  }
+  return null;
 }
 
 async function socketPath(config: string | undefined, socket: string | undefined): Promise<string> {
