@@ -1,0 +1,105 @@
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import type { Test } from 'tap';
+import { loadVmConfig } from '../../config/load.ts';
+import type { HostConfig } from '../../config/types.ts';
+import { newMigrationId } from '../../epoch/id.ts';
+import type { PeerChannel } from '../../peer/channel.ts';
+import { nullLogger } from '../../util/log.ts';
+import { DestContext } from '../destination/context.ts';
+import { decideResolve, staleResolve } from './destination.ts';
+
+/** A destination's context with no QEMU and no channel: the decisions only read its phase and flags. */
+function context(t: Test, onStaleResolve?: () => void): DestContext {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-dest-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const host: HostConfig = {
+    name: 'host-d',
+    stateDir: path.join(dir, 'state'),
+    ramDir: path.join(dir, 'ram'),
+    controlSocket: path.join(dir, 'control.sock'),
+    vmConfigDir: dir,
+    peer: { listen: { host: '127.0.0.1', port: 1 }, key: randomBytes(32) },
+    migration: { listenHost: '127.0.0.1', portRange: [49152, 49152] },
+    logLevel: 'error',
+  };
+  const file = path.join(dir, 'vm1.yaml');
+  fs.writeFileSync(file, 'name: vm1\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n');
+  return new DestContext({
+    host,
+    channel: {} as PeerChannel, // never used by the decisions
+    migrationId: newMigrationId(),
+    vmConfig: loadVmConfig(file),
+    sendConfiguration: true,
+    log: nullLogger,
+    faults: {},
+    ...(onStaleResolve ? { onStaleResolve } : {}),
+  });
+}
+
+t.test('staleResolve refuses another migration id and passes the own one', async (t) => {
+  const id = newMigrationId();
+  t.equal(staleResolve(id, id), null);
+  t.match(staleResolve(id, newMigrationId()), { known: false, code: 'ERR_MIGRATION_ID_MISMATCH' });
+  t.match(staleResolve(null, id), { known: false, code: 'ERR_MIGRATION_ID_MISMATCH' });
+});
+
+t.test('an answer for another migration is refused, counted and never acted on', async (t) => {
+  let stale = 0;
+  const ctx = context(t, () => stale++);
+  ctx.phase.to('incoming');
+  ctx.phase.to('running');
+  for (const outcome of ['completed', 'rolled-back'] as const) {
+    const d = decideResolve(ctx, { migrationId: newMigrationId(), outcome, epoch: 1 });
+    t.match(d, { answer: { known: false, code: 'ERR_MIGRATION_ID_MISMATCH' } }, outcome);
+    t.equal(d.act, undefined, `${outcome}: neither fence nor finish`);
+  }
+  t.equal(stale, 2);
+});
+
+t.test('rolled-back fences; completed acts only on the final epoch this side asked for', async (t) => {
+  const ctx = context(t);
+  ctx.phase.to('incoming');
+  ctx.phase.to('running');
+  const ask = (outcome: 'completed' | 'rolled-back', epoch: number) => decideResolve(ctx, { migrationId: ctx.id, outcome, epoch });
+  t.match(ask('completed', 3), { answer: { known: false, code: 'ERR_NO_MIGRATION' } }, 'no request made yet');
+  t.equal(ask('completed', 3).act, undefined);
+  t.match(ask('rolled-back', 3), { answer: { known: true }, act: 'fence' });
+  t.notOk(ctx.waitsForSource);
+  ctx.finalEpoch = 5;
+  ctx.phase.to('completing');
+  t.ok(ctx.waitsForSource, 'completing: waits for the source');
+  t.notOk(ctx.stopped);
+  t.match(ask('completed', 4), { answer: { known: false, code: 'ERR_NO_MIGRATION' } }, 'another final epoch');
+  t.match(ask('completed', 5), { answer: { known: true }, act: 'finish' });
+  ctx.phase.to('handover');
+  t.ok(ctx.stopped, 'handover: stopped');
+  t.match(ask('completed', 5), { answer: { known: false } }, 'a repeat during the hand-over is not acted on twice');
+  ctx.phase.to('completed');
+  t.match(ask('completed', 5), { answer: { known: true } }, 'a repeated answer after completion is confirmed');
+  t.equal(ask('completed', 5).act, undefined);
+  t.match(ask('rolled-back', 5), { answer: { known: false, code: 'ERR_NO_MIGRATION' } }, 'rolled-back after completed');
+});
+
+t.test('held: resolve completed at any epoch continues the VM here', async (t) => {
+  const ctx = context(t);
+  ctx.phase.to('incoming');
+  ctx.phase.to('running');
+  ctx.held = true;
+  t.ok(ctx.waitsForSource);
+  t.match(decideResolve(ctx, { migrationId: ctx.id, outcome: 'completed', epoch: 9 }), { answer: { known: true }, act: 'finish' });
+});
+
+t.test('fencing and fenced are stopped; no way back from them', async (t) => {
+  const ctx = context(t);
+  ctx.phase.to('incoming');
+  ctx.phase.to('fencing');
+  t.ok(ctx.stopped);
+  t.notOk(ctx.phase.can('running'));
+  t.notOk(ctx.phase.can('handover'));
+  ctx.phase.to('fenced');
+  t.ok(ctx.stopped);
+});
