@@ -10,7 +10,7 @@
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
 import { CheckpointDigest, DIGEST_SIZE } from './codec.ts';
-import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type OtherFrame } from './messages.ts';
 
 /** A disk write of the epoch: bytes, or (`zero: true`) a range that reads as zeroes. */
 export type DiskExtent = DiskDataExtent | DiskZeroExtent;
@@ -126,7 +126,7 @@ export class CheckpointAssembler {
    * Consumes one checkpoint message. Returns the verified checkpoint on its COMMIT, null
    * otherwise. Throws ERR_CKPT_* (and discards the open transaction) on any violation.
    */
-  accept(msg: CheckpointMessage | Message): Checkpoint | null {
+  accept(msg: CheckpointMessage | OtherFrame): Checkpoint | null {
     try {
       return this.step(msg);
     } catch (e) {
@@ -135,7 +135,7 @@ export class CheckpointAssembler {
     }
   }
 
-  private step(msg: CheckpointMessage | Message): Checkpoint | null {
+  private step(msg: CheckpointMessage | OtherFrame): Checkpoint | null {
     if (msg.type === 'begin') {
       if (this.tx !== null) {
         throw ckptError('ERR_CKPT_SEQUENCE', `BEGIN ${msg.epoch} inside open transaction ${this.tx.epoch}`);

@@ -11,7 +11,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { hashFile } from '../native.ts';
 import { ramPages } from './ram.ts';

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { checkpointMessages } from '../checkpoint/assembler.ts';
 import type { Checkpoint } from '../checkpoint/assembler.ts';
 import { writeCompletingRecord } from '../checkpoint/store.ts';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';

@@ -1,8 +1,8 @@
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import t from 'tap';
-import { encode } from '../checkpoint/codec.ts';
-import type { Message } from '../checkpoint/messages.ts';
+import { encode } from './codec.ts';
+import type { Message } from './messages.ts';
 import { PeerChannel } from './channel.ts';
 
 /** A real TCP listener on loopback whose accepted sockets run the destination handshake. */

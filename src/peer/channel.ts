@@ -1,7 +1,8 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { Decoder, encode, Encoder } from '../checkpoint/codec.ts';
-import type { Message, Role } from '../checkpoint/messages.ts';
+import { encode, Encoder } from './codec.ts';
+import { Decoder } from './decoder.ts';
+import type { Message, Role } from './messages.ts';
 import { TetherError } from '../errors.ts';
 import { Handshake } from './handshake.ts';
 import type { DirectionKeys } from './handshake.ts';
