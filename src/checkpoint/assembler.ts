@@ -9,31 +9,9 @@
  */
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
+import type { DiskExtent } from '../epoch/outputs.ts';
 import { CheckpointDigest, DIGEST_SIZE } from './codec.ts';
 import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type OtherFrame } from './messages.ts';
-
-/** A disk write of the epoch: bytes, or (`zero: true`) a range that reads as zeroes. */
-export type DiskExtent = DiskDataExtent | DiskZeroExtent;
-
-export interface DiskDataExtent {
-  /** Byte offset in the guest disk image. */
-  offset: number;
-  data: Buffer;
-  zero?: undefined;
-}
-
-/** TRIM / WRITE_ZEROES: sent as DISKZERO (no payload), applied as zeroes (fallocate). */
-export interface DiskZeroExtent {
-  offset: number;
-  length: number;
-  zero: true;
-  data?: undefined;
-}
-
-/** Bytes an extent covers in the image. */
-export function extentLength(e: DiskExtent): number {
-  return e.zero ? e.length : e.data.length;
-}
 
 /** A verified checkpoint, ready to apply. */
 export interface Checkpoint {
