@@ -9,7 +9,7 @@ import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import type { HostConfig, VmConfig } from '../config/types.ts';
 import { remoteError, TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
-import { createTracker } from '../memory/tracker.ts';
+import { createTracker } from '../memory/select.ts';
 import type { DirtyTracker } from '../memory/dirty-tracker.ts';
 import type { PeerChannel } from '../peer/channel.ts';
 import type { Logger } from '../util/log.ts';
