@@ -16,7 +16,7 @@ import { PeerChannel } from '../peer/channel.ts';
 import { hashFile } from '../native.ts';
 import { ramPages } from './ram.ts';
 import { ScanTracker } from './scan.ts';
-import { scratchDir } from './test-util.ts';
+import { scratchDir } from './memory.test-util.ts';
 
 const RAM_BYTES = 1024 * 1024 * 1024;
 
