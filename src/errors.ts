@@ -53,7 +53,7 @@ export const ERRORS = {
   ERR_QEMU_MIGRATION_FAILED: "QEMU's own migration stream failed",
   ERR_QEMU_SCOPE: 'QEMU cannot be started in a transient systemd scope (host config systemd.scope: always, or systemd-run failed)',
 
-  // --- peer channel and checkpoint wire protocol (src/peer, src/checkpoint/codec.ts)
+  // --- peer channel and checkpoint wire protocol (src/peer/codec.ts, decoder.ts; src/checkpoint/codec.ts)
   ERR_PEER_CONNECT: 'the peer daemon cannot be reached',
   ERR_PEER_HANDSHAKE: 'the peer handshake did not complete',
   ERR_PEER_AUTH: 'the peer failed pre-shared-key authentication',

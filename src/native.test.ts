@@ -15,7 +15,7 @@ import {
   zeroMask,
   zeroPageHash,
 } from './native.ts';
-import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './memory/test-util.ts';
+import { page, PAGE, removeDir, scratchDir, sparseFile, throwsCode } from './memory/memory.test-util.ts';
 
 const dir = scratchDir();
 const TMPFS_MAGIC = 0x01021994;

@@ -1,12 +1,13 @@
 /**
  * Typed access to the `tether_native` addon (native/, plain C over N-API).
  *
- * The addon is loaded lazily on first use so that importing this module never
- * fails; a missing build surfaces as ERR_MEM_NATIVE_MISSING. Errors the addon
+ * One loader for every user (memory/ for RAM, disk/ for the image helpers, net/tap.ts for
+ * TAP devices, check/). The addon is loaded lazily on first use so that importing this
+ * module never fails; a missing build surfaces as ERR_MEM_NATIVE_MISSING. Errors the addon
  * throws (ERR_MEM_NATIVE_ARGS, ERR_MEM_IO with errno/syscall) are re-thrown as
  * TetherError with the same code.
  *
- * hashFile and scanDirty run off the main thread (N-API async work on the libuv
+ * hashFile, scanDirty and scanCopy run off the main thread (N-API async work on the libuv
  * pool, fanned out to `threads` native threads) and return Promises: hashing a
  * large RAM file must not stall heartbeats and lease timers. Bad arguments
  * still throw synchronously; I/O failures reject. The other calls are

@@ -1,8 +1,15 @@
 /*
- * tether_native: page hashing and dirty-page scanning over a guest RAM file.
+ * tether_native: page hashing and dirty-page scanning over a guest RAM file, and the
+ * small system calls of the disk path Node does not offer. The addon's other file,
+ * tap.c, holds the TAP devices and the socket queue ioctls (sockOutq, sockInq).
  *
- * hashFile and scanDirty run as N-API async work: argument checks happen in the
- * call (bad arguments throw), the page work runs on a libuv pool thread plus
+ *   RAM (src/memory/, src/native.ts): hashFile, mapRam/unmapRam, scanDirty, scanCopy,
+ *     readPages, zeroMask, hashBuffer, xxh64, zeroPageHash, softDirtyProbe
+ *   disk (src/disk/; ofdLockProbe for `tether check`): fallocate, ofdLockProbe,
+ *     pioNowait, addressMod, dioAlign, fadvise, residentPages
+ *
+ * hashFile, scanDirty and scanCopy run as N-API async work: argument checks happen in
+ * the call (bad arguments throw), the page work runs on a libuv pool thread plus
  * its own pthreads, and the call returns a Promise, so the event loop (peer
  * heartbeats, lease and fence timers) keeps running while a large RAM file is
  * hashed. The other calls are synchronous and small. Guest RAM is
@@ -16,6 +23,8 @@
  * Errors are thrown as JS Errors with a `code` property:
  *   ERR_MEM_NATIVE_ARGS  bad argument (type, size, fd, pfn out of range)
  *   ERR_MEM_IO           a system call failed (`errno`, `syscall` properties)
+ * except where an errno is an expected answer the caller acts on: fallocate and
+ * ofdLockProbe return it, pioNowait returns it negated.
  *
  * Note: SEEK_DATA/SEEK_HOLE move the fd's file position; callers must not rely
  * on it (all reads here are positional).

@@ -1,8 +1,10 @@
 import t from 'tap';
 import { TetherError } from '../errors.ts';
 import { CheckpointAssembler, checkpointMessages, type Checkpoint } from './assembler.ts';
-import { Decoder, Encoder } from './codec.ts';
-import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
+import { Encoder } from '../peer/codec.ts';
+import { Decoder } from '../peer/decoder.ts';
+import type { Message } from '../peer/messages.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage } from './messages.ts';
 
 const RAM_PAGES = 64;
 

@@ -9,31 +9,9 @@
  */
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
+import type { DiskExtent } from '../epoch/outputs.ts';
 import { CheckpointDigest, DIGEST_SIZE } from './codec.ts';
-import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type Message } from './messages.ts';
-
-/** A disk write of the epoch: bytes, or (`zero: true`) a range that reads as zeroes. */
-export type DiskExtent = DiskDataExtent | DiskZeroExtent;
-
-export interface DiskDataExtent {
-  /** Byte offset in the guest disk image. */
-  offset: number;
-  data: Buffer;
-  zero?: undefined;
-}
-
-/** TRIM / WRITE_ZEROES: sent as DISKZERO (no payload), applied as zeroes (fallocate). */
-export interface DiskZeroExtent {
-  offset: number;
-  length: number;
-  zero: true;
-  data?: undefined;
-}
-
-/** Bytes an extent covers in the image. */
-export function extentLength(e: DiskExtent): number {
-  return e.zero ? e.length : e.data.length;
-}
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type CheckpointMessage, type OtherFrame } from './messages.ts';
 
 /** A verified checkpoint, ready to apply. */
 export interface Checkpoint {
@@ -126,7 +104,7 @@ export class CheckpointAssembler {
    * Consumes one checkpoint message. Returns the verified checkpoint on its COMMIT, null
    * otherwise. Throws ERR_CKPT_* (and discards the open transaction) on any violation.
    */
-  accept(msg: CheckpointMessage | Message): Checkpoint | null {
+  accept(msg: CheckpointMessage | OtherFrame): Checkpoint | null {
     try {
       return this.step(msg);
     } catch (e) {
@@ -135,7 +113,7 @@ export class CheckpointAssembler {
     }
   }
 
-  private step(msg: CheckpointMessage | Message): Checkpoint | null {
+  private step(msg: CheckpointMessage | OtherFrame): Checkpoint | null {
     if (msg.type === 'begin') {
       if (this.tx !== null) {
         throw ckptError('ERR_CKPT_SEQUENCE', `BEGIN ${msg.epoch} inside open transaction ${this.tx.epoch}`);

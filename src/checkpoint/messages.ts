@@ -1,6 +1,8 @@
 /**
- * Messages of the checkpoint / peer channel (D ↔ S). The byte layout of each payload is in
- * codec.ts; this file only holds the shapes.
+ * Checkpoint content: the messages that make up one checkpoint transaction on the peer
+ * channel (D → S). Their byte layout is in codec.ts; the channel's own messages (HELLO,
+ * AUTH, CONTROL, HASHES, ACK, NACK, HEARTBEAT, ABORT) and the frame around every message
+ * are in src/peer/messages.ts and src/peer/codec.ts.
  *
  * Checkpoint k is the transaction
  *   BEGIN(k) · PAGES(k)* · (DISK(k) | DISKZERO(k))* · DEVSTATE(k) · COMMIT(k, totals, digest)
@@ -19,34 +21,6 @@ export const PAGE_SHIFT = 12;
 
 /** Epochs are integers in [0, 2^53); they travel as u64. */
 export const MAX_EPOCH = Number.MAX_SAFE_INTEGER;
-
-export type Role = 'source' | 'destination';
-
-export interface HelloMessage {
-  type: 'hello';
-  role: Role;
-  /** 32 random bytes, fresh per connection. */
-  nonce: Buffer;
-}
-
-export interface AuthMessage {
-  type: 'auth';
-  /** authMac(sessionKey, senderRole, nonces): proves the sender holds the PSK. */
-  mac: Buffer;
-}
-
-export interface ControlMessage {
-  type: 'control';
-  /** A JSON object (setup and driver messages). */
-  body: Record<string, unknown>;
-}
-
-export interface HashesMessage {
-  type: 'hashes';
-  startPfn: number;
-  /** 8 bytes per page, pages startPfn, startPfn+1, … */
-  hashes: Buffer;
-}
 
 export interface BeginMessage {
   type: 'begin';
@@ -108,51 +82,19 @@ export interface CommitMessage {
   digest: Buffer;
 }
 
-export interface AckMessage {
-  type: 'ack';
-  epoch: number;
-}
-
-export interface NackMessage {
-  type: 'nack';
-  epoch: number;
-  code: string;
-  message: string;
-}
-
-export interface HeartbeatMessage {
-  type: 'heartbeat';
-  epoch: number;
-  /** Sender's clock in ms (float64 on the wire); for RTT and lease bookkeeping only. */
-  sentAt: number;
-}
-
-export interface AbortMessage {
-  type: 'abort';
-  code: string;
-  reason: string;
-}
-
-export type Message =
-  | HelloMessage
-  | AuthMessage
-  | ControlMessage
-  | HashesMessage
-  | BeginMessage
-  | PagesMessage
-  | DiskMessage
-  | DiskZeroMessage
-  | DevstateMessage
-  | CommitMessage
-  | AckMessage
-  | NackMessage
-  | HeartbeatMessage
-  | AbortMessage;
-
-export type MessageType = Message['type'];
-
 /** Messages that make up a checkpoint transaction. */
 export type CheckpointMessage = BeginMessage | PagesMessage | DiskMessage | DiskZeroMessage | DevstateMessage | CommitMessage;
 
+export type CheckpointMessageType = CheckpointMessage['type'];
+
 /** Messages whose payload is covered by COMMIT.digest. */
 export type DigestedMessage = PagesMessage | DiskMessage | DiskZeroMessage | DevstateMessage;
+
+/**
+ * Any other frame of the peer channel, known here by its type tag only (the shapes are in
+ * src/peer/messages.ts, which checks that the two lists agree): the assembler is fed what
+ * the channel yields and refuses these inside a checkpoint.
+ */
+export interface OtherFrame {
+  type: 'hello' | 'auth' | 'control' | 'hashes' | 'ack' | 'nack' | 'heartbeat' | 'abort';
+}

@@ -24,7 +24,8 @@
 import { crc32 } from 'node:zlib';
 import { TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
-import type { Checkpoint, DiskExtent } from './assembler.ts';
+import type { DiskExtent } from '../epoch/outputs.ts';
+import type { Checkpoint } from './assembler.ts';
 import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from './messages.ts';
 
 export const STAGE_MAGIC = Buffer.from('TTSG', 'latin1');

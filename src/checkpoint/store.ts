@@ -31,7 +31,8 @@ import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } fro
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { TetherError, isTetherError } from '../errors.ts';
-import type { Checkpoint, DiskExtent } from './assembler.ts';
+import type { DiskExtent } from '../epoch/outputs.ts';
+import type { Checkpoint } from './assembler.ts';
 import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from './messages.ts';
 import { decodeStage, encodeStage } from './stage.ts';
 

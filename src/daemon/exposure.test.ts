@@ -15,7 +15,7 @@ import t from 'tap';
 import type { Test } from 'tap';
 import type { HostConfig } from '../config/types.ts';
 import { callDaemon } from '../control/client.ts';
-import { FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_MAX_PAYLOAD, HEADER_SIZE } from '../checkpoint/codec.ts';
+import { FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_MAX_PAYLOAD, HEADER_SIZE } from '../peer/codec.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { nullLogger } from '../util/log.ts';
 import { Daemon } from './daemon.ts';

@@ -14,8 +14,8 @@
  * another host wrote the image (docs/journal.md).
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { extentLength, type DiskExtent } from '../checkpoint/assembler.ts';
 import type { DiskSink } from '../checkpoint/store.ts';
+import { extentLength, type DiskExtent } from '../epoch/outputs.ts';
 import { TetherError } from '../errors.ts';
 import { directNative, POSIX_FADV_DONTNEED } from './direct-io.ts';
 import { FileZeroer, writeZeroBytes } from './zero.ts';

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import t from 'tap';
-import { extentLength } from '../checkpoint/assembler.ts';
+import { extentLength } from '../epoch/outputs.ts';
 import { MAX_DISK_ZERO_BYTES } from '../checkpoint/messages.ts';
 import type { DiskExtent } from '../epoch/outputs.ts';
 import type { BlockDevice } from './block-device.ts';

@@ -1,4 +1,32 @@
+/**
+ * The contract by which output commit (packet gate, block-write journal) joins the
+ * destination's epoch barrier, and the disk extents an epoch's seal returns.
+ */
 import { TetherError } from '../errors.ts';
+
+/** A disk write of the epoch: bytes, or (`zero: true`) a range that reads as zeroes. */
+export type DiskExtent = DiskDataExtent | DiskZeroExtent;
+
+export interface DiskDataExtent {
+  /** Byte offset in the guest disk image. */
+  offset: number;
+  data: Buffer;
+  zero?: undefined;
+}
+
+/** TRIM / WRITE_ZEROES: sent as DISKZERO (no payload), applied as zeroes (fallocate). */
+export interface DiskZeroExtent {
+  offset: number;
+  length: number;
+  zero: true;
+  data?: undefined;
+}
+
+/** Bytes an extent covers in the image. */
+export function extentLength(e: DiskExtent): number {
+  return e.zero ? e.length : e.data.length;
+}
+
 /**
  * The hook by which output commit (packet gate, block-write journal) joins the
  * destination's epoch barrier. The epoch loop calls, in this order:
@@ -15,10 +43,6 @@ import { TetherError } from '../errors.ts';
  *   passThrough() after the final checkpoint of a completed migration
  *   discard()    when the destination fences itself: held outputs never leave
  */
-import type { DiskExtent } from '../checkpoint/assembler.ts';
-
-export type { DiskExtent };
-
 export interface EpochOutputs {
   quiesce?(): void;
   unquiesce?(): void;

@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import t from 'tap';
 import { composeOutputs } from '../epoch/outputs.ts';
 import { frameHash } from './gate.ts';
-import { rig } from './gate-rig.ts';
+import { rig } from './gate.test-util.ts';
 
 t.test('pass-through: frames leave at once', async (t) => {
   const r = rig('pass');

@@ -1,7 +1,9 @@
 /**
- * What every dirty-page tracker (scan.ts, soft-dirty.ts) implements and is built from;
- * tracker.ts picks one. Apart from tracker.ts so the trackers never import their selector.
+ * What every dirty-page tracker (scan.ts, soft-dirty.ts) implements and is built from:
+ * the contract, its options and the start/closed state both keep. select.ts picks one;
+ * the trackers import this file only, never each other or their selector.
  */
+import { TetherError } from '../errors.ts';
 import type { DirtyPages } from '../native.ts';
 
 export type TrackerKind = 'scan' | 'soft-dirty';
@@ -42,4 +44,39 @@ export interface TrackerOptions {
    * swap is on and the RAM is not mlocked, or the RAM mapping is THP-eligible.
    */
   skipPreconditions?: boolean;
+}
+
+/** The hash table's size check: 8 bytes per page. */
+export function checkTable(table: Buffer, pages: number): void {
+  if (!Buffer.isBuffer(table) || table.length !== pages * 8) {
+    throw new TetherError(
+      'ERR_MEM_TABLE_SIZE',
+      `hash table must be a Buffer of 8 bytes per page (${pages * 8}), got ${Buffer.isBuffer(table) ? table.length : typeof table}`,
+      { pages },
+    );
+  }
+}
+
+/** A tracker's table and open/closed state, with the checks every call makes. */
+export class TrackerState {
+  table: Buffer | undefined;
+  closed = false;
+  constructor(readonly kind: string) {}
+
+  setTable(table: Buffer, pages: number): void {
+    this.ensureOpen();
+    if (this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker already started`);
+    checkTable(table, pages);
+    this.table = table;
+  }
+
+  started(): Buffer {
+    this.ensureOpen();
+    if (!this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker: collect() before start()`);
+    return this.table;
+  }
+
+  ensureOpen(): void {
+    if (this.closed) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker is closed`);
+  }
 }

@@ -11,12 +11,12 @@ import net from 'node:net';
 import { join } from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { hashFile } from '../native.ts';
 import { ramPages } from './ram.ts';
 import { ScanTracker } from './scan.ts';
-import { scratchDir } from './test-util.ts';
+import { scratchDir } from './memory.test-util.ts';
 
 const RAM_BYTES = 1024 * 1024 * 1024;
 

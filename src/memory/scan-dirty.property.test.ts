@@ -1,7 +1,7 @@
 import t from 'tap';
 import fc from 'fast-check';
 import { hashFile, scanCopy, scanDirty } from '../native.ts';
-import { PAGE, removeDir, scratchDir, sparseFile } from './test-util.ts';
+import { PAGE, removeDir, scratchDir, sparseFile } from './memory.test-util.ts';
 
 const dir = scratchDir();
 t.teardown(() => removeDir(dir));

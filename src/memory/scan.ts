@@ -4,43 +4,9 @@
  * kernel; cost grows with allocated RAM, not with dirty pages.
  */
 import type { FileHandle } from 'node:fs/promises';
-import { TetherError } from '../errors.ts';
 import { mapRam, scanCopy, scanDirty, unmapRam, type DirtyPages, type RamMap } from '../native.ts';
 import { openRam, ramPages } from './ram.ts';
-import type { DirtyTracker, TrackerOptions } from './dirty-tracker.ts';
-
-export function checkTable(table: Buffer, pages: number): void {
-  if (!Buffer.isBuffer(table) || table.length !== pages * 8) {
-    throw new TetherError(
-      'ERR_MEM_TABLE_SIZE',
-      `hash table must be a Buffer of 8 bytes per page (${pages * 8}), got ${Buffer.isBuffer(table) ? table.length : typeof table}`,
-      { pages },
-    );
-  }
-}
-
-export class TrackerState {
-  table: Buffer | undefined;
-  closed = false;
-  constructor(readonly kind: string) {}
-
-  setTable(table: Buffer, pages: number): void {
-    this.ensureOpen();
-    if (this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker already started`);
-    checkTable(table, pages);
-    this.table = table;
-  }
-
-  started(): Buffer {
-    this.ensureOpen();
-    if (!this.table) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker: collect() before start()`);
-    return this.table;
-  }
-
-  ensureOpen(): void {
-    if (this.closed) throw new TetherError('ERR_MEM_TRACKER_STATE', `${this.kind} tracker is closed`);
-  }
-}
+import { TrackerState, type DirtyTracker, type TrackerOptions } from './dirty-tracker.ts';
 
 export class ScanTracker implements DirtyTracker {
   readonly kind = 'scan' as const;

@@ -30,8 +30,7 @@ import { TetherError } from '../errors.ts';
 import { scanCopy, scanDirty, type DirtyPages } from '../native.ts';
 import { collectCandidates, findRamSegments, parseMapsLine, type RamSegment } from './pagemap.ts';
 import { openRam, ramPages } from './ram.ts';
-import { TrackerState } from './scan.ts';
-import type { DirtyTracker, TrackerOptions } from './dirty-tracker.ts';
+import { TrackerState, type DirtyTracker, type TrackerOptions } from './dirty-tracker.ts';
 
 /** Pagemap bytes read per pread (1 Mi pages). */
 const PAGEMAP_CHUNK = 8 * 1024 * 1024;

@@ -7,8 +7,8 @@ import { encodePagemapEntry } from './pagemap.ts';
 import { hashRamFile, ramPages } from './ram.ts';
 import { ScanTracker } from './scan.ts';
 import { SoftDirtyTracker } from './soft-dirty.ts';
-import { createTracker, softDirtySupported } from './tracker.ts';
-import { page, PAGE, rejectsCode, removeDir, scratchDir, sparseFile } from './test-util.ts';
+import { createTracker, softDirtySupported } from './select.ts';
+import { page, PAGE, rejectsCode, removeDir, scratchDir, sparseFile } from './memory.test-util.ts';
 
 const dir = scratchDir();
 t.teardown(() => removeDir(dir));

@@ -1,7 +1,9 @@
 /**
  * A small Prometheus registry (text exposition format 0.0.4): counters and
  * gauges with labels, and summaries over a sliding window of observations.
- * Pure: the daemon serves `render()` over HTTP.
+ * No I/O of its own (it samples the event loop delay): the daemon serves `render()` over HTTP.
+ * Components report through counter callbacks they define (GateCounters, NicCounters);
+ * nicCounters adapts them here, so components never import this folder.
  */
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { NIC_DROP_REASONS, type NicCounters } from '../net/nic.ts';

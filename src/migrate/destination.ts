@@ -10,7 +10,7 @@
  *   completion/destination.ts  this side of the completion handshake (docs/completion.md)
  * This class routes the source's messages to them and is what the daemon holds.
  */
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { remoteError, TetherError } from '../errors.ts';
 import { asPeerControl } from '../peer/control.ts';
 import { nowMs } from '../util/time.ts';

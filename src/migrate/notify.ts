@@ -4,7 +4,7 @@
  * recovery alike; the answer names its migration by id (docs/completion.md).
  */
 import { TetherError } from '../errors.ts';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { asPeerControl } from '../peer/control.ts';
 import type { PeerControl } from '../peer/control.ts';

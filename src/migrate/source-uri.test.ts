@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import type { HostConfig } from '../config/types.ts';
 import { callDaemon } from '../control/client.ts';
 import { Daemon } from '../daemon/daemon.ts';

@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CheckpointAssembler } from '../checkpoint/assembler.ts';
 import type { Checkpoint } from '../checkpoint/assembler.ts';
-import type { Message } from '../checkpoint/messages.ts';
+import type { Message } from '../peer/messages.ts';
 import { PAGE_SIZE } from '../checkpoint/messages.ts';
 import { CheckpointStore } from '../checkpoint/store.ts';
 import type { AppliedCheckpoint } from '../checkpoint/store.ts';

@@ -16,7 +16,7 @@ import { FileBlockDevice } from '../disk/file-device.ts';
 import { nullLogger } from '../util/log.ts';
 import * as P from './protocol.ts';
 import { NbdServer } from './server.ts';
-import { clientFlags, handle, optGo, request } from './test-util.ts';
+import { clientFlags, handle, optGo, request } from './nbd.test-util.ts';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;

@@ -3,7 +3,7 @@ import fc from 'fast-check';
 import * as P from './protocol.ts';
 import { NbdSession } from './session.ts';
 import type { NbdExport, NbdSessionEvent, NbdSessionOptions } from './session.ts';
-import { clientFlags, handle, infoData, option, optGo, parseOptionReplies, parseSimpleReply, request, u32, u64 } from './test-util.ts';
+import { clientFlags, handle, infoData, option, optGo, parseOptionReplies, parseSimpleReply, request, u32, u64 } from './nbd.test-util.ts';
 
 const SIZE = 1024 * 1024;
 const EXP: NbdExport = { name: 'vm1', size: SIZE, canTrim: true };

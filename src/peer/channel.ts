@@ -1,7 +1,8 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { Decoder, encode, Encoder } from '../checkpoint/codec.ts';
-import type { Message, Role } from '../checkpoint/messages.ts';
+import { encode, Encoder } from './codec.ts';
+import { Decoder } from './decoder.ts';
+import type { Message, Role } from './messages.ts';
 import { TetherError } from '../errors.ts';
 import { Handshake } from './handshake.ts';
 import type { DirectionKeys } from './handshake.ts';
@@ -17,7 +18,7 @@ const DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024;
 
 /**
  * The authenticated peer channel over TCP (thin: all framing, CRC and MAC
- * checks live in the pure codec). Emits 'message' for every authenticated
+ * checks live in the pure codec, codec.ts and decoder.ts). Emits 'message' for every authenticated
  * message and 'close' once, with the error that ended it, if any.
  * `send` resolves when the socket has taken the bytes without exceeding its
  * high-water mark, so a slow peer slows the sender instead of growing memory.

@@ -1,7 +1,6 @@
 import { isValidName } from '../config/load.ts';
 import { isErrorCode, TetherError } from '../errors.ts';
 import type { ErrorCode } from '../errors.ts';
-import { DIGEST_RE } from '../vm/device-model.ts';
 import { isMigrationId } from '../epoch/id.ts';
 import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
 
@@ -36,6 +35,9 @@ import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
  *                                                  rolled-back (fence) or resolve completed (S gave the rollback
  *                                                  up, recorded durably: the VM continues on D). docs/design.md
  */
+/** The form of a device-model digest (deviceModelDigest in src/vm/device-model.ts): sha256, lowercase hex. */
+const DIGEST_RE = /^[0-9a-f]{64}$/;
+
 export type PeerControl =
   | {
       kind: 'prepare';

@@ -1,5 +1,6 @@
 import t from 'tap';
-import { Decoder, Encoder } from '../checkpoint/codec.ts';
+import { Encoder } from './codec.ts';
+import { Decoder } from './decoder.ts';
 import { TetherError } from '../errors.ts';
 import { authMac, directionKeys, Handshake, makeHello, sessionKey, verifyAuth } from './handshake.ts';
 

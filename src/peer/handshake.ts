@@ -8,8 +8,8 @@
  * PeerChannel (channel.ts) drives a Handshake over its socket; the frames are the codec's.
  */
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { MIN_PSK_SIZE, NONCE_SIZE, ROLE_BYTE } from '../checkpoint/codec.ts';
-import type { Role } from '../checkpoint/messages.ts';
+import { MIN_PSK_SIZE, NONCE_SIZE, ROLE_BYTE } from './codec.ts';
+import type { Role } from './messages.ts';
 import { TetherError } from '../errors.ts';
 
 interface Nonces {

@@ -5,16 +5,8 @@
  */
 import { randomBytes } from 'node:crypto';
 import t from 'tap';
-import {
-  Decoder,
-  encodeToBuffer,
-  Encoder,
-  FRAME_MAGIC,
-  FRAME_VERSION,
-  HANDSHAKE_MAX_FRAME,
-  HANDSHAKE_MAX_PAYLOAD,
-  HEADER_SIZE,
-} from '../checkpoint/codec.ts';
+import { Decoder } from './decoder.ts';
+import { encodeToBuffer, Encoder, FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_MAX_FRAME, HANDSHAKE_MAX_PAYLOAD, HEADER_SIZE } from './codec.ts';
 import { isTetherError } from '../errors.ts';
 import { Handshake } from './handshake.ts';
 

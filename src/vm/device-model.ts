@@ -40,5 +40,3 @@ export function deviceModelText(vm: VmConfig): string {
 export function deviceModelDigest(vm: VmConfig): string {
   return createHash('sha256').update(deviceModelText(vm)).digest('hex');
 }
-
-export const DIGEST_RE = /^[0-9a-f]{64}$/;

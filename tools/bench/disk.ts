@@ -35,7 +35,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
+import { HEADER_SIZE, MAC_SIZE } from '../../src/peer/codec.ts';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
 import { BlockJournal } from '../../src/disk/journal.ts';
 import { JournalLog } from '../../src/disk/journal-log.ts';

@@ -50,7 +50,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
+import { HEADER_SIZE, MAC_SIZE } from '../../src/peer/codec.ts';
 import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../netns-tests/harness.ts';
 import { arg } from './args.ts';
 import { markdownTable, type Figure } from './report.ts';

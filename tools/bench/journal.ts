@@ -14,7 +14,7 @@
  */
 import { mkdirSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
-import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
+import { HEADER_SIZE, MAC_SIZE } from '../../src/peer/codec.ts';
 import type { BlockDevice } from '../../src/disk/block-device.ts';
 import { FileBlockDevice } from '../../src/disk/file-device.ts';
 import { BlockJournal } from '../../src/disk/journal.ts';

@@ -19,7 +19,7 @@ import { TetherError } from '../../src/errors.ts';
 import { softDirtyProbe } from '../../src/native.ts';
 import { decodePagemapEntry } from '../../src/memory/pagemap.ts';
 import { hashRamFile } from '../../src/memory/ram.ts';
-import { createTracker } from '../../src/memory/tracker.ts';
+import { createTracker } from '../../src/memory/select.ts';
 import { SoftDirtyTracker } from '../../src/memory/soft-dirty.ts';
 import { ScanTracker } from '../../src/memory/scan.ts';
 import type { DirtyTracker } from '../../src/memory/dirty-tracker.ts';

@@ -13,7 +13,7 @@ import path from 'node:path';
 import { checkpointMessages } from '../../checkpoint/assembler.ts';
 import type { Checkpoint } from '../../checkpoint/assembler.ts';
 import type { DiskExtent } from '../../epoch/outputs.ts';
-import { createTracker } from '../../memory/tracker.ts';
+import { createTracker } from '../../memory/select.ts';
 import type { DirtyPages } from '../../native.ts';
 import { cont, queryMigrate, saveDevicesState, stop } from '../../qemu/commands.ts';
 import type { QmpExecutor } from '../../qemu/commands.ts';

@@ -1,7 +1,9 @@
 /**
  * Dirty-page tracking on D (docs/design.md "Dirty pages on D"): which pages the
  * guest wrote since the previous checkpoint, compared against S's copy through
- * an 8-byte-per-page hash table that S sends before the first checkpoint.
+ * an 8-byte-per-page hash table that S sends before the first checkpoint. This file
+ * picks the tracker (createTracker); the trackers (scan.ts, soft-dirty.ts) implement
+ * dirty-tracker.ts and never import each other or this file.
  *
  * Both trackers read only what SEEK_DATA reports as data in the RAM file (mapped
  * read-only on tmpfs, else pread: a fault on a hole through the mapping would fill it

@@ -1,9 +1,11 @@
 import fc from 'fast-check';
 import t from 'tap';
 import { isTetherError, TetherError } from '../errors.ts';
-import { directionKeys, makeHello, sessionKey } from '../peer/handshake.ts';
-import { Decoder, encode, Encoder, encodeToBuffer } from './codec.ts';
-import { MAX_DISK_ZERO_BYTES, PAGE_SIZE, type Message } from './messages.ts';
+import { directionKeys, makeHello, sessionKey } from './handshake.ts';
+import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from '../checkpoint/messages.ts';
+import { encode, Encoder, encodeToBuffer } from './codec.ts';
+import { Decoder } from './decoder.ts';
+import type { Message } from './messages.ts';
 
 const KEY_A = Buffer.alloc(32, 0x11);
 const KEY_B = Buffer.alloc(32, 0x22);
