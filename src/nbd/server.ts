@@ -21,7 +21,7 @@ import net from 'node:net';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
+import { errorFields, ignored } from '../util/log.ts';
 import * as P from './protocol.ts';
 import { encodeSimpleReply, NbdSession } from './session.ts';
 import type { NbdRequest, NbdSessionEvent } from './session.ts';
@@ -299,8 +299,8 @@ class NbdConnection {
         this.#send(encodeSimpleReply(req.handle, 0));
         return true;
       }
-    } catch {
-      // The asynchronous path repeats the request and reports its error.
+    } catch (e) {
+      ignored(this.#log, 'a fast-path request failed: the asynchronous path repeats it and reports its error')(e);
     }
     return false;
   }

@@ -94,15 +94,20 @@ export class NbdSession {
   #pending: { flags: number; handle: Buffer; hi: number; lo: number; length: number } | undefined;
 
   constructor(exp: NbdExport, opts: NbdSessionOptions = {}) {
-    if (!Number.isSafeInteger(exp.size) || exp.size < 0) throw new RangeError(`export size must be a safe integer >= 0, got ${exp.size}`);
-    if (Buffer.byteLength(exp.name) > P.MAX_STRING_BYTES || exp.name.includes('\0'))
-      throw new RangeError('export name too long or has NUL');
+    if (!Number.isSafeInteger(exp.size) || exp.size < 0) {
+      throw new TetherError('ERR_NBD_INVALID_OPTION', `export size must be a safe integer >= 0, got ${exp.size}`, { size: exp.size });
+    }
+    if (Buffer.byteLength(exp.name) > P.MAX_STRING_BYTES || exp.name.includes('\0')) {
+      throw new TetherError('ERR_NBD_INVALID_OPTION', 'export name too long or has NUL');
+    }
     this.export = exp;
     this.maxPayload = opts.maxPayload ?? P.DEFAULT_MAX_PAYLOAD;
     this.maxOptionBytes = opts.maxOptionBytes ?? DEFAULT_MAX_OPTION_BYTES;
     this.maxOptions = opts.maxOptions ?? DEFAULT_MAX_OPTIONS;
     if (!Number.isInteger(this.maxPayload) || this.maxPayload < 4096 || this.maxPayload > 0xffffffff) {
-      throw new RangeError(`maxPayload must be an integer in [4096, 2^32), got ${this.maxPayload}`);
+      throw new TetherError('ERR_NBD_INVALID_OPTION', `maxPayload must be an integer in [4096, 2^32), got ${this.maxPayload}`, {
+        maxPayload: this.maxPayload,
+      });
     }
     this.transmissionFlags =
       P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | (exp.canTrim ? P.TFLAG_SEND_TRIM | P.TFLAG_SEND_WRITE_ZEROES : 0);
