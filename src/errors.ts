@@ -196,6 +196,8 @@ export const ERRORS = {
   // --- added by the structure pass (issue 15): formerly uncoded throws
   ERR_NBD_INVALID_OPTION: 'an NBD session was given an export or option out of range (size, name, maxPayload)',
   ERR_RELAY_CONNECT: "a NIC relay did not connect to QEMU's filter-redirector sockets in time",
+  ERR_DISK_IO:
+    'a disk image operation failed or was refused (details.errno names the system error; the NBD server answers with the matching NBD error)',
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;
