@@ -19,7 +19,7 @@
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import type { BlockDevice } from '../disk/block-device.ts';
-import { TetherError } from '../errors.ts';
+import { isTetherError, TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields, ignored } from '../util/log.ts';
 import * as P from './protocol.ts';
@@ -168,9 +168,12 @@ export class NbdServer {
   }
 }
 
-/** Maps a device failure to the spec's error values (EDQUOT/EFBIG count as ENOSPC). */
+/**
+ * Maps a device failure to the spec's error values (EDQUOT/EFBIG count as ENOSPC): a system
+ * error's errno name, from Node's fs (`code`) or from a TetherError's `details.errno`.
+ */
 export function nbdErrorOf(e: unknown): number {
-  const code = (e as { code?: unknown }).code;
+  const code = isTetherError(e) ? e.details?.errno : (e as { code?: unknown }).code;
   switch (code) {
     case 'ENOSPC':
     case 'EDQUOT':
