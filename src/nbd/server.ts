@@ -23,7 +23,7 @@ import { isTetherError, TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields, ignored } from '../util/log.ts';
 import * as P from './protocol.ts';
-import { encodeSimpleReply, NbdSession } from './session.ts';
+import { NbdSession } from './session.ts';
 import type { NbdRequest, NbdSessionEvent } from './session.ts';
 
 export interface NbdServerOptions {
@@ -293,13 +293,13 @@ class NbdConnection {
       if (req.command === 'read') {
         const data = device.readNow?.(req.offset, req.length);
         if (!data) return false;
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         this.#send(data);
         return true;
       }
       if (req.command === 'write' && !req.fua) {
         if (!device.writeNow?.(req.offset, req.data)) return false;
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         return true;
       }
     } catch (e) {
@@ -395,10 +395,10 @@ class NbdConnection {
     this.#server.finished();
     if (!this.#socket.destroyed) {
       if (data && data.length > 0) {
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         this.#send(data);
       } else {
-        this.#send(encodeSimpleReply(req.handle, error));
+        this.#send(P.encodeSimpleReply(req.handle, error));
       }
     }
     this.#pump();
