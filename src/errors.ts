@@ -192,6 +192,12 @@ export const ERRORS = {
   ERR_CHECK_QEMU: 'the QEMU binary is missing, does not run, or is older than 7.2',
   ERR_CHECK_QMP: 'QEMU lacks a QMP command or migration capability tether uses',
   ERR_CHECK_KERNEL: 'the kernel lacks a feature tether needs (userfaultfd for post-copy, TUN, KVM)',
+
+  // --- added by the structure pass (issue 15): formerly uncoded throws
+  ERR_NBD_INVALID_OPTION: 'an NBD session was given an export or option out of range (size, name, maxPayload)',
+  ERR_RELAY_CONNECT: "a NIC relay did not connect to QEMU's filter-redirector sockets in time",
+  ERR_DISK_IO:
+    'a disk image operation failed or was refused (details.errno names the system error; the NBD server answers with the matching NBD error)',
 } as const satisfies Record<`ERR_${string}`, string>;
 
 export type ErrorCode = keyof typeof ERRORS;

@@ -114,31 +114,7 @@ export class CheckpointAssembler {
   }
 
   private step(msg: CheckpointMessage | OtherFrame): Checkpoint | null {
-    if (msg.type === 'begin') {
-      if (this.tx !== null) {
-        throw ckptError('ERR_CKPT_SEQUENCE', `BEGIN ${msg.epoch} inside open transaction ${this.tx.epoch}`);
-      }
-      if (msg.epoch !== this.expect) {
-        throw ckptError('ERR_CKPT_EPOCH', `BEGIN ${msg.epoch}, expected epoch ${this.expect}`, {
-          epoch: msg.epoch,
-          expect: this.expect,
-        });
-      }
-      this.tx = {
-        epoch: msg.epoch,
-        digest: new CheckpointDigest(),
-        bytes: 0,
-        pages: 0,
-        pfnChunks: [],
-        zeroChunks: [],
-        dataChunks: [],
-        disk: [],
-        diskBytes: 0,
-        devstate: null,
-      };
-      this.state = 'pages';
-      return null;
-    }
+    if (msg.type === 'begin') return this.begin(msg.epoch);
     if (msg.type !== 'pages' && msg.type !== 'disk' && msg.type !== 'diskzero' && msg.type !== 'devstate' && msg.type !== 'commit') {
       throw ckptError('ERR_CKPT_SEQUENCE', `${msg.type} is not a checkpoint message`);
     }
@@ -152,29 +128,9 @@ export class CheckpointAssembler {
     }
 
     switch (msg.type) {
-      case 'pages': {
-        if (this.state !== 'pages') throw ckptError('ERR_CKPT_SEQUENCE', `PAGES after ${this.state.toUpperCase()}`);
-        this.grow(tx, msg); // also checks the zero mask and the data length
-        for (let i = 0; i < msg.pfns.length; i++) {
-          const pfn = msg.pfns[i]!;
-          if (pfn >= this.ramPages) {
-            // Record what was marked so far so reset() can clear it.
-            tx.pfnChunks.push(msg.pfns.subarray(0, i));
-            throw ckptError('ERR_CKPT_PFN_RANGE', `pfn ${pfn} outside guest RAM`, { pfn, ramPages: this.ramPages });
-          }
-          const bit = 1 << (pfn & 7);
-          if ((this.seen[pfn >>> 3]! & bit) !== 0) {
-            tx.pfnChunks.push(msg.pfns.subarray(0, i));
-            throw ckptError('ERR_CKPT_DUPLICATE_PAGE', `pfn ${pfn} twice in checkpoint ${tx.epoch}`, { pfn });
-          }
-          this.seen[pfn >>> 3]! |= bit;
-        }
-        tx.pfnChunks.push(msg.pfns);
-        tx.zeroChunks.push(msg.zero);
-        if (msg.data.length > 0) tx.dataChunks.push(msg.data);
-        tx.pages += msg.pfns.length;
+      case 'pages':
+        this.pages(tx, msg);
         return null;
-      }
       case 'disk':
         if (this.state !== 'pages' && this.state !== 'disk') {
           throw ckptError('ERR_CKPT_SEQUENCE', `DISK after ${this.state.toUpperCase()}`);
@@ -200,31 +156,83 @@ export class CheckpointAssembler {
         tx.devstate = msg.data;
         this.state = 'devstate';
         return null;
-      case 'commit': {
-        if (tx.devstate === null) throw ckptError('ERR_CKPT_INCOMPLETE', `COMMIT ${tx.epoch} without DEVSTATE`);
-        if (msg.pages !== tx.pages || msg.diskBytes !== tx.diskBytes || msg.devstateBytes !== tx.devstate.length) {
-          throw ckptError('ERR_CKPT_TOTALS', `COMMIT ${tx.epoch} totals do not match what was received`, {
-            commit: { pages: msg.pages, diskBytes: msg.diskBytes, devstateBytes: msg.devstateBytes },
-            received: { pages: tx.pages, diskBytes: tx.diskBytes, devstateBytes: tx.devstate.length },
-          });
-        }
-        const digest = tx.digest.digest();
-        if (msg.digest.length !== DIGEST_SIZE || !digest.equals(msg.digest)) {
-          throw ckptError('ERR_CKPT_DIGEST', `COMMIT ${tx.epoch} digest mismatch`);
-        }
-        const ckpt: Checkpoint = {
-          epoch: tx.epoch,
-          pfns: concatTyped(Uint32Array, tx.pfnChunks, tx.pages),
-          zeroMask: concatTyped(Uint8Array, tx.zeroChunks, tx.pages),
-          data: tx.dataChunks.length === 1 ? tx.dataChunks[0]! : Buffer.concat(tx.dataChunks),
-          disk: tx.disk,
-          devstate: tx.devstate,
-        };
-        this.reset();
-        this.expect = tx.epoch + 1;
-        return ckpt;
-      }
+      case 'commit':
+        return this.commit(tx, msg);
     }
+  }
+
+  /** BEGIN: opens the transaction of the expected epoch. */
+  private begin(epoch: number): null {
+    if (this.tx !== null) {
+      throw ckptError('ERR_CKPT_SEQUENCE', `BEGIN ${epoch} inside open transaction ${this.tx.epoch}`);
+    }
+    if (epoch !== this.expect) {
+      throw ckptError('ERR_CKPT_EPOCH', `BEGIN ${epoch}, expected epoch ${this.expect}`, { epoch, expect: this.expect });
+    }
+    this.tx = {
+      epoch,
+      digest: new CheckpointDigest(),
+      bytes: 0,
+      pages: 0,
+      pfnChunks: [],
+      zeroChunks: [],
+      dataChunks: [],
+      disk: [],
+      diskBytes: 0,
+      devstate: null,
+    };
+    this.state = 'pages';
+    return null;
+  }
+
+  /** PAGES: every pfn inside guest RAM and new to the transaction. */
+  private pages(tx: Transaction, msg: CheckpointMessage & { type: 'pages' }): void {
+    if (this.state !== 'pages') throw ckptError('ERR_CKPT_SEQUENCE', `PAGES after ${this.state.toUpperCase()}`);
+    this.grow(tx, msg); // also checks the zero mask and the data length
+    for (let i = 0; i < msg.pfns.length; i++) {
+      const pfn = msg.pfns[i]!;
+      if (pfn >= this.ramPages) {
+        // Record what was marked so far so reset() can clear it.
+        tx.pfnChunks.push(msg.pfns.subarray(0, i));
+        throw ckptError('ERR_CKPT_PFN_RANGE', `pfn ${pfn} outside guest RAM`, { pfn, ramPages: this.ramPages });
+      }
+      const bit = 1 << (pfn & 7);
+      if ((this.seen[pfn >>> 3]! & bit) !== 0) {
+        tx.pfnChunks.push(msg.pfns.subarray(0, i));
+        throw ckptError('ERR_CKPT_DUPLICATE_PAGE', `pfn ${pfn} twice in checkpoint ${tx.epoch}`, { pfn });
+      }
+      this.seen[pfn >>> 3]! |= bit;
+    }
+    tx.pfnChunks.push(msg.pfns);
+    tx.zeroChunks.push(msg.zero);
+    if (msg.data.length > 0) tx.dataChunks.push(msg.data);
+    tx.pages += msg.pfns.length;
+  }
+
+  /** COMMIT: the totals and the digest must match what arrived; then the checkpoint is whole. */
+  private commit(tx: Transaction, msg: CheckpointMessage & { type: 'commit' }): Checkpoint {
+    if (tx.devstate === null) throw ckptError('ERR_CKPT_INCOMPLETE', `COMMIT ${tx.epoch} without DEVSTATE`);
+    if (msg.pages !== tx.pages || msg.diskBytes !== tx.diskBytes || msg.devstateBytes !== tx.devstate.length) {
+      throw ckptError('ERR_CKPT_TOTALS', `COMMIT ${tx.epoch} totals do not match what was received`, {
+        commit: { pages: msg.pages, diskBytes: msg.diskBytes, devstateBytes: msg.devstateBytes },
+        received: { pages: tx.pages, diskBytes: tx.diskBytes, devstateBytes: tx.devstate.length },
+      });
+    }
+    const digest = tx.digest.digest();
+    if (msg.digest.length !== DIGEST_SIZE || !digest.equals(msg.digest)) {
+      throw ckptError('ERR_CKPT_DIGEST', `COMMIT ${tx.epoch} digest mismatch`);
+    }
+    const ckpt: Checkpoint = {
+      epoch: tx.epoch,
+      pfns: concatTyped(Uint32Array, tx.pfnChunks, tx.pages),
+      zeroMask: concatTyped(Uint8Array, tx.zeroChunks, tx.pages),
+      data: tx.dataChunks.length === 1 ? tx.dataChunks[0]! : Buffer.concat(tx.dataChunks),
+      disk: tx.disk,
+      devstate: tx.devstate,
+    };
+    this.reset();
+    this.expect = tx.epoch + 1;
+    return ckpt;
   }
 
   /** Adds a message to the digest and the size budget (ERR_CKPT_TOO_LARGE). */

@@ -1,15 +1,14 @@
 /**
- * Durable checkpoint state on S — the only file in checkpoint/ that touches the file system.
+ * Durable checkpoint state on S. This store and its helpers are the only files in checkpoint/
+ * that touch the file system: store-files.ts (atomic replace, the reserve), store-records.ts
+ * (the records' format, each checksummed), ram-pages.ts (validation, page writes).
  *
  * Files in `dir`:
- *   applied.json          the applied record: {format, version, epoch, devstate, devstateBytes,
- *                         devstateCrc32, crc32}; crc32 = CRC-32 of the JSON of the record
- *                         without the crc32 field (keys in this order)
+ *   applied.json          the applied record: epoch, device-state file name, its length and CRC-32
  *   devstate-<k>.bin      device state of applied checkpoint k (QEMU `-incoming exec:cat` input)
  *   stage.bin             checkpoint being applied (stage.ts); exists only during apply
- *   completed.json        the completion record: {format, version, epoch, crc32} (crc32 as in
- *                         applied.json). Once it exists the migration is over: the VM belongs to
- *                         the destination, nothing is applied and the source never resumes.
+ *   completed.json        the completion record (epoch). Once it exists the migration is over: the
+ *                         VM belongs to the destination, nothing is applied and the source never resumes.
  *   reserve.bin           RESERVE_BYTES of zeros written by init0: room on the RAM file's tmpfs kept
  *                         for the small records. A record write that meets ENOSPC removes it and
  *                         retries once, so a tmpfs that runs full (another VM's RAM growing)
@@ -26,15 +25,27 @@
  * page writes need none (the source fallocates its RAM file before it migrates), and the
  * applied record has the reserve.
  */
-import { constants as fsc } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { crc32 } from 'node:zlib';
 import { TetherError, isTetherError } from '../errors.ts';
+import { ignored, type Logger } from '../util/log.ts';
 import type { DiskExtent } from '../epoch/outputs.ts';
 import type { Checkpoint } from './assembler.ts';
-import { MAX_DISK_ZERO_BYTES, PAGE_SIZE } from './messages.ts';
+import { PAGE_SIZE } from './messages.ts';
+import { checkRamFile, validateCheckpoint, writePages } from './ram-pages.ts';
 import { decodeStage, encodeStage } from './stage.ts';
+import { ensureReserve, fsyncDir, ioError, isEnoent, listDir, readIfExists, writeAtomic, writeRecord } from './store-files.ts';
+import {
+  checkDevstate,
+  corruptApplied,
+  decodeApplied,
+  decodeCompleted,
+  DEVSTATE_RE,
+  devstateName,
+  encodeApplied,
+  encodeCompleted,
+  type AppliedRecord,
+} from './store-records.ts';
 
 /** Where DISK extents go (the shared disk image); wired in by the block-write journal issue. */
 export interface DiskSink {
@@ -55,11 +66,14 @@ export interface StoreOptions {
   ramBytes: number;
   disk?: DiskSink;
   /**
-   * Fault injection only (TETHER_FAULTS fail-apply-epoch / fail-apply-sticky): writing the
-   * pages of checkpoint `epoch` fails with EIO once half of them are in the RAM file, once or
-   * (sticky) on every attempt, as a RAM tmpfs that runs full would.
+   * A hook for tests of a failing apply, set by the caller (never in production): writing
+   * the pages of the first checkpoint >= `epoch` that has pages fails with ERR_CKPT_IO
+   * (errno EIO) once half of them are in the RAM file, once or (sticky) on every attempt,
+   * as a RAM tmpfs that runs full would.
    */
   failPages?: { epoch: number; sticky: boolean };
+  /** Where best-effort steps that failed are logged (debug) and a missing reserve (warn). */
+  log?: Logger;
 }
 
 export interface AppliedCheckpoint {
@@ -79,179 +93,6 @@ export interface RecoverReport extends AppliedCheckpoint {
 const STAGE = 'stage.bin';
 const APPLIED = 'applied.json';
 const COMPLETED = 'completed.json';
-const RESERVE = 'reserve.bin';
-/** Room kept for the records (a few 4 KiB tmpfs pages each, tmp and final at once). */
-export const RESERVE_BYTES = 64 * 1024;
-const DEVSTATE_RE = /^devstate-(\d+)\.bin$/;
-const IOV_MAX = 1024;
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
-
-interface AppliedRecord {
-  epoch: number;
-  devstate: string;
-}
-
-function ioError(what: string, e: unknown): TetherError {
-  if (e instanceof TetherError) return e;
-  const err = e as NodeJS.ErrnoException;
-  return new TetherError('ERR_CKPT_IO', `${what}: ${err.message ?? String(e)}`, { errno: err.code });
-}
-
-/** Writes every byte of `bufs` at `position`, in batches of at most IOV_MAX, retrying short writes. */
-async function writeAll(fh: FileHandle, bufs: Buffer[], position: number): Promise<void> {
-  let pending = bufs.filter((b) => b.length > 0);
-  let pos = position;
-  while (pending.length > 0) {
-    const batch = pending.slice(0, IOV_MAX);
-    let want = 0;
-    for (const b of batch) want += b.length;
-    const { bytesWritten } = await fh.writev(batch, pos);
-    pos += bytesWritten;
-    if (bytesWritten === want) {
-      pending = pending.slice(batch.length);
-      continue;
-    }
-    if (bytesWritten <= 0) throw new TetherError('ERR_CKPT_IO', 'write made no progress');
-    // Short write: drop what was written and go on with the rest.
-    let skip = bytesWritten;
-    while (skip > 0) {
-      const head = pending[0]!;
-      if (head.length <= skip) {
-        skip -= head.length;
-        pending.shift();
-      } else {
-        pending[0] = head.subarray(skip);
-        skip = 0;
-      }
-    }
-  }
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** tmp + fsync + rename + fsync(dir). */
-async function writeAtomic(file: string, bufs: Buffer[]): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await open(tmp, 'w', 0o600);
-  try {
-    await writeAll(fh, bufs, 0);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, file);
-  await fsyncDir(path.dirname(file));
-}
-
-/**
- * writeAtomic for the small records: on ENOSPC the reserve file in the same directory is
- * removed (its room freed) and the write retried once.
- */
-async function writeRecord(file: string, bufs: Buffer[]): Promise<void> {
-  try {
-    await writeAtomic(file, bufs);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException)?.code !== 'ENOSPC') throw e;
-    const dir = path.dirname(file);
-    await rm(`${file}.tmp`, { force: true });
-    await rm(path.join(dir, RESERVE), { force: true });
-    await writeAtomic(file, bufs);
-  }
-}
-
-/** (Re)creates the reserve file when it is missing; best effort (a full tmpfs just has none). */
-async function ensureReserve(dir: string): Promise<void> {
-  const file = path.join(dir, RESERVE);
-  try {
-    if ((await stat(file)).size === RESERVE_BYTES) return;
-  } catch {
-    /* missing */
-  }
-  await writeAtomic(file, [Buffer.alloc(RESERVE_BYTES)]).catch(() => rm(`${file}.tmp`, { force: true }).catch(() => undefined));
-}
-
-function recordBody(r: AppliedRecord, devstateBytes: number, devstateCrc32: number): string {
-  return JSON.stringify({
-    format: 'tether-applied',
-    version: 1,
-    epoch: r.epoch,
-    devstate: r.devstate,
-    devstateBytes,
-    devstateCrc32,
-  });
-}
-
-function encodeRecord(r: AppliedRecord, devstate: Buffer): Buffer {
-  const body = recordBody(r, devstate.length, crc32(devstate));
-  const withCrc = `${body.slice(0, -1)},"crc32":${crc32(Buffer.from(body, 'utf8'))}}\n`;
-  return Buffer.from(withCrc, 'utf8');
-}
-
-function corruptRecord(message: string): TetherError {
-  return new TetherError('ERR_CKPT_APPLIED_CORRUPT', `applied record: ${message}`);
-}
-
-function decodeRecord(text: string): AppliedRecord & { devstateBytes: number; devstateCrc32: number } {
-  let v: unknown;
-  try {
-    v = JSON.parse(text);
-  } catch {
-    throw corruptRecord('not JSON');
-  }
-  if (typeof v !== 'object' || v === null) throw corruptRecord('not an object');
-  const o = v as Record<string, unknown>;
-  const { epoch, devstate, devstateBytes, devstateCrc32, crc32: crc } = o;
-  if (o.format !== 'tether-applied' || o.version !== 1) throw corruptRecord('unknown format or version');
-  if (
-    !Number.isSafeInteger(epoch) ||
-    (epoch as number) < 0 ||
-    typeof devstate !== 'string' ||
-    !DEVSTATE_RE.test(devstate) ||
-    !Number.isSafeInteger(devstateBytes) ||
-    !Number.isSafeInteger(devstateCrc32) ||
-    typeof crc !== 'number'
-  ) {
-    throw corruptRecord('bad fields');
-  }
-  const r = { epoch: epoch as number, devstate };
-  const body = recordBody(r, devstateBytes as number, devstateCrc32 as number);
-  if (crc32(Buffer.from(body, 'utf8')) !== crc) throw corruptRecord('checksum mismatch');
-  return { ...r, devstateBytes: devstateBytes as number, devstateCrc32: devstateCrc32 as number };
-}
-
-type HandshakeFormat = 'tether-completed' | 'tether-completing';
-
-function completedBody(epoch: number, format: HandshakeFormat = 'tether-completed'): string {
-  return JSON.stringify({ format, version: 1, epoch });
-}
-
-function encodeCompleted(epoch: number, format: HandshakeFormat = 'tether-completed'): Buffer {
-  const body = completedBody(epoch, format);
-  return Buffer.from(`${body.slice(0, -1)},"crc32":${crc32(Buffer.from(body, 'utf8'))}}\n`, 'utf8');
-}
-
-function decodeCompleted(text: string, format: HandshakeFormat = 'tether-completed'): number {
-  const bad = (m: string) => new TetherError('ERR_CKPT_COMPLETED_CORRUPT', `completion record: ${m}`);
-  let v: unknown;
-  try {
-    v = JSON.parse(text);
-  } catch {
-    throw bad('not JSON');
-  }
-  if (typeof v !== 'object' || v === null) throw bad('not an object');
-  const o = v as Record<string, unknown>;
-  if (o.format !== format || o.version !== 1) throw bad('unknown format or version');
-  if (!Number.isSafeInteger(o.epoch) || (o.epoch as number) < 0 || typeof o.crc32 !== 'number') throw bad('bad fields');
-  if (crc32(Buffer.from(completedBody(o.epoch as number, format), 'utf8')) !== o.crc32) throw bad('checksum mismatch');
-  return o.epoch as number;
-}
 
 /**
  * The destination's side of the handshake: `file` records, durably and checksummed like
@@ -268,56 +109,8 @@ export async function writeCompletingRecord(file: string, epoch: number): Promis
 
 /** Epoch of writeCompletingRecord's file, null if absent; ERR_CKPT_COMPLETED_CORRUPT if damaged. */
 export async function readCompletingRecord(file: string): Promise<number | null> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (e) {
-    if (isEnoent(e)) return null;
-    throw ioError('reading the completion request record', e);
-  }
-  return decodeCompleted(text, 'tether-completing');
-}
-
-const devstateName = (epoch: number): string => `devstate-${epoch}.bin`;
-
-function isEnoent(e: unknown): boolean {
-  return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
-}
-
-/**
- * Throws ERR_CKPT_INVALID / ERR_CKPT_PFN_RANGE / ERR_CKPT_DUPLICATE_PAGE unless the checkpoint
- * is internally consistent and fits a guest of `ramPages` pages.
- */
-export function validateCheckpoint(ckpt: Checkpoint, ramPages: number): void {
-  const { pfns, zeroMask } = ckpt;
-  if (!Number.isSafeInteger(ckpt.epoch) || ckpt.epoch < 0) {
-    throw new TetherError('ERR_CKPT_INVALID', 'checkpoint epoch is not a safe non-negative integer');
-  }
-  if (!(pfns instanceof Uint32Array) || !(zeroMask instanceof Uint8Array) || zeroMask.length !== pfns.length) {
-    throw new TetherError('ERR_CKPT_INVALID', 'pfns and zeroMask differ in length');
-  }
-  const seen = new Uint8Array(Math.ceil(ramPages / 8));
-  let nonZero = 0;
-  for (let i = 0; i < pfns.length; i++) {
-    const pfn = pfns[i]!;
-    if (pfn >= ramPages) throw new TetherError('ERR_CKPT_PFN_RANGE', `pfn ${pfn} outside guest RAM`, { pfn, ramPages });
-    const bit = 1 << (pfn & 7);
-    if ((seen[pfn >>> 3]! & bit) !== 0) throw new TetherError('ERR_CKPT_DUPLICATE_PAGE', `pfn ${pfn} twice`, { pfn });
-    seen[pfn >>> 3]! |= bit;
-    const z = zeroMask[i]!;
-    if (z > 1) throw new TetherError('ERR_CKPT_INVALID', 'zeroMask entries must be 0 or 1');
-    if (z === 0) nonZero++;
-  }
-  if (ckpt.data.length !== nonZero * PAGE_SIZE) {
-    throw new TetherError('ERR_CKPT_INVALID', 'page data does not match the non-zero pages');
-  }
-  for (const d of ckpt.disk) {
-    const ok = d.zero ? Number.isSafeInteger(d.length) && d.length >= 1 && d.length <= MAX_DISK_ZERO_BYTES : Buffer.isBuffer(d.data);
-    if (!Number.isSafeInteger(d.offset) || d.offset < 0 || !ok) {
-      throw new TetherError('ERR_CKPT_INVALID', 'bad disk extent');
-    }
-  }
-  if (!Buffer.isBuffer(ckpt.devstate)) throw new TetherError('ERR_CKPT_INVALID', 'devstate must be a Buffer');
+  const text = await readIfExists(file, 'reading the completion request record');
+  return text === null ? null : decodeCompleted(text, 'tether-completing');
 }
 
 export class CheckpointStore {
@@ -327,6 +120,7 @@ export class CheckpointStore {
   private readonly ramPages: number;
   private readonly disk: DiskSink | undefined;
   private failPages: StoreOptions['failPages'];
+  private readonly log: Logger | undefined;
   private applied: AppliedRecord | null = null;
   /** Set when an apply failed after its stage was persisted: only recover() may continue. */
   private broken = false;
@@ -344,6 +138,7 @@ export class CheckpointStore {
     this.ramPages = opts.ramBytes / PAGE_SIZE;
     this.disk = opts.disk;
     this.failPages = opts.failPages;
+    this.log = opts.log;
   }
 
   /** The last applied checkpoint (after init0 or recover). */
@@ -362,7 +157,7 @@ export class CheckpointStore {
     return this.exclusive(async () => {
       try {
         await mkdir(this.dir, { recursive: true });
-        await this.checkRamFile();
+        await checkRamFile(this.ramPath, this.ramBytes);
         // A stage of an earlier migration must never be re-applied on top of this one.
         await rm(path.join(this.dir, STAGE), { force: true });
         await rm(path.join(this.dir, COMPLETED), { force: true });
@@ -370,8 +165,8 @@ export class CheckpointStore {
         this.completed = null;
         const record: AppliedRecord = { epoch: 0, devstate: 'devstate-0.bin' };
         await writeAtomic(path.join(this.dir, record.devstate), [devstate]);
-        await writeRecord(path.join(this.dir, APPLIED), [encodeRecord(record, devstate)]);
-        await ensureReserve(this.dir);
+        await writeRecord(path.join(this.dir, APPLIED), [encodeApplied(record, devstate)]);
+        await ensureReserve(this.dir, this.log);
         this.applied = record;
         this.broken = false;
         await this.removeUnreferenced();
@@ -404,7 +199,7 @@ export class CheckpointStore {
       // A checkpoint whose disk extents cannot land is refused whole, before a page is written.
       if (this.disk !== undefined && ckpt.disk.length > 0) await this.disk.check(ckpt.disk);
       try {
-        await this.checkRamFile();
+        await checkRamFile(this.ramPath, this.ramBytes);
         await writeAtomic(path.join(this.dir, STAGE), encodeStage(ckpt));
         // Before any page: a device-state file no record names yet (a full tmpfs fails here,
         // with the previous checkpoint whole).
@@ -412,17 +207,18 @@ export class CheckpointStore {
       } catch (e) {
         // Nothing but a tmp file, an unreferenced stage or device state may have changed.
         for (const f of [STAGE, `${STAGE}.tmp`, `${devstateName(ckpt.epoch)}.tmp`]) {
-          await rm(path.join(this.dir, f), { force: true }).catch(() => undefined);
+          await rm(path.join(this.dir, f), { force: true }).catch(ignored(this.log, 'cleaning up after a failed stage write'));
         }
         throw ioError('persisting stage', e);
       }
+      const what = `applying checkpoint ${ckpt.epoch}`;
       try {
-        await this.applyStaged(ckpt, true);
+        await this.applyStaged(ckpt, what, true);
       } catch (e) {
         this.broken = true;
-        throw ioError(`applying checkpoint ${ckpt.epoch}`, e);
+        throw ioError(what, e);
       }
-      await ensureReserve(this.dir);
+      await ensureReserve(this.dir, this.log);
     });
   }
 
@@ -439,13 +235,13 @@ export class CheckpointStore {
       try {
         text = await readFile(path.join(this.dir, APPLIED), 'utf8');
       } catch (e) {
-        throw corruptRecord(`unreadable: ${(e as Error).message}`);
+        throw corruptApplied(`unreadable: ${(e as Error).message}`);
       }
-      const record = decodeRecord(text);
+      const record = decodeApplied(text);
       if (record.epoch !== last.epoch || record.devstate !== this.applied!.devstate) {
-        throw corruptRecord(`names checkpoint ${record.epoch}, the store applied ${last.epoch}`);
+        throw corruptApplied(`names checkpoint ${record.epoch}, the store applied ${last.epoch}`);
       }
-      await this.checkDevstate(record);
+      await checkDevstate(this.dir, record);
       return last;
     });
   }
@@ -522,14 +318,8 @@ export class CheckpointStore {
 
   /** Final epoch recorded by recordCompleted in `dir`, or null. ERR_CKPT_COMPLETED_CORRUPT if damaged. */
   static async readCompleted(dir: string): Promise<number | null> {
-    let text: string;
-    try {
-      text = await readFile(path.join(dir, COMPLETED), 'utf8');
-    } catch (e) {
-      if (isEnoent(e)) return null;
-      throw ioError('reading completion record', e);
-    }
-    return decodeCompleted(text);
+    const text = await readIfExists(path.join(dir, COMPLETED), 'reading completion record');
+    return text === null ? null : decodeCompleted(text);
   }
 
   /**
@@ -541,15 +331,10 @@ export class CheckpointStore {
     return this.exclusive(async () => {
       await this.removeTmpFiles();
       this.completed = await CheckpointStore.readCompleted(this.dir);
-      let text: string;
-      try {
-        text = await readFile(path.join(this.dir, APPLIED), 'utf8');
-      } catch (e) {
-        if (isEnoent(e)) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', `no applied record in ${this.dir}`);
-        throw ioError('reading applied record', e);
-      }
-      const record = decodeRecord(text);
-      await this.checkDevstate(record);
+      const text = await readIfExists(path.join(this.dir, APPLIED), 'reading applied record');
+      if (text === null) throw new TetherError('ERR_CKPT_NOT_INITIALIZED', `no applied record in ${this.dir}`);
+      const record = decodeApplied(text);
+      await checkDevstate(this.dir, record);
       this.applied = { epoch: record.epoch, devstate: record.devstate };
       this.broken = false;
 
@@ -586,24 +371,25 @@ export class CheckpointStore {
     if (ckpt.epoch !== appliedEpoch + 1) {
       return discard({ action: 'discarded', reason: 'epoch-gap', epoch: ckpt.epoch });
     }
+    const what = `re-applying staged checkpoint ${ckpt.epoch}`;
     try {
-      await this.checkRamFile();
-      await this.applyStaged(ckpt);
+      await checkRamFile(this.ramPath, this.ramBytes);
+      await this.applyStaged(ckpt, what);
     } catch (e) {
       this.broken = true;
-      throw ioError(`re-applying staged checkpoint ${ckpt.epoch}`, e);
+      throw ioError(what, e);
     }
     return { action: 'reapplied', epoch: ckpt.epoch };
   }
 
   /**
-   * Steps (b)–(f) of apply; idempotent, so recover() can repeat them. `devstateWritten`: apply()
-   * wrote devstate-k.bin already (before the first page).
+   * Steps (b)–(f) of apply; idempotent, so recover() can repeat them. `what` names the step
+   * in errors; `devstateWritten`: apply() wrote devstate-k.bin already (before the first page).
    */
-  private async applyStaged(ckpt: Checkpoint, devstateWritten = false): Promise<void> {
+  private async applyStaged(ckpt: Checkpoint, what: string, devstateWritten = false): Promise<void> {
     const record: AppliedRecord = { epoch: ckpt.epoch, devstate: devstateName(ckpt.epoch) };
     if (!devstateWritten) await writeAtomic(path.join(this.dir, record.devstate), [ckpt.devstate]);
-    await this.writePages(ckpt);
+    await writePages(this.ramPath, ckpt, this.pagesHook(ckpt.epoch, what));
     if (this.disk !== undefined && ckpt.disk.length > 0) {
       // In issue order: a later extent wins where it overlaps an earlier one.
       for (const d of ckpt.disk) {
@@ -612,103 +398,48 @@ export class CheckpointStore {
       }
       await this.disk.flush();
     }
-    await writeRecord(path.join(this.dir, APPLIED), [encodeRecord(record, ckpt.devstate)]);
+    await writeRecord(path.join(this.dir, APPLIED), [encodeApplied(record, ckpt.devstate)]);
     this.applied = record;
     // Best effort from here: losing these unlinks is harmless (recover() discards a stage that
     // is not newer and removes device-state files the record does not name).
-    await rm(path.join(this.dir, STAGE), { force: true }).catch(() => undefined);
-    await this.removeUnreferenced().catch(() => undefined);
+    await rm(path.join(this.dir, STAGE), { force: true }).catch(ignored(this.log, 'recover() discards a stage that is not newer'));
+    await this.removeUnreferenced().catch(ignored(this.log, 'recover() removes device-state files the record does not name'));
   }
 
-  /** pwrites pages at pfn × 4096 in ascending pfn order, contiguous pfns as one writev. */
-  private async writePages(ckpt: Checkpoint): Promise<void> {
-    const { pfns, zeroMask, data } = ckpt;
-    const n = pfns.length;
-    if (n === 0) return;
-    const dataIndex = new Int32Array(n);
-    for (let i = 0, k = 0; i < n; i++) dataIndex[i] = zeroMask[i] === 1 ? -1 : k++;
-    const order = new Uint32Array(n);
-    for (let i = 0; i < n; i++) order[i] = i;
-    order.sort((a, b) => pfns[a]! - pfns[b]!);
-
-    const page = (i: number): Buffer => {
-      const k = dataIndex[i]!;
-      return k < 0 ? ZERO_PAGE : data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+  /**
+   * The failPages hook (StoreOptions) as writePages' afterRun for checkpoint `epoch`: throws
+   * once half of its pages are written. `what` names the apply in the error's message.
+   */
+  private pagesHook(epoch: number, what: string): ((written: number, total: number) => void) | undefined {
+    if (this.failPages === undefined || epoch < this.failPages.epoch) return undefined;
+    return (written, total) => {
+      const f = this.failPages;
+      if (f === undefined || written < total / 2) return;
+      if (!f.sticky) this.failPages = undefined;
+      throw new TetherError('ERR_CKPT_IO', `${what}: EIO: the failPages hook failed the page writes after ${written} of ${total} pages`, {
+        errno: 'EIO',
+      });
     };
-    const fh = await open(this.ramPath, 'r+');
-    try {
-      let j = 0;
-      while (j < n) {
-        const start = pfns[order[j]!]!;
-        const run: Buffer[] = [page(order[j]!)];
-        j++;
-        while (j < n && pfns[order[j]!] === start + run.length) {
-          run.push(page(order[j]!));
-          j++;
-        }
-        await writeAll(fh, run, start * PAGE_SIZE);
-        // fault injection: the first checkpoint >= epoch that has pages (an empty one writes none)
-        if (this.failPages !== undefined && ckpt.epoch >= this.failPages.epoch && j >= n / 2) {
-          if (!this.failPages.sticky) this.failPages = undefined;
-          throw Object.assign(new Error(`EIO: injected failure after ${j} of ${n} pages`), { code: 'EIO' });
-        }
-      }
-      await fh.datasync();
-    } finally {
-      await fh.close();
-    }
-  }
-
-  private async checkRamFile(): Promise<void> {
-    let size: number;
-    try {
-      size = (await stat(this.ramPath)).size;
-    } catch (e) {
-      throw new TetherError('ERR_CKPT_RAM_FILE', `RAM file ${this.ramPath} unusable: ${(e as Error).message}`);
-    }
-    if (size < this.ramBytes) {
-      throw new TetherError('ERR_CKPT_RAM_FILE', `RAM file ${this.ramPath} has ${size} bytes, expected ${this.ramBytes}`);
-    }
-  }
-
-  private async checkDevstate(r: ReturnType<typeof decodeRecord>): Promise<void> {
-    let buf: Buffer;
-    try {
-      buf = await readFile(path.join(this.dir, r.devstate));
-    } catch (e) {
-      throw new TetherError('ERR_CKPT_DEVSTATE_CORRUPT', `device state ${r.devstate} unreadable: ${(e as Error).message}`);
-    }
-    if (buf.length !== r.devstateBytes || crc32(buf) !== r.devstateCrc32) {
-      throw new TetherError('ERR_CKPT_DEVSTATE_CORRUPT', `device state ${r.devstate} does not match the applied record`);
-    }
   }
 
   /** Removes device-state files the applied record does not name (best effort). */
   private async removeUnreferenced(): Promise<void> {
     const keep = this.applied?.devstate;
-    for (const name of await this.list()) {
+    for (const name of await listDir(this.dir)) {
       if (DEVSTATE_RE.test(name) && name !== keep) await rm(path.join(this.dir, name), { force: true });
     }
   }
 
   private async removeTmpFiles(): Promise<void> {
-    for (const name of await this.list()) {
+    for (const name of await listDir(this.dir)) {
       if (name.endsWith('.tmp')) await rm(path.join(this.dir, name), { force: true });
-    }
-  }
-
-  private async list(): Promise<string[]> {
-    try {
-      return await readdir(this.dir);
-    } catch (e) {
-      if (isEnoent(e)) return [];
-      throw e;
     }
   }
 
   private exclusive<T>(fn: () => Promise<T>): Promise<T> {
     const run = this.queue.then(fn, fn);
-    this.queue = run.catch(() => undefined);
+    // The caller of `fn` gets its failure through `run`; the queue only orders the steps.
+    this.queue = run.catch(ignored(this.log, 'reported to the caller of that store step'));
     return run;
   }
 }

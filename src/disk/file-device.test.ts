@@ -72,7 +72,7 @@ t.test('open errors are typed; read-only refuses writes with EROFS', async (t) =
   const p = await image(t, 4096);
   const d = await FileBlockDevice.open(p, { readOnly: true });
   t.teardown(() => d.close());
-  await t.rejects(d.write(0, Buffer.alloc(1)), { code: 'EROFS' });
+  await t.rejects(d.write(0, Buffer.alloc(1)), { code: 'ERR_DISK_IO', details: { errno: 'EROFS' } });
   await d.close();
   await t.rejects(d.read(0, 1), { code: 'ERR_DISK_CLOSED' });
 });

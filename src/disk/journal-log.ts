@@ -157,7 +157,7 @@ export class JournalLog {
         const rest = Buffer.concat(bufs).subarray(n);
         for (let done = 0; done < rest.length; done += n) {
           n = fs.writeSync(this.#fd, rest, done, rest.length - done, this.#pos + (bytes - rest.length) + done);
-          if (n <= 0) throw new Error('write made no progress');
+          if (n <= 0) throw new TetherError('ERR_JOURNAL_LOG', 'write made no progress');
         }
       }
     } catch (e) {
@@ -260,7 +260,7 @@ async function writeAll(fd: number, bufs: Buffer[], bytes: number, pos: number):
     n = await new Promise<number>((res, rej) =>
       fs.write(fd, rest, done, rest.length - done, pos + (bytes - rest.length) + done, (e, k) => (e ? rej(e) : res(k))),
     );
-    if (n <= 0) throw new Error('write made no progress');
+    if (n <= 0) throw new TetherError('ERR_JOURNAL_LOG', 'write made no progress');
     done += n;
   }
 }

@@ -16,6 +16,7 @@
  *                                        of it ever reaches the image.
  */
 import { rm } from 'node:fs/promises';
+import { TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { BlockJournal, type JournalOptions } from './journal.ts';
@@ -106,6 +107,7 @@ export async function restartJournal(o: RestartOptions): Promise<JournalRestart>
 
 /** Stands in for the image where only the journal's figures are wanted. */
 function nullImage(): BlockDevice {
-  const no = (): Promise<never> => Promise.reject(new Error('no image'));
+  const no = (): Promise<never> =>
+    Promise.reject(new TetherError('ERR_DISK_CLOSED', 'no image: the journal is rebuilt here for its figures only'));
   return { size: Number.MAX_SAFE_INTEGER, canTrim: true, read: no, write: no, flush: no, trim: no, writeZeroes: no, close: async () => {} };
 }

@@ -5,15 +5,15 @@
  * EpochOutputs (what the destination's epoch barrier drives). Modes:
  *
  *   pass-through  writes go to the image; FLUSH and FUA are the image's fdatasync.
- *                 The VM's normal life, on the source, and on the destination
- *                 after completion.
+ *                 The destination after the write-back, until its QEMU switches to
+ *                 its own file node (outside the window QEMU reads the image itself).
  *   journal       destination during post-copy, from before its QEMU can run:
  *                 writes of epoch k are kept in memory under k and never touch
  *                 the shared image; reads see the unreleased epochs over the
  *                 image. With a write-ahead log (journal-log.ts) every write,
  *                 TRIM and WRITE_ZEROES is appended to it before it completes,
  *                 and FLUSH/FUA complete after the log's fdatasync: a restarted
- *                 sidecar rebuilds the epochs from it (recover()). seal(k) hands epoch k's extents to
+ *                 sidecar rebuilds the epochs from it (recover(), journal-epochs.ts). seal(k) hands epoch k's extents to
  *                 checkpoint k; the source writes them to the image before ACK(k);
  *                 release(k) then drops epochs <= k (the image holds them now).
  *   draining      passThrough() after the final ACK: the journal still held is
@@ -32,10 +32,11 @@
 import { MAX_DISK_ZERO_BYTES } from '../checkpoint/messages.ts';
 import { TetherError } from '../errors.ts';
 import type { DiskExtent, EpochOutputs } from '../epoch/outputs.ts';
-import type { Logger } from '../util/log.ts';
+import { ignored, type Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { ExtentMap } from './extent-map.ts';
-import { LogKind, type JournalLog, type Replay } from './journal-log.ts';
+import { copy, coveredRead, epochsFromReplay, writeEpochsBack, type Epoch } from './journal-epochs.ts';
+import type { JournalLog, Replay } from './journal-log.ts';
 
 /**
  * Largest DISK extent seal() hands out. A DISK frame carries 16 bytes of header
@@ -51,7 +52,10 @@ export interface JournalOptions {
   maxBytes: number;
   /** Largest extent in seal()'s result (default MAX_DISK_EXTENT_BYTES). */
   maxExtentBytes?: number;
-  /** Fault injection (`journal-write-through`): journal() leaves the device writing through. */
+  /**
+   * For a control test, set by the caller (never in production): journal() leaves the
+   * device writing through, so the destination writes the shared image in the window.
+   */
   writeThrough?: boolean;
   /**
    * The write-ahead log: every journaled request is appended before it completes,
@@ -61,16 +65,10 @@ export interface JournalOptions {
   wal?: JournalLog;
   log?: Logger;
   /**
-   * Fault injection (`hold-writeback`): awaited by the write-back right after its first
+   * A hook for tests, set by the caller: awaited by the write-back right after its first
    * extent is in the image (a test kills the sidecar while it waits).
    */
   writeBackHold?: () => Promise<void>;
-}
-
-interface Epoch {
-  epoch: number;
-  map: ExtentMap;
-  sealed: boolean;
 }
 
 export class BlockJournal implements BlockDevice, EpochOutputs {
@@ -122,29 +120,10 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   static recover(image: BlockDevice, replay: Replay, opts: JournalOptions & { nextEpoch: number }): BlockJournal {
     const j = new BlockJournal(image, { ...opts, writeThrough: false });
     image.bypassCache?.(opts.log);
-    let first = opts.nextEpoch;
-    for (const r of replay.records) if (r.kind !== LogKind.Completed && r.epoch < first) first = r.epoch;
+    const { epochs, held } = epochsFromReplay(replay, opts.nextEpoch);
     j.#mode = 'journal';
-    j.#epochs = [{ epoch: first, map: new ExtentMap(), sealed: false }];
-    for (const r of replay.records) {
-      if (r.kind === LogKind.Completed) continue;
-      let open = j.#epochs[j.#epochs.length - 1]!;
-      while (open.epoch < r.epoch) {
-        open.sealed = true;
-        open = { epoch: open.epoch + 1, map: new ExtentMap(), sealed: false };
-        j.#epochs.push(open);
-      }
-      const before = open.map.bytes;
-      if (r.kind === LogKind.Write) open.map.put(r.offset, r.data);
-      else open.map.putZeroes(r.offset, r.length);
-      j.#held += open.map.bytes - before;
-    }
-    let open = j.#epochs[j.#epochs.length - 1]!;
-    while (open.epoch < opts.nextEpoch) {
-      open.sealed = true;
-      open = { epoch: open.epoch + 1, map: new ExtentMap(), sealed: false };
-      j.#epochs.push(open);
-    }
+    j.#epochs = epochs;
+    j.#held = held;
     return j;
   }
 
@@ -169,14 +148,14 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
 
   /**
    * Enter journal mode with `firstEpoch` open (the destination, before its QEMU
-   * can run). Under the write-through fault the device stays in pass-through.
+   * can run). With the writeThrough option the device stays in pass-through.
    */
   journal(firstEpoch = 1): void {
     if (this.#mode !== 'pass-through' || this.#epochs.length > 0) {
       throw new TetherError('ERR_JOURNAL_STATE', `cannot start journaling in mode ${this.#mode}`);
     }
     if (this.#writeThrough) {
-      this.#log?.warn('fault injection: journal-write-through, destination disk writes go straight to the image');
+      this.#log?.warn('journal writes through (writeThrough option): destination disk writes go straight to the image');
       return;
     }
     // The source writes the shared image while the window is open: a page this host
@@ -218,11 +197,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     if (this.#mode !== 'journal' && this.#mode !== 'pass-through') return undefined;
     if (this.#mode === 'journal' && length > 0) {
       this.#check(offset, length);
-      const covered = coveredRead(
-        this.#epochs.map((e) => e.map),
-        offset,
-        length,
-      );
+      const layers = this.#epochs.map((e) => e.map);
+      const covered = coveredRead(layers, offset, length);
       if (covered) return covered;
     }
     const buf = this.#image.readNow?.(offset, length);
@@ -286,7 +262,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   }
 
   async close(): Promise<void> {
-    if (this.#drain) await this.#drain.catch(() => {});
+    // a failed write-back was logged and failed the requests that waited for it
+    if (this.#drain) await this.#drain.catch(ignored(this.#log, 'the write-back failed: reported by passThrough()'));
     await this.#image.close();
   }
 
@@ -423,7 +400,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
         throw new TetherError('ERR_JOURNAL_WRITEBACK', `writing the journal to the image failed: ${(e as Error).message}`);
       },
     );
-    drain.catch(() => {});
+    // (awaited by the requests waiting on it, by drained() and close(); logged above)
+    drain.catch(ignored(this.#log, 'the write-back failed: logged at error above'));
     this.#drain = drain;
   }
 
@@ -453,21 +431,7 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
   }
 
   async #writeBack(): Promise<void> {
-    let bytes = 0;
-    let extents = 0;
-    for (const e of this.#epochs) {
-      for (const x of e.map.extents()) {
-        if (x.data) await this.#image.write(x.offset, x.data);
-        else await this.#image.writeZeroes(x.offset, x.length);
-        bytes += x.length;
-        if (++extents === 1 && this.#writeBackHold) await this.#writeBackHold();
-      }
-    }
-    if (bytes > 0) {
-      await this.#image.flush();
-      // Durable on the storage now: no clean copy of it stays in this host's cache.
-      this.#image.dropCache?.();
-    }
+    const bytes = await writeEpochsBack(this.#image, this.#epochs, this.#writeBackHold);
     this.#log?.info('journal written through to the image', { bytes, epochs: this.#epochs.length, ...this.figures() });
   }
 
@@ -482,33 +446,4 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     const err = new TetherError('ERR_JOURNAL_DISCARDED', 'the journal was discarded (destination fenced)');
     for (const x of w) x.reject(err);
   }
-}
-
-/**
- * The read of [offset, offset + length) from the layers alone (oldest first), when their
- * extents cover every byte of it; else undefined (the image must be read under them).
- */
-function coveredRead(layers: readonly ExtentMap[], offset: number, length: number): Buffer | undefined {
-  if (length === 0 || layers.length === 0) return undefined;
-  const end = offset + length;
-  const spans: [number, number][] = [];
-  for (const m of layers) m.spans(offset, end, spans);
-  if (spans.length === 0) return undefined;
-  spans.sort((a, b) => a[0] - b[0]);
-  let reached = offset;
-  for (const [from, to] of spans) {
-    if (from > reached) return undefined;
-    if (to > reached) reached = to;
-  }
-  if (reached < end) return undefined;
-  const buf = Buffer.allocUnsafe(length);
-  for (const m of layers) m.overlay(offset, buf);
-  return buf;
-}
-
-/** The journal keeps what it is given; the caller (the NBD server) may reuse its buffer. */
-function copy(data: Buffer): Buffer {
-  const b = Buffer.allocUnsafeSlow(data.length);
-  data.copy(b);
-  return b;
 }

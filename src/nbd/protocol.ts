@@ -1,5 +1,6 @@
 /**
- * NBD wire facts (NetworkBlockDevice/nbd doc/proto.md). All integers are big-endian.
+ * NBD wire facts (NetworkBlockDevice/nbd doc/proto.md), and the encoders of the replies'
+ * fixed layouts (session.ts and server.ts use them). All integers are big-endian.
  *
  * Fixed newstyle handshake, as this server speaks it:
  *   S: 64 NBDMAGIC, 64 IHAVEOPT, 16 handshake flags (FIXED_NEWSTYLE | NO_ZEROES)
@@ -123,4 +124,33 @@ export const OPTION_REPLY_HEADER_BYTES = 20;
 
 export function commandName(type: number): string {
   return ['READ', 'WRITE', 'DISC', 'FLUSH', 'TRIM', 'CACHE', 'WRITE_ZEROES', 'BLOCK_STATUS'][type] ?? `CMD_${type}`;
+}
+
+// ---------------------------------------------------------------- fixed-layout encoders
+
+/** An NBD string: valid UTF-8 without NUL, at most 4096 bytes. */
+export function decodeName(b: Buffer): string | undefined {
+  if (b.length > MAX_STRING_BYTES || b.includes(0)) return undefined;
+  const s = b.toString('utf8');
+  // Round trip detects invalid UTF-8 (replacement characters would not encode back).
+  return Buffer.from(s, 'utf8').equals(b) ? s : undefined;
+}
+
+export function encodeOptionReply(opt: number, type: number, data: Buffer = Buffer.alloc(0)): Buffer {
+  const b = Buffer.alloc(OPTION_REPLY_HEADER_BYTES + data.length);
+  b.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
+  b.writeUInt32BE(opt, 8);
+  b.writeUInt32BE(type, 12);
+  b.writeUInt32BE(data.length, 16);
+  data.copy(b, 20);
+  return b;
+}
+
+/** Simple reply header; a successful READ's data follows it on the wire. */
+export function encodeSimpleReply(handle: Buffer, error: number): Buffer {
+  const b = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES);
+  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+  b.writeUInt32BE(error, 4);
+  handle.copy(b, 8, 0, 8);
+  return b;
 }

@@ -19,11 +19,11 @@
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import type { BlockDevice } from '../disk/block-device.ts';
-import { TetherError } from '../errors.ts';
+import { isTetherError, TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
+import { errorFields, ignored } from '../util/log.ts';
 import * as P from './protocol.ts';
-import { encodeSimpleReply, NbdSession } from './session.ts';
+import { NbdSession } from './session.ts';
 import type { NbdRequest, NbdSessionEvent } from './session.ts';
 
 export interface NbdServerOptions {
@@ -168,9 +168,12 @@ export class NbdServer {
   }
 }
 
-/** Maps a device failure to the spec's error values (EDQUOT/EFBIG count as ENOSPC). */
+/**
+ * Maps a device failure to the spec's error values (EDQUOT/EFBIG count as ENOSPC): a system
+ * error's errno name, from Node's fs (`code`) or from a TetherError's `details.errno`.
+ */
 export function nbdErrorOf(e: unknown): number {
-  const code = (e as { code?: unknown }).code;
+  const code = isTetherError(e) ? e.details?.errno : (e as { code?: unknown }).code;
   switch (code) {
     case 'ENOSPC':
     case 'EDQUOT':
@@ -290,17 +293,17 @@ class NbdConnection {
       if (req.command === 'read') {
         const data = device.readNow?.(req.offset, req.length);
         if (!data) return false;
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         this.#send(data);
         return true;
       }
       if (req.command === 'write' && !req.fua) {
         if (!device.writeNow?.(req.offset, req.data)) return false;
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         return true;
       }
-    } catch {
-      // The asynchronous path repeats the request and reports its error.
+    } catch (e) {
+      ignored(this.#log, 'a fast-path request failed: the asynchronous path repeats it and reports its error')(e);
     }
     return false;
   }
@@ -392,10 +395,10 @@ class NbdConnection {
     this.#server.finished();
     if (!this.#socket.destroyed) {
       if (data && data.length > 0) {
-        this.#send(encodeSimpleReply(req.handle, 0));
+        this.#send(P.encodeSimpleReply(req.handle, 0));
         this.#send(data);
       } else {
-        this.#send(encodeSimpleReply(req.handle, error));
+        this.#send(P.encodeSimpleReply(req.handle, error));
       }
     }
     this.#pump();

@@ -371,3 +371,17 @@ t.test('hostile handshake bytes: no throw, nothing but option replies or a close
     { numRuns: 500 },
   );
 });
+
+t.test('an export or option out of range is refused with ERR_NBD_INVALID_OPTION', async (t) => {
+  for (const [what, make] of [
+    ['negative size', () => session({ size: -1 })],
+    ['size past 2^53', () => session({ size: 2 ** 53 })],
+    ['name with NUL', () => session({ name: 'a\0b' })],
+    ['name over 4096 bytes', () => session({ name: 'x'.repeat(P.MAX_STRING_BYTES + 1) })],
+    ['maxPayload below 4096', () => session({}, { maxPayload: 4095 })],
+    ['maxPayload of 2^32', () => session({}, { maxPayload: 2 ** 32 })],
+  ] as const) {
+    t.throws(make, { code: 'ERR_NBD_INVALID_OPTION' }, what);
+  }
+  t.doesNotThrow(() => session({ size: 0 }, { maxPayload: 4096 }), 'the bounds themselves are accepted');
+});

@@ -3,7 +3,7 @@
  * No sockets, no timers, no device: the handshake is answered here (its replies depend
  * only on the export's name, size and flags), transmission requests are validated here
  * and handed out as typed requests; the thin socket adapter (server.ts) runs them
- * against a BlockDevice and encodes the replies with `encodeSimpleReply`.
+ * against a BlockDevice and encodes the replies with protocol.ts's `encodeSimpleReply`.
  *
  * Bounded: headers live in fixed buffers; option data is buffered only up to
  * `maxOptionBytes` (longer options are skipped byte by byte and refused with
@@ -94,15 +94,20 @@ export class NbdSession {
   #pending: { flags: number; handle: Buffer; hi: number; lo: number; length: number } | undefined;
 
   constructor(exp: NbdExport, opts: NbdSessionOptions = {}) {
-    if (!Number.isSafeInteger(exp.size) || exp.size < 0) throw new RangeError(`export size must be a safe integer >= 0, got ${exp.size}`);
-    if (Buffer.byteLength(exp.name) > P.MAX_STRING_BYTES || exp.name.includes('\0'))
-      throw new RangeError('export name too long or has NUL');
+    if (!Number.isSafeInteger(exp.size) || exp.size < 0) {
+      throw new TetherError('ERR_NBD_INVALID_OPTION', `export size must be a safe integer >= 0, got ${exp.size}`, { size: exp.size });
+    }
+    if (Buffer.byteLength(exp.name) > P.MAX_STRING_BYTES || exp.name.includes('\0')) {
+      throw new TetherError('ERR_NBD_INVALID_OPTION', 'export name too long or has NUL');
+    }
     this.export = exp;
     this.maxPayload = opts.maxPayload ?? P.DEFAULT_MAX_PAYLOAD;
     this.maxOptionBytes = opts.maxOptionBytes ?? DEFAULT_MAX_OPTION_BYTES;
     this.maxOptions = opts.maxOptions ?? DEFAULT_MAX_OPTIONS;
     if (!Number.isInteger(this.maxPayload) || this.maxPayload < 4096 || this.maxPayload > 0xffffffff) {
-      throw new RangeError(`maxPayload must be an integer in [4096, 2^32), got ${this.maxPayload}`);
+      throw new TetherError('ERR_NBD_INVALID_OPTION', `maxPayload must be an integer in [4096, 2^32), got ${this.maxPayload}`, {
+        maxPayload: this.maxPayload,
+      });
     }
     this.transmissionFlags =
       P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | (exp.canTrim ? P.TFLAG_SEND_TRIM | P.TFLAG_SEND_WRITE_ZEROES : 0);
@@ -248,7 +253,7 @@ export class NbdSession {
   }
 
   #reply(out: NbdSessionEvent[], opt: number, type: number, data: Buffer = EMPTY): void {
-    out.push({ kind: 'send', data: encodeOptionReply(opt, type, data) });
+    out.push({ kind: 'send', data: P.encodeOptionReply(opt, type, data) });
   }
 
   #matches(name: string): boolean {
@@ -256,7 +261,7 @@ export class NbdSession {
   }
 
   #optExportName(out: NbdSessionEvent[], data: Buffer): void {
-    const name = decodeName(data);
+    const name = P.decodeName(data);
     if (name === undefined || !this.#matches(name)) {
       return this.#close(out, false, new TetherError('ERR_NBD_UNKNOWN_EXPORT', 'EXPORT_NAME names no export of this server'));
     }
@@ -286,7 +291,7 @@ export class NbdSession {
     if (6 + nameLen + 2 * nReq !== data.length) {
       return this.#reply(out, opt, P.REP_ERR_INVALID, Buffer.from('information request count does not match length'));
     }
-    const name = decodeName(data.subarray(4, 4 + nameLen));
+    const name = P.decodeName(data.subarray(4, 4 + nameLen));
     if (name === undefined) return this.#reply(out, opt, P.REP_ERR_INVALID, Buffer.from('export name is not a valid string'));
     if (!this.#matches(name)) return this.#reply(out, opt, P.REP_ERR_UNKNOWN, Buffer.from('no such export'));
     const wanted = new Set<number>();
@@ -370,7 +375,7 @@ export class NbdSession {
     const p = this.#pending!;
     this.#pending = undefined;
     this.#expect('request-header', this.#header);
-    out.push({ kind: 'send', data: encodeSimpleReply(p.handle, P.EINVAL) });
+    out.push({ kind: 'send', data: P.encodeSimpleReply(p.handle, P.EINVAL) });
   }
 
   #validate(
@@ -383,7 +388,7 @@ export class NbdSession {
     length: number,
     data: Buffer,
   ): void {
-    const fail = (error: number): void => void out.push({ kind: 'send', data: encodeSimpleReply(handle, error) });
+    const fail = (error: number): void => void out.push({ kind: 'send', data: P.encodeSimpleReply(handle, error) });
     const tf = this.transmissionFlags;
     let command: NbdCommand;
     let allowed = P.CMD_FLAG_FUA;
@@ -439,31 +444,4 @@ export class NbdSession {
       request: { command, handle, offset: 0, length: 0, fua: (flags & P.CMD_FLAG_FUA) !== 0, noHole: false, data: EMPTY },
     });
   }
-}
-
-/** An NBD string: valid UTF-8 without NUL, at most 4096 bytes. */
-function decodeName(b: Buffer): string | undefined {
-  if (b.length > P.MAX_STRING_BYTES || b.includes(0)) return undefined;
-  const s = b.toString('utf8');
-  // Round trip detects invalid UTF-8 (replacement characters would not encode back).
-  return Buffer.from(s, 'utf8').equals(b) ? s : undefined;
-}
-
-export function encodeOptionReply(opt: number, type: number, data: Buffer = EMPTY): Buffer {
-  const b = Buffer.alloc(P.OPTION_REPLY_HEADER_BYTES + data.length);
-  b.writeBigUInt64BE(P.OPTION_REPLY_MAGIC, 0);
-  b.writeUInt32BE(opt, 8);
-  b.writeUInt32BE(type, 12);
-  b.writeUInt32BE(data.length, 16);
-  data.copy(b, 20);
-  return b;
-}
-
-/** Simple reply header; a successful READ's data follows it on the wire. */
-export function encodeSimpleReply(handle: Buffer, error: number): Buffer {
-  const b = Buffer.allocUnsafe(P.SIMPLE_REPLY_BYTES);
-  b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(error, 4);
-  handle.copy(b, 8, 0, 8);
-  return b;
 }

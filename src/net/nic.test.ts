@@ -250,3 +250,25 @@ t.test(
     t.same(r.dropped, {}, 'nothing dropped');
   },
 );
+
+t.test('a relay whose QEMU sockets never accept: waitConnected fails with ERR_RELAY_CONNECT', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-relay-'));
+  const port = new NicPort({
+    vm: 'vm1',
+    index: 0,
+    nic: { mac: '52:54:00:be:00:01', bridge: 'brt', tap: 'tnic' },
+    mode: 'gated',
+    // nothing listens on these paths: the relay keeps reconnecting
+    relay: { in: path.join(dir, 'rin0.sock'), out: path.join(dir, 'rout0.sock') },
+    bounds: { maxBytes: 1 << 20, maxFrames: 1024 },
+    checkpointWindow: 3,
+    log: nullLogger,
+  });
+  t.teardown(async () => {
+    await port.close(false);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  await port.open();
+  await t.rejects(port.waitConnected(50), { code: 'ERR_RELAY_CONNECT' });
+  t.notOk(port.connected);
+});

@@ -24,12 +24,14 @@ import { frameHash, monoClockMs, PacketGate, wallClockMs } from '../gate/gate.ts
 import type { GateCounters, ReleaseRecord } from '../gate/gate.ts';
 import { TetherError } from '../errors.ts';
 import { relayIds, type NicRelayPaths } from '../qemu/cmdline.ts';
+import { chardevRemove, objectDel, type QmpExecutor } from '../qemu/commands.ts';
 import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
+import { errorFields, ignored } from '../util/log.ts';
 import { deferred, nowMs } from '../util/time.ts';
 import { RelayDecoder, encodeRecords, type RelayRecord } from './relay.ts';
 import { tapCandidates } from '../config/load.ts';
-import { raisePeerSndbuf, sockInq, sockOutq, tapDown, TapDevice } from './tap.ts';
+import { pauseReading, socketFd, type ReadPause } from './read-pause.ts';
+import { raisePeerSndbuf, sockOutq, tapDown, TapDevice } from './tap.ts';
 
 /** Reconnect delay: short first, then at most 100 ms. */
 const reconnectDelay = (failures: number): number => Math.min(100, 10 * 2 ** Math.min(failures, 4));
@@ -61,11 +63,6 @@ export interface NicCounters extends GateCounters {
   announced?(frames: number): void;
 }
 
-/** What detach() needs of QMP. */
-export interface QmpExec {
-  execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T>;
-}
-
 export interface NicPortOptions {
   vm: string;
   index: number;
@@ -78,9 +75,13 @@ export interface NicPortOptions {
   relay?: NicRelayPaths;
   /** JSON-lines release log file (the harness compares it with a capture), or none. */
   releaseLogFile?: string;
-  /** Fault injection (relay-pause-ms): stop reading the out socket for `ms` once, from the first read after epoch `epoch` was sealed. */
-  pauseReading?: { epoch: number; ms: number; bytes?: number };
-  /** Control (fault relay-sndbuf-default): leave QEMU's out-socket send buffer at the kernel default. */
+  /**
+   * A hook for tests of a stalled sidecar, set by the caller (never in production): stop
+   * reading the out socket once, from the first read after epoch `epoch` was sealed, for
+   * `ms` or until more than `bytes` are queued in it, whichever comes first.
+   */
+  pauseReading?: ReadPause;
+  /** For a control test, set by the caller: leave QEMU's out-socket send buffer at the kernel default. */
   keepQemuSndbuf?: boolean;
   counters?: NicCounters;
   log: Logger;
@@ -114,7 +115,7 @@ export class NicPort {
   #qemuPid: (() => number | undefined) | undefined;
   /** SO_SNDBUF of QEMU's end of the out socket once raised (0: not raised). */
   #qemuSndbuf = 0;
-  /** relay-pause-ms done (it fires once). */
+  /** The pauseReading hook fired (it fires once). */
   #paused = false;
   /** Frames dropped so far, by reason (for the log's rate limit; the metric counts them too). */
   readonly #drops: Record<NicDropReason, number> = { runt: 0, malformed: 0, framing: 0, gate_full: 0, relay_error: 0 };
@@ -144,7 +145,7 @@ export class NicPort {
         // hysteresis are not used: #flush refuses exactly what would not fit under the bound.
         pauseGuest: () => {},
         onDiscard: () => {
-          for (const t of tapCandidates(o.nic.tap)) void tapDown(t).catch(() => {}); // absent: nothing to take down
+          for (const t of tapCandidates(o.nic.tap)) void tapDown(t).catch(ignored(this.#log, 'an absent TAP has nothing to take down'));
         },
       },
     });
@@ -171,7 +172,10 @@ export class NicPort {
   waitConnected(timeoutMs: number): Promise<void> {
     if (this.connected) return Promise.resolve();
     const d = deferred<void>();
-    const t = setTimeout(() => d.reject(new Error(`${this.name}: QEMU's relay sockets not connected after ${timeoutMs} ms`)), timeoutMs);
+    const t = setTimeout(
+      () => d.reject(new TetherError('ERR_RELAY_CONNECT', `${this.name}: QEMU's relay sockets not connected after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     this.#connectWaiters.push(() => {
       clearTimeout(t);
       d.resolve();
@@ -201,9 +205,9 @@ export class NicPort {
     outS.on('data', (chunk) => this.#fromQemu(c, chunk));
     outS.on('end', () => ended.resolve());
     outS.on('close', () => ended.resolve());
-    // a write error (QEMU gone) ends the connection; its frames are counted at write time
-    outS.on('error', () => {});
-    inS.on('error', () => {});
+    // a socket error (QEMU gone) ends the connection (onClose reconnects); frames it cost are counted at write time
+    outS.on('error', ignored(this.#log, "QEMU's out socket failed: the relay reconnects"));
+    inS.on('error', ignored(this.#log, "QEMU's in socket failed: the relay reconnects"));
     const onClose = (): void => {
       // During detach the out socket ends by design (chardev-remove); the in socket still
       // carries the last released frames to QEMU, and detach() ends it once they are read.
@@ -251,39 +255,21 @@ export class NicPort {
     } else this.#log.warn("relay: QEMU's end of the out socket not found; its send buffer stays the default");
   }
 
-  /** relay-pause-ms: stop reading for `ms` (QEMU keeps writing into its socket's send buffer). */
+  /** The pauseReading hook: stop reading once, from the first read after its epoch was sealed. */
   #maybePauseReading(c: Conn): void {
-    const f = this.#o.pauseReading;
-    if (!f || this.#paused || this.gate.currentEpoch <= f.epoch) return;
+    const p = this.#o.pauseReading;
+    if (!p || this.#paused || this.gate.currentEpoch <= p.epoch) return;
     this.#paused = true;
-    const fd = (c.out as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    const inq = (): number | null => (fd === undefined || c.out.destroyed ? null : sockInq(fd));
-    const from = { epoch: this.gate.currentEpoch, mono: monoClockMs() };
-    c.out.pause();
-    this.#log.warn('fault injection: relay stops reading', { ms: f.ms, epoch: from.epoch, qemuSndbuf: this.#qemuSndbuf, queued: inq() });
-    const until = from.mono + f.ms;
-    const poll = (): void => {
-      const q = inq();
-      if (monoClockMs() < until && !(f.bytes !== undefined && q !== null && q > f.bytes)) {
-        setTimeout(poll, 10);
-        return;
-      }
-      // what QEMU wrote while nobody read: still queued in its socket, all of it read now
-      const queued = inq();
-      this.#log.warn('fault injection: relay reads again', {
-        ms: f.ms,
-        pausedMs: Math.round(monoClockMs() - from.mono),
-        epochFrom: from.epoch,
-        epochTo: this.gate.currentEpoch,
-        queued,
-        qemuSndbuf: this.#qemuSndbuf,
-      });
-      c.out.resume();
-    };
-    setTimeout(poll, 10);
+    pauseReading(
+      c.out,
+      p,
+      () => this.gate.currentEpoch,
+      () => this.#qemuSndbuf,
+      this.#log,
+    );
   }
 
-  /** The guest's frames from QEMU's out socket. Never throws, never stops reading (but for the relay-pause-ms fault). */
+  /** The guest's frames from QEMU's out socket. Never throws, never stops reading (but for the pauseReading hook). */
   #fromQemu(c: Conn, chunk: Buffer): void {
     this.#maybePauseReading(c);
     let recs: RelayRecord[];
@@ -396,27 +382,21 @@ export class NicPort {
    * `object-del` r1 (deleting it earlier would strand bytes in the socket). Returns the
    * time from the first to the last command, ms.
    */
-  async detach(qmp: QmpExec): Promise<number> {
+  async detach(qmp: QmpExecutor): Promise<number> {
     if (!this.#o.relay || this.#detached) return 0;
     this.#detaching = true;
     const id = relayIds(this.#o.index);
     const t0 = nowMs();
     const c = this.#conn;
-    const step = async (what: string, ok: () => boolean | Promise<boolean>): Promise<void> => {
-      const until = nowMs() + DETACH_STEP_MS;
-      while (!(await ok())) {
-        if (nowMs() > until) throw new TetherError('ERR_RELAY_DETACH', `${this.name}: ${what} not done after ${DETACH_STEP_MS} ms`);
-        await new Promise((r) => setTimeout(r, 1));
-      }
-    };
+    const step = (what: string, ok: () => boolean): Promise<void> => detachStep(`${this.name}: ${what}`, ok);
     try {
-      await qmp.execute('object-del', { id: id.outFilter });
-      await qmp.execute('chardev-remove', { id: id.outDev });
+      await objectDel(qmp, id.outFilter);
+      await chardevRemove(qmp, id.outDev);
       if (c) {
         let eof = false;
         void c.outEnded.then(() => (eof = true));
         await step('EOF on the out socket', () => eof);
-        const fd = (c.in as unknown as { _handle?: { fd?: number } })._handle?.fd;
+        const fd = socketFd(c.in);
         // (a destroyed in socket: QEMU went away; what it had not read is counted below)
         await step(
           'QEMU reading the in socket',
@@ -424,7 +404,7 @@ export class NicPort {
         );
       }
     } catch (e) {
-      const fd = (c?.in as unknown as { _handle?: { fd?: number } } | undefined)?._handle?.fd;
+      const fd = socketFd(c?.in);
       // frames still in the relay's buffer are counted (relay_error) when the socket goes
       // below; bytes QEMU never read from the kernel's buffer are lost with r1: logged
       this.#log.error('relay detach did not drain: removing the filters anyway', {
@@ -435,10 +415,8 @@ export class NicPort {
     } finally {
       this.#detached = true;
       this.#detaching = false;
-      await qmp
-        .execute('object-del', { id: id.inFilter })
-        .catch((e: unknown) => this.#log.error('object-del failed', { error: errorFields(e) }));
-      await qmp.execute('chardev-remove', { id: id.inDev }).catch(() => {});
+      await objectDel(qmp, id.inFilter).catch((e: unknown) => this.#log.error('object-del failed', { error: errorFields(e) }));
+      await chardevRemove(qmp, id.inDev).catch(ignored(this.#log, "the in chardev may be gone already (QEMU's filter held it)"));
       clearTimeout(this.#timer);
       clearTimeout(this.#timer2);
       this.#conn = undefined;
@@ -465,6 +443,15 @@ export class NicPort {
   }
 }
 
+/** Polls `ok` every millisecond until it holds; ERR_RELAY_DETACH after DETACH_STEP_MS. */
+async function detachStep(what: string, ok: () => boolean): Promise<void> {
+  const until = nowMs() + DETACH_STEP_MS;
+  while (!ok()) {
+    if (nowMs() > until) throw new TetherError('ERR_RELAY_DETACH', `${what} not done after ${DETACH_STEP_MS} ms`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
 /** Delete both TAPs of a NIC (absent ones, or ones a live QEMU still holds, are left). */
 export async function removeNicTaps(tap: string): Promise<void> {
   for (const t of tapCandidates(tap)) await TapDevice.remove(t);
@@ -475,16 +462,13 @@ export async function removeNicTaps(tap: string): Promise<void> {
  * (completion was recorded but the relay was not detached): without a relay they drop
  * every guest frame. Absent filters (the usual case) are not an error.
  */
-export async function dropStaleRelays(qmp: QmpExec, nics: number): Promise<void> {
+export async function dropStaleRelays(qmp: QmpExecutor, nics: number, log?: Logger): Promise<void> {
+  const absent = ignored(log, 'no stale relay filter or chardev (the usual case)');
   for (let i = 0; i < nics; i++) {
     const id = relayIds(i);
-    for (const [cmd, oid] of [
-      ['object-del', id.outFilter],
-      ['object-del', id.inFilter],
-      ['chardev-remove', id.outDev],
-      ['chardev-remove', id.inDev],
-    ] as const) {
-      await qmp.execute(cmd, { id: oid }).catch(() => {});
-    }
+    await objectDel(qmp, id.outFilter).catch(absent);
+    await objectDel(qmp, id.inFilter).catch(absent);
+    await chardevRemove(qmp, id.outDev).catch(absent);
+    await chardevRemove(qmp, id.inDev).catch(absent);
   }
 }
