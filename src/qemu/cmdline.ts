@@ -164,9 +164,10 @@ export const NBD_NODE = 'nbd0';
 
 /**
  * Options of the steady-state protocol node, as -blockdev keys; the destination's switch at
- * completion (VmInstance.detachDiskWindow) adds the same node over QMP. `cache.direct`: O_DIRECT,
- * no host page cache between QEMU and the shared image (another host, or this host's sidecar,
- * writes it between two QEMUs of the VM); the raw format above it caches nothing either.
+ * completion (qemu/disk-switch.ts, for VmInstance.detachDiskWindow) adds the same node over
+ * QMP. `cache.direct`: O_DIRECT, no host page cache between QEMU and the shared image (another
+ * host, or this host's sidecar, writes it between two QEMUs of the VM); the raw format above
+ * it caches nothing either.
  */
 export function fileNodeOptions(image: string): {
   driver: 'file';

@@ -11,12 +11,13 @@ import { findJournalLogs } from '../disk/journal-log.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
-import { DISK_NODE, FILE_NODE, NBD_NODE, fileNodeOptions, rawNodeOptions, type NicRelayPaths } from '../qemu/cmdline.ts';
-import { blockdevAdd, blockdevDel, blockdevReopen, queryNamedBlockNodes } from '../qemu/commands.ts';
+import { DISK_NODE, FILE_NODE, NBD_NODE, type NicRelayPaths } from '../qemu/cmdline.ts';
+import { queryNamedBlockNodes } from '../qemu/commands.ts';
+import { switchDiskToFile } from '../qemu/disk-switch.ts';
 import type { QemuIdentity } from '../qemu/identity.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import { claimNicTaps } from '../net/tap.ts';
-import { ignored, type Logger } from '../util/log.ts';
+import type { Logger } from '../util/log.ts';
 import { StateMachine } from '../util/state.ts';
 import { INITIAL_PLACE, PLACE_TRANSITIONS, type VmPlace } from './place.ts';
 import {
@@ -364,30 +365,20 @@ export class VmInstance {
    * caller guarantees the order (docs/disk.md): the journal is written back to the image
    * (nothing is held any more) and the source has recorded completion (its QEMU, a post-copy
    * source, inactivated its image at switchover: it holds no lock). blockdev-reopen drains
-   * disk0 first, so every request on nbd0 has completed before the first one reaches f0.
-   * Returns the reopen's duration (the guest's I/O is held by the drain meanwhile).
-   * On a failed reopen the file node is removed again and the disk stays on NBD.
+   * disk0 first, so every request on nbd0 has completed before the first one reaches f0
+   * (qemu/disk-switch.ts). Returns the reopen's duration (the guest's I/O is held by the drain
+   * meanwhile). On a failed reopen the file node is removed again and the disk stays on NBD.
    */
   async detachDiskWindow(): Promise<{ reopenMs: number; totalMs: number }> {
     const q = this.qemu;
     const disk = this.config.disk;
     if (!q || !disk) throw new TetherError('ERR_JOURNAL_STATE', `VM ${this.name}: no QEMU or no disk to switch`);
     const t0 = performance.now();
-    await blockdevAdd(q.qmp, fileNodeOptions(disk.image));
-    const t1 = performance.now();
-    try {
-      await blockdevReopen(q.qmp, [rawNodeOptions(FILE_NODE)]);
-    } catch (e) {
-      // the reopen's error is what the caller must see; the file node is unused either way
-      await blockdevDel(q.qmp, FILE_NODE).catch(ignored(this.log, `removing the unused file node ${FILE_NODE} after a failed reopen`));
-      throw e;
-    }
-    const t2 = performance.now();
-    await blockdevDel(q.qmp, NBD_NODE);
+    const reopenMs = await switchDiskToFile(q.qmp, disk.image, this.log);
     // Writes the server acknowledged pass-through reached the page cache: durable before we let go.
     await this.image?.flush();
     await this.stopDisk();
-    const r = { reopenMs: round2(t2 - t1), totalMs: round2(performance.now() - t0) };
+    const r = { reopenMs: round2(reopenMs), totalMs: round2(performance.now() - t0) };
     this.log.info('disk window closed: QEMU does its own I/O on the image', { node: DISK_NODE, file: FILE_NODE, ...r });
     return r;
   }
