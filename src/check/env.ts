@@ -13,9 +13,10 @@ import { TetherError } from '../errors.ts';
 import { loadNative, softDirtyProbe } from '../native.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { QmpClient } from '../qmp/client.ts';
+import { migrateSetCapabilities, queryCommands, queryMigrateCapabilities } from '../qemu/commands.ts';
 import { realScopeEnv, resolveScope } from '../qemu/scope.ts';
 import { createLogger } from '../util/log.ts';
-import type { CheckEnv, PathInfo, QemuProbe, QemuVersion } from './check.ts';
+import type { CheckEnv, PathInfo, QemuProbe, QemuVersion } from './types.ts';
 
 const run = promisify(execFile);
 
@@ -156,7 +157,7 @@ function errnoName(n: number): string {
 async function qemuVersion(binary: string): Promise<QemuVersion> {
   const { stdout } = await run(binary, ['--version'], { timeout: 15_000 });
   const m = /QEMU emulator version (\d+)\.(\d+)\.(\d+)(?:\s*\(([^)]*)\))?/.exec(stdout);
-  if (!m) throw new Error(`unrecognised --version output: ${JSON.stringify(stdout.slice(0, 120))}`);
+  if (!m) throw new TetherError('ERR_CHECK_QEMU', `unrecognised --version output: ${JSON.stringify(stdout.slice(0, 120))}`, { binary });
   return { major: Number(m[1]), minor: Number(m[2]), micro: Number(m[3]), package: m[4] ?? '' };
 }
 
@@ -185,19 +186,22 @@ async function qemuQmp(binary: string): Promise<QemuProbe> {
   let qmp: QmpClient | undefined;
   try {
     qmp = await QmpClient.connect(sock, { retryUntilMs: 15_000, timeoutMs: 15_000, signal: ac.signal });
-    const commands = (await qmp.execute<{ name: string }[]>('query-commands')).map((c) => c.name);
-    const migrationCapabilities = (await qmp.execute<{ capability: string }[]>('query-migrate-capabilities')).map((c) => c.capability);
+    const commands = (await queryCommands(qmp)).map((c) => c.name);
+    const migrationCapabilities = (await queryMigrateCapabilities(qmp)).map((c) => c.capability);
     let postcopyError: string | null = null;
     try {
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+      await migrateSetCapabilities(qmp, [{ capability: 'postcopy-ram', state: true }]);
     } catch (e) {
       postcopyError = (e as Error).message;
     }
     return { commands, migrationCapabilities, postcopyError };
   } catch (e) {
-    throw new Error(`${(e as Error).message}${stderr.trim() ? `: ${stderr.trim()}` : ''}`);
+    throw new TetherError('ERR_CHECK_QMP', `${(e as Error).message}${stderr.trim() ? `: ${stderr.trim()}` : ''}`, {
+      binary,
+      ...(e instanceof TetherError ? { cause: e.code } : {}),
+    });
   } finally {
-    await qmp?.close().catch(() => {});
+    await qmp?.close(); // never rejects
     if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
       const gone = new Promise((r) => child.once('exit', r));
       child.kill('SIGKILL');

@@ -4,17 +4,23 @@
  * Strict: unknown keys are errors (a typo must not silently fall back to a default).
  * Every error is ERR_CONFIG_INVALID with `details.field` = dotted path ("checkpoint.intervalMs")
  * and a message "<field>: <what is wrong>". Relative paths are resolved against `baseDir`
- * (the YAML file's directory when loading a file).
+ * (the YAML file's directory when loading a file). The field reader (Obj) is fields.ts, the
+ * NIC list nics.ts.
  */
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { TetherError } from '../errors.ts';
-import type { DirtyTrackerKind, DiskConfig, HostConfig, NicConfig, VmConfig } from './types.ts';
+import type { DirtyTrackerKind, DiskConfig, HostConfig, VmConfig } from './types.ts';
 import { DEFAULT_CHECKPOINT_WINDOW, MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
 import { gateDefaults, gateMinimum, gateReserve } from '../gate/reserve.ts';
+import { describe, invalid, MAX_UNIX_PATH, Obj } from './fields.ts';
+import { parseNics } from './nics.ts';
+
+// Moved to fields.ts and nics.ts; re-exported for the callers that import them from here.
+export { isValidName } from './fields.ts';
+export { altTapName, defaultTapName, tapCandidates } from './nics.ts';
 
 export interface ParseOptions {
   /** Directory relative paths are resolved against. */
@@ -26,14 +32,6 @@ export interface ParseOptions {
   qemuSendBuffer?: number;
 }
 
-/** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
-const MAX_UNIX_PATH = 107;
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
-
-/** Whether `s` is a valid VM/host name (also safe as a single path component). */
-export function isValidName(s: unknown): s is string {
-  return typeof s === 'string' && NAME_RE.test(s);
-}
 const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 const DIRTY_TRACKERS: readonly DirtyTrackerKind[] = ['auto', 'scan', 'soft-dirty'];
 const ACCELS = ['tcg', 'kvm'] as const;
@@ -44,10 +42,6 @@ const MIN_KEY_BYTES = 32;
  * for a few sources migrating in at once and their retried answers (notify.ts).
  */
 export const PEER_DEFAULTS = { handshakeTimeoutMs: 3000, maxUnauthenticated: 16 } as const;
-/** Linux interface names: IFNAMSIZ 16 including the NUL; no '/', ':' or whitespace. */
-const IFNAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
-const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
-const MAX_NICS = 8;
 const MIN_JOURNAL_BYTES = 32 * 1024 * 1024;
 const MAX_JOURNAL_BYTES = 1024 ** 4;
 const DEFAULT_JOURNAL_BYTES = 256 * 1024 * 1024;
@@ -253,23 +247,54 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
     'gate',
   ]);
   const name = root.name('name');
-
-  const q = root.optObj('qemu', ['binary', 'accel', 'machine', 'cpu', 'extraArgs']);
-  const binaryRaw = q?.optString('binary') ?? 'qemu-system-x86_64';
-  // A bare name is looked up in PATH; anything with a slash is a path relative to the file.
-  const binary = binaryRaw.includes('/') ? path.resolve(opts.baseDir, binaryRaw) : binaryRaw;
-  const accel = q?.optEnum('accel', ACCELS) ?? 'tcg';
-  const machine = q?.optString('machine') ?? 'pc';
-  const cpu = q?.optString('cpu') ?? (accel === 'kvm' ? 'host' : 'max');
-  const extraArgs = q?.optStringArray('extraArgs') ?? [];
-
+  const qemu = parseQemu(root.optObj('qemu', ['binary', 'accel', 'machine', 'cpu', 'extraArgs']), opts.baseDir);
   const memoryMiB = root.int('memoryMiB', 16, 1024 * 1024);
   const cpus = root.optInt('cpus', 1, 255) ?? 1;
   const kernel = root.path('kernel', opts.baseDir);
   const initrd = root.optPath('initrd', opts.baseDir);
   const append = root.optString('append', { allowEmpty: true }) ?? '';
 
-  const cp = root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads', 'window']);
+  const checkpoint = parseCheckpoint(
+    root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads', 'window']),
+  );
+  const disk = parseDisk(root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']), opts.baseDir);
+
+  const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);
+  const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
+  const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
+  const hotStandby = mig?.optBool('hotStandby') ?? true;
+
+  const nics = parseNics(root.optList('nics'), name);
+  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), opts);
+
+  return {
+    name,
+    qemu,
+    memoryMiB,
+    cpus,
+    kernel,
+    ...(initrd !== undefined ? { initrd } : {}),
+    append,
+    checkpoint,
+    ...(disk ? { disk } : {}),
+    migration: { precopyMs, maxBandwidth, hotStandby },
+    nics,
+    gate,
+  };
+}
+
+function parseQemu(q: Obj | undefined, baseDir: string): VmConfig['qemu'] {
+  const binaryRaw = q?.optString('binary') ?? 'qemu-system-x86_64';
+  // A bare name is looked up in PATH; anything with a slash is a path relative to the file.
+  const binary = binaryRaw.includes('/') ? path.resolve(baseDir, binaryRaw) : binaryRaw;
+  const accel = q?.optEnum('accel', ACCELS) ?? 'tcg';
+  const machine = q?.optString('machine') ?? 'pc';
+  const cpu = q?.optString('cpu') ?? (accel === 'kvm' ? 'host' : 'max');
+  const extraArgs = q?.optStringArray('extraArgs') ?? [];
+  return { binary, accel, machine, cpu, extraArgs };
+}
+
+function parseCheckpoint(cp: Obj | undefined): VmConfig['checkpoint'] {
   const intervalMs = cp?.optInt('intervalMs', 5, 10_000) ?? 50;
   const failoverTimeoutMs = cp?.optInt('failoverTimeoutMs', 100, 600_000) ?? 3000;
   const fenceTimeoutMs = cp?.optInt('fenceTimeoutMs', 50, 600_000) ?? 1500;
@@ -286,39 +311,16 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   if (fenceTimeoutMs <= intervalMs) {
     invalid('checkpoint.fenceTimeoutMs', `must be greater than checkpoint.intervalMs (${fenceTimeoutMs} <= ${intervalMs})`);
   }
+  return { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads, window };
+}
 
-  const d = root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']);
-  let disk: DiskConfig | undefined;
-  if (d) {
-    // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
-    // never accept the write that waits for room.
-    const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
-    const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
-    disk = { image: d.path('image', opts.baseDir), journalMaxBytes, reconnectDelaySec };
-  }
-
-  const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);
-  const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
-  const maxBandwidth = mig?.optInt('maxBandwidth', 0, Number.MAX_SAFE_INTEGER) ?? 0;
-  const hotStandby = mig?.optBool('hotStandby') ?? true;
-
-  const nics = parseNics(root.optList('nics'), name);
-  const gate = parseGate(root.optObj('gate', ['maxBytes', 'maxFrames']), opts);
-
-  return {
-    name,
-    qemu: { binary, accel, machine, cpu, extraArgs },
-    memoryMiB,
-    cpus,
-    kernel,
-    ...(initrd !== undefined ? { initrd } : {}),
-    append,
-    checkpoint: { intervalMs, failoverTimeoutMs, fenceTimeoutMs, dirtyTracker, hashThreads, window },
-    ...(disk ? { disk } : {}),
-    migration: { precopyMs, maxBandwidth, hotStandby },
-    nics,
-    gate,
-  };
+function parseDisk(d: Obj | undefined, baseDir: string): DiskConfig | undefined {
+  if (!d) return undefined;
+  // At least one maximum-sized NBD write (32 MiB) must fit, or a full journal could
+  // never accept the write that waits for room.
+  const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
+  const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
+  return { image: d.path('image', baseDir), journalMaxBytes, reconnectDelaySec };
 }
 
 /**
@@ -348,227 +350,4 @@ function parseGate(g: Obj | undefined, opts: ParseOptions): { maxBytes: number; 
     });
   }
   return { maxBytes, maxFrames };
-}
-
-/**
- * The second TAP of a NIC, for a hot standby: a single-queue TAP admits one opener, and
- * the running QEMU holds the first (docs/network.md "Hot standby"). Its name is the NIC's
- * TAP name (at most 13 bytes kept) with "-b".
- */
-export const altTapName = (tap: string): string => `${tap.slice(0, 13)}-b`;
-
-/** The TAPs a QEMU of a NIC may open, in order of preference. */
-export const tapCandidates = (tap: string): string[] => [tap, altTapName(tap)];
-
-/** Default TAP name of NIC i: "<vm>-<i>" when it fits in 15 bytes, else a hash of the VM name. */
-export function defaultTapName(vm: string, i: number): string {
-  const plain = `${vm}-${i}`;
-  if (Buffer.byteLength(plain) <= 15) return plain;
-  return `tt${createHash('sha256').update(vm).digest('hex').slice(0, 8)}-${i}`;
-}
-
-function parseNics(list: unknown[] | undefined, vm: string): NicConfig[] {
-  if (list === undefined) return [];
-  if (list.length > MAX_NICS) invalid('nics', `at most ${MAX_NICS} NICs, got ${list.length}`);
-  const nics = list.map((item, i) => {
-    const o = new Obj(item, `nics[${i}]`, ['mac', 'bridge', 'tap']);
-    const macRaw = o.string('mac');
-    const mac = macRaw.toLowerCase();
-    if (!MAC_RE.test(mac)) invalid(`nics[${i}].mac`, `must be six hex octets "52:54:00:12:34:56", got ${describe(macRaw)}`);
-    const first = parseInt(mac.slice(0, 2), 16);
-    if (first & 1) invalid(`nics[${i}].mac`, `must be a unicast address (first octet even), got ${mac}`);
-    if (mac === '00:00:00:00:00:00') invalid(`nics[${i}].mac`, 'must not be all zeros');
-    const bridge = o.string('bridge');
-    if (!IFNAME_RE.test(bridge))
-      invalid(`nics[${i}].bridge`, `must be an interface name of 1-15 characters [A-Za-z0-9_.-], got ${describe(bridge)}`);
-    const tap = o.optString('tap') ?? defaultTapName(vm, i);
-    if (!IFNAME_RE.test(tap))
-      invalid(`nics[${i}].tap`, `must be an interface name of 1-15 characters [A-Za-z0-9_.-], got ${describe(tap)}`);
-    if (tap === bridge) invalid(`nics[${i}].tap`, `must differ from the bridge ${bridge}`);
-    if (altTapName(tap) === bridge)
-      invalid(`nics[${i}].tap`, `its second TAP ${altTapName(tap)} (a hot standby's) would be the bridge ${bridge}`);
-    return { mac, bridge, tap };
-  });
-  for (let i = 0; i < nics.length; i++) {
-    for (let j = 0; j < i; j++) {
-      if (nics[j]!.mac === nics[i]!.mac) invalid(`nics[${i}].mac`, `duplicates nics[${j}].mac ${nics[i]!.mac}`);
-      if (nics[j]!.tap === nics[i]!.tap) invalid(`nics[${i}].tap`, `duplicates nics[${j}].tap ${nics[i]!.tap}`);
-      // each NIC also has a second TAP for a hot standby (src/net/tap.ts): no name may be shared
-      const mine = tapCandidates(nics[i]!.tap);
-      if (tapCandidates(nics[j]!.tap).some((n) => mine.includes(n)))
-        invalid(`nics[${i}].tap`, `its TAPs ${mine.join(', ')} overlap those of nics[${j}] (${tapCandidates(nics[j]!.tap).join(', ')})`);
-    }
-  }
-  return nics;
-}
-
-// ---------------------------------------------------------------- field reader
-
-function invalid(field: string, message: string, details: Record<string, unknown> = {}): never {
-  throw new TetherError('ERR_CONFIG_INVALID', `${field === '' ? '(root)' : field}: ${message}`, { ...details, field });
-}
-
-function describe(v: unknown): string {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'a list';
-  if (typeof v === 'string') return `string ${JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v)}`;
-  if (typeof v === 'object') return 'a mapping';
-  return `${typeof v} ${String(v)}`;
-}
-
-/** One YAML mapping with a known key set; typed getters that name the field on error. */
-class Obj {
-  private readonly o: Record<string, unknown>;
-  constructor(
-    value: unknown,
-    private readonly prefix: string,
-    allowed: readonly string[],
-  ) {
-    if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-      invalid(prefix, `must be a mapping, got ${describe(value)}`);
-    }
-    this.o = value as Record<string, unknown>;
-    for (const k of Object.keys(this.o)) {
-      if (!allowed.includes(k)) invalid(this.f(k), `unknown key (allowed: ${allowed.join(', ')})`);
-    }
-  }
-
-  private f(key: string): string {
-    return this.prefix === '' ? key : `${this.prefix}.${key}`;
-  }
-
-  private get(key: string): unknown {
-    const v = this.o[key];
-    return v === null ? undefined : v; // "key:" with no value means "use the default"
-  }
-
-  obj(key: string, allowed: readonly string[]): Obj {
-    const v = this.get(key);
-    if (v === undefined) invalid(this.f(key), 'is required');
-    return new Obj(v, this.f(key), allowed);
-  }
-
-  optObj(key: string, allowed: readonly string[]): Obj | undefined {
-    const v = this.get(key);
-    return v === undefined ? undefined : new Obj(v, this.f(key), allowed);
-  }
-
-  optString(key: string, opts: { allowEmpty?: boolean } = {}): string | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string') invalid(this.f(key), `must be a string, got ${describe(v)}`);
-    if (!opts.allowEmpty && v.trim() === '') invalid(this.f(key), 'must not be empty');
-    if (v.includes('\0')) invalid(this.f(key), 'must not contain NUL');
-    return v;
-  }
-
-  string(key: string): string {
-    const v = this.optString(key);
-    if (v === undefined) invalid(this.f(key), 'is required');
-    return v;
-  }
-
-  name(key: string): string {
-    const v = this.string(key);
-    if (!NAME_RE.test(v)) invalid(this.f(key), 'must be 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit');
-    return v;
-  }
-
-  optPath(key: string, baseDir: string): string | undefined {
-    const v = this.optString(key);
-    return v === undefined ? undefined : path.resolve(baseDir, v);
-  }
-
-  path(key: string, baseDir: string): string {
-    return path.resolve(baseDir, this.string(key));
-  }
-
-  optSocketPath(key: string, baseDir: string): string | undefined {
-    const p = this.optPath(key, baseDir);
-    if (p !== undefined && Buffer.byteLength(p) > MAX_UNIX_PATH) {
-      invalid(this.f(key), `resolved path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit)`);
-    }
-    return p;
-  }
-
-  optBool(key: string): boolean | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (typeof v !== 'boolean') invalid(this.f(key), `must be true or false, got ${describe(v)}`);
-    return v;
-  }
-
-  optInt(key: string, min: number, max: number): number | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
-      invalid(this.f(key), `must be an integer between ${min} and ${max}, got ${describe(v)}`);
-    }
-    return v;
-  }
-
-  int(key: string, min: number, max: number): number {
-    const v = this.optInt(key, min, max);
-    if (v === undefined) invalid(this.f(key), `is required (an integer between ${min} and ${max})`);
-    return v;
-  }
-
-  optEnum<T extends string>(key: string, values: readonly T[]): T | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string' || !(values as readonly string[]).includes(v)) {
-      invalid(this.f(key), `must be one of ${values.join(', ')}, got ${describe(v)}`);
-    }
-    return v as T;
-  }
-
-  optStringArray(key: string): string[] | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (!Array.isArray(v)) invalid(this.f(key), `must be a list of strings, got ${describe(v)}`);
-    return v.map((item, i) => {
-      if (typeof item !== 'string') invalid(`${this.f(key)}[${i}]`, `must be a string, got ${describe(item)}`);
-      return item;
-    });
-  }
-
-  optList(key: string): unknown[] | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (!Array.isArray(v)) invalid(this.f(key), `must be a list, got ${describe(v)}`);
-    return v;
-  }
-
-  optPortRange(key: string): [number, number] | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (!Array.isArray(v) || v.length !== 2) invalid(this.f(key), `must be a list [first, last], got ${describe(v)}`);
-    const [lo, hi] = v.map((p, i) => {
-      if (typeof p !== 'number' || !Number.isInteger(p) || p < 1 || p > 65535) {
-        invalid(`${this.f(key)}[${i}]`, `must be a port between 1 and 65535, got ${describe(p)}`);
-      }
-      return p;
-    }) as [number, number];
-    if (lo > hi) invalid(this.f(key), `first port ${lo} is greater than last port ${hi}`);
-    return [lo, hi];
-  }
-
-  hostPort(key: string): { host: string; port: number } {
-    const v = this.optHostPort(key);
-    if (v === undefined) invalid(this.f(key), 'is required ("host:port")');
-    return v;
-  }
-
-  /** "host:port", "[v6addr]:port". */
-  optHostPort(key: string): { host: string; port: number } | undefined {
-    const v = this.get(key);
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string') invalid(this.f(key), `must be a "host:port" string, got ${describe(v)}`);
-    const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:[\]]+)):(\d{1,5})$/.exec(v);
-    if (!m) invalid(this.f(key), `must be "host:port" or "[ipv6]:port", got ${describe(v)}`);
-    const host = (m[1] ?? m[2])!;
-    const port = Number(m[3]);
-    if (port < 1 || port > 65535) invalid(this.f(key), `port must be between 1 and 65535, got ${port}`);
-    return { host, port };
-  }
 }

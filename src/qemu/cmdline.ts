@@ -104,14 +104,31 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
     '-serial',
     'chardev:ser0',
   );
-  // Guest NICs: QEMU's own tap backend with the virtio-net header (checksum and
-  // segmentation offloads) on the persistent TAP the sidecar created in the bridge; no
-  // guest frame passes through the sidecar. Only inside the destination's window, two
-  // filter-redirectors send the guest's frames through the sidecar's relay: r1 (indev,
-  // frames the gate released → tap) must be created BEFORE r0 (outdev: the guest's frames →
-  // relay): rx filters are walked last to first, the other order loops frames forever.
-  const nics = vm.nics ?? [];
-  nics.forEach((nic, i) => {
+  args.push(...nicArgs(vm, paths));
+  if (vm.disk) args.push(...diskArgs(vm, paths));
+  if (incoming?.kind === 'defer') {
+    args.push('-incoming', 'defer');
+  } else if (incoming?.kind === 'exec-file') {
+    // "exec:<cmd>" runs <cmd> through /bin/sh -c. The file is device state only, so the
+    // stream carries no configuration section: tell QEMU not to expect one. -S: the restored
+    // VM stays paused after loading until the sidecar says `cont` (and then announces it).
+    args.push('-S', '-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
+  }
+  args.push(...vm.qemu.extraArgs);
+  return args;
+}
+
+/**
+ * Guest NICs: QEMU's own tap backend with the virtio-net header (checksum and
+ * segmentation offloads) on the persistent TAP the sidecar created in the bridge; no
+ * guest frame passes through the sidecar. Only inside the destination's window, two
+ * filter-redirectors send the guest's frames through the sidecar's relay: r1 (indev,
+ * frames the gate released → tap) must be created BEFORE r0 (outdev: the guest's frames →
+ * relay): rx filters are walked last to first, the other order loops frames forever.
+ */
+function nicArgs(vm: VmConfig, paths: QemuPaths): string[] {
+  const args: string[] = [];
+  (vm.nics ?? []).forEach((nic, i) => {
     const tap = paths.nicTaps?.[i];
     if (tap === undefined) throw new TetherError('ERR_CONFIG_INVALID', `nics[${i}]: no TAP name given`, { field: `nics[${i}]` });
     args.push(
@@ -135,16 +152,6 @@ export function buildQemuArgs(vm: VmConfig, paths: QemuPaths, incoming?: QemuInc
       );
     }
   });
-  if (vm.disk) args.push(...diskArgs(vm, paths));
-  if (incoming?.kind === 'defer') {
-    args.push('-incoming', 'defer');
-  } else if (incoming?.kind === 'exec-file') {
-    // "exec:<cmd>" runs <cmd> through /bin/sh -c. The file is device state only, so the
-    // stream carries no configuration section: tell QEMU not to expect one. -S: the restored
-    // VM stays paused after loading until the sidecar says `cont` (and then announces it).
-    args.push('-S', '-incoming', `exec:cat ${shellQuote(incoming.file)}`, '-global', 'migration.send-configuration=off');
-  }
-  args.push(...vm.qemu.extraArgs);
   return args;
 }
 
@@ -157,9 +164,10 @@ export const NBD_NODE = 'nbd0';
 
 /**
  * Options of the steady-state protocol node, as -blockdev keys; the destination's switch at
- * completion (VmInstance.detachDiskWindow) adds the same node over QMP. `cache.direct`: O_DIRECT,
- * no host page cache between QEMU and the shared image (another host, or this host's sidecar,
- * writes it between two QEMUs of the VM); the raw format above it caches nothing either.
+ * completion (qemu/disk-switch.ts, for VmInstance.detachDiskWindow) adds the same node over
+ * QMP. `cache.direct`: O_DIRECT, no host page cache between QEMU and the shared image (another
+ * host, or this host's sidecar, writes it between two QEMUs of the VM); the raw format above
+ * it caches nothing either.
  */
 export function fileNodeOptions(image: string): {
   driver: 'file';

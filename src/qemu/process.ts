@@ -1,8 +1,8 @@
 /**
  * One QEMU process: spawn, QMP connection, stop/kill, exit bookkeeping.
  *
- * Lifecycle: starting → running → stopping → exited (kill() may jump from any state to
- * exited). The RAM file is NOT ours: it belongs to the caller and outlives every QEMU that
+ * Lifecycle (a StateMachine, QEMU_TRANSITIONS): starting → running → stopping → exited;
+ * exit may come in any state and wins every race. The RAM file is NOT ours: it belongs to the caller and outlives every QEMU that
  * maps it — restoring S after a failed migration is "fresh QEMU + same RAM file".
  * The QMP socket IS ours: removed on exit (QEMU removes it itself only on a clean exit).
  */
@@ -14,8 +14,15 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { VmConfig } from '../config/types.ts';
 import { TetherError, isTetherError } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
+import { ignored, type Logger } from '../util/log.ts';
+import { StateMachine } from '../util/state.ts';
+import { queryStatus, quit } from './commands.ts';
 import { buildQemuArgs, type NicRelayPaths, type QemuIncoming } from './cmdline.ts';
+import { identityAlive, procStartTime, type QemuIdentity } from './identity.ts';
 import { currentScope, scopeArgv, scopeUnitName, type ScopeLauncher } from './scope.ts';
+
+// The identity helpers live in identity.ts; re-exported here for the callers that import them with QemuProcess.
+export { identityAlive, killIdentity, procStartTime, procStat, type QemuIdentity } from './identity.ts';
 
 export interface QemuStartOptions {
   vm: VmConfig;
@@ -52,64 +59,8 @@ export interface QemuStartOptions {
    * time and by nothing else. A rejection kills the new QEMU and fails the start.
    */
   onSpawned?: (id: QemuIdentity) => Promise<void>;
-}
-
-/**
- * What identifies a QEMU this sidecar started: its pid plus the process's start time
- * (field 22 of /proc/<pid>/stat, clock ticks since boot). A pid alone may be reused by
- * any process after QEMU died; a command line can be forged by any local user. Neither
- * is ever taken for "this VM's QEMU".
- */
-export interface QemuIdentity {
-  pid: number;
-  startTime: string;
-}
-
-/** Field 22 (starttime) of /proc/<pid>/stat, or null when there is no such process. */
-export function procStartTime(pid: number): string | null {
-  let stat: string;
-  try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-  } catch {
-    return null;
-  }
-  // "pid (comm) state ppid ...": comm may hold spaces and parentheses; field 3 follows the last ') '
-  const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
-  return f[19] ?? null; // fields 3.. → index 0 is field 3, so field 22 is index 19
-}
-
-/** Whether the process `id` names still runs (same pid AND same start time; a zombie counts as gone). */
-export function identityAlive(id: QemuIdentity): boolean {
-  let stat: string;
-  try {
-    stat = fs.readFileSync(`/proc/${id.pid}/stat`, 'latin1');
-  } catch {
-    return false;
-  }
-  const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
-  return f[19] === id.startTime && f[0] !== 'Z' && f[0] !== 'X';
-}
-
-/**
- * SIGKILL the process `id` names and wait until it is gone; a pid now held by another
- * process (start time differs) is never signalled. Resolves false if it did not die in ~5 s.
- * (Between the check and the signal the pid cannot be reused unless the process exited and
- * was reaped in that instant, and all pids wrapped around since: not a practical race.)
- */
-export async function killIdentity(id: QemuIdentity): Promise<boolean> {
-  if (!identityAlive(id)) return true;
-  try {
-    process.kill(id.pid, 'SIGKILL');
-  } catch {
-    return true;
-  }
-  // Until it is reaped (gone from /proc), as callers and tools that probe the pid expect; a
-  // zombie whose reaper is slow is dead all the same.
-  for (let i = 0; i < 500; i++) {
-    if (procStartTime(id.pid) !== id.startTime) return true;
-    await sleep(10);
-  }
-  return !identityAlive(id);
+  /** Where the process's lifecycle transitions are logged (none by default). */
+  log?: Logger;
 }
 
 export interface QemuExit {
@@ -118,6 +69,14 @@ export interface QemuExit {
 }
 
 export type QemuState = 'starting' | 'running' | 'stopping' | 'exited';
+
+/** Exit is possible in every state (the process may die any time); nothing follows it. */
+const QEMU_TRANSITIONS: Record<QemuState, readonly QemuState[]> = {
+  starting: ['running', 'exited'],
+  running: ['stopping', 'exited'],
+  stopping: ['exited'],
+  exited: [],
+};
 
 /** Bytes of QEMU output kept in memory for error messages. */
 const TAIL_BYTES = 8 * 1024;
@@ -144,7 +103,8 @@ export class QemuProcess {
   /** Resolves once QEMU has exited and its QMP socket has been removed. Never rejects. */
   readonly exited: Promise<QemuExit>;
   private qmpClient: QmpClient | undefined;
-  private stateValue: QemuState = 'starting';
+  private readonly lifecycle: StateMachine<QemuState>;
+  private readonly log: Logger | undefined;
   private exitValue: QemuExit | undefined;
   private tail: Buffer = Buffer.alloc(0);
   private readonly child: ChildProcess;
@@ -175,7 +135,7 @@ export class QemuProcess {
     const qemuArgv = [vm.qemu.binary, ...args];
     const scoped = scope ? scopeArgv(scope, scopeUnitName(vm.name), `tether VM ${vm.name} (QEMU)`, qemuArgv) : qemuArgv;
     const argv = opts.dieWithParent ? ['setpriv', '--pdeathsig', 'SIGKILL', '--', ...scoped] : scoped;
-    const qp = new QemuProcess(argv, args, qmpSocket, logFile, opts.dieWithParent ?? false);
+    const qp = new QemuProcess(argv, args, qmpSocket, logFile, opts.log, opts.dieWithParent ?? false);
     if (opts.onSpawned && qp.pid > 0 && qp.startTime !== '') {
       try {
         await opts.onSpawned(qp.identity);
@@ -193,6 +153,7 @@ export class QemuProcess {
         retryUntilMs: timeoutMs,
         timeoutMs: Math.max(1000, timeoutMs - (Date.now() - t0)),
         signal: ac.signal,
+        ...(opts.log ? { log: opts.log } : {}),
       });
     } catch (e) {
       // QEMU dying mid-handshake surfaces as a QMP error a moment before the exit event.
@@ -224,14 +185,20 @@ export class QemuProcess {
    * restarted; the guest must not notice). Its output keeps going to wherever
    * it went; exit is noticed by polling the pid.
    */
-  static async adopt(opts: { id: QemuIdentity; qmpSocket: string; logFile: string; timeoutMs?: number }): Promise<QemuProcess> {
+  static async adopt(opts: {
+    id: QemuIdentity;
+    qmpSocket: string;
+    logFile: string;
+    timeoutMs?: number;
+    log?: Logger;
+  }): Promise<QemuProcess> {
     const { pid } = opts.id;
     if (!identityAlive(opts.id)) {
       throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${pid}: no such process with that start time`, { pid });
     }
-    const qp = new QemuProcess({ adopt: opts.id }, [], opts.qmpSocket, opts.logFile);
+    const qp = new QemuProcess({ adopt: opts.id }, [], opts.qmpSocket, opts.logFile, opts.log);
     try {
-      qp.qmpClient = await QmpClient.connect(opts.qmpSocket, { timeoutMs: opts.timeoutMs ?? 5000 });
+      qp.qmpClient = await QmpClient.connect(opts.qmpSocket, { timeoutMs: opts.timeoutMs ?? 5000, ...(opts.log ? { log: opts.log } : {}) });
     } catch (e) {
       await qp.detach();
       throw new TetherError('ERR_QEMU_ADOPT', `cannot adopt QEMU pid ${pid}: ${(e as Error).message}`, { pid });
@@ -245,16 +212,19 @@ export class QemuProcess {
     args: string[],
     qmpSocket: string,
     logFile: string,
+    log: Logger | undefined,
     killWithParent = false,
   ) {
+    this.log = log;
+    this.lifecycle = new StateMachine<QemuState>('qemu', 'starting', QEMU_TRANSITIONS, log);
     this.args = args;
     this.qmpSocket = qmpSocket;
     this.logFile = logFile;
-    const log = fs.createWriteStream(logFile, { flags: 'a' });
-    log.on('error', () => {}); // a broken log must not take the VM down
+    const out = fs.createWriteStream(logFile, { flags: 'a' });
+    out.on('error', ignored(log, `QEMU output file ${logFile}: a broken log must not take the VM down`));
     if (Array.isArray(argv)) {
       const [binary, ...spawnArgs] = argv as [string, ...string[]];
-      log.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
+      out.write(`=== ${new Date().toISOString()} tether: spawn ${JSON.stringify(argv)}\n`);
       // Its own process group: a Ctrl-C (SIGINT to the terminal's foreground group) or a
       // signal to the sidecar's group stops the sidecar, never the guest.
       this.child = spawn(binary, spawnArgs, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -262,17 +232,17 @@ export class QemuProcess {
         this.appendTail(Buffer.from(`spawn ${binary}: ${err.message}\n`));
       });
     } else {
-      log.write(`=== ${new Date().toISOString()} tether: adopted running pid ${argv.adopt.pid}\n`);
+      out.write(`=== ${new Date().toISOString()} tether: adopted running pid ${argv.adopt.pid}\n`);
       this.child = new AdoptedChild(argv.adopt) as unknown as ChildProcess;
     }
     const onOutput = (chunk: Buffer): void => {
-      log.write(chunk);
+      out.write(chunk);
       this.appendTail(chunk);
     };
     this.child.stdout!.on('data', onOutput);
     this.child.stderr!.on('data', onOutput);
     this.outputDone = new Promise((resolve) => this.child.once('close', () => resolve()));
-    this.logFlushed = new Promise((resolve) => log.once('close', () => resolve()));
+    this.logFlushed = new Promise((resolve) => out.once('close', () => resolve()));
     this.pid = this.child.pid ?? -1;
     this.startTime = Array.isArray(argv) ? (this.pid > 0 ? (procStartTime(this.pid) ?? '') : '') : argv.adopt.startTime;
     if (this.child.pid !== undefined && killWithParent) track(this.child);
@@ -282,12 +252,12 @@ export class QemuProcess {
         if (this.exitValue !== undefined) return;
         this.exitValue = exit;
         live.delete(this.child);
-        this.stateValue = 'exited';
+        this.lifecycle.to('exited', { pid: this.pid, ...exit });
         this.removeSocket();
         await this.qmpClient?.close();
         resolve(exit);
         await Promise.race([this.outputDone, sleep(1000)]); // a child (exec:cat) may hold stderr
-        log.end(`=== ${new Date().toISOString()} tether: pid ${this.pid} ${describeExit(exit)}\n`);
+        out.end(`=== ${new Date().toISOString()} tether: pid ${this.pid} ${describeExit(exit)}\n`);
       };
       this.child.once('exit', (code, signal) => void finish({ code, signal }));
       this.child.once('error', () => {
@@ -308,7 +278,7 @@ export class QemuProcess {
   }
 
   get state(): QemuState {
-    return this.stateValue;
+    return this.lifecycle.state;
   }
 
   /** True once QEMU has exited (and its socket was cleaned up). */
@@ -347,9 +317,7 @@ export class QemuProcess {
         );
       }
       try {
-        const r = await this.qmp.execute<{ status: string }>('query-status', undefined, {
-          timeoutMs: Math.max(100, deadline - Date.now()),
-        });
+        const r = await queryStatus(this.qmp, { timeoutMs: Math.max(100, deadline - Date.now()) });
         last = r.status;
         if (last === status) return;
       } catch (e) {
@@ -374,9 +342,9 @@ export class QemuProcess {
   async stop(opts: { graceMs?: number } = {}): Promise<QemuExit> {
     if (this.exitValue !== undefined) return this.exitValue;
     const graceMs = opts.graceMs ?? 5000;
-    if (this.stateValue === 'running') this.transition('stopping');
-    // quit's reply may or may not arrive before the socket closes; either way is fine.
-    await this.qmpClient?.execute('quit', undefined, { timeoutMs: graceMs }).catch(() => {});
+    if (this.lifecycle.is('running')) this.transition('stopping');
+    const q = this.qmpClient;
+    if (q) await quit(q, { timeoutMs: graceMs }).catch(ignored(this.log, "quit's reply may or may not arrive before the socket closes"));
     const timer = sleep(graceMs, 'timeout' as const);
     if ((await Promise.race([this.exited, timer])) === 'timeout') this.child.kill('SIGKILL');
     return this.exited;
@@ -414,15 +382,8 @@ export class QemuProcess {
   }
 
   private transition(to: QemuState): void {
-    const allowed: Record<QemuState, QemuState[]> = {
-      starting: ['running', 'exited'],
-      running: ['stopping', 'exited'],
-      stopping: ['exited'],
-      exited: [],
-    };
-    if (this.stateValue === 'exited') return; // exit races every other transition and wins
-    if (!allowed[this.stateValue].includes(to)) throw new Error(`QemuProcess: illegal transition ${this.stateValue} → ${to}`);
-    this.stateValue = to;
+    if (this.lifecycle.is('exited')) return; // exit races every other transition and wins
+    this.lifecycle.to(to, { pid: this.pid });
   }
 
   private appendTail(chunk: Buffer): void {

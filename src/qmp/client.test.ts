@@ -227,8 +227,10 @@ t.test('peer closing rejects pending commands and waiters with ERR_QMP_CLOSED', 
   const closed = new Promise<unknown>((r) => c.once('close', r));
   const pending = c.execute('query-status');
   const waiter = c.waitForEvent('SHUTDOWN', undefined, 5000);
-  void c.execute('quit').catch(() => {});
+  // handled from the start: it rejects in the same instant as `pending`
+  const quitting = rejectsCode(t, c.execute('quit'), 'ERR_QMP_CLOSED', 'the quit itself (no reply before the close)');
   await rejectsCode(t, pending, 'ERR_QMP_CLOSED', 'pending command');
+  await quitting;
   await rejectsCode(t, waiter, 'ERR_QMP_CLOSED', 'event waiter');
   const reason = await closed;
   t.ok(isTetherError(reason, 'ERR_QMP_CLOSED'), 'close event carries the reason');

@@ -1,7 +1,8 @@
 /**
  * QMP client over a unix socket: the only file in src/qmp/ that touches I/O.
  *
- * Lifecycle: greeting → negotiating → ready → closed. connect() resolves only in 'ready'.
+ * Lifecycle (a StateMachine, CLIENT_TRANSITIONS): greeting → negotiating → ready → closed;
+ * closed may come in any state. connect() resolves only in 'ready'.
  * Commands carry an id ("t<n>") and are matched by it; a reply that arrives after its
  * command timed out is dropped. Every pending command and event waiter rejects with
  * ERR_QMP_CLOSED when the connection goes away, whatever the reason.
@@ -10,6 +11,8 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TetherError } from '../errors.ts';
+import type { Logger } from '../util/log.ts';
+import { StateMachine } from '../util/state.ts';
 import { QmpDecoder, encodeCommand, type QmpEvent, type QmpGreeting, type QmpMessage, type QmpTimestamp } from './codec.ts';
 
 export interface QmpConnectOptions {
@@ -27,6 +30,8 @@ export interface QmpConnectOptions {
   /** Default per-command timeout for execute(). Default 30000. */
   commandTimeoutMs?: number;
   maxLineBytes?: number;
+  /** Where the connection's lifecycle transitions are logged, at debug (none by default). */
+  log?: Logger;
 }
 
 export interface QmpExecuteOptions {
@@ -40,6 +45,14 @@ export type QmpClientEvents = {
 };
 
 type ClientState = 'greeting' | 'negotiating' | 'ready' | 'closed';
+
+/** A connection may close (either side, or a protocol error) in any state; nothing follows. */
+const CLIENT_TRANSITIONS: Record<ClientState, readonly ClientState[]> = {
+  greeting: ['negotiating', 'closed'],
+  negotiating: ['ready', 'closed'],
+  ready: ['closed'],
+  closed: [],
+};
 
 interface Pending {
   command: string;
@@ -60,7 +73,7 @@ const RETRYABLE = new Set(['ENOENT', 'ECONNREFUSED', 'EAGAIN']);
 
 export class QmpClient extends EventEmitter<QmpClientEvents> {
   readonly path: string;
-  private state: ClientState = 'greeting';
+  private readonly lifecycle: StateMachine<ClientState>;
   private readonly socket: net.Socket;
   private readonly decoder: QmpDecoder;
   private readonly pending = new Map<string, Pending>();
@@ -87,6 +100,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
   private constructor(path: string, socket: net.Socket, opts: QmpConnectOptions) {
     super();
     this.path = path;
+    this.lifecycle = new StateMachine<ClientState>(`qmp ${path}`, 'greeting', CLIENT_TRANSITIONS, opts.log, 'debug');
     this.socket = socket;
     this.commandTimeoutMs = opts.commandTimeoutMs ?? 30_000;
     this.decoder = new QmpDecoder(opts.maxLineBytes === undefined ? {} : { maxLineBytes: opts.maxLineBytes });
@@ -181,22 +195,15 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         resolve();
       };
     });
-    this.transition('negotiating');
+    // closed after the greeting, before this continuation ran: report it as what it is
+    if (this.state === 'closed') throw this.closeReason ?? closedError(this.path, 'QMP connection closed after the greeting');
+    this.lifecycle.to('negotiating');
     await this.send('qmp_capabilities', undefined, Math.max(1, deadline - Date.now()));
-    this.transition('ready');
+    this.lifecycle.to('ready');
   }
 
-  private transition(to: ClientState): void {
-    const allowed: Record<ClientState, ClientState[]> = {
-      greeting: ['negotiating', 'closed'],
-      negotiating: ['ready', 'closed'],
-      ready: ['closed'],
-      closed: [],
-    };
-    if (!allowed[this.state].includes(to)) {
-      throw new Error(`QmpClient: illegal transition ${this.state} → ${to}`);
-    }
-    this.state = to;
+  private get state(): ClientState {
+    return this.lifecycle.state;
   }
 
   private send<T>(command: string, args: Record<string, unknown> | undefined, timeoutMs: number): Promise<T> {
@@ -283,7 +290,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
 
   private shutdown(reason: TetherError | undefined): void {
     if (this.state === 'closed') return;
-    this.state = 'closed';
+    this.lifecycle.to('closed', reason ? { reason: reason.code } : undefined);
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       clearTimeout(p.timer);

@@ -82,7 +82,9 @@ export class QmpDecoder {
 
   constructor(opts: QmpDecoderOptions = {}) {
     const max = opts.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES;
-    if (!Number.isInteger(max) || max < 1) throw new RangeError(`maxLineBytes must be a positive integer, got ${max}`);
+    if (!Number.isInteger(max) || max < 1) {
+      throw new TetherError('ERR_CONFIG_INVALID', `maxLineBytes must be a positive integer, got ${max}`, { field: 'maxLineBytes' });
+    }
     this.maxLineBytes = max;
   }
 

@@ -1,19 +1,22 @@
 import { TetherError } from '../errors.ts';
-import type { Logger } from './log.ts';
+import type { Level, Logger } from './log.ts';
 
 /**
  * A lifecycle with checked transitions: every move names its old state, an
- * illegal move throws ERR_STATE_TRANSITION, and every move is logged.
+ * illegal move throws ERR_STATE_TRANSITION, and every move is logged (at `level`: info by
+ * default; a chatty lifecycle such as a QMP connection's logs at debug).
  */
 export class StateMachine<S extends string> {
   #state: S;
   readonly #allowed: Readonly<Record<S, readonly S[]>>;
   readonly #log: Logger | undefined;
   readonly #what: string;
+  readonly #level: Level;
   readonly #listeners: ((from: S, to: S) => void)[] = [];
 
-  constructor(what: string, initial: S, allowed: Record<S, readonly S[]>, log?: Logger) {
+  constructor(what: string, initial: S, allowed: Record<S, readonly S[]>, log?: Logger, level: Level = 'info') {
     this.#what = what;
+    this.#level = level;
     this.#state = initial;
     this.#allowed = allowed;
     this.#log = log;
@@ -40,7 +43,7 @@ export class StateMachine<S extends string> {
       });
     }
     this.#state = next;
-    this.#log?.info(`${this.#what} ${from} -> ${next}`, { from, to: next, ...fields });
+    this.#log?.[this.#level](`${this.#what} ${from} -> ${next}`, { from, to: next, ...fields });
     for (const l of this.#listeners) l(from, next);
   }
 

@@ -47,17 +47,6 @@ t.test('peer control messages are validated', async (t) => {
   t.throws(() => asPeerControl({ kind: 'epoch-stats', epoch: 1, pauseMs: 'x' }), { code: 'ERR_PEER_CONTROL' });
 });
 
-t.test('killAndWait: the process is gone when it resolves', async (t) => {
-  const { spawn } = await import('node:child_process');
-  const { killAndWait } = await import('./process.ts');
-  const child = spawn('sleep', ['30'], { stdio: 'ignore' });
-  const exited = new Promise((r) => child.once('exit', r));
-  t.equal(await killAndWait(child.pid!), true);
-  await exited;
-  t.throws(() => process.kill(child.pid!, 0), 'no such process any more');
-  t.equal(await killAndWait(child.pid!), true, 'an absent process counts as gone');
-});
-
 t.test('Nap: a nap ends at its time or at wake(); a wake between naps is kept for the next', async (t) => {
   const nap = new Nap();
   let ended = false;

@@ -1,22 +1,16 @@
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { TetherError } from '../errors.ts';
+import { procStat } from '../qemu/identity.ts';
 
 /**
  * Field 22 of /proc/<pid>/stat (start time in clock ticks since boot): with the pid it names
  * one process, so a guard never kills a later process that reused the pid.
  */
 export function procStartTime(pid: number): string {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
-  } catch (e) {
-    throw new TetherError('ERR_GUARD', `process ${pid} not found: ${(e as Error).message}`);
-  }
-  // comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ') '
-  const rest = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
-  const st = rest[19];
+  const stat = procStat(pid);
+  if (stat === null) throw new TetherError('ERR_GUARD', `process ${pid} not found`);
+  const st = stat.startTime;
   if (!st || !/^\d+$/.test(st)) throw new TetherError('ERR_GUARD', `cannot read the start time of process ${pid}`);
   return st;
 }

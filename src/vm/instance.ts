@@ -1,99 +1,44 @@
+/**
+ * One VM on this host (VmInstance): its files, its current QEMU, where it is (`place`, a
+ * checked StateMachine: place.ts), and the destination's disk window. Its durable records
+ * are read and written by records.ts.
+ */
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { HostConfig, VmConfig } from '../config/types.ts';
-import { isTetherError, TetherError } from '../errors.ts';
-import { isMigrationId } from '../epoch/id.ts';
+import { TetherError } from '../errors.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
 import type { BlockDevice } from '../disk/block-device.ts';
 import { FileBlockDevice } from '../disk/file-device.ts';
 import { NbdServer } from '../nbd/server.ts';
-import { DISK_NODE, FILE_NODE, NBD_NODE, fileNodeOptions, rawNodeOptions } from '../qemu/cmdline.ts';
+import { DISK_NODE, FILE_NODE, NBD_NODE, type NicRelayPaths } from '../qemu/cmdline.ts';
+import { queryNamedBlockNodes } from '../qemu/commands.ts';
+import { switchDiskToFile } from '../qemu/disk-switch.ts';
+import type { QemuIdentity } from '../qemu/identity.ts';
 import { QemuProcess } from '../qemu/process.ts';
-import type { NicRelayPaths } from '../qemu/cmdline.ts';
 import { claimNicTaps } from '../net/tap.ts';
-import type { QemuIdentity } from '../qemu/process.ts';
 import type { Logger } from '../util/log.ts';
-import { decodeStateFile, encodeStateFile } from './state-file.ts';
+import { StateMachine } from '../util/state.ts';
+import { INITIAL_PLACE, PLACE_TRANSITIONS, type VmPlace } from './place.ts';
+import {
+  readMarker,
+  readPersisted,
+  readStandby,
+  readUnrecovered,
+  writeMarker,
+  writePersisted,
+  writeStandby,
+  writeUnrecovered,
+  type MigrationMarker,
+  type UnrecoveredCause,
+} from './records.ts';
 
-/** Kinds of the state files (see state-file.ts): <dir>/vm.json and <dir>/migration.json. */
-const VM_MAGIC = 'TETHER-VM';
-const MARKER_MAGIC = 'TETHER-MIGRATION';
-const UNRECOVERED_MAGIC = 'TETHER-UNRECOVERED';
-const STANDBY_MAGIC = 'TETHER-STANDBY';
-/**
- * Format of the migration marker's body. 2: `migrationId` added. A marker of format 1 (written
- * before migration ids) cannot tell which migration a peer's answer is for: it is refused
- * (ERR_STATE_FILE_VERSION, the VM left unrecovered) rather than matched to any answer.
- */
-export const MARKER_VERSION = 2;
-
-export interface PersistedVm {
-  config: VmConfig;
-  sendConfiguration: boolean;
-  pid: number | null;
-  /**
-   * /proc start time of `pid` (QemuIdentity), recorded when the QEMU was spawned. Absent in
-   * records of older builds: such a pid cannot be told from a reused one, so recovery leaves
-   * the VM unrecovered instead of guessing.
-   */
-  startTime?: string | null;
-}
-
-/** Why a restarted sidecar left a VM unrecovered (<dir>/unrecovered.json): kept until an operator resolves it. */
-export interface UnrecoveredCause {
-  code: string;
-  message: string;
-  at: string;
-}
+// Moved to place.ts and records.ts; re-exported for the callers that import them from here.
+export type { VmPlace } from './place.ts';
+export { MARKER_VERSION, type MigrationMarker, type PersistedVm, type UnrecoveredCause } from './records.ts';
 
 /** The default diskDevice hook: the image itself, pass-through. */
 export const passThroughDevice = (image: FileBlockDevice): BlockDevice => image;
-
-export interface MigrationMarker {
-  role: 'source' | 'destination';
-  /** The migration's id (control.ts MIGRATION_ID_RE): recovery answers, or waits for, that one only. */
-  migrationId: string;
-  /** The QEMU that was migrating: after a restart, any other QEMU on the RAM file is a newer one. */
-  qemuPid: number | null;
-  /** /proc start time of qemuPid (filled in by setMigrationMarker); absent in older markers. */
-  qemuStartTime?: string | null;
-  peer: string;
-  startedAt: string;
-}
-
-async function writeFileAtomic(file: string, data: Buffer): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await fs.open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.rename(tmp, file);
-}
-
-/**
- * Where a VM is, as this host sees it: the one vocabulary for that question, used by
- * `tether status` (`state`), the `tether_vms{state}` metric and the logs. The phases of
- * a migration (SourcePhase, DestPhase) are the steps of one migration, not places.
- *   stopped        no QEMU here (never started, or `tether vm stop`)
- *   running        its QEMU runs the guest here
- *   migrating-out  running here and being migrated away (this host can still take it back)
- *   migrating-in   arriving here; outputs held until the source acknowledges
- *   rolling-back   resuming here from the last acknowledged checkpoint
- *   fenced         was arriving here, the source kept it: QEMU and RAM gone
- *   gone           completed a migration away: this host holds no copy
- *   recovering     a restarted sidecar has not finished finding this VM again: requests on it
- *                  get ERR_VM_RECOVERING
- *   unrecovered    a restarted sidecar could not bring it to a known state (a damaged marker,
- *                  a failed restore, a QEMU it cannot identify or reach): it left what it found
- *                  as it was, recorded the cause (unrecovered.json, kept across restarts) and
- *                  refuses start, stop, migrations in and out (ERR_VM_UNRECOVERED) until an
- *                  operator runs `tether vm adopt` or `tether vm forget`
- */
-export type VmPlace =
-  'stopped' | 'running' | 'migrating-out' | 'migrating-in' | 'rolling-back' | 'fenced' | 'gone' | 'recovering' | 'unrecovered';
 
 /**
  * One VM on this host: its files and its current QEMU process. The RAM file
@@ -117,7 +62,8 @@ export class VmInstance {
   /** Where the destination journal's write-ahead logs of this VM live (host journalDir). */
   readonly journalDir: string;
   readonly log: Logger;
-  place: VmPlace = 'stopped';
+  /** Where the VM is (the `place` accessor): moves checked against PLACE_TRANSITIONS, and logged. */
+  readonly #place: StateMachine<VmPlace>;
   qemu: QemuProcess | undefined;
   /**
    * Whether this VM's QEMU sends the migration stream's configuration section.
@@ -170,6 +116,20 @@ export class VmInstance {
     }
     this.nbdSocket = path.join(this.dir, 'nbd.sock');
     this.log = log.child({ vm: config.name });
+    this.#place = new StateMachine<VmPlace>(`vm ${config.name} place`, INITIAL_PLACE, PLACE_TRANSITIONS, this.log);
+  }
+
+  /** Where the VM is (place.ts). */
+  get place(): VmPlace {
+    return this.#place.state;
+  }
+
+  /**
+   * Moves the VM to `to`: a move PLACE_TRANSITIONS does not list throws ERR_STATE_TRANSITION
+   * (and changes nothing); every move is logged. Assigning the current place is a no-op.
+   */
+  set place(to: VmPlace) {
+    if (to !== this.#place.state) this.#place.to(to);
   }
 
   get ramBytes(): number {
@@ -254,6 +214,7 @@ export class VmInstance {
       ...(incoming?.kind === 'defer' ? { nicRelays: this.nicRelays } : {}),
       ...(this.config.disk && this.nbd ? { nbdSocket: this.nbdSocket } : {}),
       logFile: this.qemuLog,
+      log: this.log,
       ...(incoming ? { incoming } : {}),
       // recorded the moment it exists: a sidecar dying during QEMU's start-up still finds it
       onSpawned: (id) => this.#persist(id),
@@ -265,7 +226,13 @@ export class VmInstance {
 
   /** Take over the QEMU an earlier sidecar left running for this VM. */
   async adopt(id: QemuIdentity, timeoutMs?: number): Promise<void> {
-    this.qemu = await QemuProcess.adopt({ id, qmpSocket: this.qmpSocket, logFile: this.qemuLog, ...(timeoutMs ? { timeoutMs } : {}) });
+    this.qemu = await QemuProcess.adopt({
+      id,
+      qmpSocket: this.qmpSocket,
+      logFile: this.qemuLog,
+      log: this.log,
+      ...(timeoutMs ? { timeoutMs } : {}),
+    });
     // A QEMU caught inside its disk window is reconnecting to nbd.sock (reconnect-delay):
     // serve it again. Any other QEMU does its own disk I/O and needs nothing from this sidecar.
     if (this.config.disk && (await this.diskWindowOpen())) await this.startDisk();
@@ -287,64 +254,39 @@ export class VmInstance {
 
   /** What a restarted sidecar needs to find this VM again. */
   async #persist(id: QemuIdentity | undefined = this.qemu?.identity): Promise<void> {
-    const rec: PersistedVm = {
+    await writePersisted(this.dir, {
       config: this.config,
       sendConfiguration: this.sendConfiguration,
       pid: id?.pid ?? null,
       startTime: id?.startTime ?? null,
-    };
-    await writeFileAtomic(path.join(this.dir, 'vm.json'), encodeStateFile(VM_MAGIC, rec));
+    });
   }
 
   /** Record a hot standby the moment it is spawned (<dir>/standby.json): a restarted sidecar kills it by this identity. */
   async recordStandby(id: QemuIdentity): Promise<void> {
-    await writeFileAtomic(path.join(this.dir, 'standby.json'), encodeStateFile(STANDBY_MAGIC, id));
+    await writeStandby(this.dir, id);
   }
 
-  /** The last hot standby recorded for `dir` (null: none, or an unreadable record). */
-  static async readStandby(dir: string): Promise<QemuIdentity | null> {
-    const file = path.join(dir, 'standby.json');
-    try {
-      const raw = await readOptional(file);
-      if (raw === null) return null;
-      const v = decodeStateFile(STANDBY_MAGIC, raw, file) as Partial<QemuIdentity> | null;
-      return v && Number.isInteger(v.pid) && typeof v.startTime === 'string' ? (v as QemuIdentity) : null;
-    } catch {
-      return null;
-    }
-  }
+  /** The last hot standby recorded for `dir` (records.ts). */
+  static readonly readStandby = readStandby;
+  /** unrecovered.json of `dir` (records.ts). */
+  static readonly readUnrecovered = readUnrecovered;
+  /** vm.json of `dir` (records.ts). */
+  static readonly readPersisted = readPersisted;
+  /** The migration marker of `dir` (records.ts). */
+  static readonly readMarker = readMarker;
 
   /** Leave the VM unrecovered for `cause`, durably: a restart keeps it so until an operator resolves it. */
   async markUnrecovered(code: string, message: string): Promise<void> {
     this.place = 'unrecovered';
     this.unrecovered = { code, message, at: new Date().toISOString() };
-    await writeFileAtomic(path.join(this.dir, 'unrecovered.json'), encodeStateFile(UNRECOVERED_MAGIC, this.unrecovered));
+    await writeUnrecovered(this.dir, this.unrecovered);
   }
 
   /** The operator resolved it (tether vm adopt / forget). */
   async clearUnrecovered(): Promise<void> {
     this.unrecovered = undefined;
     await fs.rm(path.join(this.dir, 'unrecovered.json'), { force: true });
-  }
-
-  /** unrecovered.json of `dir`: null when none; a damaged one still means unrecovered (its cause unreadable). */
-  static async readUnrecovered(dir: string): Promise<UnrecoveredCause | null> {
-    const file = path.join(dir, 'unrecovered.json');
-    let raw: Buffer | null;
-    try {
-      raw = await readOptional(file);
-    } catch (e) {
-      return { code: 'ERR_STATE_FILE_CORRUPT', message: (e as Error).message, at: '' };
-    }
-    if (raw === null) return null;
-    try {
-      const v = decodeStateFile(UNRECOVERED_MAGIC, raw, file) as Partial<UnrecoveredCause> | null;
-      if (v && typeof v.code === 'string' && typeof v.message === 'string')
-        return { code: v.code, message: v.message, at: String(v.at ?? '') };
-    } catch {
-      /* below */
-    }
-    return { code: 'ERR_STATE_FILE_CORRUPT', message: `${file} is damaged (the VM was left unrecovered earlier)`, at: '' };
   }
 
   /** The VM left this host for good: a restarted sidecar must not list it. */
@@ -360,7 +302,7 @@ export class VmInstance {
    * or a VM listed `stopped` here while it runs on the destination. `afterStep(n)` is the fault
    * seam (crash-cleanup-step).
    */
-  async dropCompletedSource(afterStep: (n: number) => void = () => {}): Promise<void> {
+  async dropCompletedSource(afterStep: (n: number) => void = noStep): Promise<void> {
     await this.forget();
     afterStep(1);
     await this.setMigrationMarker(null);
@@ -376,7 +318,7 @@ export class VmInstance {
    * copy - days later, if the marker's removal had failed. If removing the marker fails, the
    * request stays (a restart then waits, paused, rather than kills).
    */
-  async dropCompletingRecords(afterStep: (n: number) => void = () => {}): Promise<void> {
+  async dropCompletingRecords(afterStep: (n: number) => void = noStep): Promise<void> {
     await this.setMigrationMarker(null);
     afterStep(1);
     await fs.rm(path.join(this.dir, 'completing.json'), { force: true });
@@ -385,77 +327,11 @@ export class VmInstance {
 
   /** Marks a migration in progress: a sidecar restarted before it ends must resolve it. */
   async setMigrationMarker(m: MigrationMarker | null): Promise<void> {
-    const file = path.join(this.dir, 'migration.json');
-    if (m === null) {
-      await fs.rm(file, { force: true });
-      return;
-    }
     // The migrating QEMU is named by pid + start time: a restarted sidecar never takes a
     // process that reused the pid for it.
     const q = this.qemu;
-    const rec = m.qemuPid !== null && q && q.pid === m.qemuPid && q.startTime ? { ...m, qemuStartTime: q.startTime } : m;
-    await writeFileAtomic(file, encodeStateFile(MARKER_MAGIC, rec, MARKER_VERSION));
-  }
-
-  /**
-   * vm.json of the VM directory `dir`: null when there is none (no VM here); throws
-   * ERR_STATE_FILE_CORRUPT / ERR_STATE_FILE_VERSION when it is damaged.
-   */
-  static async readPersisted(dir: string): Promise<PersistedVm | null> {
-    const file = path.join(dir, 'vm.json');
-    const raw = await readOptional(file);
-    if (raw === null) return null;
-    const v = decodeStateFile(VM_MAGIC, raw, file) as Partial<PersistedVm> | null;
-    if (
-      typeof v !== 'object' ||
-      v === null ||
-      typeof v.config !== 'object' ||
-      v.config === null ||
-      typeof v.sendConfiguration !== 'boolean' ||
-      !(v.pid === null || Number.isInteger(v.pid)) ||
-      !(v.startTime === undefined || v.startTime === null || typeof v.startTime === 'string')
-    ) {
-      throw new TetherError('ERR_STATE_FILE_CORRUPT', `${file} does not hold a VM record`, { file });
-    }
-    return v as PersistedVm;
-  }
-
-  /**
-   * The migration marker of `dir`: null when no migration is in progress; throws
-   * ERR_STATE_FILE_CORRUPT / ERR_STATE_FILE_VERSION when it is damaged (never taken
-   * for "no migration": that would adopt a wedged source or a fenced destination).
-   */
-  static async readMarker(dir: string): Promise<MigrationMarker | null> {
-    const file = path.join(dir, 'migration.json');
-    const raw = await readOptional(file);
-    if (raw === null) return null;
-    let m: Partial<MigrationMarker> | null;
-    try {
-      m = decodeStateFile(MARKER_MAGIC, raw, file, MARKER_VERSION) as Partial<MigrationMarker> | null;
-    } catch (e) {
-      if (isTetherError(e, 'ERR_STATE_FILE_VERSION') && e.details?.['version'] === 1) {
-        throw new TetherError(
-          'ERR_STATE_FILE_VERSION',
-          `${file} was written by a tether without migration ids (format 1): the migration it records cannot be ` +
-            "matched to its peer's answer; resolve it by hand (see docs/completion.md)",
-          { file, version: 1 },
-        );
-      }
-      throw e;
-    }
-    if (
-      typeof m !== 'object' ||
-      m === null ||
-      (m.role !== 'source' && m.role !== 'destination') ||
-      !isMigrationId(m.migrationId) ||
-      !(m.qemuPid === null || Number.isInteger(m.qemuPid)) ||
-      !(m.qemuStartTime === undefined || m.qemuStartTime === null || typeof m.qemuStartTime === 'string') ||
-      typeof m.peer !== 'string' ||
-      typeof m.startedAt !== 'string'
-    ) {
-      throw new TetherError('ERR_STATE_FILE_CORRUPT', `${file} does not hold a migration marker`, { file });
-    }
-    return m as MigrationMarker;
+    const rec = m && m.qemuPid !== null && q && q.pid === m.qemuPid && q.startTime ? { ...m, qemuStartTime: q.startTime } : m;
+    await writeMarker(this.dir, rec);
   }
 
   async killQemu(): Promise<void> {
@@ -479,7 +355,7 @@ export class VmInstance {
   async diskWindowOpen(): Promise<boolean> {
     const q = this.qemu;
     if (!q || !this.config.disk) return false;
-    const nodes = (await q.qmp.execute('query-named-block-nodes', { flat: true })) as { 'node-name'?: string }[];
+    const nodes = await queryNamedBlockNodes(q.qmp);
     return nodes.some((n) => n['node-name'] === NBD_NODE);
   }
 
@@ -489,29 +365,20 @@ export class VmInstance {
    * caller guarantees the order (docs/disk.md): the journal is written back to the image
    * (nothing is held any more) and the source has recorded completion (its QEMU, a post-copy
    * source, inactivated its image at switchover: it holds no lock). blockdev-reopen drains
-   * disk0 first, so every request on nbd0 has completed before the first one reaches f0.
-   * Returns the reopen's duration (the guest's I/O is held by the drain meanwhile).
-   * On a failed reopen the file node is removed again and the disk stays on NBD.
+   * disk0 first, so every request on nbd0 has completed before the first one reaches f0
+   * (qemu/disk-switch.ts). Returns the reopen's duration (the guest's I/O is held by the drain
+   * meanwhile). On a failed reopen the file node is removed again and the disk stays on NBD.
    */
   async detachDiskWindow(): Promise<{ reopenMs: number; totalMs: number }> {
     const q = this.qemu;
     const disk = this.config.disk;
     if (!q || !disk) throw new TetherError('ERR_JOURNAL_STATE', `VM ${this.name}: no QEMU or no disk to switch`);
     const t0 = performance.now();
-    await q.qmp.execute('blockdev-add', fileNodeOptions(disk.image));
-    const t1 = performance.now();
-    try {
-      await q.qmp.execute('blockdev-reopen', { options: [rawNodeOptions(FILE_NODE)] });
-    } catch (e) {
-      await q.qmp.execute('blockdev-del', { 'node-name': FILE_NODE }).catch(() => {});
-      throw e;
-    }
-    const t2 = performance.now();
-    await q.qmp.execute('blockdev-del', { 'node-name': NBD_NODE });
+    const reopenMs = await switchDiskToFile(q.qmp, disk.image, this.log);
     // Writes the server acknowledged pass-through reached the page cache: durable before we let go.
     await this.image?.flush();
     await this.stopDisk();
-    const r = { reopenMs: round2(t2 - t1), totalMs: round2(performance.now() - t0) };
+    const r = { reopenMs: round2(reopenMs), totalMs: round2(performance.now() - t0) };
     this.log.info('disk window closed: QEMU does its own I/O on the image', { node: DISK_NODE, file: FILE_NODE, ...r });
     return r;
   }
@@ -570,14 +437,5 @@ function round2(x: number): number {
   return Math.round(x * 100) / 100;
 }
 
-/** The file's bytes, or null when it does not exist; any other failure is an error. */
-async function readOptional(file: string): Promise<Buffer | null> {
-  try {
-    return await fs.readFile(file);
-  } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    // ENOTDIR: `dir` is a file (the control socket may live in stateDir), so no record.
-    if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return null;
-    throw new TetherError('ERR_STATE_FILE_CORRUPT', `cannot read ${file}: ${err.message}`, { file, errno: err.code });
-  }
-}
+/** The default `afterStep` of the record drops: no fault seam. */
+function noStep(): void {}

@@ -1,12 +1,12 @@
 /**
  * The envelope of the small records a restarted sidecar decides from (vm.json, the
  * migration marker): magic, version, length and checksum, so that a damaged file is
- * an error, never mistaken for "no such record". Pure codec (instance.ts does I/O).
+ * an error, never mistaken for "no such record". Pure codec (records.ts does the I/O).
  *
  * Text, so that `cat` still shows the record. Disk facts:
  *   header line  "<magic> <version> <length> <crc>\n"   e.g. "TETHER-VM 1 245 0f3a9c1e\n"
  *                magic: the record's kind; version: decimal, the format of that kind's
- *                body (each kind counts its own: see instance.ts); length: decimal byte
+ *                body (each kind counts its own: see records.ts); length: decimal byte
  *                count of the body; crc: CRC-32 of the body, 8 lowercase hex digits
  *   body         exactly <length> bytes of UTF-8 JSON, nothing after it
  */
