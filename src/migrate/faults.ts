@@ -88,21 +88,8 @@ export interface Faults {
   holdMigrateTrigger?: boolean;
 }
 
-/** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
-export const CUT_COMPLETION = {
-  /** D: drops its request instead of sending it (D is already completing: it holds outputs and pauses). */
-  request: 1,
-  /** S: got the request, drops the channel before recording completion (S then rolls back). */
-  beforeRecord: 2,
-  /** S: recorded completion durably, drops the channel instead of answering (S then re-answers on a new channel). */
-  afterRecord: 3,
-  /** S: recorded completion durably, then its sidecar dies (SIGKILL of itself; its restart finishes the hand-over). */
-  crashAfterRecord: 4,
-  /** D: drops S's answer and the channel (S re-answers on a new channel). */
-  answer: 5,
-  /** D: its sidecar dies (SIGKILL of itself) on S's answer, before acting on it; its restart waits for the answer again. */
-  crashOnAnswer: 6,
-} as const;
+/** Steps of the completion handshake at which cut-completion=N drops the channel: defined with the handshake. */
+export { CUT_COMPLETION } from './completion/protocol.ts';
 
 /** File name, in the VM's state dir, that lets a source held by hold-migrate-trigger send `migrate`. */
 export const MIGRATE_TRIGGER = 'migrate.trigger';

@@ -11,11 +11,9 @@ import type { PeerControl } from '../peer/control.ts';
 import type { Logger } from '../util/log.ts';
 import { errorFields } from '../util/log.ts';
 import { nowMs, sleep } from '../util/time.ts';
+import { resolveMessage } from './completion/protocol.ts';
 
-/** RESOLVE: the source's answer to the completion request of migration `migrationId`. */
-export function resolveMessage(migrationId: string, vm: string, outcome: 'completed' | 'rolled-back', epoch: number): Message {
-  return { type: 'control', body: { kind: 'resolve', migrationId, vm, outcome, epoch } };
-}
+export { resolveMessage } from './completion/protocol.ts';
 
 export interface NotifyOptions {
   psk: Buffer;
