@@ -16,7 +16,7 @@ import { completingRecordPath, DestinationMigration, staleResolve } from '../mig
 import type { ResolveAnswer } from '../migrate/destination.ts';
 import { cleanupCrashPoint, parseFaults } from '../migrate/faults.ts';
 import type { Faults } from '../migrate/faults.ts';
-import { notifyDestination } from '../migrate/notify.ts';
+import { notifyDestination } from '../migrate/completion/notify.ts';
 import { announceRestored, resumeRestored, SourceMigration } from '../migrate/source.ts';
 import { settleStandbys } from '../migrate/standby.ts';
 import { isMigrationId } from '../epoch/id.ts';
