@@ -103,3 +103,10 @@ export const blockdevReopen = (q: QmpExecutor, options: Record<string, unknown>[
 
 export const blockdevDel = (q: QmpExecutor, nodeName: string, opts?: QmpExecuteOptions): Promise<void> =>
   q.execute<void>('blockdev-del', { 'node-name': nodeName }, opts);
+
+/** object-add of a QOM object (e.g. the migration stream's tls-creds-psk): `args` carries qom-type, id and its properties. */
+export const objectAdd = (
+  q: QmpExecutor,
+  args: { 'qom-type': string; id: string } & Record<string, unknown>,
+  opts?: QmpExecuteOptions,
+): Promise<void> => q.execute<void>('object-add', args, opts);
