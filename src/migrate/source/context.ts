@@ -47,9 +47,9 @@ export type SourcePhase =
  * A phase in this list is "live": no decision is taken yet. Leaving it is the decision (roll
  * back, complete, refused, unreached, detached), taken once: from then on no ACK is sent.
  */
-const LIVE: readonly SourcePhase[] = ['connecting', 'prepared', 'precopy', 'switchover', 'postcopy'];
+export const LIVE_PHASES: readonly SourcePhase[] = ['connecting', 'prepared', 'precopy', 'switchover', 'postcopy'];
 
-const TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
+export const SOURCE_TRANSITIONS: Record<SourcePhase, readonly SourcePhase[]> = {
   // unreached: no tether peer answered; refused: the destination refused `prepare` (or this
   // side refused its answer). Either way nothing changed anywhere: an error, not a rollback.
   // detached: the sidecar shuts down mid-migration, deciding nothing (recovery resolves it).
@@ -159,7 +159,7 @@ export class SourceRun {
     this.faults = opts.faults ?? {};
     this.vm = opts.vm;
     this.log = this.vm.log.child({ migrationId: this.id });
-    this.phase = new StateMachine<SourcePhase>('migration', 'connecting', TRANSITIONS, this.log);
+    this.phase = new StateMachine<SourcePhase>('migration', 'connecting', SOURCE_TRANSITIONS, this.log);
     const f = this.faults;
     const failEpoch = f.failApplySticky ?? f.failApplyEpoch;
     const disk = this.vm.config.disk;
@@ -173,9 +173,9 @@ export class SourceRun {
     });
   }
 
-  /** No decision taken yet (see LIVE). */
+  /** No decision taken yet (see LIVE_PHASES). */
   get live(): boolean {
-    return this.phase.is(...LIVE);
+    return this.phase.is(...LIVE_PHASES);
   }
 
   every(ms: number, fn: () => void): void {
