@@ -7,7 +7,7 @@
  * Stdin closed without "go": exits 2 without sending.
  */
 import { loadHostConfig } from '../src/config/load.ts';
-import { notifyDestination } from '../src/migrate/notify.ts';
+import { notifyDestination } from '../src/migrate/completion/notify.ts';
 import { createLogger } from '../src/util/log.ts';
 
 const [config, to, json] = process.argv.slice(2);

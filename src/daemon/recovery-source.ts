@@ -12,7 +12,7 @@ import { CheckpointStore } from '../checkpoint/store.ts';
 import { ImageSink } from '../disk/image-sink.ts';
 import { isTetherError, TetherError } from '../errors.ts';
 import { cleanupCrashPoint } from '../migrate/faults.ts';
-import { notifyDestination } from '../migrate/notify.ts';
+import { notifyDestination } from '../migrate/completion/notify.ts';
 import { cont, MIGRATION_ACTIVE, migrateCancel, queryMigrate, queryStatus } from '../qemu/commands.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import { errorFields, ignored } from '../util/log.ts';

@@ -1,4 +1,10 @@
+import { existsSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import { TetherError } from '../errors.ts';
+import type { Logger } from '../util/log.ts';
+import { nowMs, sleep } from '../util/time.ts';
+import { CUT_COMPLETION } from './completion/protocol.ts';
 
 /**
  * Fault injection for the netns harness and demos, from the daemon's
@@ -88,21 +94,8 @@ export interface Faults {
   holdMigrateTrigger?: boolean;
 }
 
-/** Steps of the completion handshake (docs/completion.md) at which cut-completion=N drops the channel. */
-export const CUT_COMPLETION = {
-  /** D: drops its request instead of sending it (D is already completing: it holds outputs and pauses). */
-  request: 1,
-  /** S: got the request, drops the channel before recording completion (S then rolls back). */
-  beforeRecord: 2,
-  /** S: recorded completion durably, drops the channel instead of answering (S then re-answers on a new channel). */
-  afterRecord: 3,
-  /** S: recorded completion durably, then its sidecar dies (SIGKILL of itself; its restart finishes the hand-over). */
-  crashAfterRecord: 4,
-  /** D: drops S's answer and the channel (S re-answers on a new channel). */
-  answer: 5,
-  /** D: its sidecar dies (SIGKILL of itself) on S's answer, before acting on it; its restart waits for the answer again. */
-  crashOnAnswer: 6,
-} as const;
+/** Steps of the completion handshake at which cut-completion=N drops the channel: defined with the handshake. */
+export { CUT_COMPLETION };
 
 /** File name, in the VM's state dir, that lets a source held by hold-migrate-trigger send `migrate`. */
 export const MIGRATE_TRIGGER = 'migrate.trigger';
@@ -170,6 +163,51 @@ export function cleanupCrashPoint(faults: Faults): (step: number) => void {
   return (step) => {
     if (faults.crashCleanupStep === step) process.kill(process.pid, 'SIGKILL');
   };
+}
+
+/**
+ * hold-acks-ms: how long the ACK of checkpoint `epoch` still waits (0: not held). One hold,
+ * armed by the first checkpoint it applies to (recorded in `hold.until`); with
+ * hold-acks-trigger only once the trigger file exists.
+ */
+export function ackHoldMs(f: Faults, epoch: number, vmDir: string, hold: { until?: number }): number {
+  if (!f.holdAcksMs || epoch < (f.holdAcksEpoch ?? 3)) return 0;
+  if (hold.until === undefined && f.holdAcksTrigger && !existsSync(path.join(vmDir, HOLD_ACKS_TRIGGER))) return 0;
+  hold.until ??= nowMs() + f.holdAcksMs;
+  return hold.until - nowMs();
+}
+
+/** hold-migrate-trigger: waits, while `live()`, for the trigger file that lets the source send `migrate`. */
+export async function holdMigrateTrigger(f: Faults, vmDir: string, log: Logger, live: () => boolean): Promise<void> {
+  if (!f.holdMigrateTrigger) return;
+  log.warn('fault injection: migrate waits for its trigger file');
+  while (live() && !existsSync(path.join(vmDir, MIGRATE_TRIGGER))) await sleep(50);
+}
+
+/** fail-restore-load: the device-state file a standby is handed, one QEMU refuses ("not a migration stream"). */
+export async function restoreLoadPath(f: Faults, devstatePath: string): Promise<string> {
+  if (!f.failRestoreLoad) return devstatePath;
+  const fault = `${devstatePath}.fault`;
+  await fs.writeFile(fault, 'fault injection: not a migration stream\n');
+  return fault;
+}
+
+/** cut-completion=2 on the source: true (logged) when the request is to be dropped with the channel, unrecorded. */
+export function cutBeforeRecord(f: Faults, log: Logger, finalEpoch: number): boolean {
+  if (f.cutCompletion !== CUT_COMPLETION.beforeRecord) return false;
+  log.warn('fault injection: dropping the channel before recording completion', { finalEpoch });
+  return true;
+}
+
+/** cut-completion=3/4 on the source, once completion is recorded: drop the channel (`close`), or die. */
+export function cutAfterRecord(f: Faults, log: Logger, finalEpoch: number, close: () => void): void {
+  if (f.cutCompletion === CUT_COMPLETION.afterRecord) {
+    log.warn('fault injection: dropping the channel after recording completion', { finalEpoch });
+    close();
+  } else if (f.cutCompletion === CUT_COMPLETION.crashAfterRecord) {
+    log.warn('fault injection: sidecar dies after recording completion', { finalEpoch });
+    process.kill(process.pid, 'SIGKILL');
+  }
 }
 
 export function parseFaults(spec: string | undefined): Faults {

@@ -17,7 +17,7 @@ import type { HostConfig } from '../config/types.ts';
 import { callDaemon } from '../control/client.ts';
 import { Daemon } from '../daemon/daemon.ts';
 import { PeerChannel } from '../peer/channel.ts';
-import { nullLogger } from '../util/log.ts';
+import { ignored, nullLogger } from '../util/log.ts';
 import { sleep } from '../util/time.ts';
 import { alive } from '../daemon/daemon.test-util.ts';
 
@@ -81,7 +81,7 @@ async function evilDestination(t: Test, psk: Buffer): Promise<Peer> {
         ch.on('message', (m) => {
           peer.received.push(m);
           if (m.type === 'control' && m.body.kind === 'prepare') {
-            void ch.send({ type: 'control', body: { kind: 'ready', uri: peer.uri } }).catch(() => {});
+            void ch.send({ type: 'control', body: { kind: 'ready', uri: peer.uri } }).catch(ignored(undefined, 'the source closed first'));
           }
         });
         ch.start();

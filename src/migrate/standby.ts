@@ -47,7 +47,8 @@ import { identityAlive, killIdentity, QemuProcess } from '../qemu/process.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import { shellQuote } from '../qemu/cmdline.ts';
 import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
+import { errorFields, ignored } from '../util/log.ts';
+import { cont, migrateIncoming, queryMigrate, queryStatus } from '../qemu/commands.ts';
 import { nowMs } from '../util/time.ts';
 import { TetherError } from '../errors.ts';
 import { VmInstance } from '../vm/instance.ts';
@@ -144,7 +145,7 @@ export class HotStandby {
   async status(): Promise<string | null> {
     const q = await this.#ready;
     if (!q || q.hasExited || this.#state === 'discarded') return null;
-    return (await q.qmp.execute<{ status: string }>('query-status')).status;
+    return (await queryStatus(q.qmp)).status;
   }
 
   /**
@@ -161,9 +162,9 @@ export class HotStandby {
     const t0 = nowMs();
     try {
       // Never handed anything yet: it must still wait in 'inmigrate' with no incoming migration.
-      const st = await q.qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 });
-      if (st.status !== 'inmigrate') throw new Error(`standby is ${st.status}, not inmigrate`);
-      await q.qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devstatePath)}` });
+      const st = await queryStatus(q.qmp, { timeoutMs: 1000 });
+      if (st.status !== 'inmigrate') throw new TetherError('ERR_RESTORE_UNAVAILABLE', `standby is ${st.status}, not inmigrate`);
+      await migrateIncoming(q.qmp, `exec:cat ${shellQuote(devstatePath)}`);
       // ~20-35 ms normally; a bad file makes QEMU exit at once, but a stream that never
       // starts (QEMU 7.2 waits for its exec channel to become readable) would wait forever
       await q.waitForStatus('paused', LOAD_TIMEOUT_MS, 2);
@@ -210,7 +211,7 @@ export class HotStandby {
     }
     await this.takeOver();
     if (!this.hasNics) {
-      await this.#q!.qmp.execute('cont');
+      await cont(this.#q!.qmp);
       await this.#q!.waitForStatus('running', 60_000, 2);
     }
     return true;
@@ -286,7 +287,7 @@ export async function settleStandbys(vm: VmInstance, recorded: QemuIdentity | nu
   const sb = await VmInstance.readStandby(vm.dir);
   if (!sb || !identityAlive(sb)) return recorded;
   const isRecorded = recorded !== null && recorded.pid === sb.pid && recorded.startTime === sb.startTime;
-  if (isRecorded && (await gotDeviceState(vm.qmpSocket))) return recorded;
+  if (isRecorded && (await gotDeviceState(vm.qmpSocket, log))) return recorded;
   log.warn('killing a hot standby left by the previous sidecar', { pid: sb.pid });
   await killIdentity(sb);
   return isRecorded ? null : recorded;
@@ -297,17 +298,15 @@ export async function settleStandbys(vm: VmInstance, recorded: QemuIdentity | nu
  * sidecar wrote before dying is read and run by QEMU before it accepts our connection
  * (one monitor client at a time), so the answer cannot be stale.
  */
-async function gotDeviceState(qmpSocket: string): Promise<boolean> {
+async function gotDeviceState(qmpSocket: string, log: Logger): Promise<boolean> {
   let c: QmpClient | undefined;
   try {
     c = await QmpClient.connect(qmpSocket, { timeoutMs: 5000 });
-    const st = await c.execute<{ status: string }>('query-status');
-    if (st.status !== 'inmigrate') return true;
-    const m = await c.execute<{ status?: string }>('query-migrate');
-    return m.status !== undefined;
+    if ((await queryStatus(c)).status !== 'inmigrate') return true;
+    return (await queryMigrate(c)).status !== undefined;
   } catch {
     return false; // no monitor: nothing to adopt either
   } finally {
-    await c?.close().catch(() => {});
+    await c?.close().catch(ignored(log, 'a monitor connection to a QEMU about to be killed'));
   }
 }

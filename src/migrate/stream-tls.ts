@@ -4,7 +4,8 @@ import path from 'node:path';
 import { TetherError } from '../errors.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
+import { errorFields, ignored } from '../util/log.ts';
+import { migrateSetParameters, objectAdd, objectDel } from '../qemu/commands.ts';
 
 /**
  * TLS-PSK for QEMU's own migration stream (docs/security.md).
@@ -93,9 +94,9 @@ export class StreamTls {
     try {
       await t.#writeKeys(opts.psk, opts.endpoint === 'server');
       // A QEMU that went through an earlier migration (cancelled before switchover) may still hold one.
-      await opts.qmp.execute('object-del', { id: STREAM_TLS_ID }, { timeoutMs: QMP_MS }).catch(() => {});
-      await opts.qmp.execute(
-        'object-add',
+      await objectDel(opts.qmp, STREAM_TLS_ID, { timeoutMs: QMP_MS }).catch(ignored(opts.log, 'no earlier credentials object to delete'));
+      await objectAdd(
+        opts.qmp,
         {
           'qom-type': 'tls-creds-psk',
           id: STREAM_TLS_ID,
@@ -105,7 +106,7 @@ export class StreamTls {
         },
         { timeoutMs: QMP_MS },
       );
-      await opts.qmp.execute('migrate-set-parameters', { 'tls-creds': STREAM_TLS_ID }, { timeoutMs: QMP_MS });
+      await migrateSetParameters(opts.qmp, { 'tls-creds': STREAM_TLS_ID }, { timeoutMs: QMP_MS });
       // The client has read its key (object-add loads it): the file has no further use.
       if (opts.endpoint === 'client') await t.removeKeys();
     } catch (e) {
@@ -148,8 +149,9 @@ export class StreamTls {
   async tearDown(): Promise<void> {
     if (this.#down) return;
     this.#down = true;
-    await this.#qmp.execute('migrate-set-parameters', { 'tls-creds': '' }, { timeoutMs: QMP_MS }).catch(() => {});
-    await this.#qmp.execute('object-del', { id: STREAM_TLS_ID }, { timeoutMs: QMP_MS }).catch(() => {});
+    const gone = ignored(this.#log, 'a QEMU that is gone took its credentials object with it');
+    await migrateSetParameters(this.#qmp, { 'tls-creds': '' }, { timeoutMs: QMP_MS }).catch(gone);
+    await objectDel(this.#qmp, STREAM_TLS_ID, { timeoutMs: QMP_MS }).catch(gone);
     await this.removeKeys();
   }
 }

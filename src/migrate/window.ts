@@ -18,6 +18,7 @@
  */
 import { TetherError } from '../errors.ts';
 import { MAX_CHECKPOINT_WINDOW } from '../epoch/limits.ts';
+import { ignored } from '../util/log.ts';
 
 interface Entry {
   epoch: number;
@@ -39,7 +40,8 @@ function waiter(): Entry['acked'] {
     resolve = res;
     reject = rej;
   });
-  promise.catch(() => {});
+  // Handled here once, so that a rejection nobody awaits yet is no unhandled rejection; whoever awaits it sees it.
+  promise.catch(ignored(undefined, 'a window waiter rejected before anyone awaited it'));
   return { promise, resolve, reject };
 }
 

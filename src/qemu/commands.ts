@@ -104,11 +104,9 @@ export const blockdevReopen = (q: QmpExecutor, options: Record<string, unknown>[
 export const blockdevDel = (q: QmpExecutor, nodeName: string, opts?: QmpExecuteOptions): Promise<void> =>
   q.execute<void>('blockdev-del', { 'node-name': nodeName }, opts);
 
-/** object-add: a QOM object (e.g. `tls-creds-psk` for the migration stream); `props` are the type's own properties. */
+/** object-add of a QOM object (e.g. the migration stream's tls-creds-psk): `args` carries qom-type, id and its properties. */
 export const objectAdd = (
   q: QmpExecutor,
-  qomType: string,
-  id: string,
-  props: Record<string, unknown>,
+  args: { 'qom-type': string; id: string } & Record<string, unknown>,
   opts?: QmpExecuteOptions,
-): Promise<void> => q.execute<void>('object-add', { 'qom-type': qomType, id, ...props }, opts);
+): Promise<void> => q.execute<void>('object-add', args, opts);

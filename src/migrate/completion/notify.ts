@@ -3,19 +3,15 @@
  * destination confirms it. Used by a running source migration and by a restarted sidecar's
  * recovery alike; the answer names its migration by id (docs/completion.md).
  */
-import { TetherError } from '../errors.ts';
-import type { Message } from '../peer/messages.ts';
-import { PeerChannel } from '../peer/channel.ts';
-import { asPeerControl } from '../peer/control.ts';
-import type { PeerControl } from '../peer/control.ts';
-import type { Logger } from '../util/log.ts';
-import { errorFields } from '../util/log.ts';
-import { nowMs, sleep } from '../util/time.ts';
-
-/** RESOLVE: the source's answer to the completion request of migration `migrationId`. */
-export function resolveMessage(migrationId: string, vm: string, outcome: 'completed' | 'rolled-back', epoch: number): Message {
-  return { type: 'control', body: { kind: 'resolve', migrationId, vm, outcome, epoch } };
-}
+import { TetherError } from '../../errors.ts';
+import type { Message } from '../../peer/messages.ts';
+import { PeerChannel } from '../../peer/channel.ts';
+import { asPeerControl } from '../../peer/control.ts';
+import type { PeerControl } from '../../peer/control.ts';
+import type { Logger } from '../../util/log.ts';
+import { errorFields, ignored } from '../../util/log.ts';
+import { nowMs, sleep } from '../../util/time.ts';
+import { resolveMessage } from './protocol.ts';
 
 export interface NotifyOptions {
   psk: Buffer;
@@ -47,7 +43,7 @@ export async function notifyDestination(o: NotifyOptions): Promise<'confirmed' |
     const own = ch === undefined;
     try {
       ch ??= await PeerChannel.connect(o.to.host, o.to.port, { psk: o.psk, connectTimeoutMs: 2000 });
-      const a = await askResolved(ch, o.migrationId, resolveMessage(o.migrationId, o.vm, o.outcome, o.epoch), 3000);
+      const a = await askResolved(ch, o.migrationId, resolveMessage(o.migrationId, o.vm, o.outcome, o.epoch), 3000, o.log);
       const f = { migrationId: o.migrationId, outcome: o.outcome, epoch: o.epoch };
       if (!a.known) o.log.error('the destination does not know this migration', { ...f, ...(a.code ? { code: a.code } : {}) });
       else o.log.info('destination confirmed the answer to its completion request', f);
@@ -71,7 +67,13 @@ export async function notifyDestination(o: NotifyOptions): Promise<'confirmed' |
 }
 
 /** Sends `msg` and waits for the RESOLVED of the same migration (a malformed one is not it). */
-function askResolved(ch: PeerChannel, migrationId: string, msg: Message, timeoutMs: number): Promise<{ known: boolean; code?: string }> {
+function askResolved(
+  ch: PeerChannel,
+  migrationId: string,
+  msg: Message,
+  timeoutMs: number,
+  log: Logger,
+): Promise<{ known: boolean; code?: string }> {
   return new Promise((resolve, reject) => {
     const done = (f: () => void) => {
       clearTimeout(timer);
@@ -86,7 +88,7 @@ function askResolved(ch: PeerChannel, migrationId: string, msg: Message, timeout
       try {
         c = asPeerControl(m.body);
       } catch {
-        return;
+        return; // a malformed RESOLVED is not the answer: wait for the right one (or the timeout)
       }
       if (c.kind !== 'resolved' || c.migrationId !== migrationId) return;
       done(() => resolve({ known: c.known, ...(c.code ? { code: c.code } : {}) }));
@@ -95,6 +97,7 @@ function askResolved(ch: PeerChannel, migrationId: string, msg: Message, timeout
     ch.on('message', onMessage);
     ch.on('close', onClose);
     ch.start();
-    ch.send(msg).catch(() => {});
+    // a send that fails closes the channel: onClose rejects
+    ch.send(msg).catch(ignored(log, 'the channel closes and onClose rejects'));
   });
 }

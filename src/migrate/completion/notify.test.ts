@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import t from 'tap';
-import { PeerChannel } from '../peer/channel.ts';
-import { newMigrationId } from '../epoch/id.ts';
-import { createLogger } from '../util/log.ts';
+import { PeerChannel } from '../../peer/channel.ts';
+import { newMigrationId } from '../../epoch/id.ts';
+import { createLogger } from '../../util/log.ts';
 import { notifyDestination } from './notify.ts';
 
 const log = createLogger({ test: 'notify' }, 'error');
