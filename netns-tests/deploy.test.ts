@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses } from './harness.ts';
+import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses } from '../lab/cluster.ts';
 
 /*
  * Deployment that does not kill guests (docs/deploy.md):

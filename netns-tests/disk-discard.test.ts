@@ -20,8 +20,8 @@
 import fs from 'node:fs';
 import t from 'tap';
 import { callDaemon } from '../src/control/client.ts';
-import { diskcheck, fileSize, waitDiskPasses, waitFor } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { diskcheck, fileSize, waitDiskPasses, waitFor } from '../lab/cluster.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import {
   assertDiskSurvivedOnSource,
   assertNotRunningOn,

@@ -24,7 +24,7 @@ import { NbdServer } from '../src/nbd/server.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import { createLogger } from '../src/util/log.ts';
 import { deferred } from '../src/util/time.ts';
-import { GUEST, waitFor } from './harness.ts';
+import { GUEST, waitFor } from '../lab/cluster.ts';
 
 const IMAGE_BYTES = 16 * 1024 * 1024;
 const BLOCKS = 1024;

@@ -5,7 +5,7 @@
  * `e2fsck -fn` (after replaying the ext4 journal on a copy, as a crash would).
  */
 import t from 'tap';
-import { e2fsck, fileSize, waitFsRounds } from './harness.ts';
+import { e2fsck, fileSize, waitFsRounds } from '../lab/cluster.ts';
 import { bootDiskCluster, waitApplied, waitDiskWindowClosed } from './scenarios.ts';
 
 const disk = { guest: 'fsload' as const, mib: 64 };

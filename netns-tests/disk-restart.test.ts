@@ -11,8 +11,8 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { LogKind, replayJournalLog } from '../src/disk/journal-log.ts';
 import type { LogRecord } from '../src/disk/journal-log.ts';
-import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from '../lab/cluster.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { armAckHold, assertDiskSurvivedOnSource, assertNotRunningOn, bootDiskCluster, DISK_HOLD, waitApplied } from './scenarios.ts';
 
 const disk = { guest: 'diskcheck' as const };

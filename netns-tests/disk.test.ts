@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import { fileSize, waitDiskPasses } from './harness.ts';
+import { fileSize, waitDiskPasses } from '../lab/cluster.ts';
 import { assertDiskSurvivedOnSource, bootDiskCluster, DISK_HOLD, killDuringDiskHold, waitApplied } from './scenarios.ts';
 
 const disk = { guest: 'diskcheck' as const };

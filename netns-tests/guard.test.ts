@@ -3,7 +3,7 @@
  * (src/vm/guard.ts), and must outlive it once the VM simply runs there.
  */
 import t from 'tap';
-import { fileSize, qemuAlive, waitFor, waitPasses } from './harness.ts';
+import { fileSize, qemuAlive, waitFor, waitPasses } from '../lab/cluster.ts';
 import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 t.test('destination sidecar killed mid post-copy and never restarted: its QEMU dies, the source resumes', async (t) => {

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { fileSize, memcheck, qemuAlive, waitPasses } from '../lab/cluster.ts';
 import { assertNotRunningOn, bootCluster } from './scenarios.ts';
 
 t.test('migration completes and the guest keeps running on the destination', async (t) => {

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import t from 'tap';
-import { sh, softnetDropped, waitFor } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { sh, softnetDropped, waitFor } from '../lab/cluster.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE, waitApplied } from './scenarios.ts';
 

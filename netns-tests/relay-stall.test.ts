@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import t from 'tap';
 import type { Test } from 'tap';
-import { GUEST_IP, softnetDropped, waitFor } from './harness.ts';
+import { GUEST_IP, softnetDropped, waitFor } from '../lab/cluster.ts';
 import { gateDefaults, gateReserve, qemuSendBuffer } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE } from './scenarios.ts';
 

@@ -1,6 +1,6 @@
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, memcheck, qemuAlive, waitFor, waitPasses } from '../lab/cluster.ts';
 import { bootCluster, waitApplied } from './scenarios.ts';
 
 /*

@@ -12,7 +12,7 @@
  * complete or fence before the abort; the decision ends the hold.
  */
 import t from 'tap';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { fileSize, memcheck, qemuAlive, waitPasses } from '../lab/cluster.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
 
 const HOLD_MS = 120_000;

@@ -6,8 +6,8 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, waitFor, waitPasses } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, waitFor, waitPasses } from '../lab/cluster.ts';
 import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 // booted before the first scenario (tap's root test would end on its own while a

@@ -17,12 +17,12 @@ import {
   waitFor,
   waitFsRounds,
   waitPasses,
-} from './harness.ts';
+} from '../lab/cluster.ts';
 import { callDaemon } from '../src/control/client.ts';
 import { HOLD_ACKS_TRIGGER } from '../src/migrate/faults.ts';
-import { checkAgainstGate, readGateLog } from './wirecap.ts';
-import type { GateCheck, WireCapture } from './wirecap.ts';
-import type { ClusterOptions, Host, NetClient } from './harness.ts';
+import { checkAgainstGate, readGateLog } from '../lab/wire/wirecap.ts';
+import type { GateCheck, WireCapture } from '../lab/wire/wirecap.ts';
+import type { ClusterOptions, Host, NetClient } from '../lab/cluster.ts';
 
 export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
   const c = new Cluster(opts);

@@ -1,10 +1,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { encodeStateFile } from '../src/vm/state-file.ts';
 import { MARKER_VERSION } from '../src/vm/instance.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { fileSize, memcheck, qemuAlive, waitPasses } from '../lab/cluster.ts';
 import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
 
 /*

@@ -1,8 +1,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, memcheck, qemuAlive, waitPasses } from '../lab/cluster.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 /*

@@ -13,8 +13,8 @@ import { HotStandby, standbySocket } from '../src/migrate/standby.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import { nullLogger } from '../src/util/log.ts';
 import { VmInstance } from '../src/vm/instance.ts';
-import { fileSize, GUEST, memcheck, qemuAlive, qemuPidsWith, waitFor, waitPasses } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { fileSize, GUEST, memcheck, qemuAlive, qemuPidsWith, waitFor, waitPasses } from '../lab/cluster.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
 
 const MiB = 1024 * 1024;

@@ -12,8 +12,8 @@
  * consistently. Then the same VM migrates again and completes.
  */
 import fs from 'node:fs';
-import { Cluster, diskcheck, fileSize, memcheck, waitDiskPasses, waitFor, waitPasses } from '../netns-tests/harness.ts';
-import type { NetClient } from '../netns-tests/harness.ts';
+import { Cluster, diskcheck, fileSize, memcheck, waitDiskPasses, waitFor, waitPasses } from '../lab/cluster.ts';
+import type { NetClient } from '../lab/cluster.ts';
 import { waitApplied } from '../netns-tests/scenarios.ts';
 
 const say = (s: string) => process.stdout.write(`\n\x1b[1m== ${s}\x1b[0m\n`);

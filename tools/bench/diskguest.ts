@@ -2,7 +2,7 @@
  * In-guest disk benchmark:
  *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --only steady,guest,journal,ckpt | --quick]
  *
- * Four parts; the last three each in its own two-namespace Cluster (netns-tests/harness.ts),
+ * Four parts; the last three each in its own two-namespace Cluster (lab/cluster.ts),
  * under real QEMU (TCG) with the tether guest image:
  *
  * 0. steady: QEMU's block layer (`qemu-img bench`, O_DIRECT: -t none) on the node graph tether
@@ -51,7 +51,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
-import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../netns-tests/harness.ts';
+import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../lab/cluster.ts';
 import { arg } from './args.ts';
 import { markdownTable, type Figure } from './report.ts';
 import { FILE_NODE } from '../../src/qemu/cmdline.ts';

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, sh, type Host } from '../../netns-tests/harness.ts';
+import { Cluster, memcheck, sh, type Host } from '../../lab/cluster.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
 import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/native.ts';

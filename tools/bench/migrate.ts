@@ -1,7 +1,7 @@
 /**
  * Migration benchmark: `npm run bench migrate [-- options]`
  *
- * One run, three parts, each in its own two-namespace Cluster (netns-tests/harness.ts:
+ * One run, three parts, each in its own two-namespace Cluster (lab/cluster.ts:
  * real QEMU TCG, memcheck guest, a tether daemon per namespace):
  *
  *  1. tether migration that completes: per-checkpoint VM pause p50/p99, bytes per
@@ -51,7 +51,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses, type Host } from '../../netns-tests/harness.ts';
+import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses, type Host } from '../../lab/cluster.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { percentile } from '../../src/util/time.ts';

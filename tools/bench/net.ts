@@ -3,7 +3,7 @@
  * QEMU TCG). Run it under the machine-wide lock:
  *   flock /tmp/tether-qemu.lock npm run bench net [-- --quick]
  *
- * Two clusters of the netns harness (netns-tests/harness.ts), booted side by side and
+ * Two clusters of the netns harness (lab/cluster.ts), booted side by side and
  * both alive for the whole run, so each measurement sees the same background load:
  *   tap:  the guest's NIC is QEMU's own `-netdev tap` on the host bridge (vanilla baseline);
  *         QEMU's default vnet_hdr gives the guest checksum and segmentation offloads;
@@ -14,7 +14,7 @@
  *         gate → tap) in between (TCP there with --gated-sizes).
  * The guest runs netcheck (tools/guest/netcheck.c) and a slow memcheck; the client
  * namespace pings it (busybox ping: the guest kernel answers ICMP) and moves bulk TCP
- * through netcheck (tools/bench/net-client.ts: B = guest → client, S = client → guest),
+ * through netcheck (lab/net/bulk-client.ts: B = guest → client, S = client → guest),
  * transfers of each --sizes one after another for --tcp-seconds.
  *
  * Phases of the gate cluster, all in one run:
@@ -74,7 +74,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host, type NetClient } from '../../netns-tests/harness.ts';
+import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host, type NetClient } from '../../lab/cluster.ts';
 import { waitApplied } from '../../netns-tests/scenarios.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
@@ -135,7 +135,7 @@ const OUT_DIR = path.join(ROOT, 'bench-results');
 const STARTED = new Date().toISOString();
 const RUN_DIR = path.join(OUT_DIR, `net-${STARTED.replaceAll(':', '').replace(/\.\d+Z$/, 'Z')}`);
 const LOG_DIR = path.join(RUN_DIR, 'logs');
-const CLIENT = path.join(ROOT, 'tools', 'bench', 'net-client.ts');
+const CLIENT = path.join(ROOT, 'lab', 'net', 'bulk-client.ts');
 const PING_WAIT_S = 3;
 
 const now = (): number => performance.now();

@@ -1,8 +1,8 @@
 /**
  * Benchmark suite: `npm run bench` (full) and `npm run bench -- --quick` (CI smoke).
  *
- * Strategies side by side, each migration in its own two-namespace Cluster (netns-tests/
- * harness.ts: real QEMU TCG, a tether daemon per namespace), the migration link veth shaped
+ * Strategies side by side, each migration in its own two-namespace Cluster (lab/cluster.ts:
+ * real QEMU TCG, a tether daemon per namespace), the migration link veth shaped
  * with tbf in both directions:
  *   vanilla-precopy    QEMU pre-copy, started directly in the namespaces (no tether); guest
  *                      RAM 8 KiB over the stated size (PRECOPY_NOTE: QEMU 7.2 loses TCG dirty bits)
@@ -62,7 +62,7 @@ import {
   type ClusterOptions,
   type Host,
   type NetClient,
-} from '../../netns-tests/harness.ts';
+} from '../../lab/cluster.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { percentile } from '../../src/util/time.ts';

@@ -20,7 +20,7 @@
  * missed only if the frame's release followed the leak within the capture's own
  * latency (well under the 50 ms between checkpoints).
  *
- *   ip netns exec <client ns> node --import tsx netns-tests/wirecap.ts \
+ *   ip netns exec <client ns> node --import tsx lab/wire/wirecap.ts \
  *       --mac 52:54:00:12:34:56 --out frames.jsonl ups upd
  * writes one JSON line per frame: {"port":"upd","mono":81234567.891,"len":98,"hash":"9f2c…","type":"0800"}
  * and "ready" to stdout once every port is open.

@@ -3,7 +3,7 @@
  * reports, as JSON lines on stdout, every answer and every violation. Reconnect policy:
  * none — the point is that the SAME TCP connection survives migrations and rollbacks.
  *
- *   ip netns exec <ns> node --import tsx netns-tests/netclient.ts \
+ *   ip netns exec <ns> node --import tsx lab/net/netclient.ts \
  *       --host 10.99.0.10 --port 7000 [--interval-ms 100] [--stall-ms 45000] [--udp-port 7001]
  *
  * stdin commands (one per line): "udp <count> <size>" (the guest floods datagrams to

@@ -10,8 +10,8 @@ import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GUEST_IP, waitFor } from '../harness.ts';
-import type { Cluster } from '../harness.ts';
+import { GUEST_IP, waitFor } from '../cluster.ts';
+import type { Cluster } from '../cluster.ts';
 import type { Test } from 'tap';
 
 const TABLE = 'tether_rows';

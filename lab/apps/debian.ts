@@ -9,8 +9,8 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
-import { Cluster, ROOT, waitFor } from '../harness.ts';
-import type { ClusterOptions } from '../harness.ts';
+import { Cluster, ROOT, waitFor } from '../cluster.ts';
+import type { ClusterOptions } from '../cluster.ts';
 
 export interface DebianGuest {
   kernel: string;

@@ -2,7 +2,7 @@
  * Bulk TCP client of the network benchmark (tools/bench/net.ts), run in the client
  * namespace against the guest's netcheck:
  *
- *   ip netns exec <ns> node --import tsx tools/bench/net-client.ts \
+ *   ip netns exec <ns> node --import tsx lab/net/bulk-client.ts \
  *       --host 10.99.0.10 --port 7000 --dir g2c|c2g --size <bytes> --seconds <s>
  *
  * One connection; transfers of --size bytes one after another until --seconds have

@@ -24,7 +24,7 @@ import { fileURLToPath } from 'node:url';
 import { callDaemon } from '../src/control/client.ts';
 import type { TetherError } from '../src/errors.ts';
 import { HOLD_COMPLETION_RELEASE } from '../src/migrate/faults.ts';
-import { WireCapture } from './wirecap.ts';
+import { WireCapture } from './wire/wirecap.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TETHER = path.join(ROOT, 'bin', 'tether.mjs');
@@ -386,7 +386,7 @@ export class Cluster {
       process.execPath,
       '--import',
       'tsx',
-      path.join(ROOT, 'netns-tests', 'netclient.ts'),
+      path.join(ROOT, 'lab', 'net', 'netclient.ts'),
       '--host',
       GUEST_IP,
       '--port',
@@ -406,7 +406,7 @@ export class Cluster {
 
   /**
    * Capture the frames of the VM's MAC that arrive at the switch from each host's uplink
-   * (netns-tests/wirecap.ts); stopped by cleanup.
+   * (lab/wire/wirecap.ts); stopped by cleanup.
    */
   async capture(): Promise<WireCapture> {
     const w = await WireCapture.start(this.clientNs, this.dir, GUEST_MAC, [SWITCH_PORT_S, SWITCH_PORT_D]);
@@ -504,7 +504,7 @@ export class Cluster {
    * called, which resolves with notifyDestination's outcome. Stopped by cleanup() if unsent.
    */
   resolveSender(from: Host, to: Host, body: Record<string, unknown>): { send(): Promise<string> } {
-    const args = ['netns', 'exec', from.ns, process.execPath, '--import', 'tsx', path.join(ROOT, 'netns-tests', 'send-resolve.ts')];
+    const args = ['netns', 'exec', from.ns, process.execPath, '--import', 'tsx', path.join(ROOT, 'lab', 'send-resolve.ts')];
     const p = spawn('ip', [...args, from.config, `${to.addr}:7700`, JSON.stringify(body)], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
     this.#senders.add(p);
     let out = '';
@@ -805,7 +805,7 @@ export interface NetEvent {
 }
 
 /**
- * A running netclient (netns-tests/netclient.ts): collects its JSON-line events (also
+ * A running netclient (lab/net/netclient.ts): collects its JSON-line events (also
  * written to `log`) and lets a test wait on them.
  */
 export class NetClient {
