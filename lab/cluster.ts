@@ -1,5 +1,5 @@
 /**
- * Network-namespace harness: two hosts (source S, destination D) on one
+ * The lab's cluster: two hosts (source S, destination D) on one
  * machine, linked by a veth pair, each running its own tether daemon with its
  * own state dir, real QEMU (TCG) and the memcheck guest. Everything it creates
  * is removed in teardown, also when the test fails or is interrupted.
@@ -14,158 +14,35 @@
  *   [sw 10.99.0.1]--ups ~~ upl--[brg]--tap0 (VM)   ...   [brg]--tap0 (VM)
  *        \------upd ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ upl--/
  */
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { callDaemon } from '../src/control/client.ts';
 import type { TetherError } from '../src/errors.ts';
 import { HOLD_COMPLETION_RELEASE } from '../src/migrate/faults.ts';
+import { hostYaml, vmYaml } from './cluster-config.ts';
+import { spawnNetclient, type NetClient, type NetclientOptions } from './net/driver.ts';
+import { sh, sweepStale, waitExit, waitFor } from './proc.ts';
+import {
+  CLIENT_IP,
+  GUEST_BRIDGE,
+  GUEST_MAC,
+  GUEST_TAP,
+  ROOT,
+  SWITCH_BRIDGE,
+  SWITCH_PORT_D,
+  SWITCH_PORT_S,
+  TETHER,
+  type ClusterOptions,
+  type Host,
+  type RunResult,
+} from './topology.ts';
 import { WireCapture } from './wire/wirecap.ts';
-
-export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const TETHER = path.join(ROOT, 'bin', 'tether.mjs');
-export const GUEST = path.join(ROOT, '.cache', 'guest', 'current');
-
-export interface Host {
-  role: 'source' | 'destination';
-  name: string;
-  ns: string;
-  addr: string;
-  config: string;
-  socket: string;
-  stateDir: string;
-  ramDir: string;
-  /** This host's VM configs (<vmConfigDir>/vm1.yaml): a destination runs QEMU from its own. */
-  vmConfigDir: string;
-  daemonLog: string;
-  daemon?: ChildProcess;
-}
-
-/** The guest segment: fixed, every cluster's segment lives in its own namespaces. */
-export const GUEST_IP = '10.99.0.10';
-export const CLIENT_IP = '10.99.0.1';
-export const GUEST_MAC = '52:54:00:12:34:56';
-export const NETCHECK_PORT = 7000;
-export const GUEST_BRIDGE = 'brg';
-export const GUEST_TAP = 'tap0';
-export const SWITCH_BRIDGE = 'sw';
-export const SWITCH_PORT_S = 'ups';
-export const SWITCH_PORT_D = 'upd';
-
-export interface ClusterOptions {
-  /**
-   * Give the guest a NIC on the guest segment and start netcheck in it.
-   *   qemu-tap: QEMU's own `-netdev tap` on a TAP the harness creates (no gate: the
-   *             baseline, and a NIC whose output nobody holds back);
-   *   gate:     the VM config's `nics`, served by the sidecar's gate.
-   */
-  guestNet?: 'qemu-tap' | 'gate';
-  /**
-   * With guestNet 'qemu-tap': QEMU's vnet_hdr on the TAP (default on, QEMU's own default).
-   * Off, the guest gets no checksum/segmentation offloads, as behind the gate's stream
-   * netdev, which carries no virtio-net header (the network benchmark's like-for-like baseline).
-   */
-  tapVnetHdr?: boolean;
-  /** Bound of the gate's held frames (VM config `gate`), with guestNet 'gate'. */
-  gate?: { maxBytes?: number; maxFrames?: number };
-  /** TETHER_FAULTS for each daemon. */
-  faults?: { source?: string; destination?: string };
-  /**
-   * The destination's sidecar runs with the fault hold-completion (src/migrate/faults.ts),
-   * on every start, whatever else its TETHER_FAULTS say: a migration cannot end before
-   * the test interrupts it, however fast the machine, until releaseCompletion().
-   */
-  holdCompletion?: boolean;
-  /** Give the destination a different peer key than the source (an impostor). */
-  mismatchedKeys?: boolean;
-  /** Overrides merged into the VM YAML. */
-  vm?: {
-    memcheckMiB?: number;
-    memcheckMBps?: number;
-    maxBandwidth?: number;
-    intervalMs?: number;
-    failoverTimeoutMs?: number;
-    fenceTimeoutMs?: number;
-    /** Appended to the guest kernel command line (e.g. "tether.ip=10.99.0.2/24"). */
-    appendExtra?: string;
-    /** YAML lines appended to the VM config (e.g. a nics: block). */
-    extraYaml?: string[];
-    hotStandby?: boolean;
-    memoryMiB?: number;
-  };
-  /** Extra environment for both daemons. */
-  env?: Record<string, string>;
-  /**
-   * Boot this guest instead of the busybox one: its kernel, initrd and whole kernel command
-   * line (the Debian guest of netns-tests/apps/, with disk.guest 'os'). With guestNet,
-   * `tether.ip=GUEST_IP/24` is appended (no netcheck).
-   */
-  boot?: { kernel: string; initrd: string; append: string };
-  /**
-   * Opt-in: give the VM a raw disk image in the cluster directory (which both
-   * namespaces see: the shared storage of the disk's storage model) and run a disk
-   * program in the guest instead of memcheck.
-   */
-  disk?: {
-    /**
-     * diskcheck: zeroed image, `diskcheck /dev/vda <blocks> <writesPerPass> <delayMs>`; fsload: ext4 image;
-     * diskbench (benchmarks): zeroed image, `diskbench /dev/vda <benchSpanMiB> <benchOps>`.
-     */
-    guest: 'diskcheck' | 'fsload' | 'diskbench' | 'os';
-    /**
-     * diskcheck: every Nth write of a pass becomes a BLKZEROOUT or BLKDISCARD of 1..4 blocks
-     * (alternately), which must then read as zeroes (zero extents in the journal, DISKZERO).
-     */
-    zeroEvery?: number;
-    /** With guest 'os': the image the VM boots from (root=/dev/vda), copied (sparse) as its disk. */
-    image?: string;
-    benchSpanMiB?: number;
-    benchOps?: number;
-    /** diskbench waits for triggerDiskbench() before its run (the image must exceed the span). */
-    benchTrigger?: boolean;
-    /**
-     * Benchmark baseline: plain QEMU on the raw image (a file blockdev, cache.direct=on, under
-     * the same virtio-blk-pci, via qemu.extraArgs) instead of tether's disk section; the VM
-     * config then has no disk section. Not with guestNet 'qemu-tap'.
-     */
-    direct?: boolean;
-    mib?: number;
-    blocks?: number;
-    writesPerPass?: number;
-    delayMs?: number;
-    journalMaxBytes?: number;
-  };
-}
-
-export interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/**
- * TETHER_TEST_FAST=1: make every scenario's machine effectively faster, to show that no
- * scenario depends on the machine being slow: the migration link unshaped (maxBandwidth 0)
- * and a 256 MiB guest, unless the test sets them itself.
- */
-const FAST = process.env.TETHER_TEST_FAST === '1';
 
 let counter = 0;
 const live = new Set<Cluster>();
-
-export function sh(cmd: string, args: string[], opts: { allowFail?: boolean } = {}): string {
-  try {
-    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-  } catch (e) {
-    if (opts.allowFail) return '';
-    const err = e as { stderr?: string; message: string };
-    throw new Error(`${cmd} ${args.join(' ')} failed: ${err.stderr ?? err.message}`);
-  }
-}
 
 export class Cluster {
   readonly id: string;
@@ -235,108 +112,9 @@ export class Cluster {
     for (const h of [src, dst]) {
       const keyFile = path.join(this.dir, this.opts.mismatchedKeys ? `peer-${h.role}.key` : 'peer.key');
       if (!fs.existsSync(keyFile)) fs.writeFileSync(keyFile, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
-      fs.writeFileSync(
-        h.config,
-        [
-          `name: ${h.name}`,
-          `stateDir: ${h.stateDir}`,
-          `ramDir: ${h.ramDir}`,
-          `controlSocket: ${h.socket}`,
-          `vmConfigDir: ${h.vmConfigDir}`,
-          `peer:`,
-          `  listen: "${h.addr}:7700"`,
-          `  keyFile: ${keyFile}`,
-          `migration:`,
-          `  listenHost: ${h.addr}`,
-          `  portRange: [49152, 49160]`,
-          `metrics: "${h.addr}:9700"`,
-          `logLevel: debug`,
-          '',
-        ].join('\n'),
-      );
+      fs.writeFileSync(h.config, hostYaml(h, keyFile));
     }
-    const v = this.opts.vm ?? {};
-    const disk = this.opts.disk;
-    let run = `memcheck:${v.memcheckMiB ?? 96}:${v.memcheckMBps ?? 32}`;
-    const diskYaml: string[] = [];
-    if (disk) {
-      fs.mkdirSync(path.dirname(this.diskImage), { recursive: true });
-      if (disk.guest === 'os') {
-        if (!disk.image) throw new Error("disk.guest 'os' needs disk.image");
-        sh('cp', ['--sparse=always', disk.image, this.diskImage]);
-      } else {
-        fs.writeFileSync(this.diskImage, '');
-        fs.truncateSync(this.diskImage, (disk.mib ?? 16) * 1024 * 1024);
-      }
-      if (disk.guest === 'os') {
-        // the guest runs what its own image starts
-      } else if (disk.guest === 'fsload') {
-        sh('mkfs.ext4', ['-q', '-F', '-b', '4096', this.diskImage]);
-        run = 'fsload:/dev/vda:8:64';
-      } else if (disk.guest === 'diskbench') {
-        run = `diskbench:/dev/vda:${disk.benchSpanMiB ?? 64}:${disk.benchOps ?? 2000}${disk.benchTrigger ? ':trigger' : ''}`;
-      } else {
-        // Dense writes, quick verification: most of the guest's time is spent writing, so
-        // every epoch (the one a rollback discards included) holds writes.
-        run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}${disk.zeroEvery ? `:${disk.zeroEvery}` : ''}`;
-      }
-      if (!disk.direct) {
-        diskYaml.push('disk:', `  image: ${this.diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
-      }
-    }
-    const boot = this.opts.boot;
-    const net = this.opts.guestNet ? ` tether.ip=${GUEST_IP}/24${boot ? '' : ` tether.netcheck=${NETCHECK_PORT}`}` : '';
-    const nic: string[] = [];
-    if (disk?.direct) {
-      if (this.opts.guestNet === 'qemu-tap') throw new Error('disk.direct and guestNet qemu-tap both need qemu.extraArgs');
-      nic.push(
-        'qemu:',
-        '  extraArgs:',
-        '    - "-blockdev"',
-        `    - "driver=file,node-name=disk0,filename=${this.diskImage},cache.direct=on,discard=unmap"`,
-        '    - "-device"',
-        '    - "virtio-blk-pci,drive=disk0,id=vda"',
-      );
-    }
-    if (this.opts.guestNet === 'qemu-tap') {
-      nic.push(
-        'qemu:',
-        '  extraArgs:',
-        '    - "-netdev"',
-        `    - "tap,id=net0,ifname=${GUEST_TAP},script=no,downscript=no${this.opts.tapVnetHdr === false ? ',vnet_hdr=off' : ''}"`,
-        '    - "-device"',
-        `    - "virtio-net-pci,netdev=net0,mac=${GUEST_MAC}"`,
-      );
-    } else if (this.opts.guestNet === 'gate') {
-      nic.push('nics:', `  - mac: "${GUEST_MAC}"`, `    bridge: ${GUEST_BRIDGE}`, `    tap: ${GUEST_TAP}`);
-      const g = this.opts.gate ?? {};
-      if (g.maxBytes !== undefined || g.maxFrames !== undefined) {
-        nic.push('gate:');
-        if (g.maxBytes !== undefined) nic.push(`  maxBytes: ${g.maxBytes}`);
-        if (g.maxFrames !== undefined) nic.push(`  maxFrames: ${g.maxFrames}`);
-      }
-    }
-    this.writeVmConfig(
-      [src, dst],
-      [
-        `name: ${this.vmName}`,
-        `memoryMiB: ${v.memoryMiB ?? (FAST ? 256 : 512)}`,
-        `kernel: ${boot?.kernel ?? path.join(GUEST, 'vmlinuz')}`,
-        `initrd: ${boot?.initrd ?? path.join(GUEST, 'initrd.img')}`,
-        `append: "${boot?.append ?? `console=ttyS0 quiet panic=-1 tether.run=${run}`}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
-        ...nic,
-        `checkpoint:`,
-        `  intervalMs: ${v.intervalMs ?? 50}`,
-        `  failoverTimeoutMs: ${v.failoverTimeoutMs ?? 8000}`,
-        `  fenceTimeoutMs: ${v.fenceTimeoutMs ?? 4000}`,
-        `migration:`,
-        `  maxBandwidth: ${v.maxBandwidth ?? (FAST ? 0 : 16 * 1024 * 1024)}`,
-        `  hotStandby: ${v.hotStandby ?? true}`,
-        ...(v.extraYaml ?? []),
-        ...diskYaml,
-        '',
-      ].join('\n'),
-    );
+    this.writeVmConfig([src, dst], vmYaml(this.opts, this.vmName, this.diskImage));
     for (const h of [src, dst]) this.#startDaemon(h);
     await Promise.all([src, dst].map((h) => waitForSocket(h)));
   }
@@ -378,28 +156,8 @@ export class Cluster {
   }
 
   /** Start a verifying netcheck client in the client namespace. */
-  netclient(opts: { intervalMs?: number; stallMs?: number; udpPort?: number } = {}): NetClient {
-    const args = [
-      'netns',
-      'exec',
-      this.clientNs,
-      process.execPath,
-      '--import',
-      'tsx',
-      path.join(ROOT, 'lab', 'net', 'netclient.ts'),
-      '--host',
-      GUEST_IP,
-      '--port',
-      String(NETCHECK_PORT),
-      '--interval-ms',
-      String(opts.intervalMs ?? 100),
-      '--stall-ms',
-      String(opts.stallMs ?? 45_000),
-      '--udp-port',
-      String(opts.udpPort ?? 7001),
-    ];
-    const p = spawn('ip', args, { stdio: ['pipe', 'pipe', 'pipe'], cwd: ROOT });
-    const client = new NetClient(p, path.join(this.dir, `netclient-${this.clients.size}.jsonl`));
+  netclient(opts: NetclientOptions = {}): NetClient {
+    const client = spawnNetclient(this.clientNs, path.join(this.dir, `netclient-${this.clients.size}.jsonl`), opts);
     this.clients.add(client);
     return client;
   }
@@ -652,58 +410,6 @@ process.once('exit', () => {
   for (const c of live) c.cleanupSync();
 });
 
-/**
- * Remove what an earlier run left behind when it was killed too hard to clean
- * up (SIGKILL): namespaces, QEMU processes and RAM files named after a test
- * process that no longer exists.
- */
-export function sweepStale(): void {
-  const owners = new Set<string>();
-  for (const line of sh('ip', ['netns', 'list'], { allowFail: true }).split('\n')) {
-    const m = /^(tt(\d+)x\d+)[sdc]\b/.exec(line);
-    if (m && !pidAlive(Number(m[2]))) owners.add(m[1]!);
-  }
-  for (const f of fs.readdirSync('/dev/shm')) {
-    const m = /^tether-(tt(\d+)x\d+)$/.exec(f);
-    if (m && !pidAlive(Number(m[2]))) owners.add(m[1]!);
-  }
-  for (const id of owners) {
-    sh('pkill', ['-9', '-f', `tether-${id}-.*/[sd]\\.yaml`], { allowFail: true }); // daemons
-    sh('pkill', ['-9', '-f', `qemu-system.*tether-${id}[-/]`], { allowFail: true });
-    // netclients run in the client namespace (ns "<id>c"); its devices go with it
-    for (const pid of sh('ip', ['netns', 'pids', `${id}c`], { allowFail: true })
-      .split(/\s+/)
-      .filter(Boolean)) {
-      try {
-        process.kill(Number(pid), 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-    for (const suffix of ['s', 'd', 'c']) sh('ip', ['netns', 'del', `${id}${suffix}`], { allowFail: true });
-    fs.rmSync(`/dev/shm/tether-${id}`, { recursive: true, force: true });
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function waitExit(p: ChildProcess, ms: number): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    p.once('exit', () => {
-      clearTimeout(timer);
-      resolve();
-    });
-  });
-}
-
 /** Until the sidecar serves its control socket and has recovered every VM it found (none `recovering`). */
 async function waitForSocket(h: Host): Promise<void> {
   await waitFor(
@@ -721,325 +427,15 @@ async function waitForSocket(h: Host): Promise<void> {
 }
 
 /**
- * Poll until `fn` is true. The deadline only keeps a broken run from hanging
- * forever; it is generous on purpose and is not a performance assertion.
+ * Wait until the source has applied (and acked) checkpoint `epoch` of the
+ * migration `migrating`; fails if that migration ends first.
  */
-export async function waitFor(fn: () => boolean | Promise<boolean>, what: string, timeoutMs = 300_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (await fn()) return;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-export interface MemcheckReport {
-  /** Pass numbers reported ok, in log order. */
-  passes: number[];
-  /** Lines reporting corruption. */
-  corrupt: string[];
-  started: number;
-}
-
-/** Parse memcheck's lines from a serial log (from byte `from` on). */
-export function memcheck(serialLog: string, from = 0): MemcheckReport {
-  let text = '';
-  try {
-    text = fs.readFileSync(serialLog).subarray(from).toString('latin1');
-  } catch {
-    /* not there yet */
-  }
-  const passes: number[] = [];
-  const corrupt: string[] = [];
-  let started = 0;
-  for (const line of text.split(/\r?\n/)) {
-    const ok = /memcheck pass (\d+) ok/.exec(line);
-    if (ok) passes.push(Number(ok[1]));
-    if (/CORRUPT/.test(line)) corrupt.push(line);
-    if (/memcheck start/.test(line)) started++;
-  }
-  return { passes, corrupt, started };
-}
-
-export function fileSize(p: string): number {
-  try {
-    return fs.statSync(p).size;
-  } catch {
-    return 0;
-  }
-}
-
-/** Wait for `count` more completed memcheck passes in the log after byte `from`. */
-export async function waitPasses(serialLog: string, from: number, count: number, what: string): Promise<MemcheckReport> {
-  let rep = memcheck(serialLog, from);
-  await waitFor(() => {
-    rep = memcheck(serialLog, from);
-    return rep.passes.length >= count || rep.corrupt.length > 0;
-  }, `${count} memcheck passes ${what} (${serialLog})`);
-  return rep;
-}
-
-/** Live QEMU processes whose command line contains `needle` (a RAM file's mem-path=, a socket path). */
-export function qemuPidsWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const d of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const argv = fs.readFileSync(`/proc/${d}/cmdline`, 'latin1').split('\0');
-      if (/qemu-system/.test(argv[0] ?? '') && argv.some((a) => a.includes(needle))) out.push(Number(d));
-    } catch {
-      /* gone meanwhile */
-    }
-  }
-  return out;
-}
-
-export function qemuAlive(pid: number | null | undefined): boolean {
-  return !!pid && pidAlive(pid);
-}
-
-export interface NetEvent {
-  t: number;
-  ev: string;
-  [k: string]: any;
-}
-
-/**
- * A running netclient (lab/net/netclient.ts): collects its JSON-line events (also
- * written to `log`) and lets a test wait on them.
- */
-export class NetClient {
-  readonly events: NetEvent[] = [];
-  readonly stderr: string[] = [];
-  #exited: Promise<void>;
-  #listeners = new Set<(e: NetEvent) => void>();
-
-  constructor(
-    readonly proc: ChildProcess,
-    readonly log: string,
-  ) {
-    let buf = '';
-    proc.stdout!.on('data', (d: Buffer) => {
-      fs.appendFileSync(log, d);
-      buf += d.toString('utf8');
-      let nl;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        try {
-          const e = JSON.parse(line) as NetEvent;
-          this.events.push(e);
-          for (const l of this.#listeners) l(e);
-        } catch {
-          this.stderr.push(`unparsable: ${line}`);
-        }
-      }
-    });
-    proc.stderr!.on('data', (d: Buffer) => this.stderr.push(d.toString('utf8')));
-    this.#exited = new Promise((resolve) => proc.once('exit', () => resolve()));
-  }
-
-  get violations(): NetEvent[] {
-    return this.events.filter((e) => e.ev === 'violation');
-  }
-
-  answers(since = 0): NetEvent[] {
-    return this.events.filter((e) => e.ev === 'answer' && e.t >= since);
-  }
-
-  get exited(): boolean {
-    return this.proc.exitCode !== null || this.proc.signalCode !== null;
-  }
-
-  command(line: string): void {
-    this.proc.stdin!.write(line + '\n');
-  }
-
-  /** Wait for `count` verified answers that arrived at or after `since` (ms epoch). */
-  async waitAnswers(count: number, what: string, since = 0, timeoutMs?: number): Promise<void> {
-    await waitFor(
-      () => {
-        if (this.exited) throw new Error(`netclient exited while waiting for ${what}: ${this.stderr.join('').slice(-1500)}`);
-        return this.answers(since).length >= count;
-      },
-      `${count} verified answers ${what} (${this.log})`,
-      timeoutMs,
-    );
-  }
-
-  /** Resolves as soon as the next event matching `pred` arrives (no polling delay). */
-  next(pred: (e: NetEvent) => boolean): Promise<NetEvent> {
-    return new Promise((resolve) => {
-      const l = (e: NetEvent) => {
-        if (!pred(e)) return;
-        this.#listeners.delete(l);
-        resolve(e);
-      };
-      this.#listeners.add(l);
-    });
-  }
-
-  async waitEvent(pred: (e: NetEvent) => boolean, what: string, timeoutMs?: number): Promise<NetEvent> {
-    let found: NetEvent | undefined;
-    await waitFor(
-      () => {
-        found = this.events.find(pred);
-        if (!found && this.exited) throw new Error(`netclient exited while waiting for ${what}`);
-        return !!found;
-      },
-      `${what} (${this.log})`,
-      timeoutMs,
-    );
-    return found!;
-  }
-
-  /** Ask the client to stop and wait for its summary. */
-  async stop(): Promise<void> {
-    if (!this.exited) {
-      try {
-        this.command('stop');
-      } catch {
-        /* stdin gone */
-      }
-      const timer = setTimeout(() => this.kill(), 5000);
-      await this.#exited;
-      clearTimeout(timer);
-    }
-  }
-
-  kill(): void {
-    if (this.proc.pid && !this.exited) {
-      try {
-        process.kill(this.proc.pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  }
-}
-
-export interface DiskcheckReport {
-  /** Pass numbers reported ok, in log order. */
-  passes: number[];
-  /** MISMATCH lines and diskcheck's own error lines. */
-  mismatch: string[];
-}
-
-/** Parse diskcheck's lines from a serial log (from byte `from` on). */
-export function diskcheck(serialLog: string, from = 0): DiskcheckReport {
-  let text = '';
-  try {
-    text = fs.readFileSync(serialLog).subarray(from).toString('latin1');
-  } catch {
-    /* not there yet */
-  }
-  const passes: number[] = [];
-  const mismatch: string[] = [];
-  for (const line of text.split(/\r?\n/)) {
-    const ok = /diskcheck pass (\d+) ok/.exec(line);
-    if (ok) passes.push(Number(ok[1]));
-    if (/MISMATCH|diskcheck: /.test(line)) mismatch.push(line);
-  }
-  return { passes, mismatch };
-}
-
-export interface DiskbenchCase {
-  case: string;
-  qd: number;
-  ops: number;
-  us: number;
-  iops: number;
-  latMeanUs: number;
-  latP50Us: number;
-  latP99Us: number;
-}
-
-/** diskbench's result lines from a serial log; `done` once it finished, `error` on its error line. */
-export function diskbench(serialLog: string): { cases: DiskbenchCase[]; done: boolean; error?: string } {
-  let text = '';
-  try {
-    text = fs.readFileSync(serialLog, 'utf8');
-  } catch {
-    /* not created yet */
-  }
-  const cases: DiskbenchCase[] = [];
-  let error: string | undefined;
-  for (const line of text.split('\n')) {
-    const m = /diskbench case=(\S+) qd=(\d+) ops=(\d+) us=(\d+) iops=(\d+) lat_mean_us=(\d+) lat_p50_us=(\d+) lat_p99_us=(\d+)/.exec(line);
-    if (m) {
-      const n = m.slice(2).map(Number) as [number, number, number, number, number, number, number];
-      cases.push({ case: m[1]!, qd: n[0], ops: n[1], us: n[2], iops: n[3], latMeanUs: n[4], latP50Us: n[5], latP99Us: n[6] });
-    }
-    if (/diskbench: /.test(line)) error ??= line.trim();
-  }
-  return { cases, done: /diskbench done/.test(text), ...(error ? { error } : {}) };
-}
-
-/** What diskbench's trigger block begins with (TRIGGER_MAGIC in tools/guest/diskbench.c). */
-export const DISKBENCH_TRIGGER = 'tether-diskbench-go';
-
-/**
- * Start a diskbench that waits for its trigger (disk.benchTrigger): write the magic into
- * the image's last 4 KiB block, which the guest polls with O_DIRECT reads. The block lies
- * outside the benchmark's span and nobody else writes it.
- */
-export function triggerDiskbench(image: string): void {
-  const size = fs.statSync(image).size;
-  const fd = fs.openSync(image, 'r+');
-  try {
-    fs.writeSync(fd, Buffer.from(DISKBENCH_TRIGGER), 0, DISKBENCH_TRIGGER.length, size - 4096);
-    fs.fdatasyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Wait for `count` more diskcheck passes after byte `from` (or a mismatch). */
-export async function waitDiskPasses(serialLog: string, from: number, count: number, what: string): Promise<DiskcheckReport> {
-  let rep = diskcheck(serialLog, from);
-  await waitFor(() => {
-    rep = diskcheck(serialLog, from);
-    return rep.passes.length >= count || rep.mismatch.length > 0;
-  }, `${count} diskcheck passes ${what} (${serialLog})`);
-  return rep;
-}
-
-/** Wait for `count` more completed fsload rounds after byte `from`. */
-export async function waitFsRounds(serialLog: string, from: number, count: number, what: string): Promise<void> {
-  await waitFor(() => {
-    let text = '';
-    try {
-      text = fs.readFileSync(serialLog).subarray(from).toString('latin1');
-    } catch {
-      /* not there yet */
-    }
-    if (/fsload: /.test(text)) throw new Error(`fsload failed ${what}: ${text.slice(-500)}`);
-    return (text.match(/fsload round \d+ ok/g) ?? []).length >= count;
-  }, `${count} fsload rounds ${what} (${serialLog})`);
-}
-
-/**
- * `e2fsck -fn` as after a crash: the guest stopped without unmounting, so its ext4
- * journal is replayed first (on a copy; the image itself is left as the VM left it).
- * Returns e2fsck's exit code and output.
- */
-export function e2fsck(image: string): { code: number; output: string } {
-  const copy = `${image}.fsck`;
-  fs.copyFileSync(image, copy);
-  try {
-    spawnSync('e2fsck', ['-E', 'journal_only', '-p', copy], { encoding: 'utf8' });
-    const r = spawnSync('e2fsck', ['-fn', copy], { encoding: 'utf8' });
-    return { code: r.status ?? -1, output: `${r.stdout}${r.stderr}` };
-  } finally {
-    fs.rmSync(copy, { force: true });
-  }
-}
-
-/** Packets the kernel's per-CPU input backlogs dropped (second column of /proc/net/softnet_stat, all CPUs). */
-export function softnetDropped(): number {
-  return fs
-    .readFileSync('/proc/net/softnet_stat', 'utf8')
-    .trim()
-    .split('\n')
-    .reduce((sum, l) => sum + parseInt(l.trim().split(/\s+/)[1] ?? '0', 16), 0);
+export async function waitApplied(c: Cluster, epoch: number, migrating: Promise<unknown>): Promise<void> {
+  let ended = false;
+  void migrating.finally(() => (ended = true));
+  await waitFor(async () => {
+    if (ended) throw new Error(`the migration ended before checkpoint ${epoch} was applied: ${JSON.stringify(await migrating)}`);
+    const s = await c.status(c.src);
+    return (s.migration?.appliedEpoch ?? -1) >= epoch;
+  }, `checkpoint ${epoch} applied on the source`);
 }

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import { fileSize, memcheck, qemuAlive, sh, waitFor, waitPasses } from '../lab/cluster.ts';
+import { fileSize, qemuAlive, sh, waitFor } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import type { Cluster } from '../lab/cluster.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 

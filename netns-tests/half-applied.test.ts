@@ -6,7 +6,8 @@
  */
 import t from 'tap';
 import type { Cluster } from '../lab/cluster.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from '../lab/cluster.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 
 /*

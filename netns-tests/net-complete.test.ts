@@ -1,6 +1,6 @@
 import path from 'node:path';
 import t from 'tap';
-import { SWITCH_PORT_D } from '../lab/cluster.ts';
+import { SWITCH_PORT_D } from '../lab/topology.ts';
 import { assertNotRunningOn, assertConversationContinues, assertWireClean, bootNetCluster } from './scenarios.ts';
 import { readGateLog } from '../lab/wire/wirecap.ts';
 

@@ -12,9 +12,11 @@
  * consistently. Then the same VM migrates again and completes.
  */
 import fs from 'node:fs';
-import { Cluster, diskcheck, fileSize, memcheck, waitDiskPasses, waitFor, waitPasses } from '../lab/cluster.ts';
-import type { NetClient } from '../lab/cluster.ts';
-import { waitApplied } from '../netns-tests/scenarios.ts';
+import { Cluster } from '../lab/cluster.ts';
+import { diskcheck, memcheck, waitDiskPasses, waitPasses } from '../lab/serial.ts';
+import { fileSize, waitFor } from '../lab/proc.ts';
+import type { NetClient } from '../lab/net/driver.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const say = (s: string) => process.stdout.write(`\n\x1b[1m== ${s}\x1b[0m\n`);
 const line = (s: string) => process.stdout.write(`   ${s}\n`);

@@ -11,7 +11,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
-import { GUEST_IP, waitFor } from '../cluster.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
 import type { Cluster } from '../cluster.ts';
 
 export const MEMCACHED_PORT = 11211;

@@ -10,7 +10,8 @@ import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import type { Test } from 'tap';
-import { GUEST_IP, waitFor } from '../cluster.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
 import type { Cluster } from '../cluster.ts';
 
 export const BIG_URL = `http://${GUEST_IP}/big.bin`;

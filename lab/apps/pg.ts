@@ -10,7 +10,8 @@ import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GUEST_IP, waitFor } from '../cluster.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
 import type { Cluster } from '../cluster.ts';
 import type { Test } from 'tap';
 

@@ -3,7 +3,7 @@
  * against the destination gate's release log.
  *
  * Where: the switch bridge in the client namespace has one port per host (SWITCH_PORT_S,
- * SWITCH_PORT_D, see harness.ts). A frame that a port RECEIVES came up that host's
+ * SWITCH_PORT_D, see lab/topology.ts). A frame that a port RECEIVES came up that host's
  * uplink, i.e. it left that host's bridge; so the port a frame arrives on tells which
  * host sent it. The capture filter is `inbound and ether src <VM MAC>`: `inbound`
  * leaves out the copies the switch itself forwards out of a port (a broadcast of the

@@ -9,7 +9,7 @@
  * nginx's tick.log, before, during and after the migration, extends the earlier ones.
  */
 import t from 'tap';
-import { waitFor } from '../../lab/cluster.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
 import { bootDebianCluster, debianGuest } from '../../lab/apps/debian.ts';
 import { startMemcachedWriter } from '../../lab/apps/memcached.ts';

@@ -6,8 +6,9 @@
  * PostgreSQL has committed transactions in epochs the source never acknowledges.
  */
 import type { Test } from 'tap';
-import type { Cluster, ClusterOptions } from '../../lab/cluster.ts';
-import { waitFor } from '../../lab/cluster.ts';
+import type { Cluster } from '../../lab/cluster.ts';
+import type { ClusterOptions } from '../../lab/topology.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { heldFrames, holdFault, migrateIntoHold } from '../scenarios.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
 import { verifyKeys } from '../../lab/apps/memcached.ts';

@@ -1,7 +1,7 @@
 /**
  * Real-application benchmark (issue 14, docs/apps.md): `npm run bench apps [-- --quick]`.
  *
- * The Debian guest of netns-tests/apps/ (memcached, PostgreSQL 15 and nginx, booted from its
+ * The Debian guest of lab/apps/ (memcached, PostgreSQL 15 and nginx, booted from its
  * own disk; --ram-mib of RAM, --cold-mib of it filled once at boot with bytes nobody reads
  * again: the cold memory post-copy still has to bring over after the services' working
  * set, without which the post-copy window is little more than the stall that starts it)
@@ -46,7 +46,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, GUEST_IP, ROOT, fileSize } from '../../lab/cluster.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { GUEST_IP, ROOT } from '../../lab/topology.ts';
+import { fileSize } from '../../lab/proc.ts';
 import { DEBIAN_RAM_MIB, debianGuest, waitServices } from '../../lab/apps/debian.ts';
 import { createTable, PgWriter } from '../../lab/apps/pg.ts';
 import { loadVmConfig } from '../../src/config/load.ts';

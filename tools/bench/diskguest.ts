@@ -14,13 +14,13 @@
  *    sequential write and read at depth 1 (seq64k-*, a quarter of the requests) on /dev/vda, twice in
  *    the same run: the VM as `tether vm start` runs it (steady state: QEMU's own file node,
  *    cache.direct=on, under a raw node and virtio-blk-pci), and plain QEMU opening the same
- *    raw image file itself (harness `disk.direct`: a file blockdev, cache.direct=on, under
+ *    raw image file itself (Cluster option `disk.direct`: a file blockdev, cache.direct=on, under
  *    the same virtio-blk-pci); `--guest-rounds` (2 quick, else 3) alternating boots of each,
  *    the median run per case. Target >= 0.95x.
  * 2. Journaled: the same diskbench run while the VM is on the destination during post-copy,
  *    its writes taken by the destination's block-write journal (checkpoints seal them, the
  *    source applies them to the image). diskbench waits for a trigger block in the image
- *    (harness disk.benchTrigger); the destination's completion is held (harness
+ *    (Cluster option disk.benchTrigger); the destination's completion is held (Cluster option
  *    holdCompletion) so the post-copy window stays open whatever the link, one run per
  *    --journal-links value (QEMU max-bandwidth in MiB/s, 0 unlimited; default 1 and 0: a slow
  *    link keeps post-copy faults in the run, an unlimited one leaves the journal and the
@@ -51,7 +51,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { HEADER_SIZE, MAC_SIZE } from '../../src/checkpoint/codec.ts';
-import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../lab/cluster.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { diskbench, triggerDiskbench, waitDiskPasses, type DiskbenchCase } from '../../lab/serial.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { arg } from './args.ts';
 import { markdownTable, type Figure } from './report.ts';
 import { FILE_NODE } from '../../src/qemu/cmdline.ts';

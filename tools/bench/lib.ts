@@ -1,6 +1,6 @@
 /**
  * Pieces the migration benchmarks share (tools/bench/migrate.ts, tools/bench/suite.ts):
- * daemon-log digests, timelines, vanilla QEMU started directly in a harness namespace,
+ * daemon-log digests, timelines, vanilla QEMU started directly in a cluster namespace,
  * the hashing floor of a RAM size.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -8,7 +8,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, sh, type Host } from '../../lab/cluster.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { memcheck } from '../../lab/serial.ts';
+import { sh } from '../../lab/proc.ts';
+import { type Host } from '../../lab/topology.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
 import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/native.ts';

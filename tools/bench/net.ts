@@ -3,7 +3,7 @@
  * QEMU TCG). Run it under the machine-wide lock:
  *   flock /tmp/tether-qemu.lock npm run bench net [-- --quick]
  *
- * Two clusters of the netns harness (lab/cluster.ts), booted side by side and
+ * Two clusters of the lab (lab/cluster.ts), booted side by side and
  * both alive for the whole run, so each measurement sees the same background load:
  *   tap:  the guest's NIC is QEMU's own `-netdev tap` on the host bridge (vanilla baseline);
  *         QEMU's default vnet_hdr gives the guest checksum and segmentation offloads;
@@ -74,8 +74,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, GUEST_IP, NETCHECK_PORT, ROOT, waitFor, type Host, type NetClient } from '../../lab/cluster.ts';
-import { waitApplied } from '../../netns-tests/scenarios.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { fileSize, waitFor } from '../../lab/proc.ts';
+import { GUEST_IP, NETCHECK_PORT, ROOT, type Host } from '../../lab/topology.ts';
+import { type NetClient } from '../../lab/net/driver.ts';
+import { waitApplied } from '../../lab/cluster.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
 import { barsSpec, markdownTable, plotDir, type Figure } from './report.ts';
@@ -973,7 +976,7 @@ async function vanillaStallRun(
  * The client-visible stall after switchover, tether beside vanilla QEMU post-copy: two
  * clusters booted side by side (tether: the gate cluster with hold-completion, every
  * migration aborted once the client has had a second of answers from the destination;
- * vanilla: QEMU started directly on the harness's TAPs, migrated back and forth between
+ * vanilla: QEMU started directly on the cluster's TAPs, migrated back and forth between
  * the hosts), a netclient in each client namespace querying every 20 ms; for each
  * --stall-links setting, --stall-repeats migrations of each, alternating.
  */
@@ -1349,7 +1352,7 @@ async function main(): Promise<void> {
     // Booted side by side (the boots are not measured); all stay up until the end, so
     // every sample runs beside the same idle guests.
     // The clusters' daemons start one cluster after another: six sidecars starting at once
-    // on two cores can miss the harness's wait for their control sockets.
+    // on two cores can miss the cluster's wait for their control sockets.
     for (const c of [...taps.map((x) => x.c), ...(gateC ? [gateC] : [])]) await c.up();
     const boots = await Promise.all([...taps.map(({ k, c }) => boot(c, k)), gateC ? boot(gateC, 'gate') : 0]);
     await sleep(1000); // let the boots' tail (udev, memcheck's first pass) settle

@@ -51,18 +51,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import {
-  Cluster,
-  fileSize,
-  ROOT,
-  sh,
-  waitDiskPasses,
-  waitFor,
-  waitPasses,
-  type ClusterOptions,
-  type Host,
-  type NetClient,
-} from '../../lab/cluster.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { fileSize, sh, waitFor } from '../../lab/proc.ts';
+import { ROOT, type ClusterOptions, type Host } from '../../lab/topology.ts';
+import { waitDiskPasses, waitPasses } from '../../lab/serial.ts';
+import { type NetClient } from '../../lab/net/driver.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { percentile } from '../../src/util/time.ts';

@@ -20,7 +20,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, waitPasses } from '../../lab/cluster.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { fileSize } from '../../lab/proc.ts';
+import { waitPasses } from '../../lab/serial.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { corruptCheck, digestLogs, log, now, r2, shapeLink, LINKS, withTimeout, type CorruptCheck, type Link } from './lib.ts';
 
