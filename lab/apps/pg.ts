@@ -138,7 +138,10 @@ export class PgWriter {
     if (this.exited) return;
     this.#stopping = true;
     const n = this.sent.size;
-    await waitFor(() => this.exited || this.acked.length >= n, 'the last transaction acknowledged', 60_000).catch(() => undefined);
+    await waitFor(() => this.exited || this.acked.length >= n, 'the last transaction acknowledged', 60_000).catch((e: Error) => {
+      // stop() runs in teardown too, after a failure: end psql anyway; the log says why it waited
+      this.errors.push(`stop: ${e.message}\n`);
+    });
     this.proc.stdin!.end();
     const timer = setTimeout(() => this.kill(), 10_000);
     await this.#exited;

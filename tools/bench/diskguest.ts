@@ -321,7 +321,9 @@ async function ckptRun(): Promise<Ckpt> {
     const guestDiskBytes = Math.max(0, ...sent.map((x) => x.guestDiskBytes as number));
     // the switch follows the source's answer, which `migrate` does not wait for
     const detached = () => records(c.dst.daemonLog).find((x) => x.msg === 'disk detached at completion');
-    await waitFor(() => detached() !== undefined, 'the disk switch on the destination', 60_000).catch(() => {});
+    await waitFor(() => detached() !== undefined, 'the disk switch on the destination', 60_000).catch((e: Error) =>
+      console.error(`${e.message}: the switch figures are left out`),
+    );
     const d = detached();
     return {
       detach: d ? { drainMs: Number(d.drainMs), reopenMs: Number(d.reopenMs), totalMs: Number(d.totalMs) } : null,

@@ -338,7 +338,9 @@ async function benchVanilla(): Promise<VanillaResult> {
     }
     out.totalInclDestinationSetupMs = r2(out.destinationSetupMs + out.totalMs);
     log(`vanilla: completed in ${out.totalMs} ms`);
-    await waitFor(() => out.destinationCompletedMs !== null, 'vanilla destination completed', 30_000).catch(() => {});
+    await waitFor(() => out.destinationCompletedMs !== null, 'vanilla destination completed', 30_000).catch((e: Error) =>
+      log(`vanilla: ${e.message}: no destination-completed figure`),
+    );
     stopWatch = true;
     await watch;
     const dstFrom = fileSize(dst.serialLog);

@@ -216,7 +216,7 @@ class HeldScraper {
         if (l.startsWith('tether_gate_frames_total{') && l.includes('action="released"')) released += Number(l.split(' ').pop());
       }
       process.stdout.write(JSON.stringify({ t: Date.now(), held, released }) + '\\n');
-    }).catch(() => {}), 100);`;
+    }).catch(() => { /* the sidecar restarting: no sample this tick */ }), 100);`;
     this.#proc = spawn('ip', ['netns', 'exec', h.ns, process.execPath, '-e', js], { stdio: ['ignore', 'pipe', 'ignore'] });
     let buf = '';
     this.#proc.stdout.on('data', (d: Buffer) => {
@@ -303,10 +303,11 @@ async function workloadAfter(cell: Cell, serial: string, from: number, client?: 
   }, 500);
   let died: string | null = null;
   try {
+    // Promise.race below listens to its rejection; once the race is over, 'stop' ends the
+    // watcher without one.
     const panicked = waitFor(() => died !== null, 'a guest panic', 3_600_000).then(() => {
-      throw new Error(`the guest died on the destination: ${died}`);
+      if (died !== 'stop') throw new Error(`the guest died on the destination: ${died}`);
     });
-    panicked.catch(() => {}); // also rejects once the wait is over ('stop'): nobody listens then
     await Promise.race([workloadAfterInner(cell, serial, from, client), panicked]);
   } finally {
     clearInterval(watch);
@@ -620,7 +621,9 @@ async function runVanilla(cell: Cell, repeat: number): Promise<Run> {
       run.qemuDowntimeMs = typeof final.downtime === 'number' ? final.downtime : null;
       events.push({ t: r2(run.totalMs / 1000), label: `completed (${(run.totalMs / 1000).toFixed(1)} s)` });
       log(`${label}: completed in ${run.totalMs} ms`);
-      await waitFor(() => resumeAt !== null, 'destination RESUME', 30_000).catch(() => {});
+      await waitFor(() => resumeAt !== null, 'destination RESUME', 30_000).catch((e: Error) =>
+        log(`${label}: ${e.message}: no blackout figure`),
+      );
       await workloadAfter(cell, dst.serialLog, fileSize(dst.serialLog), client);
       tail.stop();
       if (stopAt !== null && resumeAt !== null) run.blackoutMs = r2(resumeAt - stopAt);
