@@ -78,7 +78,6 @@ import { Cluster } from '../../lab/cluster.ts';
 import { fileSize, waitFor } from '../../lab/proc.ts';
 import { GUEST_IP, NETCHECK_PORT, ROOT, type Host } from '../../lab/topology.ts';
 import { type NetClient } from '../../lab/net/driver.ts';
-import { waitApplied } from '../../lab/cluster.ts';
 import { percentile } from '../../src/util/time.ts';
 import { arg, str } from './args.ts';
 import { barsSpec, markdownTable, plotDir, type Figure } from './report.ts';
