@@ -15,6 +15,9 @@
  *   resumed {afterMs}, violation {kind, ...}, closed {reason}, summary {...}
  * A stall (no answer for --stall-ms while requests are outstanding) is reported as a
  * violation of kind "stall": the connection is lost for the client's purposes.
+ *
+ * Started and followed by lab/net/driver.ts (Cluster.netclient()). Throughput is measured by
+ * lab/net/bulk-client.ts instead (its header says how the two differ).
  */
 import dgram from 'node:dgram';
 import fs from 'node:fs';
