@@ -3,7 +3,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { ROOT, sh, sweepStale } from './harness.ts';
+import { ROOT } from '../lab/topology.ts';
+import { sh, sweepStale } from '../lab/proc.ts';
 
 /*
  * `tether check` on a host prepared the way docs/deploy.md says, in a network namespace

@@ -6,8 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import { fileSize, memcheck, qemuAlive, sh, waitFor, waitPasses } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { fileSize, qemuAlive, sh, waitFor } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 
 async function assertRunsOnDestination(t: Test, c: Cluster): Promise<void> {

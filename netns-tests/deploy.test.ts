@@ -3,7 +3,10 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { Cluster, fileSize, qemuAlive, ROOT, waitFor, waitPasses } from './harness.ts';
+import { Cluster } from '../lab/cluster.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import { ROOT } from '../lab/topology.ts';
+import { waitPasses } from '../lab/serial.ts';
 
 /*
  * Deployment that does not kill guests (docs/deploy.md):

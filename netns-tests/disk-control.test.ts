@@ -12,7 +12,8 @@
  * made after the checkpoint the source resumes from.
  */
 import t from 'tap';
-import { diskcheck, fileSize, waitDiskPasses } from './harness.ts';
+import { diskcheck, waitDiskPasses } from '../lab/serial.ts';
+import { fileSize } from '../lab/proc.ts';
 import { bootDiskCluster, DISK_HOLD, killDuringDiskHold } from './scenarios.ts';
 
 t.test('journal forced to write through: diskcheck detects the split disk after a rollback', async (t) => {

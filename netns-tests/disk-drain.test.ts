@@ -24,7 +24,8 @@ import { NbdServer } from '../src/nbd/server.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import { createLogger } from '../src/util/log.ts';
 import { deferred } from '../src/util/time.ts';
-import { GUEST, waitFor } from './harness.ts';
+import { GUEST } from '../lab/topology.ts';
+import { waitFor } from '../lab/proc.ts';
 
 const IMAGE_BYTES = 16 * 1024 * 1024;
 const BLOCKS = 1024;

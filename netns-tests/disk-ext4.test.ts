@@ -5,8 +5,11 @@
  * `e2fsck -fn` (after replaying the ext4 journal on a copy, as a crash would).
  */
 import t from 'tap';
-import { e2fsck, fileSize, waitFsRounds } from './harness.ts';
-import { bootDiskCluster, waitApplied, waitDiskWindowClosed } from './scenarios.ts';
+import { e2fsck } from '../lab/e2fsck.ts';
+import { fileSize } from '../lab/proc.ts';
+import { waitFsRounds } from '../lab/serial.ts';
+import { bootDiskCluster, waitDiskWindowClosed } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const disk = { guest: 'fsload' as const, mib: 64 };
 

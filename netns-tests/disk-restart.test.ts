@@ -11,9 +11,11 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { LogKind, replayJournalLog } from '../src/disk/journal-log.ts';
 import type { LogRecord } from '../src/disk/journal-log.ts';
-import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
-import type { Cluster } from './harness.ts';
-import { armAckHold, assertDiskSurvivedOnSource, assertNotRunningOn, bootDiskCluster, DISK_HOLD, waitApplied } from './scenarios.ts';
+import { diskcheck, waitDiskPasses } from '../lab/serial.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { armAckHold, assertDiskSurvivedOnSource, assertNotRunningOn, bootDiskCluster, DISK_HOLD } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const disk = { guest: 'diskcheck' as const };
 

@@ -11,7 +11,8 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import t from 'tap';
-import { diskcheck, fileSize, qemuAlive, waitDiskPasses, waitFor } from './harness.ts';
+import { diskcheck, waitDiskPasses } from '../lab/serial.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
 import { bootDiskCluster, diskNodes, waitDiskWindowClosed } from './scenarios.ts';
 
 const disk = { guest: 'diskcheck' as const };

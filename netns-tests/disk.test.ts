@@ -6,8 +6,10 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import { fileSize, waitDiskPasses } from './harness.ts';
-import { assertDiskSurvivedOnSource, bootDiskCluster, DISK_HOLD, killDuringDiskHold, waitApplied } from './scenarios.ts';
+import { fileSize } from '../lab/proc.ts';
+import { waitDiskPasses } from '../lab/serial.ts';
+import { assertDiskSurvivedOnSource, bootDiskCluster, DISK_HOLD, killDuringDiskHold } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const disk = { guest: 'diskcheck' as const };
 

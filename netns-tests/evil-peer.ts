@@ -37,7 +37,10 @@ const peer = net.createServer((sock) => {
     (ch) => {
       ch.on('message', (m) => {
         if (m.type === 'control' && m.body.kind === 'prepare') {
-          void ch.send({ type: 'control', body: { kind: 'ready', uri } }).catch(() => {});
+          // The test reads only this process's stdout: a failed send goes to stderr (its log).
+          void ch
+            .send({ type: 'control', body: { kind: 'ready', uri } })
+            .catch((e: Error) => process.stderr.write(`evil-peer: READY not sent: ${e.message}\n`));
         } else if (m.type === 'abort') say({ abort: { code: m.code } });
       });
       ch.start();

@@ -1,8 +1,9 @@
 import { spawn } from 'node:child_process';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import type { Test } from 'tap';
-import { fileSize, waitFor, waitPasses } from './harness.ts';
+import { fileSize, waitFor } from '../lab/proc.ts';
+import { waitPasses } from '../lab/serial.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 
 /*

@@ -9,9 +9,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import { Cluster, qemuAlive, sh, waitFor } from './harness.ts';
-import { waitApplied } from './scenarios.ts';
-import type { Host } from './harness.ts';
+import { Cluster } from '../lab/cluster.ts';
+import { qemuAlive, sh, waitFor } from '../lab/proc.ts';
+import { waitApplied } from '../lab/cluster.ts';
+import type { Host } from '../lab/topology.ts';
 
 const GUEST_IP = '10.99.0.2';
 const TAP = 'tvm1n0';

@@ -3,8 +3,10 @@
  * (src/vm/guard.ts), and must outlive it once the VM simply runs there.
  */
 import t from 'tap';
-import { fileSize, qemuAlive, waitFor, waitPasses } from './harness.ts';
-import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import { waitPasses } from '../lab/serial.ts';
+import { assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 t.test('destination sidecar killed mid post-copy and never restarted: its QEMU dies, the source resumes', async (t) => {
   const c = await bootCluster(t, { holdCompletion: true });

@@ -5,8 +5,9 @@
  * fences the destination, and the VM continues there (docs/design.md "Restore before fence").
  */
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
 
 /*

@@ -7,7 +7,8 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import { assertNotRunningOn, bootCluster } from './scenarios.ts';
 
 const LEASE_MS = 8000; // the harness VM's failoverTimeoutMs

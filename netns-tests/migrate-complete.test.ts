@@ -1,5 +1,6 @@
 import t from 'tap';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import { assertNotRunningOn, bootCluster } from './scenarios.ts';
 
 t.test('migration completes and the guest keeps running on the destination', async (t) => {

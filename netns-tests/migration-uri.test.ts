@@ -11,7 +11,9 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { fileSize, memcheck, ROOT, waitFor, waitPasses } from './harness.ts';
+import { fileSize, waitFor } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { ROOT } from '../lab/topology.ts';
 import { bootCluster } from './scenarios.ts';
 
 const TRAP_PORT = 49155;

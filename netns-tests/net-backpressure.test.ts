@@ -1,9 +1,10 @@
 import fs from 'node:fs';
 import t from 'tap';
-import { sh, softnetDropped, waitFor } from './harness.ts';
-import type { Cluster } from './harness.ts';
+import { sh, softnetDropped, waitFor } from '../lab/proc.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
-import { bootNetCluster, NET_MODE, waitApplied } from './scenarios.ts';
+import { bootNetCluster, NET_MODE } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 /**
  * The smallest bound the config loader accepts on this host (src/gate/reserve.ts: QEMU's

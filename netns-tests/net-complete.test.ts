@@ -1,8 +1,8 @@
 import path from 'node:path';
 import t from 'tap';
-import { SWITCH_PORT_D } from './harness.ts';
+import { SWITCH_PORT_D } from '../lab/topology.ts';
 import { assertNotRunningOn, assertConversationContinues, assertWireClean, bootNetCluster } from './scenarios.ts';
-import { readGateLog } from './wirecap.ts';
+import { readGateLog } from '../lab/wire/wirecap.ts';
 
 t.test('a verified TCP conversation with the guest survives a completed migration and goes on on the destination', async (t) => {
   const { c, client, wire } = await bootNetCluster(t, { vm: { maxBandwidth: 0 } }, true);

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { qemuAlive } from './harness.ts';
+import { qemuAlive } from '../lab/proc.ts';
 import { assertConversationContinues, bootNetCluster } from './scenarios.ts';
 
 /**

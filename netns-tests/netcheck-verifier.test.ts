@@ -1,6 +1,6 @@
 // Pure unit test of the netcheck conversation verifier (no namespaces, no QEMU).
 import t from 'tap';
-import { ConversationVerifier, RecordWriter } from './netcheck-verifier.ts';
+import { ConversationVerifier, RecordWriter } from '../lab/net/netcheck-verifier.ts';
 
 const N = '0123456789abcdef';
 

@@ -1,7 +1,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { fileSize, memcheck, waitPasses } from './harness.ts';
+import { fileSize } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
 import { bootCluster } from './scenarios.ts';
 
 t.test('the destination runs only its own VM config: unknown VM and other device model are refused', async (t) => {

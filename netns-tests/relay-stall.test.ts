@@ -2,7 +2,8 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import t from 'tap';
 import type { Test } from 'tap';
-import { GUEST_IP, softnetDropped, waitFor } from './harness.ts';
+import { GUEST_IP } from '../lab/topology.ts';
+import { softnetDropped, waitFor } from '../lab/proc.ts';
 import { gateDefaults, gateReserve, qemuSendBuffer } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE } from './scenarios.ts';
 

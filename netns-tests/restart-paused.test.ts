@@ -1,7 +1,9 @@
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, memcheck, qemuAlive, waitFor, waitPasses } from './harness.ts';
-import { bootCluster, waitApplied } from './scenarios.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 /*
  * A rollback past switchover restores the VM into a new QEMU that loads the checkpoint's device

@@ -12,8 +12,10 @@
  * complete or fence before the abort; the decision ends the hold.
  */
 import t from 'tap';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
-import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { assertNotRunningOn, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const HOLD_MS = 120_000;
 

@@ -6,9 +6,11 @@
  */
 import fs from 'node:fs';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, waitFor, waitPasses } from './harness.ts';
-import { assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, waitFor } from '../lab/proc.ts';
+import { waitPasses } from '../lab/serial.ts';
+import { assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 // booted before the first scenario (tap's root test would end on its own while a
 // top-level await keeps it idle)

@@ -5,24 +5,16 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
-import {
-  Cluster,
-  diskcheck,
-  fileSize,
-  memcheck,
-  qemuAlive,
-  SWITCH_PORT_D,
-  SWITCH_PORT_S,
-  waitDiskPasses,
-  waitFor,
-  waitFsRounds,
-  waitPasses,
-} from './harness.ts';
+import { Cluster, waitApplied } from '../lab/cluster.ts';
+import { diskcheck, memcheck, waitDiskPasses, waitFsRounds, waitPasses } from '../lab/serial.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import { SWITCH_PORT_D, SWITCH_PORT_S } from '../lab/topology.ts';
 import { callDaemon } from '../src/control/client.ts';
 import { HOLD_ACKS_TRIGGER } from '../src/migrate/faults.ts';
-import { checkAgainstGate, readGateLog } from './wirecap.ts';
-import type { GateCheck, WireCapture } from './wirecap.ts';
-import type { ClusterOptions, Host, NetClient } from './harness.ts';
+import { checkAgainstGate, readGateLog } from '../lab/wire/wirecap.ts';
+import type { GateCheck, WireCapture } from '../lab/wire/wirecap.ts';
+import type { ClusterOptions, Host } from '../lab/topology.ts';
+import type { NetClient } from '../lab/net/driver.ts';
 
 export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<Cluster> {
   const c = new Cluster(opts);
@@ -34,20 +26,6 @@ export async function bootCluster(t: Test, opts: ClusterOptions = {}): Promise<C
   // the previous pass, so the invariant is live (pass 2 runs while the test migrates).
   await waitPasses(c.serialLog(c.src), 0, 1, 'on the source before migrating');
   return c;
-}
-
-/**
- * Wait until the source has applied (and acked) checkpoint `epoch` of the
- * migration `migrating`; fails if that migration ends first.
- */
-export async function waitApplied(c: Cluster, epoch: number, migrating: Promise<unknown>): Promise<void> {
-  let ended = false;
-  void migrating.finally(() => (ended = true));
-  await waitFor(async () => {
-    if (ended) throw new Error(`the migration ended before checkpoint ${epoch} was applied: ${JSON.stringify(await migrating)}`);
-    const s = await c.status(c.src);
-    return (s.migration?.appliedEpoch ?? -1) >= epoch;
-  }, `checkpoint ${epoch} applied on the source`);
 }
 
 /**

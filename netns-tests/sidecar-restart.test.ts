@@ -1,11 +1,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
+import type { Cluster } from '../lab/cluster.ts';
 import { encodeStateFile } from '../src/vm/state-file.ts';
 import { MARKER_VERSION } from '../src/vm/instance.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
-import { assertNotRunningOn, bootCluster, waitApplied } from './scenarios.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { assertNotRunningOn, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 /*
  * One cluster for the three scenarios: the first two leave the VM running and verified

@@ -1,9 +1,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import type { Cluster } from './harness.ts';
-import { fileSize, memcheck, qemuAlive, waitPasses } from './harness.ts';
-import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { fileSize, qemuAlive } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 /*
  * One cluster for the three scenarios: each one before the last leaves the VM running

@@ -13,9 +13,12 @@ import { HotStandby, standbySocket } from '../src/migrate/standby.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import { nullLogger } from '../src/util/log.ts';
 import { VmInstance } from '../src/vm/instance.ts';
-import { fileSize, GUEST, memcheck, qemuAlive, qemuPidsWith, waitFor, waitPasses } from './harness.ts';
-import type { Cluster } from './harness.ts';
-import { assertNotRunningOn, assertSurvivedOnSource, bootCluster, waitApplied } from './scenarios.ts';
+import { fileSize, qemuAlive, qemuPidsWith, waitFor } from '../lab/proc.ts';
+import { GUEST } from '../lab/topology.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import type { Cluster } from '../lab/cluster.ts';
+import { assertNotRunningOn, assertSurvivedOnSource, bootCluster } from './scenarios.ts';
+import { waitApplied } from '../lab/cluster.ts';
 
 const MiB = 1024 * 1024;
 

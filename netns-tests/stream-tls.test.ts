@@ -17,9 +17,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
-import { fileSize, memcheck, qemuAlive, ROOT, waitFor, waitPasses, type Cluster } from './harness.ts';
+import { fileSize, qemuAlive, waitFor } from '../lab/proc.ts';
+import { memcheck, waitPasses } from '../lab/serial.ts';
+import { ROOT } from '../lab/topology.ts';
+import { type Cluster } from '../lab/cluster.ts';
 import { assertNotRunningOn, bootCluster } from './scenarios.ts';
-import { StreamCapturer } from './streamcap.ts';
+import { StreamCapturer } from '../lab/wire/streamcap.ts';
 import { MIGRATE_TRIGGER } from '../src/migrate/faults.ts';
 
 /** memcheck's MAGIC (tools/guest/memcheck.c), word 0 of every page it writes, as stored (little-endian). */

@@ -49,7 +49,7 @@ if [ "${TETHER_SKIP_NETNS:-0}" != 1 ]; then
   tail -2 "$debian_log"
   echo "== integration tests (netns-tests/, real QEMU in network namespaces)"
   # Two test files at a time: most of a scenario's time is waiting (boots, holds, links),
-  # each file's namespaces, TAPs and addresses are its own (harness.ts), and every
+  # each file's namespaces, TAPs and addresses are its own (lab/cluster.ts), and every
   # interruption lands by construction, so a slower machine only makes a test longer. It
   # also keeps exercising what one file alone on an idle machine never does: a run of two
   # side by side found the relay losing frames at the detach (src/net/nic.ts).

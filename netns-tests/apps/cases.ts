@@ -4,11 +4,11 @@
  * one interruption with the three services in use, and its control (docs/apps.md).
  */
 import type { Test } from 'tap';
-import type { Cluster } from '../harness.ts';
-import { bootDebianCluster, debianGuest } from './debian.ts';
-import { startMemcachedWriter, verifyKeys } from './memcached.ts';
-import { startDownload, startTickReader } from './nginx.ts';
-import { startWriter, verifyRows } from './pg.ts';
+import type { Cluster } from '../../lab/cluster.ts';
+import { bootDebianCluster, debianGuest } from '../../lab/apps/debian.ts';
+import { startMemcachedWriter, verifyKeys } from '../../lab/apps/memcached.ts';
+import { startDownload, startTickReader } from '../../lab/apps/nginx.ts';
+import { startWriter, verifyRows } from '../../lab/apps/pg.ts';
 import { APP_HOLD, assertAppsRolledBack, interruptDuringAppHold, killQemu } from './scenario.ts';
 
 /**

@@ -9,12 +9,12 @@
  * nginx's tick.log, before, during and after the migration, extends the earlier ones.
  */
 import t from 'tap';
-import { waitFor } from '../harness.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
-import { bootDebianCluster, debianGuest } from './debian.ts';
-import { startMemcachedWriter } from './memcached.ts';
-import { fetchRange, startDownload, startTickReader } from './nginx.ts';
-import { startWriter } from './pg.ts';
+import { bootDebianCluster, debianGuest } from '../../lab/apps/debian.ts';
+import { startMemcachedWriter } from '../../lab/apps/memcached.ts';
+import { fetchRange, startDownload, startTickReader } from '../../lab/apps/nginx.ts';
+import { startWriter } from '../../lab/apps/pg.ts';
 import { assertCommitsAndKeysKept } from './scenario.ts';
 
 const MiB = 1024 * 1024;

@@ -8,11 +8,11 @@
  */
 import t from 'tap';
 import type { Test } from 'tap';
-import type { Cluster } from '../harness.ts';
-import { bootDebianCluster } from './debian.ts';
-import { startMemcachedWriter } from './memcached.ts';
-import { startTickReader } from './nginx.ts';
-import { startWriter } from './pg.ts';
+import type { Cluster } from '../../lab/cluster.ts';
+import { bootDebianCluster } from '../../lab/apps/debian.ts';
+import { startMemcachedWriter } from '../../lab/apps/memcached.ts';
+import { startTickReader } from '../../lab/apps/nginx.ts';
+import { startWriter } from '../../lab/apps/pg.ts';
 import { APP_HOLD, assertAppsRolledBack, interruptDuringAppHold } from './scenario.ts';
 
 /**

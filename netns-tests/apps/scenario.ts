@@ -6,15 +6,16 @@
  * PostgreSQL has committed transactions in epochs the source never acknowledges.
  */
 import type { Test } from 'tap';
-import type { Cluster, ClusterOptions } from '../harness.ts';
-import { waitFor } from '../harness.ts';
+import type { Cluster } from '../../lab/cluster.ts';
+import type { ClusterOptions } from '../../lab/topology.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { heldFrames, holdFault, migrateIntoHold } from '../scenarios.ts';
 import { assertNotRunningOn } from '../scenarios.ts';
-import { verifyKeys } from './memcached.ts';
-import type { MemcachedWriter } from './memcached.ts';
-import type { TickReader } from './nginx.ts';
-import { verifyRows } from './pg.ts';
-import type { PgWriter } from './pg.ts';
+import { verifyKeys } from '../../lab/apps/memcached.ts';
+import type { MemcachedWriter } from '../../lab/apps/memcached.ts';
+import type { TickReader } from '../../lab/apps/nginx.ts';
+import { verifyRows } from '../../lab/apps/pg.ts';
+import type { PgWriter } from '../../lab/apps/pg.ts';
 
 /**
  * Long enough for the destination's guest to commit (and, with the gate forced open, to

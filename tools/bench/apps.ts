@@ -1,7 +1,7 @@
 /**
  * Real-application benchmark (issue 14, docs/apps.md): `npm run bench apps [-- --quick]`.
  *
- * The Debian guest of netns-tests/apps/ (memcached, PostgreSQL 15 and nginx, booted from its
+ * The Debian guest of lab/apps/ (memcached, PostgreSQL 15 and nginx, booted from its
  * own disk; --ram-mib of RAM, --cold-mib of it filled once at boot with bytes nobody reads
  * again: the cold memory post-copy still has to bring over after the services' working
  * set, without which the post-copy window is little more than the stall that starts it)
@@ -14,7 +14,7 @@
  * Load (closed loops, one request in flight per connection):
  *   memcached   --conns connections alternating set and get of a 64-byte value (tools/bench/apps-load.ts)
  *   nginx       --conns HTTP/1.1 keep-alive connections GETting a 65-byte file (apps-load.ts)
- *   PostgreSQL  one psql connection, BEGIN; INSERT; COMMIT one after the other (netns-tests/apps/pg.ts):
+ *   PostgreSQL  one psql connection, BEGIN; INSERT; COMMIT one after the other (lab/apps/pg.ts):
  *               commit latency = transaction written to psql → its COMMIT tag back
  * Per workload and phase — before (the --phase-s seconds before the migrate request),
  * during (the post-copy window: the destination's QEMU resumed → migration completed) and
@@ -46,9 +46,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, GUEST_IP, ROOT, fileSize } from '../../netns-tests/harness.ts';
-import { DEBIAN_RAM_MIB, debianGuest, waitServices } from '../../netns-tests/apps/debian.ts';
-import { createTable, PgWriter } from '../../netns-tests/apps/pg.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { GUEST_IP, ROOT } from '../../lab/topology.ts';
+import { fileSize } from '../../lab/proc.ts';
+import { DEBIAN_RAM_MIB, debianGuest, waitServices } from '../../lab/apps/debian.ts';
+import { createTable, PgWriter } from '../../lab/apps/pg.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
 import { percentile } from '../../src/util/time.ts';
 import { num, str } from './args.ts';

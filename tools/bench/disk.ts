@@ -122,7 +122,30 @@ async function bench(target: string, c: Case): Promise<Result> {
   return { seconds, iops, mibps: (iops * c.size) / MiB, latencyUs: c.depth === 1 ? (seconds / c.count) * 1e6 : null };
 }
 
-async function main(): Promise<void> {
+/** The three NBD exports qemu-img bench runs against, beside the file itself. */
+interface Rig {
+  dir: string;
+  image: string;
+  passDev: FileBlockDevice;
+  passServer: NbdServer;
+  journal: BlockJournal;
+  jServer: NbdServer;
+  wal: JournalLog;
+  walDir: string;
+  wJournal: BlockJournal;
+  wServer: NbdServer;
+  targets: Record<Column, string>;
+}
+
+/** What the journal's checkpoints carried: bytes (with framing), extents, epochs sealed. */
+interface Sealed {
+  epoch: number;
+  wEpoch: number;
+  ckptBytes: number;
+  extents: number;
+}
+
+async function openRig(): Promise<Rig> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-bench-disk-'));
   const image = path.join(dir, 'disk.img');
   // Fully written (not sparse), so reads hit data, as on a used disk.
@@ -146,66 +169,94 @@ async function main(): Promise<void> {
   wJournal.journal(1);
   const wServer = new NbdServer({ device: wJournal, exportName: 'bench', log: nullLogger });
   await wServer.listen(path.join(dir, 'wal.sock'));
-  let epoch = 1;
-  let ckptBytes = 0;
-  let extents = 0;
-  let wEpoch = 1;
-  const barrier = setInterval(() => {
-    // The destination's barrier: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k).
-    journal.quiesce();
-    void journal.seal(epoch).then((ext) => {
-      for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
-      extents += ext.length;
-      journal.release(epoch++);
-    });
-    wJournal.quiesce();
-    void wJournal.seal(wEpoch).then(() => wJournal.release(wEpoch++));
-  }, epochMs);
-
   const targets: Record<Column, string> = {
     file: image,
     'pass-through': `nbd+unix:///bench?socket=${path.join(dir, 'pass.sock')}`,
     journaled: `nbd+unix:///bench?socket=${path.join(dir, 'journal.sock')}`,
     'journaled+wal': `nbd+unix:///bench?socket=${path.join(dir, 'wal.sock')}`,
   };
-  const rows: { case: Case; results: Record<Column, Result> }[] = [];
+  return { dir, image, passDev, passServer, journal, jServer, wal, walDir, wJournal, wServer, targets };
+}
+
+/** The destination's barrier every epochMs: quiesce + stop, seal(k) into checkpoint k, ACK(k) -> release(k). */
+function startBarrier(r: Rig, sealed: Sealed): NodeJS.Timeout {
+  return setInterval(() => {
+    r.journal.quiesce();
+    void r.journal.seal(sealed.epoch).then((ext) => {
+      for (const e of ext) sealed.ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
+      sealed.extents += ext.length;
+      r.journal.release(sealed.epoch++);
+    });
+    r.wJournal.quiesce();
+    void r.wJournal.seal(sealed.wEpoch).then(() => r.wJournal.release(sealed.wEpoch++));
+  }, epochMs);
+}
+
+/** Seal what is left, then close the servers, journals and WAL and remove the files. */
+async function closeRig(r: Rig, sealed: Sealed): Promise<void> {
+  const ext = await r.journal.seal(sealed.epoch);
+  for (const e of ext) sealed.ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
+  sealed.extents += ext.length;
+  await r.jServer.close();
+  await r.wServer.close();
+  await r.passServer.close();
+  await r.journal.close();
+  await r.wJournal.close();
+  await r.wal.remove();
+  if (walDirArg) fs.rmSync(r.walDir, { recursive: true, force: true });
+  await r.passDev.close();
+  fs.rmSync(r.dir, { recursive: true, force: true });
+}
+
+type Rows = { case: Case; results: Record<Column, Result> }[];
+
+/** Every selected case against every column, printed as it goes. */
+async function runCases(targets: Record<Column, string>, rows: Rows): Promise<number> {
+  let writtenThroughJournal = 0;
+  console.log(
+    `qemu-img bench, ${sizeMiB} MiB image, ${count} requests per 4 KiB run (a quarter for 64 KiB); journal barrier every ${epochMs} ms`,
+  );
+  console.log(
+    `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)} ${'wal IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)} ${'wal/file'.padStart(9)}  ${'lat file/pass/jrnl/wal'.padStart(24)}`,
+  );
+  for (const c of SELECTED) {
+    const res = {} as Record<Column, Result>;
+    for (const col of COLUMNS) res[col] = await bench(targets[col], c);
+    if (c.write) writtenThroughJournal += c.count * c.size;
+    const lat = COLUMNS.map((col) => (res[col].latencyUs === null ? '-' : res[col].latencyUs!.toFixed(0))).join('/');
+    const pr = res['pass-through'].iops / res.file.iops;
+    const jr = res.journaled.iops / res.file.iops;
+    const wr = res['journaled+wal'].iops / res.file.iops;
+    console.log(
+      `${c.name.padEnd(19)} ${res.file.iops.toFixed(0).padStart(9)} ${res['pass-through'].iops.toFixed(0).padStart(9)} ${res.journaled.iops.toFixed(0).padStart(9)} ${res['journaled+wal'].iops.toFixed(0).padStart(9)}  ${pr.toFixed(2).padStart(9)} ${jr.toFixed(2).padStart(9)} ${wr.toFixed(2).padStart(9)}  ${(lat + (c.depth === 1 ? ' us' : '')).padStart(24)}`,
+    );
+    rows.push({ case: c, results: res });
+  }
+  return writtenThroughJournal;
+}
+
+async function main(): Promise<void> {
+  const rig = await openRig();
+  const sealed: Sealed = { epoch: 1, wEpoch: 1, ckptBytes: 0, extents: 0 };
+  const barrier = startBarrier(rig, sealed);
+  const rows: Rows = [];
   let writtenThroughJournal = 0;
   try {
-    console.log(
-      `qemu-img bench, ${sizeMiB} MiB image, ${count} requests per 4 KiB run (a quarter for 64 KiB); journal barrier every ${epochMs} ms`,
-    );
-    console.log(
-      `${'case'.padEnd(19)} ${'file IOPS'.padStart(9)} ${'pass IOPS'.padStart(9)} ${'jrnl IOPS'.padStart(9)} ${'wal IOPS'.padStart(9)}  ${'pass/file'.padStart(9)} ${'jrnl/file'.padStart(9)} ${'wal/file'.padStart(9)}  ${'lat file/pass/jrnl/wal'.padStart(24)}`,
-    );
-    for (const c of SELECTED) {
-      const res = {} as Record<Column, Result>;
-      for (const col of COLUMNS) res[col] = await bench(targets[col], c);
-      if (c.write) writtenThroughJournal += c.count * c.size;
-      const lat = COLUMNS.map((col) => (res[col].latencyUs === null ? '-' : res[col].latencyUs!.toFixed(0))).join('/');
-      const pr = res['pass-through'].iops / res.file.iops;
-      const jr = res.journaled.iops / res.file.iops;
-      const wr = res['journaled+wal'].iops / res.file.iops;
-      console.log(
-        `${c.name.padEnd(19)} ${res.file.iops.toFixed(0).padStart(9)} ${res['pass-through'].iops.toFixed(0).padStart(9)} ${res.journaled.iops.toFixed(0).padStart(9)} ${res['journaled+wal'].iops.toFixed(0).padStart(9)}  ${pr.toFixed(2).padStart(9)} ${jr.toFixed(2).padStart(9)} ${wr.toFixed(2).padStart(9)}  ${(lat + (c.depth === 1 ? ' us' : '')).padStart(24)}`,
-      );
-      rows.push({ case: c, results: res });
-    }
+    writtenThroughJournal = await runCases(rig.targets, rows);
   } finally {
     clearInterval(barrier);
-    const ext = await journal.seal(epoch);
-    for (const e of ext) ckptBytes += (e.zero ? 8 : e.data.length) + DISK_OVERHEAD;
-    extents += ext.length;
-    await jServer.close();
-    await wServer.close();
-    await passServer.close();
-    await journal.close();
-    await wJournal.close();
-    await wal.remove();
-    if (walDirArg) fs.rmSync(walDir, { recursive: true, force: true });
-    await passDev.close();
-    fs.rmSync(dir, { recursive: true, force: true });
+    await closeRig(rig, sealed);
   }
+  const perMiB = sealed.ckptBytes / (writtenThroughJournal / MiB);
+  const figures = diskFigures(rows, sealed, perMiB);
+  const table = markdownTable(figures);
+  console.log('\n' + table);
+  const misses = figures.filter((f) => verdict(f) === 'MISS').length;
+  console.log(`\njournaled writes >= ${TARGET_RATIO}x file: ${misses === 0 ? 'PASS' : `MISS (${misses})`}`);
+  writeResults(rows, figures, table, perMiB);
+}
 
+function diskFigures(rows: Rows, sealed: Sealed, perMiB: number): Figure[] {
   const figures: Figure[] = [];
   for (const r of rows) {
     const f = r.results.file;
@@ -220,18 +271,16 @@ async function main(): Promise<void> {
       });
     }
   }
-  const perMiB = ckptBytes / (writtenThroughJournal / MiB);
   figures.push({
     name: 'checkpoint bytes per MiB written (qemu-img through the journal)',
     value: perMiB / 1024,
     unit: 'KiB',
-    note: `${extents} DISK extents over ${epoch} epochs; random 4 KiB writes cost ${DISK_OVERHEAD} B of framing each`,
+    note: `${sealed.extents} DISK extents over ${sealed.epoch} epochs; random 4 KiB writes cost ${DISK_OVERHEAD} B of framing each`,
   });
-  const table = markdownTable(figures);
-  console.log('\n' + table);
-  const misses = figures.filter((f) => verdict(f) === 'MISS').length;
-  console.log(`\njournaled writes >= ${TARGET_RATIO}x file: ${misses === 0 ? 'PASS' : `MISS (${misses})`}`);
+  return figures;
+}
 
+function writeResults(rows: Rows, figures: Figure[], table: string, perMiB: number): void {
   const out = path.join(process.cwd(), 'bench-results');
   fs.mkdirSync(out, { recursive: true });
   const meta = {

@@ -2,7 +2,7 @@
  * In-guest disk benchmark:
  *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --only steady,guest,journal,ckpt | --quick]
  *
- * Four parts; the last three each in its own two-namespace Cluster (netns-tests/harness.ts),
+ * Four parts; the last three each in its own two-namespace Cluster (lab/cluster.ts),
  * under real QEMU (TCG) with the tether guest image:
  *
  * 0. steady: QEMU's block layer (`qemu-img bench`, O_DIRECT: -t none) on the node graph tether
@@ -14,13 +14,13 @@
  *    sequential write and read at depth 1 (seq64k-*, a quarter of the requests) on /dev/vda, twice in
  *    the same run: the VM as `tether vm start` runs it (steady state: QEMU's own file node,
  *    cache.direct=on, under a raw node and virtio-blk-pci), and plain QEMU opening the same
- *    raw image file itself (harness `disk.direct`: a file blockdev, cache.direct=on, under
+ *    raw image file itself (Cluster option `disk.direct`: a file blockdev, cache.direct=on, under
  *    the same virtio-blk-pci); `--guest-rounds` (2 quick, else 3) alternating boots of each,
  *    the median run per case. Target >= 0.95x.
  * 2. Journaled: the same diskbench run while the VM is on the destination during post-copy,
  *    its writes taken by the destination's block-write journal (checkpoints seal them, the
  *    source applies them to the image). diskbench waits for a trigger block in the image
- *    (harness disk.benchTrigger); the destination's completion is held (harness
+ *    (Cluster option disk.benchTrigger); the destination's completion is held (Cluster option
  *    holdCompletion) so the post-copy window stays open whatever the link, one run per
  *    --journal-links value (QEMU max-bandwidth in MiB/s, 0 unlimited; default 1 and 0: a slow
  *    link keeps post-copy faults in the run, an unlimited one leaves the journal and the
@@ -51,7 +51,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { HEADER_SIZE, MAC_SIZE } from '../../src/peer/codec.ts';
-import { Cluster, diskbench, triggerDiskbench, waitDiskPasses, waitFor, type DiskbenchCase } from '../../netns-tests/harness.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { diskbench, triggerDiskbench, waitDiskPasses, type DiskbenchCase } from '../../lab/serial.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { arg } from './args.ts';
 import { markdownTable, type Figure } from './report.ts';
 import { FILE_NODE } from '../../src/qemu/cmdline.ts';
@@ -319,7 +321,9 @@ async function ckptRun(): Promise<Ckpt> {
     const guestDiskBytes = Math.max(0, ...sent.map((x) => x.guestDiskBytes as number));
     // the switch follows the source's answer, which `migrate` does not wait for
     const detached = () => records(c.dst.daemonLog).find((x) => x.msg === 'disk detached at completion');
-    await waitFor(() => detached() !== undefined, 'the disk switch on the destination', 60_000).catch(() => {});
+    await waitFor(() => detached() !== undefined, 'the disk switch on the destination', 60_000).catch((e: Error) =>
+      console.error(`${e.message}: the switch figures are left out`),
+    );
     const d = detached();
     return {
       detach: d ? { drainMs: Number(d.drainMs), reopenMs: Number(d.reopenMs), totalMs: Number(d.totalMs) } : null,

@@ -10,7 +10,9 @@
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, GUEST_IP, NETCHECK_PORT, ROOT, waitFor } from '../../netns-tests/harness.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { GUEST_IP, NETCHECK_PORT, ROOT } from '../../lab/topology.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { shapeLink, type Link } from './lib.ts';
 
 const open = process.argv.includes('--open');
@@ -58,7 +60,7 @@ try {
       process.execPath,
       '--import',
       'tsx',
-      `${ROOT}/tools/bench/net-client.ts`,
+      `${ROOT}/lab/net/bulk-client.ts`,
       '--host',
       GUEST_IP,
       '--port',

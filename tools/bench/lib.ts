@@ -1,6 +1,6 @@
 /**
  * Pieces the migration benchmarks share (tools/bench/migrate.ts, tools/bench/suite.ts):
- * daemon-log digests, timelines, vanilla QEMU started directly in a harness namespace,
+ * daemon-log digests, timelines, vanilla QEMU started directly in a cluster namespace,
  * the hashing floor of a RAM size.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -8,13 +8,17 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, sh, type Host } from '../../netns-tests/harness.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { memcheck } from '../../lab/serial.ts';
+import { sh } from '../../lab/proc.ts';
+import { type Host } from '../../lab/topology.ts';
 import type { VmConfig } from '../../src/config/types.ts';
 import { callDaemon } from '../../src/control/client.ts';
 import { hashFile, mapRam, PAGE_SIZE, unmapRam } from '../../src/native.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { buildQemuArgs, type QemuIncoming } from '../../src/qemu/cmdline.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
+import { createLogger, ignored } from '../../src/util/log.ts';
 import { percentile } from '../../src/util/time.ts';
 import type { TimelineInput } from './report.ts';
 
@@ -33,6 +37,9 @@ export function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise
 export function log(s: string): void {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 23)}] ${s}\n`);
 }
+
+/** The benchmarks' Logger (for ignored() and src/ code that takes one): its lines go through log(). */
+export const benchLog = createLogger({}, 'debug', (line) => log(line));
 
 // ------------------------------------------------------------------ log helpers
 
@@ -244,7 +251,7 @@ export async function startVanillaQemu(
 
 export async function killVanilla(q: VQemu | undefined): Promise<void> {
   if (!q) return;
-  await q.qmp.close().catch(() => {});
+  await q.qmp.close().catch(ignored(benchLog, 'the QMP socket of a QEMU being killed may already be closed'));
   if (q.child.exitCode === null && q.child.signalCode === null) q.child.kill('SIGKILL');
   await Promise.race([q.exited, sleep(5000)]);
   fs.rmSync(q.qmpSocket, { force: true });

@@ -13,7 +13,9 @@
  */
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, memcheck, waitFor, waitPasses } from '../../netns-tests/harness.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { memcheck, waitPasses } from '../../lab/serial.ts';
+import { waitFor } from '../../lab/proc.ts';
 import { loadVmConfig } from '../../src/config/load.ts';
 import { killVanilla, LINKS, log, MiB, shapeLink, startVanillaQemu, type Link, type Rec, type VQemu } from './lib.ts';
 import { num, str } from './args.ts';

@@ -86,15 +86,7 @@ function dirtySet(): Uint32Array {
 async function main(): Promise<void> {
   const fd = openSync(path, 'w+');
   try {
-    // Populate every page with random, page-distinct content.
-    const chunk = Buffer.alloc(2 * MIB);
-    randomFillSync(chunk);
-    for (let off = 0; off < ramBytes; off += chunk.length) {
-      for (let p = 0; p < chunk.length; p += PAGE_SIZE) chunk.writeUInt32LE((off + p) / PAGE_SIZE, p);
-      writeSync(fd, chunk, 0, chunk.length, off);
-    }
-    ftruncateSync(fd, ramBytes);
-
+    populate(fd);
     const dirty = dirtySet();
     let gen = 0;
     const page = Buffer.alloc(PAGE_SIZE);
@@ -118,7 +110,6 @@ async function main(): Promise<void> {
     await measure('node pread 2 MiB chunks (ref)', 1, ramBytes, () => {
       for (let off = 0; off < ramBytes; off += rbuf.length) readSync(fd, rbuf, 0, rbuf.length, off);
     });
-
     const table = Buffer.alloc(pages * 8);
     for (const threads of [1, 2]) {
       await measure('hashFile', threads, ramBytes, () => hashFile(fd, pages, table, threads));
@@ -129,66 +120,91 @@ async function main(): Promise<void> {
         if (d.length !== 0) throw new Error(`expected 0 dirty, got ${d.length}`);
       });
     }
-    // What a checkpoint's collect does: one pass that hashes and copies the dirty pages,
-    // reading through pread, and through the tracker's mapping of the file (mapRam).
-    const map = mapRam(fd, pages);
-    try {
-      for (const [how, m] of [
-        ['pread', null],
-        ['mapped', map],
-      ] as const) {
-        for (const threads of [1, 2]) {
-          await measure(
-            `scanCopy ${how}, ${dirtyMiB} MiB dirty`,
-            threads,
-            ramBytes,
-            async () => {
-              const d = await scanCopy(fd, pages, table, null, threads, m);
-              if (d.pfns.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.pfns.length}`);
-            },
-            makeDirty,
-          );
-        }
-      }
-    } finally {
-      if (map) unmapRam(map);
-    }
-    for (const threads of [1, 2]) {
-      await measure(
-        `scanDirty full, ${dirtyMiB} MiB dirty`,
-        threads,
-        ramBytes,
-        async () => {
-          const d = await scanDirty(fd, pages, table, null, threads);
-          if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
-        },
-        makeDirty,
-      );
-    }
-    for (const threads of [1, 2]) {
-      await measure(
-        `scanDirty candidates, ${dirtyMiB} MiB`,
-        threads,
-        dirtyPages * PAGE_SIZE,
-        async () => {
-          const d = await scanDirty(fd, pages, table, dirty, threads);
-          if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
-        },
-        makeDirty,
-        'soft-dirty path: only the candidate pages are read',
-      );
-    }
-    const out = Buffer.allocUnsafe(dirtyPages * PAGE_SIZE);
-    const mask = new Uint8Array(dirtyPages);
-    await measure(`readPages + zeroMask, ${dirtyMiB} MiB`, 1, dirtyPages * PAGE_SIZE, () => {
-      readPages(fd, dirty, out);
-      zeroMask(out, mask);
-    });
+    await measureScanCopy(fd, table, makeDirty);
+    await measureDirtyScans(fd, table, dirty, makeDirty);
   } finally {
     closeSync(fd);
     unlinkSync(path);
   }
+  writeResults();
+}
 
+/** Fill every page with random, page-distinct content. */
+function populate(fd: number): void {
+  const chunk = Buffer.alloc(2 * MIB);
+  randomFillSync(chunk);
+  for (let off = 0; off < ramBytes; off += chunk.length) {
+    for (let p = 0; p < chunk.length; p += PAGE_SIZE) chunk.writeUInt32LE((off + p) / PAGE_SIZE, p);
+    writeSync(fd, chunk, 0, chunk.length, off);
+  }
+  ftruncateSync(fd, ramBytes);
+}
+
+/**
+ * What a checkpoint's collect does: one pass that hashes and copies the dirty pages,
+ * reading through pread, and through the tracker's mapping of the file (mapRam).
+ */
+async function measureScanCopy(fd: number, table: Buffer, makeDirty: () => void): Promise<void> {
+  const map = mapRam(fd, pages);
+  try {
+    for (const [how, m] of [
+      ['pread', null],
+      ['mapped', map],
+    ] as const) {
+      for (const threads of [1, 2]) {
+        await measure(
+          `scanCopy ${how}, ${dirtyMiB} MiB dirty`,
+          threads,
+          ramBytes,
+          async () => {
+            const d = await scanCopy(fd, pages, table, null, threads, m);
+            if (d.pfns.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.pfns.length}`);
+          },
+          makeDirty,
+        );
+      }
+    }
+  } finally {
+    if (map) unmapRam(map);
+  }
+}
+
+/** scanDirty over the whole file and over the candidates only (the soft-dirty path), and reading the dirty set. */
+async function measureDirtyScans(fd: number, table: Buffer, dirty: Uint32Array, makeDirty: () => void): Promise<void> {
+  for (const threads of [1, 2]) {
+    await measure(
+      `scanDirty full, ${dirtyMiB} MiB dirty`,
+      threads,
+      ramBytes,
+      async () => {
+        const d = await scanDirty(fd, pages, table, null, threads);
+        if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
+      },
+      makeDirty,
+    );
+  }
+  for (const threads of [1, 2]) {
+    await measure(
+      `scanDirty candidates, ${dirtyMiB} MiB`,
+      threads,
+      dirtyPages * PAGE_SIZE,
+      async () => {
+        const d = await scanDirty(fd, pages, table, dirty, threads);
+        if (d.length !== dirtyPages) throw new Error(`expected ${dirtyPages} dirty, got ${d.length}`);
+      },
+      makeDirty,
+      'soft-dirty path: only the candidate pages are read',
+    );
+  }
+  const out = Buffer.allocUnsafe(dirtyPages * PAGE_SIZE);
+  const mask = new Uint8Array(dirtyPages);
+  await measure(`readPages + zeroMask, ${dirtyMiB} MiB`, 1, dirtyPages * PAGE_SIZE, () => {
+    readPages(fd, dirty, out);
+    zeroMask(out, mask);
+  });
+}
+
+function writeResults(): void {
   const dir = join(process.cwd(), 'bench-results');
   mkdirSync(dir, { recursive: true });
   const file = join(dir, 'scan.json');

@@ -20,7 +20,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Cluster, fileSize, waitPasses } from '../../netns-tests/harness.ts';
+import { Cluster } from '../../lab/cluster.ts';
+import { fileSize } from '../../lab/proc.ts';
+import { waitPasses } from '../../lab/serial.ts';
 import type { MigrationResult } from '../../src/migrate/result.ts';
 import { corruptCheck, digestLogs, log, now, r2, shapeLink, LINKS, withTimeout, type CorruptCheck, type Link } from './lib.ts';
 
@@ -112,7 +114,24 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
       for (const mode of order) runs.push(await one(o, link, mode, i));
     }
   }
-  const stats = o.links.map((link) => {
+  const stats = tlsStats(o, runs);
+  const worst = Math.max(...stats.map((s) => s.totalCost ?? Infinity));
+  const decision =
+    worst <= COST_LIMIT
+      ? `TLS always on: it costs at most ${(worst * 100).toFixed(1)} % of the total time (limit ${COST_LIMIT * 100} %)`
+      : `TLS costs up to ${(worst * 100).toFixed(1)} % of the total time (limit ${COST_LIMIT * 100} %): keep it configurable, default on`;
+  const L = tlsTable(o, stats);
+  L.push(`decision: ${decision}`);
+  const corrupt = runs.reduce((n, r) => n + r.memcheck.reduce((k, m) => k + m.corrupt, 0), 0);
+  L.push(`memcheck CORRUPT lines over all runs: ${corrupt}`);
+  const text = L.join('\n');
+  console.log(text);
+  writeTls(o, { started, t0, L, decision, stats, runs });
+}
+
+/** Per link: medians of each mode's successful runs, and what TLS costs of the total time. */
+function tlsStats(o: TlsOptions, runs: TlsRun[]) {
+  return o.links.map((link) => {
     const of = (mode: Mode) => runs.filter((r) => r.link === link && r.mode === mode && r.exitCode === 0);
     const m = (mode: Mode) => ({
       n: of(mode).length,
@@ -127,11 +146,10 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
     const cost = tls.totalMs !== null && plain.totalMs ? Math.round(((tls.totalMs - plain.totalMs) / plain.totalMs) * 1000) / 1000 : null;
     return { link, mbit: LINKS[link].mbit, tls, plain, totalCost: cost };
   });
-  const worst = Math.max(...stats.map((s) => s.totalCost ?? Infinity));
-  const decision =
-    worst <= COST_LIMIT
-      ? `TLS always on: it costs at most ${(worst * 100).toFixed(1)} % of the total time (limit ${COST_LIMIT * 100} %)`
-      : `TLS costs up to ${(worst * 100).toFixed(1)} % of the total time (limit ${COST_LIMIT * 100} %): keep it configurable, default on`;
+}
+
+/** The console table: one line per link and mode, then TLS against plain per link. */
+function tlsTable(o: TlsOptions, stats: ReturnType<typeof tlsStats>): string[] {
   const L: string[] = [];
   L.push(
     `QEMU migration stream: TLS-PSK vs plain (medians of ${o.repeats} per cell; ${o.guestMiB} MiB guest, memcheck ${o.memcheckMB} MB at ${o.memcheckRate || 'unthrottled'} MB/s)`,
@@ -153,11 +171,15 @@ export async function benchStreamTls(o: TlsOptions): Promise<void> {
         ` (range of the runs: tls ${range('tls')}, plain ${range('plain')})`,
     );
   }
-  L.push(`decision: ${decision}`);
-  const corrupt = runs.reduce((n, r) => n + r.memcheck.reduce((k, m) => k + m.corrupt, 0), 0);
-  L.push(`memcheck CORRUPT lines over all runs: ${corrupt}`);
-  const text = L.join('\n');
-  console.log(text);
+  return L;
+}
+
+/** migrate-tls.json into the run's folder and, the latest, under bench-results/. */
+function writeTls(
+  o: TlsOptions,
+  r: { started: string; t0: number; L: string[]; decision: string; stats: ReturnType<typeof tlsStats>; runs: TlsRun[] },
+): void {
+  const { started, t0, L, decision, stats, runs } = r;
   const json =
     JSON.stringify(
       {

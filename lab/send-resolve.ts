@@ -1,7 +1,7 @@
 /**
  * Sends one source answer (RESOLVE) with notifyDestination, the production sender, from
  * inside a host's namespace (see Cluster.resolveSender):
- *   node --import tsx netns-tests/send-resolve.ts <host.yaml> <peer host:port> <json body>
+ *   node --import tsx lab/send-resolve.ts <host.yaml> <peer host:port> <json body>
  * body: {migrationId, vm, outcome, epoch}. Prints "ready" once loaded, sends when stdin
  * says "go", prints notifyDestination's outcome (confirmed | unknown | gave-up) and exits.
  * Stdin closed without "go": exits 2 without sending.

@@ -8,7 +8,7 @@
  * the previous segment of the same direction in front, so a match split over two segments
  * counts too. The capture keeps no payload: it counts.
  *
- *   ip netns exec <ns> node --import tsx netns-tests/streamcap.ts \
+ *   ip netns exec <ns> node --import tsx lab/wire/streamcap.ts \
  *       --dev <veth> --ports 49152-49160 --pattern 636d726568746574
  * prints "ready" once libpcap listens, and on end of stdin (or SIGTERM) one JSON line:
  *   {"segments":N,"payloadBytes":N,"matches":N,"ports":[...]}

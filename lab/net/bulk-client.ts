@@ -2,7 +2,7 @@
  * Bulk TCP client of the network benchmark (tools/bench/net.ts), run in the client
  * namespace against the guest's netcheck:
  *
- *   ip netns exec <ns> node --import tsx tools/bench/net-client.ts \
+ *   ip netns exec <ns> node --import tsx lab/net/bulk-client.ts \
  *       --host 10.99.0.10 --port 7000 --dir g2c|c2g --size <bytes> --seconds <s>
  *
  * One connection; transfers of --size bytes one after another until --seconds have
@@ -12,6 +12,13 @@
  * payload bytes are counted, not stored. Prints one JSON line:
  *   {"dir","size","transfers","bytes","seconds","mbitPerS","transferMs":{"p50","p99"}}
  * or {"error": "..."} (exit 1).
+ *
+ * Why not lab/net/netclient.ts: that client proves a connection survives (every record checked
+ * against a SHA-256 chain and counters by netcheck-verifier.ts, a request every interval, UDP
+ * runs, JSON events for a test to wait on). This one measures throughput: transfers back to
+ * back with nothing else on the connection, records checked for type, seq and size only, and
+ * the client → guest direction (S/R), which netclient has no use for. Same guest program
+ * (tools/guest/netcheck.c), two jobs.
  */
 import net from 'node:net';
 import { parseArgs } from 'node:util';

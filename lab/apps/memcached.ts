@@ -11,8 +11,9 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
-import { GUEST_IP, waitFor } from '../harness.ts';
-import type { Cluster } from '../harness.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
+import type { Cluster } from '../cluster.ts';
 
 export const MEMCACHED_PORT = 11211;
 const SERVERS = `--servers=${GUEST_IP}:${MEMCACHED_PORT}`;

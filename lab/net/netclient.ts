@@ -3,7 +3,7 @@
  * reports, as JSON lines on stdout, every answer and every violation. Reconnect policy:
  * none — the point is that the SAME TCP connection survives migrations and rollbacks.
  *
- *   ip netns exec <ns> node --import tsx netns-tests/netclient.ts \
+ *   ip netns exec <ns> node --import tsx lab/net/netclient.ts \
  *       --host 10.99.0.10 --port 7000 [--interval-ms 100] [--stall-ms 45000] [--udp-port 7001]
  *
  * stdin commands (one per line): "udp <count> <size>" (the guest floods datagrams to
@@ -15,6 +15,9 @@
  *   resumed {afterMs}, violation {kind, ...}, closed {reason}, summary {...}
  * A stall (no answer for --stall-ms while requests are outstanding) is reported as a
  * violation of kind "stall": the connection is lost for the client's purposes.
+ *
+ * Started and followed by lab/net/driver.ts (Cluster.netclient()). Throughput is measured by
+ * lab/net/bulk-client.ts instead (its header says how the two differ).
  */
 import dgram from 'node:dgram';
 import fs from 'node:fs';

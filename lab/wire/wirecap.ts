@@ -3,7 +3,7 @@
  * against the destination gate's release log.
  *
  * Where: the switch bridge in the client namespace has one port per host (SWITCH_PORT_S,
- * SWITCH_PORT_D, see harness.ts). A frame that a port RECEIVES came up that host's
+ * SWITCH_PORT_D, see lab/topology.ts). A frame that a port RECEIVES came up that host's
  * uplink, i.e. it left that host's bridge; so the port a frame arrives on tells which
  * host sent it. The capture filter is `inbound and ether src <VM MAC>`: `inbound`
  * leaves out the copies the switch itself forwards out of a port (a broadcast of the
@@ -20,7 +20,7 @@
  * missed only if the frame's release followed the leak within the capture's own
  * latency (well under the 50 ms between checkpoints).
  *
- *   ip netns exec <client ns> node --import tsx netns-tests/wirecap.ts \
+ *   ip netns exec <client ns> node --import tsx lab/wire/wirecap.ts \
  *       --mac 52:54:00:12:34:56 --out frames.jsonl ups upd
  * writes one JSON line per frame: {"port":"upd","mono":81234567.891,"len":98,"hash":"9f2c…","type":"0800"}
  * and "ready" to stdout once every port is open.

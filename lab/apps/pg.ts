@@ -10,8 +10,9 @@ import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GUEST_IP, waitFor } from '../harness.ts';
-import type { Cluster } from '../harness.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
+import type { Cluster } from '../cluster.ts';
 import type { Test } from 'tap';
 
 const TABLE = 'tether_rows';
@@ -137,7 +138,10 @@ export class PgWriter {
     if (this.exited) return;
     this.#stopping = true;
     const n = this.sent.size;
-    await waitFor(() => this.exited || this.acked.length >= n, 'the last transaction acknowledged', 60_000).catch(() => undefined);
+    await waitFor(() => this.exited || this.acked.length >= n, 'the last transaction acknowledged', 60_000).catch((e: Error) => {
+      // stop() runs in teardown too, after a failure: end psql anyway; the log says why it waited
+      this.errors.push(`stop: ${e.message}\n`);
+    });
     this.proc.stdin!.end();
     const timer = setTimeout(() => this.kill(), 10_000);
     await this.#exited;

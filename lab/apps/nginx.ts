@@ -10,8 +10,9 @@ import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import type { Test } from 'tap';
-import { GUEST_IP, waitFor } from '../harness.ts';
-import type { Cluster } from '../harness.ts';
+import { GUEST_IP } from '../topology.ts';
+import { waitFor } from '../proc.ts';
+import type { Cluster } from '../cluster.ts';
 
 export const BIG_URL = `http://${GUEST_IP}/big.bin`;
 

@@ -9,8 +9,10 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
-import { Cluster, ROOT, waitFor } from '../harness.ts';
-import type { ClusterOptions } from '../harness.ts';
+import { Cluster } from '../cluster.ts';
+import { ROOT } from '../topology.ts';
+import { waitFor } from '../proc.ts';
+import type { ClusterOptions } from '../topology.ts';
 
 export interface DebianGuest {
   kernel: string;
