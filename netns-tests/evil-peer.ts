@@ -45,7 +45,7 @@ const peer = net.createServer((sock) => {
       });
       ch.start();
     },
-    () => {},
+    (e: Error) => process.stderr.write(`evil-peer: a connection failed its handshake: ${e.message}\n`),
   );
 });
 const trap = (kind: string) =>

@@ -34,6 +34,11 @@ lint=$?
 wait "$tsc_pid"
 tsc=$?
 [ "$tsc" = 0 ] && [ "$lint" = 0 ] || { echo "0 passed, 1 failed"; exit 1; }
+# The structure's measures (issue 15): no upward import or cycle, no src/ file over 500
+# lines or function over 80, no silent .catch, TETHER_FAULTS read in one file, no uncoded
+# throw. A violation names its file and line.
+echo "== structure (tools/check-structure.ts)"
+npx tsx tools/check-structure.ts || { echo "0 passed, 1 failed"; exit 1; }
 
 out=$(mktemp)
 trap 'rm -f "$out" "$debian_log"' EXIT
