@@ -1,29 +1,17 @@
 /**
  * A running QEMU taken over by this sidecar (after a restart, or by `tether vm adopt`): its
- * disk window closed if it still reads its disk through the sidecar, and a restored QEMU
- * found paused resumed with the live rollback's own steps (resumeRestored, announceRestored).
+ * disk window closed if it still reads its disk through the sidecar (the live completion's
+ * closeDiskWindow), and a restored QEMU found paused resumed with the live rollback's own
+ * steps (resumeRestored, announceRestored).
  */
 import { TetherError } from '../errors.ts';
+import { closeDiskWindow } from '../migrate/completion/destination.ts';
 import { announceRestored, resumeRestored } from '../migrate/source.ts';
 import { queryStatus } from '../qemu/commands.ts';
-import { errorFields } from '../util/log.ts';
 import type { Logger } from '../util/log.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import type { DaemonContext } from './context.ts';
 import { QMP_RECOVERY_MS } from './qemu-records.ts';
-
-/**
- * An adopted QEMU that owns its VM but still reads its disk through this sidecar (its
- * sidecar died inside the window, after the source's `completed`): the journal it had died
- * with the sidecar, so the restarted one serves the image (VmInstance.adopt) only until the
- * switch to QEMU's own file node, done here. A failure leaves the disk on the sidecar.
- */
-export async function closeAdoptedWindow(vm: VmInstance, log: Logger): Promise<void> {
-  if (!vm.nbd) return;
-  await vm
-    .detachDiskWindow()
-    .catch((e) => log.error('closing the disk window of an adopted QEMU failed: the disk stays on the sidecar', { error: errorFields(e) }));
-}
 
 /** A restored QEMU waiting paused: NICs connected, `cont`, MAC announcement, as a live rollback does it. */
 export async function resumePaused(ctx: DaemonContext, vm: VmInstance): Promise<void> {
@@ -39,7 +27,9 @@ export async function resumePaused(ctx: DaemonContext, vm: VmInstance): Promise<
  */
 export async function runAdopted(ctx: DaemonContext, vm: VmInstance, log: Logger): Promise<void> {
   const q = vm.qemu!;
-  await closeAdoptedWindow(vm, log);
+  // Its sidecar died inside the window, after the source's `completed`: the journal died
+  // with it, the restarted one serves the image (VmInstance.adopt) until the switch, done here.
+  await closeDiskWindow(vm, undefined, log);
   const { status } = await queryStatus(q.qmp, { timeoutMs: QMP_RECOVERY_MS });
   // 'suspended': the guest put itself to sleep (ACPI S3); it runs as far as tether is concerned
   if (status !== 'running' && status !== 'suspended') {

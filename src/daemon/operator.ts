@@ -5,12 +5,13 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { TetherError } from '../errors.ts';
+import { closeDiskWindow } from '../migrate/completion/destination.ts';
 import { queryStatus } from '../qemu/commands.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import type { DaemonContext } from './context.ts';
 import { letGo, settled, vmStatus } from './context.ts';
-import { closeAdoptedWindow, resumePaused } from './adopted.ts';
+import { resumePaused } from './adopted.ts';
 import { QMP_RECOVERY_MS, recordedQemus } from './qemu-records.ts';
 
 /** The records `forget` drops: the VM, its migration marker, completion request, unrecovered cause, standby. */
@@ -105,7 +106,7 @@ export async function adoptByOperator(ctx: DaemonContext, vm: VmInstance): Promi
 async function adoptOne(ctx: DaemonContext, vm: VmInstance, id: QemuIdentity): Promise<boolean> {
   const log = ctx.log.child({ vm: vm.name });
   await vm.adopt(id, QMP_RECOVERY_MS);
-  await closeAdoptedWindow(vm, log);
+  await closeDiskWindow(vm, undefined, log);
   const { status } = await queryStatus(vm.qemu!.qmp, { timeoutMs: QMP_RECOVERY_MS });
   let resumed = false;
   if (status !== 'running') {

@@ -6,21 +6,23 @@
  *  - completion asked, the answer not yet acted on: keep the incoming QEMU, paused, until
  *    the source answers (recoverCompleting, then answerRecovered); if the journal log already
  *    recorded the answer `completed` (killed during the write-back), act on it at once.
+ * Each step is the live destination's own (src/migrate/completion/destination.ts: stopForAnswer,
+ * decideAnswer, runHere; src/migrate/destination/fence.ts: fenceVm), on the recovered VM.
  */
 import fs from 'node:fs/promises';
 import type { BlockJournal } from '../disk/journal.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
-import { completingRecordPath, staleResolve } from '../migrate/destination.ts';
-import type { ResolveAnswer } from '../migrate/destination.ts';
+import { TetherError } from '../errors.ts';
+import { decideAnswer, runHere, stopForAnswer } from '../migrate/completion/destination.ts';
+import type { Resolve, ResolveAnswer } from '../migrate/completion/destination.ts';
+import { fenceVm } from '../migrate/destination/fence.ts';
 import { cleanupCrashPoint } from '../migrate/faults.ts';
-import { cont, stop } from '../qemu/commands.ts';
 import { identityAlive } from '../qemu/process.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import { errorFields } from '../util/log.ts';
 import type { Logger } from '../util/log.ts';
 import { passThroughDevice } from '../vm/instance.ts';
 import type { MigrationMarker, VmInstance } from '../vm/instance.ts';
-import { closeAdoptedWindow } from './adopted.ts';
 import type { AwaitingAnswer, DaemonContext } from './context.ts';
 import { killQemu, QMP_RECOVERY_MS, same } from './qemu-records.ts';
 
@@ -32,11 +34,13 @@ export interface DiskAtRestart {
   answeredCompleted: { finalEpoch: number; migrationId: string } | null;
 }
 
-/** Mid-window, no completion asked: every QEMU of the VM killed, its RAM dropped; the source rolls back. */
+/**
+ * Mid-window, no completion asked: every QEMU of the VM killed (by the identity its records
+ * name: none is adopted), then the live fence's steps (RAM, records); the source rolls back.
+ */
 export async function fenceInterrupted(vm: VmInstance, qemus: QemuIdentity[], marker: MigrationMarker, log: Logger): Promise<void> {
   for (const q of qemus) await killQemu(q);
-  await vm.removeRam();
-  vm.place = 'fenced';
+  await fenceVm(vm, log);
   log.warn('incoming migration interrupted by a sidecar restart: fenced', { migrationId: marker.migrationId });
 }
 
@@ -83,19 +87,22 @@ async function recoverCompleting(
 ): Promise<void> {
   const { migrationId } = marker;
   if (migrating === null) {
-    await vm.removeRam();
+    // The journal was never opened (no QEMU): its logs go, as the live fence discards it.
     for (const f of await findJournalLogs(vm.journalDir, vm.name)) await fs.rm(f, { force: true });
     vm.diskDevice = passThroughDevice;
-    await fs.rm(completingRecordPath(vm), { force: true });
-    vm.place = 'fenced';
+    await fenceVm(vm, log);
     log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { migrationId, finalEpoch: epoch });
     return;
   }
   if (identityAlive(migrating)) process.kill(migrating.pid, 'SIGCONT');
   await vm.adopt(migrating);
-  await stop(vm.qemu!.qmp, { timeoutMs: QMP_RECOVERY_MS });
-  vm.place = 'migrating-in';
   const j = journal();
+  if (!(await stopForAnswer(vm, j, { timeoutMs: QMP_RECOVERY_MS }))) {
+    throw new TetherError('ERR_RECOVERY', `the incoming QEMU pid ${migrating.pid} exited before it could be paused`, {
+      pid: migrating.pid,
+    });
+  }
+  vm.place = 'migrating-in';
   ctx.awaitingAnswer.set(vm.name, { vm, epoch, migrationId, ...(j ? { journal: j } : {}) });
   log.warn('sidecar restarted during the completion handshake: guest paused until the source answers', {
     migrationId,
@@ -104,57 +111,39 @@ async function recoverCompleting(
 }
 
 /**
- * The source's answer for a VM recovered by recoverCompleting; known=false if none waits
- * for it, and never acted on when it names another migration than the one that waits (a
- * retried answer to an earlier migration of the VM: ERR_MIGRATION_ID_MISMATCH).
+ * The source's answer for a VM recovered by recoverCompleting, decided as the live destination
+ * decides it (decideAnswer); known=false if none waits for it, and never acted on when it
+ * names another migration than the one that waits (a retried answer to an earlier migration
+ * of the VM: ERR_MIGRATION_ID_MISMATCH).
  */
-export function answerRecovered(
-  ctx: DaemonContext,
-  c: { vm: string; migrationId: string; outcome: 'completed' | 'rolled-back'; epoch: number },
-): ResolveAnswer {
-  const { vm: name, outcome, epoch } = c;
+export function answerRecovered(ctx: DaemonContext, c: Resolve & { vm: string }): ResolveAnswer {
+  const name = c.vm;
   const w = ctx.awaitingAnswer.get(name);
   if (!w) return { known: false, code: 'ERR_NO_MIGRATION', message: `VM ${name} is not migrating in to ${ctx.host.name}` };
-  const stale = staleResolve(w.migrationId, c.migrationId);
-  if (stale) {
-    ctx.metrics.staleResolves.inc();
-    ctx.log.warn('ignored an answer for another migration of this VM', {
-      vm: name,
-      migrationId: w.migrationId,
-      answerFor: c.migrationId,
-      outcome,
-      epoch,
-    });
-    return stale;
-  }
-  if (outcome === 'completed' && epoch !== w.epoch) {
-    return { known: false, code: 'ERR_NO_MIGRATION', message: `no completion request of final epoch ${epoch}` };
-  }
-  ctx.awaitingAnswer.delete(name);
   const log = ctx.log.child({ vm: name, migrationId: w.migrationId });
-  void actOnAnswer(ctx, w, outcome, epoch, log).catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
-  return { known: true };
+  // It waits for the answer to its own request only: not held by the source, not completed.
+  const state = { id: w.migrationId, finalEpoch: w.epoch, completed: false, held: false, stopped: false };
+  const d = decideAnswer(state, c, log, () => ctx.metrics.staleResolves.inc());
+  if (d.act) {
+    ctx.awaitingAnswer.delete(name);
+    void actOnAnswer(ctx, w, d.act, c.epoch, log).catch((e) => log.error('acting on the source answer failed', { error: errorFields(e) }));
+  }
+  return d.answer;
 }
 
-/** `completed`: the journal written back and the VM run here; `rolled-back`: fenced. Then the completion records go. */
-async function actOnAnswer(ctx: DaemonContext, w: AwaitingAnswer, outcome: 'completed' | 'rolled-back', epoch: number, log: Logger) {
+/** `finish` (completed): the live completion's steps, the VM runs here; `fence` (rolled-back): the live fence's. */
+async function actOnAnswer(ctx: DaemonContext, w: AwaitingAnswer, act: 'finish' | 'fence', epoch: number, log: Logger) {
   const { vm, journal } = w;
-  if (outcome === 'completed') {
-    // The rebuilt journal goes into the image (the log records the outcome first);
-    // writes of the resumed guest wait for that, reads see the journal meanwhile.
-    await journal?.markCompleted(epoch);
-    journal?.passThrough();
-    await cont(vm.qemu!.qmp);
-    vm.place = 'running';
-    log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
-    await journal?.drained();
-    await closeAdoptedWindow(vm, log);
+  if (act === 'finish') {
+    const release = (): void => {
+      journal?.passThrough();
+      vm.place = 'running';
+      log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
+    };
+    await runHere({ vm, journal, log, paused: true, release, afterStep: cleanupCrashPoint(ctx.faults) }, epoch);
   } else {
     journal?.discard();
-    await vm.killQemu();
-    await vm.removeRam();
-    vm.place = 'fenced';
+    await fenceVm(vm, log);
     log.warn('the source answered rolled-back: fenced');
   }
-  await vm.dropCompletingRecords(cleanupCrashPoint(ctx.faults));
 }

@@ -5,14 +5,21 @@
  * release the held outputs, write the journal back, drop the records, close the disk window;
  * rolled-back — fence (the caller does: ../destination/fence.ts). A source `hold` (it decided
  * to roll back and checks it can restore) is handled here too: it ends the same two ways.
+ * The steps a sidecar restarted inside the handshake takes as well (daemon recovery,
+ * src/daemon/recovery-destination.ts) are functions of the VM, its journal and a logger, not
+ * of the live DestContext: decideAnswer, stopForAnswer, runHere, closeDiskWindow.
  */
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { writeCompletingRecord } from '../../checkpoint/store.ts';
+import type { BlockJournal } from '../../disk/journal.ts';
+import type { EpochOutputs } from '../../epoch/outputs.ts';
 import { TetherError } from '../../errors.ts';
 import type { ErrorCode } from '../../errors.ts';
 import { cont, stop } from '../../qemu/commands.ts';
+import type { QmpExecuteOptions } from '../../qmp/client.ts';
 import { errorFields, ignored } from '../../util/log.ts';
+import type { Logger } from '../../util/log.ts';
 import { nowMs, sleep } from '../../util/time.ts';
 import type { VmInstance } from '../../vm/instance.ts';
 import { cleanupCrashPoint, CUT_COMPLETION, HOLD_COMPLETION_RELEASE } from '../faults.ts';
@@ -53,41 +60,62 @@ export interface ResolveDecision {
   act?: 'fence' | 'finish';
 }
 
+/** What a resolve is decided on: this host's side of the migration (see DestContext). */
+export interface AnswerState {
+  /** The migration this host holds for the VM. */
+  id: string;
+  /** The final epoch this side asked the source to complete; null: none asked. */
+  finalEpoch: number | null;
+  /** The source's `completed` was acted on already (phase completed). */
+  completed: boolean;
+  /** The source holds the migration (DestContext.held). */
+  held: boolean;
+  /** The migration has ended here (DestContext.stopped). */
+  stopped: boolean;
+}
+
 /**
  * The source's answer to this side's completion request (on the migration channel or on a
  * new one). known=false when it does not match this migration: above all when it names
  * another migration id (a retried answer to an earlier migration of this VM), which is
- * logged, counted and never acted on: it must not fence or complete this one.
+ * logged, counted (`onStale`) and never acted on: it must not fence or complete this one.
+ * Decided alike by the live destination (decideResolve) and by a sidecar restarted inside
+ * the handshake (daemon recovery: never held, never completed while it waits).
  */
-export function decideResolve(ctx: DestContext, c: Resolve): ResolveDecision {
+export function decideAnswer(s: AnswerState, c: Resolve, log: Logger, onStale?: () => void): ResolveDecision {
   const { outcome, epoch } = c;
-  const stale = staleResolve(ctx.id, c.migrationId);
+  const stale = staleResolve(s.id, c.migrationId);
   if (stale) {
-    ctx.log.warn('ignored an answer for another migration of this VM', { code: stale.code, answerFor: c.migrationId, outcome, epoch });
-    ctx.opts.onStaleResolve?.();
+    log.warn('ignored an answer for another migration of this VM', { code: stale.code, answerFor: c.migrationId, outcome, epoch });
+    onStale?.();
     return { answer: stale };
   }
   const unknown = (message: string): ResolveDecision => ({ answer: { known: false, code: 'ERR_NO_MIGRATION', message } });
   if (outcome === 'rolled-back') {
-    if (ctx.phase.is('completed')) {
-      ctx.log.error('source says rolled back after it answered completed: ignored', { epoch });
+    if (s.completed) {
+      log.error('source says rolled back after it answered completed: ignored', { epoch });
       return unknown('completed already');
     }
     return { answer: { known: true }, act: 'fence' };
   }
-  if (ctx.phase.is('completed'))
-    return ctx.finalEpoch === epoch || ctx.held ? { answer: { known: true } } : unknown('completed with another final epoch');
-  if (ctx.held && !ctx.stopped) {
+  if (s.completed) return s.finalEpoch === epoch || s.held ? { answer: { known: true } } : unknown('completed with another final epoch');
+  if (s.held && !s.stopped) {
     // The source gave up a rollback it could not carry out, recorded durably (its completed.json
     // at its last applied epoch): it never resumes the VM, which continues here.
-    ctx.log.warn('the source could not restore and gave the rollback up: the VM continues here', { epoch });
+    log.warn('the source could not restore and gave the rollback up: the VM continues here', { epoch });
     return { answer: { known: true }, act: 'finish' };
   }
-  if (ctx.finalEpoch === null || ctx.finalEpoch !== epoch || ctx.stopped) {
-    ctx.log.error('completion answer does not match this migration', { epoch, completing: ctx.finalEpoch });
+  if (s.finalEpoch === null || s.finalEpoch !== epoch || s.stopped) {
+    log.error('completion answer does not match this migration', { epoch, completing: s.finalEpoch });
     return unknown('no completion request of that final epoch');
   }
   return { answer: { known: true }, act: 'finish' };
+}
+
+/** decideAnswer on the live destination's state. */
+export function decideResolve(ctx: DestContext, c: Resolve): ResolveDecision {
+  const s = { id: ctx.id, finalEpoch: ctx.finalEpoch, completed: ctx.phase.is('completed'), held: ctx.held, stopped: ctx.stopped };
+  return decideAnswer(s, c, ctx.log, ctx.opts.onStaleResolve);
 }
 
 /**
@@ -134,11 +162,26 @@ export async function pauseForAnswer(ctx: DestContext, reason: string): Promise<
   if (ctx.pausedForAnswer || ctx.stopped) return;
   ctx.pausedForAnswer = true;
   ctx.log.warn('no answer to the completion request yet: guest paused, outputs held', { reason, finalEpoch: ctx.finalEpoch });
-  const q = ctx.vm.qemu;
-  // `stop` waits for in-flight block requests: a write waiting for room in a full
-  // journal (no release comes now) must be admitted, or the stop never returns.
-  ctx.outputs.quiesce?.();
-  if (q && !q.hasExited) await stop(q.qmp).catch((e: unknown) => ctx.log.warn('pausing the guest failed', { error: errorFields(e) }));
+  await stopForAnswer(ctx.vm, ctx.outputs).catch((e: unknown) => ctx.log.warn('pausing the guest failed', { error: errorFields(e) }));
+}
+
+/**
+ * Stop the guest while the source's answer is awaited, its QEMU and RAM kept: the live
+ * destination's pause (pauseForAnswer) and a restarted sidecar's (daemon recovery). `stop`
+ * waits for in-flight block requests: a write waiting for room in a full journal (no release
+ * comes now) is admitted first, or the stop never returns. False when no QEMU runs to stop;
+ * rejects when the stop fails.
+ */
+export async function stopForAnswer(
+  vm: VmInstance,
+  outputs: Pick<EpochOutputs, 'quiesce'> | undefined,
+  opts?: QmpExecuteOptions,
+): Promise<boolean> {
+  outputs?.quiesce?.();
+  const q = vm.qemu;
+  if (!q || q.hasExited) return false;
+  await stop(q.qmp, opts);
+  return true;
 }
 
 /** Fault injection (hold-completion): the stream is complete, but the test has not released the completion yet. */
@@ -187,40 +230,70 @@ export async function finishCompleted(ctx: DestContext, epoch: number): Promise<
   await ctx.barrierEnd.promise;
   ctx.tracker?.close().catch(ignored(ctx.log, 'the tracker is closed at the end whatever its state'));
   ctx.phase.to('completed', { finalEpoch: epoch });
-  if (ctx.pausedForAnswer) {
-    const q = ctx.vm.qemu;
-    if (q && !q.hasExited)
-      await cont(q.qmp).catch((e: unknown) => ctx.log.error('cont after the answer failed', { error: errorFields(e) }));
-  }
-  if (holdsWriteback(ctx)) await waitForTwoExtents(ctx);
-  // In the log before the image is written: a sidecar restarted during the write-back
-  // finishes it from the log (docs/journal.md).
-  const marked = await ctx.journal?.markCompleted(epoch).then(
-    () => true,
-    (e: unknown) => {
-      ctx.log.error('recording completion in the journal log failed', { error: errorFields(e) });
-      return false;
+  await runHere(
+    {
+      vm: ctx.vm,
+      journal: ctx.journal,
+      log: ctx.log,
+      paused: ctx.pausedForAnswer,
+      release: () => releaseToThisHost(ctx),
+      afterStep: cleanupCrashPoint(ctx.faults),
+      ...(holdsWriteback(ctx) ? { hold: writeBackHolds(ctx) } : {}),
     },
+    epoch,
   );
-  releaseToThisHost(ctx);
-  // The completion records go only once the journal is in the image (or the log says
-  // the outcome): until then a restart must not serve the image pass-through.
-  if (marked === false)
-    await ctx.journal?.drained().catch((e: unknown) => ctx.log.warn('the write-back failed', { error: errorFields(e) }));
-  if (holdsWriteback(ctx) && ctx.faults.holdWritebackEarly) await holdWritebackForever(ctx);
-  await ctx.vm
-    .dropCompletingRecords(cleanupCrashPoint(ctx.faults))
-    .catch((e: unknown) => ctx.log.error('dropping the completion records failed', { error: errorFields(e) }));
-  if (holdsWriteback(ctx)) {
-    await ctx.writeBackHeld.promise;
-    ctx.log.warn('fault injection: write-back held after its first extent, completion records dropped', {
-      extents: ctx.journal!.extentCount,
-    });
-  }
-  await closeDiskWindow(ctx);
   // The source closes the channel once it has read RESOLVED; this only reaps a silent one.
   setTimeout(() => ctx.ch.close(), 5000).unref();
   ctx.done.resolve('completed');
+}
+
+/** What runHere acts on: the live destination's VM and journal, or those a restarted sidecar recovered. */
+export interface Handover {
+  vm: VmInstance;
+  journal: BlockJournal | undefined;
+  log: Logger;
+  /** The guest was paused for the answer (stopForAnswer): `cont` it first. */
+  paused: boolean;
+  /** Outputs pass, the VM runs here (vm.place): called once completion is in the journal's log (or failed to be). */
+  release: () => void;
+  /** Crash points while the completion records go (crash-cleanup-step). */
+  afterStep: (step: number) => void;
+  /** Fault injection (hold-writeback): before the log records completion, before and after the records go. */
+  hold?: { beforeMark(): Promise<void>; beforeDrop(): Promise<void>; afterDrop(): Promise<void> };
+}
+
+/**
+ * The source recorded completion: the VM runs here. The guest resumes, the journal's log
+ * records the outcome and its write-back starts (release), the completion records go, then
+ * the disk window closes. Every step logs its failure and the next runs: the VM is this
+ * host's whatever fails. Shared by the live destination (finishCompleted) and a sidecar
+ * restarted inside the handshake (daemon recovery).
+ */
+export async function runHere(h: Handover, epoch: number): Promise<void> {
+  const { vm, journal, log } = h;
+  const q = vm.qemu;
+  if (h.paused && q && !q.hasExited)
+    await cont(q.qmp).catch((e: unknown) => log.error('cont after the answer failed', { error: errorFields(e) }));
+  await h.hold?.beforeMark();
+  // In the log before the image is written: a sidecar restarted during the write-back
+  // finishes it from the log (docs/journal.md).
+  const marked = await journal?.markCompleted(epoch).then(
+    () => true,
+    (e: unknown) => {
+      log.error('recording completion in the journal log failed', { error: errorFields(e) });
+      return false;
+    },
+  );
+  h.release();
+  // The completion records go only once the journal is in the image (or the log says
+  // the outcome): until then a restart must not serve the image pass-through.
+  if (marked === false) await journal?.drained().catch((e: unknown) => log.warn('the write-back failed', { error: errorFields(e) }));
+  await h.hold?.beforeDrop();
+  await vm
+    .dropCompletingRecords(h.afterStep)
+    .catch((e: unknown) => log.error('dropping the completion records failed', { error: errorFields(e) }));
+  await h.hold?.afterDrop();
+  await closeDiskWindow(vm, journal, log);
 }
 
 /** Outputs pass, the NIC relays leave QEMU's path, the guard and the stream's TLS go: the VM runs here. */
@@ -230,6 +303,22 @@ function releaseToThisHost(ctx: DestContext): void {
   ctx.guard?.disarm();
   ctx.vm.place = 'running';
   void ctx.tls?.tearDown(); // not awaited: nothing below may wait on QMP
+}
+
+/** Fault injection (hold-writeback, hold-writeback-early): runHere's holds. */
+function writeBackHolds(ctx: DestContext): NonNullable<Handover['hold']> {
+  return {
+    beforeMark: () => waitForTwoExtents(ctx),
+    beforeDrop: async () => {
+      if (ctx.faults.holdWritebackEarly) await holdWritebackForever(ctx);
+    },
+    afterDrop: async () => {
+      await ctx.writeBackHeld.promise;
+      ctx.log.warn('fault injection: write-back held after its first extent, completion records dropped', {
+        extents: ctx.journal!.extentCount,
+      });
+    },
+  };
 }
 
 /**
@@ -257,17 +346,19 @@ async function holdWritebackForever(ctx: DestContext): Promise<never> {
  * reads the image, and nothing may still be held in the sidecar — and after the source has
  * recorded completion (this runs on its answer), so the source's QEMU, a post-copy source that
  * inactivated its image at switchover, holds no lock the reopen could conflict with. A failure
- * leaves the disk on the journal's NBD export in pass-through: the guest keeps its disk.
+ * leaves the disk on the sidecar's NBD export in pass-through: the guest keeps its disk.
+ * Also for a QEMU adopted inside its window after the source's `completed` (daemon recovery,
+ * `tether vm adopt`): no journal then, the sidecar serves the image itself.
  */
-async function closeDiskWindow(ctx: DestContext): Promise<void> {
-  if (!ctx.journal || !ctx.vm.nbd) return;
+export async function closeDiskWindow(vm: VmInstance, journal: BlockJournal | undefined, log: Logger): Promise<void> {
+  if (!vm.nbd) return;
   const t0 = nowMs();
   try {
-    await ctx.journal.drained();
+    await journal?.drained();
     const drainMs = Math.round((nowMs() - t0) * 100) / 100;
-    const r = await ctx.vm.detachDiskWindow();
-    ctx.log.info('disk detached at completion', { drainMs, ...r });
+    const r = await vm.detachDiskWindow();
+    log.info('disk detached at completion', { drainMs, ...r });
   } catch (e) {
-    ctx.log.error('closing the disk window failed: the disk stays on the sidecar (pass-through)', { error: errorFields(e) });
+    log.error('closing the disk window failed: the disk stays on the sidecar (pass-through)', { error: errorFields(e) });
   }
 }

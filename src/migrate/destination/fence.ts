@@ -4,13 +4,16 @@
  * unacknowledged past the failover timeout), a failure of this side (abort to the source,
  * then fence), or the source's word (ABORT, resolve rolled-back). While the completion
  * handshake or a source's hold is under way this side never fences on its own: it pauses
- * the guest and waits for the source's answer (../completion/destination.ts).
+ * the guest and waits for the source's answer (../completion/destination.ts). fenceVm, the
+ * fence's steps on the VM itself, is also how a restarted sidecar fences (daemon recovery).
  */
 import fs from 'node:fs/promises';
 import { TetherError } from '../../errors.ts';
 import { stop } from '../../qemu/commands.ts';
 import { errorFields, ignored } from '../../util/log.ts';
+import type { Logger } from '../../util/log.ts';
 import { nowMs, sleep } from '../../util/time.ts';
+import type { VmInstance } from '../../vm/instance.ts';
 import { completingRecordPath, pauseForAnswer } from '../completion/destination.ts';
 import type { DestContext } from './context.ts';
 
@@ -42,30 +45,45 @@ export async function fence(ctx: DestContext, reason: string, err?: unknown, byS
   ctx.outputs.discard();
   ctx.window?.fail(new TetherError('ERR_FENCED', reason));
   ctx.hashesDone.resolve(); // unblock a run() still waiting for the baseline
-  const q = ctx.vm.qemu;
-  if (q && !q.hasExited) {
-    await Promise.race([stop(q.qmp).catch(ignored(ctx.log, 'QEMU is killed next anyway')), sleep(500)]);
-    await q.kill().catch((e: unknown) => ctx.log.warn('killing the fenced QEMU failed', { error: errorFields(e) }));
-  }
-  ctx.guard?.disarm();
-  await ctx.tls?.removeKeys(); // the object went with the QEMU
-  await ctx.tracker?.close().catch(ignored(ctx.log, 'the tracker is closed at the end whatever its state'));
-  await ctx.vm.removeRam().catch((e: unknown) => ctx.log.warn('removing the fenced RAM file failed', { error: errorFields(e) }));
-  ctx.vm.place = 'fenced';
-  await dropRecords(ctx);
+  await fenceVm(ctx.vm, ctx.log, async () => {
+    ctx.guard?.disarm();
+    await ctx.tls?.removeKeys(); // the object went with the QEMU
+    await ctx.tracker?.close().catch(ignored(ctx.log, 'the tracker is closed at the end whatever its state'));
+  });
   ctx.phase.to('fenced', { reason });
   ctx.ch.close();
   ctx.done.resolve('fenced');
 }
 
-/** A fenced migration's records (its completion request, its marker) go: a restart finds nothing to resume. */
-async function dropRecords(ctx: DestContext): Promise<void> {
+/**
+ * The fence's steps on the VM itself (the source owns it): its QEMU stopped and killed, then
+ * `afterKill` (the live migration's guard, TLS keys, tracker), its RAM removed, the VM shown
+ * fenced, its records dropped. Each failure is logged and the fence goes on. The steps of the
+ * live fence, and of a restarted sidecar's (daemon recovery), which kills a QEMU it did not
+ * adopt itself first.
+ */
+export async function fenceVm(vm: VmInstance, log: Logger, afterKill?: () => Promise<void>): Promise<void> {
+  const q = vm.qemu;
+  if (q && !q.hasExited) {
+    await Promise.race([stop(q.qmp).catch(ignored(log, 'QEMU is killed next anyway')), sleep(500)]);
+    await q.kill().catch((e: unknown) => log.warn('killing the fenced QEMU failed', { error: errorFields(e) }));
+  }
+  await afterKill?.();
+  await vm.removeRam().catch((e: unknown) => log.warn('removing the fenced RAM file failed', { error: errorFields(e) }));
+  vm.place = 'fenced';
+  await dropRecords(vm, log);
+}
+
+/**
+ * A fenced migration's records go, its completion request before its marker: a restart finds
+ * nothing to resume, and one in between finds the marker alone, which fences again (a request
+ * without its marker reads as no migration: the VM would be listed stopped here).
+ */
+async function dropRecords(vm: VmInstance, log: Logger): Promise<void> {
   await fs
-    .rm(completingRecordPath(ctx.vm), { force: true })
-    .catch((e: unknown) => ctx.log.warn('removing the completion request failed', { error: errorFields(e) }));
-  await ctx.vm
-    .setMigrationMarker(null)
-    .catch((e: unknown) => ctx.log.warn('removing the migration marker failed', { error: errorFields(e) }));
+    .rm(completingRecordPath(vm), { force: true })
+    .catch((e: unknown) => log.warn('removing the completion request failed', { error: errorFields(e) }));
+  await vm.setMigrationMarker(null).catch((e: unknown) => log.warn('removing the migration marker failed', { error: errorFields(e) }));
 }
 
 /** The code an ABORT carries for a failure of this side (the error's own, else ERR_DESTINATION). */
