@@ -12,6 +12,7 @@ import { loadVmConfig, PEER_DEFAULTS } from '../config/load.ts';
 import type { VmConfig } from '../config/types.ts';
 import { composeOutputs } from '../epoch/outputs.ts';
 import { isTetherError, TetherError } from '../errors.ts';
+import { resolvedMessage } from '../migrate/completion/protocol.ts';
 import { DestinationMigration } from '../migrate/destination.ts';
 import { PeerChannel } from '../peer/channel.ts';
 import { asPeerControl } from '../peer/control.ts';
@@ -116,8 +117,7 @@ export class PeerAdmission {
       known: a.known,
       ...(a.known ? {} : { code: a.code, why: a.message }),
     });
-    const body = { kind: 'resolved', migrationId: c.migrationId, known: a.known, ...(a.known ? {} : { code: a.code }) };
-    ch.send({ type: 'control', body }).catch(ignored(this.#ctx.log, 'the source may close once it has its answer'));
+    ch.send(resolvedMessage(c.migrationId, a)).catch(ignored(this.#ctx.log, 'the source may close once it has its answer'));
     setTimeout(() => ch.close(), 5000).unref();
   }
 

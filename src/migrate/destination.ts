@@ -17,7 +17,8 @@ import { nowMs } from '../util/time.ts';
 import type { StateMachine } from '../util/state.ts';
 import type { VmInstance } from '../vm/instance.ts';
 import { answerFault, decideResolve, finishCompleted, onHold, pauseForAnswer, sendResolved } from './completion/destination.ts';
-import type { Resolve, ResolveAnswer } from './completion/destination.ts';
+import type { Resolve } from './completion/destination.ts';
+import type { ResolveAnswer } from './completion/protocol.ts';
 import { DestContext } from './destination/context.ts';
 import type { DestinationOptions, DestPhase } from './destination/context.ts';
 import { runEpochs } from './destination/epoch-loop.ts';
@@ -27,7 +28,7 @@ import { switchover } from './destination/switchover.ts';
 
 export type { DestinationOptions, DestPhase } from './destination/context.ts';
 export { completingRecordPath, staleResolve } from './completion/destination.ts';
-export type { ResolveAnswer, ResolveRefusal } from './completion/destination.ts';
+export type { ResolveAnswer, ResolveRefusal } from './completion/protocol.ts';
 
 /**
  * One incoming migration (see the module header). Up to checkpoint.window checkpoints are in

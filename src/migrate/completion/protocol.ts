@@ -14,8 +14,9 @@ import type { ErrorCode } from '../../errors.ts';
 /** What the source answers a completion request with. */
 export type CompletionOutcome = 'completed' | 'rolled-back';
 
-/** The destination's verdict on a RESOLVE: known, or why not (the code travels in RESOLVED). */
-export type ResolveAnswer = { known: true } | { known: false; code: ErrorCode; message?: string };
+/** The destination's verdict on a RESOLVE: known, or why not (the code travels in RESOLVED, the message is logged). */
+export type ResolveAnswer = { known: true } | ResolveRefusal;
+export type ResolveRefusal = { known: false; code: ErrorCode; message: string };
 
 /** COMPLETE: the destination asks the source to record completion at `finalEpoch`. */
 export function completeMessage(migrationId: string, finalEpoch: number): Message {

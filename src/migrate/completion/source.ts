@@ -6,7 +6,10 @@
  * confirms it (RESOLVED), on a new channel if the migration channel is gone (notify.ts).
  */
 import { ignored } from '../../util/log.ts';
+import type { Logger } from '../../util/log.ts';
+import type { VmInstance } from '../../vm/instance.ts';
 import { cleanupCrashPoint, cutAfterRecord, cutBeforeRecord } from '../faults.ts';
+import type { Faults } from '../faults.ts';
 import type { SourceRun } from '../source/context.ts';
 import { handOver, rollbackDecided } from '../source/rollback.ts';
 import { resolveMessage } from './protocol.ts';
@@ -44,11 +47,19 @@ export async function onCompleteRequest(run: SourceRun, finalEpoch: number): Pro
   // The completion record (and the marker naming the destination) stays until the destination
   // confirmed: a restarted sidecar then answers again instead of resuming the VM here.
   const { answer, confirmed } = await handOver(run, finalEpoch);
-  const cleanup = () =>
-    run.vm
-      .dropCompletedSource(cleanupCrashPoint(run.faults))
-      .catch(ignored(run.log, 'records left behind are dropped again at the next start'));
-  if (answer === 'pending') void confirmed.then(cleanup);
-  else await cleanup();
+  const dropped = dropWhenAnswered(run.vm, confirmed, run.faults, run.log);
+  if (answer !== 'pending') await dropped;
   run.finish({ outcome: 'completed', handover: answer });
+}
+
+/**
+ * The completed source's last step, live (onCompleteRequest) or after a sidecar restart
+ * (daemon/recovery-source.ts): once the destination answered the RESOLVE (`answered`:
+ * confirmed, unknown or given up), this side's records of the VM go (vm.json, marker, RAM
+ * file). A failure leaves them to the next start, which answers again.
+ */
+export function dropWhenAnswered(vm: VmInstance, answered: Promise<unknown>, faults: Faults, log: Logger): Promise<void> {
+  return answered.then(() =>
+    vm.dropCompletedSource(cleanupCrashPoint(faults)).catch(ignored(log, 'records left behind are dropped again at the next start')),
+  );
 }

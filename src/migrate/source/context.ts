@@ -7,9 +7,9 @@
  */
 import type { CheckpointAssembler } from '../../checkpoint/assembler.ts';
 import type { Message } from '../../peer/messages.ts';
-import { CheckpointStore } from '../../checkpoint/store.ts';
+import type { CheckpointStore } from '../../checkpoint/store.ts';
 import type { HostConfig } from '../../config/types.ts';
-import { ImageSink } from '../../disk/image-sink.ts';
+import type { ImageSink } from '../../disk/image-sink.ts';
 import { TetherError } from '../../errors.ts';
 import { newMigrationId } from '../../epoch/id.ts';
 import type { TetherMetrics } from '../../metrics/registry.ts';
@@ -26,6 +26,7 @@ import { round, summarize } from '../result.ts';
 import type { MigrationResult, RollbackFigures } from '../result.ts';
 import type { HotStandby } from '../standby.ts';
 import type { StreamTls } from '../stream-tls.ts';
+import { openSourceStore } from './restore.ts';
 
 export type SourcePhase =
   | 'connecting'
@@ -162,15 +163,12 @@ export class SourceRun {
     this.phase = new StateMachine<SourcePhase>('migration', 'connecting', SOURCE_TRANSITIONS, this.log);
     const f = this.faults;
     const failEpoch = f.failApplySticky ?? f.failApplyEpoch;
-    const disk = this.vm.config.disk;
-    this.diskSink = disk ? new ImageSink(disk.image) : undefined;
-    this.store = new CheckpointStore({
-      dir: this.vm.checkpointDir,
-      ramPath: this.vm.ramFile,
-      ramBytes: this.vm.ramBytes,
-      ...(failEpoch !== undefined ? { failPages: { epoch: failEpoch, sticky: f.failApplySticky !== undefined } } : {}),
-      ...(this.diskSink ? { disk: this.diskSink } : {}),
-    });
+    const { store, sink } = openSourceStore(
+      this.vm,
+      failEpoch !== undefined ? { epoch: failEpoch, sticky: f.failApplySticky !== undefined } : undefined,
+    );
+    this.store = store;
+    this.diskSink = sink;
   }
 
   /** No decision taken yet (see LIVE_PHASES). */

@@ -8,23 +8,22 @@
 import fs from 'node:fs/promises';
 import type { AppliedCheckpoint } from '../../checkpoint/store.ts';
 import { TetherError } from '../../errors.ts';
-import type { PeerChannel } from '../../peer/channel.ts';
-import { cont, migrateCancel, queryMigrate, queryStatus } from '../../qemu/commands.ts';
+import { cont, MIGRATION_ACTIVE, migrateCancel, queryMigrate, queryStatus } from '../../qemu/commands.ts';
 import { errorFields, ignored } from '../../util/log.ts';
+import type { Logger } from '../../util/log.ts';
 import { nowMs, sleep } from '../../util/time.ts';
 import { notifyDestination } from '../completion/notify.ts';
 import { crashBeforeResume, restoreLoadPath } from '../faults.ts';
 import { round } from '../result.ts';
 import type { RollbackFigures } from '../result.ts';
 import { HotStandby, untilCannotRun } from '../standby.ts';
+import type { StreamTls } from '../stream-tls.ts';
+import type { VmInstance } from '../../vm/instance.ts';
 import { HEARTBEAT_MS } from './context.ts';
 import type { SourceRun } from './context.ts';
-import { announceRestored, resumeRestored } from './restore.ts';
+import { notifyRolledBack, runRestored, wholeCheckpoint } from './restore.ts';
 
 export { announceRestored, resumeRestored, waitRunning, waitStatus } from './restore.ts';
-
-/** How long an answer of 'rolled-back' is retried: a destination that asked to complete waits paused for it. */
-const ROLLED_BACK_NOTIFY_MS = 10 * 60_000;
 
 /**
  * Rollback reasons after which the destination cannot be asked anything: it ended the
@@ -61,7 +60,7 @@ export async function rollbackDecided(run: SourceRun, reason: string, err?: unkn
     let tRestored: number | null = null;
     if (!run.continued) {
       // Before switchover the source QEMU still owns the VM: cancel and carry on.
-      await cancelPrecopy(run);
+      await cancelPrecopy(vm, run.log, { tls: run.tls });
     } else {
       const restored = await restorePastSwitchover(run, reason, figures);
       if (restored === 'gave-up') return;
@@ -73,15 +72,13 @@ export async function rollbackDecided(run: SourceRun, reason: string, err?: unkn
     if (run.continued) {
       // A destination that asked to complete waits, paused, for an answer: if the ABORT
       // did not reach it, tell it on a new channel (it answers known=false if it fenced).
-      void notifyDestination({
+      notifyRolledBack({
         psk: run.opts.host.peer.key,
         to: run.opts.to,
         migrationId: run.id,
         vm: vm.name,
-        outcome: 'rolled-back',
         epoch: figures.epoch ?? 0,
         log: run.log,
-        giveUpAfterMs: ROLLED_BACK_NOTIFY_MS,
       });
     }
     run.finish({ outcome: 'rolled-back', reason, err, rollback: figures });
@@ -149,17 +146,11 @@ async function restorePastSwitchover(run: SourceRun, reason: string, figures: Ro
   await (loaded ? untilCannotRun(vm.qemu, exited) : exited);
   const t2 = nowMs();
   figures.hot = loaded;
-  if (loaded) {
-    await run.standby!.takeOver();
-  } else {
-    await exited;
-    await vm.restoreFrom(last.devstatePath);
-  }
-  crashBeforeResume(run.faults, run.log);
-  await resumeRestored(vm, () => run.opts.nics?.resume());
-  const t3 = nowMs();
-  await announceRestored(vm);
-  const t4 = nowMs();
+  const { resumedAt: t3, announcedAt: t4 } = await runRestored(vm, {
+    load: loaded ? () => run.standby!.takeOver() : () => exited.then(() => vm.restoreFrom(last.devstatePath)),
+    beforeResume: () => crashBeforeResume(run.faults, run.log),
+    connectNics: () => run.opts.nics?.resume(),
+  });
   await exited; // the old QEMU's teardown may outlast the restore; not counted in it
   figures.killMs = round(t2 - t1);
   figures.startMs = round(t3 - t2);
@@ -180,8 +171,7 @@ async function proveRestorable(run: SourceRun): Promise<{ last: AppliedCheckpoin
   await run.applyChain; // an apply under way completes (but is not acked)
   // A failed apply may have left part of its checkpoint in the RAM file: finish it from
   // the persisted stage, or fail (ERR_CKPT_HALF_APPLIED) rather than resume mixed state.
-  await run.store.repair();
-  const last = await run.store.verifyApplied();
+  const last = await wholeCheckpoint(run.store);
   if (!run.vm.config.migration.hotStandby) return { last }; // the cold path starts its QEMU after the kill
   const sb = run.standby;
   const devstate = await restoreLoadPath(run.faults, last.devstatePath);
@@ -289,20 +279,27 @@ async function waitStreamSent(run: SourceRun): Promise<void> {
   }
 }
 
-/** query-migrate states in which a cancelled pre-copy has not ended yet. */
-const CANCEL_PENDING = ['active', 'cancelling', 'setup', 'pre-switchover'];
+/** Polls of query-migrate, 20 ms apart, while a cancelled pre-copy winds down. */
+const CANCEL_POLLS = 500;
 
-/** Before switchover: cancel QEMU's migration and let the VM run on here. */
-async function cancelPrecopy(run: SourceRun): Promise<void> {
-  const q = run.vm.qemu;
+/**
+ * Before switchover: cancel QEMU's migration, wait until it has ended (at most CANCEL_POLLS
+ * polls), let the VM run on here and remove the stream's TLS credentials (`tls`). One step for
+ * the live rollback and a restarted sidecar's recovery of an adopted pre-switchover QEMU; the
+ * latter has no StreamTls of the dead sidecar (the next migration's set-up deletes a leftover
+ * object first) and bounds every command by `qmpTimeoutMs` (an adopted QEMU may be wedged).
+ */
+export async function cancelPrecopy(vm: VmInstance, log: Logger, opts: { tls?: StreamTls; qmpTimeoutMs?: number } = {}): Promise<void> {
+  const q = vm.qemu;
   if (!q || q.hasExited) throw new TetherError('ERR_SOURCE_QEMU_EXITED', 'source QEMU is gone before switchover');
-  await migrateCancel(q.qmp).catch(ignored(run.log, 'no migration to cancel (it never started, or ended)'));
-  for (let i = 0; i < 500; i++) {
-    const st = await queryMigrate(q.qmp);
-    if (!CANCEL_PENDING.includes(st.status ?? '')) break;
+  const bound = opts.qmpTimeoutMs === undefined ? undefined : { timeoutMs: opts.qmpTimeoutMs };
+  await migrateCancel(q.qmp, bound).catch(ignored(log, 'no migration to cancel (it never started, or ended)'));
+  for (let i = 0; i < CANCEL_POLLS; i++) {
+    const st = await queryMigrate(q.qmp, bound);
+    if (!MIGRATION_ACTIVE.includes(st.status ?? '')) break;
     await sleep(20);
   }
-  if ((await queryStatus(q.qmp)).status !== 'running') await cont(q.qmp);
+  if ((await queryStatus(q.qmp, bound)).status !== 'running') await cont(q.qmp, bound);
   // This QEMU goes on running the VM: the next migration adds credentials of its own.
-  await run.tls?.tearDown();
+  await opts.tls?.tearDown();
 }
