@@ -2,11 +2,11 @@
  * A running QEMU taken over by this sidecar (after a restart, or by `tether vm adopt`): its
  * disk window closed if it still reads its disk through the sidecar (the live completion's
  * closeDiskWindow), and a restored QEMU found paused resumed with the live rollback's own
- * steps (resumeRestored, announceRestored).
+ * steps (runRestored: NICs, `cont`, announcement).
  */
 import { TetherError } from '../errors.ts';
 import { closeDiskWindow } from '../migrate/completion/destination.ts';
-import { announceRestored, resumeRestored } from '../migrate/source.ts';
+import { runRestored } from '../migrate/source/restore.ts';
 import { queryStatus } from '../qemu/commands.ts';
 import type { Logger } from '../util/log.ts';
 import type { VmInstance } from '../vm/instance.ts';
@@ -15,8 +15,8 @@ import { QMP_RECOVERY_MS } from './qemu-records.ts';
 
 /** A restored QEMU waiting paused: NICs connected, `cont`, MAC announcement, as a live rollback does it. */
 export async function resumePaused(ctx: DaemonContext, vm: VmInstance): Promise<void> {
-  await resumeRestored(vm, () => ctx.nics.openPass(vm));
-  await announceRestored(vm);
+  // nothing to load: the QEMU holds its restored state already
+  await runRestored(vm, { load: async () => {}, connectNics: () => ctx.nics.openPass(vm) });
 }
 
 /**

@@ -15,7 +15,6 @@ import { writeCompletingRecord } from '../../checkpoint/store.ts';
 import type { BlockJournal } from '../../disk/journal.ts';
 import type { EpochOutputs } from '../../epoch/outputs.ts';
 import { TetherError } from '../../errors.ts';
-import type { ErrorCode } from '../../errors.ts';
 import { cont, stop } from '../../qemu/commands.ts';
 import type { QmpExecuteOptions } from '../../qmp/client.ts';
 import { errorFields, ignored } from '../../util/log.ts';
@@ -29,8 +28,8 @@ import type { DestContext } from '../destination/context.ts';
 export const completingRecordPath = (vm: VmInstance): string => path.join(vm.dir, 'completing.json');
 
 /** The destination's reply to a resolve: RESOLVED's `known` and, when refused, why. */
-export type ResolveAnswer = { known: true } | ResolveRefusal;
-export type ResolveRefusal = { known: false; code: ErrorCode; message: string };
+import { resolvedMessage, type ResolveAnswer, type ResolveRefusal } from './protocol.ts';
+export type { ResolveAnswer, ResolveRefusal };
 
 /** The source's answer (`resolve`), as the destination reads it. */
 export interface Resolve {
@@ -140,7 +139,7 @@ export function answerFault(ctx: DestContext, c: Resolve): boolean {
 /** RESOLVED: this side's confirmation of the source's answer (known=false: refused, with why). */
 export function sendResolved(ctx: DestContext, c: Resolve, a: ResolveAnswer): void {
   ctx.ch
-    .send({ type: 'control', body: { kind: 'resolved', migrationId: c.migrationId, known: a.known, ...(a.known ? {} : { code: a.code }) } })
+    .send(resolvedMessage(c.migrationId, a))
     .catch(ignored(ctx.log, 'the channel may be closed: the source re-sends its answer until confirmed'));
 }
 
