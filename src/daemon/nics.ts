@@ -9,7 +9,7 @@
 import path from 'node:path';
 import type { Faults } from '../migrate/faults.ts';
 import type { TetherMetrics } from '../metrics/registry.ts';
-import { NicPort } from '../net/nic.ts';
+import { dropStaleRelays, NicPort, removeNicTaps } from '../net/nic.ts';
 import { gateDefaults, gateReserve } from '../gate/reserve.ts';
 import type { Logger } from '../util/log.ts';
 import type { VmInstance } from '../vm/instance.ts';
@@ -83,6 +83,22 @@ export class Nics {
   /** New `pass` ports for a VM whose QEMU runs (adopted, restored): created and connected. */
   openPass(vm: VmInstance): Promise<void> {
     return this.open(vm, this.create(vm, 'pass'));
+  }
+
+  /**
+   * After a restart, once the VM's place is known: NIC ports for a VM that runs here (a
+   * window's filters the dead sidecar did not detach would cut the guest off: dropped
+   * first; QEMU's tap backend never noticed the sidecar die), and the TAPs of one that does
+   * not run here (nor is migrating in) removed. A VM recovered while `migrating-in` is
+   * settled again once the source's answer placed it (recovery-destination.ts).
+   */
+  async settle(vm: VmInstance): Promise<void> {
+    if (vm.place === 'running' && !this.has(vm.name)) {
+      if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0, vm.log);
+      await this.openPass(vm);
+    } else if (vm.place !== 'running' && vm.place !== 'migrating-in') {
+      for (const nic of vm.config.nics ?? []) await removeNicTaps(nic.tap);
+    }
   }
 
   /** Close the VM's ports; `remove` also deletes their TAPs (the VM is not going to run here). */

@@ -23,7 +23,6 @@ import { restartJournal } from '../disk/journal-restart.ts';
 import { TetherError } from '../errors.ts';
 import { completingRecordPath } from '../migrate/destination.ts';
 import { settleStandbys } from '../migrate/standby.ts';
-import { dropStaleRelays, removeNicTaps } from '../net/nic.ts';
 import { identityAlive } from '../qemu/process.ts';
 import type { QemuIdentity } from '../qemu/process.ts';
 import { errorFields } from '../util/log.ts';
@@ -111,7 +110,7 @@ export async function recoverOne(ctx: DaemonContext, { vm, saved, dir, log }: Pe
     const migrating = markerQemu(marker, recorded);
     const keepMarker = await decide(ctx, vm, marker, { recorded, migrating }, completingEpoch, disk, log);
     if (!keepMarker) await vm.setMigrationMarker(null);
-    await settleNics(ctx, vm);
+    await ctx.nics.settle(vm);
   } catch (e) {
     await leaveUnrecovered(ctx, vm, e, log);
   }
@@ -180,19 +179,6 @@ async function recordedQemu(vm: VmInstance, saved: PersistedVm, log: Logger): Pr
   }
   const id = saved.pid !== null ? { pid: saved.pid, startTime: saved.startTime! } : null;
   return settleStandbys(vm, id && identityAlive(id) ? id : null, log);
-}
-
-/** NIC ports for a VM found running; the TAPs of one that does not run here (nor is migrating in) go. */
-async function settleNics(ctx: DaemonContext, vm: VmInstance): Promise<void> {
-  if (vm.place === 'running' && !ctx.nics.has(vm.name)) {
-    // QEMU's tap backend never noticed the old sidecar die. A window's filters the old
-    // sidecar did not get to detach (it died right after completion) would cut the
-    // guest off: drop them.
-    if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0);
-    await ctx.nics.openPass(vm);
-  } else if (vm.place !== 'running' && vm.place !== 'migrating-in') {
-    for (const nic of vm.config.nics ?? []) await removeNicTaps(nic.tap);
-  }
 }
 
 /** Never `stopped`: a QEMU of this VM may still run, or its only copy may be elsewhere. */
