@@ -200,6 +200,7 @@ export function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, ta
       memcheckMBps: 1,
       memoryMiB: opt.guestMiB,
       intervalMs,
+      ...(opt.guestAppend ? { appendExtra: opt.guestAppend } : {}),
       maxBandwidth: Math.round(opt.bandwidthMiB * MiB),
       // no hot standby: this bench measures no restore, and a standby QEMU's start would share
       // the two cores with the window it measures

@@ -41,6 +41,13 @@ export const opt = {
   stallRepeats: num('stall-repeats', 5),
   /** Migration link settings (tbf) of the in-window samples; empty: the link unshaped. */
   gatedLinks: list('gated-links', '') as Link[],
+  /**
+   * Extra guest kernel parameters, the same on every cluster of the run (tap and gate alike),
+   * e.g. `tcp_cubic.hystart_detect=0` or `sysctl.net.ipv4.tcp_wmem=\"4096 16384 16777216\"`:
+   * how the guest's own TCP copes with output commit's holds is the guest's setting, not
+   * tether's (docs/network.md "TCP inside the window").
+   */
+  guestAppend: str('guest-append', ''),
   only,
 };
 for (const l of opt.gatedLinks) if (!(l in LINKS)) throw new Error(`--gated-links: one of ${Object.keys(LINKS).join(', ')}`);
