@@ -94,11 +94,20 @@ export class Nics {
    */
   async settle(vm: VmInstance): Promise<void> {
     if (vm.place === 'running' && !this.has(vm.name)) {
-      if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0, vm.log);
-      await this.openPass(vm);
+      await this.attachHere(vm);
     } else if (vm.place !== 'running' && vm.place !== 'migrating-in') {
       for (const nic of vm.config.nics ?? []) await removeNicTaps(nic.tap);
     }
+  }
+
+  /**
+   * The VM's guest frames on QEMU's own tap from now on: a window's filters a dead sidecar
+   * left are dropped (without a relay they drop every frame), and `pass` ports opened (no
+   * I/O of theirs: the guest may still be paused).
+   */
+  async attachHere(vm: VmInstance): Promise<void> {
+    if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0, vm.log);
+    await this.openPass(vm);
   }
 
   /** Close the VM's ports; `remove` also deletes their TAPs (the VM is not going to run here). */

@@ -13,7 +13,6 @@ import fs from 'node:fs/promises';
 import type { BlockJournal } from '../disk/journal.ts';
 import { findJournalLogs } from '../disk/journal-log.ts';
 import { TetherError } from '../errors.ts';
-import { dropStaleRelays } from '../net/nic.ts';
 import { decideAnswer, runHere, stopForAnswer } from '../migrate/completion/destination.ts';
 import type { Resolve, ResolveAnswer } from '../migrate/completion/destination.ts';
 import { fenceVm } from '../migrate/destination/fence.ts';
@@ -142,8 +141,8 @@ async function actOnAnswer(ctx: DaemonContext, w: AwaitingAnswer, act: 'finish' 
       log.info('the source answered completed: the VM runs here', { finalEpoch: epoch });
     };
     // The window's filters still send the guest's frames to the dead sidecar's relays: off
-    // before the guest resumes, so its first frames reach the tap (settle() opens the ports).
-    if (vm.qemu) await dropStaleRelays(vm.qemu.qmp, vm.config.nics?.length ?? 0, log);
+    // before the guest resumes, so its first frames reach the tap.
+    await ctx.nics.attachHere(vm);
     await runHere({ vm, journal, log, paused: true, release, afterStep: cleanupCrashPoint(ctx.faults) }, epoch);
   } else {
     journal?.discard();
@@ -151,5 +150,6 @@ async function actOnAnswer(ctx: DaemonContext, w: AwaitingAnswer, act: 'finish' 
     log.warn('the source answered rolled-back: fenced');
   }
   // recovery left this VM's NICs alone while it was migrating in: its place is known now
+  // (running: its ports are open already, so this does nothing more; fenced: TAPs removed)
   await ctx.nics.settle(vm);
 }
