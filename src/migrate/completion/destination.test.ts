@@ -1,11 +1,8 @@
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import t from 'tap';
+import { testHost } from '../migrate.test-util.ts';
 import type { Test } from 'tap';
 import { loadVmConfig } from '../../config/load.ts';
-import type { HostConfig } from '../../config/types.ts';
 import { newMigrationId } from '../../epoch/id.ts';
 import type { PeerChannel } from '../../peer/channel.ts';
 import { writeCompletingRecord } from '../../checkpoint/store.ts';
@@ -18,20 +15,7 @@ import { completingRecordPath, decideAnswer, decideResolve, runHere, staleResolv
 
 /** A destination's context with no QEMU and no channel: the decisions only read its phase and flags. */
 function context(t: Test, onStaleResolve?: () => void): DestContext {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-dest-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const host: HostConfig = {
-    name: 'host-d',
-    stateDir: path.join(dir, 'state'),
-    ramDir: path.join(dir, 'ram'),
-    controlSocket: path.join(dir, 'control.sock'),
-    vmConfigDir: dir,
-    peer: { listen: { host: '127.0.0.1', port: 1 }, key: randomBytes(32) },
-    migration: { listenHost: '127.0.0.1', portRange: [49152, 49152] },
-    logLevel: 'error',
-  };
-  const file = path.join(dir, 'vm1.yaml');
-  fs.writeFileSync(file, 'name: vm1\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n');
+  const { host, vmFile: file } = testHost(t, 'tether-dest-');
   return new DestContext({
     host,
     channel: {} as PeerChannel, // never used by the decisions

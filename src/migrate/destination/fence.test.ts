@@ -1,12 +1,10 @@
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
+import { testHost } from '../migrate.test-util.ts';
 import type { Test } from 'tap';
 import { writeCompletingRecord } from '../../checkpoint/store.ts';
 import { loadVmConfig } from '../../config/load.ts';
-import type { HostConfig } from '../../config/types.ts';
 import { newMigrationId } from '../../epoch/id.ts';
 import { nullLogger } from '../../util/log.ts';
 import { VmInstance } from '../../vm/instance.ts';
@@ -15,20 +13,7 @@ import { fenceVm } from './fence.ts';
 
 /** A VM with no QEMU, left as a destination that asked to complete leaves it: RAM file, marker, completion request. */
 async function completingVm(t: Test): Promise<VmInstance> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tether-fence-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const host: HostConfig = {
-    name: 'host-d',
-    stateDir: path.join(dir, 'state'),
-    ramDir: path.join(dir, 'ram'),
-    controlSocket: path.join(dir, 'control.sock'),
-    vmConfigDir: dir,
-    peer: { listen: { host: '127.0.0.1', port: 1 }, key: randomBytes(32) },
-    migration: { listenHost: '127.0.0.1', portRange: [49152, 49152] },
-    logLevel: 'error',
-  };
-  const file = path.join(dir, 'vm1.yaml');
-  fs.writeFileSync(file, 'name: vm1\nmemoryMiB: 16\nkernel: /nonexistent/vmlinuz\n');
+  const { host, vmFile: file } = testHost(t, 'tether-fence-');
   const vm = new VmInstance(host, loadVmConfig(file), nullLogger);
   await vm.prepareDirs();
   fs.mkdirSync(path.dirname(vm.ramFile), { recursive: true });
