@@ -28,11 +28,9 @@ for tool in mmdebstrap mkfs.ext4 cpio python3; do
     command -v "$tool" >/dev/null || die "$tool missing (apt-get install mmdebstrap e2fsprogs cpio python3)"
 done
 
-# The kernel and its modules: the busybox guest's (built or cached by its own script).
-BUSYBOX_OUT="$("$ROOT/tools/guest/build.sh" | tail -n2)"
-KERNEL="$(sed -n 's/^kernel=//p' <<<"$BUSYBOX_OUT")"
-BB_INITRD="$(sed -n 's/^initrd=//p' <<<"$BUSYBOX_OUT")"
-BB_KEY="$(sed -n 's/^key=//p' "$(dirname "$KERNEL")/manifest.txt")"
+# shellcheck source=tools/guest/debian/lib.sh
+source "$HERE/lib.sh"
+busybox_guest
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -56,7 +54,7 @@ KEY="$(
     {
         printf 'suite=%s\nimage_mib=%s\nbig_mib=%s\nbusybox_guest=%s\n' "$SUITE" "$IMAGE_MIB" "$BIG_MIB" "$BB_KEY"
         echo "$VERSIONS"
-        sha256sum "$HERE/build.sh" "$HERE/stage1" "$HERE/tether-init" | cut -d' ' -f1
+        sha256sum "$HERE/build.sh" "$HERE/lib.sh" "$HERE/stage1" "$HERE/tether-init" | cut -d' ' -f1
     } | sha256sum | cut -c1-16
 )"
 OUT="$CACHE/$KEY"
@@ -77,12 +75,7 @@ fi
 
 log "building key=$KEY ($(tr '\n' ' ' <<<"$VERSIONS"))"
 START=$SECONDS
-WORK="$(mktemp -d "$CACHE/.work.XXXXXX")"
-# mmdebstrap mounts the host's /dev/shm, /proc and /sys inside the root while it runs: if it
-# dies without unmounting them, a plain rm -rf of $WORK would empty the host's /dev/shm
-# (where tether keeps guest RAM). Unmount what is left, and never cross into another mount.
-trap '{ findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l; } || true; rm -rf --one-file-system "$WORK"' EXIT
-R="$WORK/root"
+make_workdir
 
 # ---------- root file system ----------
 # Variant essential + the services: no systemd, no apt in the image (mmdebstrap installs
@@ -90,17 +83,7 @@ R="$WORK/root"
 # The hook configures what the packages' maintainer scripts set up: PostgreSQL's cluster
 # "main" (made by postgresql-common's postinst) gets the durability settings the
 # evaluation depends on and a trust rule for the client's subnet.
-mmdebstrap --quiet --variant=essential --include="$(
-    IFS=,
-    echo "${PACKAGES[*]}"
-)" \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    --customize-hook='[ -d "$1/etc/postgresql/15/main" ] || chroot "$1" pg_createcluster 15 main' \
-    "$SUITE" "$R" >&2
+root_fs --customize-hook='[ -d "$1/etc/postgresql/15/main" ] || chroot "$1" pg_createcluster 15 main'
 
 install -m 0755 "$HERE/tether-init" "$R/sbin/tether-init"
 echo tether-debian >"$R/etc/hostname"
@@ -141,13 +124,7 @@ USED_MIB="$(du -sm "$R" | cut -f1)"
 mkfs.ext4 -q -F -b 4096 -L tether-root -d "$R" "$WORK/rootfs.img" "${IMAGE_MIB}M" >&2
 
 # ---------- stage-1 initramfs: the busybox guest's, with stage1 as /init ----------
-I="$WORK/initrd"
-mkdir -p "$I"
-(cd "$I" && gzip -dc "$BB_INITRD" | cpio -id --quiet)
-rm -f "$I/bin/memcheck" "$I/bin/netcheck" "$I/bin/diskcheck" "$I/bin/diskbench" "$I/bin/fsload"
-install -m 0755 "$HERE/stage1" "$I/init"
-find "$I" -exec touch -h -d @0 {} +
-(cd "$I" && find . -mindepth 1 -print | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -n -9 >"$WORK/initrd.img"
+stage1_initrd
 
 # ---------- publish ----------
 STAGE="$WORK/out"

@@ -25,10 +25,9 @@ for tool in mmdebstrap mkfs.ext4 cpio; do
     command -v "$tool" >/dev/null || die "$tool missing (apt-get install mmdebstrap e2fsprogs cpio)"
 done
 
-BUSYBOX_OUT="$("$ROOT/tools/guest/build.sh" | tail -n2)"
-KERNEL="$(sed -n 's/^kernel=//p' <<<"$BUSYBOX_OUT")"
-BB_INITRD="$(sed -n 's/^initrd=//p' <<<"$BUSYBOX_OUT")"
-BB_KEY="$(sed -n 's/^key=//p' "$(dirname "$KERNEL")/manifest.txt")"
+# shellcheck source=tools/guest/debian/lib.sh
+source "$HERE/lib.sh"
+busybox_guest
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -54,7 +53,7 @@ KEY="$(
     {
         printf 'suite=%s\nimage_mib=%s\nbusybox_guest=%s\n' "$SUITE" "$IMAGE_MIB" "$BB_KEY"
         echo "$VERSIONS"
-        sha256sum "$HERE/lab-build.sh" "$HERE/stage1" "$HERE/lab-init" | cut -d' ' -f1
+        sha256sum "$HERE/lab-build.sh" "$HERE/lib.sh" "$HERE/stage1" "$HERE/lab-init" | cut -d' ' -f1
     } | sha256sum | cut -c1-16
 )"
 OUT="$CACHE/$KEY"
@@ -73,23 +72,9 @@ fi
 
 log "building key=$KEY ($(tr '\n' ' ' <<<"$VERSIONS"))"
 START=$SECONDS
-WORK="$(mktemp -d "$CACHE/.work.XXXXXX")"
-# mmdebstrap mounts the host's /dev/shm, /proc and /sys inside the root while it runs: if it
-# dies without unmounting them, a plain rm -rf of $WORK would empty the host's /dev/shm
-# (where tether keeps guest RAM). Unmount what is left, and never cross into another mount.
-trap '{ findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r -n1 umount -l; } || true; rm -rf --one-file-system "$WORK"' EXIT
-R="$WORK/root"
+make_workdir
 
-mmdebstrap --quiet --variant=essential --include="$(
-    IFS=,
-    echo "${PACKAGES[*]}"
-)" \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    "$SUITE" "$R" >&2
+root_fs
 
 install -m 0755 "$HERE/lab-init" "$R/sbin/tether-init"
 echo tether-lab >"$R/etc/hostname"
@@ -99,13 +84,7 @@ USED_MIB="$(du -sm "$R" | cut -f1)"
 
 mkfs.ext4 -q -F -b 4096 -L tether-lab -d "$R" "$WORK/rootfs.img" "${IMAGE_MIB}M" >&2
 
-I="$WORK/initrd"
-mkdir -p "$I"
-(cd "$I" && gzip -dc "$BB_INITRD" | cpio -id --quiet)
-rm -f "$I/bin/memcheck" "$I/bin/netcheck" "$I/bin/diskcheck" "$I/bin/diskbench" "$I/bin/fsload"
-install -m 0755 "$HERE/stage1" "$I/init"
-find "$I" -exec touch -h -d @0 {} +
-(cd "$I" && find . -mindepth 1 -print | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -n -9 >"$WORK/initrd.img"
+stage1_initrd
 
 STAGE="$WORK/out"
 mkdir -p "$STAGE"
