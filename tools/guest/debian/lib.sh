@@ -40,7 +40,8 @@ root_fs() {
 
 # The stage-1 initramfs at $WORK/initrd.img: the busybox guest's, its test programs removed,
 # with stage1 as /init (loads the virtio modules, mounts root=/dev/vda, runs
-# /sbin/tether-init). Reproducible: mtimes 0, sorted, newc, gzip -n.
+# /sbin/tether-init). Byte-reproducible: mtimes 0, sorted, newc without inode numbers
+# (cpio --reproducible where it has it, as tools/guest/build.sh), gzip -n.
 stage1_initrd() {
     local i="$WORK/initrd"
     mkdir -p "$i"
@@ -48,5 +49,7 @@ stage1_initrd() {
     rm -f "$i/bin/memcheck" "$i/bin/netcheck" "$i/bin/diskcheck" "$i/bin/diskbench" "$i/bin/fsload"
     install -m 0755 "$HERE/stage1" "$i/init"
     find "$i" -exec touch -h -d @0 {} +
-    (cd "$i" && find . -mindepth 1 -print | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -n -9 >"$WORK/initrd.img"
+    local flags=(-o -H newc -R 0:0 --quiet)
+    if cpio --help 2>&1 | grep -q -- --reproducible; then flags+=(--reproducible); fi
+    (cd "$i" && find . -mindepth 1 -print | LC_ALL=C sort | cpio "${flags[@]}") | gzip -n -9 >"$WORK/initrd.img"
 }
