@@ -117,7 +117,8 @@ export function vmYaml(opts: ClusterOptions, vmName: string, diskImage: string):
     `memoryMiB: ${v.memoryMiB ?? (FAST ? 256 : 512)}`,
     `kernel: ${boot?.kernel ?? path.join(GUEST, 'vmlinuz')}`,
     `initrd: ${boot?.initrd ?? path.join(GUEST, 'initrd.img')}`,
-    `append: "${boot?.append ?? `console=ttyS0 quiet panic=-1 tether.run=${run}`}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}"`,
+    // a JSON string is a YAML double-quoted scalar: quotes in the extra parameters survive
+    `append: ${JSON.stringify(`${boot?.append ?? `console=ttyS0 quiet panic=-1 tether.run=${run}`}${net}${v.appendExtra ? ` ${v.appendExtra}` : ''}`)}`,
     ...nicYaml(opts, diskImage),
     `checkpoint:`,
     `  intervalMs: ${v.intervalMs ?? 50}`,
