@@ -85,7 +85,7 @@ export class ConversationVerifier {
 
   #line(line: string): VerifierOutput[] {
     const f = line.split(' ');
-    const m = /^[HADVE]$/.test(f[0] ?? '') && f.length === 6 && /^\d+$/.test(f[1]!) && /^\d+$/.test(f[2]!);
+    const m = /^[HADVWE]$/.test(f[0] ?? '') && f.length === 6 && /^\d+$/.test(f[1]!) && /^\d+$/.test(f[2]!);
     if (!m || !/^[0-9a-f]{16}$/.test(f[3]!) || !/^[0-9a-f]{64}$/.test(f[5]!)) {
       this.broken = true;
       return [{ violation: { kind: 'malformed', detail: JSON.stringify(line.slice(0, 120)) } }];

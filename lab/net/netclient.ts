@@ -7,11 +7,13 @@
  *       --host 10.99.0.10 --port 7000 [--interval-ms 100] [--stall-ms 45000] [--udp-port 7001]
  *
  * stdin commands (one per line): "udp <count> <size>" (the guest floods datagrams to
- * --udp-port, the client checks they all arrive in order), "bulk <nbytes>", "stop".
+ * --udp-port, the client checks they all arrive in order), "bulk <nbytes>", "frames
+ * <count> <size>" (the guest sends raw Ethernet frames of that size: a hostile guest's
+ * runts and maximal frames, watched on the wire by the test), "stop".
  *
  * stdout events ({"t": ms since epoch, "ev": ...}):
  *   connected, hello {id}, answer {seq, counter, rttMs}, bulk {seq, nbytes, ms},
- *   udp {seq, sent, received, gaps, reordered, rcvbufErrors}, stall {sinceMs},
+ *   udp {seq, sent, received, gaps, reordered, rcvbufErrors}, frames {seq, sent}, stall {sinceMs},
  *   resumed {afterMs}, violation {kind, ...}, closed {reason}, summary {...}
  * A stall (no answer for --stall-ms while requests are outstanding) is reported as a
  * violation of kind "stall": the connection is lost for the client's purposes.
@@ -118,7 +120,8 @@ sock.on('data', (chunk: Buffer) => {
       const nbytes = Number(rec.x);
       if (nbytes === 0) emit('bulk', { seq: rec.seq, nbytes, ms: Date.now() - (sentAt.get(rec.seq) ?? Date.now()) });
       else bulk = { seq: rec.seq, nbytes, left: nbytes, start: sentAt.get(rec.seq) ?? Date.now() };
-    } else if (rec.type === 'V') {
+    } else if (rec.type === 'W') emit('frames', { seq: rec.seq, sent: Number(rec.x) });
+    else if (rec.type === 'V') {
       const run = udpRuns.get(rec.seq);
       // The datagrams left the guest before this record did (one NIC queue, in order);
       // give the local socket a moment to hand over the last ones.
@@ -174,6 +177,9 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
     seq++;
     udpRuns.set(seq, { next: 0, received: 0, gaps: 0, reordered: 0 });
     send(`U ${seq} ${o['udp-port']} ${Number(f[1])} ${Number(f[2] ?? 1000)}`, seq);
+  } else if (f[0] === 'frames') {
+    seq++;
+    send(`F ${seq} ${Number(f[1])} ${Number(f[2])}`, seq);
   } else if (f[0] === 'bulk') {
     seq++;
     send(`B ${seq} ${Number(f[1])}`, seq);

@@ -16,31 +16,45 @@
  *                                   client's address, port <port>; then one V record
  *   S <seq> <nbytes>                sink: <nbytes> raw payload bytes follow the line; once
  *                                   all arrived, one R record (bulk client -> guest)
+ *   F <seq> <count> <size>          send <count> raw Ethernet frames of exactly <size>
+ *                                   bytes (14..65535, header included) out of the interface
+ *                                   the connection arrived on, to the broadcast address,
+ *                                   EtherType 0x88b5; then one W record. Frames longer than
+ *                                   the interface's MTU allows are sent with the MTU raised
+ *                                   for the burst, then restored (a hostile guest's runts
+ *                                   and maximal frames; TCP sessions keep their MSS)
  * Guest -> client, every record:
  *   <type> <counter> <seq> <nonce> <x> <chain>
  *     type     H (greeting, seq 0), A (answer), D (bulk header), V (UDP done),
- *              R (sink done), E (error)
+ *              R (sink done), W (frames done), E (error)
  *     counter  records sent on this connection before this one (H has 0)
  *     seq      the request's seq (decimal, echoed)
  *     nonce    16 hex digits from getrandom
  *     x        H: connection id (16 hex); A: the request's token; D: nbytes;
- *              V: datagrams sent; R: payload bytes received; E: reason
+ *              V: datagrams sent; R: payload bytes received; W: frames sent; E: reason
  *     chain    64 hex digits: SHA-256(previous chain (32 bytes) || the record's text up to,
  *              not including, the space before chain); the previous chain of H is 32
  *              zero bytes. Bulk payload bytes are not hashed (the D record names their
  *              count, which is).
  * UDP datagram i (0-based) of a U request: "u <connid> <seq> <i> <count>" then '.'
- * padding up to <size> bytes.
+ * padding up to <size> bytes. Raw frame i of an F request: destination ff:ff:ff:ff:ff:ff,
+ * the interface's own source address, EtherType 0x88b5, then as much of
+ * "f <connid> <seq> <i> <count>" and '.' padding as <size> leaves room for.
  *
  * Console (stdout, one write(2) per line):
  *   netcheck listening port=<p>
  *   netcheck conn id=<id> peer=<ip>:<port>
  *   netcheck conn id=<id> closed records=<n>
  *   netcheck udp seq=<seq> sent=<n> retries=<ENOBUFS retries> failed=<n>
+ *   netcheck frames seq=<seq> size=<size> sent=<n> failed=<n> mtu=<mtu during the burst>
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -233,6 +247,91 @@ static int sink_payload(char **start, char *end) {
     return send_record('R', C.sink_seq, x);
 }
 
+/* ---------------- raw frames (F): a hostile guest's runts and maximal frames ---------------- */
+static uint8_t framebuf[65536];
+
+/* The name of the interface holding the connection's local address, or -1. */
+static int local_ifname(char name[IF_NAMESIZE]) {
+    struct sockaddr_in me;
+    socklen_t ml = sizeof me;
+    if (getsockname(C.fd, (struct sockaddr *)&me, &ml) < 0) return -1;
+    char buf[4096];
+    struct ifconf ic = {.ifc_len = sizeof buf, .ifc_buf = buf};
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) return -1;
+    int found = -1;
+    if (ioctl(s, SIOCGIFCONF, &ic) == 0)
+        for (struct ifreq *r = ic.ifc_req; (char *)r < buf + ic.ifc_len; r++)
+            if (((struct sockaddr_in *)&r->ifr_addr)->sin_addr.s_addr == me.sin_addr.s_addr) {
+                snprintf(name, IF_NAMESIZE, "%s", r->ifr_name);
+                found = 0;
+                break;
+            }
+    close(s);
+    return found;
+}
+
+static int frames_request(int argc, char **argv) {
+    const char *seq = argv[1];
+    if (argc != 4 || !is_num(argv[2]) || !is_num(argv[3])) return send_record('E', seq, "bad-frames");
+    unsigned long count = strtoul(argv[2], NULL, 10), size = strtoul(argv[3], NULL, 10);
+    if (size < ETH_HLEN || size > 65535 || count > 1000000) return send_record('E', seq, "bad-frames");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (local_ifname(ifr.ifr_name) < 0) return send_record('E', seq, "frames-ifname");
+    int ps = socket(AF_PACKET, SOCK_RAW, 0);
+    if (ps < 0) return send_record('E', seq, "frames-socket");
+    struct ifreq q = ifr;
+    if (ioctl(ps, SIOCGIFINDEX, &q) < 0) { close(ps); return send_record('E', seq, "frames-ifindex"); }
+    int ifindex = q.ifr_ifindex;
+    q = ifr;
+    if (ioctl(ps, SIOCGIFHWADDR, &q) < 0) { close(ps); return send_record('E', seq, "frames-hwaddr"); }
+    uint8_t mac[6];
+    memcpy(mac, q.ifr_hwaddr.sa_data, 6);
+    q = ifr;
+    if (ioctl(ps, SIOCGIFMTU, &q) < 0) { close(ps); return send_record('E', seq, "frames-mtu"); }
+    int mtu0 = q.ifr_mtu, mtu = mtu0;
+    if (size - ETH_HLEN > (unsigned long)mtu0) {
+        q = ifr;
+        q.ifr_mtu = (int)(size - ETH_HLEN);
+        if (ioctl(ps, SIOCSIFMTU, &q) < 0) { close(ps); return send_record('E', seq, "frames-setmtu"); }
+        mtu = q.ifr_mtu;
+    }
+    struct sockaddr_ll to = {.sll_family = AF_PACKET, .sll_ifindex = ifindex, .sll_halen = 6};
+    memset(to.sll_addr, 0xff, 6);
+    unsigned long sent = 0, failed = 0;
+    for (unsigned long i = 0; i < count; i++) {
+        memset(framebuf, 0xff, 6);
+        memcpy(framebuf + 6, mac, 6);
+        framebuf[12] = 0x88;
+        framebuf[13] = 0xb5;
+        char tag[96];
+        int h = snprintf(tag, sizeof tag, "f %s %s %lu %lu ", C.id, seq, i, count);
+        size_t room = size - ETH_HLEN;
+        memset(framebuf + ETH_HLEN, '.', room);
+        memcpy(framebuf + ETH_HLEN, tag, (size_t)h < room ? (size_t)h : room);
+        for (;;) {
+            ssize_t w = sendto(ps, framebuf, size, 0, (struct sockaddr *)&to, sizeof to);
+            if (w == (ssize_t)size) { sent++; break; }
+            if (w < 0 && (errno == EINTR || errno == ENOBUFS || errno == EAGAIN)) { if (errno != EINTR) usleep(1000); continue; }
+            failed++;
+            break;
+        }
+    }
+    if (mtu != mtu0) {
+        q = ifr;
+        q.ifr_mtu = mtu0;
+        ioctl(ps, SIOCSIFMTU, &q);
+    }
+    close(ps);
+    char msg[160];
+    snprintf(msg, sizeof msg, "netcheck frames seq=%s size=%lu sent=%lu failed=%lu mtu=%d\n", seq, size, sent, failed, mtu);
+    say(msg);
+    char x[24];
+    snprintf(x, sizeof x, "%lu", sent);
+    return send_record('W', seq, x);
+}
+
 static int handle(char *line) {
     char *argv[6];
     int argc = 0;
@@ -294,6 +393,8 @@ static int handle(char *line) {
     }
     case 'S':
         return sink_request(argc, argv);
+    case 'F':
+        return frames_request(argc, argv);
     default:
         return send_record('E', seq, "unknown");
     }
