@@ -1,6 +1,7 @@
 /**
  * In-guest disk benchmark:
- *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --only steady,guest,journal,ckpt | --quick]
+ *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --journal-intervals 50,200
+ *                              --journal-guest-mib 512 --only steady,guest,journal,ckpt | --quick]
  *
  * Four parts; the last three each in its own two-namespace Cluster (lab/cluster.ts),
  * under real QEMU (TCG) with the tether guest image:
@@ -73,7 +74,18 @@ const journalLinks = (() => {
   if (process.argv.includes('--journal-bw-mib')) return [arg('journal-bw-mib', 1)];
   return quick ? [0] : [1, 0];
 })();
-const linkName = (mib: number): string => (mib === 0 ? 'unlimited link' : `link ${mib} MiB/s`);
+// The checkpoint interval (checkpoint.intervalMs) of the journaled runs, one run per value
+// and link: every checkpoint pauses the guest for a scan of its RAM (the pause follows the
+// guest's RAM size, --journal-guest-mib), so the interval sets the share of the window the
+// guest runs at all; 50 ms is the default.
+const journalIntervals = (() => {
+  const i = process.argv.indexOf('--journal-intervals');
+  return i >= 0 ? process.argv[i + 1]!.split(',').map(Number) : [50];
+})();
+const journalGuestMiB = arg('journal-guest-mib', 0);
+for (const v of journalIntervals) if (!Number.isInteger(v) || v <= 0) throw new Error('--journal-intervals: positive integers (ms)');
+const linkName = (mib: number, intervalMs?: number): string =>
+  (mib === 0 ? 'unlimited link' : `link ${mib} MiB/s`) + (intervalMs === undefined ? '' : `, interval ${intervalMs} ms`);
 const only = process.argv.includes('--only')
   ? process.argv[process.argv.indexOf('--only') + 1]!.split(',')
   : ['steady', 'guest', 'journal', 'ckpt'];
@@ -218,10 +230,14 @@ function fileSize(file: string): number {
   }
 }
 
-async function journaledRun(bwMiB: number): Promise<Journaled> {
+async function journaledRun(bwMiB: number, intervalMs: number): Promise<Journaled> {
   const c = new Cluster({
     disk: { guest: 'diskbench', mib: spanMiB + 16, benchSpanMiB: spanMiB, benchOps: ops, benchTrigger: true },
-    vm: { maxBandwidth: Math.round(bwMiB * 1024 * 1024) },
+    vm: {
+      maxBandwidth: Math.round(bwMiB * 1024 * 1024),
+      intervalMs,
+      ...(journalGuestMiB > 0 ? { memoryMiB: journalGuestMiB } : {}),
+    },
     // the window cannot close before the run ends, whatever the link
     holdCompletion: true,
   });
@@ -378,19 +394,21 @@ if (only.includes('guest') || only.includes('journal')) {
   }
   const file = medianCases(plainRuns);
   const nbd = only.includes('guest') ? medianCases(tetherRuns) : [];
-  const jrs: { bwMiB: number; jr: Journaled }[] = [];
-  if (only.includes('journal')) for (const bwMiB of journalLinks) jrs.push({ bwMiB, jr: await journaledRun(bwMiB) });
+  const jrs: { bwMiB: number; intervalMs: number; jr: Journaled }[] = [];
+  if (only.includes('journal'))
+    for (const bwMiB of journalLinks)
+      for (const intervalMs of journalIntervals) jrs.push({ bwMiB, intervalMs, jr: await journaledRun(bwMiB, intervalMs) });
   result.guest = { nbd, file, ...(jrs.length ? { journaled: jrs } : {}) };
   const col = (v: string | number, w: number) => String(v).padStart(w);
-  const jname = (bwMiB: number) => (bwMiB === 0 ? 'j@max' : `j@${bwMiB}M`);
+  const jname = (bwMiB: number, intervalMs: number) => `j@${bwMiB === 0 ? 'max' : `${bwMiB}M`}/${intervalMs}`;
   console.log(
     `diskbench in the guest (TCG), 4 KiB O_DIRECT (seq64k-*: 64 KiB, ${Math.floor(ops / 4)} requests), ${ops} requests per case over ${spanMiB} MiB`,
   );
   console.log(
     `${'case'.padEnd(16)}${col('file', 7)}${col('tthr', 7)}${col('tthr/file', 10)}` +
-      jrs.map(({ bwMiB }) => `${col(jname(bwMiB), 8)}${col('/file', 7)}`).join('') +
+      jrs.map(({ bwMiB, intervalMs }) => `${col(jname(bwMiB, intervalMs), 11)}${col('/file', 7)}`).join('') +
       '   lat mean/p99 µs: file | tether' +
-      jrs.map(({ bwMiB }) => ` | ${jname(bwMiB)}`).join(''),
+      jrs.map(({ bwMiB, intervalMs }) => ` | ${jname(bwMiB, intervalMs)}`).join(''),
   );
   for (const f of file) {
     const n = nbd.find((x) => x.case === f.case && x.qd === f.qd);
@@ -399,7 +417,7 @@ if (only.includes('guest') || only.includes('journal')) {
     const lat = (x: DiskbenchCase | undefined) => (x ? `${x.latMeanUs}/${x.latP99Us}` : '-');
     console.log(
       `${name.padEnd(16)}${col(f.iops, 7)}${col(n?.iops ?? '-', 7)}${col(n ? (n.iops / f.iops).toFixed(2) : '-', 10)}` +
-        js.map((j) => `${col(j?.iops ?? '-', 8)}${col(j ? (j.iops / f.iops).toFixed(2) : '-', 7)}`).join('') +
+        js.map((j) => `${col(j?.iops ?? '-', 11)}${col(j ? (j.iops / f.iops).toFixed(2) : '-', 7)}`).join('') +
         `   ${lat(f)} | ${lat(n)}` +
         js.map((j) => ` | ${lat(j)}`).join(''),
     );
@@ -412,12 +430,12 @@ if (only.includes('guest') || only.includes('journal')) {
         note: `${n.iops} vs ${f.iops} IOPS; latency mean ${n.latMeanUs} vs ${f.latMeanUs} µs, p99 ${n.latP99Us} vs ${f.latP99Us} µs`,
       });
     }
-    jrs.forEach(({ bwMiB, jr }, k) => {
+    jrs.forEach(({ bwMiB, intervalMs, jr }, k) => {
       const j = js[k];
       if (!j) return;
       const write = f.case.endsWith('write');
       figures.push({
-        name: `guest ${name} NBD journaled (post-copy window, ${linkName(bwMiB)}) / file`,
+        name: `guest ${name} NBD journaled (post-copy window, ${linkName(bwMiB, intervalMs)}) / file`,
         value: jr.windowOpen ? j.iops / f.iops : null,
         unit: 'x',
         ...(write ? { target: { op: '>=' as const, value: WRITE_TARGET } } : {}),
@@ -427,11 +445,11 @@ if (only.includes('guest') || only.includes('journal')) {
       });
     });
   }
-  for (const { bwMiB, jr } of jrs) {
+  for (const { bwMiB, intervalMs, jr } of jrs) {
     const pct = jr.runMs > 0 ? ((100 * jr.pauseMs) / jr.runMs).toFixed(0) : '-';
     console.log(
       `
-${jname(bwMiB)} = the same run on the destination inside the post-copy window (${linkName(bwMiB)}, completion held until the run ended, ` +
+${jname(bwMiB, intervalMs)} = the same run on the destination inside the post-copy window (${linkName(bwMiB, intervalMs)}, completion held until the run ended, ` +
         `phase ${jr.phaseBefore} -> ${jr.phaseAfter}${jr.windowOpen ? ', window open throughout' : ', WINDOW CLOSED during the run'}; ` +
         `migration then ${jr.outcome}).
 ` +
@@ -442,7 +460,7 @@ ${jname(bwMiB)} = the same run on the destination inside the post-copy window ($
         `${(jr.journaledBytes / MB).toFixed(1)} MB went through the journal between the checkpoints around the run.`,
     );
     figures.push({
-      name: `guest time paused by checkpoints in the journaled run (${linkName(bwMiB)})`,
+      name: `guest time paused by checkpoints in the journaled run (${linkName(bwMiB, intervalMs)})`,
       value: jr.runMs > 0 ? (100 * jr.pauseMs) / jr.runMs : null,
       unit: '%',
       note: `${jr.checkpoints} checkpoints in ${(jr.runMs / 1000).toFixed(1)} s; ${jr.postcopyRequests ?? '?'} post-copy page requests in the same time`,
