@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Cluster } from '../../../lab/cluster.ts';
-import { waitFor } from '../../../lab/proc.ts';
+import { sh, waitFor } from '../../../lab/proc.ts';
 import { GUEST_IP, NETCHECK_PORT, type Host } from '../../../lab/topology.ts';
 import { percentile } from '../../../src/util/time.ts';
 import { copyClusterLogs } from '../lib.ts';
@@ -211,6 +211,7 @@ export function clusterFor(guestNet: 'qemu-tap' | 'gate', intervalMs: number, ta
 
 export async function boot(c: Cluster, what: string): Promise<number> {
   const t0 = now();
+  for (const [k, v] of opt.clientSysctl) sh('ip', ['netns', 'exec', c.clientNs, 'sysctl', '-q', '-w', `${k}=${v}`]);
   const r = await c.tether(c.src, ['vm', 'start', c.vmConfig, '--json']);
   if (r.code !== 0) throw new Error(`${what}: tether vm start failed: ${r.stderr}`);
   await waitReachable(c, `${what}: the guest answers ping`);

@@ -48,6 +48,22 @@ export const opt = {
    * tether's (docs/network.md "TCP inside the window").
    */
   guestAppend: str('guest-append', ''),
+  /**
+   * sysctls of the client's network namespace, `key=value` separated by `;`, e.g.
+   * `net.ipv4.tcp_congestion_control=cubic;net.ipv4.tcp_wmem=4096 16384 33554432`: the
+   * client is the outside world, whose TCP (for client → guest, the sender) meets output
+   * commit's held ACKs. A new namespace takes this host's congestion control (here BBR) and
+   * its own tcp_wmem default (4 MiB).
+   */
+  clientSysctl: str('client-sysctl', '')
+    .split(';')
+    .filter(Boolean)
+    .map((kv) => {
+      const i = kv.indexOf('=');
+      if (i <= 0 || !/^net\.[a-z0-9_.]+$/.test(kv.slice(0, i).trim()))
+        throw new Error(`--client-sysctl: key=value;... (net.* keys), got ${kv}`);
+      return [kv.slice(0, i).trim(), kv.slice(i + 1).trim()] as const;
+    }),
   only,
 };
 for (const l of opt.gatedLinks) if (!(l in LINKS)) throw new Error(`--gated-links: one of ${Object.keys(LINKS).join(', ')}`);
