@@ -66,7 +66,12 @@ export function prepareDisk(opts: ClusterOptions, diskImage: string): { run: str
     run = `diskcheck:/dev/vda:${disk.blocks ?? 512}:${disk.writesPerPass ?? 64}:${disk.delayMs ?? 1}${disk.zeroEvery ? `:${disk.zeroEvery}` : ''}`;
   }
   if (!disk.direct) {
-    diskYaml.push('disk:', `  image: ${diskImage}`, `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`);
+    diskYaml.push(
+      'disk:',
+      `  image: ${diskImage}`,
+      `  journalMaxBytes: ${disk.journalMaxBytes ?? 64 * 1024 * 1024}`,
+      ...(disk.journalSegmentBytes ? [`  journalSegmentBytes: ${disk.journalSegmentBytes}`] : []),
+    );
   }
   return { run, diskYaml };
 }

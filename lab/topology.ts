@@ -121,6 +121,8 @@ export interface ClusterOptions {
     writesPerPass?: number;
     delayMs?: number;
     journalMaxBytes?: number;
+    /** disk.journalSegmentBytes of the VM config (default: half the bound). */
+    journalSegmentBytes?: number;
   };
 }
 

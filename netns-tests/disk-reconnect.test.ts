@@ -32,7 +32,7 @@ t.test('sidecar restart: I/O issued during the outage completes after it', async
     kernel: '',
     append: '',
     checkpoint: { intervalMs: 50, failoverTimeoutMs: 3000, fenceTimeoutMs: 1500, dirtyTracker: 'auto', hashThreads: 1, window: 3 },
-    disk: { image, journalMaxBytes: 32 * MiB, reconnectDelaySec: 60 },
+    disk: { image, journalMaxBytes: 32 * MiB, journalSegmentBytes: 16 * MiB, reconnectDelaySec: 60 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: false },
   };
   const dev = await FileBlockDevice.open(image);

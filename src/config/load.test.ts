@@ -81,7 +81,7 @@ t.test('example configs load', async (t) => {
       hashThreads: Math.max(1, Math.floor(os.availableParallelism() / 2)),
       window: 3,
     },
-    disk: { image: '/srv/shared/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 },
+    disk: { image: '/srv/shared/vm1.img', journalMaxBytes: 268435456, journalSegmentBytes: 134217728, reconnectDelaySec: 30 },
     migration: { precopyMs: 0, maxBandwidth: 0, hotStandby: true },
     nics: [{ mac: '52:54:00:12:34:56', bridge: 'br-guest', tap: 'tap-vm1-0' }],
     gate: { maxBytes: 16777216, maxFrames: 32768 },
@@ -377,9 +377,17 @@ t.test('vm gate: the bound must leave working room above the reserve; the minimu
 
 t.test('vm disk: defaults, relative image path, round trip', async (t) => {
   const vm = parseVmConfig({ ...minimalVm(), disk: { image: 'img/vm1.img' } }, base);
-  t.same(vm.disk, { image: '/etc/tether/img/vm1.img', journalMaxBytes: 256 * 1024 * 1024, reconnectDelaySec: 30 });
-  const full = parseVmConfig({ ...minimalVm(), disk: { image: '/srv/vm1.img', journalMaxBytes: 33554432, reconnectDelaySec: 5 } }, base);
-  t.same(full.disk, { image: '/srv/vm1.img', journalMaxBytes: 33554432, reconnectDelaySec: 5 });
+  t.same(vm.disk, {
+    image: '/etc/tether/img/vm1.img',
+    journalMaxBytes: 256 * 1024 * 1024,
+    journalSegmentBytes: 128 * 1024 * 1024,
+    reconnectDelaySec: 30,
+  });
+  const full = parseVmConfig(
+    { ...minimalVm(), disk: { image: '/srv/vm1.img', journalMaxBytes: 33554432, journalSegmentBytes: 262144, reconnectDelaySec: 5 } },
+    base,
+  );
+  t.same(full.disk, { image: '/srv/vm1.img', journalMaxBytes: 33554432, journalSegmentBytes: 262144, reconnectDelaySec: 5 });
   // The destination re-parses the config the source sends: the output is valid input.
   t.same(parseVmConfig(JSON.parse(JSON.stringify(full)), { baseDir: '/' }), full);
   t.equal(parseVmConfig(minimalVm(), base).disk, undefined, 'no disk unless configured');
@@ -435,6 +443,7 @@ t.test('vm: bad fields', async (t) => {
     ['disk.image', 3, 'disk.image'],
     ['disk.journalMaxBytes', 1024, 'disk.journalMaxBytes'],
     ['disk.journalMaxBytes', '256M', 'disk.journalMaxBytes'],
+    ['disk.journalSegmentBytes', 4096, 'disk.journalSegmentBytes'],
     ['disk.reconnectDelaySec', 0, 'disk.reconnectDelaySec'],
     ['disk.reconnectDelaySec', 1.5, 'disk.reconnectDelaySec'],
     ['disk.cache', 'none', 'disk.cache'],

@@ -43,6 +43,8 @@ const MIN_KEY_BYTES = 32;
  */
 export const PEER_DEFAULTS = { handshakeTimeoutMs: 3000, maxUnauthenticated: 16 } as const;
 const MIN_JOURNAL_BYTES = 32 * 1024 * 1024;
+/** Smallest write-ahead log segment: below it a rotation's fdatasync and file creation cost more than the space they free. */
+const MIN_SEGMENT_BYTES = 256 * 1024;
 const MAX_JOURNAL_BYTES = 1024 ** 4;
 const DEFAULT_JOURNAL_BYTES = 256 * 1024 * 1024;
 
@@ -257,7 +259,7 @@ export function parseVmConfig(obj: unknown, opts: ParseOptions): VmConfig {
   const checkpoint = parseCheckpoint(
     root.optObj('checkpoint', ['intervalMs', 'failoverTimeoutMs', 'fenceTimeoutMs', 'dirtyTracker', 'hashThreads', 'window']),
   );
-  const disk = parseDisk(root.optObj('disk', ['image', 'journalMaxBytes', 'reconnectDelaySec']), opts.baseDir);
+  const disk = parseDisk(root.optObj('disk', ['image', 'journalMaxBytes', 'journalSegmentBytes', 'reconnectDelaySec']), opts.baseDir);
 
   const mig = root.optObj('migration', ['precopyMs', 'maxBandwidth', 'hotStandby']);
   const precopyMs = mig?.optInt('precopyMs', 0, 3_600_000) ?? 0;
@@ -320,7 +322,9 @@ function parseDisk(d: Obj | undefined, baseDir: string): DiskConfig | undefined 
   // never accept the write that waits for room.
   const journalMaxBytes = d.optInt('journalMaxBytes', MIN_JOURNAL_BYTES, MAX_JOURNAL_BYTES) ?? DEFAULT_JOURNAL_BYTES;
   const reconnectDelaySec = d.optInt('reconnectDelaySec', 1, 3600) ?? 30;
-  return { image: d.path('image', baseDir), journalMaxBytes, reconnectDelaySec };
+  // The write-ahead log's segments: one is deleted once the source acknowledged all it holds.
+  const journalSegmentBytes = d.optInt('journalSegmentBytes', MIN_SEGMENT_BYTES, MAX_JOURNAL_BYTES) ?? Math.floor(journalMaxBytes / 2);
+  return { image: d.path('image', baseDir), journalMaxBytes, journalSegmentBytes, reconnectDelaySec };
 }
 
 /**

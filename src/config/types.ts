@@ -109,6 +109,8 @@ export interface DiskConfig {
   image: string;
   /** Bound of journaled write bytes on the destination before guest writes are delayed. */
   journalMaxBytes: number;
+  /** Size at which D's write-ahead log starts a new segment (at a barrier); acknowledged segments are deleted. */
+  journalSegmentBytes: number;
   /** D's NBD reconnect-delay inside the post-copy window (the only time QEMU reads the disk through the sidecar), seconds. */
   reconnectDelaySec: number;
 }

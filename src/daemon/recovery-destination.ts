@@ -9,9 +9,8 @@
  * Each step is the live destination's own (src/migrate/completion/destination.ts: stopForAnswer,
  * decideAnswer, runHere; src/migrate/destination/fence.ts: fenceVm), on the recovered VM.
  */
-import fs from 'node:fs/promises';
 import type { BlockJournal } from '../disk/journal.ts';
-import { findJournalLogs } from '../disk/journal-log.ts';
+import { findJournalLogs, removeJournalLog } from '../disk/journal-log.ts';
 import { TetherError } from '../errors.ts';
 import { decideAnswer, runHere, stopForAnswer } from '../migrate/completion/destination.ts';
 import type { Resolve, ResolveAnswer } from '../migrate/completion/destination.ts';
@@ -88,7 +87,7 @@ async function recoverCompleting(
   const { migrationId } = marker;
   if (migrating === null) {
     // The journal was never opened (no QEMU): its logs go, as the live fence discards it.
-    for (const f of await findJournalLogs(vm.journalDir, vm.name)) await fs.rm(f, { force: true });
+    for (const f of await findJournalLogs(vm.journalDir, vm.name)) await removeJournalLog(f);
     vm.diskDevice = passThroughDevice;
     await fenceVm(vm, log);
     log.error('asked to complete, but the incoming QEMU is gone: the VM may be lost', { migrationId, finalEpoch: epoch });

@@ -155,6 +155,7 @@ async function restartDisk(vm: VmInstance, marker: MigrationMarker | null, compl
     completingEpoch,
     migrationId: marker?.migrationId ?? null,
     journal: { maxBytes: disk.journalMaxBytes, log },
+    segmentBytes: disk.journalSegmentBytes,
     openImage: () => FileBlockDevice.open(disk.image),
     log,
   });

@@ -17,6 +17,17 @@
  *   32 u64 length (of the guest range; for a write also of the data)
  *   40 data
  *
+ * Segments: the log is a sequence of files, `<name>.wal` then `<name>.wal.1`, `.wal.2` …;
+ * each starts with its own open record (the same metadata, its segment number and the
+ * first epoch it can hold). At a barrier whose segment has grown past `segmentBytes`
+ * (VM config disk.journalSegmentBytes, default half the journal's bound) the writer fdatasyncs and
+ * closes it and starts the next, durable (open record, directory) before any record goes
+ * there; once the source has acknowledged every epoch a closed segment holds, the file is
+ * deleted, oldest first. So the log holds the unacknowledged epochs plus at most the rest
+ * of their first segment, not everything the guest wrote in the window. Only the last
+ * segment can have a torn tail (a closed one was fdatasync'ed before the next got a
+ * record); a gap in the numbers or a torn earlier segment is ERR_JOURNAL_LOG.
+ *
  * Appends are written in call order by one writer (group commit: what queued while a
  * write was under way goes in the next writev). A record counts once its write()
  * returned: it is in the page cache and survives the sidecar process (kill -9); sync()
@@ -28,118 +39,109 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import type { FileHandle } from 'node:fs/promises';
-import zlib from 'node:zlib';
 import { TetherError } from '../errors.ts';
+import {
+  LOG_HEADER_BYTES,
+  LogKind,
+  SYNC_APPEND_MAX_BYTES,
+  encodeRecord,
+  removeJournalLog,
+  segmentFile,
+  type LogMeta,
+  type SegmentMeta,
+} from './journal-format.ts';
+import type { Replay } from './journal-replay.ts';
 
-export const LOG_MAGIC = 0x54574c31; // 'TWL1'
-export const LOG_HEADER_BYTES = 40;
-/**
- * Largest record appended synchronously on the event loop (writeNow): a page-cache
- * copy of this size takes some tens of microseconds, cheaper than a thread-pool trip.
- */
-export const SYNC_APPEND_MAX_BYTES = 256 * 1024;
-/** Largest write record accepted on replay (an NBD write is at most 32 MiB). */
-const MAX_RECORD_DATA = 64 * 1024 * 1024;
+export * from './journal-format.ts';
+export { replayJournalLog, type Replay } from './journal-replay.ts';
 
-export const LogKind = { Open: 0, Write: 1, Zeroes: 2, Completed: 3 } as const;
-export type LogKind = (typeof LogKind)[keyof typeof LogKind];
+type Queued =
+  | { bufs: Buffer[]; bytes: number; done: () => void; fail: (e: Error) => void }
+  /** Start the next segment here: every epoch up to `lastEpoch` is in the ones before. */
+  | { rotate: number };
 
-export interface LogMeta {
-  vm: string;
-  migrationId: string;
-  /** Disk size in bytes: a log of another disk is refused. */
-  size: number;
-}
-
-export type LogRecord =
-  | { kind: typeof LogKind.Write; epoch: number; offset: number; data: Buffer }
-  | { kind: typeof LogKind.Zeroes; epoch: number; offset: number; length: number }
-  | { kind: typeof LogKind.Completed; epoch: number };
-
-/** The log file of a VM's migration. */
-export function journalLogPath(dir: string, vm: string, migrationId: string): string {
-  return path.join(dir, `${vm}.${migrationId}.wal`);
-}
-
-/** Every log file of `vm` in `dir` (normally none or one). */
-export async function findJournalLogs(dir: string, vm: string): Promise<string[]> {
-  let names: string[];
-  try {
-    names = await fsp.readdir(dir);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw e;
-  }
-  return names.filter((n) => n.startsWith(`${vm}.`) && n.endsWith('.wal')).map((n) => path.join(dir, n));
-}
-
-function header(kind: LogKind, epoch: number, offset: number, length: number, dataLen: number): Buffer {
-  const h = Buffer.alloc(LOG_HEADER_BYTES);
-  h.writeUInt32LE(LOG_MAGIC, 4);
-  h.writeUInt32LE(LOG_HEADER_BYTES + dataLen, 8);
-  h.writeUInt8(kind, 12);
-  h.writeUInt32LE(epoch, 16);
-  h.writeBigUInt64LE(BigInt(offset), 24);
-  h.writeBigUInt64LE(BigInt(length), 32);
-  return h;
-}
-
-/** The record's buffers (header first; `data` is not copied), checksum filled in. */
-export function encodeRecord(kind: LogKind, epoch: number, offset: number, length: number, data?: Buffer): Buffer[] {
-  const h = header(kind, epoch, offset, length, data?.length ?? 0);
-  let crc = zlib.crc32(h.subarray(4));
-  if (data) crc = zlib.crc32(data, crc);
-  h.writeUInt32LE(crc >>> 0, 0);
-  return data ? [h, data] : [h];
+export interface LogOptions {
+  /** Start a new segment at a barrier once the current one holds this many bytes (default: never). */
+  segmentBytes?: number;
 }
 
 export class JournalLog {
+  /** The log's name: its segment 0's path. */
   readonly path: string;
+  readonly #meta: LogMeta;
+  readonly #segmentBytes: number;
+  /** The segment being appended to, its descriptor and end. */
+  #seg: number;
   #fd: number;
   #pos: number;
-  #queue: { bufs: Buffer[]; bytes: number; done: () => void; fail: (e: Error) => void }[] = [];
+  /** Bytes queued behind #pos in the current segment (rotation decides on #pos + this). */
+  #queuedBytes = 0;
+  /** Closed segments still on disk, oldest first, with the last epoch each can hold. */
+  #closed: { n: number; lastEpoch: number }[];
+  #queue: Queued[] = [];
   #writing = false;
   /** Resolves once everything appended so far is written. */
   #idle: Promise<void> = Promise.resolve();
   #idleDone: (() => void) | null = null;
   #error: Error | null = null;
-  #closed = false;
-  /** Figures for benchmarks. */
-  readonly stats = { records: 0, bytes: 0, writes: 0, syncs: 0 };
+  #isClosed = false;
+  /** Deletions of released segments, one after the other. */
+  #pruning: Promise<void> = Promise.resolve();
+  /** The last failed deletion of a released segment (the file stays until remove()), or null. */
+  pruneError: Error | null = null;
+  /** Figures for benchmarks and `tether status`. */
+  readonly stats = { records: 0, bytes: 0, writes: 0, syncs: 0, segments: 1, segmentsRemoved: 0 };
 
-  private constructor(file: string, fd: number, pos: number) {
+  private constructor(
+    file: string,
+    meta: LogMeta,
+    fd: number,
+    seg: number,
+    pos: number,
+    closed: { n: number; lastEpoch: number }[],
+    o: LogOptions,
+  ) {
     this.path = file;
+    this.#meta = meta;
     this.#fd = fd;
+    this.#seg = seg;
     this.#pos = pos;
+    this.#closed = closed;
+    this.#segmentBytes = o.segmentBytes ?? Infinity;
+    this.stats.segments = closed.length + 1;
   }
 
-  /** A new log (an existing file of that name is replaced), its open record durable. */
-  static async create(file: string, meta: LogMeta): Promise<JournalLog> {
+  /** A new log (existing segments of that name are removed first), its open record durable. */
+  static async create(file: string, meta: LogMeta, o: LogOptions = {}): Promise<JournalLog> {
     await fsp.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-    const fd = await new Promise<number>((res, rej) => fs.open(file, 'w', 0o600, (e, fd) => (e ? rej(e) : res(fd))));
-    const log = new JournalLog(file, fd, 0);
-    await log.#append(encodeRecord(LogKind.Open, 0, 0, 0, Buffer.from(JSON.stringify(meta))));
-    await log.sync();
-    await syncDir(path.dirname(file));
-    return log;
+    await removeJournalLog(file);
+    const fd = await openSegment(file, 0, meta, 1);
+    return new JournalLog(file, meta, fd, 0, openRecordBytes(meta, 0, 1), [], o);
   }
 
   /**
-   * Opens an existing log to append to it: everything from `validEnd` (the end of the
-   * last good record, from replay()) on is cut off first, so a torn tail cannot hide
-   * the records appended after it.
+   * Opens an existing log to append to it: its last segment is cut at `replay.validEnd`
+   * (the end of its last good record) first, so a torn tail cannot hide the records
+   * appended after it.
    */
-  static async reopen(file: string, validEnd: number): Promise<JournalLog> {
-    const fd = await new Promise<number>((res, rej) => fs.open(file, 'r+', (e, fd) => (e ? rej(e) : res(fd))));
-    await new Promise<void>((res, rej) => fs.ftruncate(fd, validEnd, (e) => (e ? rej(e) : res())));
+  static async reopen(file: string, replay: Replay, o: LogOptions = {}): Promise<JournalLog> {
+    const segs = replay.segments;
+    const last = segs[segs.length - 1]!;
+    const fd = await new Promise<number>((res, rej) => fs.open(segmentFile(file, last.n), 'r+', (e, fd) => (e ? rej(e) : res(fd))));
+    await new Promise<void>((res, rej) => fs.ftruncate(fd, replay.validEnd, (e) => (e ? rej(e) : res())));
     await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
-    return new JournalLog(file, fd, validEnd);
+    const closed = segs.slice(0, -1).map((g, i) => ({ n: g.n, lastEpoch: segs[i + 1]!.firstEpoch - 1 }));
+    return new JournalLog(file, replay.meta, fd, last.n, replay.validEnd, closed, o);
   }
 
-  /** Bytes written so far (the end of the last record). */
+  /** The end of the last record written to the current segment (its file: `file`). */
   get size(): number {
     return this.#pos;
+  }
+
+  /** The current segment's file. */
+  get file(): string {
+    return segmentFile(this.path, this.#seg);
   }
 
   /**
@@ -148,7 +150,7 @@ export class JournalLog {
    * done; false: use write(). A failure is sticky and thrown.
    */
   writeNow(epoch: number, offset: number, data: Buffer): boolean {
-    if (this.#writing || this.#closed || this.#error || data.length > SYNC_APPEND_MAX_BYTES) return false;
+    if (this.#writing || this.#isClosed || this.#error || data.length > SYNC_APPEND_MAX_BYTES) return false;
     const bufs = encodeRecord(LogKind.Write, epoch, offset, data.length, data);
     const bytes = LOG_HEADER_BYTES + data.length;
     try {
@@ -161,7 +163,7 @@ export class JournalLog {
         }
       }
     } catch (e) {
-      this.#error = new TetherError('ERR_JOURNAL_LOG', `appending to the journal log ${this.path} failed: ${(e as Error).message}`);
+      this.#error = new TetherError('ERR_JOURNAL_LOG', `appending to the journal log ${this.file} failed: ${(e as Error).message}`);
       throw this.#error;
     }
     this.#pos += bytes;
@@ -185,24 +187,68 @@ export class JournalLog {
     await this.sync();
   }
 
+  /**
+   * Epoch `sealed` was sealed (every record of it is appended or queued): if the current
+   * segment has grown past segmentBytes, what is appended from now on goes to a new one.
+   */
+  sealed(sealed: number): void {
+    if (this.#isClosed || this.#error || this.#pos + this.#queuedBytes < this.#segmentBytes) return;
+    this.#queuedBytes = 0;
+    this.#enqueue({ rotate: sealed });
+  }
+
+  /**
+   * The source holds every epoch up to `epoch`: the closed segments that hold nothing
+   * later are deleted (oldest first, one at a time; a deletion a crash loses is harmless:
+   * a replay skips acknowledged epochs).
+   */
+  released(epoch: number): Promise<void> {
+    const gone: number[] = [];
+    while (this.#closed.length > 0 && this.#closed[0]!.lastEpoch <= epoch) gone.push(this.#closed.shift()!.n);
+    if (gone.length === 0) return this.#pruning;
+    this.#pruning = this.#pruning
+      .then(async () => {
+        for (const n of gone) {
+          await fsp.rm(segmentFile(this.path, n), { force: true });
+          this.stats.segmentsRemoved++;
+        }
+      })
+      .catch((e: unknown) => {
+        // left on disk: it costs space, not correctness (a replay skips its epochs); remove() retries
+        this.pruneError = e as Error;
+      });
+    return this.#pruning;
+  }
+
   #append(bufs: Buffer[]): Promise<void> {
     if (this.#error) return Promise.reject(this.#error);
-    if (this.#closed) return Promise.reject(new TetherError('ERR_JOURNAL_LOG', `journal log ${this.path} is closed`));
+    if (this.#isClosed) return Promise.reject(new TetherError('ERR_JOURNAL_LOG', `journal log ${this.path} is closed`));
     let bytes = 0;
     for (const b of bufs) bytes += b.length;
-    const p = new Promise<void>((done, fail) => this.#queue.push({ bufs, bytes, done, fail }));
+    this.#queuedBytes += bytes;
+    return new Promise<void>((done, fail) => this.#enqueue({ bufs, bytes, done, fail }));
+  }
+
+  #enqueue(q: Queued): void {
+    this.#queue.push(q);
     if (!this.#writing) {
       this.#writing = true;
       this.#idle = new Promise((r) => (this.#idleDone = r));
       void this.#pump();
     }
-    return p;
   }
 
   async #pump(): Promise<void> {
     while (this.#queue.length > 0) {
-      const batch = this.#queue;
-      this.#queue = [];
+      const head = this.#queue[0]!;
+      if ('rotate' in head) {
+        this.#queue.shift();
+        await this.#rotate(head.rotate);
+        continue;
+      }
+      // records up to the next rotation, as one writev
+      const k = this.#queue.findIndex((q) => 'rotate' in q);
+      const batch = this.#queue.splice(0, k < 0 ? this.#queue.length : k) as Extract<Queued, { bufs: Buffer[] }>[];
       const bufs: Buffer[] = [];
       let bytes = 0;
       for (const q of batch) {
@@ -219,13 +265,34 @@ export class JournalLog {
         for (const q of batch) q.done();
       } catch (e) {
         // Sticky: a record that did not reach the log must not be followed by later ones.
-        this.#error ??= new TetherError('ERR_JOURNAL_LOG', `appending to the journal log ${this.path} failed: ${(e as Error).message}`);
+        this.#error ??= new TetherError('ERR_JOURNAL_LOG', `appending to the journal log ${this.file} failed: ${(e as Error).message}`);
         for (const q of batch) q.fail(this.#error);
       }
+      this.#queuedBytes = Math.max(0, this.#queuedBytes - bytes);
     }
     this.#writing = false;
     this.#idleDone?.();
     this.#idleDone = null;
+  }
+
+  /** Close the current segment durably and open the next, durable, before anything goes there. */
+  async #rotate(lastEpoch: number): Promise<void> {
+    if (this.#error) return;
+    try {
+      await new Promise<void>((res, rej) => fs.fdatasync(this.#fd, (e) => (e ? rej(e) : res())));
+      const fd = await openSegment(this.path, this.#seg + 1, this.#meta, lastEpoch + 1);
+      await new Promise<void>((res) => fs.close(this.#fd, () => res()));
+      this.#closed.push({ n: this.#seg, lastEpoch });
+      this.#seg++;
+      this.#fd = fd;
+      this.#pos = openRecordBytes(this.#meta, this.#seg, lastEpoch + 1);
+      this.stats.segments++;
+    } catch (e) {
+      this.#error ??= new TetherError(
+        'ERR_JOURNAL_LOG',
+        `starting segment ${this.#seg + 1} of the journal log ${this.path} failed: ${(e as Error).message}`,
+      );
+    }
   }
 
   /** Everything appended before this call is written and fdatasync'ed. */
@@ -237,17 +304,43 @@ export class JournalLog {
   }
 
   async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (this.#isClosed) return;
+    this.#isClosed = true;
     await this.#idle;
+    await this.#pruning;
     await new Promise<void>((res) => fs.close(this.#fd, () => res()));
   }
 
-  /** Close and delete the file: the journal was written back or discarded. */
+  /** Close and delete every segment: the journal was written back or discarded. */
   async remove(): Promise<void> {
     await this.close();
-    await fsp.rm(this.path, { force: true });
+    await removeJournalLog(this.path);
   }
+}
+
+function openRecord(meta: LogMeta, segment: number, firstEpoch: number): Buffer[] {
+  const m: SegmentMeta = segment === 0 ? meta : { ...meta, segment, firstEpoch };
+  return encodeRecord(LogKind.Open, 0, 0, 0, Buffer.from(JSON.stringify(m)));
+}
+
+function openRecordBytes(meta: LogMeta, segment: number, firstEpoch: number): number {
+  return openRecord(meta, segment, firstEpoch).reduce((n, b) => n + b.length, 0);
+}
+
+/** Creates segment `n` (replacing a file of that name) with its open record, durable with its directory entry. */
+async function openSegment(file: string, n: number, meta: LogMeta, firstEpoch: number): Promise<number> {
+  const f = segmentFile(file, n);
+  const fd = await new Promise<number>((res, rej) => fs.open(f, 'w', 0o600, (e, fd) => (e ? rej(e) : res(fd))));
+  try {
+    const bufs = openRecord(meta, n, firstEpoch);
+    await writeAll(fd, bufs, openRecordBytes(meta, n, firstEpoch), 0);
+    await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+    await syncDir(path.dirname(f));
+  } catch (e) {
+    await new Promise<void>((res) => fs.close(fd, () => res()));
+    throw e;
+  }
+  return fd;
 }
 
 async function writeAll(fd: number, bufs: Buffer[], bytes: number, pos: number): Promise<void> {
@@ -273,81 +366,5 @@ async function syncDir(dir: string): Promise<void> {
     // some file systems refuse fsync on a directory: the file's own fdatasync stands
   } finally {
     await fh.close();
-  }
-}
-
-export interface Replay {
-  meta: LogMeta;
-  records: LogRecord[];
-  /** End of the last good record: reopen() cuts the file here. */
-  validEnd: number;
-  /** Bytes after validEnd that were ignored (a torn or corrupt tail). */
-  ignoredBytes: number;
-  /** The final epoch of a `completed` record, or null. */
-  completed: number | null;
-}
-
-/**
- * Reads a log. A record that is short, fails its checksum or is malformed ends the
- * replay (a torn tail); a file whose open record is unreadable is ERR_JOURNAL_LOG.
- * Records of epochs <= `afterEpoch` are skipped (their data is not kept): the source
- * holds them already.
- */
-export async function replayJournalLog(file: string, afterEpoch = 0): Promise<Replay> {
-  const fh = await fsp.open(file, 'r');
-  try {
-    const { size } = await fh.stat();
-    const records: LogRecord[] = [];
-    let meta: LogMeta | null = null;
-    let completed: number | null = null;
-    let pos = 0;
-    const h = Buffer.alloc(LOG_HEADER_BYTES);
-    for (;;) {
-      if (pos + LOG_HEADER_BYTES > size) break;
-      await readFull(fh, h, pos);
-      const len = h.readUInt32LE(8);
-      const kind = h.readUInt8(12);
-      const dataLen = len - LOG_HEADER_BYTES;
-      if (h.readUInt32LE(4) !== LOG_MAGIC || len < LOG_HEADER_BYTES || dataLen > MAX_RECORD_DATA || pos + len > size) break;
-      const data = Buffer.alloc(dataLen);
-      if (dataLen > 0) await readFull(fh, data, pos + LOG_HEADER_BYTES);
-      let crc = zlib.crc32(h.subarray(4));
-      crc = zlib.crc32(data, crc);
-      if (crc >>> 0 !== h.readUInt32LE(0)) break;
-      const epoch = h.readUInt32LE(16);
-      const offset = Number(h.readBigUInt64LE(24));
-      const length = Number(h.readBigUInt64LE(32));
-      if (pos === 0) {
-        if (kind !== LogKind.Open) break;
-        try {
-          meta = JSON.parse(data.toString('utf8')) as LogMeta;
-        } catch {
-          break;
-        }
-      } else if (kind === LogKind.Write) {
-        if (length !== dataLen) break;
-        if (epoch > afterEpoch) records.push({ kind: LogKind.Write, epoch, offset, data });
-      } else if (kind === LogKind.Zeroes) {
-        if (dataLen !== 0) break;
-        if (epoch > afterEpoch) records.push({ kind: LogKind.Zeroes, epoch, offset, length });
-      } else if (kind === LogKind.Completed) {
-        completed = epoch;
-        records.push({ kind: LogKind.Completed, epoch });
-      } else break;
-      pos += len;
-    }
-    if (!meta) throw new TetherError('ERR_JOURNAL_LOG', `journal log ${file} has no readable open record`);
-    return { meta, records, validEnd: pos, ignoredBytes: size - pos, completed };
-  } finally {
-    await fh.close();
-  }
-}
-
-async function readFull(fh: FileHandle, buf: Buffer, pos: number): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesRead } = await fh.read(buf, done, buf.length - done, pos + done);
-    if (bytesRead === 0) throw new TetherError('ERR_JOURNAL_LOG', 'journal log shrank while being read');
-    done += bytesRead;
   }
 }

@@ -32,10 +32,10 @@ class MemImage implements BlockDevice {
  * acknowledged (the source wrote them), 3 the final one, then writes of epoch 4 (after
  * the final barrier), the last one torn in the middle of its record.
  */
-async function crashedJournal(dir: string, id: string): Promise<{ file: string; image: MemImage }> {
+async function crashedJournal(dir: string, id: string, segmentBytes?: number): Promise<{ file: string; image: MemImage }> {
   const image = new MemImage();
   const file = journalLogPath(dir, 'vm', id);
-  const wal = await JournalLog.create(file, { vm: 'vm', migrationId: id, size: SIZE });
+  const wal = await JournalLog.create(file, { vm: 'vm', migrationId: id, size: SIZE }, { ...(segmentBytes ? { segmentBytes } : {}) });
   const j = new BlockJournal(image, { maxBytes: SIZE, wal });
   j.journal(1);
   for (let e = 1; e <= 3; e++) {
@@ -50,8 +50,9 @@ async function crashedJournal(dir: string, id: string): Promise<{ file: string; 
   await j.trim(5 * 4096, 4096);
   const end = wal.size;
   await j.write(6 * 4096, Buffer.alloc(4096, 6)); // never acknowledged: torn below
+  await wal.released(2);
   await wal.close();
-  await fs.truncate(file, end + 100);
+  await fs.truncate(wal.file, end + 100);
   return { file, image };
 }
 
@@ -68,72 +69,79 @@ t.test('no log: nothing to do', async (t) => {
   t.same(r, { kind: 'none' });
 });
 
-t.test('outcome unknown (completion asked): the journal is rebuilt from the log, never pass-through', async (t) => {
-  const dir = t.testdir();
-  const { file, image } = await crashedJournal(dir, 'm1');
-  const before = Buffer.from(image.bytes);
-  const r = await restartJournal({
-    journalDir: dir,
-    vm: 'vm',
-    completingEpoch: 3,
-    migrationId: 'm1',
-    journal: { maxBytes: SIZE },
-    openImage: async () => image,
-  });
-  if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
-  t.equal(r.heldBytes, 8192, "epoch 4: one write and one trim (epochs <= 3 are the source's)");
-  const j = r.device(image);
-  t.equal(j.mode, 'journal');
-  t.equal(j.openEpoch, 4, 'the guest writes on into epoch 4');
-  t.same([...(await j.read(4 * 4096, 1))], [4], 'the acknowledged write of epoch 4 is served');
-  t.same([...(await j.read(5 * 4096, 1))], [0], 'the trim reads as zeroes');
-  t.same([...(await j.read(6 * 4096, 1))], [7], 'the torn, never acknowledged write is not');
-  await j.write(7 * 4096, Buffer.alloc(10, 8));
-  t.ok(image.bytes.equals(before), 'nothing reached the image');
+// Each with the log in one file, and in segments of one epoch each (segments 0 and 1, epochs 1 and 2, deleted on their ACK).
+for (const segmentBytes of [undefined, 4000]) {
+  const seg = segmentBytes ? ', the log in segments' : '';
+  t.test(`outcome unknown (completion asked): the journal is rebuilt from the log, never pass-through${seg}`, async (t) => {
+    const dir = t.testdir();
+    const { file, image } = await crashedJournal(dir, 'm1', segmentBytes);
+    if (segmentBytes) t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal.2', 'vm.m1.wal.3'], 'the acknowledged segments are gone');
+    const before = Buffer.from(image.bytes);
+    const r = await restartJournal({
+      journalDir: dir,
+      vm: 'vm',
+      completingEpoch: 3,
+      migrationId: 'm1',
+      journal: { maxBytes: SIZE },
+      openImage: async () => image,
+    });
+    if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
+    t.equal(r.heldBytes, 8192, "epoch 4: one write and one trim (epochs <= 3 are the source's)");
+    const j = r.device(image);
+    t.equal(j.mode, 'journal');
+    t.equal(j.openEpoch, 4, 'the guest writes on into epoch 4');
+    t.same([...(await j.read(4 * 4096, 1))], [4], 'the acknowledged write of epoch 4 is served');
+    t.same([...(await j.read(5 * 4096, 1))], [0], 'the trim reads as zeroes');
+    t.same([...(await j.read(6 * 4096, 1))], [7], 'the torn, never acknowledged write is not');
+    await j.write(7 * 4096, Buffer.alloc(10, 8));
+    t.ok(image.bytes.equals(before), 'nothing reached the image');
 
-  // The source answers rolled-back: nothing of it ever reaches the image; the log goes.
-  j.discard();
-  await j.drained();
-  t.ok(image.bytes.equals(before));
-  await t.rejects(fs.stat(file), { code: 'ENOENT' });
-});
+    // The source answers rolled-back: nothing of it ever reaches the image; the log goes.
+    j.discard();
+    await j.drained();
+    t.ok(image.bytes.equals(before));
+    await t.rejects(fs.stat(file), { code: 'ENOENT' });
+    t.same(await fs.readdir(dir), [], 'no segment left');
+  });
 
-t.test('outcome unknown, then completed: written back with the writes made after the restart', async (t) => {
-  const dir = t.testdir();
-  const { file, image } = await crashedJournal(dir, 'm1');
-  const r = await restartJournal({
-    journalDir: dir,
-    vm: 'vm',
-    completingEpoch: 3,
-    migrationId: 'm1',
-    journal: { maxBytes: SIZE },
-    openImage: async () => image,
+  t.test(`outcome unknown, then completed: written back with the writes made after the restart${seg}`, async (t) => {
+    const dir = t.testdir();
+    const { file, image } = await crashedJournal(dir, 'm1', segmentBytes);
+    const r = await restartJournal({
+      journalDir: dir,
+      vm: 'vm',
+      completingEpoch: 3,
+      migrationId: 'm1',
+      journal: { maxBytes: SIZE },
+      openImage: async () => image,
+    });
+    if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
+    const j = r.device(image);
+    await j.write(7 * 4096, Buffer.alloc(10, 8));
+    // a second crash before the answer: the appended write is in the log too (torn tail was cut)
+    const r2 = await restartJournal({
+      journalDir: dir,
+      vm: 'vm',
+      completingEpoch: 3,
+      migrationId: 'm1',
+      journal: { maxBytes: SIZE },
+      openImage: async () => image,
+    });
+    if (r2.kind !== 'journal') throw new Error(`expected journal, got ${r2.kind}`);
+    const j2 = r2.device(image);
+    t.same([...(await j2.read(7 * 4096, 1))], [8], 'the write made after the first restart survived the second');
+    await j2.markCompleted(3);
+    j2.passThrough();
+    await j2.drained();
+    t.same(
+      [image.bytes[3 * 4096], image.bytes[4 * 4096], image.bytes[5 * 4096], image.bytes[6 * 4096], image.bytes[7 * 4096]],
+      [7, 4, 0, 7, 8],
+    );
+    t.equal(image.bytes[3 * 4096], 7, "epoch 3 is the source's to write (it did, before recording completion)");
+    await t.rejects(fs.stat(file), { code: 'ENOENT' });
+    t.same(await fs.readdir(dir), [], 'no segment left');
   });
-  if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
-  const j = r.device(image);
-  await j.write(7 * 4096, Buffer.alloc(10, 8));
-  // a second crash before the answer: the appended write is in the log too (torn tail was cut)
-  const r2 = await restartJournal({
-    journalDir: dir,
-    vm: 'vm',
-    completingEpoch: 3,
-    migrationId: 'm1',
-    journal: { maxBytes: SIZE },
-    openImage: async () => image,
-  });
-  if (r2.kind !== 'journal') throw new Error(`expected journal, got ${r2.kind}`);
-  const j2 = r2.device(image);
-  t.same([...(await j2.read(7 * 4096, 1))], [8], 'the write made after the first restart survived the second');
-  await j2.markCompleted(3);
-  j2.passThrough();
-  await j2.drained();
-  t.same(
-    [image.bytes[3 * 4096], image.bytes[4 * 4096], image.bytes[5 * 4096], image.bytes[6 * 4096], image.bytes[7 * 4096]],
-    [7, 4, 0, 7, 8],
-  );
-  t.equal(image.bytes[3 * 4096], 7, "epoch 3 is the source's to write (it did, before recording completion)");
-  await t.rejects(fs.stat(file), { code: 'ENOENT' });
-});
+}
 
 t.test('completed recorded in the log (killed during write-back): finished before the disk is served', async (t) => {
   const dir = t.testdir();

@@ -15,12 +15,11 @@
  *                                        recovery): the log is removed unread; nothing
  *                                        of it ever reaches the image.
  */
-import { rm } from 'node:fs/promises';
 import { TetherError } from '../errors.ts';
 import type { Logger } from '../util/log.ts';
 import type { BlockDevice } from './block-device.ts';
 import { BlockJournal, type JournalOptions } from './journal.ts';
-import { findJournalLogs, JournalLog, replayJournalLog } from './journal-log.ts';
+import { findJournalLogs, JournalLog, removeJournalLog, replayJournalLog } from './journal-log.ts';
 
 export type JournalRestart =
   | { kind: 'none' }
@@ -45,6 +44,8 @@ export interface RestartOptions {
   /** The migration the record is for (null: none): a log of another migration is stale. */
   migrationId: string | null;
   journal: Omit<JournalOptions, 'wal' | 'writeThrough'>;
+  /** The log's segment size when appended to again (VM config disk.journalSegmentBytes; default: one segment). */
+  segmentBytes?: number;
   /** Opens the image to write a completed journal back into it. */
   openImage: () => Promise<BlockDevice>;
   log?: Logger;
@@ -69,7 +70,7 @@ export async function restartJournal(o: RestartOptions): Promise<JournalRestart>
       } finally {
         await image.close();
       }
-      await rm(file, { force: true });
+      await removeJournalLog(file);
       o.log?.warn('journal log held a completed migration: written back into the image', {
         file,
         finalEpoch: head.completed,
@@ -82,7 +83,7 @@ export async function restartJournal(o: RestartOptions): Promise<JournalRestart>
     }
     if (o.completingEpoch !== null && head.meta.migrationId === o.migrationId && result.kind !== 'journal') {
       const replay = await replayJournalLog(file, o.completingEpoch);
-      const wal = await JournalLog.reopen(file, replay.validEnd);
+      const wal = await JournalLog.reopen(file, replay, { ...(o.segmentBytes ? { segmentBytes: o.segmentBytes } : {}) });
       const opts = { ...o.journal, wal, nextEpoch: o.completingEpoch + 1 };
       const heldBytes = BlockJournal.recover(nullImage(), replay, opts).heldBytes;
       o.log?.warn('journal rebuilt from its log: served in journal mode until the source answers', {
@@ -99,7 +100,7 @@ export async function restartJournal(o: RestartOptions): Promise<JournalRestart>
       };
       continue;
     }
-    await rm(file, { force: true });
+    await removeJournalLog(file);
     o.log?.warn('journal log of an interrupted incoming migration dropped: nothing of it reaches the image', { file });
   }
   return result;

@@ -102,6 +102,8 @@ t.test('read-your-writes for every overlap pattern; the image holds exactly the 
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'tether-wal-'));
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   let run = 0;
+  let rotated = 0;
+  let pruned = 0;
   const tail = fc.record({ cut: fc.double({ min: 0, max: 1, noNaN: true }), garble: fc.boolean(), fill: fc.integer({ min: 1, max: 255 }) });
   await fc.assert(
     fc.asyncProperty(
@@ -109,12 +111,14 @@ t.test('read-your-writes for every overlap pattern; the image holds exactly the 
       fc.integer({ min: 1, max: 3000 }),
       fc.boolean(),
       fc.option(tail),
-      async (ops, maxExtent, fast, withLog) => {
+      // log segments: none, or small enough that barriers rotate and ACKs delete them
+      fc.constantFrom(Infinity, 300, 3000),
+      async (ops, maxExtent, fast, withLog, segmentBytes) => {
         const image = fast ? new FastMemImage(SIZE) : new MemImage(SIZE);
         image.bytes.fill(7);
         const model = Buffer.from(image.bytes); // what the guest must read
         const logFile = path.join(dir, `vm.m${run++}.wal`);
-        const wal = withLog ? await JournalLog.create(logFile, { vm: 'vm', migrationId: 'm', size: SIZE }) : undefined;
+        const wal = withLog ? await JournalLog.create(logFile, { vm: 'vm', migrationId: 'm', size: SIZE }, { segmentBytes }) : undefined;
         const j = new BlockJournal(image, { maxBytes: 1 << 30, maxExtentBytes: maxExtent, ...(wal ? { wal } : {}) });
         j.journal(1);
         let lastAcked = 0;
@@ -174,14 +178,16 @@ t.test('read-your-writes for every overlap pattern; the image holds exactly the 
           const before = wal.size;
           const extra = pattern(100, withLog.fill, 0);
           await j.write(SIZE - 100, extra);
+          await wal.released(lastAcked); // the deletions of acknowledged segments have run
           const full = wal.size - before;
           const keep = Math.floor(withLog.cut * (full - 1));
           if (withLog.garble) {
-            const fh = await fs.open(logFile, 'r+');
+            const fh = await fs.open(wal.file, 'r+');
             await fh.write(Buffer.alloc(full - keep, 0x5a), 0, full - keep, before + keep);
             await fh.close();
-          } else await fs.truncate(logFile, before + keep);
+          } else await fs.truncate(wal.file, before + keep);
           const replay = await replayJournalLog(logFile, lastAcked);
+          if (segmentBytes === Infinity && replay.segments.length !== 1) throw new Error('a log without segments rotated');
           if (replay.validEnd !== before) throw new Error(`replay ended at ${replay.validEnd}, the acked records end at ${before}`);
           // The source holds epochs <= lastAcked (image.bytes); the rebuilt journal over it is the guest's disk.
           const copy = new MemImage(SIZE);
@@ -204,10 +210,15 @@ t.test('read-your-writes for every overlap pattern; the image holds exactly the 
         if (!image.bytes.equals(model)) throw new Error('drained image differs from the guest view');
         if (j.heldBytes !== 0) throw new Error('bytes still held');
         if (wal && existsSync(logFile)) throw new Error('the log outlived the write-back');
+        if (wal && (await fs.readdir(dir)).some((n) => n.startsWith(path.basename(logFile))))
+          throw new Error('a log segment outlived the write-back');
+        if (wal && wal.stats.segments > 1) rotated++;
+        if (wal && wal.stats.segmentsRemoved > 0) pruned++;
       },
     ),
     { numRuns: 400 },
   );
+  t.ok(rotated > 0 && pruned > 0, `runs whose log rotated: ${rotated}, that deleted acknowledged segments: ${pruned}`);
 });
 
 t.test('pass-through: writes, zeroes and flush reach the image', async (t) => {

@@ -363,6 +363,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     }
     open.sealed = true;
     this.#epochs.push({ epoch: epoch + 1, map: new ExtentMap(), sealed: false });
+    // every record of `epoch` is appended or queued: a full log segment ends here
+    this.#wal?.sealed(epoch);
     // Zero extents travel as DISKZERO (no payload), up to MAX_DISK_ZERO_BYTES each.
     const out = open.map.coalesced(this.#maxExtent, MAX_DISK_ZERO_BYTES);
     this.stats.sealedBytes += open.map.bytes;
@@ -374,6 +376,8 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     while (this.#epochs.length > 0 && this.#epochs[0]!.sealed && this.#epochs[0]!.epoch <= epoch) {
       this.#held -= this.#epochs.shift()!.map.bytes;
     }
+    // log segments holding only acknowledged epochs go (never rejects: a failed deletion is kept in wal.pruneError)
+    void this.#wal?.released(epoch);
     this.#wake();
   }
 

@@ -145,7 +145,7 @@ t.test('NICs in the window: the indev redirector is created before the outdev on
 });
 
 t.test("disk, steady state: a raw node over QEMU's own file node (O_DIRECT) under virtio-blk", async (t) => {
-  const disk = { image: '/srv/a,b.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
+  const disk = { image: '/srv/a,b.img', journalMaxBytes: 268435456, journalSegmentBytes: 134217728, reconnectDelaySec: 30 };
   const args = buildQemuArgs(vm({ disk }), paths);
   const i = args.indexOf('-blockdev');
   t.same(args.slice(i, i + 6), [
@@ -173,7 +173,7 @@ t.test("disk, steady state: a raw node over QEMU's own file node (O_DIRECT) unde
 });
 
 t.test("disk, destination window: the same raw node and device over the sidecar's NBD export", async (t) => {
-  const disk = { image: '/srv/vm1.img', journalMaxBytes: 268435456, reconnectDelaySec: 30 };
+  const disk = { image: '/srv/vm1.img', journalMaxBytes: 268435456, journalSegmentBytes: 134217728, reconnectDelaySec: 30 };
   const args = buildQemuArgs(vm({ disk }), { ...paths, nbdSocket: '/run/t,x/nbd.sock' }, { kind: 'defer' });
   const i = args.indexOf('-blockdev');
   t.same(args.slice(i, i + 6), [

@@ -44,11 +44,12 @@ async function journalDisk(ctx: DestContext): Promise<void> {
   // The write-ahead log: a restarted sidecar finds this migration's journal in it.
   const wal = writeThrough
     ? undefined
-    : await JournalLog.create(journalLogPath(vm.journalDir, vm.name, ctx.id), {
-        vm: vm.name,
-        migrationId: ctx.id,
-        size: (await fs.stat(disk.image)).size,
-      });
+    : await JournalLog.create(
+        journalLogPath(vm.journalDir, vm.name, ctx.id),
+        { vm: vm.name, migrationId: ctx.id, size: (await fs.stat(disk.image)).size },
+        // a segment of the log is deleted once every epoch it holds is acknowledged
+        { segmentBytes: disk.journalSegmentBytes },
+      );
   const writeBackHold = faults.holdWriteback || faults.holdWritebackEarly ? { writeBackHold: () => holdWriteBack(ctx) } : {};
   vm.diskDevice = (image) => {
     journal = new BlockJournal(image, {

@@ -1,0 +1,123 @@
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import type { Test } from 'tap';
+import { findJournalLogs, JournalLog, LogKind, removeJournalLog, replayJournalLog, segmentFile } from './journal-log.ts';
+
+const META = { vm: 'vm', migrationId: 'm1', size: 1 << 20 };
+
+async function tmp(t: Test): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'tether-wal-seg-'));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Two writes of 1 KiB per epoch, epochs 1..n sealed one after the other. */
+async function fill(wal: JournalLog, from: number, to: number): Promise<void> {
+  for (let e = from; e <= to; e++) {
+    await wal.write(e, e * 4096, Buffer.alloc(1024, e));
+    await wal.write(e, e * 4096 + 1024, Buffer.alloc(1024, e));
+    wal.sealed(e);
+  }
+  await wal.sync();
+}
+
+const epochsOf = (r: Awaited<ReturnType<typeof replayJournalLog>>) => [...new Set(r.records.map((x) => x.epoch))];
+
+t.test(
+  'segments: a barrier past segmentBytes starts the next; acknowledged segments are deleted; replay reads them all in order',
+  async (t) => {
+    const dir = await tmp(t);
+    const file = path.join(dir, 'vm.m1.wal');
+    const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+    await fill(wal, 1, 6);
+    // every epoch adds 2 × (40 + 1024) bytes: each segment ends at the barrier after it passed 3000
+    t.same(
+      (await fs.readdir(dir)).sort(),
+      ['vm.m1.wal', 'vm.m1.wal.1', 'vm.m1.wal.2'],
+      'segments 0 (epochs 1-3), 1 (4-6) and the open one',
+    );
+    let r = await replayJournalLog(file);
+    t.same(epochsOf(r), [1, 2, 3, 4, 5, 6], 'every record, in order, across segments');
+    t.same(r.segments, [
+      { n: 0, firstEpoch: 1 },
+      { n: 1, firstEpoch: 4 },
+      { n: 2, firstEpoch: 7 },
+    ]);
+    await wal.released(2);
+    t.ok(await fs.stat(file), 'epoch 3 is not acknowledged: segment 0 stays');
+    await wal.released(3);
+    t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal.1', 'vm.m1.wal.2'], 'ACK(3): segment 0 deleted');
+    t.same(await findJournalLogs(dir, 'vm'), [file], 'the log is still found by its name without segment 0');
+    r = await replayJournalLog(file, 4);
+    t.same(epochsOf(r), [5, 6], 'a replay after epoch 4 keeps the rest');
+    t.equal(wal.stats.segmentsRemoved, 1);
+
+    // A restart: reopen appends to the last segment and numbers the next one on
+    const torn = Buffer.alloc(17, 0x5a);
+    await fs.appendFile(segmentFile(file, 2), torn);
+    await wal.close();
+    r = await replayJournalLog(file, 3);
+    t.equal(r.ignoredBytes, 17, 'a torn tail of the last segment is ignored');
+    const again = await JournalLog.reopen(file, r, { segmentBytes: 5000 });
+    await fill(again, 7, 9);
+    t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal.1', 'vm.m1.wal.2', 'vm.m1.wal.3'], 'the tail cut, the next segment numbered on');
+    r = await replayJournalLog(file, 3);
+    t.same(epochsOf(r), [4, 5, 6, 7, 8, 9]);
+    await again.completed(9);
+    t.equal((await replayJournalLog(file)).completed, 9);
+    await again.remove();
+    t.same(await fs.readdir(dir), [], 'remove() deletes every segment');
+  },
+);
+
+t.test('a closed segment cut short, a missing one, or one of another log is ERR_JOURNAL_LOG, never a silent loss', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+  await fill(wal, 1, 9);
+  await wal.close();
+  t.same((await replayJournalLog(file)).segments.length, 4);
+  const s1 = segmentFile(file, 1);
+  const bytes = await fs.readFile(s1);
+  await fs.truncate(s1, bytes.length - 5);
+  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /closed segment/ });
+  await fs.writeFile(s1, bytes);
+  await fs.rename(segmentFile(file, 2), path.join(dir, 'elsewhere'));
+  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /segment 2 is missing/ });
+  const other = path.join(dir, 'vm.m2.wal');
+  const w2 = await JournalLog.create(other, { ...META, migrationId: 'm2' }, { segmentBytes: 5000 });
+  await fill(w2, 1, 6);
+  await w2.close();
+  await fs.rename(segmentFile(other, 2), segmentFile(file, 2));
+  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /of this log/ });
+  t.same(
+    (await findJournalLogs(dir, 'vm')).map((f) => path.basename(f)),
+    ['vm.m1.wal', 'vm.m2.wal'],
+  );
+  await removeJournalLog(file);
+  await removeJournalLog(other);
+  t.same(await fs.readdir(dir), ['elsewhere'], 'removeJournalLog deletes what a log has, nothing else');
+});
+
+t.test('segment size: records keep their kinds across a rotation', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, { segmentBytes: 100 });
+  await wal.zeroes(1, 0, 1 << 30);
+  wal.sealed(1);
+  await wal.write(2, 0, Buffer.alloc(10, 1));
+  await wal.completed(2);
+  const r = await replayJournalLog(file);
+  t.same(
+    r.records.map((x) => [x.kind, x.epoch]),
+    [
+      [LogKind.Zeroes, 1],
+      [LogKind.Write, 2],
+      [LogKind.Completed, 2],
+    ],
+  );
+  t.equal(r.segments.length, 2);
+  await wal.remove();
+});
