@@ -50,10 +50,11 @@ export const opt = {
   guestAppend: str('guest-append', ''),
   /**
    * sysctls of the client's network namespace, `key=value` separated by `;`, e.g.
-   * `net.ipv4.tcp_congestion_control=cubic;net.ipv4.tcp_wmem=4096 16384 33554432`: the
+   * `net.ipv4.tcp_congestion_control=reno;net.ipv4.tcp_wmem=4096 16384 33554432`: the
    * client is the outside world, whose TCP (for client → guest, the sender) meets output
    * commit's held ACKs. A new namespace takes this host's congestion control (here BBR) and
-   * its own tcp_wmem default (4 MiB).
+   * its own tcp_wmem default (4 MiB); outside the initial namespace Linux lets it choose
+   * only the algorithms in net.ipv4.tcp_allowed_congestion_control (here reno and bbr).
    */
   clientSysctl: str('client-sysctl', '')
     .split(';')
