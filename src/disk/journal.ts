@@ -365,6 +365,10 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     this.#epochs.push({ epoch: epoch + 1, map: new ExtentMap(), sealed: false });
     // every record of `epoch` is appended or queued: a full log segment ends here
     this.#wal?.sealed(epoch);
+    // The boundary is set (writes from now on are epoch + 1's) and epoch's map no longer
+    // changes: its extents are built on the next turn of the event loop, after the barrier
+    // has sent `cont`, not inside the guest's pause (a copy of what the epoch wrote).
+    await new Promise((resolve) => setImmediate(resolve));
     // Zero extents travel as DISKZERO (no payload), up to MAX_DISK_ZERO_BYTES each.
     const out = open.map.coalesced(this.#maxExtent, MAX_DISK_ZERO_BYTES);
     this.stats.sealedBytes += open.map.bytes;

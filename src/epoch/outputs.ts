@@ -37,8 +37,9 @@ export function extentLength(e: DiskExtent): number {
  *                barrier never completes
  *   unquiesce()  (optional) the barrier quiesce() prepared for is not coming (the loop
  *                ended: the final checkpoint was taken already): the bounds hold again
- *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1;
- *                returns the disk extents written in epoch k (sent inside checkpoint k)
+ *   seal(k)      at the barrier, VM paused: close epoch k, start epoch k+1, both
+ *                within the call itself; resolves with the disk extents written in
+ *                epoch k (sent inside checkpoint k), possibly after the VM runs again
  *   release(k)   on ACK(k): everything of epochs <= k may leave the host
  *   passThrough() after the final checkpoint of a completed migration
  *   discard()    when the destination fences itself: held outputs never leave
@@ -71,8 +72,11 @@ export function composeOutputs(parts: readonly EpochOutputs[]): EpochOutputs {
     quiesce: () => parts.forEach((p) => p.quiesce?.()),
     unquiesce: () => parts.forEach((p) => p.unquiesce?.()),
     async seal(epoch) {
+      // every part's epoch boundary is set now, in this call (the VM is stopped); their
+      // extents may come later
+      const sealing = parts.map((p) => p.seal(epoch));
       const all: DiskExtent[] = [];
-      for (const p of parts) all.push(...(await p.seal(epoch)));
+      for (const s of await Promise.all(sealing)) all.push(...s);
       return all;
     },
     release: (epoch) => parts.forEach((p) => p.release(epoch)),

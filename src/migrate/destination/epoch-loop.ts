@@ -167,7 +167,13 @@ async function barrier(ctx: DestContext, qmp: QmpExecutor, epoch: number, devPat
   const t1 = nowMs();
   ctx.barrierSince = t1;
   await saveDevicesState(qmp, devPath, false);
-  const disk = await ctx.outputs.seal(epoch);
+  // Every output's epoch boundary is set within this call, with the VM stopped; the
+  // journal builds epoch k's extents (a copy of what it wrote) after `cont` is on its way,
+  // outside the guest's pause. Settled into a value at once: a failure is thrown below.
+  const sealing = ctx.outputs.seal(epoch).then(
+    (extents) => ({ extents }),
+    (error: unknown) => ({ error }),
+  );
   // the VM is stopped: exactly what the guest wrote here up to barrier k
   const guestDiskBytes = ctx.journal?.stats.journaledBytes ?? 0;
   const t2 = nowMs();
@@ -175,6 +181,9 @@ async function barrier(ctx: DestContext, qmp: QmpExecutor, epoch: number, devPat
   const tCont = nowMs();
   ctx.barrierSince = null;
   ctx.barrierEnd.resolve();
+  const sealed = await sealing;
+  if ('error' in sealed) throw sealed.error;
+  const disk = sealed.extents;
   // Read after cont: only the next barrier rewrites the file.
   const devstate = await fs.readFile(devPath);
   const stats = {
