@@ -72,33 +72,66 @@ t.test(
   },
 );
 
-t.test('a closed segment cut short, a missing one, or one of another log is ERR_JOURNAL_LOG, never a silent loss', async (t) => {
+t.test(
+  'a closed segment torn by a power loss ends the log there; a missing segment or one of another log is ERR_JOURNAL_LOG',
+  async (t) => {
+    const dir = await tmp(t);
+    const file = path.join(dir, 'vm.m1.wal');
+    const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+    await fill(wal, 1, 9);
+    await wal.close();
+    t.same((await replayJournalLog(file)).segments.length, 4);
+    const s1 = segmentFile(file, 1);
+    const bytes = await fs.readFile(s1);
+    // a power loss before any FLUSH synced segment 1: its last record torn, the later
+    // segments (writes no FLUSH covered) are not taken
+    await fs.truncate(s1, bytes.length - 5);
+    let r = await replayJournalLog(file);
+    t.same(epochsOf(r), [1, 2, 3, 4, 5, 6], 'epoch 6 lost its second write only; nothing after the tear');
+    t.equal(r.records.filter((x) => x.epoch === 6).length, 1);
+    t.same(r.beyondTear, [2, 3]);
+    const again = await JournalLog.reopen(file, r, { segmentBytes: 5000 });
+    t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal', 'vm.m1.wal.1'], 'reopen deletes the segments beyond the tear');
+    await fill(again, 7, 7);
+    await again.close();
+    r = await replayJournalLog(file);
+    t.same(epochsOf(r), [1, 2, 3, 4, 5, 6, 7], 'the log goes on from the tear');
+    t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal', 'vm.m1.wal.1', 'vm.m1.wal.2'], 'and rotates on: segment 2 is new');
+    await fs.writeFile(segmentFile(file, 4), 'x');
+    await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /segment 3 is missing/ });
+    await fs.rm(segmentFile(file, 4));
+    const other = path.join(dir, 'vm.m2.wal');
+    const w2 = await JournalLog.create(other, { ...META, migrationId: 'm2' }, { segmentBytes: 5000 });
+    await fill(w2, 1, 9);
+    await w2.close();
+    await fs.rename(segmentFile(other, 2), segmentFile(file, 2));
+    await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /of this log/ });
+    await fs.writeFile(path.join(dir, 'elsewhere'), '');
+    t.same(
+      (await findJournalLogs(dir, 'vm')).map((f) => path.basename(f)),
+      ['vm.m1.wal', 'vm.m2.wal'],
+    );
+    await removeJournalLog(file);
+    await removeJournalLog(other);
+    t.same(await fs.readdir(dir), ['elsewhere'], 'removeJournalLog deletes what a log has, nothing else');
+  },
+);
+
+t.test('a rotation does not fdatasync the closed segment; the next sync() does, before the current one', async (t) => {
   const dir = await tmp(t);
   const file = path.join(dir, 'vm.m1.wal');
   const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
-  await fill(wal, 1, 9);
-  await wal.close();
-  t.same((await replayJournalLog(file)).segments.length, 4);
-  const s1 = segmentFile(file, 1);
-  const bytes = await fs.readFile(s1);
-  await fs.truncate(s1, bytes.length - 5);
-  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /closed segment/ });
-  await fs.writeFile(s1, bytes);
-  await fs.rename(segmentFile(file, 2), path.join(dir, 'elsewhere'));
-  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /segment 2 is missing/ });
-  const other = path.join(dir, 'vm.m2.wal');
-  const w2 = await JournalLog.create(other, { ...META, migrationId: 'm2' }, { segmentBytes: 5000 });
-  await fill(w2, 1, 6);
-  await w2.close();
-  await fs.rename(segmentFile(other, 2), segmentFile(file, 2));
-  await t.rejects(replayJournalLog(file), { code: 'ERR_JOURNAL_LOG', message: /of this log/ });
-  t.same(
-    (await findJournalLogs(dir, 'vm')).map((f) => path.basename(f)),
-    ['vm.m1.wal', 'vm.m2.wal'],
-  );
-  await removeJournalLog(file);
-  await removeJournalLog(other);
-  t.same(await fs.readdir(dir), ['elsewhere'], 'removeJournalLog deletes what a log has, nothing else');
+  await fill(wal, 1, 6); // fill() syncs once at its end
+  t.equal(wal.stats.syncs, 1, 'two rotations, one sync: the rotations synced nothing themselves');
+  await wal.write(7, 0, Buffer.alloc(10));
+  wal.sealed(7);
+  await wal.write(8, 0, Buffer.alloc(6000));
+  wal.sealed(8); // rotates: segment 3 closed, not synced
+  await wal.released(8);
+  await wal.sync();
+  t.equal(wal.stats.syncs, 2);
+  await wal.remove();
+  t.same(await fs.readdir(dir), []);
 });
 
 t.test('segment size: records keep their kinds across a rotation', async (t) => {

@@ -20,13 +20,16 @@
  * Segments: the log is a sequence of files, `<name>.wal` then `<name>.wal.1`, `.wal.2` …;
  * each starts with its own open record (the same metadata, its segment number and the
  * first epoch it can hold). At a barrier whose segment has grown past `segmentBytes`
- * (VM config disk.journalSegmentBytes, default half the journal's bound) the writer fdatasyncs and
- * closes it and starts the next, durable (open record, directory) before any record goes
- * there; once the source has acknowledged every epoch a closed segment holds, the file is
- * deleted, oldest first. So the log holds the unacknowledged epochs plus at most the rest
- * of their first segment, not everything the guest wrote in the window. Only the last
- * segment can have a torn tail (a closed one was fdatasync'ed before the next got a
- * record); a gap in the numbers or a torn earlier segment is ERR_JOURNAL_LOG.
+ * (VM config disk.journalSegmentBytes, default half the journal's bound) the writer starts
+ * the next, its open record and directory entry durable before any record goes there; the
+ * closed segment is not fdatasync'ed then (that would stall every guest write behind a
+ * whole segment's writeback) but by the next FLUSH/FUA, before the current one. Once the
+ * source has acknowledged every epoch a closed segment holds, the file is deleted, oldest
+ * first. So the log holds the unacknowledged epochs plus at most the rest of their first
+ * segment, not everything the guest wrote in the window. A sidecar crash tears at most the
+ * last record of the last segment (the page cache survives it); a power loss can also tear
+ * a closed segment that no FLUSH synced since, and then the log ends there: the later
+ * segments hold only writes no FLUSH covered, which a disk may lose (journal-replay.ts).
  *
  * Appends are written in call order by one writer (group commit: what queued while a
  * write was under way goes in the next writev). A record counts once its write()
@@ -78,6 +81,8 @@ export class JournalLog {
   #queuedBytes = 0;
   /** Closed segments still on disk, oldest first, with the last epoch each can hold. */
   #closed: { n: number; lastEpoch: number }[];
+  /** Closed segments no fdatasync covered yet, still open: the next sync() syncs and closes them. */
+  #unsynced: { n: number; fd: number }[] = [];
   #queue: Queued[] = [];
   #writing = false;
   /** Resolves once everything appended so far is written. */
@@ -120,13 +125,15 @@ export class JournalLog {
   }
 
   /**
-   * Opens an existing log to append to it: its last segment is cut at `replay.validEnd`
-   * (the end of its last good record) first, so a torn tail cannot hide the records
-   * appended after it.
+   * Opens an existing log to append to it: the segment the replay ended in is cut at
+   * `replay.validEnd` (the end of its last good record) first, and any segment after it
+   * deleted, so a torn tail cannot hide the records appended after it.
    */
   static async reopen(file: string, replay: Replay, o: LogOptions = {}): Promise<JournalLog> {
     const segs = replay.segments;
     const last = segs[segs.length - 1]!;
+    // after a torn closed segment: writes no FLUSH covered, never read back; the log goes on from the tear
+    for (const n of replay.beyondTear) await fsp.rm(segmentFile(file, n), { force: true });
     const fd = await new Promise<number>((res, rej) => fs.open(segmentFile(file, last.n), 'r+', (e, fd) => (e ? rej(e) : res(fd))));
     await new Promise<void>((res, rej) => fs.ftruncate(fd, replay.validEnd, (e) => (e ? rej(e) : res())));
     await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
@@ -206,6 +213,9 @@ export class JournalLog {
     const gone: number[] = [];
     while (this.#closed.length > 0 && this.#closed[0]!.lastEpoch <= epoch) gone.push(this.#closed.shift()!.n);
     if (gone.length === 0) return this.#pruning;
+    // a segment about to go needs no fdatasync
+    for (const u of this.#unsynced.filter((x) => gone.includes(x.n))) fs.close(u.fd, () => undefined);
+    this.#unsynced = this.#unsynced.filter((x) => !gone.includes(x.n));
     this.#pruning = this.#pruning
       .then(async () => {
         for (const n of gone) {
@@ -275,13 +285,12 @@ export class JournalLog {
     this.#idleDone = null;
   }
 
-  /** Close the current segment durably and open the next, durable, before anything goes there. */
+  /** Open the next segment, durable, before anything goes there; the current one waits for the next sync(). */
   async #rotate(lastEpoch: number): Promise<void> {
     if (this.#error) return;
     try {
-      await new Promise<void>((res, rej) => fs.fdatasync(this.#fd, (e) => (e ? rej(e) : res())));
       const fd = await openSegment(this.path, this.#seg + 1, this.#meta, lastEpoch + 1);
-      await new Promise<void>((res) => fs.close(this.#fd, () => res()));
+      this.#unsynced.push({ n: this.#seg, fd: this.#fd });
       this.#closed.push({ n: this.#seg, lastEpoch });
       this.#seg++;
       this.#fd = fd;
@@ -295,12 +304,23 @@ export class JournalLog {
     }
   }
 
-  /** Everything appended before this call is written and fdatasync'ed. */
+  /**
+   * Everything appended before this call is written and fdatasync'ed: the closed segments
+   * no sync covered yet, oldest first (then closed), then the current one.
+   */
   async sync(): Promise<void> {
     await this.#idle;
     if (this.#error) throw this.#error;
+    // taken together, at once: a rotation after this point holds only later records
+    const closed = this.#unsynced.splice(0);
+    const fd = this.#fd;
     this.stats.syncs++;
-    await new Promise<void>((res, rej) => fs.fdatasync(this.#fd, (e) => (e ? rej(e) : res())));
+    try {
+      for (const u of closed) await fdatasync(u.fd);
+    } finally {
+      for (const u of closed) fs.close(u.fd, () => undefined);
+    }
+    await fdatasync(fd);
   }
 
   async close(): Promise<void> {
@@ -308,6 +328,7 @@ export class JournalLog {
     this.#isClosed = true;
     await this.#idle;
     await this.#pruning;
+    for (const u of this.#unsynced.splice(0)) await new Promise<void>((res) => fs.close(u.fd, () => res()));
     await new Promise<void>((res) => fs.close(this.#fd, () => res()));
   }
 
@@ -316,6 +337,10 @@ export class JournalLog {
     await this.close();
     await removeJournalLog(this.path);
   }
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
 }
 
 function openRecord(meta: LogMeta, segment: number, firstEpoch: number): Buffer[] {

@@ -20,9 +20,14 @@ import {
 export interface Replay {
   meta: LogMeta;
   records: LogRecord[];
-  /** The segments found, in order, with the first epoch each can hold. */
+  /** The segments read, in order, with the first epoch each can hold; the log ends in the last one. */
   segments: { n: number; firstEpoch: number }[];
-  /** End of the last good record of the last segment: reopen() cuts that file here. */
+  /**
+   * Segments after a closed one that ends torn (a power loss before any FLUSH synced it):
+   * never read, their writes covered by no FLUSH; reopen() deletes them.
+   */
+  beyondTear: number[];
+  /** End of the last good record of the last segment read: reopen() cuts that file here. */
   validEnd: number;
   /** Bytes after validEnd that were ignored (a torn or corrupt tail). */
   ignoredBytes: number;
@@ -32,16 +37,25 @@ export interface Replay {
 
 /**
  * Reads a log, every segment in order. A record that is short, fails its checksum or is
- * malformed ends the replay (a torn tail) when it is in the last segment; in an earlier
- * one (closed durably before the next got a record), a gap in the segment numbers, or a
- * segment whose open record is unreadable or of another log, is ERR_JOURNAL_LOG.
- * Records of epochs <= `afterEpoch` are skipped (their data is not kept): the source
- * holds them already.
+ * malformed ends the replay (a torn tail), also in a closed segment: only a power loss
+ * tears one, and then no FLUSH synced it since it was closed (sync() syncs the closed ones
+ * first), so no later write was promised durable; the segments after it are `beyondTear`.
+ * A gap in the segment numbers, or a segment whose open record (durable before the
+ * segment got a record) is unreadable or of another log, is ERR_JOURNAL_LOG. Records of
+ * epochs <= `afterEpoch` are skipped (their data is not kept): the source holds them.
  */
 export async function replayJournalLog(file: string, afterEpoch = 0): Promise<Replay> {
   const found = await logSegments(file);
   if (found.length === 0) throw new TetherError('ERR_JOURNAL_LOG', `journal log ${file} has no segment`);
-  const out: Replay = { meta: null as unknown as LogMeta, records: [], segments: [], validEnd: 0, ignoredBytes: 0, completed: null };
+  const out: Replay = {
+    meta: null as unknown as LogMeta,
+    records: [],
+    segments: [],
+    beyondTear: [],
+    validEnd: 0,
+    ignoredBytes: 0,
+    completed: null,
+  };
   for (let i = 0; i < found.length; i++) {
     const [n, f] = found[i]!;
     if (i > 0 && n !== found[i - 1]![0] + 1)
@@ -55,12 +69,14 @@ export async function replayJournalLog(file: string, afterEpoch = 0): Promise<Re
     )
       throw new TetherError('ERR_JOURNAL_LOG', `journal log ${f} has no readable open record of segment ${n} of this log`);
     if (i === 0) out.meta = { vm: m.vm, migrationId: m.migrationId, size: m.size };
-    if (i < found.length - 1 && seg.ignoredBytes > 0)
-      throw new TetherError('ERR_JOURNAL_LOG', `journal log ${f}: ${seg.ignoredBytes} unreadable bytes in a closed segment`);
     out.segments.push({ n, firstEpoch: m.firstEpoch ?? 1 });
     out.validEnd = seg.validEnd;
     out.ignoredBytes = seg.ignoredBytes;
     out.completed = seg.completed ?? out.completed;
+    if (seg.ignoredBytes > 0 && i < found.length - 1) {
+      out.beyondTear = found.slice(i + 1).map(([k]) => k);
+      break;
+    }
   }
   return out;
 }
