@@ -56,6 +56,17 @@ async function crashedJournal(dir: string, id: string, segmentBytes?: number): P
   return { file, image };
 }
 
+/** A restart that finds the destination had asked to complete migration m1 with final epoch 3. */
+const restartCompleting = (dir: string, image: MemImage) =>
+  restartJournal({
+    journalDir: dir,
+    vm: 'vm',
+    completingEpoch: 3,
+    migrationId: 'm1',
+    journal: { maxBytes: SIZE },
+    openImage: async () => image,
+  });
+
 t.test('no log: nothing to do', async (t) => {
   const dir = t.testdir();
   const r = await restartJournal({
@@ -77,14 +88,7 @@ for (const segmentBytes of [undefined, 4000]) {
     const { file, image } = await crashedJournal(dir, 'm1', segmentBytes);
     if (segmentBytes) t.same((await fs.readdir(dir)).sort(), ['vm.m1.wal.2', 'vm.m1.wal.3'], 'the acknowledged segments are gone');
     const before = Buffer.from(image.bytes);
-    const r = await restartJournal({
-      journalDir: dir,
-      vm: 'vm',
-      completingEpoch: 3,
-      migrationId: 'm1',
-      journal: { maxBytes: SIZE },
-      openImage: async () => image,
-    });
+    const r = await restartCompleting(dir, image);
     if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
     t.equal(r.heldBytes, 8192, "epoch 4: one write and one trim (epochs <= 3 are the source's)");
     const j = r.device(image);
@@ -107,26 +111,12 @@ for (const segmentBytes of [undefined, 4000]) {
   t.test(`outcome unknown, then completed: written back with the writes made after the restart${seg}`, async (t) => {
     const dir = t.testdir();
     const { file, image } = await crashedJournal(dir, 'm1', segmentBytes);
-    const r = await restartJournal({
-      journalDir: dir,
-      vm: 'vm',
-      completingEpoch: 3,
-      migrationId: 'm1',
-      journal: { maxBytes: SIZE },
-      openImage: async () => image,
-    });
+    const r = await restartCompleting(dir, image);
     if (r.kind !== 'journal') throw new Error(`expected journal, got ${r.kind}`);
     const j = r.device(image);
     await j.write(7 * 4096, Buffer.alloc(10, 8));
     // a second crash before the answer: the appended write is in the log too (torn tail was cut)
-    const r2 = await restartJournal({
-      journalDir: dir,
-      vm: 'vm',
-      completingEpoch: 3,
-      migrationId: 'm1',
-      journal: { maxBytes: SIZE },
-      openImage: async () => image,
-    });
+    const r2 = await restartCompleting(dir, image);
     if (r2.kind !== 'journal') throw new Error(`expected journal, got ${r2.kind}`);
     const j2 = r2.device(image);
     t.same([...(await j2.read(7 * 4096, 1))], [8], 'the write made after the first restart survived the second');
