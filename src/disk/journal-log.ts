@@ -138,6 +138,16 @@ export class JournalLog {
     await new Promise<void>((res, rej) => fs.ftruncate(fd, replay.validEnd, (e) => (e ? rej(e) : res())));
     await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
     const closed = segs.slice(0, -1).map((g, i) => ({ n: g.n, lastEpoch: segs[i + 1]!.firstEpoch - 1 }));
+    // The closed segments' writes were acknowledged before the restart, maybe with no FLUSH
+    // since: a FLUSH from now on covers them too, and this one does it now.
+    for (const g of closed) {
+      const cfd = await new Promise<number>((res, rej) => fs.open(segmentFile(file, g.n), 'r', (e, fd) => (e ? rej(e) : res(fd))));
+      try {
+        await fdatasync(cfd);
+      } finally {
+        fs.close(cfd, () => undefined);
+      }
+    }
     return new JournalLog(file, replay.meta, fd, last.n, replay.validEnd, closed, o);
   }
 
