@@ -18,7 +18,9 @@
  * transfers of each --sizes one after another for --tcp-seconds.
  *
  * Phases of the gate cluster, all in one run:
- *   before   VM on the source, gate in pass-through (compared with the tap cluster)
+ *   before   VM on the source, gate in pass-through (compared with the tap cluster); with
+ *            --steady-rounds N the tap clusters' samples and this one alternate N times
+ *            and every figure is its median round's (single samples swing with host load)
  *   gated    for each --intervals value: migrate with that checkpoint interval (written
  *            into the destination's VM config, which is what the destination runs), wait
  *            until D has had checkpoint --warmup-epochs acknowledged, then ping in chunks
@@ -77,7 +79,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type Sample, TAPS, type TapKind, boot, clusterFor, keepLogs, sample } from './net/measure.ts';
+import { type Sample, TAPS, type TapKind, boot, clusterFor, keepLogs, medianSample, sample } from './net/measure.ts';
 import { LOG_DIR, OUT_DIR, RUN_DIR, STARTED, TARGET_GATED_RATIO, TARGET_RATIO, log, now, opt, r2 } from './net/plan.ts';
 import { type Results, figures, summaryMarkdown, writePlots } from './net/report.ts';
 import { stallBench } from './net/stall.ts';
@@ -101,16 +103,24 @@ async function main(): Promise<void> {
     for (const c of [...taps.map((x) => x.c), ...(gateC ? [gateC] : [])]) await c.up();
     const boots = await Promise.all([...taps.map(({ k, c }) => boot(c, k)), gateC ? boot(gateC, 'gate') : 0]);
     await sleep(1000); // let the boots' tail (udev, memcheck's first pass) settle
-    for (const [i, { k, c }] of taps.entries()) {
-      const r: { bootMs: number; sample?: Sample; error?: string } = { bootMs: boots[i]! };
-      res.taps[k] = r;
-      try {
-        r.sample = await sample(c, c.src, TAPS[k].label);
-      } catch (e) {
-        r.error = (e as Error).stack ?? String(e);
+    // --steady-rounds N: every cluster's steady-state sample N times, in turn, medians kept
+    const rounds: Sample[][] = taps.map(() => []);
+    const gateRounds: Sample[] = [];
+    const steadyRounds = gateC ? opt.steadyRounds : 1;
+    for (let round = 0; round < steadyRounds; round++) {
+      for (const [i, { k, c }] of taps.entries()) {
+        const r: { bootMs: number; sample?: Sample; error?: string } = (res.taps[k] ??= { bootMs: boots[i]! });
+        if (r.error) continue;
+        try {
+          rounds[i]!.push(await sample(c, c.src, TAPS[k].label));
+          r.sample = medianSample(rounds[i]!);
+        } catch (e) {
+          r.error = (e as Error).stack ?? String(e);
+        }
       }
+      if (gateC && steadyRounds > 1) gateRounds.push(await sample(gateC, gateC.src, 'gate before migration'));
     }
-    if (gateC) res.gate = await gatePhases(gateC, boots.at(-1)!);
+    if (gateC) res.gate = await gatePhases(gateC, boots.at(-1)!, gateRounds.length ? medianSample(gateRounds) : undefined);
     if (opt.only.has('stall')) res.stall = await stallBench();
   } finally {
     for (const { k, c } of taps) keepLogs(c, k);

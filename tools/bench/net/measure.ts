@@ -150,6 +150,31 @@ export async function withCpu<T>(
   return { ...r, cpu: { qemuPct: pct(q0, q1), sidecarPct: pct(d0, d1) } };
 }
 
+/**
+ * One sample from several rounds of the same measurement: per TCP direction and size the
+ * round with the median rate (its CPU figures with it), the ping of the median-p50 round.
+ */
+export function medianSample(rounds: Sample[]): Sample {
+  const mid = <T>(xs: T[], key: (x: T) => number): T => [...xs].sort((a, b) => key(a) - key(b))[Math.floor((xs.length - 1) / 2)]!;
+  const first = rounds[0]!;
+  if (rounds.length === 1) return first;
+  const tcp = first.tcp.map((t) =>
+    mid(
+      rounds.map((r) => r.tcp.find((x) => x.dir === t.dir && x.size === t.size) ?? t),
+      (x) => x.mbitPerS ?? -1,
+    ),
+  );
+  return {
+    label: `${first.label} (median of ${rounds.length} rounds)`,
+    ping: mid(
+      rounds.map((r) => r.ping),
+      (p) => p.p50 ?? Infinity,
+    ),
+    tcp,
+    ms: rounds.reduce((n, r) => n + r.ms, 0),
+  };
+}
+
 export interface SampleSpec {
   pingCount: number;
   sizes: number[];

@@ -31,6 +31,12 @@ export const opt = {
   intervals: list('intervals', quick ? '50' : '25,50,100').map(Number),
   bandwidthMiB: num('bandwidth-mib', quick ? 16 : 3),
   guestMiB: num('guest-mib', 256),
+  /**
+   * Steady state: rounds of the plain tap's sample and the gate cluster's (before migration),
+   * alternating, each figure the median round's. Both are QEMU's own tap in steady state, so
+   * what differs between single samples is host load.
+   */
+  steadyRounds: num('steady-rounds', 1),
   rttOnly,
   /** Also sample each window with the gate forced open (default with --only rtt; --no-control skips it). */
   control: (rttOnly && !process.argv.includes('--no-control')) || process.argv.includes('--control'),

@@ -432,10 +432,10 @@ function windowSample(c: Cluster, x: WindowInputs): GatedSample {
   };
 }
 
-export async function gatePhases(c: Cluster, bootMs: number): Promise<GateRun> {
+export async function gatePhases(c: Cluster, bootMs: number, before?: Sample): Promise<GateRun> {
   const out: GateRun = { bootMs, gated: [], control: [] };
   try {
-    out.before = await sample(c, c.src, 'gate before migration');
+    out.before = before ?? (await sample(c, c.src, 'gate before migration'));
     const slack = out.before.ping.p99 ?? 0;
     const links: (Link | null)[] = opt.gatedLinks.length ? opt.gatedLinks : [null];
     settings: for (const [j, link] of links.entries()) {
