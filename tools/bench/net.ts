@@ -20,7 +20,8 @@
  * Phases of the gate cluster, all in one run:
  *   before   VM on the source, gate in pass-through (compared with the tap cluster); with
  *            --steady-rounds N the tap clusters' samples and this one alternate N times
- *            and every figure is its median round's (single samples swing with host load)
+ *            and every figure is its median round's (single samples swing with host load);
+ *            the after-completion sample is taken N times too
  *   gated    for each --intervals value: migrate with that checkpoint interval (written
  *            into the destination's VM config, which is what the destination runs), wait
  *            until D has had checkpoint --warmup-epochs acknowledged, then ping in chunks

@@ -16,6 +16,7 @@ import {
   pingStats,
   readText,
   records,
+  medianSample,
   sample,
   setCheckpointInterval,
   tcpSamples,
@@ -467,7 +468,9 @@ export async function gatePhases(c: Cluster, bootMs: number, before?: Sample): P
           // remaining intervals cannot be measured in this run (their rows stay empty).
           if (!last) log(`gate: the migration completed before the abort; intervals after ${interval} ms not measured`);
           await waitReachable(c, 'the guest answers on the destination');
-          out.after = await sample(c, c.dst, 'gate after completion');
+          const after: Sample[] = [];
+          for (let r = 0; r < opt.steadyRounds; r++) after.push(await sample(c, c.dst, 'gate after completion'));
+          out.after = medianSample(after);
           break settings;
         } else {
           if (outcome !== 'rolled-back') throw new Error(`abort did not roll back (${outcome}): ${g.migrateError}`);
