@@ -154,3 +154,25 @@ t.test('segment size: records keep their kinds across a rotation', async (t) => 
   t.equal(r.segments.length, 2);
   await wal.remove();
 });
+
+t.test('FLUSHes in flight across rotations all resolve; every record replays', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
+  const syncs: Promise<void>[] = [];
+  for (let e = 1; e <= 20; e++) {
+    const w = wal.write(e, e * 512, Buffer.alloc(300, e));
+    syncs.push(wal.sync()); // a FLUSH while the write is queued, then the rotation
+    wal.sealed(e);
+    await w;
+    syncs.push(wal.sync());
+    if (e % 4 === 0) await wal.released(e - 2);
+  }
+  await Promise.all(syncs);
+  t.equal(wal.stats.syncs, 40);
+  const r = await replayJournalLog(file, 18);
+  t.same(epochsOf(r), [19, 20]);
+  t.ok(wal.stats.segmentsRemoved > 0, `${wal.stats.segmentsRemoved} segments deleted meanwhile`);
+  await wal.remove();
+  t.same(await fs.readdir(dir), []);
+});

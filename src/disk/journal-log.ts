@@ -81,8 +81,13 @@ export class JournalLog {
   #queuedBytes = 0;
   /** Closed segments still on disk, oldest first, with the last epoch each can hold. */
   #closed: { n: number; lastEpoch: number }[];
-  /** Closed segments no fdatasync covered yet, still open: the next sync() syncs and closes them. */
+  /** Closed segments no fdatasync covered yet, still open: the next sync() syncs them. */
   #unsynced: { n: number; fd: number }[] = [];
+  /** Closed segments a sync() covered, kept open until they are deleted (a sync may still hold the fd). */
+  #synced: { n: number; fd: number }[] = [];
+  /** sync() calls in flight: descriptors are closed only when none is (closeFd). */
+  #syncing = 0;
+  #closeLater: number[] = [];
   #queue: Queued[] = [];
   #writing = false;
   /** Resolves once everything appended so far is written. */
@@ -224,8 +229,9 @@ export class JournalLog {
     while (this.#closed.length > 0 && this.#closed[0]!.lastEpoch <= epoch) gone.push(this.#closed.shift()!.n);
     if (gone.length === 0) return this.#pruning;
     // a segment about to go needs no fdatasync
-    for (const u of this.#unsynced.filter((x) => gone.includes(x.n))) fs.close(u.fd, () => undefined);
+    for (const list of [this.#unsynced, this.#synced]) for (const u of list.filter((x) => gone.includes(x.n))) this.#closeFd(u.fd);
     this.#unsynced = this.#unsynced.filter((x) => !gone.includes(x.n));
+    this.#synced = this.#synced.filter((x) => !gone.includes(x.n));
     this.#pruning = this.#pruning
       .then(async () => {
         for (const n of gone) {
@@ -325,12 +331,23 @@ export class JournalLog {
     const closed = this.#unsynced.splice(0);
     const fd = this.#fd;
     this.stats.syncs++;
+    this.#syncing++;
     try {
       for (const u of closed) await fdatasync(u.fd);
+      await fdatasync(fd);
+    } catch (e) {
+      this.#unsynced.unshift(...closed); // not known to be durable: the next sync tries again
+      throw e;
     } finally {
-      for (const u of closed) fs.close(u.fd, () => undefined);
+      this.#synced.push(...closed.filter((u) => !this.#unsynced.includes(u)));
+      if (--this.#syncing === 0) for (const f of this.#closeLater.splice(0)) fs.close(f, () => undefined);
     }
-    await fdatasync(fd);
+  }
+
+  /** Close a descriptor now, or once no sync() is using descriptors. */
+  #closeFd(fd: number): void {
+    if (this.#syncing > 0) this.#closeLater.push(fd);
+    else fs.close(fd, () => undefined);
   }
 
   async close(): Promise<void> {
@@ -338,8 +355,8 @@ export class JournalLog {
     this.#isClosed = true;
     await this.#idle;
     await this.#pruning;
-    for (const u of this.#unsynced.splice(0)) await new Promise<void>((res) => fs.close(u.fd, () => res()));
-    await new Promise<void>((res) => fs.close(this.#fd, () => res()));
+    for (const u of [...this.#unsynced.splice(0), ...this.#synced.splice(0)]) this.#closeFd(u.fd);
+    this.#closeFd(this.#fd);
   }
 
   /** Close and delete every segment: the journal was written back or discarded. */
