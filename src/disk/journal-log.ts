@@ -125,8 +125,8 @@ export class JournalLog {
   static async create(file: string, meta: LogMeta, o: LogOptions = {}): Promise<JournalLog> {
     await fsp.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
     await removeJournalLog(file);
-    const fd = await openSegment(file, 0, meta, 1);
-    return new JournalLog(file, meta, fd, 0, openRecordBytes(meta, 0, 1), [], o);
+    const { fd, end } = await openSegment(file, 0, meta, 1);
+    return new JournalLog(file, meta, fd, 0, end, [], o);
   }
 
   /**
@@ -141,7 +141,7 @@ export class JournalLog {
     for (const n of replay.beyondTear) await fsp.rm(segmentFile(file, n), { force: true });
     const fd = await new Promise<number>((res, rej) => fs.open(segmentFile(file, last.n), 'r+', (e, fd) => (e ? rej(e) : res(fd))));
     await new Promise<void>((res, rej) => fs.ftruncate(fd, replay.validEnd, (e) => (e ? rej(e) : res())));
-    await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+    await fdatasync(fd);
     const closed = segs.slice(0, -1).map((g, i) => ({ n: g.n, lastEpoch: segs[i + 1]!.firstEpoch - 1 }));
     // The closed segments' writes were acknowledged before the restart, maybe with no FLUSH
     // since: a FLUSH from now on covers them too, and this one does it now.
@@ -305,12 +305,12 @@ export class JournalLog {
   async #rotate(lastEpoch: number): Promise<void> {
     if (this.#error) return;
     try {
-      const fd = await openSegment(this.path, this.#seg + 1, this.#meta, lastEpoch + 1);
+      const { fd, end } = await openSegment(this.path, this.#seg + 1, this.#meta, lastEpoch + 1);
       this.#unsynced.push({ n: this.#seg, fd: this.#fd });
       this.#closed.push({ n: this.#seg, lastEpoch });
       this.#seg++;
       this.#fd = fd;
-      this.#pos = openRecordBytes(this.#meta, this.#seg, lastEpoch + 1);
+      this.#pos = end;
       this.stats.segments++;
     } catch (e) {
       this.#error ??= new TetherError(
@@ -370,29 +370,25 @@ function fdatasync(fd: number): Promise<void> {
   return new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
 }
 
-function openRecord(meta: LogMeta, segment: number, firstEpoch: number): Buffer[] {
-  const m: SegmentMeta = segment === 0 ? meta : { ...meta, segment, firstEpoch };
-  return encodeRecord(LogKind.Open, 0, 0, 0, Buffer.from(JSON.stringify(m)));
-}
-
-function openRecordBytes(meta: LogMeta, segment: number, firstEpoch: number): number {
-  return openRecord(meta, segment, firstEpoch).reduce((n, b) => n + b.length, 0);
-}
-
-/** Creates segment `n` (replacing a file of that name) with its open record, durable with its directory entry. */
-async function openSegment(file: string, n: number, meta: LogMeta, firstEpoch: number): Promise<number> {
+/**
+ * Creates segment `n` (replacing a file of that name) with its open record, durable with its
+ * directory entry; `end` is where the next record goes.
+ */
+async function openSegment(file: string, n: number, meta: LogMeta, firstEpoch: number): Promise<{ fd: number; end: number }> {
   const f = segmentFile(file, n);
   const fd = await new Promise<number>((res, rej) => fs.open(f, 'w', 0o600, (e, fd) => (e ? rej(e) : res(fd))));
+  const m: SegmentMeta = n === 0 ? meta : { ...meta, segment: n, firstEpoch };
+  const bufs = encodeRecord(LogKind.Open, 0, 0, 0, Buffer.from(JSON.stringify(m)));
+  const end = bufs.reduce((k, b) => k + b.length, 0);
   try {
-    const bufs = openRecord(meta, n, firstEpoch);
-    await writeAll(fd, bufs, openRecordBytes(meta, n, firstEpoch), 0);
-    await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+    await writeAll(fd, bufs, end, 0);
+    await fdatasync(fd);
     await syncDir(path.dirname(f));
   } catch (e) {
     await new Promise<void>((res) => fs.close(fd, () => res()));
     throw e;
   }
-  return fd;
+  return { fd, end };
 }
 
 async function writeAll(fd: number, bufs: Buffer[], bytes: number, pos: number): Promise<void> {
