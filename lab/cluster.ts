@@ -282,7 +282,7 @@ export class Cluster {
     };
   }
 
-  /** Scrape a host's Prometheus endpoint from inside its namespace. */
+  /** Scrape a host's Prometheus endpoint from inside its namespace (read a sample with metricValue). */
   metrics(h: Host): string {
     const js = `fetch('http://${h.addr}:9700/metrics').then((r) => r.text()).then((t) => process.stdout.write(t))`;
     return sh('ip', ['netns', 'exec', h.ns, process.execPath, '-e', js]);
@@ -438,4 +438,18 @@ export async function waitApplied(c: Cluster, epoch: number, migrating: Promise<
     const s = await c.status(c.src);
     return (s.migration?.appliedEpoch ?? -1) >= epoch;
   }, `checkpoint ${epoch} applied on the source`);
+}
+
+/**
+ * The value of metric `name`'s sample whose labels include every one of `labels`, from
+ * Prometheus text (Cluster.metrics; labels come sorted by name), or NaN when there is none.
+ */
+export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const have = new Map([...(m[2] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1]!, x[2]!]));
+    if (Object.entries(labels).every(([k, v]) => have.get(k) === v)) return Number(m[3]);
+  }
+  return NaN;
 }

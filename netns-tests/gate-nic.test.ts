@@ -11,7 +11,7 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { Cluster } from '../lab/cluster.ts';
 import { qemuAlive, sh, waitFor } from '../lab/proc.ts';
-import { waitApplied } from '../lab/cluster.ts';
+import { metricValue, waitApplied } from '../lab/cluster.ts';
 import type { Host } from '../lab/topology.ts';
 
 const GUEST_IP = '10.99.0.2';
@@ -57,8 +57,7 @@ function relaySockets(pid: number): string[] {
 }
 
 function metric(c: Cluster, h: Host, action: string): number {
-  const m = new RegExp(`^tether_gate_frames_total\\{action="${action}",nic="net0",vm="vm1"\\} (\\d+)`, 'm').exec(c.metrics(h));
-  return m ? Number(m[1]) : 0;
+  return metricValue(c.metrics(h), 'tether_gate_frames_total', { action, nic: 'net0', vm: 'vm1' }) || 0;
 }
 
 async function boot(t: Test, vm: { maxBandwidth?: number } = {}, holdCompletion = false): Promise<Cluster> {

@@ -4,7 +4,7 @@ import { sh, softnetDropped, waitFor } from '../lab/proc.ts';
 import type { Cluster } from '../lab/cluster.ts';
 import { gateMinimum, gateReserve } from '../src/gate/reserve.ts';
 import { bootNetCluster, NET_MODE } from './scenarios.ts';
-import { waitApplied } from '../lab/cluster.ts';
+import { metricValue, waitApplied } from '../lab/cluster.ts';
 
 /**
  * The smallest bound the config loader accepts on this host (src/gate/reserve.ts: QEMU's
@@ -25,14 +25,8 @@ const SIZE = 1000;
 const HOLD_EPOCH = 20;
 const HOLD_MS = 3000;
 
-const metric = (text: string, name: string): number => {
-  const m = new RegExp(`^${name}\\{[^}]*nic="net0"[^}]*\\} (\\d+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : NaN;
-};
-const framesTotal = (text: string, action: string): number => {
-  const m = new RegExp(`^tether_gate_frames_total\\{[^}]*action="${action}"[^}]*\\} (\\d+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : 0;
-};
+const metric = (text: string, name: string): number => metricValue(text, name, { nic: 'net0' });
+const framesTotal = (text: string, action: string): number => metricValue(text, 'tether_gate_frames_total', { action }) || 0;
 
 /** RX/TX drop counters of the devices on the guest segment's path from the destination's TAP to the client. */
 function pathDrops(c: Cluster): string {
@@ -109,9 +103,9 @@ t.test(
     t.equal(mig.result?.outcome, 'completed', `migration completes: ${mig.stderr.slice(-1500)}`);
     const u = await client.waitEvent((e) => e.ev === 'udp', 'the flood to finish');
     const m = c.metrics(c.dst);
-    const refused = Number(/^tether_nic_frames_dropped_total\{[^}]*reason="gate_full"[^}]*\} (\d+)$/m.exec(m)?.[1] ?? 0);
+    const refused = metricValue(m, 'tether_nic_frames_dropped_total', { reason: 'gate_full' }) || 0;
     t.comment(
-      `${refused} frames refused at the bound; ${Number(/^tether_nic_frames_dropped_total\{[^}]*reason="relay_error"[^}]*\} (\d+)$/m.exec(m)?.[1] ?? 0)} lost on the way to QEMU (relay_error)`,
+      `${refused} frames refused at the bound; ${metricValue(m, 'tether_nic_frames_dropped_total', { reason: 'relay_error' }) || 0} lost on the way to QEMU (relay_error)`,
     );
     const peak = metric(m, 'tether_gate_held_bytes_max');
     const peakFrames = metric(m, 'tether_gate_held_frames_max');

@@ -1,7 +1,7 @@
 import t from 'tap';
 import type { Test } from 'tap';
 import { waitFor } from '../lab/proc.ts';
-import { waitApplied } from '../lab/cluster.ts';
+import { metricValue, waitApplied } from '../lab/cluster.ts';
 import type { Cluster } from '../lab/cluster.ts';
 import type { NetClient } from '../lab/net/driver.ts';
 import type { WireCapture } from '../lab/wire/wirecap.ts';
@@ -28,11 +28,9 @@ import { bootNetCluster, NET_MODE, wireCheck } from './scenarios.ts';
 const { bytes: MAX_BYTES, frames: MAX_FRAMES } = gateMinimum(gateReserve());
 const ETHERTYPE = '88b5';
 
-/** A sample of net0's metric `name` whose labels (sorted by name in the output) include `label`. */
-const metric = (text: string, name: string, label = ''): number => {
-  const m = new RegExp(`^${name}\\{(?=[^}]*nic="net0")(?=[^}]*${label})[^}]*\\} (\\d+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : 0;
-};
+/** net0's sample of metric `name` with these further labels (NaN when absent: every comparison fails). */
+const metric = (text: string, name: string, labels: Record<string, string> = {}): number =>
+  metricValue(text, name, { nic: 'net0', ...labels });
 
 /** Ask the guest for `count` raw frames of `size` bytes; resolves with how many it sent. */
 async function frames(client: NetClient, count: number, size: number): Promise<number> {
@@ -77,7 +75,7 @@ t.test(
       short: await frames(client, 100, 59),
       maximal: 0,
     };
-    const releasedBefore = metric(c.metrics(c.dst), 'tether_gate_bytes_total', 'action="released"');
+    const releasedBefore = metric(c.metrics(c.dst), 'tether_gate_bytes_total', { action: 'released' }) || 0;
     sent.maximal = await frames(client, 30, 65_535);
     t.same(sent, { runt: 100, short: 100, maximal: 30 }, 'the guest sent every frame it was asked for');
     const gateLines = (text: string) => text.split('\n').filter((l) => /^tether_(gate|nic)_/.test(l) && / [1-9]\d*$/.test(l));
@@ -85,7 +83,7 @@ t.test(
     // Only maximal frames add 64 KiB to the released bytes this fast (the conversation's
     // answers are ~150 bytes each): some went through the relay and the gate whole.
     await waitFor(
-      () => metric(c.metrics(c.dst), 'tether_gate_bytes_total', 'action="released"') - releasedBefore >= 65_535,
+      () => metric(c.metrics(c.dst), 'tether_gate_bytes_total', { action: 'released' }) - releasedBefore >= 65_535,
       'a maximal frame released by the gate',
       60_000,
     );
@@ -95,7 +93,7 @@ t.test(
     t.equal(daemon.exitCode, null, 'the destination sidecar is the same process, still running');
     t.ok((await c.status(c.dst)).migration, 'and answers status');
     const m = c.metrics(c.dst);
-    const refused = metric(m, 'tether_nic_frames_dropped_total', 'reason="gate_full"');
+    const refused = metric(m, 'tether_nic_frames_dropped_total', { reason: 'gate_full' });
     t.ok(
       metric(m, 'tether_gate_held_bytes_max') <= MAX_BYTES,
       `peak held ${metric(m, 'tether_gate_held_bytes_max')} bytes <= bound ${MAX_BYTES}`,
@@ -108,7 +106,7 @@ t.test(
     t.ok(refused > 0, `the maximal frames overran the bound: ${refused} frames refused and counted (gate_full)`);
     for (const reason of ['runt', 'malformed', 'framing', 'relay_error'])
       t.equal(
-        metric(m, 'tether_nic_frames_dropped_total', `reason="${reason}"`),
+        metric(m, 'tether_nic_frames_dropped_total', { reason }),
         0,
         `no ${reason} drop (a 14-byte frame is a whole Ethernet header: the relay passes it)`,
       );
