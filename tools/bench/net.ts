@@ -8,6 +8,8 @@
  *   tap:  the guest's NIC is QEMU's own `-netdev tap` on the host bridge (vanilla baseline);
  *         QEMU's default vnet_hdr gives the guest checksum and segmentation offloads;
  *   tap-novnet: the same with vnet_hdr=off: no offloads (a reference: what the offloads are worth);
+ *   tap-aa: the plain tap again, in a cluster of its own (opt-in: --only tap,tap-aa,gate): the
+ *         steady-state ratio's A/A reference, what two identical guests differ by here;
  *   gate: the guest's NIC is the VM config's `nics`: tether's steady state (QEMU's tap with
  *         vnet_hdr on the sidecar's persistent TAP, nothing through the sidecar) before and
  *         after the migration, and the destination's window (filter-redirectors → relay →
@@ -53,7 +55,7 @@
  *   --intervals 25,50,100 [50] checkpoint intervals of the gated samples
  *   --bandwidth-mib 4 [16]     QEMU max-bandwidth of the migrations (post-copy window length)
  *   --guest-mib 256            guest RAM
- *   --only tap,tap-novnet,gate [tap,gate]   run a subset; `--only rtt`: the gate cluster's
+ *   --only tap,tap-novnet,gate [tap,gate]   run a subset (tap-aa: add the A/A cluster); `--only rtt`: the gate cluster's
  *                              ping RTT alone (no TCP), each interval first with the
  *                              destination's gate forced open (TETHER_FAULTS=gate-open: the
  *                              window without the gate's hold), then gated; about 3 minutes

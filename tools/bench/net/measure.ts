@@ -74,8 +74,11 @@ export interface TcpResult {
   bytes?: number;
   seconds?: number;
   transferMs?: { p50: number; p99: number };
-  /** CPU of the VM's QEMU and of the sidecar of its host during the transfers, % of one core. */
-  cpu?: { qemuPct: number | null; sidecarPct: number | null };
+  /**
+   * CPU of the VM's QEMU and of the sidecar of its host during the transfers, % of one core;
+   * in the window also the source's sidecar (`peerPct`: it receives and applies the checkpoints).
+   */
+  cpu?: Cpu;
   error?: string;
 }
 
@@ -131,23 +134,28 @@ export function cpuSeconds(pid: number | undefined): number | null {
   }
 }
 
-/** CPU used by the VM's QEMU and the host's sidecar during `fn`, as % of one core. */
-export async function withCpu<T>(
-  c: Cluster,
-  h: Host,
-  fn: () => Promise<T>,
-): Promise<T & { cpu: { qemuPct: number | null; sidecarPct: number | null } }> {
-  const qpid = Number((await c.status(h)).pid) || undefined;
-  const dpid = h.daemon?.pid;
-  const q0 = cpuSeconds(qpid);
-  const d0 = cpuSeconds(dpid);
+export interface Cpu {
+  qemuPct: number | null;
+  sidecarPct: number | null;
+  peerPct?: number | null;
+}
+
+/**
+ * CPU used by the VM's QEMU and the host's sidecar during `fn` (and `peer`'s sidecar, when
+ * given), as % of one core.
+ */
+export async function withCpu<T>(c: Cluster, h: Host, fn: () => Promise<T>, peer?: Host): Promise<T & { cpu: Cpu }> {
+  const pids = [Number((await c.status(h)).pid) || undefined, h.daemon?.pid, peer?.daemon?.pid];
+  const before = pids.map(cpuSeconds);
   const t0 = now();
   const r = await fn();
   const dt = (now() - t0) / 1000;
-  const q1 = cpuSeconds(qpid);
-  const d1 = cpuSeconds(dpid);
-  const pct = (a: number | null, b: number | null): number | null => (a === null || b === null ? null : Math.round(((b - a) / dt) * 100));
-  return { ...r, cpu: { qemuPct: pct(q0, q1), sidecarPct: pct(d0, d1) } };
+  const pct = pids.map((p, i) => {
+    const a = before[i]!;
+    const b = cpuSeconds(p);
+    return a === null || b === null ? null : Math.round(((b - a) / dt) * 100);
+  });
+  return { ...r, cpu: { qemuPct: pct[0]!, sidecarPct: pct[1]!, ...(peer ? { peerPct: pct[2]! } : {}) } };
 }
 
 /**
@@ -182,13 +190,14 @@ export interface SampleSpec {
 }
 export const FULL = (): SampleSpec => ({ pingCount: opt.pingCount, sizes: opt.rttOnly ? [] : opt.sizes, tcpSeconds: opt.tcpSeconds });
 
-export async function tcpSamples(c: Cluster, h: Host, label: string, sizes: number[], seconds: number): Promise<TcpResult[]> {
+export async function tcpSamples(c: Cluster, h: Host, label: string, sizes: number[], seconds: number, peer?: Host): Promise<TcpResult[]> {
   const t: TcpResult[] = [];
   for (const dir of ['g2c', 'c2g'] as const) {
     for (const size of sizes) {
-      const res = await withCpu(c, h, () => tcp(c, dir, size, seconds));
+      const res = await withCpu(c, h, () => tcp(c, dir, size, seconds), peer);
+      const p = peer ? `, source's sidecar ${res.cpu.peerPct}%` : '';
       log(
-        `${label}: tcp ${dir} ${size} B: ${res.mbitPerS ?? res.error} Mbit/s (CPU: QEMU ${res.cpu.qemuPct}%, sidecar ${res.cpu.sidecarPct}%)`,
+        `${label}: tcp ${dir} ${size} B: ${res.mbitPerS ?? res.error} Mbit/s (CPU: QEMU ${res.cpu.qemuPct}%, sidecar ${res.cpu.sidecarPct}%${p})`,
       );
       t.push(res);
     }
@@ -209,6 +218,8 @@ export async function sample(c: Cluster, h: Host, label: string, spec: SampleSpe
 export const TAPS = {
   tap: { label: 'QEMU tap', vnetHdr: true },
   'tap-novnet': { label: 'QEMU tap, vnet_hdr=off', vnetHdr: false },
+  // the plain tap again in a cluster of its own: the steady-state ratio's A/A reference
+  'tap-aa': { label: 'QEMU tap, second cluster (A/A)', vnetHdr: true },
 } as const;
 export type TapKind = keyof typeof TAPS;
 

@@ -19,9 +19,14 @@ export const sizeName = (s: number): string => (s >= MiB ? `${s / MiB} MiB` : `$
 export const mbit = (s: Sample | undefined, dir: string, size: number): number | null =>
   s?.tcp.find((t) => t.dir === dir && t.size === size)?.mbitPerS ?? null;
 
-export function cpuNote(s: Sample | undefined, dir: string, size: number): string {
+export function cpuNote(s: { tcp: TcpResult[] } | undefined, dir: string, size: number): string {
   const c = s?.tcp.find((t) => t.dir === dir && t.size === size)?.cpu;
-  return c ? `CPU: QEMU ${c.qemuPct ?? '–'}%, sidecar ${c.sidecarPct ?? '–'}%` : '';
+  if (!c) return '';
+  const peer = c.peerPct !== undefined ? `, source's sidecar ${c.peerPct ?? '–'}%` : '';
+  const r = s?.tcp.find((t) => t.dir === dir && t.size === size)?.mbitPerS;
+  // the guest's throughput per core of its QEMU: what the path costs apart from CPU starvation
+  const perCore = r && c.qemuPct ? `; ${Math.round((r * 100) / c.qemuPct)} Mbit/s per core of QEMU` : '';
+  return `CPU: QEMU ${c.qemuPct ?? '–'}%, sidecar ${c.sidecarPct ?? '–'}%${peer}${perCore}`;
 }
 
 /** ", migration link 200mbit" for a sample taken with --gated-links, "" unshaped. */
@@ -32,7 +37,7 @@ export const controlOf = (g: GateRun | undefined, s: GatedSample): GatedSample |
 
 export function figures(res: Results): Figure[] {
   const F: Figure[] = stallFigures(res.stall);
-  if (!['tap', 'tap-novnet', 'gate'].some((k) => opt.only.has(k))) return F;
+  if (!['tap', 'tap-novnet', 'tap-aa', 'gate'].some((k) => opt.only.has(k))) return F;
   F.push(...pingFigures(res));
   if (opt.rttOnly) return F;
   for (const dir of ['g2c', 'c2g'] as const) for (const size of opt.sizes) F.push(...tcpFigures(res, dir, size));
@@ -101,6 +106,18 @@ function tcpFigures(res: Results, dir: 'g2c' | 'c2g', size: number): Figure[] {
     unit: '×',
     target: { op: '>=', value: TARGET_RATIO },
   });
+  const aa = res.taps['tap-aa']?.sample;
+  if (aa) {
+    const n = mbit(aa, dir, size);
+    F.push({ name: `${what}: QEMU tap, second cluster (A/A)`, value: n, unit: 'Mbit/s', note: cpuNote(aa, dir, size) });
+    F.push({
+      name: `${what}: second tap cluster / tap (A/A: the identical path twice)`,
+      value: t && n ? r2(n / t) : null,
+      unit: '×',
+      target: { op: '>=', value: TARGET_RATIO },
+      note: "what this machine's noise does to the steady-state ratio",
+    });
+  }
   if (novnet) {
     const n = mbit(novnet, dir, size);
     F.push({
@@ -131,7 +148,11 @@ function tcpFigures(res: Results, dir: 'g2c' | 'c2g', size: number): Figure[] {
       name: `${what}: gated, interval ${s.intervalMs} ms${linkName(s)}`,
       value: tr?.mbitPerS ?? null,
       unit: 'Mbit/s',
-      note: [tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error, s.tcpWindowOpen ? '' : 'WINDOW CLOSED during the sample']
+      note: [
+        tr?.transferMs ? `transfer p50 ${tr.transferMs.p50} ms` : tr?.error,
+        s.tcpWindowOpen ? '' : 'WINDOW CLOSED during the sample',
+        cpuNote(s, dir, size),
+      ]
         .filter(Boolean)
         .join('; '),
     });
@@ -141,6 +162,7 @@ function tcpFigures(res: Results, dir: 'g2c' | 'c2g', size: number): Figure[] {
         name: `${what}: in window, gate forced open (relay only), interval ${s.intervalMs} ms${linkName(s)}`,
         value: ctl.mbitPerS ?? null,
         unit: 'Mbit/s',
+        note: cpuNote(controlOf(g, s), dir, size),
       });
       F.push({
         name: `${what}: relay only / tap${linkName(s)}`,
@@ -261,6 +283,7 @@ export async function writePlots(dir: string, res: Results): Promise<string[]> {
   const samples: [string, Sampled | undefined][] = [
     ['QEMU tap', res.taps.tap?.sample],
     ['tap vnet_hdr=off', res.taps['tap-novnet']?.sample],
+    ['QEMU tap (A/A)', res.taps['tap-aa']?.sample],
     ['gate before', g?.before],
     ...(g?.gated ?? []).map((s): [string, Sampled] => [`gated ${s.intervalMs} ms`, s]),
     ['gate after', g?.after],

@@ -328,7 +328,7 @@ export async function windowRun(
   let tcpRes: TcpResult[] = [];
   let tcpWindowOpen: boolean | null = null;
   if (!opt.rttOnly && opt.gatedSizes.length && w.open) {
-    tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds);
+    tcpRes = await tcpSamples(c, c.dst, label, opt.gatedSizes, opt.gatedTcpSeconds, c.src);
     tcpWindowOpen = !ended && (await migStatus(c, c.src)).phase === 'postcopy';
   }
   if (!last && !ended) {
