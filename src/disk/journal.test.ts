@@ -473,6 +473,11 @@ t.test(
     await j.trim(200, 1000);
     await j.writeZeroes(2000, 100, { fua: true });
     t.equal(wal.stats.syncs, syncs + 3);
+    t.same(
+      j.figures().log,
+      { records: 4, bytes: wal.stats.bytes, writes: wal.stats.writes, syncs: syncs + 3, segments: 1, segmentsRemoved: 0 },
+      "the log's figures in the journal's (tether status)",
+    );
     r = await replayJournalLog(file);
     t.same(
       r.records.map((x) => [x.kind, x.epoch, 'offset' in x ? x.offset : -1]),

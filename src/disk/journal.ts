@@ -428,9 +428,14 @@ export class BlockJournal implements BlockDevice, EpochOutputs {
     await this.#removing;
   }
 
-  /** The journal's figures for `tether status` and the write-back's log line. */
-  figures(): { mode: JournalMode; heldBytes: number; maxBytes: number } & BlockJournal['stats'] {
-    return { mode: this.#mode, heldBytes: this.#held, maxBytes: this.#maxBytes, ...this.stats };
+  /**
+   * The journal's figures for `tether status` and the write-back's log line; `log`: its
+   * write-ahead log's (segments opened and deleted so far, records, bytes, fdatasyncs), or
+   * null without one.
+   */
+  figures(): { mode: JournalMode; heldBytes: number; maxBytes: number; log: JournalLog['stats'] | null } & BlockJournal['stats'] {
+    const log = this.#wal ? { ...this.#wal.stats } : null;
+    return { mode: this.#mode, heldBytes: this.#held, maxBytes: this.#maxBytes, ...this.stats, log };
   }
 
   /** Extents held in every unreleased epoch (what a write-back writes, one image write each). */
