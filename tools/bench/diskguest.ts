@@ -1,7 +1,8 @@
 /**
  * In-guest disk benchmark:
  *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --journal-intervals 50,200
- *                              --journal-guest-mib 512 --only steady,guest,journal,ckpt | --quick]
+ *                              --journal-guest-mib 512 --only steady,guest,journal,ckpt[,aa] | --quick]
+ *   (aa: with guest, plain QEMU once more in every round: the steady-state ratio's A/A reference)
  *
  * Four parts; the last three each in its own two-namespace Cluster (lab/cluster.ts),
  * under real QEMU (TCG) with the tether guest image:
@@ -388,17 +389,21 @@ if (only.includes('guest') || only.includes('journal')) {
   const rounds = arg('guest-rounds', quick ? 2 : 3);
   const plainRuns: DiskbenchCase[][] = [];
   const tetherRuns: DiskbenchCase[][] = [];
+  // --only …,aa: plain QEMU a second time in every round, the steady-state ratio's A/A reference
+  const aaRuns: DiskbenchCase[][] = [];
   for (let r = 0; r < rounds; r++) {
     plainRuns.push(await guestRun(true));
     if (only.includes('guest')) tetherRuns.push(await guestRun(false));
+    if (only.includes('aa')) aaRuns.push(await guestRun(true));
   }
   const file = medianCases(plainRuns);
+  const aa = aaRuns.length ? medianCases(aaRuns) : [];
   const nbd = only.includes('guest') ? medianCases(tetherRuns) : [];
   const jrs: { bwMiB: number; intervalMs: number; jr: Journaled }[] = [];
   if (only.includes('journal'))
     for (const bwMiB of journalLinks)
       for (const intervalMs of journalIntervals) jrs.push({ bwMiB, intervalMs, jr: await journaledRun(bwMiB, intervalMs) });
-  result.guest = { nbd, file, ...(jrs.length ? { journaled: jrs } : {}) };
+  result.guest = { nbd, file, ...(aa.length ? { aa } : {}), ...(jrs.length ? { journaled: jrs } : {}) };
   const col = (v: string | number, w: number) => String(v).padStart(w);
   const jname = (bwMiB: number, intervalMs: number) => `j@${bwMiB === 0 ? 'max' : `${bwMiB}M`}/${intervalMs}`;
   console.log(
@@ -421,6 +426,17 @@ if (only.includes('guest') || only.includes('journal')) {
         `   ${lat(f)} | ${lat(n)}` +
         js.map((j) => ` | ${lat(j)}`).join(''),
     );
+    const a = aa.find((x) => x.case === f.case && x.qd === f.qd);
+    if (a) {
+      console.log(`${''.padEnd(16)}A/A: plain QEMU again ${a.iops} IOPS, ${(a.iops / f.iops).toFixed(2)} x`);
+      figures.push({
+        name: `guest ${name} plain QEMU file again / plain QEMU file (A/A: the identical path twice)`,
+        value: a.iops / f.iops,
+        unit: 'x',
+        target: { op: '>=' as const, value: STEADY_TARGET },
+        note: `${a.iops} vs ${f.iops} IOPS: what this machine's noise does to the steady-state ratio`,
+      });
+    }
     if (n) {
       figures.push({
         name: `guest ${name} tether steady state / plain QEMU file`,
