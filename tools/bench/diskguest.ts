@@ -1,6 +1,6 @@
 /**
  * In-guest disk benchmark:
- *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --journal-intervals 50,200
+ *   npm run bench diskguest [-- --ops 2000 --span-mib 64 --journal-links 1,0 --journal-intervals 50,200 --journal-control
  *                              --journal-guest-mib 512 --only steady,guest,journal,ckpt[,aa] | --quick]
  *   (aa: with guest, plain QEMU once more in every round: the steady-state ratio's A/A reference)
  *
@@ -33,7 +33,9 @@
  *    and the guest's first touch of a page not yet on the destination is a post-copy page
  *    fault served over the link; the bench prints both (checkpoint pause share of the run,
  *    QEMU's postcopy-requests during it) beside the IOPS, and flags a run the window did
- *    not cover.
+ *    not cover. With --journal-control each journaled run is repeated with the destination's
+ *    journal forced write-through (TETHER_FAULTS=journal-write-through): the same window
+ *    without the journal, so journaled / write-through is the journal's own cost.
  * 3. Checkpoint bytes per MB of guest writes: diskcheck writes 4 KiB records with O_DIRECT
  *    while the VM migrates (completing). The destination's 'checkpoint sent' log records
  *    carry each checkpoint's DISK payload and extent count and the bytes the guest had
@@ -84,6 +86,11 @@ const journalIntervals = (() => {
   return i >= 0 ? process.argv[i + 1]!.split(',').map(Number) : [50];
 })();
 const journalGuestMiB = arg('journal-guest-mib', 0);
+// --journal-control: every journaled run once more with the destination's journal forced to
+// write through to the image (TETHER_FAULTS=journal-write-through): the same window (the NBD
+// path through the sidecar, the checkpoint pauses, post-copy faults) without the journal's
+// hold, log and fdatasyncs, so journaled / write-through is what the journal itself costs.
+const journalControl = process.argv.includes('--journal-control');
 for (const v of journalIntervals) if (!Number.isInteger(v) || v <= 0) throw new Error('--journal-intervals: positive integers (ms)');
 const linkName = (mib: number, intervalMs?: number): string =>
   (mib === 0 ? 'unlimited link' : `link ${mib} MiB/s`) + (intervalMs === undefined ? '' : `, interval ${intervalMs} ms`);
@@ -231,8 +238,9 @@ function fileSize(file: string): number {
   }
 }
 
-async function journaledRun(bwMiB: number, intervalMs: number): Promise<Journaled> {
+async function journaledRun(bwMiB: number, intervalMs: number, writeThrough = false): Promise<Journaled> {
   const c = new Cluster({
+    ...(writeThrough ? { faults: { destination: 'journal-write-through' } } : {}),
     disk: { guest: 'diskbench', mib: spanMiB + 16, benchSpanMiB: spanMiB, benchOps: ops, benchTrigger: true },
     vm: {
       maxBandwidth: Math.round(bwMiB * 1024 * 1024),
@@ -399,10 +407,13 @@ if (only.includes('guest') || only.includes('journal')) {
   const file = medianCases(plainRuns);
   const aa = aaRuns.length ? medianCases(aaRuns) : [];
   const nbd = only.includes('guest') ? medianCases(tetherRuns) : [];
-  const jrs: { bwMiB: number; intervalMs: number; jr: Journaled }[] = [];
+  const jrs: { bwMiB: number; intervalMs: number; jr: Journaled; wt?: Journaled }[] = [];
   if (only.includes('journal'))
     for (const bwMiB of journalLinks)
-      for (const intervalMs of journalIntervals) jrs.push({ bwMiB, intervalMs, jr: await journaledRun(bwMiB, intervalMs) });
+      for (const intervalMs of journalIntervals) {
+        const jr = await journaledRun(bwMiB, intervalMs);
+        jrs.push({ bwMiB, intervalMs, jr, ...(journalControl ? { wt: await journaledRun(bwMiB, intervalMs, true) } : {}) });
+      }
   result.guest = { nbd, file, ...(aa.length ? { aa } : {}), ...(jrs.length ? { journaled: jrs } : {}) };
   const col = (v: string | number, w: number) => String(v).padStart(w);
   const jname = (bwMiB: number, intervalMs: number) => `j@${bwMiB === 0 ? 'max' : `${bwMiB}M`}/${intervalMs}`;
@@ -446,10 +457,26 @@ if (only.includes('guest') || only.includes('journal')) {
         note: `${n.iops} vs ${f.iops} IOPS; latency mean ${n.latMeanUs} vs ${f.latMeanUs} µs, p99 ${n.latP99Us} vs ${f.latP99Us} µs`,
       });
     }
-    jrs.forEach(({ bwMiB, intervalMs, jr }, k) => {
+    jrs.forEach(({ bwMiB, intervalMs, jr, wt }, k) => {
       const j = js[k];
       if (!j) return;
       const write = f.case.endsWith('write');
+      const w = wt?.cases.find((x) => x.case === f.case && x.qd === f.qd);
+      if (wt && w) {
+        const open = jr.windowOpen && wt.windowOpen;
+        figures.push({
+          name: `guest ${name} same window, journal forced write-through (${linkName(bwMiB, intervalMs)}) / file`,
+          value: wt.windowOpen ? w.iops / f.iops : null,
+          unit: 'x',
+          note: `${w.iops} IOPS; guest paused ${wt.runMs > 0 ? ((100 * wt.pauseMs) / wt.runMs).toFixed(0) : '-'} % of the run: the window without the journal`,
+        });
+        figures.push({
+          name: `guest ${name} journaled / journal forced write-through (${linkName(bwMiB, intervalMs)})`,
+          value: open ? j.iops / w.iops : null,
+          unit: 'x',
+          note: 'what the journal itself costs in the window (its hold, log and fdatasyncs)',
+        });
+      }
       figures.push({
         name: `guest ${name} NBD journaled (post-copy window, ${linkName(bwMiB, intervalMs)}) / file`,
         value: jr.windowOpen ? j.iops / f.iops : null,
