@@ -23,6 +23,16 @@ async function fill(wal: JournalLog, from: number, to: number): Promise<void> {
   await wal.sync();
 }
 
+/** Files under `dir` this process still holds open although they were deleted. */
+async function deletedButOpen(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const fd of await fs.readdir('/proc/self/fd')) {
+    const target = await fs.readlink(`/proc/self/fd/${fd}`).catch(() => '');
+    if (target.startsWith(dir) && target.endsWith(' (deleted)')) out.push(target);
+  }
+  return out;
+}
+
 const epochsOf = (r: Awaited<ReturnType<typeof replayJournalLog>>) => [...new Set(r.records.map((x) => x.epoch))];
 
 t.test(
@@ -155,6 +165,41 @@ t.test('segment size: records keep their kinds across a rotation', async (t) => 
   await wal.remove();
 });
 
+t.test('a segment deleted while a FLUSH syncs it: its descriptor is closed, the FLUSH resolves', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
+  await wal.write(1, 0, Buffer.alloc(300, 1));
+  wal.sealed(1); // past 200 bytes: segment 1 is opened, segment 0 waits for the next sync
+  await wal.write(2, 4096, Buffer.alloc(10, 2));
+  const flush = wal.sync();
+  for (let i = 0; i < 5; i++) await null; // the sync has taken segment 0; its fdatasync cannot have completed
+  await wal.released(1); // segment 0 holds only epoch 1: deleted
+  await flush;
+  t.equal(wal.stats.segmentsRemoved, 1);
+  t.same(await deletedButOpen(dir), [], "segment 0's descriptor is closed once the FLUSH no longer uses it");
+  await wal.sync();
+  t.same(epochsOf(await replayJournalLog(file)), [2]);
+  await wal.remove();
+});
+
+t.test('two FLUSHes in flight after a rotation: each fdatasyncs the closed segment itself', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
+  await wal.write(1, 0, Buffer.alloc(300, 1));
+  wal.sealed(1);
+  await wal.write(2, 4096, Buffer.alloc(10, 2));
+  const a = wal.sync();
+  for (let i = 0; i < 5; i++) await null; // A has taken segment 0; its fdatasync cannot have completed
+  const b = wal.sync(); // B must not return before segment 0 is durable, whatever A's progress
+  await Promise.all([a, b]);
+  t.equal(wal.stats.segmentSyncs, 2, 'segment 0 synced by both');
+  await wal.sync();
+  t.equal(wal.stats.segmentSyncs, 2, 'once durable, a later FLUSH does not sync it again');
+  await wal.remove();
+});
+
 t.test('FLUSHes in flight across rotations all resolve; every record replays', async (t) => {
   const dir = await tmp(t);
   const file = path.join(dir, 'vm.m1.wal');
@@ -173,6 +218,7 @@ t.test('FLUSHes in flight across rotations all resolve; every record replays', a
   const r = await replayJournalLog(file, 18);
   t.same(epochsOf(r), [19, 20]);
   t.ok(wal.stats.segmentsRemoved > 0, `${wal.stats.segmentsRemoved} segments deleted meanwhile`);
+  t.same(await deletedButOpen(dir), [], 'no descriptor of a deleted segment is kept open (its disk space would stay taken)');
   await wal.remove();
   t.same(await fs.readdir(dir), []);
 });

@@ -79,12 +79,8 @@ export class JournalLog {
   #pos: number;
   /** Bytes queued behind #pos in the current segment (rotation decides on #pos + this). */
   #queuedBytes = 0;
-  /** Closed segments still on disk, oldest first, with the last epoch each can hold. */
-  #closed: { n: number; lastEpoch: number }[];
-  /** Closed segments no fdatasync covered yet, still open: the next sync() syncs them. */
-  #unsynced: { n: number; fd: number }[] = [];
-  /** Closed segments a sync() covered, kept open until they are deleted (a sync may still hold the fd). */
-  #synced: { n: number; fd: number }[] = [];
+  /** Closed segments still on disk, oldest first (see ClosedSegment). */
+  #closed: ClosedSegment[];
   /** sync() calls in flight: descriptors are closed only when none is (closeFd). */
   #syncing = 0;
   #closeLater: number[] = [];
@@ -99,18 +95,10 @@ export class JournalLog {
   #pruning: Promise<void> = Promise.resolve();
   /** The last failed deletion of a released segment (the file stays until remove()), or null. */
   pruneError: Error | null = null;
-  /** Figures for benchmarks and `tether status`. */
-  readonly stats = { records: 0, bytes: 0, writes: 0, syncs: 0, segments: 1, segmentsRemoved: 0 };
+  /** Figures for benchmarks and `tether status`: `syncs` sync() calls, `segmentSyncs` closed segments they fdatasync'ed. */
+  readonly stats = { records: 0, bytes: 0, writes: 0, syncs: 0, segmentSyncs: 0, segments: 1, segmentsRemoved: 0 };
 
-  private constructor(
-    file: string,
-    meta: LogMeta,
-    fd: number,
-    seg: number,
-    pos: number,
-    closed: { n: number; lastEpoch: number }[],
-    o: LogOptions,
-  ) {
+  private constructor(file: string, meta: LogMeta, fd: number, seg: number, pos: number, closed: ClosedSegment[], o: LogOptions) {
     this.path = file;
     this.#meta = meta;
     this.#fd = fd;
@@ -142,7 +130,10 @@ export class JournalLog {
     const fd = await new Promise<number>((res, rej) => fs.open(segmentFile(file, last.n), 'r+', (e, fd) => (e ? rej(e) : res(fd))));
     await new Promise<void>((res, rej) => fs.ftruncate(fd, replay.validEnd, (e) => (e ? rej(e) : res())));
     await fdatasync(fd);
-    const closed = segs.slice(0, -1).map((g, i) => ({ n: g.n, lastEpoch: segs[i + 1]!.firstEpoch - 1 }));
+    // synced below, their descriptors closed again
+    const closed = segs
+      .slice(0, -1)
+      .map((g, i): ClosedSegment => ({ n: g.n, lastEpoch: segs[i + 1]!.firstEpoch - 1, fd: null, synced: true }));
     // The closed segments' writes were acknowledged before the restart, maybe with no FLUSH
     // since: a FLUSH from now on covers them too, and this one does it now.
     for (const g of closed) {
@@ -226,12 +217,14 @@ export class JournalLog {
    */
   released(epoch: number): Promise<void> {
     const gone: number[] = [];
-    while (this.#closed.length > 0 && this.#closed[0]!.lastEpoch <= epoch) gone.push(this.#closed.shift()!.n);
+    while (this.#closed.length > 0 && this.#closed[0]!.lastEpoch <= epoch) {
+      const g = this.#closed.shift()!;
+      // a segment about to go needs no fdatasync; a sync() using its descriptor keeps it until it returns
+      if (g.fd !== null) this.#closeFd(g.fd);
+      g.fd = null;
+      gone.push(g.n);
+    }
     if (gone.length === 0) return this.#pruning;
-    // a segment about to go needs no fdatasync
-    for (const list of [this.#unsynced, this.#synced]) for (const u of list.filter((x) => gone.includes(x.n))) this.#closeFd(u.fd);
-    this.#unsynced = this.#unsynced.filter((x) => !gone.includes(x.n));
-    this.#synced = this.#synced.filter((x) => !gone.includes(x.n));
     this.#pruning = this.#pruning
       .then(async () => {
         for (const n of gone) {
@@ -306,8 +299,7 @@ export class JournalLog {
     if (this.#error) return;
     try {
       const { fd, end } = await openSegment(this.path, this.#seg + 1, this.#meta, lastEpoch + 1);
-      this.#unsynced.push({ n: this.#seg, fd: this.#fd });
-      this.#closed.push({ n: this.#seg, lastEpoch });
+      this.#closed.push({ n: this.#seg, lastEpoch, fd: this.#fd, synced: false });
       this.#seg++;
       this.#fd = fd;
       this.#pos = end;
@@ -327,19 +319,21 @@ export class JournalLog {
   async sync(): Promise<void> {
     await this.#idle;
     if (this.#error) throw this.#error;
-    // taken together, at once: a rotation after this point holds only later records
-    const closed = this.#unsynced.splice(0);
+    // taken together, at once: a rotation after this point holds only later records. A
+    // segment another sync() is still syncing is synced here too: this call must not return
+    // before it is durable.
+    const closed = this.#closed.filter((g) => !g.synced && g.fd !== null).map((g) => ({ g, fd: g.fd! }));
     const fd = this.#fd;
     this.stats.syncs++;
     this.#syncing++;
     try {
-      for (const u of closed) await fdatasync(u.fd);
+      for (const c of closed) {
+        await fdatasync(c.fd);
+        this.stats.segmentSyncs++;
+      }
       await fdatasync(fd);
-    } catch (e) {
-      this.#unsynced.unshift(...closed); // not known to be durable: the next sync tries again
-      throw e;
+      for (const c of closed) c.g.synced = true; // (a failure leaves them for the next sync)
     } finally {
-      this.#synced.push(...closed.filter((u) => !this.#unsynced.includes(u)));
       if (--this.#syncing === 0) for (const f of this.#closeLater.splice(0)) fs.close(f, () => undefined);
     }
   }
@@ -355,7 +349,10 @@ export class JournalLog {
     this.#isClosed = true;
     await this.#idle;
     await this.#pruning;
-    for (const u of [...this.#unsynced.splice(0), ...this.#synced.splice(0)]) this.#closeFd(u.fd);
+    for (const g of this.#closed) {
+      if (g.fd !== null) this.#closeFd(g.fd);
+      g.fd = null;
+    }
     this.#closeFd(this.#fd);
   }
 
@@ -364,6 +361,19 @@ export class JournalLog {
     await this.close();
     await removeJournalLog(this.path);
   }
+}
+
+/**
+ * A closed segment still on disk: the last epoch it can hold (it is deleted once the source
+ * acknowledged that one), its descriptor while it is open (null once closed: deleted, or a
+ * segment a reopen found and synced), and whether a sync() made it durable since it was
+ * closed (until then every sync() fdatasyncs it before the current segment).
+ */
+interface ClosedSegment {
+  n: number;
+  lastEpoch: number;
+  fd: number | null;
+  synced: boolean;
 }
 
 function fdatasync(fd: number): Promise<void> {

@@ -475,7 +475,7 @@ t.test(
     t.equal(wal.stats.syncs, syncs + 3);
     t.same(
       j.figures().log,
-      { records: 4, bytes: wal.stats.bytes, writes: wal.stats.writes, syncs: syncs + 3, segments: 1, segmentsRemoved: 0 },
+      { records: 4, bytes: wal.stats.bytes, writes: wal.stats.writes, syncs: syncs + 3, segmentSyncs: 0, segments: 1, segmentsRemoved: 0 },
       "the log's figures in the journal's (tether status)",
     );
     r = await replayJournalLog(file);
