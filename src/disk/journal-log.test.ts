@@ -1,3 +1,4 @@
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -21,6 +22,13 @@ async function fill(wal: JournalLog, from: number, to: number): Promise<void> {
     wal.sealed(e);
   }
   await wal.sync();
+}
+
+/** This process's descriptor of `file`. */
+async function openFdOf(file: string): Promise<number> {
+  for (const fd of await fs.readdir('/proc/self/fd'))
+    if ((await fs.readlink(`/proc/self/fd/${fd}`).catch(() => '')) === file) return Number(fd);
+  throw new Error(`${file} is not open`);
 }
 
 /** Files under `dir` this process still holds open although they were deleted. */
@@ -198,6 +206,26 @@ t.test('two FLUSHes in flight after a rotation: each fdatasyncs the closed segme
   await wal.sync();
   t.equal(wal.stats.segmentSyncs, 2, 'once durable, a later FLUSH does not sync it again');
   await wal.remove();
+});
+
+t.test('a failed fdatasync is sticky: no later FLUSH or write of the log succeeds', async (t) => {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META);
+  await wal.write(1, 0, Buffer.alloc(100, 1));
+  // the segment's descriptor becomes /dev/null (open takes the lowest free number), where fdatasync fails (EINVAL)
+  const fd = await openFdOf(file);
+  fsSync.closeSync(fd);
+  const devNull = fsSync.openSync('/dev/null', 'r');
+  t.equal(devNull, fd, "/dev/null took the segment's descriptor number");
+  await t.rejects(wal.sync(), { code: 'ERR_JOURNAL_LOG' }, 'the FLUSH fails');
+  // the descriptor works again (the segment itself under the same number), as a kernel that
+  // dropped the failed pages reports the next fdatasync as a success
+  fsSync.closeSync(devNull);
+  t.equal(fsSync.openSync(file, 'r+'), fd, 'the segment back under its number');
+  await t.rejects(wal.sync(), { code: 'ERR_JOURNAL_LOG' }, 'a later FLUSH still fails');
+  await t.rejects(wal.write(1, 4096, Buffer.alloc(10, 2)), { code: 'ERR_JOURNAL_LOG' }, 'and so does a later write');
+  await wal.close();
 });
 
 t.test('FLUSHes in flight across rotations all resolve; every record replays', async (t) => {

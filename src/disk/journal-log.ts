@@ -332,7 +332,12 @@ export class JournalLog {
         this.stats.segmentSyncs++;
       }
       await fdatasync(fd);
-      for (const c of closed) c.g.synced = true; // (a failure leaves them for the next sync)
+      for (const c of closed) c.g.synced = true;
+    } catch (e) {
+      // Sticky: after a failed fdatasync the kernel may have dropped the dirty pages and
+      // report the next one as a success, so no later FLUSH of this log may be acknowledged.
+      this.#error ??= new TetherError('ERR_JOURNAL_LOG', `fdatasync of the journal log ${this.path} failed: ${(e as Error).message}`);
+      throw this.#error;
     } finally {
       if (--this.#syncing === 0) for (const f of this.#closeLater.splice(0)) fs.close(f, () => undefined);
     }
