@@ -173,7 +173,12 @@ t.test('segment size: records keep their kinds across a rotation', async (t) => 
   await wal.remove();
 });
 
-t.test('a segment deleted while a FLUSH syncs it: its descriptor is closed, the FLUSH resolves', async (t) => {
+/**
+ * A log of 200-byte segments after one rotation: epoch 1 in segment 0 (closed, not synced
+ * yet), epoch 2 in segment 1; and a sync() started that has taken segment 0 but whose
+ * fdatasync cannot have completed (only microtasks ran since).
+ */
+async function rotatedWithSyncInFlight(t: Test) {
   const dir = await tmp(t);
   const file = path.join(dir, 'vm.m1.wal');
   const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
@@ -181,7 +186,12 @@ t.test('a segment deleted while a FLUSH syncs it: its descriptor is closed, the 
   wal.sealed(1); // past 200 bytes: segment 1 is opened, segment 0 waits for the next sync
   await wal.write(2, 4096, Buffer.alloc(10, 2));
   const flush = wal.sync();
-  for (let i = 0; i < 5; i++) await null; // the sync has taken segment 0; its fdatasync cannot have completed
+  for (let i = 0; i < 5; i++) await null;
+  return { dir, file, wal, flush };
+}
+
+t.test('a segment deleted while a FLUSH syncs it: its descriptor is closed, the FLUSH resolves', async (t) => {
+  const { dir, file, wal, flush } = await rotatedWithSyncInFlight(t);
   await wal.released(1); // segment 0 holds only epoch 1: deleted
   await flush;
   t.equal(wal.stats.segmentsRemoved, 1);
@@ -192,14 +202,7 @@ t.test('a segment deleted while a FLUSH syncs it: its descriptor is closed, the 
 });
 
 t.test('two FLUSHes in flight after a rotation: each fdatasyncs the closed segment itself', async (t) => {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
-  await wal.write(1, 0, Buffer.alloc(300, 1));
-  wal.sealed(1);
-  await wal.write(2, 4096, Buffer.alloc(10, 2));
-  const a = wal.sync();
-  for (let i = 0; i < 5; i++) await null; // A has taken segment 0; its fdatasync cannot have completed
+  const { wal, flush: a } = await rotatedWithSyncInFlight(t);
   const b = wal.sync(); // B must not return before segment 0 is durable, whatever A's progress
   await Promise.all([a, b]);
   t.equal(wal.stats.segmentSyncs, 2, 'segment 0 synced by both');
