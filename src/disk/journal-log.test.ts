@@ -41,14 +41,20 @@ async function deletedButOpen(dir: string): Promise<string[]> {
   return out;
 }
 
+/** A new log `vm.m1.wal` in a fresh directory (removed after the test), of `segmentBytes` segments when given. */
+async function newLog(t: Test, segmentBytes?: number): Promise<{ dir: string; file: string; wal: JournalLog }> {
+  const dir = await tmp(t);
+  const file = path.join(dir, 'vm.m1.wal');
+  const wal = await JournalLog.create(file, META, segmentBytes === undefined ? {} : { segmentBytes });
+  return { dir, file, wal };
+}
+
 const epochsOf = (r: Awaited<ReturnType<typeof replayJournalLog>>) => [...new Set(r.records.map((x) => x.epoch))];
 
 t.test(
   'segments: a barrier past segmentBytes starts the next; acknowledged segments are deleted; replay reads them all in order',
   async (t) => {
-    const dir = await tmp(t);
-    const file = path.join(dir, 'vm.m1.wal');
-    const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+    const { dir, file, wal } = await newLog(t, 5000);
     await fill(wal, 1, 6);
     // every epoch adds 2 × (40 + 1024) bytes: each segment ends at the barrier after it passed 3000
     t.same(
@@ -93,9 +99,7 @@ t.test(
 t.test(
   'a closed segment torn by a power loss ends the log there; a missing segment or one of another log is ERR_JOURNAL_LOG',
   async (t) => {
-    const dir = await tmp(t);
-    const file = path.join(dir, 'vm.m1.wal');
-    const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+    const { dir, file, wal } = await newLog(t, 5000);
     await fill(wal, 1, 9);
     await wal.close();
     t.same((await replayJournalLog(file)).segments.length, 4);
@@ -136,9 +140,7 @@ t.test(
 );
 
 t.test('a rotation does not fdatasync the closed segment; the next sync() does, before the current one', async (t) => {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META, { segmentBytes: 5000 });
+  const { dir, wal } = await newLog(t, 5000);
   await fill(wal, 1, 6); // fill() syncs once at its end
   t.equal(wal.stats.syncs, 1, 'two rotations, one sync: the rotations synced nothing themselves');
   await wal.write(7, 0, Buffer.alloc(10));
@@ -153,9 +155,7 @@ t.test('a rotation does not fdatasync the closed segment; the next sync() does, 
 });
 
 t.test('segment size: records keep their kinds across a rotation', async (t) => {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META, { segmentBytes: 100 });
+  const { file, wal } = await newLog(t, 100);
   await wal.zeroes(1, 0, 1 << 30);
   wal.sealed(1);
   await wal.write(2, 0, Buffer.alloc(10, 1));
@@ -179,9 +179,7 @@ t.test('segment size: records keep their kinds across a rotation', async (t) => 
  * fdatasync cannot have completed (only microtasks ran since).
  */
 async function rotatedWithSyncInFlight(t: Test) {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
+  const { dir, file, wal } = await newLog(t, 200);
   await wal.write(1, 0, Buffer.alloc(300, 1));
   wal.sealed(1); // past 200 bytes: segment 1 is opened, segment 0 waits for the next sync
   await wal.write(2, 4096, Buffer.alloc(10, 2));
@@ -212,9 +210,7 @@ t.test('two FLUSHes in flight after a rotation: each fdatasyncs the closed segme
 });
 
 t.test('a failed fdatasync is sticky: no later FLUSH or write of the log succeeds', async (t) => {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META);
+  const { file, wal } = await newLog(t);
   await wal.write(1, 0, Buffer.alloc(100, 1));
   // the segment's descriptor becomes /dev/null (open takes the lowest free number), where fdatasync fails (EINVAL)
   const fd = await openFdOf(file);
@@ -232,9 +228,7 @@ t.test('a failed fdatasync is sticky: no later FLUSH or write of the log succeed
 });
 
 t.test('FLUSHes in flight across rotations all resolve; every record replays', async (t) => {
-  const dir = await tmp(t);
-  const file = path.join(dir, 'vm.m1.wal');
-  const wal = await JournalLog.create(file, META, { segmentBytes: 200 });
+  const { dir, file, wal } = await newLog(t, 200);
   const syncs: Promise<void>[] = [];
   for (let e = 1; e <= 20; e++) {
     const w = wal.write(e, e * 512, Buffer.alloc(300, e));
